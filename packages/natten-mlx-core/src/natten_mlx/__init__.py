@@ -1,0 +1,39 @@
+"""natten-mlx: neighborhood attention (NATTEN's operator) for Apple's MLX.
+
+Heads-last functional API (``na1d/na2d/na3d``, split ``na*d_qk``/``na*d_av``, ``merge_attentions``),
+``mlx.nn`` modules, and a plugin system of backends (entry-point group ``natten_mlx.backends``).
+"""
+
+from pkgutil import extend_path
+
+# natten_mlx.compat comes from the separate distribution natten-mlx-compat
+__path__ = extend_path(__path__, __name__)
+
+__version__ = "0.1.0"
+
+from .dispatch import explain_problem, get_backend, list_backends, use_backend  # noqa: E402
+from .explain import explain  # noqa: E402
+from .functional import (  # noqa: E402
+    merge_attentions,
+    na1d,
+    na1d_av,
+    na1d_qk,
+    na2d,
+    na2d_av,
+    na2d_qk,
+    na3d,
+    na3d_av,
+    na3d_qk,
+)
+from .hookspecs import hookimpl, hookspec  # noqa: E402
+from .modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D  # noqa: E402
+from .plugins import register_backend, reload_plugins, unregister_backend  # noqa: E402
+from .problem import Problem  # noqa: E402
+from .support import get_support_matrix  # noqa: E402
+
+__all__ = [
+    "na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
+    "merge_attentions", "NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
+    "use_backend", "list_backends", "get_backend", "explain", "explain_problem", "get_support_matrix",
+    "register_backend", "unregister_backend", "reload_plugins", "hookimpl", "hookspec", "Problem",
+]

@@ -1,0 +1,291 @@
+"""The immutable description of one neighborhood-attention call, and the validation that builds it.
+
+A backend sees a :class:`Problem` and arrays, nothing else. Every rule of SEMANTICS.md's
+"Validation" section is enforced here, each failure a ValueError/TypeError naming the argument,
+its value and the rule.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import mlx.core as mx
+
+Op = Literal["fused", "qk", "av"]
+
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One normalised call. Tuples hold one entry per spatial axis.
+
+    op:             "fused" (na*d), "qk" (na*d_qk) or "av" (na*d_av).
+    spatial:        the spatial shape ``(L1[, L2[, L3]])``.
+    heads:          query heads ``H``; kv_heads: ``H_kv`` (``H % H_kv == 0``).
+    head_dim:       ``D`` of query and key (0 for "av", which never sees them).
+    value_head_dim: ``D_v`` of values (0 for "qk").
+    scale:          the softmax scale (1.0 for "av", which never applies one).
+    num_extra:      number of additional keys/values (0 when none).
+    has_rpb:        whether a relative positional bias is added.
+    return_lse:     whether the caller asked for the logsumexp ("fused" only).
+    """
+
+    op: Op
+    batch: int
+    spatial: tuple[int, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    value_head_dim: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    scale: float
+    dtype: Any
+    num_extra: int = 0
+    has_rpb: bool = False
+    return_lse: bool = False
+
+    @property
+    def na_dim(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def num_tokens(self) -> int:
+        n = 1
+        for x in self.spatial:
+            n *= x
+        return n
+
+    @property
+    def window_size(self) -> int:
+        n = 1
+        for x in self.kernel_size:
+            n *= x
+        return n
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES.get(self.dtype, str(self.dtype))
+
+    @property
+    def covers_everything(self) -> bool:
+        """True when every query attends to every token: dense attention is the same thing."""
+        return all(k == n and d == 1 and not c for k, n, d, c in zip(self.kernel_size, self.spatial, self.dilation, self.is_causal))
+
+    def with_(self, **changes) -> "Problem":
+        return replace(self, **changes)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def normalize_tuple(name: str, value, na_dim: int, minimum: int) -> tuple[int, ...]:
+    """An int or a tuple with one int per axis, each ``>= minimum``."""
+    if _is_int(value):
+        values = (int(value),) * na_dim
+    elif isinstance(value, (tuple, list)):
+        if len(value) != na_dim:
+            raise ValueError(
+                f"{name}={value!r} has {len(value)} entries; a {na_dim}D op needs an int or {na_dim} ints (one per spatial axis)"
+            )
+        if not all(_is_int(v) for v in value):
+            raise TypeError(f"{name}={value!r} must hold ints (one per spatial axis)")
+        values = tuple(int(v) for v in value)
+    else:
+        raise TypeError(f"{name}={value!r} must be an int or a tuple of {na_dim} ints, not {type(value).__name__}")
+    for v in values:
+        if v < minimum:
+            raise ValueError(f"{name}={value!r}: every entry must be >= {minimum}")
+    return values
+
+
+def normalize_causal(value, na_dim: int) -> tuple[bool, ...]:
+    if isinstance(value, bool):
+        return (value,) * na_dim
+    if isinstance(value, (tuple, list)):
+        if len(value) != na_dim:
+            raise ValueError(
+                f"is_causal={value!r} has {len(value)} entries; a {na_dim}D op needs a bool or {na_dim} bools"
+            )
+        if not all(isinstance(v, bool) for v in value):
+            raise TypeError(f"is_causal={value!r} must hold bools (one per spatial axis)")
+        return tuple(value)
+    raise TypeError(f"is_causal={value!r} must be a bool or a tuple of {na_dim} bools, not {type(value).__name__}")
+
+
+def _check_array(name: str, x, rank: int | None = None, what: str = "") -> None:
+    if not isinstance(x, mx.array):
+        raise TypeError(f"{name} must be an mlx.core.array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported dtypes are float32, float16 and bfloat16")
+    if rank is not None and x.ndim != rank:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} (rank {x.ndim}); expected rank {rank}{what}")
+
+
+def _check_window(spatial, kernel_size, stride, dilation):
+    for axis, (n, k, s, d) in enumerate(zip(spatial, kernel_size, stride, dilation)):
+        if k * d > n:
+            raise ValueError(
+                f"kernel_size={k} with dilation={d} spans {k * d} tokens along spatial axis {axis}, "
+                f"but the input has only {n}; kernel_size * dilation must be <= input size"
+            )
+        if s > k:
+            raise ValueError(f"stride={s} along spatial axis {axis} exceeds kernel_size={k}; stride must be <= kernel_size")
+
+
+def _layout(na_dim: int) -> str:
+    return "[B, " + ", ".join(f"X{i + 1}" for i in range(na_dim)) + ", H, D]"
+
+
+def _parse_window(na_dim, kernel_size, stride, dilation, is_causal):
+    kernel_size = normalize_tuple("kernel_size", kernel_size, na_dim, 2)
+    stride = normalize_tuple("stride", stride, na_dim, 1)
+    dilation = normalize_tuple("dilation", dilation, na_dim, 1)
+    is_causal = normalize_causal(is_causal, na_dim)
+    return kernel_size, stride, dilation, is_causal
+
+
+def _parse_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale={scale!r} must be a real number or None")
+    return float(scale)
+
+
+def _check_rpb(rpb, heads: int, kernel_size, is_causal, dtype) -> bool:
+    if rpb is None:
+        return False
+    _check_array("rpb", rpb)
+    expected = (heads,) + tuple(2 * k - 1 for k in kernel_size)
+    if tuple(rpb.shape) != expected:
+        raise ValueError(f"rpb has shape {tuple(rpb.shape)}; expected [H, 2*K-1 per axis] = {expected}")
+    if any(is_causal):
+        raise ValueError(f"rpb cannot be combined with causal masking (is_causal={is_causal})")
+    if rpb.dtype != dtype:
+        raise TypeError(f"rpb has dtype {rpb.dtype} but the inputs are {dtype}; dtypes must be equal")
+    return True
+
+
+def _check_extra(extra_k, extra_v, batch, kv_heads, head_dim, value_head_dim, dtype, need_k=True, need_v=True) -> int:
+    if need_k and need_v and (extra_k is None) != (extra_v is None):
+        given, missing = ("additional_keys", "additional_values") if extra_v is None else ("additional_values", "additional_keys")
+        raise ValueError(f"{given} was given without {missing}; extra keys and values come in pairs")
+    num = 0
+    for name, x, dim, needed in (
+        ("additional_keys", extra_k, head_dim, need_k),
+        ("additional_values", extra_v, value_head_dim, need_v),
+    ):
+        if x is None or not needed:
+            continue
+        _check_array(name, x, 4, " [B, N_extra, H_kv, D]")
+        b, n, h, d = x.shape
+        if b != batch or h != kv_heads or d != dim or n < 1:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; expected [B={batch}, N_extra>=1, H_kv={kv_heads}, {dim}]"
+            )
+        if x.dtype != dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the inputs are {dtype}; dtypes must be equal")
+        if num and n != num:
+            raise ValueError(f"additional_keys and additional_values disagree on N_extra ({num} vs {n})")
+        num = n
+    return num
+
+
+def fused_problem(
+    na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys, additional_values, rpb, return_lse
+) -> Problem:
+    rank = na_dim + 3
+    layout = _layout(na_dim)
+    _check_array("query", query, rank, f" {layout} for na{na_dim}d")
+    _check_array("key", key, rank, f" {layout} for na{na_dim}d")
+    _check_array("value", value, rank, f" {layout} for na{na_dim}d")
+    kernel_size, stride, dilation, is_causal = _parse_window(na_dim, kernel_size, stride, dilation, is_causal)
+    q, k, v = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    if k[: na_dim + 1] != q[: na_dim + 1] or v[: na_dim + 1] != q[: na_dim + 1]:
+        raise ValueError(
+            f"query {q}, key {k} and value {v} must share batch and spatial shape (the first {na_dim + 1} axes)"
+        )
+    if k[-1] != q[-1]:
+        raise ValueError(f"key head dim {k[-1]} differs from query head dim {q[-1]}; query and key need the same D")
+    if k[-2] != v[-2]:
+        raise ValueError(f"key has {k[-2]} heads but value has {v[-2]}; key and value need the same H_kv")
+    if q[-2] % k[-2] != 0:
+        raise ValueError(f"query has {q[-2]} heads, key/value {k[-2]}: H % H_kv must be 0 (GQA/MQA)")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key, value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype}); they must be equal")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse={return_lse!r} must be a bool")
+    spatial = q[1 : na_dim + 1]
+    _check_window(spatial, kernel_size, stride, dilation)
+    has_rpb = _check_rpb(rpb, q[-2], kernel_size, is_causal, query.dtype)
+    num_extra = _check_extra(additional_keys, additional_values, q[0], k[-2], q[-1], v[-1], query.dtype)
+    return Problem(
+        op="fused", batch=q[0], spatial=spatial, heads=q[-2], kv_heads=k[-2], head_dim=q[-1], value_head_dim=v[-1],
+        kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
+        scale=_parse_scale(scale, q[-1]), dtype=query.dtype, num_extra=num_extra, has_rpb=has_rpb,
+        return_lse=return_lse,
+    )
+
+
+def qk_problem(na_dim, query, key, kernel_size, stride, dilation, is_causal, rpb, scale, additional_keys) -> Problem:
+    rank = na_dim + 3
+    layout = _layout(na_dim)
+    _check_array("query", query, rank, f" {layout} for na{na_dim}d_qk")
+    _check_array("key", key, rank, f" {layout} for na{na_dim}d_qk")
+    kernel_size, stride, dilation, is_causal = _parse_window(na_dim, kernel_size, stride, dilation, is_causal)
+    q, k = tuple(query.shape), tuple(key.shape)
+    if k[: na_dim + 1] != q[: na_dim + 1]:
+        raise ValueError(f"query {q} and key {k} must share batch and spatial shape (the first {na_dim + 1} axes)")
+    if k[-1] != q[-1]:
+        raise ValueError(f"key head dim {k[-1]} differs from query head dim {q[-1]}; query and key need the same D")
+    if q[-2] % k[-2] != 0:
+        raise ValueError(f"query has {q[-2]} heads, key {k[-2]}: H % H_kv must be 0 (GQA/MQA)")
+    if query.dtype != key.dtype:
+        raise TypeError(f"query and key dtypes differ ({query.dtype}, {key.dtype}); they must be equal")
+    spatial = q[1 : na_dim + 1]
+    _check_window(spatial, kernel_size, stride, dilation)
+    has_rpb = _check_rpb(rpb, q[-2], kernel_size, is_causal, query.dtype)
+    num_extra = _check_extra(additional_keys, None, q[0], k[-2], q[-1], 0, query.dtype, need_v=False)
+    return Problem(
+        op="qk", batch=q[0], spatial=spatial, heads=q[-2], kv_heads=k[-2], head_dim=q[-1], value_head_dim=0,
+        kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
+        scale=_parse_scale(scale, q[-1]), dtype=query.dtype, num_extra=num_extra, has_rpb=has_rpb,
+    )
+
+
+def av_problem(na_dim, attn, value, kernel_size, stride, dilation, is_causal, additional_values) -> Problem:
+    rank = na_dim + 3
+    _check_array("attn", attn, rank, f" [B, {', '.join(f'X{i + 1}' for i in range(na_dim))}, H, K_total] for na{na_dim}d_av")
+    _check_array("value", value, rank, f" {_layout(na_dim)} for na{na_dim}d_av")
+    kernel_size, stride, dilation, is_causal = _parse_window(na_dim, kernel_size, stride, dilation, is_causal)
+    a, v = tuple(attn.shape), tuple(value.shape)
+    if a[: na_dim + 1] != v[: na_dim + 1]:
+        raise ValueError(f"attn {a} and value {v} must share batch and spatial shape (the first {na_dim + 1} axes)")
+    if a[-2] % v[-2] != 0:
+        raise ValueError(f"attn has {a[-2]} heads, value {v[-2]}: H % H_kv must be 0 (GQA/MQA)")
+    if attn.dtype != value.dtype:
+        raise TypeError(f"attn and value dtypes differ ({attn.dtype}, {value.dtype}); they must be equal")
+    spatial = a[1 : na_dim + 1]
+    _check_window(spatial, kernel_size, stride, dilation)
+    num_extra = _check_extra(None, additional_values, a[0], v[-2], 0, v[-1], attn.dtype, need_k=False)
+    window = 1
+    for x in kernel_size:
+        window *= x
+    if a[-1] != window + num_extra:
+        raise ValueError(
+            f"attn has {a[-1]} weights per query; kernel_size={kernel_size} needs {window}"
+            + (f" plus {num_extra} for additional_values" if num_extra else "")
+        )
+    return Problem(
+        op="av", batch=a[0], spatial=spatial, heads=a[-2], kv_heads=v[-2], head_dim=0, value_head_dim=v[-1],
+        kernel_size=kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
+        scale=1.0, dtype=attn.dtype, num_extra=num_extra,
+    )

@@ -1,0 +1,133 @@
+"""Query tiles and their key halos, derived from the slot tables of :mod:`natten_mlx.windows`.
+
+Along one axis the tokens are first reordered so that every dilation group is contiguous
+(``order``); in that order each query's neighborhood is one contiguous range ``[lo, hi]``.
+Queries are cut into tiles of ``tile`` consecutive positions; a tile's *halo* is a run of ``halo``
+consecutive positions covering every tile query's range. Tiles, halos and the per-pair mask of
+an nD problem are row-major outer products of the per-axis ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .windows import axis_windows
+
+
+@dataclass(frozen=True)
+class AxisTiles:
+    """One axis. ``T`` tiles of ``tile`` queries, each with a halo of ``halo`` keys.
+
+    query_index: ``[T, tile]`` input positions of each tile's queries (the last tile repeats the
+                 final query when ``tile`` does not divide the axis; ``query_real`` marks the rest).
+    owner:       ``[L]`` flat ``tile_id * tile + position`` of each input position's query slot.
+    key_index:   ``[T, halo]`` input positions of each tile's halo keys.
+    mask:        ``[T, tile, halo]`` whether the halo key is in the query's neighborhood.
+    rel:         ``[T, tile, halo]`` rpb column ``key_c - query_c + K - 1`` (clipped where masked).
+    """
+
+    tile: int
+    halo: int
+    query_index: np.ndarray
+    owner: np.ndarray
+    key_index: np.ndarray
+    mask: np.ndarray
+    rel: np.ndarray
+
+
+@lru_cache(maxsize=256)
+def axis_tiles(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, tile: int) -> AxisTiles:
+    w = axis_windows(length, kernel_size, stride, dilation, is_causal)
+    i = np.arange(length)
+    order = np.lexsort((i // dilation, i % dilation))  # group-major: position -> input index
+    pos = np.empty(length, dtype=np.int64)
+    pos[order] = np.arange(length)  # input index -> position
+    lo = pos[w.start]
+    hi = lo + w.valid.sum(axis=1) - 1  # valid slots are a prefix of the window
+    tile = min(tile, length)
+    ntiles = -(-length // tile)
+    qpos = np.minimum(np.arange(ntiles * tile).reshape(ntiles, tile), length - 1)
+    qlo, qhi = lo[order[qpos]], hi[order[qpos]]
+    halo = int((qhi.max(axis=1) - qlo.min(axis=1)).max()) + 1
+    hstart = np.minimum(qlo.min(axis=1), length - halo)
+    hpos = hstart[:, None] + np.arange(halo)[None, :]
+    mask = (hpos[:, None, :] >= qlo[:, :, None]) & (hpos[:, None, :] <= qhi[:, :, None])
+    rel = np.where(mask, hpos[:, None, :] - qpos[:, :, None] + kernel_size - 1, 0)
+    owner = pos.copy()  # tile t, slot i sits at flat t * tile + i == its position
+    return AxisTiles(tile, halo, order[qpos], owner, order[hpos], mask, rel)
+
+
+def _outer_index(tables: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """Row-major flat index of per-axis ``[T_a, X_a]`` index tables -> ``[T_1..T_n, X_1..X_n]``."""
+    n = len(tables)
+    out = 0
+    for a, tab in enumerate(tables):
+        shape = [1] * (2 * n)
+        shape[a], shape[n + a] = tab.shape
+        weight = int(np.prod(sizes[a + 1 :], dtype=np.int64))
+        out = out + tab.reshape(shape) * weight
+    return out
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """A whole problem's tiling; ``Tn`` tiles of ``Tq`` queries and ``Hk`` halo keys each.
+
+    query_index: ``[Tn, Tq]`` flat token index of each tile query.
+    key_index:   ``[Tn, Hk]`` flat token index of each halo key.
+    mask:        ``[Tn, Tq, Hk]`` bool, or None when every pair is in the neighborhood.
+    rpb_index:   ``[Tn, Tq, Hk]`` flat index into ``rpb.reshape(H, -1)``.
+    output_index:``[N]`` flat ``tile * Tq + query`` holding each token's output.
+    """
+
+    query_index: np.ndarray
+    key_index: np.ndarray
+    mask: np.ndarray | None
+    rpb_index: np.ndarray
+    output_index: np.ndarray
+
+
+def default_tile(spatial: tuple[int, ...], kernel_size: tuple[int, ...]) -> tuple[int, ...]:
+    """About 64 queries a tile, split evenly across axes, never beyond an axis' length."""
+    per_axis = {1: 64, 2: 8, 3: 4}[len(spatial)]
+    return tuple(min(per_axis, n) for n in spatial)
+
+
+@lru_cache(maxsize=64)
+def tile_plan(spatial, kernel_size, stride, dilation, is_causal, tile=None) -> TilePlan:
+    tile = tile or default_tile(spatial, kernel_size)
+    axes = [axis_tiles(*p) for p in zip(spatial, kernel_size, stride, dilation, is_causal, tile)]
+    n = len(axes)
+    counts = [ax.query_index.shape[0] for ax in axes]
+    tq = [ax.tile for ax in axes]
+    hk = [ax.halo for ax in axes]
+    tn, q_tot, h_tot = int(np.prod(counts)), int(np.prod(tq)), int(np.prod(hk))
+    query_index = _outer_index([ax.query_index for ax in axes], list(spatial)).reshape(tn, q_tot)
+    key_index = _outer_index([ax.key_index for ax in axes], list(spatial)).reshape(tn, h_tot)
+
+    def pair_table(tables, combine, weights=None):
+        # per-axis [T_a, tile_a, halo_a] -> [T..., tile..., halo...] -> [Tn, Tq, Hk]
+        out = None
+        for a, tab in enumerate(tables):
+            shape = [1] * (3 * n)
+            shape[a], shape[n + a], shape[2 * n + a] = tab.shape
+            term = tab.reshape(shape) if weights is None else tab.reshape(shape) * weights[a]
+            out = term if out is None else combine(out, term)
+        full = tuple(counts) + tuple(tq) + tuple(hk)
+        return np.broadcast_to(out, full).reshape(tn, q_tot, h_tot)
+
+    mask = pair_table([ax.mask for ax in axes], np.logical_and)
+    if mask.all():
+        mask = None
+    rel_sizes = [2 * k - 1 for k in kernel_size]
+    rel_weights = [int(np.prod(rel_sizes[a + 1 :], dtype=np.int64)) for a in range(n)]
+    rpb_index = pair_table([ax.rel for ax in axes], np.add, rel_weights).astype(np.int32)
+    # token -> (tile, query) flat slot: row-major over per-axis (tile id, in-tile position)
+    owners = [np.stack([ax.owner // ax.tile, ax.owner % ax.tile]) for ax in axes]
+    tile_id = _outer_index([o[0][None, :] for o in owners], counts).reshape(-1)
+    in_tile = _outer_index([o[1][None, :] for o in owners], tq).reshape(-1)
+    output_index = (tile_id * q_tot + in_tile).astype(np.int32)
+    return TilePlan(query_index.astype(np.int32), key_index.astype(np.int32), mask, rpb_index, output_index)
