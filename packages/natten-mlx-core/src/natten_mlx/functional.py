@@ -51,7 +51,8 @@ def _differentiable(problem: _p.Problem, backend, present: tuple[str, ...]):
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        backward = getattr(backend, backward_name, None)
+        # a backend without its own backward gets the pure backend's (it recomputes from the inputs)
+        backward = getattr(backend, backward_name, None) or getattr(_PURE, backward_name, None)
         if backward is not None:
             full = dict.fromkeys(names)
             full.update(zip(present, primals))

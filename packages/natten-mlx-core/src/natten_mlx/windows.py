@@ -140,3 +140,54 @@ def neighborhood_mask(
     sel = np.ones_like(t.key_index, dtype=bool) if t.valid is None else t.valid
     mask[rows[sel], t.key_index[sel]] = True
     return mask
+
+
+@dataclass(frozen=True)
+class Run:
+    """Queries along one axis whose windows move in lock-step: ``count`` positions
+    ``first, first + step, ...``; the slot-0 key of the m-th is ``key_start + m * key_step``
+    (``key_step`` is 0 when they share one window, ``step`` when the window moves with them)."""
+
+    first: int
+    step: int
+    count: int
+    key_start: int
+    key_step: int
+
+    @property
+    def positions(self) -> slice:
+        return slice(self.first, self.first + self.step * (self.count - 1) + 1, self.step)
+
+    def keys(self, slot: int, dilation: int) -> slice:
+        """Key positions of ``slot`` for every query of the run (a single position when shared)."""
+        start = self.key_start + slot * dilation
+        if self.key_step == 0:
+            return slice(start, start + 1)
+        return slice(start, start + self.key_step * (self.count - 1) + 1, self.key_step)
+
+
+@lru_cache(maxsize=512)
+def axis_runs(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool) -> tuple[Run, ...]:
+    """Cover one axis' queries with runs, read off :func:`axis_windows`' window starts.
+
+    Queries of one dilation group and one stride residue form an arithmetic progression; along it
+    the window start is constant or moves with the query except near the borders, so each such
+    progression splits into a few runs (about three: left border, interior, right border).
+    """
+    starts = axis_windows(length, kernel_size, stride, dilation, is_causal).start
+    step = stride * dilation
+    runs = []
+    for first in range(min(step, length)):
+        pos = np.arange(first, length, step)
+        st = starts[pos]
+        m = 0
+        while m < len(pos):
+            e, diff = m, 0
+            if m + 1 < len(pos) and st[m + 1] - st[m] in (0, step):
+                diff = int(st[m + 1] - st[m])
+                e = m + 1
+                while e + 1 < len(pos) and st[e + 1] - st[e] == diff:
+                    e += 1
+            runs.append(Run(int(pos[m]), step, e - m + 1, int(st[m]), diff))
+            m = e + 1
+    return tuple(runs)

@@ -1,33 +1,44 @@
 """The pure backend: neighborhood attention from MLX array operations, on every MLX device.
 
-Two strategies compute the same function:
+Everything reduces to three *slot primitives* over the ``Kt`` slots of each query
+(:mod:`natten_mlx.windows`): ``dot`` (a query-side vector against each slot's key-side vector),
+``wsum`` (slot weights times the slots' key-side vectors) and ``scatter`` (its transpose: slot
+weights times query-side vectors, summed into the keys). The forward is ``dot`` -> softmax ->
+``wsum``; the backward is two ``dot``, one ``wsum`` and two ``scatter``. Each primitive has two
+strategies that compute the same numbers:
 
-- ``gather`` (default on the CPU): each query's ``Kt`` keys are gathered through the cached slot
-  table of :mod:`natten_mlx.windows` and reduced with element-wise products. Work and memory are
-  ``O(N * Kt)``; no matrix multiply, which matters where MLX's CPU matmul is a reference BLAS.
-- ``tiled`` (default on a GPU): queries are cut into tiles; each tile attends to its halo, the
-  union of its queries' windows, through batched matmuls under a per-tile mask. Work is
-  ``O(N * halo)`` and the keys are read once per tile instead of once per query.
+- ``slices`` (default on the CPU): queries are covered by runs whose windows move in lock-step
+  (:func:`natten_mlx.windows.axis_runs`), so each slot of a run is a strided slice of the keys:
+  one fused multiply-reduce per (run, slot), no gathered copy of the keys per query. Used while
+  the number of such ops stays small (``MAX_SLICE_OPS``), else ``gather``.
+- ``gather``: the key-side vectors of every slot are gathered through the slot table; simple,
+  ``O(N * Kt)`` memory.
 
-When the window covers the whole input (and nothing is causal or dilated), neighborhood attention
-*is* dense attention; both strategies then run dense attention.
+A third forward, ``tiled`` (default on a GPU), cuts queries into tiles that attend to their halo
+through batched matmuls under a per-tile mask; its backward uses the slot primitives.
+When the window covers the whole input (no causal axis, no dilation), neighborhood attention is
+dense attention, and dense attention is what runs.
 
-Softmax statistics are float32 whatever the input dtype. Gradients come from MLX's autodiff of
-these same operations (the core calls :meth:`PureBackend.fused_forward` under ``mx.vjp``).
+Softmax statistics are float32 whatever the input dtype; outputs are cast back to it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
+
 from ..problem import Problem
 from ..tiles import TilePlan, tile_plan
-from ..windows import neighborhood_tables
+from ..windows import axis_runs, axis_windows, neighborhood_tables
 
 STRATEGY_ENV = "NATTEN_MLX_PURE_STRATEGY"
-STRATEGIES = ("gather", "tiled")
+STRATEGIES = ("slices", "gather", "tiled")
+# the slices strategy emits a few ops per (run combination, slot): past this many, gather wins
+MAX_SLICE_OPS = 400
 
 
 def default_strategy() -> str:
@@ -36,7 +47,17 @@ def default_strategy() -> str:
         if chosen not in STRATEGIES:
             raise ValueError(f"{STRATEGY_ENV}={chosen!r} is not a strategy; choose one of {STRATEGIES}")
         return chosen
-    return "tiled" if mx.default_device() == mx.gpu else "gather"
+    return "tiled" if mx.default_device() == mx.gpu else "slices"
+
+
+def _softmax_lse(s: mx.array, axis: int) -> tuple[mx.array, mx.array]:
+    """Softmax weights and logsumexp (keepdims) along ``axis`` with a single exp pass.
+
+    Every query sees at least itself, so no row is all -inf."""
+    m = mx.stop_gradient(s.max(axis=axis, keepdims=True))
+    e = mx.exp(s - m)
+    total = e.sum(axis=axis, keepdims=True)
+    return e / total, m + mx.log(total)
 
 
 @lru_cache(maxsize=128)
@@ -47,8 +68,47 @@ def _tables(spatial, kernel_size, stride, dilation, is_causal):
     return mx.array(t.key_index), valid, mx.array(t.rpb_index)
 
 
-def _geometry(p: Problem):
-    return p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal
+class SlicePlan:
+    """How the slices strategy walks a geometry (see :func:`natten_mlx.windows.axis_runs`).
+
+    The leading ``front`` axes are covered by runs; the last axis of a 2D/3D problem is gathered
+    (each key repeated once per slot of that axis) so that one op per run combination and slot
+    of the front axes computes a whole block of scores.
+    """
+
+    def __init__(self, spatial, kernel_size, stride, dilation, is_causal):
+        n = len(spatial)
+        self.front = max(n - 1, 1)
+        self.front_shape = tuple(spatial[: self.front])
+        self.tail = spatial[-1] if n > 1 else 1
+        self.tail_slots = kernel_size[-1] if n > 1 else 1
+        self.front_slots = tuple(itertools.product(*(range(k) for k in kernel_size[: self.front])))
+        self.dilation = dilation[: self.front]
+        runs = [axis_runs(*g) for g in zip(spatial, kernel_size, stride, dilation, is_causal)][: self.front]
+        self.combos = tuple(itertools.product(*runs))
+        self.num_ops = len(self.combos) * len(self.front_slots)
+        weights = [int(np.prod(self.front_shape[a + 1 :], dtype=np.int64)) for a in range(self.front)]
+        order = []
+        for combo in self.combos:
+            flat = 0
+            for a, run in enumerate(combo):
+                pos = np.arange(run.first, run.first + run.step * run.count, run.step)
+                shape = [1] * self.front
+                shape[a] = run.count
+                flat = flat + pos.reshape(shape) * weights[a]
+            order.append(np.asarray(flat).reshape(-1))
+        order = np.concatenate(order)
+        self.perm = mx.array(order.astype(np.int32))  # run order -> front token
+        self.inverse = mx.array(np.argsort(order).astype(np.int32))  # front token -> run order
+        self.tail_index = None
+        if n > 1:
+            w = axis_windows(spatial[-1], kernel_size[-1], stride[-1], dilation[-1], is_causal[-1])
+            self.tail_index = mx.array(w.key_index.reshape(-1).astype(np.int32))
+
+
+@lru_cache(maxsize=128)
+def _slice_plan(spatial, kernel_size, stride, dilation, is_causal) -> SlicePlan:
+    return SlicePlan(spatial, kernel_size, stride, dilation, is_causal)
 
 
 def _gather_tokens(x: mx.array, key_index: mx.array) -> mx.array:
@@ -65,13 +125,19 @@ def _rpb_bias(p: Problem, rpb: mx.array, rpb_index: mx.array) -> mx.array:
     return bias.transpose(1, 0, 2)
 
 
+
+
+def _geometry(p: Problem):
+    return p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal
+
+
 class PureBackend:
     """Reference-exact backend built from MLX operations; serves every valid problem."""
 
     name = "pure"
     priority = 0
     distribution = "natten-mlx"
-    description = "MLX array operations (gather on CPU, tiled halo matmuls on GPU); every feature"
+    description = "MLX array operations (slot slices or gathers on CPU, tiled halo matmuls on GPU); every feature"
 
     def __init__(self, strategy: str | None = None):
         if strategy is not None and strategy not in STRATEGIES:
@@ -87,11 +153,17 @@ class PureBackend:
     def _strategy(self) -> str:
         return self.strategy or default_strategy()
 
-    # ---- shapes --------------------------------------------------------------------------------
+    def _use_slices(self, p: Problem) -> bool:
+        strategy = self._strategy()
+        if strategy == "gather":
+            return False
+        return strategy == "slices" or _slice_plan(*_geometry(p)).num_ops <= MAX_SLICE_OPS
+
+    # ---- layouts -----------------------------------------------------------------------------
     @staticmethod
-    def _queries(p: Problem, query: mx.array) -> mx.array:
-        """``[B, *spatial, H, D]`` -> float32 ``[B, N, H_kv, G, D]`` (query head h reads kv head h // G)."""
-        return query.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
+    def _queries(p: Problem, x: mx.array) -> mx.array:
+        """``[B, *spatial, H, E]`` -> float32 ``[B, N, H_kv, G, E]`` (query head h reads kv head h // G)."""
+        return x.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
 
     @staticmethod
     def _tokens(p: Problem, x: mx.array) -> mx.array:
@@ -99,36 +171,66 @@ class PureBackend:
         return x.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, -1)
 
     @staticmethod
-    def _heads_out(p: Problem, x: mx.array, last: int) -> mx.array:
-        """``[B, N, H_kv, G, E]`` -> ``[B, *spatial, H, E]``."""
-        return x.reshape(p.batch, *p.spatial, p.heads, last)
+    def _extra(x: mx.array) -> mx.array:
+        return x.astype(mx.float32)
 
-    # ---- slot scores (gather strategy and the split ops) -----------------------------------------
-    def _slot_scores(self, p: Problem, query: mx.array, key: mx.array, rpb) -> mx.array:
-        """Scaled scores of the ``Kt`` slots, float32 ``[B, N, H_kv, G, Kt]``; invalid slots -inf."""
-        key_index, valid, rpb_index = _tables(*_geometry(p))
+    @staticmethod
+    def _spatial(p: Problem, x: mx.array, heads: int, dtype) -> mx.array:
+        """``[B, N, ...]`` -> ``[B, *spatial, heads, E]`` in ``dtype``."""
+        return x.reshape(p.batch, *p.spatial, heads, -1).astype(dtype)
+
+    # ---- the slot primitives -----------------------------------------------------------------
+    def _dot(self, p: Problem, x: mx.array, y: mx.array) -> mx.array:
+        """``x [B, N, H_kv, G, E]``, ``y [B, N, H_kv, E]`` -> ``[B, N, H_kv, G, Kt]``: x . y[slot key]."""
+        if self._use_slices(p):
+            return _slices_dot(p, x, y)
+        yg = _gather_tokens(y, _tables(*_geometry(p))[0])  # [B, N, Kt, Hkv, E]
+        return (yg[:, :, :, :, None, :] * x[:, :, None]).sum(-1).transpose(0, 1, 3, 4, 2)
+
+    def _wsum(self, p: Problem, w: mx.array, y: mx.array) -> mx.array:
+        """``w [B, N, H_kv, G, Kt]``, ``y [B, N, H_kv, E]`` -> ``[B, N, H_kv, G, E]``: sum_slot w * y[slot key]."""
+        if self._use_slices(p):
+            return _slices_wsum(p, w, y)
+        yg = _gather_tokens(y, _tables(*_geometry(p))[0])
+        return (w.transpose(0, 1, 4, 2, 3)[..., None] * yg[:, :, :, :, None, :]).sum(2)
+
+    def _scatter(self, p: Problem, w: mx.array, x: mx.array) -> mx.array:
+        """``w [B, N, H_kv, G, Kt]``, ``x [B, N, H_kv, G, E]`` -> ``[B, N, H_kv, E]``: the transpose of
+        ``_wsum``; each key sums ``w * x`` over the (query, slot) pairs that read it, and over G."""
+        if self._use_slices(p):
+            return _slices_scatter(p, w, x)
+        key_index = _tables(*_geometry(p))[0]
+        contrib = (w.transpose(0, 1, 4, 2, 3)[..., None] * x[:, :, None]).sum(4)  # [B, N, Kt, Hkv, E]
+        zeros = mx.zeros((p.batch, p.num_tokens, p.kv_heads, x.shape[-1]), dtype=mx.float32)
+        return zeros.at[:, key_index].add(contrib)
+
+    # ---- scores and weights ------------------------------------------------------------------
+    def _scores(self, p: Problem, query, key, additional_keys, rpb) -> tuple[mx.array, int]:
+        """Scaled scores ``[B, N, H_kv, G, Kt (+N_extra)]`` float32, invalid slots -inf; and Kt."""
         q = self._queries(p, query) * p.scale
-        kg = _gather_tokens(self._tokens(p, key), key_index)  # [B, N, Kt, Hkv, D]
-        s = (kg[:, :, :, :, None, :] * q[:, :, None]).sum(-1).transpose(0, 1, 3, 4, 2)
+        if p.covers_everything and p.op == "fused":
+            s = mx.einsum("bnhgd,bmhd->bnhgm", q, self._tokens(p, key))  # slot j is token j
+        else:
+            s = self._dot(p, q, self._tokens(p, key))
+        key_index, valid, rpb_index = _tables(*_geometry(p))
         if rpb is not None:
             s = s + _rpb_bias(p, rpb, rpb_index).reshape(p.num_tokens, p.kv_heads, -1, s.shape[-1])
         if valid is not None:
             s = mx.where(valid[:, None, None, :], s, -mx.inf)
-        return s
+        kt = s.shape[-1]
+        if additional_keys is not None:
+            s = mx.concatenate([s, mx.einsum("bnhgd,bmhd->bnhgm", q, self._extra(additional_keys))], -1)
+        return s, kt
 
-    def _slot_values(self, p: Problem, weights: mx.array, value: mx.array) -> mx.array:
-        """``weights [B, N, H_kv, G, Kt]`` float32 times gathered values -> ``[B, N, H_kv, G, Dv]``."""
-        key_index = _tables(*_geometry(p))[0]
-        vg = _gather_tokens(self._tokens(p, value), key_index)  # [B, N, Kt, Hkv, Dv]
-        w = weights.transpose(0, 1, 4, 2, 3)[..., None]  # [B, N, Kt, Hkv, G, 1]
-        return (w * vg[:, :, :, :, None, :]).sum(2)
-
-    def _extra_scores(self, p: Problem, q: mx.array, additional_keys: mx.array) -> mx.array:
-        """``q [B, N, H_kv, G, D]`` (scaled) against the extra keys -> ``[B, N, H_kv, G, N_extra]``."""
-        return mx.einsum("bnhgd,bmhd->bnhgm", q, additional_keys.astype(mx.float32))
-
-    def _extra_values(self, weights: mx.array, additional_values: mx.array) -> mx.array:
-        return mx.einsum("bnhgm,bmhe->bnhge", weights, additional_values.astype(mx.float32))
+    def _weighted_values(self, p: Problem, w: mx.array, value, additional_values, kt: int) -> mx.array:
+        """``w [B, N, H_kv, G, Kt (+N_extra)]`` -> ``[B, N, H_kv, G, Dv]``."""
+        if p.covers_everything and p.op == "fused":
+            out = mx.einsum("bnhgm,bmhe->bnhge", w[..., :kt], self._tokens(p, value))
+        else:
+            out = self._wsum(p, w[..., :kt], self._tokens(p, value))
+        if additional_values is not None:
+            out = out + mx.einsum("bnhgm,bmhe->bnhge", w[..., kt:], self._extra(additional_values))
+        return out
 
     # ---- fused -------------------------------------------------------------------------------
     def fused_forward(self, problem, query, key, value, additional_keys=None, additional_values=None, rpb=None):
@@ -136,34 +238,74 @@ class PureBackend:
         p = problem
         if not p.covers_everything and self._strategy() == "tiled":
             return self._tiled_forward(p, query, key, value, additional_keys, additional_values, rpb)
+        s, kt = self._scores(p, query, key, additional_keys, rpb)
+        w, lse = _softmax_lse(s, axis=-1)
+        out = self._weighted_values(p, w, value, additional_values, kt)
+        return self._spatial(p, out, p.heads, p.dtype), lse.reshape(p.batch, *p.spatial, p.heads)
+
+    def fused_backward(self, problem, query, key, value, additional_keys, additional_values, rpb, out, lse, d_out,
+                       d_lse):
+        """Gradients for (query, key, value, additional_keys, additional_values, rpb); None where absent."""
+        p = problem
         if p.covers_everything:
-            # the window is the whole input with start 0, so slot j is token j: dense attention
-            q = self._queries(p, query) * p.scale
-            s = mx.einsum("bnhgd,bmhd->bnhgm", q, self._tokens(p, key))
-            if rpb is not None:
-                rpb_index = _tables(*_geometry(p))[2]
-                s = s + _rpb_bias(p, rpb, rpb_index).reshape(p.num_tokens, p.kv_heads, -1, s.shape[-1])
-
-            def neighborhood_values(w):
-                return mx.einsum("bnhgm,bmhe->bnhge", w, self._tokens(p, value))
-        else:
-            s = self._slot_scores(p, query, key, rpb)
-
-            def neighborhood_values(w):
-                return self._slot_values(p, w, value)
-
-        kt = s.shape[-1]
-        if additional_keys is not None:
-            s = mx.concatenate([s, self._extra_scores(p, self._queries(p, query) * p.scale, additional_keys)], -1)
-        lse = mx.logsumexp(s, axis=-1, keepdims=True)
-        w = mx.exp(s - lse)
-        out = neighborhood_values(w[..., :kt])
+            return self._autodiff_backward(p, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse)
+        s, kt = self._scores(p, query, key, additional_keys, rpb)
+        w, _ = _softmax_lse(s, axis=-1)
+        do = self._queries(p, d_out)  # [B, N, Hkv, G, Dv]
+        dw = self._dot(p, do, self._tokens(p, value))
         if additional_values is not None:
-            out = out + self._extra_values(w[..., kt:], additional_values)
+            dw = mx.concatenate([dw, mx.einsum("bnhge,bmhe->bnhgm", do, self._extra(additional_values))], -1)
+        ds = w * (dw - (w * dw).sum(-1, keepdims=True))
+        if d_lse is not None:
+            ds = ds + w * d_lse.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, -1)[..., None]
+        grads = self._score_backward(p, query, key, additional_keys, rpb, ds, kt)
+        d_value = self._scatter(p, w[..., :kt], do)
+        d_ev = None
+        if additional_values is not None:
+            d_ev = mx.einsum("bnhgm,bnhge->bmhe", w[..., kt:], do).astype(additional_values.dtype)
+        dq, dk, dek, drpb = grads
+        return dq, dk, self._spatial(p, d_value, p.kv_heads, value.dtype), dek, d_ev, drpb
+
+    def _score_backward(self, p: Problem, query, key, additional_keys, rpb, ds, kt):
+        """Given ``ds = dLoss/dscores [B, N, H_kv, G, Kt (+N_extra)]``: (d_query, d_key, d_extra_keys, d_rpb)."""
+        valid = _tables(*_geometry(p))[1]
+        dsn = ds[..., :kt]
+        if valid is not None:
+            dsn = mx.where(valid[:, None, None, :], dsn, 0.0)
+        q = self._queries(p, query)
+        dq = self._wsum(p, dsn, self._tokens(p, key))
+        dk = self._scatter(p, dsn, q)
+        dek = None
+        if additional_keys is not None:
+            dq = dq + mx.einsum("bnhgm,bmhd->bnhgd", ds[..., kt:], self._extra(additional_keys))
+            dek = (mx.einsum("bnhgm,bnhgd->bmhd", ds[..., kt:], q) * p.scale).astype(additional_keys.dtype)
+        drpb = None
+        if rpb is not None:
+            rpb_index = _tables(*_geometry(p))[2]
+            cot = dsn.reshape(p.batch, p.num_tokens, p.heads, kt).sum(0)  # [N, H, Kt]
+            _, (drpb,) = mx.vjp(lambda r: _rpb_bias(p, r, rpb_index), [rpb], [cot])
+            drpb = drpb.astype(rpb.dtype)
         return (
-            self._heads_out(p, out, p.value_head_dim).astype(p.dtype),
-            lse.reshape(p.batch, *p.spatial, p.heads),
+            self._spatial(p, dq * p.scale, p.heads, query.dtype),
+            self._spatial(p, dk * p.scale, p.kv_heads, key.dtype),
+            dek,
+            drpb,
         )
+
+    def _autodiff_backward(self, p, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse):
+        """Dense problems (whole-input windows): MLX's autodiff of the dense forward."""
+        names = ("query", "key", "value", "additional_keys", "additional_values", "rpb")
+        given = dict(zip(names, (query, key, value, additional_keys, additional_values, rpb)))
+        present = [n for n in names if given[n] is not None]
+
+        def forward(*xs):
+            out, lse = self.fused_forward(p, **{**given, **dict(zip(present, xs))})
+            return out, lse
+
+        cot_lse = mx.zeros((p.batch, *p.spatial, p.heads), mx.float32) if d_lse is None else d_lse
+        _, grads = mx.vjp(forward, [given[n] for n in present], [d_out, cot_lse])
+        by_name = dict(zip(present, grads))
+        return tuple(by_name.get(n) for n in names)
 
     # ---- tiled -------------------------------------------------------------------------------
     def _tiled_forward(self, p: Problem, query, key, value, additional_keys, additional_values, rpb):
@@ -188,8 +330,7 @@ class PureBackend:
         if additional_keys is not None:
             ek = additional_keys.astype(mx.float32).transpose(0, 2, 1, 3)[:, None, :, None]  # [B,1,Hkv,1,M,D]
             s = mx.concatenate([s, qt @ ek.swapaxes(-1, -2)], -1)
-        lse = mx.logsumexp(s, axis=-1, keepdims=True)
-        w = mx.exp(s - lse)
+        w, lse = _softmax_lse(s, axis=-1)
         out = w[..., :hk] @ vt  # [B, Tn, Hkv, G, Tq, Dv]
         if additional_values is not None:
             ev = additional_values.astype(mx.float32).transpose(0, 2, 1, 3)[:, None, :, None]
@@ -206,28 +347,136 @@ class PureBackend:
     # ---- split ops -----------------------------------------------------------------------------
     def qk_forward(self, problem, query, key, additional_keys=None, rpb=None):
         """Scores ``[B, *spatial, H, Kt (+N_extra)]`` in the input dtype; invalid causal slots -inf."""
+        s, _ = self._scores(problem, query, key, additional_keys, rpb)
+        return self._spatial(problem, s, problem.heads, problem.dtype)
+
+    def qk_backward(self, problem, query, key, additional_keys, rpb, scores, d_scores):
         p = problem
-        s = self._slot_scores(p, query, key, rpb)
-        if additional_keys is not None:
-            s = mx.concatenate([s, self._extra_scores(p, self._queries(p, query) * p.scale, additional_keys)], -1)
-        return self._heads_out(p, s, s.shape[-1]).astype(p.dtype)
+        ds = d_scores.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
+        return self._score_backward(p, query, key, additional_keys, rpb, ds, p.window_size)
+
+    def _av_weights(self, p: Problem, attn: mx.array) -> mx.array:
+        """attn as float32 ``[B, N, H_kv, G, Kt (+N_extra)]`` with invalid slots zeroed (upstream never reads them)."""
+        w = attn.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
+        valid = _tables(*_geometry(p))[1]
+        if valid is None:
+            return w
+        kt = p.window_size
+        wn = mx.where(valid[:, None, None, :], w[..., :kt], 0.0)
+        return mx.concatenate([wn, w[..., kt:]], -1) if w.shape[-1] > kt else wn
 
     def av_forward(self, problem, attn, value, additional_values=None):
-        """``attn [B, *spatial, H, Kt (+N_extra)]`` x values -> ``[B, *spatial, H, Dv]``.
-
-        Weights of invalid (causal) slots are ignored, as upstream's kernels never read them.
-        """
+        """``attn [B, *spatial, H, Kt (+N_extra)]`` x values -> ``[B, *spatial, H, Dv]``."""
         p = problem
-        valid = _tables(*_geometry(p))[1]
+        out = self._weighted_values(p, self._av_weights(p, attn), value, additional_values, p.window_size)
+        return self._spatial(p, out, p.heads, p.dtype)
+
+    def av_backward(self, problem, attn, value, additional_values, out, d_out):
+        p = problem
         kt = p.window_size
-        w = attn.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
-        wn = w[..., :kt]
+        w = self._av_weights(p, attn)
+        do = self._queries(p, d_out)
+        dw = self._dot(p, do, self._tokens(p, value))
+        valid = _tables(*_geometry(p))[1]
         if valid is not None:
-            wn = mx.where(valid[:, None, None, :], wn, 0.0)
-        out = self._slot_values(p, wn, value)
+            dw = mx.where(valid[:, None, None, :], dw, 0.0)
+        d_ev = None
         if additional_values is not None:
-            out = out + self._extra_values(w[..., kt:], additional_values)
-        return self._heads_out(p, out, p.value_head_dim).astype(p.dtype)
+            dw = mx.concatenate([dw, mx.einsum("bnhge,bmhe->bnhgm", do, self._extra(additional_values))], -1)
+            d_ev = mx.einsum("bnhgm,bnhge->bmhe", w[..., kt:], do).astype(additional_values.dtype)
+        dv = self._scatter(p, w[..., :kt], do)
+        return self._spatial(p, dw, p.heads, attn.dtype), self._spatial(p, dv, p.kv_heads, value.dtype), d_ev
+
+
+# ---- the slices strategy -------------------------------------------------------------------------
+def _slices_layout(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
+    """``y [B, N, H_kv, E]`` -> ``[B, *front, tail, tail_slots, H_kv, 1, E]`` (the tail axis gathered)."""
+    y = y.reshape(p.batch, *plan.front_shape, plan.tail, p.kv_heads, -1)
+    if plan.tail_index is not None:
+        y = mx.take(y, plan.tail_index, axis=plan.front + 1)
+    return y.reshape(p.batch, *plan.front_shape, plan.tail, plan.tail_slots, p.kv_heads, 1, -1)
+
+
+def _run_order(p: Problem, plan: "SlicePlan", x: mx.array) -> mx.array:
+    """``x [B, N, ...]`` -> ``[B, F, tail, ...]`` with the front tokens in run order."""
+    return mx.take(x.reshape(p.batch, -1, plan.tail, *x.shape[2:]), plan.perm, axis=1)
+
+
+def _token_order(p: Problem, plan: "SlicePlan", parts: list) -> mx.array:
+    """Run-ordered blocks ``[B, size, tail, ...]`` -> ``[B, N, ...]`` in token order."""
+    x = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    x = mx.take(x, plan.inverse, axis=1)
+    return x.reshape(p.batch, p.num_tokens, *x.shape[3:])
+
+
+def _blocks(p: Problem, plan: "SlicePlan"):
+    """Yield (run combination, its front extents, the slice of run order it occupies)."""
+    offset = 0
+    for combo in plan.combos:
+        counts = tuple(r.count for r in combo)
+        size = int(np.prod(counts))
+        yield combo, counts, slice(offset, offset + size)
+        offset += size
+
+
+def _key_slices(plan: "SlicePlan", combo, js) -> tuple:
+    return (slice(None),) + tuple(r.keys(j, d) for r, j, d in zip(combo, js, plan.dilation))
+
+
+def _slices_dot(p: Problem, x: mx.array, y: mx.array) -> mx.array:
+    plan = _slice_plan(*_geometry(p))
+    g = x.shape[3]
+    xr = _run_order(p, plan, x)[:, :, :, None]  # [B, F, tail, 1, Hkv, G, E]
+    yl = _slices_layout(p, plan, y)
+    parts = []
+    for combo, counts, rows in _blocks(p, plan):
+        xs = xr[:, rows].reshape(p.batch, *counts, plan.tail, 1, p.kv_heads, g, -1)
+        per_slot = [(xs * yl[_key_slices(plan, combo, js)]).sum(-1) for js in plan.front_slots]
+        block = mx.stack(per_slot, axis=plan.front + 2)  # [B, c.., tail, Kf, Kg, Hkv, G]
+        parts.append(block.reshape(p.batch, -1, plan.tail, p.window_size, p.kv_heads, g))
+    return _token_order(p, plan, parts).transpose(0, 1, 3, 4, 2)
+
+
+def _slices_wsum(p: Problem, w: mx.array, y: mx.array) -> mx.array:
+    plan = _slice_plan(*_geometry(p))
+    g = w.shape[3]
+    kf = len(plan.front_slots)
+    yl = _slices_layout(p, plan, y)
+    wr = _run_order(p, plan, w.transpose(0, 1, 4, 2, 3))  # [B, F, tail, Kt, Hkv, G]
+    parts = []
+    for combo, counts, rows in _blocks(p, plan):
+        wc = wr[:, rows].reshape(p.batch, *counts, plan.tail, kf, plan.tail_slots, p.kv_heads, g, 1)
+        acc = None
+        for f, js in enumerate(plan.front_slots):
+            term = (wc[..., f, :, :, :, :] * yl[_key_slices(plan, combo, js)]).sum(axis=-4)
+            acc = term if acc is None else acc + term
+        parts.append(acc.reshape(p.batch, -1, plan.tail, p.kv_heads, g, acc.shape[-1]))
+    return _token_order(p, plan, parts)
+
+
+def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
+    plan = _slice_plan(*_geometry(p))
+    g = w.shape[3]
+    kf = len(plan.front_slots)
+    e = x.shape[-1]
+    wr = _run_order(p, plan, w.transpose(0, 1, 4, 2, 3))  # [B, F, tail, Kt, Hkv, G]
+    xr = _run_order(p, plan, x)  # [B, F, tail, Hkv, G, E]
+    acc = mx.zeros((p.batch, *plan.front_shape, plan.tail, plan.tail_slots, p.kv_heads, e), dtype=mx.float32)
+    for combo, counts, rows in _blocks(p, plan):
+        wc = wr[:, rows].reshape(p.batch, *counts, plan.tail, kf, plan.tail_slots, p.kv_heads, g, 1)
+        xc = xr[:, rows].reshape(p.batch, *counts, plan.tail, 1, p.kv_heads, g, e)
+        shared = tuple(1 + a for a, r in enumerate(combo) if r.key_step == 0 and r.count > 1)
+        for f, js in enumerate(plan.front_slots):
+            contrib = (wc[..., f, :, :, :, :] * xc).sum(axis=-2)  # [B, c.., tail, Kg, Hkv, E]
+            if shared:
+                contrib = contrib.sum(axis=shared, keepdims=True)
+            acc = acc.at[_key_slices(plan, combo, js)].add(contrib)
+    # fold the gathered tail axis back: key position tail_index[t, j] receives acc[..., t, j, ...]
+    acc = acc.reshape(p.batch, *plan.front_shape, plan.tail * plan.tail_slots, p.kv_heads, e)
+    if plan.tail_index is not None:
+        zeros = mx.zeros((p.batch, *plan.front_shape, plan.tail, p.kv_heads, e), dtype=mx.float32)
+        acc = zeros.at[(slice(None),) * (plan.front + 1) + (plan.tail_index,)].add(acc)
+    return acc.reshape(p.batch, p.num_tokens, p.kv_heads, e)
 
 
 @lru_cache(maxsize=64)
