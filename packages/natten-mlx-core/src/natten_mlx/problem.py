@@ -170,7 +170,7 @@ def _check_rpb(rpb, heads: int, kernel_size, is_causal, dtype) -> bool:
     if any(is_causal):
         raise ValueError(f"rpb cannot be combined with causal masking (is_causal={is_causal})")
     if rpb.dtype != dtype:
-        raise TypeError(f"rpb has dtype {rpb.dtype} but the inputs are {dtype}; dtypes must be equal")
+        raise ValueError(f"rpb has dtype {rpb.dtype} but the inputs are {dtype}; dtypes must be equal")
     return True
 
 
@@ -192,7 +192,7 @@ def _check_extra(extra_k, extra_v, batch, kv_heads, head_dim, value_head_dim, dt
                 f"{name} has shape {tuple(x.shape)}; expected [B={batch}, N_extra>=1, H_kv={kv_heads}, {dim}]"
             )
         if x.dtype != dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but the inputs are {dtype}; dtypes must be equal")
+            raise ValueError(f"{name} has dtype {x.dtype} but the inputs are {dtype}; dtypes must be equal")
         if num and n != num:
             raise ValueError(f"additional_keys and additional_values disagree on N_extra ({num} vs {n})")
         num = n
@@ -220,7 +220,7 @@ def fused_problem(
     if q[-2] % k[-2] != 0:
         raise ValueError(f"query has {q[-2]} heads, key/value {k[-2]}: H % H_kv must be 0 (GQA/MQA)")
     if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key, value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype}); they must be equal")
+        raise ValueError(f"query, key, value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype}); they must be equal")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse={return_lse!r} must be a bool")
     spatial = q[1 : na_dim + 1]
@@ -249,7 +249,7 @@ def qk_problem(na_dim, query, key, kernel_size, stride, dilation, is_causal, rpb
     if q[-2] % k[-2] != 0:
         raise ValueError(f"query has {q[-2]} heads, key {k[-2]}: H % H_kv must be 0 (GQA/MQA)")
     if query.dtype != key.dtype:
-        raise TypeError(f"query and key dtypes differ ({query.dtype}, {key.dtype}); they must be equal")
+        raise ValueError(f"query and key dtypes differ ({query.dtype}, {key.dtype}); they must be equal")
     spatial = q[1 : na_dim + 1]
     _check_window(spatial, kernel_size, stride, dilation)
     has_rpb = _check_rpb(rpb, q[-2], kernel_size, is_causal, query.dtype)
@@ -272,7 +272,7 @@ def av_problem(na_dim, attn, value, kernel_size, stride, dilation, is_causal, ad
     if a[-2] % v[-2] != 0:
         raise ValueError(f"attn has {a[-2]} heads, value {v[-2]}: H % H_kv must be 0 (GQA/MQA)")
     if attn.dtype != value.dtype:
-        raise TypeError(f"attn and value dtypes differ ({attn.dtype}, {value.dtype}); they must be equal")
+        raise ValueError(f"attn and value dtypes differ ({attn.dtype}, {value.dtype}); they must be equal")
     spatial = a[1 : na_dim + 1]
     _check_window(spatial, kernel_size, stride, dilation)
     num_extra = _check_extra(None, additional_values, a[0], v[-2], 0, v[-1], attn.dtype, need_k=False)

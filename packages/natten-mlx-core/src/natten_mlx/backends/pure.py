@@ -389,23 +389,28 @@ class PureBackend:
 
 
 # ---- the slices strategy -------------------------------------------------------------------------
+# Layouts put H_kv before the tail axis so that the per-slot contractions are batched matmuls over
+# contiguous [.., G, E] x [.., E, Kg] blocks (MLX's matmul beats element-wise multiply-reduce here).
 def _slices_layout(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
-    """``y [B, N, H_kv, E]`` -> ``[B, *front, tail, tail_slots, H_kv, 1, E]`` (the tail axis gathered)."""
+    """``y [B, N, H_kv, E]`` -> ``[B, *front, H_kv, tail, tail_slots, E]`` (the tail axis gathered)."""
     y = y.reshape(p.batch, *plan.front_shape, plan.tail, p.kv_heads, -1)
+    y = mx.swapaxes(y, plan.front + 1, plan.front + 2)  # [B, *front, Hkv, tail, E]
     if plan.tail_index is not None:
-        y = mx.take(y, plan.tail_index, axis=plan.front + 1)
-    return y.reshape(p.batch, *plan.front_shape, plan.tail, plan.tail_slots, p.kv_heads, 1, -1)
+        y = mx.take(y, plan.tail_index, axis=plan.front + 2)
+    # contiguous: MLX's matmul copies an operand whose buffer flags say otherwise, once per slot
+    return mx.contiguous(y.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail, plan.tail_slots, -1))
 
 
 def _run_order(p: Problem, plan: "SlicePlan", x: mx.array) -> mx.array:
-    """``x [B, N, ...]`` -> ``[B, F, tail, ...]`` with the front tokens in run order."""
-    return mx.take(x.reshape(p.batch, -1, plan.tail, *x.shape[2:]), plan.perm, axis=1)
+    """``x [B, N, H_kv, ...]`` -> ``[B, F, H_kv, tail, ...]`` with the front tokens in run order."""
+    x = x.reshape(p.batch, -1, plan.tail, *x.shape[2:]).swapaxes(2, 3)
+    return mx.take(x, plan.perm, axis=1)
 
 
 def _token_order(p: Problem, plan: "SlicePlan", parts: list) -> mx.array:
-    """Run-ordered blocks ``[B, size, tail, ...]`` -> ``[B, N, ...]`` in token order."""
+    """Run-ordered blocks ``[B, size, H_kv, tail, ...]`` -> ``[B, N, H_kv, ...]`` in token order."""
     x = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    x = mx.take(x, plan.inverse, axis=1)
+    x = mx.take(x, plan.inverse, axis=1).swapaxes(2, 3)
     return x.reshape(p.batch, p.num_tokens, *x.shape[3:])
 
 
@@ -425,58 +430,62 @@ def _key_slices(plan: "SlicePlan", combo, js) -> tuple:
 
 def _slices_dot(p: Problem, x: mx.array, y: mx.array) -> mx.array:
     plan = _slice_plan(*_geometry(p))
-    g = x.shape[3]
-    xr = _run_order(p, plan, x)[:, :, :, None]  # [B, F, tail, 1, Hkv, G, E]
-    yl = _slices_layout(p, plan, y)
+    xr = mx.contiguous(_run_order(p, plan, x))  # [B, F, Hkv, tail, G, E]
+    yt = mx.contiguous(_slices_layout(p, plan, y).swapaxes(-1, -2))  # [B, *front, Hkv, tail, E, Kg]
     parts = []
     for combo, counts, rows in _blocks(p, plan):
-        xs = xr[:, rows].reshape(p.batch, *counts, plan.tail, 1, p.kv_heads, g, -1)
-        per_slot = [(xs * yl[_key_slices(plan, combo, js)]).sum(-1) for js in plan.front_slots]
-        block = mx.stack(per_slot, axis=plan.front + 2)  # [B, c.., tail, Kf, Kg, Hkv, G]
-        parts.append(block.reshape(p.batch, -1, plan.tail, p.window_size, p.kv_heads, g))
-    return _token_order(p, plan, parts).transpose(0, 1, 3, 4, 2)
+        xs = xr[:, rows].reshape(p.batch, *counts, *xr.shape[2:])
+        per_slot = [xs @ yt[_key_slices(plan, combo, js)] for js in plan.front_slots]  # [.., G, Kg]
+        block = mx.stack(per_slot, axis=-2)  # [B, c.., Hkv, tail, G, Kf, Kg]
+        parts.append(block.reshape(p.batch, -1, *xr.shape[2:5], p.window_size))
+    return _token_order(p, plan, parts)
+
+
+def _slot_major(p: Problem, plan: "SlicePlan", w: mx.array) -> mx.array:
+    """``w [B, N, H_kv, G, Kt]`` -> run-ordered ``[Kf, B, F, H_kv, tail, G, Kg]``: each front slot a
+    contiguous block (MLX's matmul copies operands with gaps between batch entries)."""
+    wr = _run_order(p, plan, w)  # [B, F, Hkv, tail, G, Kt]
+    wr = wr.reshape(*wr.shape[:-1], len(plan.front_slots), plan.tail_slots)
+    return mx.contiguous(mx.moveaxis(wr, -2, 0))
 
 
 def _slices_wsum(p: Problem, w: mx.array, y: mx.array) -> mx.array:
     plan = _slice_plan(*_geometry(p))
-    g = w.shape[3]
-    kf = len(plan.front_slots)
-    yl = _slices_layout(p, plan, y)
-    wr = _run_order(p, plan, w.transpose(0, 1, 4, 2, 3))  # [B, F, tail, Kt, Hkv, G]
+    yl = _slices_layout(p, plan, y)  # [B, *front, Hkv, tail, Kg, E]
+    wr = _slot_major(p, plan, w)
     parts = []
     for combo, counts, rows in _blocks(p, plan):
-        wc = wr[:, rows].reshape(p.batch, *counts, plan.tail, kf, plan.tail_slots, p.kv_heads, g, 1)
         acc = None
         for f, js in enumerate(plan.front_slots):
-            term = (wc[..., f, :, :, :, :] * yl[_key_slices(plan, combo, js)]).sum(axis=-4)
+            wc = wr[f, :, rows].reshape(p.batch, *counts, *wr.shape[3:])
+            term = wc @ yl[_key_slices(plan, combo, js)]  # [.., G, E]
             acc = term if acc is None else acc + term
-        parts.append(acc.reshape(p.batch, -1, plan.tail, p.kv_heads, g, acc.shape[-1]))
+        parts.append(acc.reshape(p.batch, -1, *acc.shape[-4:]))
     return _token_order(p, plan, parts)
 
 
 def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
     plan = _slice_plan(*_geometry(p))
-    g = w.shape[3]
-    kf = len(plan.front_slots)
     e = x.shape[-1]
-    wr = _run_order(p, plan, w.transpose(0, 1, 4, 2, 3))  # [B, F, tail, Kt, Hkv, G]
-    xr = _run_order(p, plan, x)  # [B, F, tail, Hkv, G, E]
-    acc = mx.zeros((p.batch, *plan.front_shape, plan.tail, plan.tail_slots, p.kv_heads, e), dtype=mx.float32)
+    wr = _slot_major(p, plan, w)  # [Kf, B, F, Hkv, tail, G, Kg]
+    xr = _run_order(p, plan, x)  # [B, F, Hkv, tail, G, E]
+    acc = mx.zeros((p.batch, *plan.front_shape, p.kv_heads, plan.tail, plan.tail_slots, e), dtype=mx.float32)
     for combo, counts, rows in _blocks(p, plan):
-        wc = wr[:, rows].reshape(p.batch, *counts, plan.tail, kf, plan.tail_slots, p.kv_heads, g, 1)
-        xc = xr[:, rows].reshape(p.batch, *counts, plan.tail, 1, p.kv_heads, g, e)
+        xc = xr[:, rows].reshape(p.batch, *counts, *xr.shape[2:])[..., None, :]  # [.., G, 1, E]
         shared = tuple(1 + a for a, r in enumerate(combo) if r.key_step == 0 and r.count > 1)
         for f, js in enumerate(plan.front_slots):
-            contrib = (wc[..., f, :, :, :, :] * xc).sum(axis=-2)  # [B, c.., tail, Kg, Hkv, E]
+            wc = wr[f, :, rows].reshape(p.batch, *counts, *wr.shape[3:])
+            contrib = (wc[..., None] * xc).sum(-3)  # [B, c.., Hkv, tail, Kg, E]
             if shared:
                 contrib = contrib.sum(axis=shared, keepdims=True)
             acc = acc.at[_key_slices(plan, combo, js)].add(contrib)
-    # fold the gathered tail axis back: key position tail_index[t, j] receives acc[..., t, j, ...]
-    acc = acc.reshape(p.batch, *plan.front_shape, plan.tail * plan.tail_slots, p.kv_heads, e)
+    # fold the gathered tail axis back: key position tail_index[t * Kg + j] receives acc[.., t, j, :]
     if plan.tail_index is not None:
-        zeros = mx.zeros((p.batch, *plan.front_shape, plan.tail, p.kv_heads, e), dtype=mx.float32)
-        acc = zeros.at[(slice(None),) * (plan.front + 1) + (plan.tail_index,)].add(acc)
-    return acc.reshape(p.batch, p.num_tokens, p.kv_heads, e)
+        acc = acc.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail * plan.tail_slots, e)
+        zeros = mx.zeros((p.batch, *plan.front_shape, p.kv_heads, plan.tail, e), dtype=mx.float32)
+        acc = zeros.at[(slice(None),) * (plan.front + 2) + (plan.tail_index,)].add(acc)
+    acc = acc.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail, e)
+    return mx.swapaxes(acc, plan.front + 1, plan.front + 2).reshape(p.batch, p.num_tokens, p.kv_heads, e)
 
 
 @lru_cache(maxsize=64)
