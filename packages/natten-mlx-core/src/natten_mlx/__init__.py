@@ -9,6 +9,31 @@ from pkgutil import extend_path
 # natten_mlx.compat comes from the separate distribution natten-mlx-compat
 __path__ = extend_path(__path__, __name__)
 
+
+class _CompatHint:
+    """Last on sys.meta_path: reached for ``natten_mlx.compat`` only when no distribution provides
+    it, so the ImportError can say what to install. Submodules are left alone (a wrong era name
+    must not claim compat is missing)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "natten_mlx.compat":
+            raise ModuleNotFoundError(
+                "No module named 'natten_mlx.compat': NATTEN's era APIs ship separately; "
+                'pip install natten-mlx-compat (or pip install "natten-mlx[compat]")',
+                name=fullname,
+            )
+        return None
+
+
+def _install_compat_hint() -> None:
+    import sys
+
+    if not any(type(f).__name__ == "_CompatHint" for f in sys.meta_path):
+        sys.meta_path.append(_CompatHint())
+
+
+_install_compat_hint()
+
 __version__ = "0.1.0"
 
 from .dispatch import explain_problem, get_backend, list_backends, use_backend  # noqa: E402

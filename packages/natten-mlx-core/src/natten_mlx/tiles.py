@@ -22,7 +22,8 @@ class AxisTiles:
     """One axis. ``T`` tiles of ``tile`` queries, each with a halo of ``halo`` keys.
 
     query_index: ``[T, tile]`` input positions of each tile's queries (the last tile repeats the
-                 final query when ``tile`` does not divide the axis; ``query_real`` marks the rest).
+                 final query when ``tile`` does not divide the axis).
+    query_real:  ``[T, tile]`` False for those repeats, which only pad the tile.
     owner:       ``[L]`` flat ``tile_id * tile + position`` of each input position's query slot.
     key_index:   ``[T, halo]`` input positions of each tile's halo keys.
     mask:        ``[T, tile, halo]`` whether the halo key is in the query's neighborhood.
@@ -32,6 +33,7 @@ class AxisTiles:
     tile: int
     halo: int
     query_index: np.ndarray
+    query_real: np.ndarray
     owner: np.ndarray
     key_index: np.ndarray
     mask: np.ndarray
@@ -49,7 +51,8 @@ def axis_tiles(length: int, kernel_size: int, stride: int, dilation: int, is_cau
     hi = lo + w.valid.sum(axis=1) - 1  # valid slots are a prefix of the window
     tile = min(tile, length)
     ntiles = -(-length // tile)
-    qpos = np.minimum(np.arange(ntiles * tile).reshape(ntiles, tile), length - 1)
+    slots = np.arange(ntiles * tile).reshape(ntiles, tile)
+    qpos = np.minimum(slots, length - 1)
     qlo, qhi = lo[order[qpos]], hi[order[qpos]]
     halo = int((qhi.max(axis=1) - qlo.min(axis=1)).max()) + 1
     hstart = np.minimum(qlo.min(axis=1), length - halo)
@@ -57,7 +60,7 @@ def axis_tiles(length: int, kernel_size: int, stride: int, dilation: int, is_cau
     mask = (hpos[:, None, :] >= qlo[:, :, None]) & (hpos[:, None, :] <= qhi[:, :, None])
     rel = np.where(mask, hpos[:, None, :] - qpos[:, :, None] + kernel_size - 1, 0)
     owner = pos.copy()  # tile t, slot i sits at flat t * tile + i == its position
-    return AxisTiles(tile, halo, order[qpos], owner, order[hpos], mask, rel)
+    return AxisTiles(tile, halo, order[qpos], slots < length, owner, order[hpos], mask, rel)
 
 
 def _outer_index(tables: list[np.ndarray], sizes: list[int]) -> np.ndarray:
@@ -77,6 +80,7 @@ class TilePlan:
     """A whole problem's tiling; ``Tn`` tiles of ``Tq`` queries and ``Hk`` halo keys each.
 
     query_index: ``[Tn, Tq]`` flat token index of each tile query.
+    query_real:  ``[Tn, Tq]`` bool, False for queries that only pad a tile (repeats of a real one).
     key_index:   ``[Tn, Hk]`` flat token index of each halo key.
     mask:        ``[Tn, Tq, Hk]`` bool, or None when every pair is in the neighborhood.
     rpb_index:   ``[Tn, Tq, Hk]`` flat index into ``rpb.reshape(H, -1)``.
@@ -84,6 +88,7 @@ class TilePlan:
     """
 
     query_index: np.ndarray
+    query_real: np.ndarray
     key_index: np.ndarray
     mask: np.ndarray | None
     rpb_index: np.ndarray
@@ -106,6 +111,12 @@ def tile_plan(spatial, kernel_size, stride, dilation, is_causal, tile=None) -> T
     hk = [ax.halo for ax in axes]
     tn, q_tot, h_tot = int(np.prod(counts)), int(np.prod(tq)), int(np.prod(hk))
     query_index = _outer_index([ax.query_index for ax in axes], list(spatial)).reshape(tn, q_tot)
+    query_real = np.ones((tn, q_tot), dtype=bool)
+    for a, ax in enumerate(axes):
+        shape = [1] * (2 * n)
+        shape[a], shape[n + a] = ax.query_real.shape
+        full = np.broadcast_to(ax.query_real.reshape(shape), tuple(counts) + tuple(tq))
+        query_real &= full.reshape(tn, q_tot)
     key_index = _outer_index([ax.key_index for ax in axes], list(spatial)).reshape(tn, h_tot)
 
     def pair_table(tables, combine, weights=None):
@@ -130,4 +141,4 @@ def tile_plan(spatial, kernel_size, stride, dilation, is_causal, tile=None) -> T
     tile_id = _outer_index([o[0][None, :] for o in owners], counts).reshape(-1)
     in_tile = _outer_index([o[1][None, :] for o in owners], tq).reshape(-1)
     output_index = (tile_id * q_tot + in_tile).astype(np.int32)
-    return TilePlan(query_index.astype(np.int32), key_index.astype(np.int32), mask, rpb_index, output_index)
+    return TilePlan(query_index.astype(np.int32), query_real, key_index.astype(np.int32), mask, rpb_index, output_index)

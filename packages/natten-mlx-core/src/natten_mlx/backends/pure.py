@@ -249,6 +249,8 @@ class PureBackend:
         p = problem
         if p.covers_everything:
             return self._autodiff_backward(p, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse)
+        if self._strategy() == "tiled":
+            return self._tiled_backward(p, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse)
         s, kt = self._scores(p, query, key, additional_keys, rpb)
         w, _ = _softmax_lse(s, axis=-1)
         do = self._queries(p, d_out)  # [B, N, Hkv, G, Dv]
@@ -310,38 +312,75 @@ class PureBackend:
     # ---- tiled -------------------------------------------------------------------------------
     def _tiled_forward(self, p: Problem, query, key, value, additional_keys, additional_values, rpb):
         plan = _plan(*_geometry(p))
-        tn, tq = plan.query_index.shape
-        hk = plan.key_index.shape[1]
-        g = p.heads // p.kv_heads
-        q = self._queries(p, query) * p.scale  # [B, N, Hkv, G, D]
-        qt = mx.take(q, plan.query_index.reshape(-1), axis=1).reshape(p.batch, tn, tq, p.kv_heads, g, -1)
-        qt = qt.transpose(0, 1, 3, 4, 2, 5)  # [B, Tn, Hkv, G, Tq, D]
-        kt = mx.take(self._tokens(p, key), plan.key_index.reshape(-1), axis=1).reshape(p.batch, tn, hk, p.kv_heads, -1)
-        vt = mx.take(self._tokens(p, value), plan.key_index.reshape(-1), axis=1).reshape(p.batch, tn, hk, p.kv_heads, -1)
-        kt = kt.transpose(0, 1, 3, 2, 4)[:, :, :, None]  # [B, Tn, Hkv, 1, Hk, D]
-        vt = vt.transpose(0, 1, 3, 2, 4)[:, :, :, None]  # [B, Tn, Hkv, 1, Hk, Dv]
-        s = qt @ kt.swapaxes(-1, -2)  # [B, Tn, Hkv, G, Tq, Hk]
-        if rpb is not None:
-            flat = rpb.astype(mx.float32).reshape(p.heads, -1)
-            bias = mx.take(flat, plan.rpb_index.reshape(-1), axis=1).reshape(p.kv_heads, g, tn, tq, hk)
-            s = s + bias.transpose(2, 0, 1, 3, 4)
-        if plan.mask is not None:
-            s = mx.where(plan.mask[:, None, None], s, -mx.inf)
-        if additional_keys is not None:
-            ek = additional_keys.astype(mx.float32).transpose(0, 2, 1, 3)[:, None, :, None]  # [B,1,Hkv,1,M,D]
-            s = mx.concatenate([s, qt @ ek.swapaxes(-1, -2)], -1)
-        w, lse = _softmax_lse(s, axis=-1)
-        out = w[..., :hk] @ vt  # [B, Tn, Hkv, G, Tq, Dv]
-        if additional_values is not None:
-            ev = additional_values.astype(mx.float32).transpose(0, 2, 1, 3)[:, None, :, None]
-            out = out + w[..., hk:] @ ev
-        out = out.transpose(0, 1, 4, 2, 3, 5).reshape(p.batch, tn * tq, p.heads, -1)
-        lse = lse.squeeze(-1).transpose(0, 1, 4, 2, 3).reshape(p.batch, tn * tq, p.heads)
-        out = mx.take(out, plan.output_index, axis=1)
-        lse = mx.take(lse, plan.output_index, axis=1)
+        use_sdpa = not p.return_lse and rpb is None and additional_keys is None
+        outs, lses = [], []
+        for rows in _tile_chunks(p, plan):
+            t = _TileChunk(self, p, plan, rows, query, key, value, additional_keys, additional_values)
+            if use_sdpa:
+                outs.append(t.sdpa_out())
+                continue
+            w, lse = _softmax_lse(t.scores(rpb), axis=-1)
+            outs.append(t.weighted_values(w))
+            lses.append(lse.squeeze(-1))
+        out = _tile_outputs(p, plan, outs)
+        lse = None if use_sdpa else _tile_outputs(p, plan, [x[..., None] for x in lses]).squeeze(-1)
+        return out.reshape(p.batch, *p.spatial, p.heads, -1).astype(p.dtype), (
+            None if lse is None else lse.reshape(p.batch, *p.spatial, p.heads)
+        )
+
+    def _tiled_backward(self, p: Problem, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse):
+        plan = _plan(*_geometry(p))
+        f32 = mx.float32
+        dk = mx.zeros((p.batch, p.num_tokens, p.kv_heads, p.head_dim), f32)
+        dv = mx.zeros((p.batch, p.num_tokens, p.kv_heads, p.value_head_dim), f32)
+        dqs, dek, dev, drpb = [], None, None, None
+        do_all = self._queries(p, d_out)
+        dl_all = None if d_lse is None else d_lse.astype(f32).reshape(p.batch, p.num_tokens, p.kv_heads, -1)
+        for rows in _tile_chunks(p, plan):
+            t = _TileChunk(self, p, plan, rows, query, key, value, additional_keys, additional_values)
+            s = t.scores(rpb)
+            w, _ = _softmax_lse(s, axis=-1)
+            real = plan.query_real[rows][None, :, None, None, :, None]  # padding queries carry no gradient
+            do = mx.where(real, t.tiles(do_all).astype(f32), 0.0)  # [B, Tc, Hkv, G, Tq, Dv]
+            dw = do @ t.v.astype(f32).swapaxes(-1, -2)
+            if additional_values is not None:
+                dw = mx.concatenate([dw, do @ t.ev.astype(f32).swapaxes(-1, -2)], -1)
+            ds = w * (dw - (w * dw).sum(-1, keepdims=True))
+            if dl_all is not None:
+                ds = ds + w * mx.where(real, t.tiles(dl_all[..., None]).astype(f32), 0.0)
+            hk = t.hk
+            dsn, wn = ds[..., :hk], w[..., :hk]
+            q32 = t.q.astype(f32)
+            dq = dsn @ t.k.astype(f32)
+            dk_halo = (dsn.swapaxes(-1, -2) @ q32).sum(3)  # [B, Tc, Hkv, Hk, D]
+            dv_halo = (wn.swapaxes(-1, -2) @ do).sum(3)
+            idx = plan.key_index[rows].reshape(-1)
+            dk = dk.at[:, idx].add(dk_halo.transpose(0, 1, 3, 2, 4).reshape(p.batch, -1, p.kv_heads, p.head_dim))
+            dv = dv.at[:, idx].add(dv_halo.transpose(0, 1, 3, 2, 4).reshape(p.batch, -1, p.kv_heads, p.value_head_dim))
+            if additional_keys is not None:
+                dse, we = ds[..., hk:], w[..., hk:]
+                dq = dq + dse @ t.ek.astype(f32)
+                part_k = (dse.swapaxes(-1, -2) @ q32).sum(axis=(1, 3))  # [B, Hkv, M, D]
+                part_v = (we.swapaxes(-1, -2) @ do).sum(axis=(1, 3))
+                dek = part_k if dek is None else dek + part_k
+                dev = part_v if dev is None else dev + part_v
+            if rpb is not None:
+                # [B, Tc, Hkv, G, Tq, Hk] -> [H, Tc * Tq * Hk], summed over the batch, into rpb's flat index
+                cot = dsn.sum(0).transpose(1, 2, 0, 3, 4).reshape(p.heads, -1)
+                flat = mx.zeros((p.heads, rpb[0].size), f32).at[:, plan.rpb_index[rows].reshape(-1)].add(cot)
+                drpb = flat if drpb is None else drpb + flat
+            dqs.append(dq)
+        dq = _tile_outputs(p, plan, dqs).reshape(p.batch, *p.spatial, p.heads, -1) * p.scale
+        d_ek = None if dek is None else (dek.transpose(0, 2, 1, 3) * p.scale).astype(additional_keys.dtype)
+        d_ev = None if dev is None else dev.transpose(0, 2, 1, 3).astype(additional_values.dtype)
+        d_rpb = None if drpb is None else drpb.reshape(rpb.shape).astype(rpb.dtype)
         return (
-            out.reshape(p.batch, *p.spatial, p.heads, -1).astype(p.dtype),
-            lse.reshape(p.batch, *p.spatial, p.heads),
+            dq.astype(query.dtype),
+            self._spatial(p, dk * p.scale, p.kv_heads, key.dtype),
+            self._spatial(p, dv, p.kv_heads, value.dtype),
+            d_ek,
+            d_ev,
+            d_rpb,
         )
 
     # ---- split ops -----------------------------------------------------------------------------
@@ -488,12 +527,103 @@ def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
     return mx.swapaxes(acc, plan.front + 1, plan.front + 2).reshape(p.batch, p.num_tokens, p.kv_heads, e)
 
 
+# ---- the tiled strategy ---------------------------------------------------------------------------
+# scores of one chunk of tiles stay below this many float32 elements (about 1 GiB)
+TILE_CHUNK_ELEMENTS = 1 << 28
+
+
+def _tile_chunks(p: Problem, plan: "TilePlan"):
+    """Slices of tiles whose scores fit in ``TILE_CHUNK_ELEMENTS``."""
+    tn, tq = plan.query_index.shape
+    per_tile = p.batch * p.heads * tq * (plan.key_index.shape[1] + p.num_extra)
+    step = max(1, TILE_CHUNK_ELEMENTS // per_tile)
+    for start in range(0, tn, step):
+        yield slice(start, min(start + step, tn))
+
+
+def _tile_outputs(p: Problem, plan: "TilePlan", chunks: list) -> mx.array:
+    """Per-chunk ``[B, Tc, H_kv, G, Tq, E]`` -> ``[B, N, H, E]`` in token order."""
+    x = mx.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
+    x = x.transpose(0, 1, 4, 2, 3, 5).reshape(p.batch, -1, p.heads, x.shape[-1])
+    return mx.take(x, plan.output_index, axis=1)
+
+
+class _TileChunk:
+    """The tiles ``rows`` of a plan: their queries, halo keys/values, and what they compute.
+
+    Matmuls run in the input dtype on a GPU (tensor cores) and in float32 on the CPU; softmax
+    statistics are float32 everywhere."""
+
+    def __init__(self, backend, p: Problem, plan, rows, query, key, value, additional_keys, additional_values):
+        self.p, self.plan, self.rows = p, plan, rows
+        dtype = p.dtype if mx.default_device() == mx.gpu else mx.float32
+        g = p.heads // p.kv_heads
+        self.tc = rows.stop - rows.start
+        self.tq = plan.query_index.shape[1]
+        self.hk = plan.key_index.shape[1]
+        self.q = self.tiles(query.astype(dtype).reshape(p.batch, p.num_tokens, p.kv_heads, g, -1))
+        idx = plan.key_index[rows].reshape(-1)
+
+        def halo(x):  # [B, N, Hkv, E] -> [B, Tc, Hkv, 1, Hk, E]
+            x = mx.take(x.astype(dtype).reshape(p.batch, p.num_tokens, p.kv_heads, -1), idx, axis=1)
+            return x.reshape(p.batch, self.tc, self.hk, p.kv_heads, -1).transpose(0, 1, 3, 2, 4)[:, :, :, None]
+
+        self.k, self.v = halo(key), halo(value)
+        # extra keys/values: [B, 1, Hkv, 1, M, E]
+        self.ek = None if additional_keys is None else additional_keys.astype(dtype).transpose(0, 2, 1, 3)[:, None, :, None]
+        self.ev = None if additional_values is None else additional_values.astype(dtype).transpose(0, 2, 1, 3)[:, None, :, None]
+
+    def tiles(self, x: mx.array) -> mx.array:
+        """Token-ordered ``[B, N, H_kv, G, E]`` -> ``[B, Tc, H_kv, G, Tq, E]`` for these tiles."""
+        p = self.p
+        t = mx.take(x, self.plan.query_index[self.rows].reshape(-1), axis=1)
+        return t.reshape(p.batch, self.tc, self.tq, *x.shape[2:]).transpose(0, 1, 3, 4, 2, 5)
+
+    def scores(self, rpb) -> mx.array:
+        """float32 ``[B, Tc, H_kv, G, Tq, Hk (+N_extra)]``, masked pairs -inf."""
+        p, plan, rows = self.p, self.plan, self.rows
+        s = (self.q @ self.k.swapaxes(-1, -2)).astype(mx.float32) * p.scale
+        if rpb is not None:
+            flat = rpb.astype(mx.float32).reshape(p.heads, -1)
+            bias = mx.take(flat, plan.rpb_index[rows].reshape(-1), axis=1)
+            bias = bias.reshape(p.kv_heads, p.heads // p.kv_heads, self.tc, self.tq, self.hk)
+            s = s + bias.transpose(2, 0, 1, 3, 4)
+        if plan.mask is not None:
+            s = mx.where(plan.mask[rows][:, None, None], s, -mx.inf)
+        if self.ek is not None:
+            s = mx.concatenate([s, (self.q @ self.ek.swapaxes(-1, -2)).astype(mx.float32) * p.scale], -1)
+        return s
+
+    def weighted_values(self, w: mx.array) -> mx.array:
+        """float32 weights ``[B, Tc, H_kv, G, Tq, Hk (+N_extra)]`` -> ``[B, Tc, H_kv, G, Tq, Dv]``."""
+        out = w[..., : self.hk].astype(self.v.dtype) @ self.v
+        if self.ev is not None:
+            out = out + w[..., self.hk :].astype(self.ev.dtype) @ self.ev
+        return out.astype(mx.float32)
+
+    def sdpa_out(self) -> mx.array:
+        """The same output through ``mx.fast.scaled_dot_product_attention`` (no lse needed)."""
+        p = self.p
+        g = p.heads // p.kv_heads
+        b = p.batch * self.tc
+        q = self.q.reshape(b, p.heads, self.tq, -1)
+        k = self.k.reshape(b, p.kv_heads, self.hk, -1)
+        v = self.v.reshape(b, p.kv_heads, self.hk, -1)
+        mask = None
+        if self.plan.mask is not None:
+            m = self.plan.mask[self.rows][:, None]  # [Tc, 1, Tq, Hk]
+            mask = mx.broadcast_to(m[None], (p.batch, *m.shape)).reshape(b, 1, self.tq, self.hk)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=p.scale, mask=mask)
+        return out.reshape(p.batch, self.tc, p.kv_heads, g, self.tq, -1).astype(mx.float32)
+
+
 @lru_cache(maxsize=64)
 def _plan(spatial, kernel_size, stride, dilation, is_causal):
     """The tile plan of a geometry with its tables as MLX arrays."""
     t = tile_plan(spatial, kernel_size, stride, dilation, is_causal)
     return TilePlan(
         mx.array(t.query_index),
+        mx.array(t.query_real),
         mx.array(t.key_index),
         None if t.mask is None else mx.array(t.mask),
         mx.array(t.rpb_index),
