@@ -82,17 +82,28 @@ class TilePlan:
     query_index: ``[Tn, Tq]`` flat token index of each tile query.
     query_real:  ``[Tn, Tq]`` bool, False for queries that only pad a tile (repeats of a real one).
     key_index:   ``[Tn, Hk]`` flat token index of each halo key.
-    mask:        ``[Tn, Tq, Hk]`` bool, or None when every pair is in the neighborhood.
-    rpb_index:   ``[Tn, Tq, Hk]`` flat index into ``rpb.reshape(H, -1)``.
     output_index:``[N]`` flat ``tile * Tq + query`` holding each token's output.
+    tile_coords: ``[Tn, n]`` each tile's per-axis tile number.
+    axes:        the per-axis tables; pair tables (mask, rpb index) of a chunk of tiles are
+                 built from them on demand, since ``[Tn, Tq, Hk]`` can reach billions of entries.
+    all_valid:   every (query, halo key) pair is in the neighborhood: no mask is needed.
     """
 
     query_index: np.ndarray
     query_real: np.ndarray
     key_index: np.ndarray
-    mask: np.ndarray | None
-    rpb_index: np.ndarray
     output_index: np.ndarray
+    tile_coords: np.ndarray
+    axes: tuple
+    all_valid: bool
+
+    @property
+    def tile_shape(self) -> tuple[int, ...]:
+        return tuple(ax.tile for ax in self.axes)
+
+    @property
+    def halo_shape(self) -> tuple[int, ...]:
+        return tuple(ax.halo for ax in self.axes)
 
 
 def default_tile(spatial: tuple[int, ...], kernel_size: tuple[int, ...]) -> tuple[int, ...]:
@@ -104,12 +115,11 @@ def default_tile(spatial: tuple[int, ...], kernel_size: tuple[int, ...]) -> tupl
 @lru_cache(maxsize=64)
 def tile_plan(spatial, kernel_size, stride, dilation, is_causal, tile=None) -> TilePlan:
     tile = tile or default_tile(spatial, kernel_size)
-    axes = [axis_tiles(*p) for p in zip(spatial, kernel_size, stride, dilation, is_causal, tile)]
+    axes = tuple(axis_tiles(*p) for p in zip(spatial, kernel_size, stride, dilation, is_causal, tile))
     n = len(axes)
     counts = [ax.query_index.shape[0] for ax in axes]
     tq = [ax.tile for ax in axes]
-    hk = [ax.halo for ax in axes]
-    tn, q_tot, h_tot = int(np.prod(counts)), int(np.prod(tq)), int(np.prod(hk))
+    tn, q_tot = int(np.prod(counts)), int(np.prod(tq))
     query_index = _outer_index([ax.query_index for ax in axes], list(spatial)).reshape(tn, q_tot)
     query_real = np.ones((tn, q_tot), dtype=bool)
     for a, ax in enumerate(axes):
@@ -117,28 +127,21 @@ def tile_plan(spatial, kernel_size, stride, dilation, is_causal, tile=None) -> T
         shape[a], shape[n + a] = ax.query_real.shape
         full = np.broadcast_to(ax.query_real.reshape(shape), tuple(counts) + tuple(tq))
         query_real &= full.reshape(tn, q_tot)
-    key_index = _outer_index([ax.key_index for ax in axes], list(spatial)).reshape(tn, h_tot)
-
-    def pair_table(tables, combine, weights=None):
-        # per-axis [T_a, tile_a, halo_a] -> [T..., tile..., halo...] -> [Tn, Tq, Hk]
-        out = None
-        for a, tab in enumerate(tables):
-            shape = [1] * (3 * n)
-            shape[a], shape[n + a], shape[2 * n + a] = tab.shape
-            term = tab.reshape(shape) if weights is None else tab.reshape(shape) * weights[a]
-            out = term if out is None else combine(out, term)
-        full = tuple(counts) + tuple(tq) + tuple(hk)
-        return np.broadcast_to(out, full).reshape(tn, q_tot, h_tot)
-
-    mask = pair_table([ax.mask for ax in axes], np.logical_and)
-    if mask.all():
-        mask = None
-    rel_sizes = [2 * k - 1 for k in kernel_size]
-    rel_weights = [int(np.prod(rel_sizes[a + 1 :], dtype=np.int64)) for a in range(n)]
-    rpb_index = pair_table([ax.rel for ax in axes], np.add, rel_weights).astype(np.int32)
+    key_index = _outer_index([ax.key_index for ax in axes], list(spatial)).reshape(tn, -1)
     # token -> (tile, query) flat slot: row-major over per-axis (tile id, in-tile position)
     owners = [np.stack([ax.owner // ax.tile, ax.owner % ax.tile]) for ax in axes]
     tile_id = _outer_index([o[0][None, :] for o in owners], counts).reshape(-1)
     in_tile = _outer_index([o[1][None, :] for o in owners], tq).reshape(-1)
     output_index = (tile_id * q_tot + in_tile).astype(np.int32)
-    return TilePlan(query_index.astype(np.int32), query_real, key_index.astype(np.int32), mask, rpb_index, output_index)
+    tile_coords = np.stack(np.unravel_index(np.arange(tn), counts), axis=1).astype(np.int32)
+    all_valid = all(ax.mask.all() for ax in axes)
+    return TilePlan(
+        query_index.astype(np.int32), query_real, key_index.astype(np.int32), output_index, tile_coords, axes,
+        all_valid,
+    )
+
+
+def rpb_weights(kernel_size: tuple[int, ...]) -> list[int]:
+    """Row-major strides of ``rpb.reshape(H, -1)`` over the per-axis ``2K - 1`` columns."""
+    sizes = [2 * k - 1 for k in kernel_size]
+    return [int(np.prod(sizes[a + 1 :], dtype=np.int64)) for a in range(len(sizes))]

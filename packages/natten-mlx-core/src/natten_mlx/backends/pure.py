@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..problem import Problem
-from ..tiles import TilePlan, tile_plan
+from ..tiles import rpb_weights, tile_plan
 from ..windows import axis_runs, axis_windows, neighborhood_tables
 
 STRATEGY_ENV = "NATTEN_MLX_PURE_STRATEGY"
@@ -367,7 +367,7 @@ class PureBackend:
             if rpb is not None:
                 # [B, Tc, Hkv, G, Tq, Hk] -> [H, Tc * Tq * Hk], summed over the batch, into rpb's flat index
                 cot = dsn.sum(0).transpose(1, 2, 0, 3, 4).reshape(p.heads, -1)
-                flat = mx.zeros((p.heads, rpb[0].size), f32).at[:, plan.rpb_index[rows].reshape(-1)].add(cot)
+                flat = mx.zeros((p.heads, rpb[0].size), f32).at[:, plan.rpb_index(rows).reshape(-1)].add(cot)
                 drpb = flat if drpb is None else drpb + flat
             dqs.append(dq)
         dq = _tile_outputs(p, plan, dqs).reshape(p.batch, *p.spatial, p.heads, -1) * p.scale
@@ -532,7 +532,7 @@ def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
 TILE_CHUNK_ELEMENTS = 1 << 28
 
 
-def _tile_chunks(p: Problem, plan: "TilePlan"):
+def _tile_chunks(p: Problem, plan: _DevicePlan):
     """Slices of tiles whose scores fit in ``TILE_CHUNK_ELEMENTS``."""
     tn, tq = plan.query_index.shape
     per_tile = p.batch * p.heads * tq * (plan.key_index.shape[1] + p.num_extra)
@@ -541,7 +541,7 @@ def _tile_chunks(p: Problem, plan: "TilePlan"):
         yield slice(start, min(start + step, tn))
 
 
-def _tile_outputs(p: Problem, plan: "TilePlan", chunks: list) -> mx.array:
+def _tile_outputs(p: Problem, plan: _DevicePlan, chunks: list) -> mx.array:
     """Per-chunk ``[B, Tc, H_kv, G, Tq, E]`` -> ``[B, N, H, E]`` in token order."""
     x = mx.concatenate(chunks, axis=1) if len(chunks) > 1 else chunks[0]
     x = x.transpose(0, 1, 4, 2, 3, 5).reshape(p.batch, -1, p.heads, x.shape[-1])
@@ -585,11 +585,12 @@ class _TileChunk:
         s = (self.q @ self.k.swapaxes(-1, -2)).astype(mx.float32) * p.scale
         if rpb is not None:
             flat = rpb.astype(mx.float32).reshape(p.heads, -1)
-            bias = mx.take(flat, plan.rpb_index[rows].reshape(-1), axis=1)
+            bias = mx.take(flat, plan.rpb_index(rows).reshape(-1), axis=1)
             bias = bias.reshape(p.kv_heads, p.heads // p.kv_heads, self.tc, self.tq, self.hk)
             s = s + bias.transpose(2, 0, 1, 3, 4)
-        if plan.mask is not None:
-            s = mx.where(plan.mask[rows][:, None, None], s, -mx.inf)
+        mask = plan.mask(rows)
+        if mask is not None:
+            s = mx.where(mask[:, None, None], s, -mx.inf)
         if self.ek is not None:
             s = mx.concatenate([s, (self.q @ self.ek.swapaxes(-1, -2)).astype(mx.float32) * p.scale], -1)
         return s
@@ -609,23 +610,52 @@ class _TileChunk:
         q = self.q.reshape(b, p.heads, self.tq, -1)
         k = self.k.reshape(b, p.kv_heads, self.hk, -1)
         v = self.v.reshape(b, p.kv_heads, self.hk, -1)
-        mask = None
-        if self.plan.mask is not None:
-            m = self.plan.mask[self.rows][:, None]  # [Tc, 1, Tq, Hk]
+        mask = self.plan.mask(self.rows)
+        if mask is not None:
+            m = mask[:, None]  # [Tc, 1, Tq, Hk]
             mask = mx.broadcast_to(m[None], (p.batch, *m.shape)).reshape(b, 1, self.tq, self.hk)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=p.scale, mask=mask)
         return out.reshape(p.batch, self.tc, p.kv_heads, g, self.tq, -1).astype(mx.float32)
 
 
+class _DevicePlan:
+    """A :class:`~natten_mlx.tiles.TilePlan` with its tables as MLX arrays, and the pair tables
+    (mask, rpb index) of a chunk of tiles built from the per-axis ones on demand."""
+
+    def __init__(self, spatial, kernel_size, stride, dilation, is_causal):
+        t = tile_plan(spatial, kernel_size, stride, dilation, is_causal)
+        self.query_index = mx.array(t.query_index)
+        self.query_real = mx.array(t.query_real)
+        self.key_index = mx.array(t.key_index)
+        self.output_index = mx.array(t.output_index)
+        self.tile_coords = mx.array(t.tile_coords)
+        self.tile_shape, self.halo_shape = t.tile_shape, t.halo_shape
+        self.masks = None if t.all_valid else [mx.array(ax.mask) for ax in t.axes]
+        self.rels = [mx.array(ax.rel.astype(np.int32)) for ax in t.axes]
+        self.rel_weights = rpb_weights(kernel_size)
+
+    def _pairs(self, rows: slice, tables, combine, weights=None) -> mx.array:
+        """Per-axis ``[T_a, tile_a, halo_a]`` tables -> ``[Tc, Tq, Hk]`` for the tiles ``rows``."""
+        n = len(tables)
+        coords = self.tile_coords[rows]
+        tc = coords.shape[0]
+        out = None
+        for a, tab in enumerate(tables):
+            t = mx.take(tab, coords[:, a], axis=0)
+            shape = [tc] + [1] * (2 * n)
+            shape[1 + a], shape[1 + n + a] = tab.shape[1], tab.shape[2]
+            t = t.reshape(shape) if weights is None else t.reshape(shape) * weights[a]
+            out = t if out is None else combine(out, t)
+        full = (tc, *self.tile_shape, *self.halo_shape)
+        return mx.broadcast_to(out, full).reshape(tc, int(np.prod(self.tile_shape)), int(np.prod(self.halo_shape)))
+
+    def mask(self, rows: slice) -> mx.array | None:
+        return None if self.masks is None else self._pairs(rows, self.masks, mx.logical_and)
+
+    def rpb_index(self, rows: slice) -> mx.array:
+        return self._pairs(rows, self.rels, mx.add, self.rel_weights)
+
+
 @lru_cache(maxsize=64)
-def _plan(spatial, kernel_size, stride, dilation, is_causal):
-    """The tile plan of a geometry with its tables as MLX arrays."""
-    t = tile_plan(spatial, kernel_size, stride, dilation, is_causal)
-    return TilePlan(
-        mx.array(t.query_index),
-        mx.array(t.query_real),
-        mx.array(t.key_index),
-        None if t.mask is None else mx.array(t.mask),
-        mx.array(t.rpb_index),
-        mx.array(t.output_index),
-    )
+def _plan(spatial, kernel_size, stride, dilation, is_causal) -> _DevicePlan:
+    return _DevicePlan(spatial, kernel_size, stride, dilation, is_causal)
