@@ -84,6 +84,10 @@ class SlicePlan:
         self.tail_slots = kernel_size[-1] if n > 1 else 1
         self.front_slots = tuple(itertools.product(*(range(k) for k in kernel_size[: self.front])))
         self.dilation = dilation[: self.front]
+        # every run of an axis advances by stride * dilation; front axes are stored split as
+        # [step, ceil(L / step)] (residue outermost) so that a run's keys are a contiguous block
+        self.steps = tuple(s * d for s, d in zip(stride[: self.front], dilation[: self.front]))
+        self.split = tuple(-(-n // st) for n, st in zip(self.front_shape, self.steps))
         runs = [axis_runs(*g) for g in zip(spatial, kernel_size, stride, dilation, is_causal)][: self.front]
         self.combos = tuple(itertools.product(*runs))
         self.num_ops = len(self.combos) * len(self.front_slots)
@@ -430,14 +434,42 @@ class PureBackend:
 # ---- the slices strategy -------------------------------------------------------------------------
 # Layouts put H_kv before the tail axis so that the per-slot contractions are batched matmuls over
 # contiguous [.., G, E] x [.., E, Kg] blocks (MLX's matmul beats element-wise multiply-reduce here).
+def _split_front(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
+    """``[B, *front, ...]`` -> ``[B, step_1, L_1 / step_1, (step_2, L_2 / step_2), ...]`` (zero-padded)."""
+    n = plan.front
+    pads = [(0, 0)] + [(0, st * q - length) for st, q, length in zip(plan.steps, plan.split, plan.front_shape)]
+    if any(hi for _, hi in pads):
+        y = mx.pad(y, pads + [(0, 0)] * (y.ndim - n - 1))
+    shape = [p.batch]
+    for st, q in zip(plan.steps, plan.split):
+        shape += [q, st]
+    y = y.reshape(*shape, *y.shape[n + 1 :])
+    order = [0]
+    for a in range(n):
+        order += [2 + 2 * a, 1 + 2 * a]
+    return y.transpose(*order, *range(2 * n + 1, y.ndim))
+
+
+def _unsplit_front(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
+    """The inverse of :func:`_split_front` (padding cropped)."""
+    n = plan.front
+    order = [0]
+    for a in range(n):
+        order += [2 + 2 * a, 1 + 2 * a]
+    y = y.transpose(*order, *range(2 * n + 1, y.ndim))
+    y = y.reshape(p.batch, *(st * q for st, q in zip(plan.steps, plan.split)), *y.shape[2 * n + 1 :])
+    return y[(slice(None),) + tuple(slice(0, length) for length in plan.front_shape)]
+
+
 def _slices_layout(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
-    """``y [B, N, H_kv, E]`` -> ``[B, *front, H_kv, tail, tail_slots, E]`` (the tail axis gathered)."""
+    """``y [B, N, H_kv, E]`` -> split-front ``[B, (step, L / step) per front axis, H_kv, tail, tail_slots, E]``."""
     y = y.reshape(p.batch, *plan.front_shape, plan.tail, p.kv_heads, -1)
     y = mx.swapaxes(y, plan.front + 1, plan.front + 2)  # [B, *front, Hkv, tail, E]
     if plan.tail_index is not None:
         y = mx.take(y, plan.tail_index, axis=plan.front + 2)
+    y = y.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail, plan.tail_slots, -1)
     # contiguous: MLX's matmul copies an operand whose buffer flags say otherwise, once per slot
-    return mx.contiguous(y.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail, plan.tail_slots, -1))
+    return mx.contiguous(_split_front(p, plan, y))
 
 
 def _run_order(p: Problem, plan: "SlicePlan", x: mx.array) -> mx.array:
@@ -464,7 +496,30 @@ def _blocks(p: Problem, plan: "SlicePlan"):
 
 
 def _key_slices(plan: "SlicePlan", combo, js) -> tuple:
-    return (slice(None),) + tuple(r.keys(j, d) for r, j, d in zip(combo, js, plan.dilation))
+    """Index of a split-front array selecting the keys of front slot ``js`` for every query of ``combo``."""
+    index = [slice(None)]
+    for run, j, d, st in zip(combo, js, plan.dilation, plan.steps):
+        start = run.key_start + j * d
+        length = 1 if run.key_step == 0 else run.count
+        index += [slice(start % st, start % st + 1), slice(start // st, start // st + length)]
+    return tuple(index)
+
+
+def _keys(y: mx.array, plan: "SlicePlan", combo, js) -> mx.array:
+    """The keys of front slot ``js`` for ``combo``: ``[B, c_1 or 1, ..., rest]`` (split axes merged)."""
+    k = y[_key_slices(plan, combo, js)]
+    merged = [k.shape[2 + 2 * a] for a in range(plan.front)]
+    return k.reshape(k.shape[0], *merged, *k.shape[1 + 2 * plan.front :])
+
+
+def _matmul(a: mx.array, b: mx.array) -> mx.array:
+    """``a @ b``, element-wise where one side is a vector (1D problems have one tail slot): MLX's
+    CPU matmul is slow for dot products and outer products."""
+    if b.shape[-1] == 1:
+        return (a * b.swapaxes(-1, -2)).sum(-1, keepdims=True)
+    if a.shape[-1] == 1:
+        return a * b
+    return a @ b
 
 
 def _slices_dot(p: Problem, x: mx.array, y: mx.array) -> mx.array:
@@ -474,7 +529,7 @@ def _slices_dot(p: Problem, x: mx.array, y: mx.array) -> mx.array:
     parts = []
     for combo, counts, rows in _blocks(p, plan):
         xs = xr[:, rows].reshape(p.batch, *counts, *xr.shape[2:])
-        per_slot = [xs @ yt[_key_slices(plan, combo, js)] for js in plan.front_slots]  # [.., G, Kg]
+        per_slot = [_matmul(xs, _keys(yt, plan, combo, js)) for js in plan.front_slots]  # [.., G, Kg]
         block = mx.stack(per_slot, axis=-2)  # [B, c.., Hkv, tail, G, Kf, Kg]
         parts.append(block.reshape(p.batch, -1, *xr.shape[2:5], p.window_size))
     return _token_order(p, plan, parts)
@@ -497,7 +552,7 @@ def _slices_wsum(p: Problem, w: mx.array, y: mx.array) -> mx.array:
         acc = None
         for f, js in enumerate(plan.front_slots):
             wc = wr[f, :, rows].reshape(p.batch, *counts, *wr.shape[3:])
-            term = wc @ yl[_key_slices(plan, combo, js)]  # [.., G, E]
+            term = _matmul(wc, _keys(yl, plan, combo, js))  # [.., G, E]
             acc = term if acc is None else acc + term
         parts.append(acc.reshape(p.batch, -1, *acc.shape[-4:]))
     return _token_order(p, plan, parts)
@@ -505,19 +560,26 @@ def _slices_wsum(p: Problem, w: mx.array, y: mx.array) -> mx.array:
 
 def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
     plan = _slice_plan(*_geometry(p))
-    e = x.shape[-1]
+    e, g = x.shape[-1], x.shape[3]
     wr = _slot_major(p, plan, w)  # [Kf, B, F, Hkv, tail, G, Kg]
     xr = _run_order(p, plan, x)  # [B, F, Hkv, tail, G, E]
-    acc = mx.zeros((p.batch, *plan.front_shape, p.kv_heads, plan.tail, plan.tail_slots, e), dtype=mx.float32)
+    split = tuple(x for st, q in zip(plan.steps, plan.split) for x in (st, q))
+    acc = mx.zeros((p.batch, *split, p.kv_heads, plan.tail, plan.tail_slots, e), dtype=mx.float32)
     for combo, counts, rows in _blocks(p, plan):
         xc = xr[:, rows].reshape(p.batch, *counts, *xr.shape[2:])[..., None, :]  # [.., G, 1, E]
         shared = tuple(1 + a for a, r in enumerate(combo) if r.key_step == 0 and r.count > 1)
         for f, js in enumerate(plan.front_slots):
             wc = wr[f, :, rows].reshape(p.batch, *counts, *wr.shape[3:])
-            contrib = (wc[..., None] * xc).sum(-3)  # [B, c.., Hkv, tail, Kg, E]
+            if g == 1:  # no GQA: an outer product, no sum over the group
+                contrib = wc[..., 0, :, None] * xc[..., 0, :, :]  # [B, c.., Hkv, tail, Kg, E]
+            else:
+                contrib = (wc[..., None] * xc).sum(-3)
             if shared:
                 contrib = contrib.sum(axis=shared, keepdims=True)
+            front = [x for c in contrib.shape[1 : 1 + plan.front] for x in (1, c)]
+            contrib = contrib.reshape(p.batch, *front, *contrib.shape[1 + plan.front :])
             acc = acc.at[_key_slices(plan, combo, js)].add(contrib)
+    acc = _unsplit_front(p, plan, acc)
     # fold the gathered tail axis back: key position tail_index[t * Kg + j] receives acc[.., t, j, :]
     if plan.tail_index is not None:
         acc = acc.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail * plan.tail_slots, e)
