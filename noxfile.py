@@ -48,9 +48,14 @@ def tests(session: nox.Session, backend: str) -> None:
 
 @nox.session(python=PYTHON, tags=["ci"])
 def plugins(session: nox.Session) -> None:
-    """The plugin contract, with the example third-party backend installed through its entry point."""
+    """The plugin contract, with the example third-party backend installed through its entry point;
+    run for regular installs, then again for editable (PEP 660) ones. NATTEN_MLX_EXAMPLE_REQUIRED
+    turns the example's tests from skipped into failing when it is missing."""
+    env = {"NATTEN_MLX_EXAMPLE_REQUIRED": "1"}
     session.install(f"{CORE}[test]", str(EXAMPLE))
-    session.run("pytest", "-q", "tests/plugins", *session.posargs)
+    session.run("pytest", "-q", "tests/plugins", *session.posargs, env=env)
+    session.install("--no-deps", "-e", str(CORE), "-e", str(EXAMPLE))
+    session.run("pytest", "-q", "tests/plugins", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON, tags=["ci"])

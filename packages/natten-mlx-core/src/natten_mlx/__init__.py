@@ -62,3 +62,8 @@ __all__ = [
     "use_backend", "list_backends", "get_backend", "explain", "explain_problem", "get_support_matrix",
     "register_backend", "unregister_backend", "reload_plugins", "hookimpl", "hookspec", "Problem",
 ]
+
+# discovery happens now, at import (a broken plugin warns here, never raises)
+from .plugins import registry as _registry  # noqa: E402
+
+_registry()

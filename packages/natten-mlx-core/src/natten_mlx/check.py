@@ -75,9 +75,14 @@ def run(cases: int = 50, seed: int = 0, atol: float = 1e-4, out=print) -> int:
             if _reason(backend, problem) is not None:
                 skipped += 1
                 continue
-            got, want = _run(case, backend.name), _run(case, "pure")
             checked += 1
-            err = max(float(mx.abs(g - w).max()) for g, w in zip(got, want))
+            try:
+                got, want = _run(case, backend.name), _run(case, "pure")
+                err = max(float(mx.abs(g - w).max()) for g, w in zip(got, want))
+            except Exception as exc:  # a backend that raises has failed this case; check the rest
+                bad += 1
+                out(f"  ERROR {backend.name}: {type(exc).__name__}: {exc} on {problem}")
+                continue
             if not err <= atol:
                 bad += 1
                 out(f"  MISMATCH {backend.name}: max abs error {err:.3g} on {problem}")

@@ -37,18 +37,19 @@ def info(out=print) -> None:
         out(f"    backward: {r['backward']}")
     width = max(len(f) for f in FEATURES)
     names = [r["name"] for r in rows]
+    cols = [max(len(n), 8) for n in names]
     out("support matrix (yes, or the backend's reason below):")
-    out("  " + "feature".ljust(width) + "  " + "  ".join(n.ljust(8) for n in names))
+    out("  " + "feature".ljust(width) + "  " + "  ".join(n.ljust(c) for n, c in zip(names, cols)))
     reasons = []
     for f in FEATURES:
         cells = []
-        for r in rows:
+        for r, width_ in zip(rows, cols):
             why = r["features"][f]
             if why is None:
-                cells.append("yes".ljust(8))
+                cells.append("yes".ljust(width_))
             else:
                 reasons.append(f"  [{len(reasons) + 1}] {r['name']} / {f}: {why}")
-                cells.append(f"no [{len(reasons)}]".ljust(8))
+                cells.append(f"no [{len(reasons)}]".ljust(width_))
         out("  " + f.ljust(width) + "  " + "  ".join(cells))
     for line in reasons:
         out(line)

@@ -8,8 +8,6 @@ where it has one, else MLX's autodiff of the pure backend's forward.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import mlx.core as mx
 
 from . import problem as _p
@@ -29,8 +27,24 @@ _OPS = {
 _PURE = PureBackend()
 
 
-@lru_cache(maxsize=256)
+_CACHE: dict = {}
+_CACHE_SIZE = 256
+
+
 def _differentiable(problem: _p.Problem, backend, present: tuple[str, ...]):
+    """The cached custom_function of (problem, backend, present inputs); backends need not be hashable."""
+    key = (problem, id(backend), present)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is backend:
+        return hit[1]
+    if len(_CACHE) >= _CACHE_SIZE:
+        _CACHE.clear()
+    f = _make_differentiable(problem, backend, present)
+    _CACHE[key] = (backend, f)
+    return f
+
+
+def _make_differentiable(problem: _p.Problem, backend, present: tuple[str, ...]):
     """A custom_function of the present inputs (positional, in ``present`` order) -> outputs tuple."""
     names, forward_name, backward_name = _OPS[problem.op]
     forward = getattr(backend, forward_name)

@@ -101,9 +101,16 @@ def load_plugins(entry_points=None) -> Registry:
             sources.append((ep.name, module, dist, version))
 
     rows = {row["name"]: row for row in registry.plugins}
-    for plugin, module, dist, version in sources:
-        impl = getattr(module, "natten_mlx_register_backends", None)
-        if impl is None:
+    # pluggy's own view of the implementations (it honours hookimpl(specname=...)), called one by
+    # one so that one failing plugin cannot stop the others: the core first, then entry-point order,
+    # with tryfirst/trylast moving a plugin to the front/back (the first to register a name keeps it)
+    impls = sorted(
+        pm.hook.natten_mlx_register_backends.get_hookimpls(),
+        key=lambda impl: (impl.plugin_name != BUILTIN, not impl.tryfirst, impl.trylast),
+    )
+    by_name = {name: (dist, version) for name, _, dist, version in sources}
+    for plugin, _, dist, _ in sources:
+        if not any(impl.plugin_name == plugin for impl in impls):
             rows[plugin]["status"] = "registers nothing: no natten_mlx_register_backends hook"
             warnings.warn(
                 f"natten_mlx: plugin entry point {plugin!r} of distribution {dist!r} has no "
@@ -111,9 +118,12 @@ def load_plugins(entry_points=None) -> Registry:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            continue
+    for impl in impls:
+        plugin = impl.plugin_name
+        dist, version = by_name[plugin]
+        added: list[str] = []
 
-        def register(backend, _plugin=plugin, _dist=dist, _version=version):
+        def register(backend, _plugin=plugin, _dist=dist, _version=version, _added=added):
             check_backend(backend)
             if backend.name in registry.backends:
                 first = registry.backends[backend.name]
@@ -124,13 +134,14 @@ def load_plugins(entry_points=None) -> Registry:
                     stacklevel=2,
                 )
                 return
-            registry.backends[backend.name] = Registration(
-                backend, _plugin, getattr(backend, "distribution", None) or _dist, _version
-            )
+            registry.backends[backend.name] = Registration(backend, _plugin, _dist, _version)
+            _added.append(backend.name)
 
         try:
-            impl(register=register)
+            impl.function(register=register)
         except Exception as exc:
+            for name in added:  # a plugin that failed is skipped whole
+                del registry.backends[name]
             rows[plugin]["status"] = f"failed to register: {type(exc).__name__}: {exc}"
             warnings.warn(
                 f"natten_mlx: skipped plugin entry point {plugin!r} of distribution {dist!r}: "

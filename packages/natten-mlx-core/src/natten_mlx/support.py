@@ -42,8 +42,8 @@ def feature_problems() -> dict[str, Problem]:
 
 def get_support_matrix() -> list[dict]:
     """One row per registered backend: name, priority, distribution, version, availability (None or
-    why not), ``features`` (feature -> None or the backend's reason) and ``backward`` ("own" or
-    "pure autodiff")."""
+    why not), ``features`` (feature -> None or the backend's reason) and ``backward`` ("own", or
+    "the pure backend's": its hand-written backward, recomputing from the inputs)."""
     reg = registry()
     rows = []
     problems = feature_problems()
@@ -62,6 +62,6 @@ def get_support_matrix() -> list[dict]:
             "description": getattr(backend, "description", ""),
             "available": unavailable,
             "features": {f: _reason(backend, p) for f, p in problems.items()},
-            "backward": "own" if callable(getattr(backend, "fused_backward", None)) else "pure autodiff",
+            "backward": "own" if callable(getattr(backend, "fused_backward", None)) else "the pure backend's",
         })
     return rows
