@@ -2,6 +2,8 @@
 
 Each lists upstream's CUDA/Flex tile configurations usable for the given inputs. natten-mlx has
 none of those kernels, so each returns ``[]`` (as upstream does on a machine without CUDA).
+``NAMES_020`` and ``NAMES_021`` are each era's queries: 0.21 added the Hopper and Blackwell
+backward ones.
 """
 
 from __future__ import annotations
@@ -79,3 +81,7 @@ __all__ = [
     "get_configs_for_flex_fmha",
     "get_configs_for_flex_fna",
 ]
+
+NAMES_021 = __all__
+NAMES_020 = [name for name in __all__ if not name.startswith(("get_bwd_configs_for_cutlass_blackwell_",
+                                                              "get_bwd_configs_for_cutlass_hopper_"))]

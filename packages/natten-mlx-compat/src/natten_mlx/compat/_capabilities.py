@@ -45,6 +45,10 @@ def has_fna(device_index=None) -> bool:
 
 has_fused_na = has_fna
 
+# The probes each era exports, in upstream's order (0.17 added the fused-NA ones).
+PROBES_015 = ["has_cuda", "has_half", "has_bfloat", "has_gemm", "has_tf32_gemm", "has_fp32_gemm", "has_fp64_gemm"]
+PROBES_017 = [*PROBES_015[:4], "has_fna", "has_fused_na", *PROBES_015[4:]]
+
 
 class KernelSwitches:
     """Recorded settings of upstream's CUDA kernel selection (one instance per era).

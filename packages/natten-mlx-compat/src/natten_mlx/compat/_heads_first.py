@@ -10,10 +10,8 @@ never scales (upstream's modules scale the query before calling it): ``scale=1.0
 from __future__ import annotations
 
 import mlx.core as mx
-import natten_mlx
 
-_QK = {1: natten_mlx.na1d_qk, 2: natten_mlx.na2d_qk, 3: natten_mlx.na3d_qk}
-_AV = {1: natten_mlx.na1d_av, 2: natten_mlx.na2d_av, 3: natten_mlx.na3d_av}
+from ._core_ops import AV, QK
 
 
 def _check_rank(name: str, x, na_dim: int, layout: str) -> None:
@@ -54,7 +52,7 @@ def qk(na_dim, query, key, kernel_size, dilation, *, is_causal=False, rpb=None, 
     _check_rank("key", key, na_dim, layout)
     if rpb is not None and isinstance(rpb, mx.array):
         rpb = rpb.astype(query.dtype)  # upstream casts the bias to the inputs' dtype
-    attn = _QK[na_dim](
+    attn = QK[na_dim](
         to_heads_last(query, na_dim),
         to_heads_last(key, na_dim),
         kernel_size,
@@ -71,7 +69,7 @@ def av(na_dim, attn, value, kernel_size, dilation, *, is_causal=False, additiona
     """Heads-first AV: ``attn [B, H, *spatial, K1*K2*K3 (+N_extra)]``, ``value [B, H, *spatial, D]`` -> ``[B, H, *spatial, D]``."""
     _check_rank("attn", attn, na_dim, f"[B, H, {_spatial(na_dim)}, K1*K2*K3]")
     _check_rank("value", value, na_dim, f"[B, H, {_spatial(na_dim)}, D]")
-    out = _AV[na_dim](
+    out = AV[na_dim](
         to_heads_last(attn.astype(value.dtype), na_dim),  # upstream casts the weights to the values' dtype
         to_heads_last(value, na_dim),
         kernel_size,

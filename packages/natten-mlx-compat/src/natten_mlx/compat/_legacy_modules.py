@@ -18,11 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import natten_mlx
 
-_FUSED = {1: natten_mlx.na1d, 2: natten_mlx.na2d, 3: natten_mlx.na3d}
-_QK = {1: natten_mlx.na1d_qk, 2: natten_mlx.na2d_qk, 3: natten_mlx.na3d_qk}
-_AV = {1: natten_mlx.na1d_av, 2: natten_mlx.na2d_av, 3: natten_mlx.na3d_av}
+from ._core_ops import AV, FUSED, QK
 
 
 def init_rpb(num_heads: int, kernel_size: Sequence[int]) -> mx.array:
@@ -91,11 +88,11 @@ class LegacyNeighborhoodAttention(nn.Module):
         rpb = None if self.rpb is None else self.rpb.astype(q.dtype)
         window = dict(kernel_size=self._kernel, dilation=self._dilation, is_causal=self._causal)
         if self._attention_dropout_active():
-            attn = _QK[n](q * self.scale, k, rpb=rpb, scale=1.0, **window)
+            attn = QK[n](q * self.scale, k, rpb=rpb, scale=1.0, **window)
             attn = self.attn_drop(mx.softmax(attn, axis=-1, precise=True))
-            out = _AV[n](attn, v, **window)
+            out = AV[n](attn, v, **window)
         else:
-            out = _FUSED[n](q, k, v, rpb=rpb, scale=self.scale, **window)
+            out = FUSED[n](q, k, v, rpb=rpb, scale=self.scale, **window)
         out = out.reshape(batch, *padded, channels)
         if any(pads):
             out = out[(slice(None), *(slice(0, size) for size in spatial))]

@@ -1,5 +1,5 @@
-"""Shared body of NATTEN 0.20 and 0.21 (heads-last ``[B, *spatial, H, D]``): the context switches,
-backend/config queries, the fused op, ``attention`` and ``merge_attentions``.
+"""Shared body of NATTEN 0.20 and 0.21 (heads-last ``[B, *spatial, H, D]``): the top-level names, the
+naming of the ``na*`` functions, the fused op, ``attention`` and ``merge_attentions``.
 
 Performance arguments (``backend``, ``q_tile_shape``, ``kv_tile_shape``, ``backward_*``,
 ``run_persistent_kernel``, ``kernel_schedule``, ``torch_compile``, ``attention_kwargs``,
@@ -15,16 +15,39 @@ import mlx.core as mx
 import natten_mlx
 
 from . import _dense
+from ._core_ops import FUSED
+from ._exports import named, reexport
 
 NA_BACKENDS = ("cutlass-fna", "hopper-fna", "blackwell-fna", "flex-fna")
 FMHA_BACKENDS = ("cutlass-fmha", "hopper-fmha", "blackwell-fmha", "flex-fmha")
-
-_FUSED = {1: natten_mlx.na1d, 2: natten_mlx.na2d, 3: natten_mlx.na3d}
 
 
 def check_backend(backend, known) -> None:
     if backend is not None and backend not in known:
         raise NotImplementedError(f"Unrecognized NATTEN backend {backend}; upstream's choices are {known}.")
+
+
+def top_level(namespace: dict, backends, context, functional, modules) -> list[str]:
+    """Bind the top-level names of ``natten`` 0.20/0.21 from the era's submodules in ``namespace`` (the
+    era package's ``globals()``, which defines ``__version__`` and ``HAS_LIBNATTEN``); returns its ``__all__``."""
+    return [
+        "__version__",
+        *reexport(namespace, modules, ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]),
+        *reexport(namespace, context, sorted(set(context.__all__) - {"MemoryUsagePreference", "NattenContext"})),
+        *reexport(namespace, backends, backends.__all__),
+        "HAS_LIBNATTEN",
+        *reexport(namespace, functional, ["na1d", "na2d", "na3d", "attention", "merge_attentions"]),
+    ]
+
+
+def named_na(na, na_dim, version: str):
+    """An era's ``na`` function made for ``na_dim`` spatial axes, named and documented: ``na{na_dim}d``, or
+    ``neighborhood_attention_generic`` for ``na_dim=None``."""
+    if na_dim is None:
+        na.__doc__ = f"Neighborhood attention of NATTEN {version} over 1 to 3 spatial axes (see the module docstring)."
+        return named("neighborhood_attention_generic", na)
+    na.__doc__ = f"{na_dim}-D neighborhood attention of NATTEN {version} (see the module docstring)."
+    return named(f"na{na_dim}d", na)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,6 +56,12 @@ def check_backend(backend, known) -> None:
 
 def fused(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
           additional_values, backend, return_lse, allow_gqa):
+    """``na{na_dim}d``; ``na_dim=None`` (``neighborhood_attention_generic``) takes it from the query's rank."""
+    if na_dim is None:
+        na_dim = query.ndim - 3 if hasattr(query, "ndim") else 0
+        if na_dim not in (1, 2, 3):
+            shape = getattr(query, "shape", None)
+            raise ValueError(f"query must be [B, *spatial, H, D] with 1 to 3 spatial axes, got shape {shape}")
     check_backend(backend, NA_BACKENDS)
     if not isinstance(query, mx.array):
         raise TypeError(f"query must be an mlx.core.array, got {type(query).__name__}")
@@ -46,7 +75,7 @@ def fused(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, s
                 "NATTEN 0.20 does not support GQA/MQA, therefore number of heads in Q, K, and V must match, got "
                 + ", ".join(f"{n}: {x.shape[-2]}" for n, x in heads) + "."
             )
-    return _FUSED[na_dim](
+    return FUSED[na_dim](
         query, key, value, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal,
         scale=scale or query.shape[-1] ** -0.5, additional_keys=additional_keys, additional_values=additional_values,
         return_lse=return_lse,

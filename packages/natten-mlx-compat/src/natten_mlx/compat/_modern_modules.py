@@ -12,11 +12,9 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import natten_mlx
 
 from . import _args
-
-_FUSED = {1: natten_mlx.na1d, 2: natten_mlx.na2d, 3: natten_mlx.na3d}
+from ._core_ops import FUSED
 
 
 class NeighborhoodAttentionGeneric(nn.Module):
@@ -58,7 +56,7 @@ class NeighborhoodAttentionGeneric(nn.Module):
             raise ValueError(f"Expected embedding dimension {self.embed_dim}, got {channels} ({x.shape=}).")
         qkv = self.qkv(x).reshape(batch, *spatial, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        out = _FUSED[self.na_dim](
+        out = FUSED[self.na_dim](
             q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal,
             scale=self.scale,
         )
@@ -99,3 +97,6 @@ class NeighborhoodAttention3D(NeighborhoodAttentionGeneric):
                  qk_scale=None, proj_drop=0.0):
         super().__init__(3, embed_dim, num_heads, kernel_size, stride, dilation, is_causal, qkv_bias, qk_scale,
                          proj_drop)
+
+
+__all__ = ["NeighborhoodAttentionGeneric", "NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D"]

@@ -8,31 +8,26 @@ weights after softmax. Slots run row-major over the window, as upstream.
 
 from __future__ import annotations
 
-from .. import _heads_first
+from .. import _exports, _heads_first
 
 
-def natten1dqkrpb(query, key, rpb, kernel_size, dilation):
-    return _heads_first.qk(1, query, key, kernel_size, dilation, rpb=rpb)
+def _split_ops(na_dim):
+    """``natten{n}dqkrpb``, ``natten{n}dqk`` and ``natten{n}dav``."""
+
+    def qkrpb(query, key, rpb, kernel_size, dilation):
+        return _heads_first.qk(na_dim, query, key, kernel_size, dilation, rpb=rpb)
+
+    def qk(query, key, kernel_size, dilation):
+        return _heads_first.qk(na_dim, query, key, kernel_size, dilation)
+
+    def av(attn, value, kernel_size, dilation):
+        return _heads_first.av(na_dim, attn, value, kernel_size, dilation)
+
+    return (_exports.named(f"natten{na_dim}dqkrpb", qkrpb), _exports.named(f"natten{na_dim}dqk", qk),
+            _exports.named(f"natten{na_dim}dav", av))
 
 
-def natten1dqk(query, key, kernel_size, dilation):
-    return _heads_first.qk(1, query, key, kernel_size, dilation)
-
-
-def natten1dav(attn, value, kernel_size, dilation):
-    return _heads_first.av(1, attn, value, kernel_size, dilation)
-
-
-def natten2dqkrpb(query, key, rpb, kernel_size, dilation):
-    return _heads_first.qk(2, query, key, kernel_size, dilation, rpb=rpb)
-
-
-def natten2dqk(query, key, kernel_size, dilation):
-    return _heads_first.qk(2, query, key, kernel_size, dilation)
-
-
-def natten2dav(attn, value, kernel_size, dilation):
-    return _heads_first.av(2, attn, value, kernel_size, dilation)
-
+natten1dqkrpb, natten1dqk, natten1dav = _split_ops(1)
+natten2dqkrpb, natten2dqk, natten2dav = _split_ops(2)
 
 __all__ = ["natten1dqkrpb", "natten1dqk", "natten1dav", "natten2dqkrpb", "natten2dqk", "natten2dav"]

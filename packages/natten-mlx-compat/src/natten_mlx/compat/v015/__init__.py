@@ -6,22 +6,8 @@ kernel switches at the top level; ``natten.functional`` holds the heads-first sp
 the 0.14 ``natten*`` aliases. See docs/compat.md for the differences from upstream.
 """
 
-from . import functional  # noqa: F401 (submodules as attributes, as upstream)
-from .functional import (
-    disable_gemm_na,
-    disable_tf32,
-    disable_tiled_na,
-    enable_gemm_na,
-    enable_tf32,
-    enable_tiled_na,
-    has_bfloat,
-    has_cuda,
-    has_fp32_gemm,
-    has_fp64_gemm,
-    has_gemm,
-    has_half,
-    has_tf32_gemm,
-)
+from .. import _exports
+from . import functional
 from .natten1d import NeighborhoodAttention1D
 from .natten2d import NeighborhoodAttention2D
 from .natten3d import NeighborhoodAttention3D
@@ -32,17 +18,8 @@ __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
-    "disable_gemm_na",
-    "disable_tf32",
-    "disable_tiled_na",
-    "enable_gemm_na",
-    "enable_tf32",
-    "enable_tiled_na",
-    "has_bfloat",
-    "has_cuda",
-    "has_gemm",
-    "has_half",
-    "has_tf32_gemm",
-    "has_fp32_gemm",
-    "has_fp64_gemm",
+    *_exports.reexport(globals(), functional, [  # the probes and kernel switches, from natten.functional
+        "disable_gemm_na", "disable_tf32", "disable_tiled_na", "enable_gemm_na", "enable_tf32", "enable_tiled_na",
+        "has_bfloat", "has_cuda", "has_gemm", "has_half", "has_tf32_gemm", "has_fp32_gemm", "has_fp64_gemm",
+    ]),
 ]

@@ -9,19 +9,10 @@ first, then one value shared by height and width. The ``natten*`` names are 0.14
 
 from __future__ import annotations
 
-from .. import _heads_first
-from .._capabilities import (
-    KernelSwitches,
-    has_bfloat,
-    has_cuda,
-    has_fp32_gemm,
-    has_fp64_gemm,
-    has_gemm,
-    has_half,
-    has_tf32_gemm,
-)
+from .. import _capabilities, _exports, _heads_first
 
-_SWITCHES = KernelSwitches()
+_PROBES = _exports.reexport(globals(), _capabilities, _capabilities.PROBES_015)
+_SWITCHES = _capabilities.KernelSwitches()
 
 
 def enable_tf32() -> bool:
@@ -49,32 +40,31 @@ def disable_gemm_na():
     _SWITCHES.gemm_na = False
 
 
+def _split_ops(na_dim):
+    """``na{n}d_qk``, ``na{n}d_qk_with_bias``, ``na{n}d_av`` and ``natten{n}dqkrpb`` of the 1D/2D form."""
+
+    def qk(query, key, kernel_size, dilation, additional_keys=None):
+        return _heads_first.qk(na_dim, query, key, kernel_size, dilation, additional_keys=additional_keys)
+
+    def qk_with_bias(query, key, bias, kernel_size, dilation, additional_keys=None):
+        return _heads_first.qk(na_dim, query, key, kernel_size, dilation, rpb=bias, additional_keys=additional_keys)
+
+    def av(attn, value, kernel_size, dilation, additional_values=None):
+        return _heads_first.av(na_dim, attn, value, kernel_size, dilation, additional_values=additional_values)
+
+    def qkrpb(query, key, rpb, kernel_size, dilation):
+        return qk_with_bias(query, key, rpb, kernel_size, dilation)
+
+    return (_exports.named(f"na{na_dim}d_qk", qk), _exports.named(f"na{na_dim}d_qk_with_bias", qk_with_bias),
+            _exports.named(f"na{na_dim}d_av", av), _exports.named(f"natten{na_dim}dqkrpb", qkrpb))
+
+
+na1d_qk, na1d_qk_with_bias, na1d_av, natten1dqkrpb = _split_ops(1)
+na2d_qk, na2d_qk_with_bias, na2d_av, natten2dqkrpb = _split_ops(2)
+
+
 def _3d(kernel_size_d, kernel_size, dilation_d, dilation):
     return (kernel_size_d, kernel_size, kernel_size), (dilation_d, dilation, dilation)
-
-
-def na1d_qk(query, key, kernel_size, dilation, additional_keys=None):
-    return _heads_first.qk(1, query, key, kernel_size, dilation, additional_keys=additional_keys)
-
-
-def na1d_qk_with_bias(query, key, bias, kernel_size, dilation, additional_keys=None):
-    return _heads_first.qk(1, query, key, kernel_size, dilation, rpb=bias, additional_keys=additional_keys)
-
-
-def na1d_av(attn, value, kernel_size, dilation, additional_values=None):
-    return _heads_first.av(1, attn, value, kernel_size, dilation, additional_values=additional_values)
-
-
-def na2d_qk(query, key, kernel_size, dilation, additional_keys=None):
-    return _heads_first.qk(2, query, key, kernel_size, dilation, additional_keys=additional_keys)
-
-
-def na2d_qk_with_bias(query, key, bias, kernel_size, dilation, additional_keys=None):
-    return _heads_first.qk(2, query, key, kernel_size, dilation, rpb=bias, additional_keys=additional_keys)
-
-
-def na2d_av(attn, value, kernel_size, dilation, additional_values=None):
-    return _heads_first.av(2, attn, value, kernel_size, dilation, additional_values=additional_values)
 
 
 def na3d_qk_with_bias(query, key, bias, kernel_size_d, kernel_size, dilation_d, dilation, additional_keys=None):
@@ -90,14 +80,6 @@ def na3d_qk(query, key, kernel_size_d, kernel_size, dilation_d, dilation, additi
 def na3d_av(attn, value, kernel_size_d, kernel_size, dilation_d, dilation, additional_values=None):
     ks, dil = _3d(kernel_size_d, kernel_size, dilation_d, dilation)
     return _heads_first.av(3, attn, value, ks, dil, additional_values=additional_values)
-
-
-def natten1dqkrpb(query, key, rpb, kernel_size, dilation):
-    return na1d_qk_with_bias(query, key, rpb, kernel_size, dilation)
-
-
-def natten2dqkrpb(query, key, rpb, kernel_size, dilation):
-    return na2d_qk_with_bias(query, key, rpb, kernel_size, dilation)
 
 
 def natten3dqkrpb(query, key, rpb, kernel_size_d, kernel_size, dilation_d, dilation):
@@ -116,6 +98,6 @@ __all__ = [
     "na3d_qk", "na3d_qk_with_bias", "na3d_av",
     "natten1dqkrpb", "natten2dqkrpb", "natten3dqkrpb",
     "natten1dqk", "natten1dav", "natten2dqk", "natten2dav", "natten3dqk", "natten3dav",
-    "has_cuda", "has_half", "has_bfloat", "has_gemm", "has_tf32_gemm", "has_fp32_gemm", "has_fp64_gemm",
+    *_PROBES,
     "enable_tf32", "disable_tf32", "enable_tiled_na", "disable_tiled_na", "enable_gemm_na", "disable_gemm_na",
 ]

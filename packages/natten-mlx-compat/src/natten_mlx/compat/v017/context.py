@@ -10,100 +10,20 @@ kernels have none), and deterministic mode refuses KV parallelism and the auto-t
 
 from __future__ import annotations
 
-from enum import Enum
+from .. import _capabilities, _context, _exports
+from .._context import MemoryUsagePreference
 
-from .._capabilities import (
-    KernelSwitches,
-    has_bfloat,
-    has_cuda,
-    has_fna,
-    has_fp32_gemm,
-    has_fp64_gemm,
-    has_fused_na,
-    has_gemm,
-    has_half,
-    has_tf32_gemm,
-)
+_PROBES = _exports.reexport(globals(), _capabilities, _capabilities.PROBES_017)
 
 
-class MemoryUsagePreference(Enum):
-    Default = 0
-    Strict = 1
-    Unrestricted = 2
+class NattenContext(_context.GlobalSwitches):
+    _DEFAULTS = _context.natten_context_defaults(
+        is_fused_na_enabled=False, is_kv_parallelism_enabled=False, use_flex_attention=False, force_flex_attention=False
+    )
 
 
-class NattenContext:
-    is_deterministic_mode_enabled: bool = False
-    is_fused_na_enabled: bool = False
-    is_kv_parallelism_enabled: bool = False
-    use_flex_attention: bool = False
-    force_flex_attention: bool = False
-    training_memory_preference: MemoryUsagePreference = MemoryUsagePreference.Default
-
-    @staticmethod
-    def reset():
-        NattenContext.is_deterministic_mode_enabled = False
-        NattenContext.is_fused_na_enabled = False
-        NattenContext.use_flex_attention = False
-        NattenContext.force_flex_attention = False
-        NattenContext.is_kv_parallelism_enabled = False
-        NattenContext.training_memory_preference = MemoryUsagePreference.Default
-
-
-_PREFERENCES = {
-    "default": MemoryUsagePreference.Default,
-    "strict": MemoryUsagePreference.Strict,
-    "unrestricted": MemoryUsagePreference.Unrestricted,
-}
-
-
-def set_memory_usage_preference(pref: str = "default"):
-    if pref not in _PREFERENCES:
-        raise ValueError(
-            "natten.set_memory_usage_preference allows only one of three settings: "
-            f"`default`, `strict`, and `unrestricted`; got {pref!r}."
-        )
-    NattenContext.training_memory_preference = _PREFERENCES[pref]
-
-
-def get_memory_usage_preference() -> MemoryUsagePreference:
-    return NattenContext.training_memory_preference
-
-
-def is_memory_usage_default() -> bool:
-    return get_memory_usage_preference() == MemoryUsagePreference.Default
-
-
-def is_memory_usage_strict() -> bool:
-    return get_memory_usage_preference() == MemoryUsagePreference.Strict
-
-
-def is_memory_usage_unrestricted() -> bool:
-    return get_memory_usage_preference() == MemoryUsagePreference.Unrestricted
-
-
-def use_deterministic_algorithms(mode: bool = True):
-    NattenContext.is_deterministic_mode_enabled = mode
-
-
-def are_deterministic_algorithms_enabled() -> bool:
-    return NattenContext.is_deterministic_mode_enabled
-
-
-def use_kv_parallelism_in_fused_na(mode: bool = True):
-    if not mode:
-        NattenContext.is_kv_parallelism_enabled = False
-        return
-    if are_deterministic_algorithms_enabled():
-        raise RuntimeError(
-            "You enabled NATTEN's deterministic mode, but attempted to enable KV parallelism, "
-            "which results in non-determinism."
-        )
-    NattenContext.is_kv_parallelism_enabled = True
-
-
-def is_kv_parallelism_in_fused_na_enabled() -> bool:
-    return NattenContext.is_kv_parallelism_enabled
+_SHARED = _context.shared_switches(NattenContext, __name__)
+globals().update(vars(_SHARED))
 
 
 def use_fused_na(mode: bool = True, kv_parallel: bool = True, use_flex_attention: bool = False,
@@ -112,9 +32,9 @@ def use_fused_na(mode: bool = True, kv_parallel: bool = True, use_flex_attention
         NattenContext.is_fused_na_enabled = False
         NattenContext.use_flex_attention = False
         NattenContext.force_flex_attention = False
-        use_kv_parallelism_in_fused_na(False)
+        _SHARED.use_kv_parallelism_in_fused_na(False)
         return
-    use_kv_parallelism_in_fused_na(kv_parallel)
+    _SHARED.use_kv_parallelism_in_fused_na(kv_parallel)
     NattenContext.is_fused_na_enabled = True
     NattenContext.use_flex_attention = use_flex_attention
     NattenContext.force_flex_attention = force_flex_attention
@@ -144,27 +64,12 @@ use_fna = use_fused_na
 is_fna_enabled = is_fused_na_enabled
 
 
-class AutotunerContext:
-    enabled_for_forward: bool = False
-    enabled_for_backward: bool = False
-    thorough_mode_forward: bool = False
-    thorough_mode_backward: bool = False
-    warmup_steps_forward: int = 5
-    warmup_steps_backward: int = 5
-    steps_forward: int = 5
-    steps_backward: int = 5
-
-    @staticmethod
-    def reset():
-        for name, value in _AUTOTUNER_DEFAULTS.items():
-            setattr(AutotunerContext, name, value)
-
-
-_AUTOTUNER_DEFAULTS = {
-    "enabled_for_forward": False, "enabled_for_backward": False,
-    "thorough_mode_forward": False, "thorough_mode_backward": False,
-    "warmup_steps_forward": 5, "warmup_steps_backward": 5, "steps_forward": 5, "steps_backward": 5,
-}
+class AutotunerContext(_context.GlobalSwitches):
+    _DEFAULTS = {
+        "enabled_for_forward": False, "enabled_for_backward": False,
+        "thorough_mode_forward": False, "thorough_mode_backward": False,
+        "warmup_steps_forward": 5, "warmup_steps_backward": 5, "steps_forward": 5, "steps_backward": 5,
+    }
 
 
 def _set(name: str, value, kind):
@@ -172,7 +77,7 @@ def _set(name: str, value, kind):
         return
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValueError(f"Expected `{kind.__name__}`, got {type(value)}.")
-    if name.startswith("enabled_for_") and value and are_deterministic_algorithms_enabled():
+    if name.startswith("enabled_for_") and value and _SHARED.are_deterministic_algorithms_enabled():
         raise RuntimeError(
             "You enabled NATTEN's deterministic mode, but attempted to enable auto-tuning, "
             "which results in non-determinism."
@@ -223,7 +128,7 @@ def is_autotuner_thorough_for_backward() -> bool:
     return AutotunerContext.thorough_mode_backward
 
 
-_SWITCHES = KernelSwitches()
+_SWITCHES = _capabilities.KernelSwitches()
 
 
 def use_tf32_in_gemm_na(mode: bool = True):
@@ -250,48 +155,30 @@ def is_gemm_na_enabled() -> bool:
     return _SWITCHES.gemm_na
 
 
-def enable_tf32() -> bool:
-    use_tf32_in_gemm_na(True)
-    return is_tf32_in_gemm_na_enabled()
+def _switch(name: str, use, is_enabled, mode: bool):
+    def switch() -> bool:
+        use(mode)
+        return is_enabled()
+
+    return _exports.named(name, switch)
 
 
-def disable_tf32() -> bool:
-    use_tf32_in_gemm_na(False)
-    return is_tf32_in_gemm_na_enabled()
-
-
-def enable_gemm_na() -> bool:
-    use_gemm_na(True)
-    return is_gemm_na_enabled()
-
-
-def disable_gemm_na() -> bool:
-    use_gemm_na(False)
-    return is_gemm_na_enabled()
-
-
-def enable_tiled_na() -> bool:
-    use_tiled_na(True)
-    return is_tiled_na_enabled()
-
-
-def disable_tiled_na() -> bool:
-    use_tiled_na(False)
-    return is_tiled_na_enabled()
+enable_tf32 = _switch("enable_tf32", use_tf32_in_gemm_na, is_tf32_in_gemm_na_enabled, True)
+disable_tf32 = _switch("disable_tf32", use_tf32_in_gemm_na, is_tf32_in_gemm_na_enabled, False)
+enable_gemm_na = _switch("enable_gemm_na", use_gemm_na, is_gemm_na_enabled, True)
+disable_gemm_na = _switch("disable_gemm_na", use_gemm_na, is_gemm_na_enabled, False)
+enable_tiled_na = _switch("enable_tiled_na", use_tiled_na, is_tiled_na_enabled, True)
+disable_tiled_na = _switch("disable_tiled_na", use_tiled_na, is_tiled_na_enabled, False)
 
 
 __all__ = [
-    "MemoryUsagePreference", "NattenContext", "AutotunerContext",
-    "set_memory_usage_preference", "get_memory_usage_preference", "is_memory_usage_default",
-    "is_memory_usage_strict", "is_memory_usage_unrestricted", "use_deterministic_algorithms",
-    "are_deterministic_algorithms_enabled", "use_kv_parallelism_in_fused_na",
-    "is_kv_parallelism_in_fused_na_enabled", "use_fused_na", "is_fused_na_enabled", "use_flex_attention",
+    "MemoryUsagePreference", "NattenContext", "AutotunerContext", *vars(_SHARED),
+    "use_fused_na", "is_fused_na_enabled", "use_flex_attention",
     "force_flex_attention", "should_use_flex_attention", "should_force_flex_attention", "use_fna",
     "is_fna_enabled", "use_autotuner", "disable_autotuner", "is_autotuner_enabled",
     "is_autotuner_enabled_for_forward", "is_autotuner_enabled_for_backward",
-    "is_autotuner_thorough_for_forward", "is_autotuner_thorough_for_backward",
-    "has_cuda", "has_half", "has_bfloat", "has_gemm", "has_fna", "has_fused_na", "has_tf32_gemm",
-    "has_fp32_gemm", "has_fp64_gemm", "use_tf32_in_gemm_na", "is_tf32_in_gemm_na_enabled", "use_tiled_na",
+    "is_autotuner_thorough_for_forward", "is_autotuner_thorough_for_backward", *_PROBES,
+    "use_tf32_in_gemm_na", "is_tf32_in_gemm_na_enabled", "use_tiled_na",
     "is_tiled_na_enabled", "use_gemm_na", "is_gemm_na_enabled", "enable_tf32", "disable_tf32",
     "enable_gemm_na", "disable_gemm_na", "enable_tiled_na", "disable_tiled_na",
 ]

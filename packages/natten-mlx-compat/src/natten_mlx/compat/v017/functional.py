@@ -16,71 +16,40 @@ additional_keys=None, additional_values=None, xformers_kwargs=None)``; additiona
 from __future__ import annotations
 
 import mlx.core as mx
-import natten_mlx
 
-from .. import _heads_first
-
-_FUSED = {1: natten_mlx.na1d, 2: natten_mlx.na2d, 3: natten_mlx.na3d}
+from .. import _core_ops, _exports, _heads_first
 
 
-def _fused(na_dim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-           additional_values):
-    if not isinstance(query, mx.array):
-        raise TypeError(f"query must be an mlx.core.array, got {type(query).__name__}")
-    if rpb is not None and isinstance(rpb, mx.array):
-        rpb = rpb.astype(query.dtype)
-    return _FUSED[na_dim](
-        query, key, value, kernel_size, dilation=dilation, is_causal=is_causal, rpb=rpb,
-        scale=scale or query.shape[-1] ** -0.5, additional_keys=additional_keys, additional_values=additional_values,
-    )
+def _ops(na_dim):
+    """``na{n}d_qk``, ``na{n}d_av`` (heads first, unfused) and ``na{n}d`` (heads last, fused)."""
+
+    def qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
+        return _heads_first.qk(na_dim, query, key, kernel_size, dilation, is_causal=is_causal, rpb=rpb,
+                               additional_keys=additional_keys)
+
+    def av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
+        return _heads_first.av(na_dim, attn, value, kernel_size, dilation, is_causal=is_causal,
+                               additional_values=additional_values)
+
+    def na(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
+           additional_values=None, xformers_kwargs=None):
+        if not isinstance(query, mx.array):
+            raise TypeError(f"query must be an mlx.core.array, got {type(query).__name__}")
+        if rpb is not None and isinstance(rpb, mx.array):
+            rpb = rpb.astype(query.dtype)
+        return _core_ops.FUSED[na_dim](
+            query, key, value, kernel_size, dilation=dilation, is_causal=is_causal, rpb=rpb,
+            scale=scale or query.shape[-1] ** -0.5, additional_keys=additional_keys,
+            additional_values=additional_values,
+        )
+
+    return (_exports.named(f"na{na_dim}d_qk", qk), _exports.named(f"na{na_dim}d_av", av),
+            _exports.named(f"na{na_dim}d", na))
 
 
-def na1d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
-    return _heads_first.qk(1, query, key, kernel_size, dilation, is_causal=is_causal, rpb=rpb,
-                           additional_keys=additional_keys)
-
-
-def na1d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
-    return _heads_first.av(1, attn, value, kernel_size, dilation, is_causal=is_causal,
-                           additional_values=additional_values)
-
-
-def na2d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
-    return _heads_first.qk(2, query, key, kernel_size, dilation, is_causal=is_causal, rpb=rpb,
-                           additional_keys=additional_keys)
-
-
-def na2d_av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
-    return _heads_first.av(2, attn, value, kernel_size, dilation, is_causal=is_causal,
-                           additional_values=additional_values)
-
-
-def na3d_qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
-    return _heads_first.qk(3, query, key, kernel_size, dilation, is_causal=is_causal, rpb=rpb,
-                           additional_keys=additional_keys)
-
-
-def na3d_av(attn, value, kernel_size, dilation, additional_values=None, is_causal=False):
-    return _heads_first.av(3, attn, value, kernel_size, dilation, is_causal=is_causal,
-                           additional_values=additional_values)
-
-
-def na1d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
-         additional_values=None, xformers_kwargs=None):
-    return _fused(1, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                  additional_values)
-
-
-def na2d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
-         additional_values=None, xformers_kwargs=None):
-    return _fused(2, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                  additional_values)
-
-
-def na3d(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None, additional_keys=None,
-         additional_values=None, xformers_kwargs=None):
-    return _fused(3, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                  additional_values)
-
+na1d_qk, na1d_av, na1d = _ops(1)
+na2d_qk, na2d_av, na2d = _ops(2)
+na3d_qk, na3d_av, na3d = _ops(3)
+na3d_av.__defaults__ = na3d_av.__defaults__[1:]  # upstream's na3d_av has no default `dilation`
 
 __all__ = ["na1d_qk", "na1d_av", "na2d_qk", "na2d_av", "na3d_qk", "na3d_av", "na1d", "na2d", "na3d"]

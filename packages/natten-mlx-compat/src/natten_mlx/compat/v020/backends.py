@@ -3,28 +3,6 @@ of upstream's CUDA/Flex tile configurations)."""
 
 from __future__ import annotations
 
-from .._backend_configs import (  # noqa: F401
-    get_bwd_configs_for_cutlass_fmha,
-    get_bwd_configs_for_cutlass_fna,
-    get_configs_for_cutlass_blackwell_fmha,
-    get_configs_for_cutlass_blackwell_fna,
-    get_configs_for_cutlass_fmha,
-    get_configs_for_cutlass_fna,
-    get_configs_for_cutlass_hopper_fmha,
-    get_configs_for_cutlass_hopper_fna,
-    get_configs_for_flex_fmha,
-    get_configs_for_flex_fna,
-)
+from .. import _backend_configs, _exports
 
-__all__ = [
-    "get_bwd_configs_for_cutlass_fmha",
-    "get_bwd_configs_for_cutlass_fna",
-    "get_configs_for_cutlass_blackwell_fmha",
-    "get_configs_for_cutlass_blackwell_fna",
-    "get_configs_for_cutlass_fmha",
-    "get_configs_for_cutlass_fna",
-    "get_configs_for_cutlass_hopper_fmha",
-    "get_configs_for_cutlass_hopper_fna",
-    "get_configs_for_flex_fmha",
-    "get_configs_for_flex_fna",
-]
+__all__ = _exports.reexport(globals(), _backend_configs, _backend_configs.NAMES_020)

@@ -29,20 +29,9 @@ def merge_attentions(outputs, lse_tensors, torch_compile=True):
     return _modern.merge_attentions(outputs, lse_tensors)[0]
 
 
-def neighborhood_attention_generic(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None,
-                                   additional_keys=None, additional_values=None, attention_kwargs=None, backend=None,
-                                   q_tile_shape=None, kv_tile_shape=None, backward_q_tile_shape=None,
-                                   backward_kv_tile_shape=None, backward_kv_splits=None,
-                                   backward_use_pt_reduction=False, run_persistent_kernel=True, kernel_schedule=None,
-                                   torch_compile=False, try_fuse_additional_kv=False):
-    na_dim = query.ndim - 3 if hasattr(query, "ndim") else 0
-    if na_dim not in (1, 2, 3):
-        raise ValueError(f"query must be [B, *spatial, H, D] with 1 to 3 spatial axes, got shape {getattr(query, 'shape', None)}")
-    return _modern.fused(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                         additional_values, backend, return_lse=False, allow_gqa=False)
-
-
 def _na(na_dim):
+    """``na{na_dim}d``; ``na_dim=None``: ``neighborhood_attention_generic`` (any of 1 to 3 spatial axes)."""
+
     def na(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
            additional_values=None, attention_kwargs=None, backend=None, q_tile_shape=None, kv_tile_shape=None,
            backward_q_tile_shape=None, backward_kv_tile_shape=None, backward_kv_splits=None,
@@ -51,13 +40,12 @@ def _na(na_dim):
         return _modern.fused(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
                              additional_keys, additional_values, backend, return_lse=False, allow_gqa=False)
 
-    na.__name__ = na.__qualname__ = f"na{na_dim}d"
-    na.__doc__ = f"{na_dim}-D neighborhood attention of NATTEN 0.20.1 (see the module docstring)."
-    return na
+    return _modern.named_na(na, na_dim, "0.20.1")
 
 
 na1d = _na(1)
 na2d = _na(2)
 na3d = _na(3)
+neighborhood_attention_generic = _na(None)
 
 __all__ = ["attention", "merge_attentions", "na1d", "na2d", "na3d", "neighborhood_attention_generic"]
