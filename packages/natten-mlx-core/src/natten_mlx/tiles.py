@@ -107,9 +107,21 @@ class TilePlan:
 
 
 def default_tile(spatial: tuple[int, ...], kernel_size: tuple[int, ...]) -> tuple[int, ...]:
-    """About 64 queries a tile, split evenly across axes, never beyond an axis' length."""
-    per_axis = {1: 64, 2: 8, 3: 4}[len(spatial)]
-    return tuple(min(per_axis, n) for n in spatial)
+    """Queries per tile along each axis, never beyond an axis' length.
+
+    Chosen on an H100 (benchmarks/RESULTS.md, tile study): about 256 queries a tile, 1024 for 2D
+    windows of 1024+ keys, and thin axes (K <= 4) cut to 4 in 3D; bigger tiles amortise the halo,
+    smaller ones waste less of it at small windows.
+    """
+    n = len(spatial)
+    window = int(np.prod(kernel_size))
+    if n == 1:
+        tile = (256,)
+    elif n == 2:
+        tile = (32, 32) if window >= 1024 else (16, 16)
+    else:
+        tile = tuple(4 if k <= 4 else 8 for k in kernel_size)
+    return tuple(min(t, length) for t, length in zip(tile, spatial))
 
 
 @lru_cache(maxsize=64)

@@ -563,8 +563,10 @@ def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
     e, g = x.shape[-1], x.shape[3]
     wr = _slot_major(p, plan, w)  # [Kf, B, F, Hkv, tail, G, Kg]
     xr = _run_order(p, plan, x)  # [B, F, Hkv, tail, G, E]
-    split = tuple(x for st, q in zip(plan.steps, plan.split) for x in (st, q))
-    acc = mx.zeros((p.batch, *split, p.kv_heads, plan.tail, plan.tail_slots, e), dtype=mx.float32)
+    # one accumulator per combination of front residues (the split layout's step axes): indexing
+    # only the L / step axes keeps MLX's scatter within its 10 dimensions (CUDA) for 3D problems
+    rest = (p.kv_heads, plan.tail, plan.tail_slots, e)
+    accs: dict = {}
     for combo, counts, rows in _blocks(p, plan):
         xc = xr[:, rows].reshape(p.batch, *counts, *xr.shape[2:])[..., None, :]  # [.., G, 1, E]
         shared = tuple(1 + a for a, r in enumerate(combo) if r.key_step == 0 and r.count > 1)
@@ -576,15 +578,31 @@ def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
                 contrib = (wc[..., None] * xc).sum(-3)
             if shared:
                 contrib = contrib.sum(axis=shared, keepdims=True)
-            front = [x for c in contrib.shape[1 : 1 + plan.front] for x in (1, c)]
-            contrib = contrib.reshape(p.batch, *front, *contrib.shape[1 + plan.front :])
-            acc = acc.at[_key_slices(plan, combo, js)].add(contrib)
+            index = _key_slices(plan, combo, js)
+            residue = tuple(sl.start for sl in index[1::2])
+            acc = accs.get(residue)
+            if acc is None:
+                acc = mx.zeros((p.batch, *plan.split, *rest), dtype=mx.float32)
+            accs[residue] = acc.at[(slice(None),) + index[2::2]].add(contrib)
+    zeros = None
+    parts = []
+    for residue in itertools.product(*(range(st) for st in plan.steps)):
+        if residue not in accs and zeros is None:
+            zeros = mx.zeros((p.batch, *plan.split, *rest), dtype=mx.float32)
+        parts.append(accs.get(residue, zeros))
+    acc = mx.stack(parts, axis=1).reshape(p.batch, *plan.steps, *plan.split, *rest)  # [B, st.., q.., rest]
+    n = plan.front
+    order = [0] + [x for a in range(n) for x in (1 + a, 1 + n + a)]
+    acc = acc.transpose(*order, *range(2 * n + 1, acc.ndim))  # split layout [B, st_1, q_1, ...]
     acc = _unsplit_front(p, plan, acc)
     # fold the gathered tail axis back: key position tail_index[t * Kg + j] receives acc[.., t, j, :]
     if plan.tail_index is not None:
+        # scatter along the leading axis: MLX turns leading full slices into index arrays too, and
+        # its CUDA scatter allows 10 dimensions of index plus update
         acc = acc.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail * plan.tail_slots, e)
-        zeros = mx.zeros((p.batch, *plan.front_shape, p.kv_heads, plan.tail, e), dtype=mx.float32)
-        acc = zeros.at[(slice(None),) * (plan.front + 2) + (plan.tail_index,)].add(acc)
+        acc = mx.moveaxis(acc, -2, 0)
+        zeros = mx.zeros((plan.tail, p.batch, *plan.front_shape, p.kv_heads, e), dtype=mx.float32)
+        acc = mx.moveaxis(zeros.at[plan.tail_index].add(acc), 0, -2)
     acc = acc.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail, e)
     return mx.swapaxes(acc, plan.front + 1, plan.front + 2).reshape(p.batch, p.num_tokens, p.kv_heads, e)
 
