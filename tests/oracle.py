@@ -328,7 +328,7 @@ def na_backward(
     """
     n = q.ndim - 3
     shape = q.shape[1 : 1 + n]
-    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    B, H = q.shape[0], q.shape[-2]
     Hkv = k.shape[-2]
     N = int(np.prod(shape))
     K = as_tuple(kernel_size, n)
@@ -336,7 +336,6 @@ def na_backward(
     P, _ = _softmax_lse(S)
     V = _values_dense(v, additional_values, H, n)
     O = np.einsum("bhqk,bhkd->bhqd", P, V)
-    Dv = V.shape[-1]
     dO = np.zeros_like(O) if dout is None else _flat_heads_first(dout, n)
     dP = np.einsum("bhqd,bhkd->bhqk", dO, V)
     delta = np.sum(dO * O, axis=-1, keepdims=True)
@@ -424,7 +423,6 @@ def na_qk(
 
 def _slots_to_dense(A, shape, K, stride, dilation, is_causal, n_extra):
     """A [B, *spatial, H, prodK + E] -> dense [B, H, N, N + E] (only valid slots scattered)."""
-    n = len(shape)
     B, H = A.shape[0], A.shape[-2]
     N = int(np.prod(shape))
     KK = int(np.prod(K))
@@ -459,7 +457,7 @@ def na_qk_backward(
     """Gradients of sum(dscores * na_qk(...)) over valid slots (invalid slots carry no gradient)."""
     n = q.ndim - 3
     shape = q.shape[1 : 1 + n]
-    B, H, D = q.shape[0], q.shape[-2], q.shape[-1]
+    H, D = q.shape[-2], q.shape[-1]
     Hkv = k.shape[-2]
     N = int(np.prod(shape))
     K = as_tuple(kernel_size, n)

@@ -9,10 +9,9 @@ plus targeted checks.
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
 import oracle
-from conftest import cfg_id, pure_strategies, random_config, random_tensors
+import pytest
+from configs import cfg_id, pure_strategies, random_config, random_tensors
 
 mx = pytest.importorskip("mlx.core")
 natten_mlx = pytest.importorskip("natten_mlx")

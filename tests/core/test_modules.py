@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import natten_mlx as na
 import numpy as np
 import pytest
-
-import natten_mlx as na
 from oracle import na_forward as oracle_na
 
 MODULES = {1: na.NeighborhoodAttention1D, 2: na.NeighborhoodAttention2D, 3: na.NeighborhoodAttention3D}

@@ -13,10 +13,9 @@ cases); it needs only NumPy.
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
 import oracle
-from conftest import cfg_id, random_config, random_tensors
+import pytest
+from configs import cfg_id, random_config, random_tensors
 
 MAX_LEN = {1: 12, 2: 10, 3: 6}
 N_CONFIGS = {1: 300, 2: 260, 3: 160}

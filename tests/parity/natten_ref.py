@@ -16,11 +16,10 @@ import math
 import warnings
 from functools import lru_cache
 
+import natten
 import numpy as np
 import torch
 import torch.nn.attention.flex_attention as _flex_module
-
-import natten
 from natten.backends.flex import flex_fna_generic, get_na_flex_mask
 
 warnings.filterwarnings("ignore", module=r"torch\.nn\.attention\.flex_attention")

@@ -37,7 +37,7 @@ natten_mlx = pytest.importorskip("natten_mlx")
 
 import natten_ref  # noqa: E402  (tests/parity/natten_ref.py)
 import oracle  # noqa: E402
-from conftest import cfg_id, random_config, random_tensors  # noqa: E402
+from configs import cfg_id, random_config, random_tensors  # noqa: E402
 
 NA = {1: natten_mlx.na1d, 2: natten_mlx.na2d, 3: natten_mlx.na3d}
 MAX_LEN = {1: 12, 2: 8, 3: 5}

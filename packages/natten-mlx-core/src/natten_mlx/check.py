@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 import mlx.core as mx
+import numpy as np
 
 from . import functional as F
 from .dispatch import _reason, list_backends

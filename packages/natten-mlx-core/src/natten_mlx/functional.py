@@ -47,7 +47,6 @@ def _differentiable(problem: _p.Problem, backend, present: tuple[str, ...]):
 def _make_differentiable(problem: _p.Problem, backend, present: tuple[str, ...]):
     """A custom_function of the present inputs (positional, in ``present`` order) -> outputs tuple."""
     names, forward_name, backward_name = _OPS[problem.op]
-    forward = getattr(backend, forward_name)
     fused = problem.op == "fused"
 
     def run(impl, arrays):
