@@ -39,10 +39,6 @@ class AxisWindows:
     rel: np.ndarray
     start: np.ndarray
 
-    @property
-    def all_valid(self) -> bool:
-        return bool(self.valid.all())
-
 
 def _window_start_in_group(c: np.ndarray, group_len: np.ndarray, k: int, s: int, causal: bool):
     """Window start (group coordinates) of each query with in-group coordinate ``c``."""
@@ -153,10 +149,6 @@ class Run:
     count: int
     key_start: int
     key_step: int
-
-    @property
-    def positions(self) -> slice:
-        return slice(self.first, self.first + self.step * (self.count - 1) + 1, self.step)
 
     def keys(self, slot: int, dilation: int) -> slice:
         """Key positions of ``slot`` for every query of the run (a single position when shared)."""
