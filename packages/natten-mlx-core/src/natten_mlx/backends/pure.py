@@ -318,14 +318,17 @@ class PureBackend:
         plan = _plan(*_geometry(p))
         use_sdpa = not p.return_lse and rpb is None and additional_keys is None
         outs, lses = [], []
-        for rows in _tile_chunks(p, plan):
+        chunks = list(_tile_chunks(p, plan))
+        for rows in chunks:
             t = _TileChunk(self, p, plan, rows, query, key, value, additional_keys, additional_values)
             if use_sdpa:
                 outs.append(t.sdpa_out())
-                continue
-            w, lse = _softmax_lse(t.scores(rpb), axis=-1)
-            outs.append(t.weighted_values(w))
-            lses.append(lse.squeeze(-1))
+            else:
+                w, lse = _softmax_lse(t.scores(rpb), axis=-1)
+                outs.append(t.weighted_values(w))
+                lses.append(lse.squeeze(-1))
+            if len(chunks) > 1:
+                _bound_memory(outs[-1], *lses[-1:])
         out = _tile_outputs(p, plan, outs)
         lse = None if use_sdpa else _tile_outputs(p, plan, [x[..., None] for x in lses]).squeeze(-1)
         return out.reshape(p.batch, *p.spatial, p.heads, -1).astype(p.dtype), (
@@ -608,8 +611,8 @@ def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
 
 
 # ---- the tiled strategy ---------------------------------------------------------------------------
-# scores of one chunk of tiles stay below this many float32 elements (about 1 GiB)
-TILE_CHUNK_ELEMENTS = 1 << 28
+# scores of one chunk of tiles stay below this many elements (4 GiB as float32)
+TILE_CHUNK_ELEMENTS = 1 << 30
 
 
 def _tile_chunks(p: Problem, plan: _DevicePlan):
@@ -619,6 +622,16 @@ def _tile_chunks(p: Problem, plan: _DevicePlan):
     step = max(1, TILE_CHUNK_ELEMENTS // per_tile)
     for start in range(0, tn, step):
         yield slice(start, min(start + step, tn))
+
+
+def _bound_memory(*arrays) -> None:
+    """Evaluate one chunk's results now, so that its scores are freed before the next chunk's exist
+    (a lazy graph would hold every chunk's scores at once: tens of GiB on large windows). Inside
+    ``mx.compile`` evaluation is not allowed (MLX raises ValueError); there the graph stays whole."""
+    try:
+        mx.eval(*arrays)
+    except ValueError:
+        pass
 
 
 def _tile_outputs(p: Problem, plan: _DevicePlan, chunks: list) -> mx.array:
