@@ -343,7 +343,8 @@ class PureBackend:
         dqs, dek, dev, drpb = [], None, None, None
         do_all = self._queries(p, d_out)
         dl_all = None if d_lse is None else d_lse.astype(f32).reshape(p.batch, p.num_tokens, p.kv_heads, -1)
-        for rows in _tile_chunks(p, plan):
+        chunks = list(_tile_chunks(p, plan))
+        for rows in chunks:
             t = _TileChunk(self, p, plan, rows, query, key, value, additional_keys, additional_values)
             s = t.scores(rpb)
             w, _ = _softmax_lse(s, axis=-1)
@@ -377,6 +378,8 @@ class PureBackend:
                 flat = mx.zeros((p.heads, rpb[0].size), f32).at[:, plan.rpb_index(rows).reshape(-1)].add(cot)
                 drpb = flat if drpb is None else drpb + flat
             dqs.append(dq)
+            if len(chunks) > 1:
+                _bound_memory(dq, dk, dv, *(x for x in (dek, dev, drpb) if x is not None))
         dq = _tile_outputs(p, plan, dqs).reshape(p.batch, *p.spatial, p.heads, -1) * p.scale
         d_ek = None if dek is None else (dek.transpose(0, 2, 1, 3) * p.scale).astype(additional_keys.dtype)
         d_ev = None if dev is None else dev.transpose(0, 2, 1, 3).astype(additional_values.dtype)
