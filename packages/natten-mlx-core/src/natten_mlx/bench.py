@@ -260,11 +260,11 @@ class Impl:
     env: dict = field(default_factory=dict)  # environment variables set around every call
 
 
-def backend_impls(case: Case, q, k, v) -> tuple[list[Impl], dict[str, str]]:
+def backend_impls(case: Case, q, k, v, strategies: bool = True) -> tuple[list[Impl], dict[str, str]]:
     """One Impl per available backend that supports the case; and the reason of every other.
 
-    For the pure backend, each of its strategies that is not the default gets its own row
-    (``pure[tiled]`` on the CPU), since the default is picked per device.
+    With ``strategies``, each of the pure backend's strategies that is not the default gets its own
+    row (``pure[tiled]`` on the CPU), since the default is picked per device.
     """
     impls, skipped = [], {}
     for backend in natten_mlx.list_backends():
@@ -274,7 +274,7 @@ def backend_impls(case: Case, q, k, v) -> tuple[list[Impl], dict[str, str]]:
             skipped[backend.name] = why
             continue
         impls.append(Impl(backend.name, lambda c, name=backend.name: _natten_fn(c, name)))
-        if backend.name == "pure":
+        if backend.name == "pure" and strategies:
             impls.extend(_pure_strategy_impls())
     return impls, skipped
 
@@ -437,8 +437,9 @@ def run(cases=None, modes=MODES, quick: bool = False, progress: bool = True, che
     """Benchmark ``cases`` (names of :data:`CASES` or :class:`Case` objects; default all).
 
     Returns one dict per (case, impl, mode): ``case, label, impl, mode, pass, max_err, median_ms,
-    min_ms, repeats, note``. ``quick`` times fewer calls and runs the dense baseline only where it
-    is cheap (at most 4096 tokens).
+    min_ms, repeats, note``. ``quick`` times fewer calls, only each backend's default (not the pure
+    backend's other strategies), and runs the dense baseline only where it is cheap (at most 4096
+    tokens).
     """
     cases = [CASES[c] if isinstance(c, str) else c for c in (cases or list(CASES))]
     if timing is None:
@@ -446,7 +447,7 @@ def run(cases=None, modes=MODES, quick: bool = False, progress: bool = True, che
     plan = []
     for case in cases:
         q = mx.zeros((case.batch, *case.spatial, case.heads, case.head_dim), dtype=DTYPES[case.dtype])
-        impls, skipped = backend_impls(case, q, q, q)
+        impls, skipped = backend_impls(case, q, q, q, strategies=not quick)
         if baseline:
             base = baseline_impl()
             if quick:
@@ -530,7 +531,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES), help="fwd, fwdbwd or both (default both)")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart (needs matplotlib)")
-    p.add_argument("--quick", action="store_true", help="fewer timed calls; dense baseline only up to 4096 tokens")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer timed calls, default strategies only, dense baseline only up to 4096 tokens")
     p.add_argument("--no-baseline", action="store_true", help=f"skip {BASELINE}")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--no-progress", action="store_true")
