@@ -129,10 +129,14 @@ def _rpb_bias(p: Problem, rpb: mx.array, rpb_index: mx.array) -> mx.array:
     return bias.transpose(1, 0, 2)
 
 
-
-
 def _geometry(p: Problem):
     return p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal
+
+
+def _mask_invalid(p: Problem, x: mx.array, fill: float) -> mx.array:
+    """``x [B, N, H_kv, G, Kt]`` with the slots outside the neighborhood (causal) set to ``fill``."""
+    valid = _tables(*_geometry(p))[1]
+    return x if valid is None else mx.where(valid[:, None, None, :], x, fill)
 
 
 class PureBackend:
@@ -216,11 +220,10 @@ class PureBackend:
             s = mx.einsum("bnhgd,bmhd->bnhgm", q, self._tokens(p, key))  # slot j is token j
         else:
             s = self._dot(p, q, self._tokens(p, key))
-        key_index, valid, rpb_index = _tables(*_geometry(p))
         if rpb is not None:
+            rpb_index = _tables(*_geometry(p))[2]
             s = s + _rpb_bias(p, rpb, rpb_index).reshape(p.num_tokens, p.kv_heads, -1, s.shape[-1])
-        if valid is not None:
-            s = mx.where(valid[:, None, None, :], s, -mx.inf)
+        s = _mask_invalid(p, s, -mx.inf)
         kt = s.shape[-1]
         if additional_keys is not None:
             s = mx.concatenate([s, mx.einsum("bnhgd,bmhd->bnhgm", q, self._extra(additional_keys))], -1)
@@ -274,10 +277,7 @@ class PureBackend:
 
     def _score_backward(self, p: Problem, query, key, additional_keys, rpb, ds, kt):
         """Given ``ds = dLoss/dscores [B, N, H_kv, G, Kt (+N_extra)]``: (d_query, d_key, d_extra_keys, d_rpb)."""
-        valid = _tables(*_geometry(p))[1]
-        dsn = ds[..., :kt]
-        if valid is not None:
-            dsn = mx.where(valid[:, None, None, :], dsn, 0.0)
+        dsn = _mask_invalid(p, ds[..., :kt], 0.0)
         q = self._queries(p, query)
         dq = self._wsum(p, dsn, self._tokens(p, key))
         dk = self._scatter(p, dsn, q)
@@ -320,7 +320,7 @@ class PureBackend:
         outs, lses = [], []
         chunks = list(_tile_chunks(p, plan))
         for rows in chunks:
-            t = _TileChunk(self, p, plan, rows, query, key, value, additional_keys, additional_values)
+            t = _TileChunk(p, plan, rows, query, key, value, additional_keys, additional_values)
             if use_sdpa:
                 outs.append(t.sdpa_out())
             else:
@@ -345,7 +345,7 @@ class PureBackend:
         dl_all = None if d_lse is None else d_lse.astype(f32).reshape(p.batch, p.num_tokens, p.kv_heads, -1)
         chunks = list(_tile_chunks(p, plan))
         for rows in chunks:
-            t = _TileChunk(self, p, plan, rows, query, key, value, additional_keys, additional_values)
+            t = _TileChunk(p, plan, rows, query, key, value, additional_keys, additional_values)
             s = t.scores(rpb)
             w, _ = _softmax_lse(s, axis=-1)
             real = plan.query_real[rows][None, :, None, None, :, None]  # padding queries carry no gradient
@@ -407,11 +407,8 @@ class PureBackend:
     def _av_weights(self, p: Problem, attn: mx.array) -> mx.array:
         """attn as float32 ``[B, N, H_kv, G, Kt (+N_extra)]`` with invalid slots zeroed (upstream never reads them)."""
         w = attn.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
-        valid = _tables(*_geometry(p))[1]
-        if valid is None:
-            return w
         kt = p.window_size
-        wn = mx.where(valid[:, None, None, :], w[..., :kt], 0.0)
+        wn = _mask_invalid(p, w[..., :kt], 0.0)
         return mx.concatenate([wn, w[..., kt:]], -1) if w.shape[-1] > kt else wn
 
     def av_forward(self, problem, attn, value, additional_values=None):
@@ -425,10 +422,7 @@ class PureBackend:
         kt = p.window_size
         w = self._av_weights(p, attn)
         do = self._queries(p, d_out)
-        dw = self._dot(p, do, self._tokens(p, value))
-        valid = _tables(*_geometry(p))[1]
-        if valid is not None:
-            dw = mx.where(valid[:, None, None, :], dw, 0.0)
+        dw = _mask_invalid(p, self._dot(p, do, self._tokens(p, value)), 0.0)
         d_ev = None
         if additional_values is not None:
             dw = mx.concatenate([dw, mx.einsum("bnhge,bmhe->bnhgm", do, self._extra(additional_values))], -1)
@@ -650,7 +644,7 @@ class _TileChunk:
     Matmuls run in the input dtype on a GPU (tensor cores) and in float32 on the CPU; softmax
     statistics are float32 everywhere."""
 
-    def __init__(self, backend, p: Problem, plan, rows, query, key, value, additional_keys, additional_values):
+    def __init__(self, p: Problem, plan, rows, query, key, value, additional_keys, additional_values):
         self.p, self.plan, self.rows = p, plan, rows
         dtype = p.dtype if mx.default_device() == mx.gpu else mx.float32
         g = p.heads // p.kv_heads
