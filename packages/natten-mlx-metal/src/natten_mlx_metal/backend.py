@@ -1,0 +1,127 @@
+"""The Metal backend object (natten_mlx.protocol v2): fused forward and backward kernels compiled at
+run time by ``mx.fast.metal_kernel``.
+
+Verified by emulation only: tests/metal runs every launch this backend makes through the CPU
+emulator in packages/natten-mlx-metal/emulator against the float64 oracle and the pure backend.
+It has not yet run on Apple hardware; ``natten-mlx check`` on a Mac is the first real test.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from . import kernels
+
+KNOWN_OPTIONS = ("tile",)
+
+
+class MetalBackend:
+    name = "metal"
+    priority = 300
+    differentiation = "backward"
+    distribution = "natten-mlx-metal"
+    description = (
+        "Metal kernels via mx.fast.metal_kernel (tiled, online softmax, fused backward); "
+        "verified by emulation, not yet run on Apple hardware"
+    )
+
+    def __init__(self, launcher: Optional[Callable] = None, tile: Optional[tuple] = None):
+        # launcher(Launch) -> list of outputs; the tests pass the emulator's
+        self._launch = launcher or kernels.metal_launch
+        self._tile = tile
+
+    # ---- protocol ----
+    def available(self) -> Optional[str]:
+        try:
+            ok = mx.metal.is_available()
+        except Exception as e:  # an MLX build without the metal module
+            return f"mlx.core.metal is not usable here ({e})"
+        return None if ok else "no Metal device (mx.metal.is_available() is False): Apple silicon only"
+
+    def supports(self, problem) -> Optional[str]:
+        p = problem
+        device = getattr(p, "device", None)
+        if device is not None and device != "gpu":
+            return f"device={device!r}: the Metal tier serves GPU streams only"
+        if p.op != "fused":
+            return f"op={p.op!r}: the split qk/av ops are not implemented in the Metal tier (pure serves them)"
+        if p.dtype not in kernels.DTYPE_NAMES:
+            return f"dtype {p.dtype} is not one of float32, float16, bfloat16"
+        if max(p.head_dim, p.value_head_dim) > kernels.MAX_HEAD_DIM:
+            return (f"head dims D={p.head_dim}, Dv={p.value_head_dim}: the Metal kernels hold at most "
+                    f"{kernels.MAX_HEAD_DIM} per thread")
+        if self._tile is not None and len(self._tile) != len(p.spatial):
+            return f"tile={self._tile!r} has {len(self._tile)} entries for a {len(p.spatial)}D problem"
+        return None
+
+    def configure(self, **options) -> "MetalBackend":
+        unknown = sorted(set(options) - set(KNOWN_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for backend 'metal'; known: {list(KNOWN_OPTIONS)}")
+        tile = options.get("tile", self._tile)
+        if tile is not None:
+            if not isinstance(tile, (tuple, list)) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                              for x in tile):
+                raise ValueError(f"tile={tile!r} must be a tuple of positive ints, one per spatial axis")
+            prod = 1
+            for x in tile:
+                prod *= x
+            if prod != kernels.THREADS:
+                raise ValueError(f"tile={tile!r} holds {prod} queries; a Metal query tile holds exactly {kernels.THREADS}")
+            tile = tuple(tile)
+        return MetalBackend(self._launch, tile)
+
+    def _tile3(self, geo):
+        return None if self._tile is None else (1,) * (3 - len(self._tile)) + tuple(self._tile)
+
+    # ---- ops ----
+    def fused_forward(self, problem, query, key, value, additional_keys=None, additional_values=None, rpb=None):
+        """query [B, *spatial, H, D], key/value [B, *kv_spatial, H_kv, D|Dv] -> out [B, *spatial, H, Dv]
+        (problem.dtype), lse [B, *spatial, H] float32 (natural log)."""
+        geo = kernels.geometry(problem)
+        q, k, v = _tokens(query, geo.N), _tokens(key, geo.NK), _tokens(value, geo.NK)
+        r = None if rpb is None else rpb.reshape(geo.H, geo.R)
+        launch = kernels.forward_launch(geo, q, k, v, additional_keys, additional_values, r, self._tile3(geo))
+        out, lse = self._launch(launch)
+        spatial = tuple(query.shape[1:-2])
+        return out.reshape(geo.B, *spatial, geo.H, geo.DV), lse.reshape(geo.B, *spatial, geo.H)
+
+    def fused_backward(self, record) -> dict:
+        """Gradients by input name from the saved lse (FlashAttention-2 style: probabilities are
+        recomputed per tile; delta = rowsum(dO * O) - dlse is precomputed in float32)."""
+        p = record.problem
+        geo = kernels.geometry(p)
+        inp = record.inputs
+        query, key, value = inp["query"], inp["key"], inp["value"]
+        ak, av, rpb = inp.get("additional_keys"), inp.get("additional_values"), inp.get("rpb")
+        q, k, v = _tokens(query, geo.N), _tokens(key, geo.NK), _tokens(value, geo.NK)
+        dout = _tokens(record.d_out.astype(query.dtype), geo.N)
+        out = _tokens(record.out, geo.N)
+        lse = record.lse.astype(mx.float32).reshape(geo.B, geo.N, geo.H)
+        delta = (dout.astype(mx.float32) * out.astype(mx.float32)).sum(-1)
+        if record.d_lse is not None:
+            delta = delta - record.d_lse.astype(mx.float32).reshape(geo.B, geo.N, geo.H)
+        r = None if rpb is None else rpb.reshape(geo.H, geo.R)
+        launches = kernels.backward_launches(geo, q, k, v, ak, av, r, dout, lse, delta, self._tile3(geo))
+        (dq,) = self._launch(launches["dq"])
+        dk, dv = self._launch(launches["dkv"])
+        grads = {
+            "query": dq.reshape(query.shape),
+            "key": dk.reshape(key.shape),
+            "value": dv.reshape(value.shape),
+        }
+        if "extra" in launches:
+            dak, dav = self._launch(launches["extra"])
+            grads["additional_keys"] = dak
+            grads["additional_values"] = dav
+        if "rpb" in launches:
+            (drpb,) = self._launch(launches["rpb"])
+            grads["rpb"] = drpb.reshape(rpb.shape).astype(rpb.dtype)
+        return grads
+
+
+def _tokens(x, n):
+    """[B, *spatial, H, D] -> [B, N, H, D] (a view when contiguous; MLX copies otherwise)."""
+    return x.reshape(x.shape[0], n, x.shape[-2], x.shape[-1])

@@ -1,0 +1,302 @@
+"""Metal kernel sources and launch plans: from a Problem to ``mx.fast.metal_kernel`` calls.
+
+Pure Python (MLX only to name dtypes), so the emulator of tests/metal runs exactly what the
+backend launches: a :class:`Launch` holds the :class:`KernelSpec` (the arguments of
+``mx.fast.metal_kernel``) and the arguments of the call (inputs, template, grid, threadgroup,
+output shapes and dtypes). The window and tile arithmetic lives in window.h and tiling.h (shared
+with the CUDA tier); the Python side only sizes grids and tiles.
+
+Problems of rank < 3 are padded in front with trivial axes (extent 1, K = s = d = 1): every
+kernel walks three axes, and row-major flat token indices are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import mlx.core as mx
+
+HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # register-array sizes (DP, DVP template values)
+MAX_HEAD_DIM = HEAD_DIMS[-1]
+THREADS = 64  # threads per threadgroup: one per query (forward, dQ) or key (dK/dV) of a tile box
+DEFAULT_BOX = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+TG_MEMORY = 32768  # bytes of threadgroup memory on Apple GPUs
+N_SCALARS = 8
+AXIS_INTS = 12
+DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+ESIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """The arguments of ``mx.fast.metal_kernel`` (one compiled kernel family)."""
+
+    name: str
+    input_names: tuple
+    output_names: tuple
+    source: str
+    header: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One call of a kernel object: what ``kernel(inputs=..., ...)`` receives."""
+
+    spec: KernelSpec
+    inputs: tuple
+    template: tuple
+    grid: tuple
+    threadgroup: tuple
+    output_shapes: tuple
+    output_dtypes: tuple
+    init_value: float | None = None
+
+
+# ---- sources ----
+def _core_header(name: str) -> str:
+    import natten_mlx
+
+    path = Path(natten_mlx.__file__).parent / "include" / "natten_mlx" / name
+    return path.read_text()
+
+
+def _metal(name: str) -> str:
+    return resources.files("natten_mlx_metal").joinpath("metal").joinpath(name).read_text()
+
+
+@lru_cache(maxsize=None)
+def header() -> str:
+    """window.h, tiling.h (the core's shared tile walk) and common.h, as ``header=``."""
+    return "\n".join([_core_header("window.h"), _core_header("tiling.h"), _metal("common.h")])
+
+
+KERNELS = {
+    # name: (body file, inputs, outputs)
+    "fwd": ("fwd.metal", ("q", "k", "v", "ak", "av", "rpb", "prm", "scl"), ("out", "lse")),
+    "bwd_dq": ("bwd_dq.metal", ("q", "k", "v", "ak", "av", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dq",)),
+    "bwd_dkv": ("bwd_dkv.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dk", "dv")),
+    "bwd_extra": ("bwd_extra.metal", ("q", "ak", "av", "dout", "lse", "delta", "prm", "scl"), ("dak", "dav")),
+    "bwd_rpb": ("bwd_rpb.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("drpb",)),
+}
+
+
+@lru_cache(maxsize=None)
+def spec(kind: str) -> KernelSpec:
+    body, ins, outs = KERNELS[kind]
+    return KernelSpec(name=f"natten_mlx_{kind}", input_names=ins, output_names=outs, source=_metal(body), header=header())
+
+
+# ---- geometry ----
+@dataclass(frozen=True)
+class Geometry:
+    rank: int
+    B: int
+    H: int
+    HKV: int
+    D: int
+    DV: int
+    E: int
+    spatial: tuple  # local query extents, padded to 3 axes
+    kv_spatial: tuple
+    domain: tuple
+    qoff: tuple
+    kvoff: tuple
+    K: tuple
+    s: tuple
+    d: tuple
+    causal: tuple
+    has_rpb: bool
+    scale: float
+    dtype: str
+
+    @property
+    def N(self) -> int:
+        return self.spatial[0] * self.spatial[1] * self.spatial[2]
+
+    @property
+    def NK(self) -> int:
+        return self.kv_spatial[0] * self.kv_spatial[1] * self.kv_spatial[2]
+
+    @property
+    def R(self) -> int:
+        return (2 * self.K[0] - 1) * (2 * self.K[1] - 1) * (2 * self.K[2] - 1)
+
+    @property
+    def DP(self) -> int:
+        return padded_dim(self.D)
+
+    @property
+    def DVP(self) -> int:
+        return padded_dim(self.DV)
+
+
+def _pad(t, fill) -> tuple:
+    t = tuple(t)
+    return (fill,) * (3 - len(t)) + t
+
+
+def padded_dim(x: int) -> int:
+    return next(h for h in HEAD_DIMS if h >= x)
+
+
+def geometry(p) -> Geometry:
+    rank = len(p.spatial)
+    spatial = tuple(p.spatial)
+    domain = tuple(getattr(p, "domain", None) or spatial)
+    kv_spatial = tuple(getattr(p, "kv_spatial", None) or spatial)
+    qoff = tuple(getattr(p, "query_offset", None) or (0,) * rank)
+    kvoff = tuple(getattr(p, "kv_offset", None) or (0,) * rank)
+    return Geometry(
+        rank=rank, B=p.batch, H=p.heads, HKV=p.kv_heads, D=p.head_dim, DV=p.value_head_dim, E=p.num_extra,
+        spatial=_pad(spatial, 1), kv_spatial=_pad(kv_spatial, 1), domain=_pad(domain, 1), qoff=_pad(qoff, 0),
+        kvoff=_pad(kvoff, 0), K=_pad(p.kernel_size, 1), s=_pad(p.stride, 1), d=_pad(p.dilation, 1),
+        causal=_pad(tuple(bool(c) for c in p.is_causal), False), has_rpb=bool(p.has_rpb), scale=float(p.scale),
+        dtype=DTYPE_NAMES[p.dtype],
+    )
+
+
+def stage_rows(geo: Geometry) -> int:
+    """common.h's na_stage_rows: rows of key+value (or query+dO) staged per tile."""
+    b = (geo.DP + geo.DVP) * ESIZE[geo.dtype]
+    return 32 if b * 32 <= TG_MEMORY - 512 else 16 if b * 16 <= TG_MEMORY - 512 else 8
+
+
+def _box(geo: Geometry, size: int, extents) -> tuple:
+    """A tile box of ``size`` tokens over the rank's axes (padded to 3): the rank's default shape
+    scaled to ``size``, halved along axes whose dilation groups are shorter, the freed factor given
+    to the axis with the most tokens per tile slot."""
+    rank = geo.rank
+    t = [1, 1, 1]
+    base = _pad(DEFAULT_BOX[rank], 1)
+    # scale the default box (64 tokens) to `size` by halving its largest entries
+    t = list(base)
+    while t[0] * t[1] * t[2] > size:
+        a = max(range(3), key=lambda i: (t[i], i))
+        t[a] //= 2
+    ext = [max(1, e) for e in extents]
+    for a in range(3 - rank, 3):
+        while t[a] > 1 and t[a] // 2 >= ext[a]:
+            t[a] //= 2
+    while t[0] * t[1] * t[2] < size:
+        a = max(range(3 - rank, 3), key=lambda i: (ext[i] / t[i], i))
+        t[a] *= 2
+    return tuple(t)
+
+
+def _tiles(off: int, n: int, d: int, t: int) -> int:
+    """Tiles per dilation group along one axis: enough for the group with the most local tokens
+    (ceil(n / d), one more when the slab does not start at a group boundary)."""
+    most = -(-n // d) + (1 if off % d else 0)
+    return -(-most // t)
+
+
+def _group_extents(spatial, d) -> list:
+    return [-(-n // dd) for n, dd in zip(spatial, d)]
+
+
+def params(geo: Geometry, T: tuple, U: tuple, key_major: bool) -> tuple:
+    """The prm block of common.h. ``tiles`` counts query tiles (T), or key tiles (U) when key_major."""
+    out = [geo.B, geo.H, geo.HKV, geo.N, geo.NK, geo.D, geo.DV, geo.E]
+    for a in range(3):
+        tiles = _tiles(geo.kvoff[a], geo.kv_spatial[a], geo.d[a], U[a]) if key_major else _tiles(
+            geo.qoff[a], geo.spatial[a], geo.d[a], T[a])
+        out += [geo.domain[a], geo.spatial[a], geo.kv_spatial[a], geo.qoff[a], geo.kvoff[a], geo.K[a], geo.s[a],
+                 geo.d[a], int(geo.causal[a]), tiles, T[a], U[a]]
+    out += [geo.R, int(geo.has_rpb)]
+    return tuple(out)
+
+
+def _ntiles(prm: tuple) -> int:
+    n = 1
+    for a in range(3):
+        o = N_SCALARS + AXIS_INTS * a
+        n *= prm[o + 7] * prm[o + 9]  # d * tiles
+    return n
+
+
+def _template(geo: Geometry, dtype) -> tuple:
+    return (("T", dtype), ("DP", geo.DP), ("DVP", geo.DVP), ("NT", THREADS))
+
+
+def _dummy(dtype):
+    # a buffer of >= 8 elements binds as `const device T*` like the real one would
+    return mx.zeros((8,), dtype=dtype)
+
+
+def query_major_tiles(geo: Geometry, tile=None) -> tuple[tuple, tuple]:
+    """(query box T of THREADS tokens, key staging box U) for the forward and dQ kernels."""
+    ext = _group_extents(geo.spatial, geo.d)
+    T = tile if tile is not None else _box(geo, THREADS, ext)
+    U = _box(geo, stage_rows(geo), _group_extents(geo.kv_spatial, geo.d))
+    return T, U
+
+
+def key_major_tiles(geo: Geometry, tile=None) -> tuple[tuple, tuple]:
+    """(query staging box T, key box U of THREADS tokens) for the dK/dV kernel."""
+    U = tile if tile is not None else _box(geo, THREADS, _group_extents(geo.kv_spatial, geo.d))
+    T = _box(geo, stage_rows(geo), _group_extents(geo.spatial, geo.d))
+    return T, U
+
+
+def _scale(geo: Geometry):
+    return mx.array([geo.scale], dtype=mx.float32)
+
+
+def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None) -> Launch:
+    """Fused forward: out [B, N, H, DV], lse [B, N, H] float32. q/k/v flattened to tokens."""
+    dtype = q.dtype
+    T, U = query_major_tiles(geo, tile)
+    prm = params(geo, T, U, key_major=False)
+    inputs = (q, k, v, ak if ak is not None else _dummy(dtype), av if av is not None else _dummy(dtype),
+              rpb if rpb is not None else _dummy(dtype), mx.array(prm, dtype=mx.int32), _scale(geo))
+    return Launch(spec("fwd"), inputs, _template(geo, dtype), (_ntiles(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1),
+                  ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H)), (dtype, mx.float32))
+
+
+def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, tile=None) -> dict:
+    """The backward's launches by gradient name (each a Launch); delta = rowsum(dO * O) - dlse."""
+    dtype = q.dtype
+    rpb_in = rpb if rpb is not None else _dummy(dtype)
+    ak_in = ak if ak is not None else _dummy(dtype)
+    av_in = av if av is not None else _dummy(dtype)
+    tpl = _template(geo, dtype)
+    T, U = query_major_tiles(geo, tile)
+    prm_q = mx.array(params(geo, T, U, key_major=False), dtype=mx.int32)
+    out = {}
+    out["dq"] = Launch(spec("bwd_dq"), (q, k, v, ak_in, av_in, rpb_in, dout, lse, delta, prm_q, _scale(geo)), tpl,
+                       (_ntiles(params(geo, T, U, False)) * THREADS, geo.H, geo.B), (THREADS, 1, 1),
+                       ((geo.B, geo.N, geo.H, geo.D),), (dtype,))
+    Tk, Uk = key_major_tiles(geo)
+    prm_k = params(geo, Tk, Uk, key_major=True)
+    out["dkv"] = Launch(spec("bwd_dkv"), (q, k, v, rpb_in, dout, lse, delta, mx.array(prm_k, dtype=mx.int32),
+                                          _scale(geo)), tpl,
+                        (_ntiles(prm_k) * THREADS, geo.HKV, geo.B), (THREADS, 1, 1),
+                        ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV)), (dtype, dtype))
+    if geo.E:
+        chunks = -(-geo.E // THREADS)
+        out["extra"] = Launch(spec("bwd_extra"), (q, ak, av, dout, lse, delta, prm_q, _scale(geo)), tpl,
+                              (chunks * THREADS, geo.HKV, geo.B), (THREADS, 1, 1),
+                              ((geo.B, geo.E, geo.HKV, geo.D), (geo.B, geo.E, geo.HKV, geo.DV)), (dtype, dtype))
+    if geo.has_rpb:
+        cols = -(-geo.R // 32) * 32
+        out["rpb"] = Launch(spec("bwd_rpb"), (q, k, v, rpb, dout, lse, delta, prm_q, _scale(geo)), tpl,
+                            (cols, geo.H, 1), (32, 1, 1), ((geo.H, geo.R),), (mx.float32,))
+    return out
+
+
+def metal_launch(launch: Launch) -> list:
+    """Run a Launch on the GPU through mx.fast.metal_kernel."""
+    return _kernel(launch.spec)(
+        inputs=list(launch.inputs), template=list(launch.template), grid=launch.grid, threadgroup=launch.threadgroup,
+        output_shapes=list(launch.output_shapes), output_dtypes=list(launch.output_dtypes),
+        init_value=launch.init_value,
+    )
+
+
+@lru_cache(maxsize=None)
+def _kernel(s: KernelSpec):
+    return mx.fast.metal_kernel(name=s.name, input_names=list(s.input_names), output_names=list(s.output_names),
+                                source=s.source, header=s.header)

@@ -1,0 +1,111 @@
+// natten_mlx_metal/metal/common.h: what every natten-mlx Metal kernel body shares. The Python side
+// prepends `#define NA_FUNC inline`, window.h and tiling.h, then this file, as the header= of
+// mx.fast.metal_kernel. Kernels read their geometry from one int buffer `prm`:
+// 8 scalars, then NA_AXIS_INTS per spatial axis; problems of rank < 3 are padded in front with
+// trivial axes (L = n = nk = K = s = d = 1), so every kernel walks three axes.
+#define NA_P_B 0
+#define NA_P_H 1
+#define NA_P_HKV 2
+#define NA_P_N 3      // local queries (product of n)
+#define NA_P_NK 4     // local keys (product of nk)
+#define NA_P_D 5
+#define NA_P_DV 6
+#define NA_P_E 7      // additional keys/values (0 when none)
+#define NA_AXIS_INTS 12
+#define NA_P_RPB 44   // rpb entries per head: prod(2K - 1)
+#define NA_P_HASRPB 45
+#define NA_P_INTS 46
+
+struct NaAxis {
+  int L;       // global axis length: the domain the window rules apply to
+  int n;       // local query extent
+  int nk;      // local key/value extent
+  int qoff;    // global index of local query 0
+  int kvoff;   // global index of local key 0
+  int K, s, d;
+  bool causal;
+  int tiles;   // tiles per dilation group along this axis (query tiles, or key tiles in the backward)
+  int T;       // query tile extent
+  int U;       // key tile extent
+};
+
+NA_FUNC NaAxis na_axis(const device int* prm, int a) {
+  int o = 8 + NA_AXIS_INTS * a;
+  NaAxis x;
+  x.L = prm[o]; x.n = prm[o + 1]; x.nk = prm[o + 2]; x.qoff = prm[o + 3]; x.kvoff = prm[o + 4];
+  x.K = prm[o + 5]; x.s = prm[o + 6]; x.d = prm[o + 7]; x.causal = prm[o + 8] != 0; x.tiles = prm[o + 9];
+  x.T = prm[o + 10]; x.U = prm[o + 11];
+  return x;
+}
+
+// Row-major flat index of a local token from its local coordinates.
+NA_FUNC int na_flat(int i0, int i1, int i2, int n1, int n2) { return (i0 * n1 + i1) * n2 + i2; }
+
+// Column of the rpb table (per head, prod(2K - 1) entries) for query/key in-group coordinates.
+NA_FUNC int na_rpb_col(thread const NaAxis* ax, thread const int* c, thread const int* kc) {
+  int r = 0;
+  for (int a = 0; a < 3; ++a) r = r * (2 * ax[a].K - 1) + na_rpb_index(c[a], kc[a], ax[a].K);
+  return r;
+}
+
+// Keys (or queries) staged per tile in threadgroup memory: the most of 32, 16, 8 whose key and
+// value rows fit in 32 KB (Apple GPUs' threadgroup memory). The Python side computes the same.
+constexpr int na_stage_rows(int dp, int dvp, int esize) {
+  return (dp + dvp) * esize * 32 <= 32768 - 512 ? 32 : (dp + dvp) * esize * 16 <= 32768 - 512 ? 16 : 8;
+}
+
+// Decode a tile index into per-axis (dilation group, tile) and the in-group coordinate range
+// [c0, c1] of that tile among the local tokens [off, off + n): tiling.h's walk, steps 1 and 2.
+// Returns false when the tile is empty (its group has fewer tiles than the grid provides).
+NA_FUNC bool na_tile_range(thread const NaAxis* ax, int tile, bool keys, thread int* g, thread int* c0, thread int* c1) {
+  int rem = tile;
+  bool ok = true;
+  for (int a = 2; a >= 0; --a) {
+    int per = ax[a].d * ax[a].tiles;
+    int u = rem % per;
+    rem /= per;
+    g[a] = u / ax[a].tiles;
+    int t = u % ax[a].tiles;
+    int off = keys ? ax[a].kvoff : ax[a].qoff;
+    int n = keys ? ax[a].nk : ax[a].n;
+    int T = keys ? ax[a].U : ax[a].T;
+    int first = na_group_first(off, ax[a].d, g[a]);
+    int end = na_group_end(off, n, ax[a].d, g[a]);
+    c0[a] = first + t * T;
+    c1[a] = na_min(c0[a] + T, end) - 1;
+    if (c0[a] > c1[a]) ok = false;
+  }
+  return ok;
+}
+
+// The slot of a thread (or staged row) r in a tile box of extents ext[0..2] anchored at c0:
+// per-axis coordinates; false when r lies outside the box or past the last coordinate c1.
+NA_FUNC bool na_box_slot(int r, thread const int* ext, thread const int* c0, thread const int* c1, thread int* c) {
+  bool ok = true;
+  for (int a = 2; a >= 0; --a) {
+    c[a] = c0[a] + r % ext[a];
+    r /= ext[a];
+    if (c[a] > c1[a]) ok = false;
+  }
+  return ok && r == 0;
+}
+
+// Local flat token of in-group coordinates c of groups g (local slab of extents n at offset off).
+NA_FUNC int na_token(thread const NaAxis* ax, thread const int* g, thread const int* c, bool keys) {
+  int t = 0;
+  for (int a = 0; a < 3; ++a) {
+    int n = keys ? ax[a].nk : ax[a].n;
+    int off = keys ? ax[a].kvoff : ax[a].qoff;
+    t = t * n + (c[a] * ax[a].d + g[a] - off);
+  }
+  return t;
+}
+
+// Whether key coordinates kc lie in the window of query coordinates qc on every axis.
+NA_FUNC bool na_in_windows(thread const NaAxis* ax, thread const int* Lg, thread const int* qc, thread const int* kc) {
+  for (int a = 0; a < 3; ++a) {
+    if (kc[a] < na_window_start(qc[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal)) return false;
+    if (kc[a] >= na_window_end(qc[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal)) return false;
+  }
+  return true;
+}
