@@ -1,0 +1,31 @@
+// Python bindings (nanobind, NB_DOMAIN mlx so that mlx.core.array crosses the boundary).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "driver.h"
+#include "ops.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_ext, m) {
+  m.doc() = "natten-mlx's compiled CPU tier: neighborhood attention primitives for MLX";
+  m.attr("MLX_VERSION") = NA_MLX_VERSION;
+  m.def("fused_forward", &na::op_fused_forward, "query"_a, "key"_a, "value"_a, "additional_keys"_a = nb::none(),
+        "additional_values"_a = nb::none(), "rpb"_a = nb::none(), nb::kw_only(), "kernel_size"_a, "stride"_a,
+        "dilation"_a, "is_causal"_a, "scale"_a = nb::none(), "stream"_a = nb::none(),
+        "q [B, *spatial, H, D], k [B, *spatial, H_kv, D], v [B, *spatial, H_kv, D_v] -> "
+        "[out [B, *spatial, H, D_v], lse [B, *spatial, H] float32]");
+  m.def("qk_forward", &na::op_qk_forward, "query"_a, "key"_a, "additional_keys"_a = nb::none(), "rpb"_a = nb::none(),
+        nb::kw_only(), "kernel_size"_a, "stride"_a, "dilation"_a, "is_causal"_a, "scale"_a = nb::none(),
+        "stream"_a = nb::none(), "scores [B, *spatial, H, prod(kernel_size) (+N_extra)]; invalid causal slots -inf");
+  m.def("av_forward", &na::op_av_forward, "attn"_a, "value"_a, "additional_values"_a = nb::none(), nb::kw_only(),
+        "kernel_size"_a, "stride"_a, "dilation"_a, "is_causal"_a, "stream"_a = nb::none(),
+        "attn [B, *spatial, H, prod(kernel_size) (+N_extra)] x value -> [B, *spatial, H, D_v]");
+  m.def("num_threads", &na::num_threads, "threads of the kernel pool (NATTEN_MLX_NUM_THREADS overrides)");
+  m.def("simd", &na::simd_name, "instruction set of the kernels chosen for this CPU (NATTEN_MLX_SIMD overrides)");
+}

@@ -1,0 +1,736 @@
+// Tile drivers: a query tile (a box of queries of one dilation group, times the G query heads of
+// one kv head) attends to the union of its windows, which window.h guarantees is one box of keys
+// per axis. Scores are then small dense GEMMs ([G*T, D] x [D, box]) with the window mask applied
+// only when the softmax reads them; the extra keys/values are extra columns of the same box.
+#include "driver.h"
+
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+#include "natten_mlx/window.h"
+
+namespace na {
+
+// ---------------------------------------------------------------- thread pool
+namespace {
+
+int default_threads() {
+  if (const char* env = std::getenv("NATTEN_MLX_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    int n = CPU_COUNT(&set);
+    if (n >= 1) return n;
+  }
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? static_cast<int>(n) : 1;
+}
+
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n) {
+    for (int i = 1; i < n; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  int size() const { return n_; }
+
+  void run(int64_t n, void (*fn)(int64_t, void*), void* ctx) {
+    // one job at a time: a second stream (another Python thread) waits for the pool
+    std::lock_guard<std::mutex> submit(submit_);
+    if (n_ <= 1 || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i, ctx);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      fn_ = fn;
+      ctx_ = ctx;
+      total_ = n;
+      next_.store(0);
+      pending_ = static_cast<int>(workers_.size());
+      error_ = nullptr;
+      ++generation_;
+    }
+    cv_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(m_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void work() {
+    for (;;) {
+      int64_t i = next_.fetch_add(1);
+      if (i >= total_) return;
+      try {
+        fn_(i, ctx_);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(err_m_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::unique_lock<std::mutex> lk(m_);
+      cv_.wait(lk, [&] { return generation_ != seen; });
+      seen = generation_;
+      lk.unlock();
+      work();
+      lk.lock();
+      if (--pending_ == 0) done_.notify_all();
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex submit_, m_, err_m_;
+  std::condition_variable cv_, done_;
+  void (*fn_)(int64_t, void*) = nullptr;
+  void* ctx_ = nullptr;
+  int64_t total_ = 0;
+  std::atomic<int64_t> next_{0};
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  std::exception_ptr error_;
+};
+
+std::mutex pool_mutex;
+Pool* pool_ptr = nullptr;
+pid_t pool_pid = 0;
+
+Pool& pool() {
+  std::lock_guard<std::mutex> lk(pool_mutex);
+  // a forked child has no worker threads: make a new pool there (the old one is left behind)
+  if (!pool_ptr || pool_pid != getpid()) {
+    pool_ptr = new Pool(default_threads());
+    pool_pid = getpid();
+  }
+  return *pool_ptr;
+}
+
+}  // namespace
+
+void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run(n, fn, ctx); }
+int num_threads() { return pool().size(); }
+const char* simd_name() { return select_kernels().name; }
+
+// ---------------------------------------------------------------- geometry helpers
+namespace {
+
+struct Tile {
+  int g[3], c0[3], c1[3];  // dilation group and inclusive query range, group coordinates
+};
+
+struct Plan {
+  int tq[3];
+  std::vector<Tile> tiles;
+};
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+int max_group_len(const Geo& g, int a) { return na_group_len(g.L[a], g.Dl[a], 0); }
+
+Plan make_plan(const Geo& g, int vw) {
+  // per-query cost of a tile shape: GEMM rows are computed in blocks of ~6, every row of the tile
+  // computes the whole key box, and a tile pays for packing its box once
+  static const int cand[] = {1, 2, 4, 8, 16, 32, 64};
+  double best = 1e300;
+  int bt[3] = {1, 1, 1};
+  for (int t0 : cand) {
+    if (t0 > 1 && t0 >= 2 * max_group_len(g, 0)) break;
+    for (int t1 : cand) {
+      if (t1 > 1 && t1 >= 2 * max_group_len(g, 1)) break;
+      for (int t2 : cand) {
+        if (t2 > 1 && t2 >= 2 * max_group_len(g, 2)) break;
+        int t[3] = {t0, t1, t2};
+        double T = 1, box = 1;
+        for (int a = 0; a < 3; ++a) {
+          int lg = max_group_len(g, a);
+          int tt = std::min(t[a], lg);
+          T *= tt;
+          box *= std::min(tt + g.K[a] - 1, lg);
+        }
+        double M = T * g.G;
+        double np = static_cast<double>(round_up(static_cast<int64_t>(box) + g.E, vw));
+        if (T > 1 && M * np > 65536) continue;  // scores of a tile stay in L2
+        double rows = std::ceil(M / 6.0) * 6.0;
+        double cost = (rows * np * (g.D + g.Dv) * 2.0 + np * (g.D + g.Dv) * 3.0 + M * np * 8.0 + 2000.0) / T;
+        if (cost < best) {
+          best = cost;
+          bt[0] = t0;
+          bt[1] = t1;
+          bt[2] = t2;
+        }
+      }
+    }
+  }
+  Plan p;
+  for (int a = 0; a < 3; ++a) p.tq[a] = bt[a];
+  for (int g0 = 0; g0 < g.Dl[0]; ++g0)
+    for (int g1 = 0; g1 < g.Dl[1]; ++g1)
+      for (int g2 = 0; g2 < g.Dl[2]; ++g2) {
+        int gs[3] = {g0, g1, g2};
+        int lg[3];
+        for (int a = 0; a < 3; ++a) lg[a] = na_group_len(g.L[a], g.Dl[a], gs[a]);
+        for (int c0 = 0; c0 < lg[0]; c0 += bt[0])
+          for (int c1 = 0; c1 < lg[1]; c1 += bt[1])
+            for (int c2 = 0; c2 < lg[2]; c2 += bt[2]) {
+              Tile t;
+              int cs[3] = {c0, c1, c2};
+              for (int a = 0; a < 3; ++a) {
+                t.g[a] = gs[a];
+                t.c0[a] = cs[a];
+                t.c1[a] = std::min(cs[a] + bt[a], lg[a]) - 1;
+              }
+              p.tiles.push_back(t);
+            }
+      }
+  return p;
+}
+
+float* grow(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+struct Workspace {
+  std::vector<float> qp, kt, kp, vp, vt, s, p, dp, ds, tr, o, dob, dkb, dvb;
+};
+thread_local Workspace tls_ws;
+
+// Everything one tile needs to know about its queries and keys.
+struct TileGeo {
+  int kb[3], nk[3];
+  int64_t T, Nbox, Ncol, NP;
+  std::vector<int64_t> qtok, ktok;
+  std::vector<int> qc, ws, we;  // per query and axis: group coordinate, box-local window [ws, we)
+
+  void build(const Geo& g, const Tile& t, int vw) {
+    int tq[3];
+    T = 1;
+    Nbox = 1;
+    for (int a = 0; a < 3; ++a) {
+      int lg = na_group_len(g.L[a], g.Dl[a], t.g[a]);
+      kb[a] = na_tile_key_begin(t.c0[a], lg, g.K[a], g.S[a], g.C[a]);
+      nk[a] = na_tile_key_end(t.c1[a], lg, g.K[a], g.S[a], g.C[a]) - kb[a];
+      tq[a] = t.c1[a] - t.c0[a] + 1;
+      T *= tq[a];
+      Nbox *= nk[a];
+    }
+    Ncol = Nbox + g.E;
+    NP = round_up(Ncol, vw);
+    const int64_t st1 = g.L[2], st0 = static_cast<int64_t>(g.L[1]) * g.L[2];
+    ktok.resize(Nbox);
+    int64_t j = 0;
+    for (int i0 = 0; i0 < nk[0]; ++i0)
+      for (int i1 = 0; i1 < nk[1]; ++i1)
+        for (int i2 = 0; i2 < nk[2]; ++i2)
+          ktok[j++] = static_cast<int64_t>((kb[0] + i0) * g.Dl[0] + t.g[0]) * st0 +
+                      static_cast<int64_t>((kb[1] + i1) * g.Dl[1] + t.g[1]) * st1 + (kb[2] + i2) * g.Dl[2] + t.g[2];
+    qtok.resize(T);
+    qc.resize(T * 3);
+    ws.resize(T * 3);
+    we.resize(T * 3);
+    int64_t q = 0;
+    for (int a0 = 0; a0 < tq[0]; ++a0)
+      for (int a1 = 0; a1 < tq[1]; ++a1)
+        for (int a2 = 0; a2 < tq[2]; ++a2, ++q) {
+          int c[3] = {t.c0[0] + a0, t.c0[1] + a1, t.c0[2] + a2};
+          int64_t tok = 0;
+          const int64_t st[3] = {st0, st1, 1};
+          for (int a = 0; a < 3; ++a) {
+            int lg = na_group_len(g.L[a], g.Dl[a], t.g[a]);
+            qc[q * 3 + a] = c[a];
+            ws[q * 3 + a] = na_window_start(c[a], lg, g.K[a], g.S[a], g.C[a]) - kb[a];
+            we[q * 3 + a] = na_window_end(c[a], lg, g.K[a], g.S[a], g.C[a]) - kb[a];
+            tok += static_cast<int64_t>(c[a] * g.Dl[a] + t.g[a]) * st[a];
+          }
+          qtok[q] = tok;
+        }
+  }
+
+  // f(off, len, rpb_offset) for every run of valid box columns of query q along the last axis
+  template <class F>
+  void runs(const Geo& g, int64_t q, F&& f) const {
+    const int* s = &ws[q * 3];
+    const int* e = &we[q * 3];
+    const int* c = &qc[q * 3];
+    for (int i0 = s[0]; i0 < e[0]; ++i0)
+      for (int i1 = s[1]; i1 < e[1]; ++i1) {
+        int64_t off = (static_cast<int64_t>(i0) * nk[1] + i1) * nk[2] + s[2];
+        int64_t r = ((kb[0] + i0 - c[0] + g.K[0] - 1) * g.R[1] + (kb[1] + i1 - c[1] + g.K[1] - 1)) * g.R[2] +
+                    (kb[2] + s[2] - c[2] + g.K[2] - 1);
+        f(off, static_cast<int>(e[2] - s[2]), r);
+      }
+  }
+};
+
+// KT[d][j] = key j (box keys, then extras); zero columns up to NP
+void pack_keys_t(const Geo& g, const TileGeo& tg, const float* k, const float* ek, float* KT) {
+  std::memset(KT, 0, sizeof(float) * g.D * tg.NP);
+  for (int64_t j = 0; j < tg.Nbox; ++j) {
+    const float* src = k + tg.ktok[j] * g.D;
+    for (int64_t d = 0; d < g.D; ++d) KT[d * tg.NP + j] = src[d];
+  }
+  for (int64_t e = 0; e < g.E; ++e) {
+    const float* src = ek + e * g.D;
+    for (int64_t d = 0; d < g.D; ++d) KT[d * tg.NP + tg.Nbox + e] = src[d];
+  }
+}
+
+// X[j][:] = row j (box rows, then extras); zero rows up to NP
+void pack_rows(const TileGeo& tg, int64_t width, const float* x, const float* ex, int64_t E, float* X) {
+  for (int64_t j = 0; j < tg.Nbox; ++j) std::memcpy(X + j * width, x + tg.ktok[j] * width, sizeof(float) * width);
+  if (E) std::memcpy(X + tg.Nbox * width, ex, sizeof(float) * width * E);
+  std::memset(X + tg.Ncol * width, 0, sizeof(float) * width * (tg.NP - tg.Ncol));
+}
+
+void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- fused forward
+void fused_forward(const Geo& g, const FwdArgs& a) {
+  const KernelTable& kt = select_kernels();
+  Plan plan = make_plan(g, kt.vw);
+  const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
+  parallel_for(slices * ntiles, [&](int64_t item) {
+    const int64_t slice = item / ntiles, b = slice / g.Hkv, hk = slice % g.Hkv;
+    const Tile& t = plan.tiles[item % ntiles];
+    Workspace& w = tls_ws;
+    TileGeo tg;
+    tg.build(g, t, kt.vw);
+    const int64_t M = tg.T * g.G, NP = tg.NP, D = g.D, Dv = g.Dv;
+    float* Qp = grow(w.qp, M * D);
+    for (int64_t gg = 0; gg < g.G; ++gg) {
+      const float* qh = a.q + ((b * g.H + hk * g.G + gg) * g.N) * D;
+      for (int64_t q = 0; q < tg.T; ++q) {
+        const float* src = qh + tg.qtok[q] * D;
+        float* dst = Qp + (gg * tg.T + q) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * g.scale;
+      }
+    }
+    const float* kslice = a.k + slice * g.N * D;
+    const float* ekslice = g.E ? a.ek + slice * g.E * D : nullptr;
+    float* KT = grow(w.kt, D * NP);
+    pack_keys_t(g, tg, kslice, ekslice, KT);
+    float* S = grow(w.s, M * NP);
+    kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
+    float* P = grow(w.p, M * NP);
+    std::memset(P, 0, sizeof(float) * M * NP);
+    float* O = grow(w.o, M * (Dv + 2));
+    float* mrow = O + M * Dv;  // lse per row
+    float* inv = mrow + M;
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
+      float* srow = S + r * NP;
+      float* prow = P + r * NP;
+      const float* rp = g.has_rpb ? a.rpb + h * g.Rtot : nullptr;
+      float m = -INFINITY;
+      tg.runs(g, q, [&](int64_t off, int len, int64_t ri) {
+        if (rp) kt.axpy(srow + off, 1.f, rp + ri, len);
+        float mm = kt.row_max(srow + off, len);
+        m = mm > m ? mm : m;
+      });
+      if (g.E) {
+        float mm = kt.row_max(srow + tg.Nbox, static_cast<int>(g.E));
+        m = mm > m ? mm : m;
+      }
+      if (m == -INFINITY) m = 0.f;  // only NaN scores: let the NaN through exp
+      float sum = 0.f;
+      tg.runs(g, q, [&](int64_t off, int len, int64_t) { sum += kt.exp_sum(prow + off, srow + off, len, m); });
+      if (g.E) sum += kt.exp_sum(prow + tg.Nbox, srow + tg.Nbox, static_cast<int>(g.E), m);
+      mrow[r] = m + std::log(sum);
+      inv[r] = 1.f / sum;
+    }
+    float* Vp = grow(w.vp, NP * Dv);
+    pack_rows(tg, Dv, a.v + slice * g.N * Dv, g.E ? a.ev + slice * g.E * Dv : nullptr, g.E, Vp);
+    if (kt.all_finite(Vp, tg.Ncol * Dv)) {
+      kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
+    } else {
+      // an inf/NaN value outside a query's window must not reach it through a zero weight
+      std::memset(O, 0, sizeof(float) * M * Dv);
+      for (int64_t r = 0; r < M; ++r) {
+        const float* prow = P + r * NP;
+        float* orow = O + r * Dv;
+        tg.runs(g, r % tg.T, [&](int64_t off, int len, int64_t) {
+          for (int x = 0; x < len; ++x) kt.axpy(orow, prow[off + x], Vp + (off + x) * Dv, static_cast<int>(Dv));
+        });
+        for (int64_t e = 0; e < g.E; ++e)
+          kt.axpy(orow, prow[tg.Nbox + e], Vp + (tg.Nbox + e) * Dv, static_cast<int>(Dv));
+      }
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
+      const int64_t row = (b * g.H + h) * g.N + tg.qtok[q];
+      float* dst = a.out + row * Dv;
+      const float* src = O + r * Dv;
+      for (int64_t d = 0; d < Dv; ++d) dst[d] = src[d] * inv[r];
+      a.lse[row] = mrow[r];
+    }
+  });
+}
+
+// ---------------------------------------------------------------- fused backward
+void fused_backward(const Geo& g, const BwdArgs& a) {
+  const KernelTable& kt = select_kernels();
+  Plan plan = make_plan(g, kt.vw);
+  const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
+  const int64_t D = g.D, Dv = g.Dv, N = g.N, E = g.E;
+  const int nthr = num_threads();
+  // key/value gradients are sums over tiles: a slice's tiles are split among `splits` tasks, each
+  // with its own accumulators (split 0 writes the outputs directly), added up afterwards
+  const int64_t splits = slices >= nthr ? 1 : std::min<int64_t>(ntiles, (nthr + slices - 1) / slices);
+  const int64_t ntasks = slices * splits;
+  const int64_t acc_size = N * (D + Dv) + E * (D + Dv);
+  std::vector<float> priv(static_cast<size_t>((splits - 1) * slices * acc_size), 0.f);
+  std::vector<float> rpb_acc(g.has_rpb ? static_cast<size_t>(ntasks * g.G * g.Rtot) : 0, 0.f);
+  std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * N * D);
+  std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * N * Dv);
+  if (E) {
+    std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
+    std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
+  }
+  parallel_for(ntasks, [&](int64_t task) {
+    const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
+    float *acck, *accv, *accek, *accev;
+    if (split == 0) {
+      acck = a.dk + slice * N * D;
+      accv = a.dv + slice * N * Dv;
+      accek = E ? a.dek + slice * E * D : nullptr;
+      accev = E ? a.dev + slice * E * Dv : nullptr;
+    } else {
+      float* base = priv.data() + ((split - 1) * slices + slice) * acc_size;
+      acck = base;
+      accv = base + N * D;
+      accek = base + N * (D + Dv);
+      accev = accek + E * D;
+    }
+    float* racc = g.has_rpb ? rpb_acc.data() + task * g.G * g.Rtot : nullptr;
+    const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
+    Workspace& w = tls_ws;
+    TileGeo tg;
+    for (int64_t ti = lo; ti < hi; ++ti) {
+      tg.build(g, plan.tiles[ti], kt.vw);
+      const int64_t M = tg.T * g.G, NP = tg.NP;
+      float* Qp = grow(w.qp, M * D);
+      float* dO = grow(w.dob, M * (Dv + 3));
+      float* delta = dO + M * Dv;
+      float* lrow = delta + M;
+      float* dl = lrow + M;
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
+        const int64_t row = (b * g.H + h) * N + tg.qtok[q];
+        const float* src = a.q + row * D;
+        for (int64_t d = 0; d < D; ++d) Qp[r * D + d] = src[d] * g.scale;
+        std::memcpy(dO + r * Dv, a.dout + row * Dv, sizeof(float) * Dv);
+        delta[r] = kt.dot(dO + r * Dv, a.out + row * Dv, static_cast<int>(Dv));
+        lrow[r] = a.lse[row];
+        dl[r] = a.dlse ? a.dlse[row] : 0.f;
+      }
+      const float* kslice = a.k + slice * N * D;
+      const float* ekslice = E ? a.ek + slice * E * D : nullptr;
+      float* KT = grow(w.kt, D * NP);
+      pack_keys_t(g, tg, kslice, ekslice, KT);
+      float* Kp = grow(w.kp, NP * D);
+      pack_rows(tg, D, kslice, ekslice, E, Kp);
+      float* Vp = grow(w.vp, NP * Dv);
+      pack_rows(tg, Dv, a.v + slice * N * Dv, E ? a.ev + slice * E * Dv : nullptr, E, Vp);
+      float* VT = grow(w.vt, Dv * NP);
+      transpose(Vp, NP, Dv, Dv, VT, NP);
+      float* S = grow(w.s, M * NP);
+      kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
+      float* dP = grow(w.dp, M * NP);
+      kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(Dv), dO, Dv, VT, NP, dP, NP, false);
+      float* P = grow(w.p, M * NP);
+      float* dS = grow(w.ds, M * NP);
+      std::memset(P, 0, sizeof(float) * M * NP);
+      std::memset(dS, 0, sizeof(float) * M * NP);
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t gg = r / tg.T, h = hk * g.G + gg;
+        float *srow = S + r * NP, *prow = P + r * NP, *dsrow = dS + r * NP;
+        const float* dprow = dP + r * NP;
+        const float* rp = g.has_rpb ? a.rpb + h * g.Rtot : nullptr;
+        const float c = delta[r] - dl[r];
+        tg.runs(g, r % tg.T, [&](int64_t off, int len, int64_t ri) {
+          kt.exp_add_sum(prow + off, srow + off, rp ? rp + ri : nullptr, len, lrow[r]);
+          kt.ds_row(dsrow + off, prow + off, dprow + off, c, len);
+          if (racc) kt.axpy(racc + gg * g.Rtot + ri, 1.f, dsrow + off, len);
+        });
+        if (E) {
+          kt.exp_sum(prow + tg.Nbox, srow + tg.Nbox, static_cast<int>(E), lrow[r]);
+          kt.ds_row(dsrow + tg.Nbox, prow + tg.Nbox, dprow + tg.Nbox, c, static_cast<int>(E));
+        }
+      }
+      float* dQ = grow(w.o, M * D);
+      float* dKb = grow(w.dkb, tg.Ncol * D);
+      float* dVb = grow(w.dvb, tg.Ncol * Dv);
+      const bool finite =
+          kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) && kt.all_finite(dO, M * Dv);
+      if (finite) {
+        kt.gemm(static_cast<int>(M), static_cast<int>(D), static_cast<int>(NP), dS, NP, Kp, D, dQ, D, false);
+        float* tr = grow(w.tr, NP * M);
+        transpose(dS, M, tg.Ncol, NP, tr, M);
+        kt.gemm(static_cast<int>(tg.Ncol), static_cast<int>(D), static_cast<int>(M), tr, M, Qp, D, dKb, D, false);
+        transpose(P, M, tg.Ncol, NP, tr, M);
+        kt.gemm(static_cast<int>(tg.Ncol), static_cast<int>(Dv), static_cast<int>(M), tr, M, dO, Dv, dVb, Dv, false);
+      } else {
+        // inf/NaN operands: touch only (query, key) pairs inside the window, as the definition does
+        std::memset(dQ, 0, sizeof(float) * M * D);
+        std::memset(dKb, 0, sizeof(float) * tg.Ncol * D);
+        std::memset(dVb, 0, sizeof(float) * tg.Ncol * Dv);
+        for (int64_t r = 0; r < M; ++r) {
+          const float *dsrow = dS + r * NP, *prow = P + r * NP;
+          auto pair = [&](int64_t j) {
+            kt.axpy(dQ + r * D, dsrow[j], Kp + j * D, static_cast<int>(D));
+            kt.axpy(dKb + j * D, dsrow[j], Qp + r * D, static_cast<int>(D));
+            kt.axpy(dVb + j * Dv, prow[j], dO + r * Dv, static_cast<int>(Dv));
+          };
+          tg.runs(g, r % tg.T, [&](int64_t off, int len, int64_t) {
+            for (int x = 0; x < len; ++x) pair(off + x);
+          });
+          for (int64_t e = 0; e < E; ++e) pair(tg.Nbox + e);
+        }
+      }
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
+        float* dst = a.dq + ((b * g.H + h) * N + tg.qtok[q]) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = dQ[r * D + d] * g.scale;
+      }
+      for (int64_t j = 0; j < tg.Nbox; ++j) {
+        kt.axpy(acck + tg.ktok[j] * D, 1.f, dKb + j * D, static_cast<int>(D));
+        kt.axpy(accv + tg.ktok[j] * Dv, 1.f, dVb + j * Dv, static_cast<int>(Dv));
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        kt.axpy(accek + e * D, 1.f, dKb + (tg.Nbox + e) * D, static_cast<int>(D));
+        kt.axpy(accev + e * Dv, 1.f, dVb + (tg.Nbox + e) * Dv, static_cast<int>(Dv));
+      }
+    }
+  });
+  if (splits > 1) {
+    parallel_for(slices, [&](int64_t slice) {
+      for (int64_t s = 1; s < splits; ++s) {
+        const float* base = priv.data() + ((s - 1) * slices + slice) * acc_size;
+        kt.axpy(a.dk + slice * N * D, 1.f, base, static_cast<int>(N * D));
+        kt.axpy(a.dv + slice * N * Dv, 1.f, base + N * D, static_cast<int>(N * Dv));
+        if (E) {
+          kt.axpy(a.dek + slice * E * D, 1.f, base + N * (D + Dv), static_cast<int>(E * D));
+          kt.axpy(a.dev + slice * E * Dv, 1.f, base + N * (D + Dv) + E * D, static_cast<int>(E * Dv));
+        }
+      }
+    });
+  }
+  if (g.has_rpb) {
+    std::memset(a.drpb, 0, sizeof(float) * g.H * g.Rtot);
+    for (int64_t task = 0; task < ntasks; ++task) {
+      const int64_t hk = (task / splits) % g.Hkv;
+      for (int64_t gg = 0; gg < g.G; ++gg)
+        kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc.data() + (task * g.G + gg) * g.Rtot,
+                static_cast<int>(g.Rtot));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- split ops (per-slot loops)
+namespace {
+
+struct Slots {
+  // the Kt slots of one query: flat key token (or -1 when the slot is invalid) and rpb column
+  std::vector<int64_t> tok, rpb;
+  void build(const Geo& g, int64_t n) {
+    tok.resize(g.Kt);
+    rpb.resize(g.Kt);
+    int x[3];
+    x[2] = static_cast<int>(n % g.L[2]);
+    x[1] = static_cast<int>((n / g.L[2]) % g.L[1]);
+    x[0] = static_cast<int>(n / (static_cast<int64_t>(g.L[1]) * g.L[2]));
+    int c[3], gr[3], st[3];
+    for (int a = 0; a < 3; ++a) {
+      gr[a] = x[a] % g.Dl[a];
+      c[a] = x[a] / g.Dl[a];
+      st[a] = na_window_start(c[a], na_group_len(g.L[a], g.Dl[a], gr[a]), g.K[a], g.S[a], g.C[a]);
+    }
+    int64_t s = 0;
+    for (int j0 = 0; j0 < g.K[0]; ++j0)
+      for (int j1 = 0; j1 < g.K[1]; ++j1)
+        for (int j2 = 0; j2 < g.K[2]; ++j2, ++s) {
+          int j[3] = {j0, j1, j2};
+          bool valid = true;
+          int64_t t = 0, r = 0;
+          for (int a = 0; a < 3; ++a) {
+            int kc = st[a] + j[a];
+            if (g.C[a] && kc > c[a]) valid = false;
+            t = t * g.L[a] + static_cast<int64_t>(kc) * g.Dl[a] + gr[a];
+            r = r * g.R[a] + (kc - c[a] + g.K[a] - 1);
+          }
+          tok[s] = valid ? t : -1;
+          rpb[s] = r;
+        }
+  }
+};
+
+}  // namespace
+
+void qk_forward(const Geo& g, const float* q, const float* k, const float* ek, const float* rpb, float* scores) {
+  const KernelTable& kt = select_kernels();
+  const int64_t W = g.Kt + g.E, D = g.D;
+  parallel_for(g.B * g.N, [&](int64_t item) {
+    const int64_t b = item / g.N, n = item % g.N;
+    Slots sl;
+    sl.build(g, n);
+    for (int64_t h = 0; h < g.H; ++h) {
+      const int64_t hk = h / g.G;
+      const float* qr = q + ((b * g.H + h) * g.N + n) * D;
+      const float* ks = k + (b * g.Hkv + hk) * g.N * D;
+      float* out = scores + ((b * g.H + h) * g.N + n) * W;
+      for (int64_t s = 0; s < g.Kt; ++s) {
+        if (sl.tok[s] < 0) {
+          out[s] = -INFINITY;
+          continue;
+        }
+        float v = kt.dot(qr, ks + sl.tok[s] * D, static_cast<int>(D)) * g.scale;
+        if (rpb) v += rpb[h * g.Rtot + sl.rpb[s]];
+        out[s] = v;
+      }
+      for (int64_t e = 0; e < g.E; ++e)
+        out[g.Kt + e] = kt.dot(qr, ek + ((b * g.Hkv + hk) * g.E + e) * D, static_cast<int>(D)) * g.scale;
+    }
+  });
+}
+
+void qk_backward(const Geo& g, const float* q, const float* k, const float* ek, const float* ds, float* dq, float* dk,
+                 float* dek, float* drpb) {
+  const KernelTable& kt = select_kernels();
+  const int64_t W = g.Kt + g.E, D = g.D, slices = g.B * g.Hkv;
+  std::memset(dk, 0, sizeof(float) * slices * g.N * D);
+  if (g.E) std::memset(dek, 0, sizeof(float) * slices * g.E * D);
+  std::vector<float> racc(drpb ? static_cast<size_t>(slices * g.G * g.Rtot) : 0, 0.f);
+  parallel_for(slices, [&](int64_t slice) {
+    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
+    const float* ks = k + slice * g.N * D;
+    Slots sl;
+    for (int64_t n = 0; n < g.N; ++n) {
+      sl.build(g, n);
+      for (int64_t gg = 0; gg < g.G; ++gg) {
+        const int64_t h = hk * g.G + gg, row = (b * g.H + h) * g.N + n;
+        const float* qr = q + row * D;
+        const float* dr = ds + row * W;
+        float* dqr = dq + row * D;
+        std::memset(dqr, 0, sizeof(float) * D);
+        for (int64_t s = 0; s < g.Kt; ++s) {
+          if (sl.tok[s] < 0) continue;
+          kt.axpy(dqr, dr[s] * g.scale, ks + sl.tok[s] * D, static_cast<int>(D));
+          kt.axpy(dk + (slice * g.N + sl.tok[s]) * D, dr[s] * g.scale, qr, static_cast<int>(D));
+          if (drpb) racc[(slice * g.G + gg) * g.Rtot + sl.rpb[s]] += dr[s];
+        }
+        for (int64_t e = 0; e < g.E; ++e) {
+          kt.axpy(dqr, dr[g.Kt + e] * g.scale, ek + (slice * g.E + e) * D, static_cast<int>(D));
+          kt.axpy(dek + (slice * g.E + e) * D, dr[g.Kt + e] * g.scale, qr, static_cast<int>(D));
+        }
+      }
+    }
+  });
+  if (drpb) {
+    std::memset(drpb, 0, sizeof(float) * g.H * g.Rtot);
+    for (int64_t slice = 0; slice < slices; ++slice)
+      for (int64_t gg = 0; gg < g.G; ++gg)
+        kt.axpy(drpb + ((slice % g.Hkv) * g.G + gg) * g.Rtot, 1.f, racc.data() + (slice * g.G + gg) * g.Rtot,
+                static_cast<int>(g.Rtot));
+  }
+}
+
+void av_forward(const Geo& g, const float* attn, const float* v, const float* ev, float* out) {
+  const KernelTable& kt = select_kernels();
+  const int64_t W = g.Kt + g.E, Dv = g.Dv;
+  parallel_for(g.B * g.N, [&](int64_t item) {
+    const int64_t b = item / g.N, n = item % g.N;
+    Slots sl;
+    sl.build(g, n);
+    for (int64_t h = 0; h < g.H; ++h) {
+      const int64_t hk = h / g.G, row = (b * g.H + h) * g.N + n;
+      const float* ar = attn + row * W;
+      const float* vs = v + (b * g.Hkv + hk) * g.N * Dv;
+      float* o = out + row * Dv;
+      std::memset(o, 0, sizeof(float) * Dv);
+      for (int64_t s = 0; s < g.Kt; ++s)
+        if (sl.tok[s] >= 0) kt.axpy(o, ar[s], vs + sl.tok[s] * Dv, static_cast<int>(Dv));
+      for (int64_t e = 0; e < g.E; ++e)
+        kt.axpy(o, ar[g.Kt + e], ev + ((b * g.Hkv + hk) * g.E + e) * Dv, static_cast<int>(Dv));
+    }
+  });
+}
+
+void av_backward(const Geo& g, const float* attn, const float* v, const float* ev, const float* dout, float* dattn,
+                 float* dv, float* dev) {
+  const KernelTable& kt = select_kernels();
+  const int64_t W = g.Kt + g.E, Dv = g.Dv, slices = g.B * g.Hkv;
+  std::memset(dv, 0, sizeof(float) * slices * g.N * Dv);
+  if (g.E) std::memset(dev, 0, sizeof(float) * slices * g.E * Dv);
+  parallel_for(slices, [&](int64_t slice) {
+    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
+    const float* vs = v + slice * g.N * Dv;
+    Slots sl;
+    for (int64_t n = 0; n < g.N; ++n) {
+      sl.build(g, n);
+      for (int64_t gg = 0; gg < g.G; ++gg) {
+        const int64_t row = (b * g.H + hk * g.G + gg) * g.N + n;
+        const float* ar = attn + row * W;
+        const float* dor = dout + row * Dv;
+        float* da = dattn + row * W;
+        for (int64_t s = 0; s < g.Kt; ++s) {
+          if (sl.tok[s] < 0) {
+            da[s] = 0.f;
+            continue;
+          }
+          da[s] = kt.dot(dor, vs + sl.tok[s] * Dv, static_cast<int>(Dv));
+          kt.axpy(dv + (slice * g.N + sl.tok[s]) * Dv, ar[s], dor, static_cast<int>(Dv));
+        }
+        for (int64_t e = 0; e < g.E; ++e) {
+          const float* evr = ev + (slice * g.E + e) * Dv;
+          da[g.Kt + e] = kt.dot(dor, evr, static_cast<int>(Dv));
+          kt.axpy(dev + (slice * g.E + e) * Dv, ar[g.Kt + e], dor, static_cast<int>(Dv));
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- kernel selection
+const KernelTable& select_kernels() {
+  static const KernelTable* chosen = [] {
+    const char* want = std::getenv("NATTEN_MLX_SIMD");
+    auto wanted = [&](const char* name) { return !want || !*want || std::strcmp(want, name) == 0; };
+#if defined(NA_HAVE_avx512)
+    __builtin_cpu_init();
+    if (wanted("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return kernels_avx512();
+#endif
+#if defined(NA_HAVE_avx2)
+    if (wanted("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kernels_avx2();
+#endif
+    return kernels_base();
+  }();
+  return *chosen;
+}
+
+}  // namespace na

@@ -1,0 +1,53 @@
+// Tile drivers of neighborhood attention over float32 arrays in a canonical head-major layout:
+//   q [B][H][N][D], k [B][Hkv][N][D], v [B][Hkv][N][Dv], extra keys/values [B][Hkv][E][D|Dv],
+//   rpb [H][R] (R = prod(2K-1)), out [B][H][N][Dv], lse [B][H][N], scores/attn [B][H][N][Kt+E].
+// N is the row-major flattening of the spatial axes; 1D and 2D problems are 3D problems whose
+// leading axes have length 1 and kernel 1. ops.cpp converts to and from MLX arrays.
+#pragma once
+
+#include <cstdint>
+
+namespace na {
+
+struct Geo {
+  int L[3], K[3], S[3], Dl[3];
+  bool C[3];
+  int64_t N;  // L0 * L1 * L2
+  int64_t B, H, Hkv, G, D, Dv, E;
+  int64_t R[3], Rtot;  // rpb extent per axis (2K-1) and in all
+  int64_t Kt;          // K0 * K1 * K2 slots per query (split ops)
+  float scale;
+  bool has_rpb;
+};
+
+struct FwdArgs {
+  const float *q, *k, *v, *ek, *ev, *rpb;  // ek/ev/rpb null when absent
+  float *out, *lse;
+};
+
+struct BwdArgs {
+  const float *q, *k, *v, *ek, *ev, *rpb, *out, *lse, *dout, *dlse;  // dlse may be null
+  float *dq, *dk, *dv, *dek, *dev, *drpb;
+};
+
+void fused_forward(const Geo& g, const FwdArgs& a);
+void fused_backward(const Geo& g, const BwdArgs& a);
+
+// split ops (exact per-slot loops; not the fast path)
+void qk_forward(const Geo& g, const float* q, const float* k, const float* ek, const float* rpb, float* scores);
+void qk_backward(const Geo& g, const float* q, const float* k, const float* ek, const float* ds, float* dq, float* dk,
+                 float* dek, float* drpb);
+void av_forward(const Geo& g, const float* attn, const float* v, const float* ev, float* out);
+void av_backward(const Geo& g, const float* attn, const float* v, const float* ev, const float* dout, float* dattn,
+                 float* dv, float* dev);
+
+// run fn(i) for i in [0, n) on the shared pool (the caller works too); serialises concurrent callers
+void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx);
+template <class F>
+void parallel_for(int64_t n, F&& f) {
+  parallel_for(n, [](int64_t i, void* c) { (*static_cast<F*>(c))(i); }, &f);
+}
+int num_threads();
+const char* simd_name();
+
+}  // namespace na

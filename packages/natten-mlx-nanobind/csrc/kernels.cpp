@@ -1,0 +1,224 @@
+// Compiled once per NA_VARIANT with that variant's -m flags (CMakeLists.txt). Written with GCC/Clang
+// vector extensions so that the same text becomes AVX-512, AVX2, SSE2 or NEON code.
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+#if defined(NA_VARIANT_avx512)
+#define NA_VW 16
+#define NA_MR 8
+#define NA_TABLE kernels_avx512
+#elif defined(NA_VARIANT_avx2)
+#define NA_VW 8
+#define NA_MR 6
+#define NA_TABLE kernels_avx2
+#else
+#define NA_VW 8
+#define NA_MR 4
+#define NA_TABLE kernels_base
+#endif
+
+namespace na {
+namespace {
+
+constexpr int VW = NA_VW;
+constexpr int MR = NA_MR;
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int vi __attribute__((vector_size(VW * 4)));
+// same vectors with 4-byte alignment: loads and stores through them are unaligned accesses
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+inline vf splat(float x) { return vf{} + x; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < VW; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf coefficients),
+// relative error ~2e-7. Below -87.3 the result is 0; NaN stays NaN.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.33654f), hi = splat(88.72283f);
+  vi under = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer held in the low bits
+  vf t = x * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vi ni = (vi)t - (vi)splat(magic);
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  vf scale = (vf)((ni + 127) << 23);
+  vf y = p * scale;
+  return (vf)((vi)y & ~under);
+}
+inline float sexp(float x) {
+  vf v = splat(x);
+  return vexp(v)[0];
+}
+
+template <int M, int NV>
+inline void micro(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+  vf c[M][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[i][v] = acc ? load(C + i * ldc + v * VW) : vf{};
+  for (int k = 0; k < K; ++k) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * VW);
+#pragma GCC unroll 16
+    for (int i = 0; i < M; ++i) {
+      vf a = splat(A[i * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store(C + i * ldc + v * VW, c[i][v]);
+}
+
+template <int NV>
+inline void micro_rows(int m, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, bool acc) {
+  switch (m) {
+#define NA_CASE(R) \
+  case R: micro<R, NV>(K, A, lda, B, ldb, C, ldc, acc); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4)
+#if NA_MR > 4
+    NA_CASE(5) NA_CASE(6)
+#endif
+#if NA_MR > 6
+    NA_CASE(7) NA_CASE(8)
+#endif
+#undef NA_CASE
+    default: break;
+  }
+}
+
+void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+          bool acc) {
+  for (int i0 = 0; i0 < M; i0 += MR) {
+    int m = M - i0 < MR ? M - i0 : MR;
+    const float* a = A + i0 * lda;
+    float* c = C + i0 * ldc;
+    int j = 0;
+    for (; j + 2 * VW <= N; j += 2 * VW) micro_rows<2>(m, K, a, lda, B + j, ldb, c + j, ldc, acc);
+    for (; j + VW <= N; j += VW) micro_rows<1>(m, K, a, lda, B + j, ldb, c + j, ldc, acc);
+    for (; j < N; ++j)
+      for (int i = 0; i < m; ++i) {
+        float s = acc ? c[i * ldc + j] : 0.f;
+        for (int k = 0; k < K; ++k) s += a[i * lda + k] * B[k * ldb + j];
+        c[i * ldc + j] = s;
+      }
+  }
+}
+
+float row_max(const float* x, int n) {
+  float m = -INFINITY;
+  int i = 0;
+  if (n >= VW) {
+    vf vm = load(x);
+    for (i = VW; i + VW <= n; i += VW) {
+      vf v = load(x + i);
+      vm = v > vm ? v : vm;
+    }
+    m = hmax(vm);
+  }
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  // a NaN anywhere must reach the output (comparisons above skip it)
+  return m;
+}
+
+float exp_add_sum(float* dst, const float* src, const float* add, int n, float shift) {
+  vf s = vf{};
+  int i = 0;
+  for (; i + VW <= n; i += VW) {
+    vf v = load(src + i);
+    if (add) v += load(add + i);
+    vf e = vexp(v - shift);
+    store(dst + i, e);
+    s += e;
+  }
+  float t = hsum(s);
+  for (; i < n; ++i) {
+    float e = sexp(src[i] + (add ? add[i] : 0.f) - shift);
+    dst[i] = e;
+    t += e;
+  }
+  return t;
+}
+
+float exp_sum(float* dst, const float* src, int n, float shift) { return exp_add_sum(dst, src, nullptr, n, shift); }
+
+void ds_row(float* ds, const float* p, const float* dp, float c, int n) {
+  int i = 0;
+  for (; i + VW <= n; i += VW) store(ds + i, load(p + i) * (load(dp + i) - c));
+  for (; i < n; ++i) ds[i] = p[i] * (dp[i] - c);
+}
+
+float dot(const float* a, const float* b, int n) {
+  vf s0 = vf{}, s1 = vf{};
+  int i = 0;
+  for (; i + 2 * VW <= n; i += 2 * VW) {
+    s0 += load(a + i) * load(b + i);
+    s1 += load(a + i + VW) * load(b + i + VW);
+  }
+  for (; i + VW <= n; i += VW) s0 += load(a + i) * load(b + i);
+  float t = hsum(s0 + s1);
+  for (; i < n; ++i) t += a[i] * b[i];
+  return t;
+}
+
+void axpy(float* y, float a, const float* x, int n) {
+  int i = 0;
+  for (; i + VW <= n; i += VW) store(y + i, load(y + i) + a * load(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+bool all_finite(const float* x, int64_t n) {
+  // x * 0 is 0 for finite x and NaN for inf or NaN; NaN survives the sum
+  vf s = vf{};
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) s += load(x + i) * 0.f;
+  float t = hsum(s);
+  for (; i < n; ++i) t += x[i] * 0.f;
+  return t == 0.f;
+}
+
+}  // namespace
+
+const KernelTable* NA_TABLE() {
+  static const KernelTable table = {
+#if defined(NA_VARIANT_avx512)
+      "avx512",
+#elif defined(NA_VARIANT_avx2)
+      "avx2",
+#elif defined(__aarch64__)
+      "neon",
+#else
+      "baseline",
+#endif
+      VW, gemm, row_max, exp_sum, exp_add_sum, ds_row, dot, axpy, all_finite};
+  return &table;
+}
+
+}  // namespace na

@@ -1,0 +1,132 @@
+"""The nanobind tier's primitives against the float64 oracle (tests/oracle.py), forward and backward.
+
+Random configurations come from tests/configs.py (seeded): 1D/2D/3D, even/odd kernels, stride,
+dilation, per-axis causal, GQA/MQA, D_v != D, extra keys/values, rpb, custom scale; every dtype.
+Gradients are the primitive's own vjp (mx.vjp through the op), with random cotangents for out and lse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mlx.core as mx
+
+import oracle
+from configs import cfg_id, random_config, random_tensors
+
+nb = pytest.importorskip("natten_mlx_nanobind")
+if nb.UNAVAILABLE:
+    pytest.skip(nb.UNAVAILABLE, allow_module_level=True)
+ext = nb.extension()
+
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+# relative to the largest reference magnitude; float32 arithmetic throughout, inputs/outputs rounded
+TOL = {mx.float32: 2e-5, mx.float16: 4e-3, mx.bfloat16: 3e-2}
+
+
+def _configs(seed, count, max_len):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        na_dim = (1, 2, 3)[i % 3]
+        cfg = random_config(rng, na_dim, max_len[na_dim])
+        out.append((cfg, DTYPES[(i // 3) % 3], int(rng.integers(1 << 30))))
+    return out
+
+
+FUSED = _configs(2026, 150, {1: 24, 2: 9, 3: 6})
+SPLIT = _configs(7, 60, {1: 16, 2: 7, 3: 5})
+
+
+def _mx(x, dtype):
+    return None if x is None else mx.array(np.asarray(x, np.float32)).astype(dtype)
+
+
+def _np(x):
+    return None if x is None else np.array(x.astype(mx.float32), dtype=np.float64)
+
+
+def _window(cfg):
+    return dict(kernel_size=list(cfg["K"]), stride=list(cfg["s"]), dilation=list(cfg["d"]), is_causal=list(cfg["c"]))
+
+
+def _close(got, want, dtype, what):
+    got = np.asarray(got, np.float64)
+    scale = max(1.0, float(np.max(np.abs(want))) if want.size else 1.0)
+    err = float(np.max(np.abs(got - want))) if want.size else 0.0
+    assert np.all(np.isfinite(got)), f"{what}: non-finite values"
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g} ({dtype})"
+
+
+@pytest.mark.parametrize("cfg,dtype,seed", FUSED, ids=[f"{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in FUSED])
+def test_fused_forward_backward(cfg, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, ak, av, rpb = (_mx(x, dtype) for x in random_tensors(rng, cfg))
+    qn, kn, vn, akn, avn, rpbn = (_np(x) for x in (q, k, v, ak, av, rpb))
+    kw = dict(_window(cfg), scale=cfg["scale"])
+    args = dict(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"], scale=cfg["scale"],
+                additional_keys=akn, additional_values=avn, rpb=rpbn)
+    want_out, want_lse = oracle.na_forward(qn, kn, vn, **args)
+    present = [x for x in (q, k, v, ak, av, rpb) if x is not None]
+    names = [n for n, x in zip(("q", "k", "v", "additional_keys", "additional_values", "rpb"), (q, k, v, ak, av, rpb)) if x is not None]
+
+    def f(*xs):
+        d = dict(zip(names, xs))
+        return ext.fused_forward(d["q"], d["k"], d["v"], d.get("additional_keys"), d.get("additional_values"), d.get("rpb"), **kw)
+
+    dout = rng.standard_normal(want_out.shape)
+    dlse = rng.standard_normal(want_lse.shape)
+    (out, lse), grads = mx.vjp(f, present, [_mx(dout, dtype), mx.array(dlse.astype(np.float32))])
+    assert out.dtype == dtype and lse.dtype == mx.float32
+    assert out.shape == tuple(want_out.shape) and lse.shape == tuple(want_lse.shape)
+    _close(_np(out), want_out, dtype, "out")
+    _close(_np(lse), want_lse, dtype, "lse")
+    want = oracle.na_backward(qn, kn, vn, **args, dout=_np(_mx(dout, dtype)), dlse=dlse.astype(np.float32))
+    for name, g in zip(names, grads):
+        assert g.dtype == dtype and g.shape == tuple(present[names.index(name)].shape)
+        _close(_np(g), want[name], dtype, f"d_{name}")
+
+
+@pytest.mark.parametrize("cfg,dtype,seed", SPLIT, ids=[f"{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in SPLIT])
+def test_split_ops(cfg, dtype, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, ak, av, rpb = (_mx(x, dtype) for x in random_tensors(rng, cfg))
+    qn, kn, vn, akn, avn, rpbn = (_np(x) for x in (q, k, v, ak, av, rpb))
+    win = _window(cfg)
+    geo = dict(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    # qk
+    qk_in = [x for x in (q, k, ak, rpb) if x is not None]
+    qk_names = [n for n, x in zip(("q", "k", "additional_keys", "rpb"), (q, k, ak, rpb)) if x is not None]
+
+    def fqk(*xs):
+        d = dict(zip(qk_names, xs))
+        return ext.qk_forward(d["q"], d["k"], d.get("additional_keys"), d.get("rpb"), scale=cfg["scale"], **win)
+
+    want_s = oracle.na_qk(qn, kn, **geo, rpb=rpbn, scale=cfg["scale"], additional_keys=akn)
+    ds = rng.standard_normal(want_s.shape)
+    (s,), grads = mx.vjp(fqk, qk_in, [_mx(ds, dtype)])
+    got = _np(s)
+    assert np.array_equal(np.isneginf(got), np.isneginf(want_s)), "invalid causal slots must be -inf"
+    fin = np.isfinite(want_s)
+    _close(got[fin], want_s[fin], dtype, "scores")
+    want = oracle.na_qk_backward(qn, kn, **geo, rpb=rpbn, scale=cfg["scale"], additional_keys=akn, dscores=_np(_mx(ds, dtype)))
+    for name, g in zip(qk_names, grads):
+        _close(_np(g), want[name], dtype, f"qk d_{name}")
+    # av, with softmax-like weights (invalid slots carry garbage that must be ignored)
+    attn = rng.random(want_s.shape)
+    a = _mx(attn, dtype)
+    av_in = [x for x in (a, v, av) if x is not None]
+    av_names = [n for n, x in zip(("attn", "value", "additional_values"), (a, v, av)) if x is not None]
+
+    def fav(*xs):
+        d = dict(zip(av_names, xs))
+        return ext.av_forward(d["attn"], d["value"], d.get("additional_values"), **win)
+
+    want_o = oracle.na_av(_np(a), vn, **geo, additional_values=avn)
+    do = rng.standard_normal(want_o.shape)
+    (o,), grads = mx.vjp(fav, av_in, [_mx(do, dtype)])
+    _close(_np(o), want_o, dtype, "av out")
+    want = oracle.na_av_backward(_np(a), vn, **geo, additional_values=avn, dout=_np(_mx(do, dtype)))
+    for name, g in zip(av_names, grads):
+        _close(_np(g), want[name], dtype, f"av d_{name}")
