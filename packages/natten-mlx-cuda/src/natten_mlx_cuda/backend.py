@@ -1,0 +1,257 @@
+"""The ``cuda`` backend: neighborhood attention kernels compiled at run time by mx.fast.cuda_kernel.
+
+Forward: the tensor-core kernel (fmha_fwd: float16/bfloat16, head dims multiples of 8 up to 128)
+or the simple kernel (every dtype, head dims up to 512). Backward (from the saved lse): the simple
+dq and dk/dv kernels. Extra keys/values are attended by MLX matmuls and merged by their lse.
+Kernels run through a *runner* (``launch, inputs -> outputs``): mx.fast.cuda_kernel on the GPU, the
+CPU emulator in tests/cuda.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import plan
+from .source import BODIES, Variant, body, header
+
+_MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int32": mx.int32}
+_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+OPTIONS = ("tile", "key_tile", "kernel")
+KERNELS = ("auto", "fmha", "simple")
+MAX_GRID_YZ = 65535
+MAX_THREADS = 2**31 - 1
+
+
+@lru_cache(maxsize=None)
+def _kernel(v_body: str, shared_memory: int):
+    ins, outs = BODIES[v_body]
+    return mx.fast.cuda_kernel(
+        name="natten_" + v_body, input_names=list(ins), output_names=list(outs), source=body(v_body),
+        header=header(), ensure_row_contiguous=True, shared_memory=shared_memory,
+    )
+
+
+def mlx_runner(launch: plan.Launch, inputs: list) -> list:
+    """Run a launch through mx.fast.cuda_kernel (compiled by NVRTC at first use, cached by MLX)."""
+    v: Variant = launch.variant
+    _, outs = v.arg_dtypes()
+    template = [(n, _MX_DTYPES[x] if isinstance(x, str) else x) for n, x in v.template]
+    return _kernel(v.body, v.shared_memory)(
+        inputs=inputs, template=template, grid=launch.grid, threadgroup=launch.threadgroup,
+        output_shapes=[tuple(s) for s in launch.output_shapes], output_dtypes=[_MX_DTYPES[d] for _, d in outs],
+        init_value=launch.init_value,
+    )
+
+
+@lru_cache(maxsize=256)
+def _int_block(prm: tuple) -> mx.array:
+    return mx.array(prm, dtype=mx.int32)
+
+
+@lru_cache(maxsize=256)
+def _scale(scale: float) -> mx.array:
+    return mx.array([scale], dtype=mx.float32)
+
+
+def _device_type() -> str:
+    return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
+
+
+class CudaBackend:
+    """Neighborhood attention on NVIDIA GPUs through MLX's CUDA backend.
+
+    Options (``configure``): ``tile`` (query tile of the tensor-core kernel, one int per spatial axis,
+    product 64), ``key_tile`` (same for key tiles; default the query tile), ``kernel`` ("auto",
+    "fmha" or "simple": which forward kernel; "fmha" refuses problems it cannot serve).
+    """
+
+    name = "cuda"
+    priority = 300
+    differentiation = "backward"
+    distribution = "natten-mlx-cuda"
+    description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16)"
+
+    def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True):
+        self.tile = tile
+        self.key_tile = key_tile
+        self.kernel = kernel
+        self._runner = runner or mlx_runner
+        # tests run the CPU emulator through the whole backend; then no CUDA device is needed
+        self._require_device = require_device
+
+    def configure(self, **options) -> "CudaBackend":
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"cuda backend: unknown option(s) {', '.join(unknown)}; known options: {', '.join(OPTIONS)}")
+        kernel = options.get("kernel", self.kernel)
+        if kernel not in KERNELS:
+            raise ValueError(f"cuda backend: kernel={kernel!r} must be one of {', '.join(KERNELS)}")
+        for what in ("tile", "key_tile"):
+            t = options.get(what)
+            if t is not None:
+                if not isinstance(t, (tuple, list)) or not t:
+                    raise ValueError(f"cuda backend: {what}={t!r} must be a tuple of ints (one per spatial axis)")
+                plan.check_tile(tuple(t), len(t), what)
+        return CudaBackend(
+            tile=tuple(options["tile"]) if options.get("tile") is not None else self.tile,
+            key_tile=tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
+            kernel=kernel, runner=self._runner, require_device=self._require_device,
+        )
+
+    # -- selection --------------------------------------------------------------------------------
+    def available(self) -> str | None:
+        if not self._require_device:
+            return None
+        try:
+            ok = mx.cuda.is_available()
+        except AttributeError:
+            ok = False
+        if not ok:
+            return "MLX's CUDA backend is not available here (mx.cuda.is_available() is False; install mlx[cuda13] on an NVIDIA GPU)"
+        return None
+
+    def _tiles(self, geo: plan.Geometry):
+        qt = plan.check_tile(self.tile, geo.rank, "tile") if self.tile is not None else None
+        kt = plan.check_tile(self.key_tile, geo.rank, "key_tile") if self.key_tile is not None else None
+        return qt, kt
+
+    def _fast(self, geo: plan.Geometry, dtype: str) -> bool:
+        if self.kernel == "simple":
+            return False
+        return plan.fast_reason(geo, dtype) is None
+
+    def supports(self, problem) -> str | None:
+        device = getattr(problem, "device", None) or _device_type()
+        if self._require_device and device != "gpu":
+            return f"serves GPU streams only (this call runs on the {device})"
+        if problem.op != "fused":
+            return f"has no split {problem.op} op (the fused op only; the pure backend serves split ops)"
+        dtype = _NAMES.get(problem.dtype)
+        if dtype is None:
+            return f"dtype {problem.dtype} is not float32, float16 or bfloat16"
+        geo = plan.geometry(problem)
+        if max(geo.D, geo.DV) > plan.MAX_DIM:
+            return f"head dims D={geo.D}, Dv={geo.DV} exceed {plan.MAX_DIM}"
+        if geo.B > MAX_GRID_YZ or geo.H > MAX_GRID_YZ:
+            return f"batch {geo.B} or heads {geo.H} exceed the grid limit {MAX_GRID_YZ}"
+        if max(geo.B * geo.N * geo.H, geo.B * geo.NK * geo.HKV) + plan.THREADS > MAX_THREADS:
+            return f"{geo.B * geo.N * geo.H} (batch x tokens x heads) exceeds the grid limit of 2^31 threads"
+        if self.tile is not None and len(self.tile) != geo.rank:
+            return f"tile={self.tile} has {len(self.tile)} entries for a {geo.rank}D problem"
+        if self.key_tile is not None and len(self.key_tile) != geo.rank:
+            return f"key_tile={self.key_tile} has {len(self.key_tile)} entries for a {geo.rank}D problem"
+        if self.kernel == "fmha":
+            why = plan.fast_reason(geo, dtype)
+            if why is not None:
+                return f"kernel='fmha' was asked for, but {why}"
+        return None
+
+    # -- forward ----------------------------------------------------------------------------------
+    def fused_forward(self, problem, query, key, value, additional_keys=None, additional_values=None, rpb=None):
+        """``(out [B, *spatial, H, Dv] problem.dtype, lse [B, *spatial, H] float32)``."""
+        geo = plan.geometry(problem)
+        dtype = _NAMES[problem.dtype]
+        extra = additional_keys is not None
+        out_dtype = "float32" if extra else dtype
+        qt, kt = self._tiles(geo)
+        launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt)
+        out, lse = self._runner(launch, [
+            query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
+            value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),
+            _int_block(launch.prm), _scale(geo.scale),
+        ])
+        spatial = tuple(problem.spatial)
+        if extra:
+            out, lse = _merge_extra(geo, query, out, lse, additional_keys, additional_values)
+            out = out.astype(problem.dtype)
+        return out.reshape(geo.B, *spatial, geo.H, geo.DV), lse.reshape(geo.B, *spatial, geo.H)
+
+    @staticmethod
+    def _rpb(rpb, geo, dtype):
+        if rpb is None:
+            return mx.zeros((1,), dtype=dtype)
+        return rpb.reshape(geo.H, geo.rpb_size)
+
+    # -- backward ---------------------------------------------------------------------------------
+    def fused_backward(self, record) -> dict:
+        """Gradients by input name from the saved lse (protocol v2 BackwardRecord)."""
+        problem = record.problem
+        inp = record.inputs
+        query, key, value = inp["query"], inp["key"], inp["value"]
+        ak, av, rpb = inp.get("additional_keys"), inp.get("additional_values"), inp.get("rpb")
+        geo = plan.geometry(problem)
+        dtype = _NAMES[problem.dtype]
+        f32 = mx.float32
+        d_out = record.d_out
+        lse = record.lse.astype(f32).reshape(geo.B, geo.N, geo.H)
+        delta = (d_out.astype(f32) * record.out.astype(f32)).sum(axis=-1).reshape(geo.B, geo.N, geo.H)
+        if record.d_lse is not None:
+            delta = delta - record.d_lse.astype(f32).reshape(geo.B, geo.N, geo.H)
+        q = query.reshape(geo.B, geo.N, geo.H, geo.D)
+        k = key.reshape(geo.B, geo.NK, geo.HKV, geo.D)
+        v = value.reshape(geo.B, geo.NK, geo.HKV, geo.DV)
+        do = d_out.reshape(geo.B, geo.N, geo.H, geo.DV).astype(problem.dtype)
+        has_rpb = rpb is not None
+        common = [q, k, v, do, lse, delta, self._rpb(rpb, geo, problem.dtype)]
+        l_dq = plan.backward_dq(geo, dtype, has_rpb)
+        dq, drpb = self._runner(l_dq, common + [_int_block(l_dq.prm), _scale(geo.scale)])
+        l_kv = plan.backward_dkdv(geo, dtype, has_rpb)
+        dk, dv = self._runner(l_kv, common + [_int_block(l_kv.prm), _scale(geo.scale)])
+        grads = {}
+        if ak is not None:
+            dq_e, dak, dav = _extra_backward(geo, q, do, lse, delta, ak, av)
+            dq = dq + dq_e
+            grads["additional_keys"] = dak.astype(ak.dtype)
+            grads["additional_values"] = dav.astype(av.dtype)
+        grads["query"] = dq.reshape(query.shape).astype(query.dtype)
+        grads["key"] = dk.reshape(key.shape).astype(key.dtype)
+        grads["value"] = dv.reshape(value.shape).astype(value.dtype)
+        if has_rpb:
+            grads["rpb"] = drpb.reshape(rpb.shape).astype(rpb.dtype)
+        return grads
+
+
+def _group(geo, x):
+    """[B, N, H, X] -> [B, HKV, G*N, X] (query heads grouped by their kv head)."""
+    g = geo.H // geo.HKV
+    return x.reshape(geo.B, x.shape[1], geo.HKV, g, -1).transpose(0, 2, 3, 1, 4).reshape(geo.B, geo.HKV, g * x.shape[1], -1)
+
+
+def _ungroup(geo, x, n):
+    g = geo.H // geo.HKV
+    return x.reshape(geo.B, geo.HKV, g, n, -1).transpose(0, 3, 1, 2, 4).reshape(geo.B, n, geo.H, -1)
+
+
+def _extra_scores(geo, query, ak):
+    """float32 scaled scores of every query against the extra keys: [B, HKV, G*N, E]."""
+    q = _group(geo, query.reshape(geo.B, geo.N, geo.H, geo.D).astype(mx.float32))
+    k = ak.astype(mx.float32).transpose(0, 2, 3, 1)  # [B, HKV, D, E]
+    return (q @ k) * geo.scale
+
+
+def _merge_extra(geo, query, out_n, lse_n, ak, av):
+    """Merge the neighborhood result (float32 out, lse) with attention over the extra tokens."""
+    s = _extra_scores(geo, query, ak)
+    lse_e = mx.logsumexp(s, axis=-1)
+    o_e = mx.exp(s - lse_e[..., None]) @ av.astype(mx.float32).transpose(0, 2, 1, 3)  # [B, HKV, G*N, DV]
+    o_e = _ungroup(geo, o_e, geo.N)
+    lse_e = _ungroup(geo, lse_e[..., None], geo.N)[..., 0]
+    lse = mx.logaddexp(lse_n, lse_e)
+    out = mx.exp(lse_n - lse)[..., None] * out_n + mx.exp(lse_e - lse)[..., None] * o_e
+    return out, lse
+
+
+def _extra_backward(geo, q, do, lse, delta, ak, av):
+    """dq contribution, d_additional_keys, d_additional_values (float32)."""
+    s = _extra_scores(geo, q, ak)  # [B, HKV, G*N, E]
+    p = mx.exp(s - _group(geo, lse[..., None]))
+    dog = _group(geo, do.astype(mx.float32))  # [B, HKV, G*N, DV]
+    dp = dog @ av.astype(mx.float32).transpose(0, 2, 3, 1)  # [B, HKV, G*N, E]
+    ds = p * (dp - _group(geo, delta[..., None]))
+    dq = _ungroup(geo, (ds @ ak.astype(mx.float32).transpose(0, 2, 1, 3)) * geo.scale, geo.N)
+    qg = _group(geo, q.astype(mx.float32))
+    dak = (ds.transpose(0, 1, 3, 2) @ qg * geo.scale).transpose(0, 2, 1, 3)  # [B, E, HKV, D]
+    dav = (p.transpose(0, 1, 3, 2) @ dog).transpose(0, 2, 1, 3)
+    return dq, dak, dav

@@ -1,0 +1,98 @@
+// natten_mlx_cuda/kernels/common.cuh: what every natten-mlx CUDA kernel body shares. The Python
+// side prepends NA_FUNC's definition, window.h and tiling.h, then this file, as the header= of
+// mx.fast.cuda_kernel. Under NA_EMU (the CPU emulator of tests/cuda) the emulator's prelude
+// provides the CUDA built-ins used here (types, conversions, warp shuffles, the mma and cp.async).
+#ifndef NATTEN_MLX_CUDA_COMMON
+#define NATTEN_MLX_CUDA_COMMON
+
+#define NA_NEG_INF (-__int_as_float(0x7f800000))
+#define NA_LN2 0.6931471805599453f
+#define NA_LOG2E 1.4426950408889634f
+
+// The int parameter block (prm input): 8 scalars, then 10 per spatial axis. Problems of rank < 3
+// are padded in front with trivial axes (L = n = nk = K = s = d = 1), so every kernel walks 3 axes.
+#define NA_P_B 0
+#define NA_P_H 1
+#define NA_P_HKV 2
+#define NA_P_N 3
+#define NA_P_NK 4
+#define NA_P_D 5
+#define NA_P_DV 6
+#define NA_P_RPB 7  // rpb entries per head: prod(2K - 1)
+
+struct NaAxis {
+  int L;      // global axis length (the domain the window rules apply to)
+  int n;      // local query extent
+  int nk;     // local key/value extent
+  int qoff;   // global index of local query 0
+  int kvoff;  // global index of local key 0
+  int K, s, d;
+  bool causal;
+  int qtiles;  // query tiles per dilation group (na_query_tiles) for the kernel's tile size
+};
+
+NA_FUNC NaAxis na_axis(const int* prm, int a) {
+  const int* p = prm + 8 + 10 * a;
+  NaAxis x;
+  x.L = p[0]; x.n = p[1]; x.nk = p[2]; x.qoff = p[3]; x.kvoff = p[4];
+  x.K = p[5]; x.s = p[6]; x.d = p[7]; x.causal = p[8] != 0; x.qtiles = p[9];
+  return x;
+}
+
+template <typename T> struct NaType;
+template <> struct NaType<float> {
+  static NA_FUNC float to_float(float x) { return x; }
+  static NA_FUNC float from_float(float x) { return x; }
+};
+template <> struct NaType<__half> {
+  static NA_FUNC float to_float(__half x) { return __half2float(x); }
+  static NA_FUNC __half from_float(float x) { return __float2half_rn(x); }
+  // two floats as one register of packed halves, the lower index in the low 16 bits
+  static NA_FUNC unsigned pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+template <> struct NaType<__nv_bfloat16> {
+  static NA_FUNC float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static NA_FUNC __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static NA_FUNC unsigned pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&h);
+  }
+};
+
+template <typename T> NA_FUNC float na_f(T x) { return NaType<T>::to_float(x); }
+
+#ifndef NA_EMU
+// D[16x8] += A[16x16] * B[16x8] on the tensor cores, float accumulators. Fragment layout (PTX ISA,
+// mma.m16n8k16): gid = lane / 4, tig = lane % 4; a[0]: A[gid][2tig..+1], a[1]: A[gid+8][2tig..+1],
+// a[2]: A[gid][2tig+8..+9], a[3]: A[gid+8][2tig+8..+9]; b[0]: B[2tig..+1][gid], b[1]: B[2tig+8..+9][gid];
+// c[0..1]: C[gid][2tig..+1], c[2..3]: C[gid+8][2tig..+1].
+template <typename T> NA_FUNC void na_mma(float* c, const unsigned* a, const unsigned* b);
+template <> NA_FUNC void na_mma<__half>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> NA_FUNC void na_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// 16 bytes global -> shared without registers; valid == false fills the 16 bytes with zeros.
+NA_FUNC void na_cp_async16(void* smem, const void* gmem, bool valid) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+NA_FUNC void na_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+NA_FUNC void na_cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+NA_FUNC void na_cp_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+#define NA_SHARED_DECL extern __shared__ __align__(16) unsigned char na_smem[]
+#endif
+
+#endif  // NATTEN_MLX_CUDA_COMMON

@@ -1,0 +1,198 @@
+"""From a problem to kernel launches: geometry, tile shapes, the int parameter block, grids.
+
+Pure Python (no MLX), so the CPU emulator of tests/cuda plans exactly what the backend launches.
+Problems of rank < 3 are padded in front with trivial axes (extent 1, K = s = d = 1): every kernel
+walks three axes and row-major flat indices are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .source import Variant
+
+FAST_DTYPES = ("float16", "bfloat16")
+FAST_MAX_DIM = 128  # register budget of the tensor-core kernels (Q fragments and O accumulators)
+SIMPLE_DIMS = (16, 32, 64, 128, 256, 512)  # register-array sizes of the simple kernels
+MAX_DIM = SIMPLE_DIMS[-1]
+TILE = 64  # queries per query tile and keys per key tile of the tensor-core kernels
+THREADS = 128
+DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything a kernel needs about one call, axes padded in front to three."""
+
+    rank: int
+    B: int
+    H: int
+    HKV: int
+    D: int
+    DV: int
+    spatial: tuple  # local query extent per axis
+    kv_spatial: tuple  # local key/value extent
+    domain: tuple  # global extent the window rules apply to
+    qoff: tuple
+    kvoff: tuple
+    K: tuple
+    s: tuple
+    d: tuple
+    causal: tuple
+    scale: float
+
+    @property
+    def N(self) -> int:
+        return self.spatial[0] * self.spatial[1] * self.spatial[2]
+
+    @property
+    def NK(self) -> int:
+        return self.kv_spatial[0] * self.kv_spatial[1] * self.kv_spatial[2]
+
+    @property
+    def rpb_size(self) -> int:
+        return (2 * self.K[0] - 1) * (2 * self.K[1] - 1) * (2 * self.K[2] - 1)
+
+
+def _pad(t, fill):
+    t = tuple(t)
+    return (fill,) * (3 - len(t)) + t
+
+
+def geometry(problem) -> Geometry:
+    """The Geometry of a natten_mlx Problem (protocol v2 sub-domain fields when present)."""
+    p = problem
+    rank = len(p.spatial)
+    spatial = tuple(p.spatial)
+    domain = tuple(getattr(p, "domain", None) or spatial)
+    kv_spatial = tuple(getattr(p, "kv_spatial", None) or spatial)
+    qoff = tuple(getattr(p, "query_offset", None) or (0,) * rank)
+    kvoff = tuple(getattr(p, "kv_offset", None) or (0,) * rank)
+    return Geometry(
+        rank=rank, B=p.batch, H=p.heads, HKV=p.kv_heads, D=p.head_dim, DV=p.value_head_dim,
+        spatial=_pad(spatial, 1), kv_spatial=_pad(kv_spatial, 1), domain=_pad(domain, 1),
+        qoff=_pad(qoff, 0), kvoff=_pad(kvoff, 0), K=_pad(p.kernel_size, 1), s=_pad(p.stride, 1),
+        d=_pad(p.dilation, 1), causal=_pad(tuple(bool(c) for c in p.is_causal), False), scale=float(p.scale),
+    )
+
+
+def query_tiles(off: int, n: int, d: int, t: int) -> int:
+    """tiling.h's na_query_tiles: tiles per dilation group along one axis."""
+    most = 0
+    for g in range(d):
+        first = 0 if off <= g else (off - g + d - 1) // d
+        hi = off + n - g
+        end = 0 if hi <= 0 else (hi + d - 1) // d
+        most = max(most, end - first)
+    return -(-most // t)
+
+
+def params(geo: Geometry, tile=(1, 1, 1)) -> tuple:
+    """The prm block of common.cuh: 8 scalars, then 10 ints per axis."""
+    out = [geo.B, geo.H, geo.HKV, geo.N, geo.NK, geo.D, geo.DV, geo.rpb_size]
+    for a in range(3):
+        out += [geo.domain[a], geo.spatial[a], geo.kv_spatial[a], geo.qoff[a], geo.kvoff[a], geo.K[a], geo.s[a],
+                geo.d[a], int(geo.causal[a]), query_tiles(geo.qoff[a], geo.spatial[a], geo.d[a], tile[a])]
+    return tuple(out)
+
+
+def check_tile(tile, rank: int, what: str) -> tuple:
+    """A user's tile: ``rank`` positive ints whose product is 64; returns it padded to 3 axes."""
+    if not isinstance(tile, (tuple, list)) or len(tile) != rank or not all(isinstance(x, int) and x >= 1 for x in tile):
+        raise ValueError(f"{what}={tile!r} must be a tuple of {rank} positive ints (one per spatial axis)")
+    prod = 1
+    for x in tile:
+        prod *= x
+    if prod != TILE:
+        raise ValueError(f"{what}={tile!r} holds {prod} tokens; the tensor-core kernels need exactly {TILE}")
+    return _pad(tile, 1)
+
+
+def default_tile(geo: Geometry) -> tuple:
+    """The default query tile (padded to 3 axes): the rank's box, shrunk along axes whose dilation
+    groups are shorter than the tile, the freed factor given to the longest axis."""
+    rank = geo.rank
+    t = list(_pad(DEFAULT_TILES[rank], 1))
+    ext = [-(-geo.spatial[a] // geo.d[a]) for a in range(3)]
+    for a in range(3 - rank, 3):
+        while t[a] > 1 and t[a] // 2 >= ext[a]:
+            t[a] //= 2
+    while t[0] * t[1] * t[2] < TILE:
+        a = max(range(3 - rank, 3), key=lambda i: (ext[i] / t[i], i))
+        t[a] *= 2
+    return tuple(t)
+
+
+def simple_dim(geo: Geometry) -> int:
+    need = max(geo.D, geo.DV)
+    return next(x for x in SIMPLE_DIMS if x >= need)
+
+
+def fast_reason(geo: Geometry, dtype: str) -> str | None:
+    """Why the tensor-core forward cannot serve (None when it can)."""
+    if dtype not in FAST_DTYPES:
+        return f"dtype {dtype} runs on the simple kernel (the tensor-core kernels take float16/bfloat16)"
+    if geo.D % 8 or geo.DV % 8:
+        return f"head dims D={geo.D}, Dv={geo.DV} are not multiples of 8 (16-byte loads)"
+    if max(geo.D, geo.DV) > FAST_MAX_DIM:
+        return f"head dims D={geo.D}, Dv={geo.DV} exceed {FAST_MAX_DIM}"
+    return None
+
+
+@dataclass(frozen=True)
+class Launch:
+    variant: Variant
+    grid: tuple  # threads, as mx.fast.cuda_kernel takes it
+    threadgroup: tuple
+    output_shapes: tuple
+    init_value: float | None
+    prm: tuple
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _r16(x: int) -> int:
+    return _ceil(x, 16) * 16
+
+
+def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None) -> Launch:
+    """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32."""
+    outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
+    if not fast:
+        v = Variant("simple_fwd", (("T", dtype), ("OT", out_dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
+        total = geo.B * geo.N * geo.H
+        return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
+    qt = tile or default_tile(geo)
+    kt = key_tile or qt
+    dp, dvp = _r16(geo.D), _r16(geo.DV)
+    smem = (TILE * (dp + 8) * 3 + 2 * TILE * (dvp + 8)) * 2
+    v = Variant(
+        "fmha_fwd",
+        (("T", dtype), ("OT", out_dtype), ("D", geo.D), ("DV", geo.DV), ("DP", dp), ("DVP", dvp),
+         ("QT0", qt[0]), ("QT1", qt[1]), ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]),
+         ("HAS_RPB", has_rpb)),
+        smem,
+    )
+    prm = params(geo, qt)
+    blocks = 1
+    for a in range(3):
+        blocks *= geo.d[a] * prm[8 + 10 * a + 9]
+    return Launch(v, (blocks * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, None, prm)
+
+
+def backward_dq(geo: Geometry, dtype: str, has_rpb: bool) -> Launch:
+    """dq [B, N, H, D] float32 and d_rpb [H, R] float32 (zero-initialised, atomics)."""
+    v = Variant("simple_dq", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
+    total = geo.B * geo.N * geo.H
+    outs = ((geo.B, geo.N, geo.H, geo.D), (geo.H, geo.rpb_size) if has_rpb else (1,))
+    return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, 0.0, params(geo))
+
+
+def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool) -> Launch:
+    """dk [B, NK, HKV, D], dv [B, NK, HKV, DV], float32."""
+    v = Variant("simple_dkdv", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
+    total = geo.B * geo.NK * geo.HKV
+    outs = ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV))
+    return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))

@@ -1,0 +1,135 @@
+"""CUDA source generation: the kernel bodies (``cu/*.cu``, package data), the shared header, and
+the exact text ``mx.fast.cuda_kernel`` compiles around a body.
+
+A kernel variant is a body plus its template arguments; the same :func:`full_source` text feeds
+MLX (through ``mx.fast.cuda_kernel``), the CI compile check (``nvcc -arch=sm_90``) and the CPU
+emulator of ``tests/cuda``, so what is checked here is what runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+CU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cu")
+
+# mx dtype name -> CUDA type (as MLX's dtype_to_cuda_type)
+CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int32_t"}
+
+# MLX's default header of every cuda_kernel (mlx/backend/cuda/custom_kernel.cpp, MLX 0.32)
+MLX_DEFAULT_HEADER = """
+#include "mlx/backend/cuda/device/utils.cuh"
+
+#include <cooperative_groups.h>
+
+#define inf cuda::std::numeric_limits<float>::infinity()
+
+"""
+
+# inputs (name, dtype: a template name or a fixed dtype) and outputs of each body
+T_IN = ("query", "key", "value")
+BODIES = {
+    "simple_fwd": (T_IN + ("rpb", "prm", "scl"), ("out", "lse")),
+    "fmha_fwd": (T_IN + ("rpb", "prm", "scl"), ("out", "lse")),
+    "simple_dq": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_query", "d_rpb")),
+    "simple_dkdv": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_key", "d_value")),
+}
+FIXED_DTYPES = {"prm": "int32", "scl": "float32", "lse": "float32", "delta": "float32", "d_rpb": "float32",
+                "d_query": "float32", "d_key": "float32", "d_value": "float32"}
+
+
+def _core_include_dir() -> str:
+    try:  # protocol v2: natten_mlx.geometry.include_dir()
+        from natten_mlx import geometry
+
+        return geometry.include_dir()
+    except (ImportError, AttributeError):
+        import natten_mlx
+
+        return os.path.join(os.path.dirname(os.path.abspath(natten_mlx.__file__)), "include")
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+@lru_cache(maxsize=None)
+def header() -> str:
+    """The header= text of every kernel: NA_FUNC for CUDA, window.h, tiling.h, common.cuh."""
+    inc = os.path.join(_core_include_dir(), "natten_mlx")
+    parts = [
+        "#ifndef NA_FUNC\n#define NA_FUNC __device__ __forceinline__\n#endif\n",
+        _read(os.path.join(inc, "window.h")),
+        _read(os.path.join(inc, "tiling.h")),
+        _read(os.path.join(CU_DIR, "common.cuh")),
+    ]
+    return "\n".join(parts)
+
+
+@lru_cache(maxsize=None)
+def body(name: str) -> str:
+    return _read(os.path.join(CU_DIR, name + ".cu"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One specialisation: a body and its template arguments ``((name, int | bool | dtype name), ...)``,
+    plus the dynamic shared memory (bytes) it is launched with."""
+
+    body: str
+    template: tuple
+    shared_memory: int = 0
+
+    @property
+    def name(self) -> str:
+        return "natten_" + self.body
+
+    @property
+    def kernel_name(self) -> str:
+        """The function name MLX gives it: custom_kernel_<name> plus one suffix per template argument."""
+        suffix = ""
+        for _, v in self.template:
+            if isinstance(v, bool):
+                suffix += "_t" if v else "_f"
+            elif isinstance(v, int):
+                suffix += f"_{v}"
+            else:
+                suffix += f"_{v}"
+        return "custom_kernel_" + self.name + suffix
+
+    def arg_dtypes(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(inputs, outputs) as (name, dtype name)."""
+        tmpl = dict(self.template)
+        ins, outs = BODIES[self.body]
+
+        def dt(n):
+            if n in FIXED_DTYPES:
+                return FIXED_DTYPES[n]
+            return tmpl["OT"] if n == "out" else tmpl["T"]
+
+        return [(n, dt(n)) for n in ins], [(n, dt(n)) for n in outs]
+
+
+def full_source(v: Variant, default_header: str = MLX_DEFAULT_HEADER, kernel_name: str | None = None) -> str:
+    """The translation unit MLX builds for ``v`` (mlx/backend/cuda/custom_kernel.cpp, build_kernel)."""
+    ins, outs = v.arg_dtypes()
+    text = default_header + header()
+    text += "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+    text += "__global__ void " + (kernel_name or v.kernel_name) + "(\n"
+    for n, dt in ins:
+        text += f"    const {CUDA_TYPES[dt]}* {n},\n"
+    text += ",\n".join(f"    {CUDA_TYPES[dt]}* {n}" for n, dt in outs) + ") {\n"
+    for n, val in v.template:
+        if isinstance(val, bool):
+            text += f"  constexpr bool {n} = {'true' if val else 'false'};\n"
+        elif isinstance(val, int):
+            text += f"  constexpr int {n} = {val};\n"
+        else:
+            text += f"  using {n} = {CUDA_TYPES[val]};\n"
+    if v.template:
+        text += "\n"
+    text += body(v.body)
+    text += "\n}\n\n} // namespace mlx::core::cu\n"
+    return text
