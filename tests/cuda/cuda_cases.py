@@ -6,7 +6,6 @@ from __future__ import annotations
 import types
 
 import numpy as np
-
 import oracle
 
 TOL = {"float32": 2e-5, "float16": 6e-3, "bfloat16": 4e-2}  # relative Frobenius error vs float64

@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 
 import numpy as np
-
 from natten_mlx_cuda import source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,7 +93,7 @@ def run(launch, inputs: dict, poison: float = np.nan) -> list:
         assert arr.dtype == NP_TYPES[dt], (name, arr.dtype, dt)
         keep.append(arr)
     results = []
-    for (name, dt), shape in zip(outs, launch.output_shapes):
+    for (_name, dt), shape in zip(outs, launch.output_shapes):
         if launch.init_value is not None:
             arr = np.full(shape, launch.init_value, dtype=np.float32).astype(NP_TYPES[dt]) if dt != "bfloat16" else as_dtype(np.full(shape, launch.init_value), dt)
         elif dt == "bfloat16":
@@ -123,7 +122,7 @@ def mlx_runner(launch, inputs: list) -> list:
             host[name] = np.array(x).astype(NP_TYPES[dt])
     res = run(launch, host)
     out = []
-    for (name, dt), r in zip(outs, res):
+    for (_name, dt), r in zip(outs, res):
         a = mx.array(r)
         out.append(a.view(mx.bfloat16) if dt == "bfloat16" else a)
     return out

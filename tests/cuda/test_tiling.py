@@ -15,9 +15,8 @@ import shutil
 import subprocess
 
 import numpy as np
-import pytest
-
 import oracle
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "..", "..", "packages", "natten-mlx-core", "src", "natten_mlx", "include")

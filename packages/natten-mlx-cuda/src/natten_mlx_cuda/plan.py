@@ -166,15 +166,7 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
     qt = tile or default_tile(geo)
     kt = key_tile or qt
-    dp, dvp = _r16(geo.D), _r16(geo.DV)
-    smem = (TILE * (dp + 8) * 3 + 2 * TILE * (dvp + 8)) * 2
-    v = Variant(
-        "fmha_fwd",
-        (("T", dtype), ("OT", out_dtype), ("D", geo.D), ("DV", geo.DV), ("DP", dp), ("DVP", dvp),
-         ("QT0", qt[0]), ("QT1", qt[1]), ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]),
-         ("HAS_RPB", has_rpb)),
-        smem,
-    )
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb)
     prm = params(geo, qt)
     blocks = 1
     for a in range(3):
@@ -196,3 +188,38 @@ def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool) -> Launch:
     total = geo.B * geo.NK * geo.HKV
     outs = ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV))
     return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
+
+
+def compile_variants() -> list:
+    """The kernel variants the CI compile check builds: every body x dtype x flag combination the
+    backend can dispatch (out dtype, rpb), with head dims and tile shapes cycled through the
+    supported kinds (ranks 1-3, D != Dv, padded dims, the largest register arrays)."""
+    import itertools
+
+    out = []
+    dims = [(128, 128), (64, 64), (8, 16), (32, 24), (128, 64), (16, 128)]
+    tiles = [((1, 1, 64), (1, 1, 64)), ((1, 8, 8), (1, 8, 8)), ((4, 4, 4), (4, 4, 4)), ((1, 2, 32), (1, 16, 4))]
+    for i, (dt, ot, rpb) in enumerate(itertools.product(FAST_DTYPES, ("same", "float32"), (False, True))):
+        d, dv = dims[i % len(dims)]
+        qt, kt = tiles[i % len(tiles)]
+        out.append(_fmha_variant(dt, dt if ot == "same" else "float32", d, dv, qt, kt, rpb))
+    for j, (d, dv) in enumerate(dims[:4]):  # the rest of the head dims, every rank
+        qt, kt = tiles[(j + 1) % len(tiles)]
+        out.append(_fmha_variant("float16", "float16", d, dv, qt, kt, False))
+    simple_dims = list(SIMPLE_DIMS)
+    for i, (dt, rpb) in enumerate(itertools.product(("float32", "float16", "bfloat16"), (False, True))):
+        dmax = simple_dims[i % len(simple_dims)]
+        out.append(Variant("simple_fwd", (("T", dt), ("OT", dt if i % 2 else "float32"), ("DMAX", dmax), ("HAS_RPB", rpb))))
+        out.append(Variant("simple_dq", (("T", dt), ("DMAX", dmax), ("HAS_RPB", rpb))))
+        out.append(Variant("simple_dkdv", (("T", dt), ("DMAX", simple_dims[-1 - i % 3]), ("HAS_RPB", rpb))))
+    return out
+
+
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb) -> Variant:
+    dp, dvp = _r16(d), _r16(dv)
+    return Variant(
+        "fmha_fwd",
+        (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
+         ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb)),
+        (TILE * (dp + 8) * 3 + 2 * TILE * (dvp + 8)) * 2,
+    )

@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+# ruff: noqa: B023  (the timed closures are called within the loop iteration that defines them)
+"""natten-mlx's cuda backend against dense attention and NATTEN on the lent GPU (float16).
+
+Run from the repository root on the GPU machine:
+
+    source .device/setup.sh && python3 benchmarks/gpu/bench_cuda.py [--cases G1,G2,G3,G4] [--modes fwd,fwdbwd]
+        [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd]
+
+Cases (batch, spatial, window, heads, head dim): G1 1D 32768 window 2048, 1 head, D=128; G2 2D 256x256
+window 80x80, 24 heads, D=128; G3 3D 30x48x80 window 18x24x24, 24 heads, D=128; G4 2D 56x56 window
+7x7, 4 heads, D=32, batch 64. One child process per (case, library) so that an out-of-memory or a
+crash loses only that child's rows. Times are per call: median over 5 groups of calls, each group
+queued back to back and synchronised once (so launch gaps are hidden as in a model), after warm-up.
+TFLOP/s counts useful neighborhood FLOPs (4 B N H K D forward; 3.5x that forward+backward) for
+every row, dense ones included. The natten-mlx forward is checked on sampled rows against float64.
+Writes $OUT/bench-cuda.json and $OUT/bench-cuda.md when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TAG = "@@ROW "
+CASES = {
+    "G1": (1, (32768,), (2048,), 1, 128),
+    "G2": (1, (256, 256), (80, 80), 24, 128),
+    "G3": (1, (30, 48, 80), (18, 24, 24), 24, 128),
+    "G4": (64, (56, 56), (7, 7), 4, 32),
+}
+
+
+def flops(case: str, mode: str) -> float:
+    b, spatial, ks, h, d = CASES[case]
+    f = 4.0 * b * math.prod(spatial) * h * math.prod(ks) * d
+    return f if mode == "fwd" else 3.5 * f
+
+
+def emit(**row):
+    print(TAG + json.dumps(row), flush=True)
+
+
+def timed(fn, sync, target=0.4):
+    """ms per call: median of 5 groups of back-to-back calls (group size from one timed call)."""
+    sync(fn())
+    sync(fn())
+    t = time.perf_counter()
+    sync(fn())
+    one = time.perf_counter() - t
+    group = max(1, min(50, int(target / 5 / max(one, 1e-6))))
+    samples = []
+    for _ in range(5 if one < 2 else 1):
+        t = time.perf_counter()
+        outs = [fn() for _ in range(group)]
+        sync(outs)
+        samples.append((time.perf_counter() - t) / group)
+        del outs
+    return statistics.median(samples) * 1e3, group
+
+
+# ---- MLX child -----------------------------------------------------------------------------------
+def mlx_child(case: str, impls: list, modes: list) -> None:
+    import types
+
+    import mlx.core as mx
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "packages", "natten-mlx-cuda", "src"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import oracle
+    from natten_mlx_cuda.backend import CudaBackend
+
+    b, spatial, ks, h, d = CASES[case]
+    n = math.prod(spatial)
+    keys = mx.random.split(mx.random.key(1), 4)
+    q, k, v, do = (mx.random.normal((b, *spatial, h, d), key=x).astype(mx.float16) for x in keys)
+    mx.eval(q, k, v, do)
+    p = types.SimpleNamespace(
+        op="fused", batch=b, spatial=spatial, heads=h, kv_heads=h, head_dim=d, value_head_dim=d, kernel_size=ks,
+        stride=(1,) * len(spatial), dilation=(1,) * len(spatial), is_causal=(False,) * len(spatial), scale=d**-0.5,
+        dtype=mx.float16, num_extra=0, has_rpb=False, return_lse=False, device="gpu", domain=spatial,
+        query_offset=(0,) * len(spatial), kv_spatial=spatial, kv_offset=(0,) * len(spatial),
+    )
+    sync = mx.eval
+    print(f"mlx {mx.__version__} {mx.cuda.is_available()}", flush=True)
+    for impl in impls:
+        for mode in modes:
+            row = dict(case=case, impl=impl, mode=mode)
+            try:
+                if impl == "cuda":
+                    be = CudaBackend()
+                    if mode == "fwd":
+                        def fn():
+                            return be.fused_forward(p, q, k, v)
+                        out, lse = fn()
+                        mx.eval(out, lse)
+                        rng = np.random.default_rng(0)
+                        rows = sorted(set(rng.integers(0, n, 24).tolist()) | {0, n - 1})
+                        err = 0.0
+                        for i in rows:
+                            coords = np.unravel_index(i, spatial)
+                            sl = []
+                            for a, c in enumerate(coords):
+                                _, st, en = oracle.axis_window(int(c), spatial[a], ks[a], 1, 1, False)
+                                sl.append(slice(st, en + 1))
+                            bi = 0
+                            kk = np.array(k[(bi, *sl)].astype(mx.float32)).reshape(-1, h, d).astype(np.float64)
+                            vv = np.array(v[(bi, *sl)].astype(mx.float32)).reshape(-1, h, d).astype(np.float64)
+                            qq = np.array(q[(bi, *coords)].astype(mx.float32)).astype(np.float64)
+                            s = np.einsum("hd,khd->hk", qq, kk) * d**-0.5
+                            pr = np.exp(s - s.max(-1, keepdims=True))
+                            pr /= pr.sum(-1, keepdims=True)
+                            ref = np.einsum("hk,khd->hd", pr, vv)
+                            got = np.array(out[(bi, *coords)].astype(mx.float32))
+                            err = max(err, float(np.abs(got - ref).max()))
+                        row["max_err"] = err
+                        row["check"] = err < 2e-2
+                    else:
+                        from types import SimpleNamespace
+
+                        def fn():
+                            out, lse = be.fused_forward(p, q, k, v)
+                            rec = SimpleNamespace(problem=p, inputs={"query": q, "key": k, "value": v}, out=out, lse=lse,
+                                                  d_out=do, d_lse=None)
+                            g = be.fused_backward(rec)
+                            return [g["query"], g["key"], g["value"]]
+                else:  # mlx-dense: SDPA over every token, [B, H, N, D]
+                    qt, kt, vt, dot = (x.reshape(b, n, h, d).transpose(0, 2, 1, 3) for x in (q, k, v, do))
+                    qt, kt, vt, dot = (mx.contiguous(x) for x in (qt, kt, vt, dot))
+                    mx.eval(qt, kt, vt, dot)
+
+                    def sdpa(q_, k_, v_):
+                        return mx.fast.scaled_dot_product_attention(q_, k_, v_, scale=d**-0.5)
+
+                    if mode == "fwd":
+                        def fn():
+                            return sdpa(qt, kt, vt)
+                    else:
+                        if b * h * n * n * 2 > 60 * 2**30:
+                            row["note"] = "not run: an unfused backward's [B, H, N, N] scores exceed 60 GiB"
+                            emit(**row)
+                            continue
+
+                        def fn():
+                            return mx.vjp(sdpa, [qt, kt, vt], [dot])[1]
+                ms, group = timed(fn, sync)
+                emit(**row, ms=ms, group=group, tflops=flops(case, mode) / ms / 1e9)
+            except Exception as exc:  # one failing row must not lose the others
+                emit(**row, note=f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
+
+
+# ---- torch child ---------------------------------------------------------------------------------
+def torch_child(case: str, impls: list, modes: list, flex_bwd: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    b, spatial, ks, h, d = CASES[case]
+    n = math.prod(spatial)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(1)
+    q, k, v, do = (torch.randn((b, *spatial, h, d), generator=g, device=dev, dtype=torch.float16) for _ in range(4))
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}", flush=True)
+
+    def sync(_):
+        torch.cuda.synchronize()
+
+    for impl in impls:
+        for mode in modes:
+            row = dict(case=case, impl=impl, mode=mode)
+            try:
+                if impl == "torch-dense":
+                    qt, kt, vt, dot = (x.reshape(b, n, h, d).transpose(1, 2).contiguous() for x in (q, k, v, do))
+
+                    def f(q_, k_, v_):
+                        return F.scaled_dot_product_attention(q_, k_, v_, scale=d**-0.5)
+                else:
+                    if mode != "fwd" and not flex_bwd:
+                        emit(**row, note="not run (--flex-bwd: compiling FlexAttention's backward takes minutes)")
+                        continue
+                    import natten
+
+                    natten.allow_flex_compile(True)
+                    op = getattr(natten, f"na{len(spatial)}d")
+                    qt, kt, vt, dot = q, k, v, do
+
+                    def f(q_, k_, v_):
+                        return op(q_, k_, v_, kernel_size=ks, backend="flex-fna", torch_compile=True)
+
+                    row["note"] = f"natten {natten.__version__} flex-fna, torch.compile"
+                if mode == "fwd":
+                    def fn():
+                        with torch.no_grad():
+                            return f(qt, kt, vt)
+                else:
+                    qg, kg, vg = (x.detach().requires_grad_(True) for x in (qt, kt, vt))
+
+                    def fn():
+                        o = f(qg, kg, vg)
+                        return torch.autograd.grad(o, (qg, kg, vg), dot)
+                t0 = time.perf_counter()
+                sync(fn())
+                row["first_s"] = round(time.perf_counter() - t0, 1)
+                ms, group = timed(fn, sync)
+                emit(**row, ms=ms, group=group, tflops=flops(case, mode) / ms / 1e9)
+            except Exception as exc:
+                emit(**row, note=f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200])
+            finally:
+                torch.cuda.empty_cache()
+
+
+# ---- parent --------------------------------------------------------------------------------------
+def run_child(argv, timeout):
+    rows = []
+    try:
+        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout)
+        text = proc.stdout
+        if proc.returncode != 0:
+            print(f"child {argv} exited {proc.returncode}: {proc.stderr[-800:]}", flush=True)
+    except subprocess.TimeoutExpired as exc:
+        text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        print(f"child {argv} timed out after {timeout} s", flush=True)
+    for line in text.splitlines():
+        if line.startswith(TAG):
+            rows.append(json.loads(line[len(TAG):]))
+            print(line, flush=True)
+        else:
+            print("  " + line, flush=True)
+    return rows
+
+
+def table(rows) -> str:
+    out = ["| case | mode | impl | ms | TFLOP/s | vs MLX dense | vs torch dense | note |", "|---|---|---|---|---|---|---|---|"]
+    ref = {(r["case"], r["mode"], r["impl"]): r.get("ms") for r in rows}
+    for r in rows:
+        ms = r.get("ms")
+        md = ref.get((r["case"], r["mode"], "mlx-dense"))
+        td = ref.get((r["case"], r["mode"], "torch-dense"))
+        note = r.get("note", "")
+        if "max_err" in r:
+            note = (note + f" max err {r['max_err']:.1e}" + ("" if r.get("check") else " FAILED CHECK")).strip()
+        out.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["case"], r["mode"], r["impl"], f"{ms:.3f}" if ms else "-", f"{r['tflops']:.1f}" if ms else "-",
+            f"{md / ms:.2f}x" if ms and md else "-", f"{td / ms:.2f}x" if ms and td else "-", note))
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", choices=["mlx", "torch"])
+    ap.add_argument("--cases", default="G1,G2,G3,G4")
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--impls", default="cuda,mlx-dense,torch-dense,natten-flex")
+    ap.add_argument("--flex-bwd", action="store_true")
+    ap.add_argument("--timeout", type=float, default=240)
+    a = ap.parse_args()
+    cases, modes, impls = a.cases.split(","), a.modes.split(","), a.impls.split(",")
+    if a.child == "mlx":
+        mlx_child(cases[0], impls, modes)
+        return 0
+    if a.child == "torch":
+        torch_child(cases[0], impls, modes, a.flex_bwd)
+        return 0
+    rows = []
+    mlx_impls = [i for i in impls if i in ("cuda", "mlx-dense")]
+    torch_impls = [i for i in impls if i in ("torch-dense", "natten-flex")]
+    for case in cases:
+        common = ["--modes", a.modes, "--cases", case]
+        if mlx_impls:
+            rows += run_child(["--child", "mlx", "--impls", ",".join(mlx_impls), *common], a.timeout)
+        if torch_impls:
+            rows += run_child(["--child", "torch", "--impls", ",".join(torch_impls), *common] + (["--flex-bwd"] if a.flex_bwd else []), a.timeout)
+    md = table(rows)
+    print(md)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench-cuda.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(out, "bench-cuda.md"), "w") as f:
+            f.write(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
