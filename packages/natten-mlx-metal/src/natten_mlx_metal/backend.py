@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from . import kernels
 
-KNOWN_OPTIONS = ("tile",)
+KNOWN_OPTIONS = ("tile", "forward")
 
 
 class MetalBackend:
@@ -27,10 +27,11 @@ class MetalBackend:
         "verified by emulation, not yet run on Apple hardware"
     )
 
-    def __init__(self, launcher: Optional[Callable] = None, tile: Optional[tuple] = None):
+    def __init__(self, launcher: Optional[Callable] = None, tile: Optional[tuple] = None, forward: str = "mma"):
         # launcher(Launch) -> list of outputs; the tests pass the emulator's
         self._launch = launcher or kernels.metal_launch
         self._tile = tile
+        self._forward = forward
 
     # ---- protocol ----
     def available(self) -> Optional[str]:
@@ -60,6 +61,9 @@ class MetalBackend:
         unknown = sorted(set(options) - set(KNOWN_OPTIONS))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for backend 'metal'; known: {list(KNOWN_OPTIONS)}")
+        forward = options.get("forward", self._forward)
+        if forward not in kernels.FORWARDS:
+            raise ValueError(f"forward={forward!r} is not a Metal forward kernel; choose one of {kernels.FORWARDS}")
         tile = options.get("tile", self._tile)
         if tile is not None:
             if not isinstance(tile, (tuple, list)) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
@@ -71,7 +75,7 @@ class MetalBackend:
             if prod != kernels.THREADS:
                 raise ValueError(f"tile={tile!r} holds {prod} queries; a Metal query tile holds exactly {kernels.THREADS}")
             tile = tuple(tile)
-        return MetalBackend(self._launch, tile)
+        return MetalBackend(self._launch, tile, forward)
 
     def _tile3(self, geo):
         return None if self._tile is None else (1,) * (3 - len(self._tile)) + tuple(self._tile)
@@ -83,7 +87,8 @@ class MetalBackend:
         geo = kernels.geometry(problem)
         q, k, v = _tokens(query, geo.N), _tokens(key, geo.NK), _tokens(value, geo.NK)
         r = None if rpb is None else rpb.reshape(geo.H, geo.R)
-        launch = kernels.forward_launch(geo, q, k, v, additional_keys, additional_values, r, self._tile3(geo))
+        launch = kernels.forward_launch(geo, q, k, v, additional_keys, additional_values, r, self._tile3(geo),
+                                        self._forward)
         out, lse = self._launch(launch)
         spatial = tuple(query.shape[1:-2])
         return out.reshape(geo.B, *spatial, geo.H, geo.DV), lse.reshape(geo.B, *spatial, geo.H)

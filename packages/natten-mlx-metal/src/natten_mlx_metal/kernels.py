@@ -21,7 +21,9 @@ import mlx.core as mx
 
 HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # register-array sizes (DP, DVP template values)
 MAX_HEAD_DIM = HEAD_DIMS[-1]
-THREADS = 64  # threads per threadgroup: one per query (forward, dQ) or key (dK/dV) of a tile box
+THREADS = 64  # tokens per tile box, and threads of the scalar kernels: one per query (dQ) or key (dK/dV)
+MMA_THREADS = 4 * THREADS  # the simdgroup-matrix forward: one simdgroup (32 threads) per 8 queries
+FORWARDS = ("mma", "simple")  # forward kernels: fwd_mma.metal (default), fwd.metal
 DEFAULT_BOX = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 TG_MEMORY = 32768  # bytes of threadgroup memory on Apple GPUs
 N_SCALARS = 8
@@ -76,6 +78,7 @@ def header() -> str:
 KERNELS = {
     # name: (body file, inputs, outputs)
     "fwd": ("fwd.metal", ("q", "k", "v", "ak", "av", "rpb", "prm", "scl"), ("out", "lse")),
+    "fwd_mma": ("fwd_mma.metal", ("q", "k", "v", "ak", "av", "rpb", "prm", "scl"), ("out", "lse")),
     "bwd_dq": ("bwd_dq.metal", ("q", "k", "v", "ak", "av", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dq",)),
     "bwd_dkv": ("bwd_dkv.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dk", "dv")),
     "bwd_extra": ("bwd_extra.metal", ("q", "ak", "av", "dout", "lse", "delta", "prm", "scl"), ("dak", "dav")),
@@ -217,8 +220,8 @@ def _ntiles(prm: tuple) -> int:
     return n
 
 
-def _template(geo: Geometry, dtype) -> tuple:
-    return (("T", dtype), ("DP", geo.DP), ("DVP", geo.DVP), ("NT", THREADS))
+def _template(geo: Geometry, dtype, threads: int = THREADS) -> tuple:
+    return (("T", dtype), ("DP", geo.DP), ("DVP", geo.DVP), ("NT", threads))
 
 
 def _dummy(dtype):
@@ -245,14 +248,16 @@ def _scale(geo: Geometry):
     return mx.array([geo.scale], dtype=mx.float32)
 
 
-def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None) -> Launch:
+def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, forward: str = "mma") -> Launch:
     """Fused forward: out [B, N, H, DV], lse [B, N, H] float32. q/k/v flattened to tokens."""
     dtype = q.dtype
+    kind, threads = ("fwd_mma", MMA_THREADS) if forward == "mma" else ("fwd", THREADS)
     T, U = query_major_tiles(geo, tile)
     prm = params(geo, T, U, key_major=False)
     inputs = (q, k, v, ak if ak is not None else _dummy(dtype), av if av is not None else _dummy(dtype),
               rpb if rpb is not None else _dummy(dtype), mx.array(prm, dtype=mx.int32), _scale(geo))
-    return Launch(spec("fwd"), inputs, _template(geo, dtype), (_ntiles(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1),
+    return Launch(spec(kind), inputs, _template(geo, dtype, threads), (_ntiles(prm) * threads, geo.H, geo.B),
+                  (threads, 1, 1),
                   ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H)), (dtype, mx.float32))
 
 

@@ -109,3 +109,18 @@ NA_FUNC bool na_in_windows(thread const NaAxis* ax, thread const int* Lg, thread
   }
   return true;
 }
+
+// One 8x8x8 multiply-accumulate of the simdgroup, d = a * b + c, on this lane's two elements of
+// each fragment (Apple's lane layout; see fwd_mma.metal). Fragments live in float2 registers and
+// become simdgroup matrices only here, as in MLX's steel attention (BaseMMAFrag::mma).
+NA_FUNC float2 na_mma(float2 a, float2 b, float2 c) {
+  simdgroup_matrix<float, 8, 8> A, B, C, Dm;
+  A.thread_elements()[0] = a.x;
+  A.thread_elements()[1] = a.y;
+  B.thread_elements()[0] = b.x;
+  B.thread_elements()[1] = b.y;
+  C.thread_elements()[0] = c.x;
+  C.thread_elements()[1] = c.y;
+  simdgroup_multiply_accumulate(Dm, A, B, C);
+  return float2(Dm.thread_elements()[0], Dm.thread_elements()[1]);
+}
