@@ -33,7 +33,9 @@ def info(out=print) -> None:
         out(f"  {r['name']} (priority {r['priority']}, {r['distribution']} {r['version']}): {state}")
         if r["description"]:
             out(f"    {r['description']}")
-        out(f"    backward: {r['backward']}")
+        how = f" (differentiation={r['differentiation']!r})" if r.get("differentiation") else ""
+        devices = f"; devices: {', '.join(r['devices']) or 'none'}" if "devices" in r else ""
+        out(f"    backward: {r['backward']}{how}{devices}")
     width = max(len(f) for f in FEATURES)
     names = [r["name"] for r in rows]
     cols = [max(len(n), 8) for n in names]
