@@ -1,33 +1,85 @@
 """Every development task of natten-mlx.
 
     nox -s demo            the main job: install natten-mlx, train the demo classifier, print info, a quick benchmark
-    nox -t ci              what CI runs: tests (per backend), plugins, compat
+    nox -t ci              what CI runs (.ci/run): tests per interpreter and backend, parity, plugins, compat,
+                           parity014, the wheelhouse
+    nox -s build           wheel and sdist of every distribution under packages/ into dist/
+    nox -s wheelhouse      build, then install natten-mlx[compat] and every tier from dist/ into a fresh venv;
+                           natten-mlx info and check there
     nox -s bench           the full benchmark against MLX SDPA and NATTEN 0.21.7; writes benchmarks/RESULTS.md
-    nox -s parity014       compat parity against official NATTEN 0.14.6 (own venv, ~20 min the first time)
+    nox -s parity014       compat parity against official NATTEN 0.14.6 (cached venv, ~20 min the first time)
+    nox -s gpu             on a machine with a GPU: the core, parity and tier suites on the current interpreter
     nox -s lint            ruff
+
+Interpreters: a session runs on the interpreter that runs nox when it is one of SUPPORTED, else on
+the first of SUPPORTED found on PATH. The tests session runs on TEST_PYTHONS (the oldest supported
+and the newest MLX ships wheels for that this machine has). A missing interpreter is an error,
+never a skip.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nox
 
 ROOT = Path(__file__).resolve().parent
-CORE = ROOT / "packages" / "natten-mlx-core"
-COMPAT = ROOT / "packages" / "natten-mlx-compat"
+PACKAGES = ROOT / "packages"
+CORE = PACKAGES / "natten-mlx-core"
+COMPAT = PACKAGES / "natten-mlx-compat"
+NANOBIND = PACKAGES / "natten-mlx-nanobind"
+CUDA = PACKAGES / "natten-mlx-cuda"
+METAL = PACKAGES / "natten-mlx-metal"
 EXAMPLE = ROOT / "examples" / "third-party-backend"
+DIST = ROOT / "dist"
+VERSION = "0.4.0"  # every distribution of this repository; see packages/*/pyproject.toml
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["demo"]
+nox.options.error_on_missing_interpreters = True
 
-PYTHON = "3.11"
+SUPPORTED = ("3.10", "3.11", "3.12", "3.13")
+TEST_PYTHONS = ["3.10", "3.13"]
+
+
+def _works(python: str) -> bool:
+    """True when ``python`` runs (a pyenv shim of a version that is not selected is on PATH but fails)."""
+    exe = shutil.which(python)
+    return exe is not None and subprocess.run([exe, "-c", ""], capture_output=True).returncode == 0
+
+
+def _this_interpreter() -> str:
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if here in SUPPORTED:
+        return here
+    # none found: nox then reports SUPPORTED[0] as missing, an error
+    return next((v for v in SUPPORTED if _works(f"python{v}")), SUPPORTED[0])
+
+
+PYTHON = _this_interpreter()
+# natten 0.14.6 builds only against torch 2.3.1, which has no wheels past Python 3.12
+PARITY014_PYTHON = PYTHON if PYTHON != "3.13" else "3.12"
+
 # torch 2.13.0 is the CPU build this project's machines carry; natten 0.21.7 builds against it (no CUDA)
 TORCH = "torch==2.13.0"
 NATTEN = "natten==0.21.7"
-# backends the tests session is run against (forcing NATTEN_BACKEND); tiers add themselves here
-BACKENDS = ["pure"]
+# backends the tests and parity sessions are run against (forcing NATTEN_BACKEND); the CPU tier
+# joins when its package exists (cuda and metal need their device: see the gpu session)
+BACKENDS = ["pure"] + (["nanobind"] if NANOBIND.is_dir() else [])
+
+
+def _tiers() -> list[Path]:
+    """The tier packages that exist in this checkout."""
+    return [p for p in (NANOBIND, CUDA, METAL) if (p / "pyproject.toml").is_file()]
+
+
+def _distributions() -> list[Path]:
+    """Every distribution under packages/ (tiers that do not exist yet are simply not listed)."""
+    return sorted(p.parent for p in PACKAGES.glob("*/pyproject.toml"))
 
 
 def _install_reference(session: nox.Session) -> None:
@@ -36,14 +88,33 @@ def _install_reference(session: nox.Session) -> None:
     session.install("--no-build-isolation", NATTEN)
 
 
-@nox.session(python=PYTHON, tags=["ci"])
+def _install_core(session: nox.Session, backend: str, extra: str = "test") -> None:
+    session.install(f"{CORE}[{extra}]")
+    if backend == "nanobind":
+        session.install(str(NANOBIND))
+
+
+@nox.session(python=TEST_PYTHONS, tags=["ci"])
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
-    """Core tests: the float64 oracle sweeps, validation, split ops, dtypes, NATTEN parity, demo/bench smoke."""
-    session.install(f"{CORE}[test]")
+    """Core tests: the float64 oracle sweeps, validation, split ops, dtypes, the tools (demo, bench, check);
+    with a tier's own tests when that tier is the backend."""
+    _install_core(session, backend)
+    paths = ["tests/core", "tests/test_demo_bench.py"]
+    if backend == "nanobind":
+        paths.append("tests/nanobind")
+    session.run("pytest", "-q", *paths, *session.posargs, env={"NATTEN_BACKEND": backend})
+
+
+@nox.session(python=PYTHON, tags=["ci"])
+@nox.parametrize("backend", BACKENDS)
+def parity(session: nox.Session, backend: str) -> None:
+    """Parity with official NATTEN 0.21.7 (CPU torch), forward and backward."""
+    _install_core(session, backend)
     _install_reference(session)
-    env = {"NATTEN_BACKEND": backend}
-    session.run("pytest", "-q", "tests/core", "tests/parity", "tests/test_demo_bench.py", *session.posargs, env=env)
+    # the parity module skips itself without torch or natten: here they must be present
+    session.run("python", "-c", "import natten, torch")
+    session.run("pytest", "-q", "tests/parity", *session.posargs, env={"NATTEN_BACKEND": backend})
 
 
 @nox.session(python=PYTHON, tags=["ci"])
@@ -72,25 +143,82 @@ def compat(session: nox.Session) -> None:
     )
 
 
-@nox.session(python=PYTHON)
+def _cache_dir() -> Path:
+    """Outside the checkout, so a fresh clone (CI) reuses what an earlier run built."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "natten-mlx"
+
+
+@nox.session(python=PARITY014_PYTHON, tags=["ci"])
 def parity014(session: nox.Session) -> None:
     """Parity of the v014/v015 eras with official NATTEN 0.14.6, which builds only against torch 2.3.1.
 
-    Its virtualenv is kept between runs at ``$NATTEN014_VENV`` (default ``.nox/natten014``); the
-    first run downloads torch 2.3.1 and compiles NATTEN (about 20 minutes on 2 cores).
+    Its virtualenv is kept between runs, outside the checkout, at ``$NATTEN014_VENV`` (default
+    ``~/.cache/natten-mlx/natten014-py<version>``); the first run downloads torch 2.3.1 and compiles
+    NATTEN (about 20 minutes on 2 cores), later runs only reinstall natten-mlx into it.
     """
-    venv = Path(os.environ.get("NATTEN014_VENV", ROOT / ".nox" / "natten014"))
+    default = _cache_dir() / f"natten014-py{session.python}"
+    venv = Path(os.environ.get("NATTEN014_VENV", default))
     python = venv / "bin" / "python"
     if not python.exists():
         session.run("python", "-m", "venv", str(venv))
     pip = (str(python), "-m", "pip", "install", "-q")
-    session.run(*pip, "torch==2.3.1", "numpy<2", "setuptools", "wheel", "mlx[cpu]", "pytest", external=True)
     probe = "import importlib.metadata as m\ntry:\n    print(m.version('natten'))\nexcept m.PackageNotFoundError:\n    print('none')"
     found = session.run(str(python), "-c", probe, silent=True, external=True).strip().splitlines()[-1]
     if found != "0.14.6":
+        session.run(*pip, "torch==2.3.1", "numpy<2", "setuptools", "wheel", "mlx[cpu]", "pytest", external=True)
         session.run(*pip, "--no-build-isolation", "natten==0.14.6", external=True, env={"MAX_JOBS": "2"})
-    session.run(*pip, "-e", str(CORE), "-e", str(COMPAT), external=True)
-    session.run(str(python), "-m", "pytest", "-q", "tests/compat/test_parity014.py", *session.posargs, external=True)
+    # the core's dependencies without upgrading numpy past torch 2.3.1's; then this checkout's packages
+    session.run(*pip, "numpy<2", "pluggy>=1.3", "mlx[cpu]", external=True)
+    session.run(*pip, "--no-deps", "--force-reinstall", str(CORE), str(COMPAT), external=True)
+    session.run(str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/compat/test_parity014.py",
+                *session.posargs, external=True)
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """Wheel and sdist of every distribution under packages/ into dist/ (previous files of these
+    distributions are removed first)."""
+    _build(session)
+
+
+def _build(session: nox.Session) -> None:
+    session.install("build")
+    DIST.mkdir(exist_ok=True)
+    for old in DIST.glob("natten_mlx*"):
+        old.unlink()
+    for package in _distributions():
+        session.run("python", "-m", "build", "--outdir", str(DIST), str(package))
+    session.log("dist/: " + ", ".join(sorted(p.name for p in DIST.iterdir())))
+
+
+@nox.session(python=PYTHON, tags=["ci"])
+def wheelhouse(session: nox.Session) -> None:
+    """Install from dist/ as a user would (``--find-links dist``, everything else from the index) into
+    this session's fresh venv: natten-mlx with [compat] and every tier that exists; then
+    ``natten-mlx info`` (each tier listed with its distribution) and ``natten-mlx check``.
+
+    ``[cuda]`` also pulls MLX's CUDA build (a large download that needs an NVIDIA GPU), so the CUDA
+    tier's wheel is installed by name here; it installs anywhere and reports itself unavailable.
+    """
+    _build(session)
+    extras = ["compat"] + [p.name.removeprefix("natten-mlx-") for p in _tiers() if p != CUDA]
+    requirements = [f"natten-mlx[{','.join(extras)}]=={VERSION}"]
+    if CUDA in _tiers():
+        requirements.append(f"natten-mlx-cuda=={VERSION}")
+    # --force-reinstall: the wheels of this version were just rebuilt; pip's cache must not win
+    session.install("--force-reinstall", "--find-links", str(DIST), *requirements)
+    # from dist/, not from the checkout: run outside it
+    site = session.run("python", "-c", "import natten_mlx, os; print(os.path.dirname(natten_mlx.__file__))",
+                       silent=True).strip().splitlines()[-1]
+    if str(ROOT) in site:
+        session.error(f"natten_mlx was imported from the checkout ({site}), not from the installed wheel")
+    info = session.run("natten-mlx", "info", silent=True)
+    print(info)
+    for tier in _tiers():
+        if tier.name not in info:
+            session.error(f"natten-mlx info does not list the distribution {tier.name}")
+    session.run("python", "-c", "import natten_mlx.compat.v021 as natten; print('natten_mlx.compat', natten.__version__)")
+    session.run("natten-mlx", "check", "--cases", "20")
 
 
 @nox.session(python=PYTHON)
@@ -107,6 +235,31 @@ def bench(session: nox.Session) -> None:
     session.install(str(CORE))
     _install_reference(session)
     session.run("python", "benchmarks/run_benchmarks.py", *session.posargs)
+
+
+@nox.session(python=PYTHON, tags=["ci"] if (ROOT / "tests" / "metal").is_dir() else [])
+def metal_emulator(session: nox.Session) -> None:
+    """The Metal tier's shipped kernel sources under its emulator (no Apple GPU needed)."""
+    session.install(f"{CORE}[test]", str(METAL))
+    session.run("pytest", "-q", "tests/metal", *session.posargs)
+
+
+@nox.session(python=PYTHON, tags=["ci"] if (ROOT / "tests" / "distributed").is_dir() else [])
+def distributed(session: nox.Session) -> None:
+    """Sharded attention over mx.distributed."""
+    session.install(f"{CORE}[test]")
+    session.run("pytest", "-q", "tests/distributed", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """On the lent GPU machine, with the interpreter that runs nox: install the core, compat and
+    every tier (editable, into that interpreter), then the core, parity and tier suites."""
+    packages = [CORE, COMPAT, *_tiers()]
+    session.run(sys.executable, "-m", "pip", "install", "-q", *[a for p in packages for a in ("-e", str(p))])
+    tier_tests = [f"tests/{p.name.removeprefix('natten-mlx-')}" for p in _tiers()]
+    paths = ["tests/core", "tests/parity", *[t for t in tier_tests if (ROOT / t).is_dir()]]
+    session.run(sys.executable, "-m", "pytest", "-q", *paths, *session.posargs)
 
 
 @nox.session(python=PYTHON)

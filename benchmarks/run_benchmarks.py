@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The CPU benchmark of record: natten-mlx against the baselines, in one process.
 
-Runs the cases C1-C4 of :mod:`natten_mlx.bench` (float32, forward and forward+backward) for
+Runs the cases C1-C4 of :mod:`natten_mlx.cli.bench` (float32, forward and forward+backward) for
   * every installed natten-mlx backend (and each non-default strategy of the pure backend),
   * ``mlx-sdpa-mask``: ``mx.fast.scaled_dot_product_attention`` with the dense neighborhood mask,
   * ``torch-sdpa-mask-cpu``: the same dense masked attention in PyTorch (for scale: PyTorch's CPU
@@ -37,7 +37,7 @@ except ImportError:
 import mlx.core as mx  # noqa: E402
 import natten_mlx  # noqa: E402
 import numpy as np  # noqa: E402
-from natten_mlx import bench  # noqa: E402
+from natten_mlx.cli import bench  # noqa: E402
 
 NATTEN_IMPL = "natten-0.21.7-cpu"
 RESULTS = os.path.join(HERE, "RESULTS.md")
@@ -62,7 +62,7 @@ def natten_rows(case: bench.Case, modes, timing: dict, seed: int = 0) -> list[di
 
     warnings.filterwarnings("ignore", module="torch.nn.attention.flex_attention")
     q, k, v, cot = bench.make_inputs(case, seed)
-    rows_idx = bench._sample_rows(case)
+    rows_idx = bench.sample_rows(case)
     expected = bench.reference_rows(case, q, k, v, rows_idx)
     tq, tk, tv, tcot = (torch.from_numpy(np.array(x.astype(mx.float32))) for x in (q, k, v, cot))
     op = getattr(natten, case.op)
@@ -83,7 +83,7 @@ def natten_rows(case: bench.Case, modes, timing: dict, seed: int = 0) -> list[di
         try:
             if mode == "fwd":
                 got = fwd().numpy().reshape(case.batch, case.tokens, case.heads, -1)
-                row.max_err = bench._max_err(got[:, rows_idx], expected)
+                row.max_err = bench.max_err(got[:, rows_idx], expected)
                 row.pass_ = row.max_err <= bench.TOLERANCES[case.dtype][0]
                 t = bench.time_callable(fwd, sync=lambda _: None, **{"warmup": 0, **timing})
             else:
@@ -108,7 +108,7 @@ def torch_mask_rows(case: bench.Case, modes, timing: dict, seed: int = 0) -> lis
     except ImportError as exc:
         return [bench.Row(case.name, case.label, name, m, note=f"not importable: {exc}").as_dict() for m in modes]
     q, k, v, cot = bench.make_inputs(case, seed)
-    rows_idx = bench._sample_rows(case)
+    rows_idx = bench.sample_rows(case)
     expected = bench.reference_rows(case, q, k, v, rows_idx)
     b, n, h, d = case.batch, case.tokens, case.heads, case.head_dim
     tq, tk, tv, tcot = (torch.from_numpy(np.array(x.astype(mx.float32))) for x in (q, k, v, cot))
@@ -132,13 +132,13 @@ def torch_mask_rows(case: bench.Case, modes, timing: dict, seed: int = 0) -> lis
         rows.append(row)
         try:
             need = bench.dense_bytes(case, mode)
-            avail = bench._memory_bytes()
+            avail = bench.available_bytes()
             if avail is not None and need > 0.6 * avail:
                 row.note = f"skipped: needs ~{need / 2**30:.1f} GiB for dense scores"
                 continue
             if mode == "fwd":
                 got = fwd().numpy().reshape(b, n, h, -1)
-                row.max_err = bench._max_err(got[:, rows_idx], expected)
+                row.max_err = bench.max_err(got[:, rows_idx], expected)
                 row.pass_ = row.max_err <= bench.TOLERANCES[case.dtype][0]
             else:
                 fwdbwd()
@@ -252,7 +252,7 @@ def report(rows, info, command, elapsed) -> str:
         "- cases (float32, batch 1, stride 1): " + "; ".join(f"{c} `{lab}`" for c, lab in labels),
         "- medians in ms (forward: `fwd`; forward+backward with all three gradients: `fwdbwd`); "
         "`X / pure` is how many times slower baseline X is than natten-mlx's pure backend in its default "
-        "strategy (`pure[...]` columns are its other strategies, forced through `NATTEN_MLX_PURE_STRATEGY`)",
+        "strategy (`pure[...]` columns are its other strategies, forced one at a time)",
         "- checks: forward outputs against a float64 NumPy reference on ~300 sampled queries; "
         f"gradients against the dense {bench.BASELINE} gradients where that ran, else the pure "
         "strategies against each other",

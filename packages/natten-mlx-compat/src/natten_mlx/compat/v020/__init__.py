@@ -8,7 +8,9 @@ from upstream.
 """
 
 from .. import _modern
-from . import backends, context, functional, modules
+
+# attn_merge and types are attributes of upstream's package too (its functional imports them)
+from . import attn_merge, backends, context, functional, modules, types  # noqa: F401
 
 HAS_LIBNATTEN = False
 

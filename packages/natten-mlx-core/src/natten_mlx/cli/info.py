@@ -1,10 +1,8 @@
-"""The ``natten-mlx`` command (also ``python -m natten_mlx``): info, check, bench, demo."""
+"""``natten-mlx info``: versions, device, plugins, each backend, the support matrix and every reason."""
 
 from __future__ import annotations
 
-import argparse
 import platform
-import sys
 from importlib import metadata
 
 
@@ -24,6 +22,7 @@ def info(out=print) -> None:
 
     out(f"natten-mlx {natten_mlx.__version__}  (distribution: {_version('natten-mlx')})")
     out(f"mlx {mx.__version__}  default device: {mx.default_device()}  python {platform.python_version()} {platform.platform()}")
+    out(f"pure strategy on this device: {_pure_strategy()}")
     out("plugins (entry-point group natten_mlx.backends):")
     for row in registry().plugins:
         out(f"  {row['name']:<24} {row['distribution']} {row['version']}  {row['status']}")
@@ -34,7 +33,9 @@ def info(out=print) -> None:
         out(f"  {r['name']} (priority {r['priority']}, {r['distribution']} {r['version']}): {state}")
         if r["description"]:
             out(f"    {r['description']}")
-        out(f"    backward: {r['backward']}")
+        how = f" (differentiation={r['differentiation']!r})" if r.get("differentiation") else ""
+        devices = f"; devices: {', '.join(r['devices']) or 'none'}" if "devices" in r else ""
+        out(f"    backward: {r['backward']}{how}{devices}")
     width = max(len(f) for f in FEATURES)
     names = [r["name"] for r in rows]
     cols = [max(len(n), 8) for n in names]
@@ -55,40 +56,13 @@ def info(out=print) -> None:
         out(line)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="natten-mlx", description="Neighborhood attention for MLX")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, device, plugins, the support matrix and every reason")
-    p_check = sub.add_parser("check", help="each available backend against pure on a seeded sweep")
-    p_check.add_argument("--cases", type=int, default=50)
-    p_check.add_argument("--seed", type=int, default=0)
-    sub.add_parser("bench", help="benchmark cases across the installed backends", add_help=False)
-    p_demo = sub.add_parser("demo", help="train a small NAT-style classifier on scikit-learn digits")
-    p_demo.add_argument("--seconds", type=float, default=30.0)
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--backend", default=None)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from natten_mlx import bench
+def _pure_strategy() -> str:
+    from . import strategies
 
-        return bench.main(argv[1:]) or 0
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        info()
-        return 0
-    if args.command == "check":
-        from natten_mlx import check
-
-        return 1 if check.run(cases=args.cases, seed=args.seed) else 0
-    if args.command == "demo":
-        from natten_mlx import demo
-
-        result = demo.run(seconds=args.seconds, seed=args.seed, backend=args.backend)
-        print()
-        info()
-        return 0 if result["test_accuracy"] > 0.9 else 1
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        chosen = strategies.here()
+    except Exception as exc:  # info must still print the rest when the environment names a bad strategy
+        return f"unknown ({type(exc).__name__}: {exc})"
+    forced = strategies.forced_by_environment()
+    how = "forced by the environment" if forced else "chosen for this device"
+    return f"{chosen} ({how}; the others: {', '.join(s for s in strategies.names() if s != chosen)})"

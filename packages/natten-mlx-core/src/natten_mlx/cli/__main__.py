@@ -1,0 +1,5 @@
+import sys
+
+from natten_mlx.cli import main
+
+sys.exit(main())
