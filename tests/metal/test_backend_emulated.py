@@ -277,3 +277,32 @@ def test_planted_kernel_bug_is_caught(name):
     cfg = _fixed((40, 3), (7, 2), (1, 1), (1, 1), (False, True), 8, 8)
     with pytest.raises((AssertionError, EmulatorError)):
         check(cfg, "float32", seed=1, backend=backend)
+
+
+def test_hook_registers_the_backend():
+    import natten_mlx_metal
+
+    got = []
+    natten_mlx_metal.natten_mlx_register_backends(got.append)
+    assert [type(b).__name__ for b in got] == ["MetalBackend"]
+    from natten_mlx.protocol import check_backend
+
+    check_backend(got[0])
+
+
+def test_generated_metal_text_is_what_mlx_compiles():
+    """The signature of the shipped forward as MLX writes it (the emulator compiles the same list)."""
+    from metal_emulator import generated_sources
+
+    cfg = _fixed((12,), (5,), (1,), (1,), (False,), 8, 8)
+    p, _ = _problem(cfg, mx.float16)
+    geo = kernels.geometry(p)
+    x, _ = _tensors(np.random.default_rng(0), cfg, mx.float16)
+    L = kernels.forward_launch(geo, x["query"].reshape(1, 12, 2, 8), x["key"].reshape(1, 12, 1, 8),
+                               x["value"].reshape(1, 12, 1, 8), None, None, None)
+    metal, _, sig, _ = generated_sources(L.spec, list(L.inputs), L.output_dtypes, L.template)
+    assert sig.kernel_name == "custom_kernel_natten_mlx_fwd_mma__float16_t_8_8_256"
+    assert "template <typename T, int DP, int DVP, int NT>" in metal
+    assert "  const device float16_t* q [[buffer(0)]]," in metal
+    assert "  const device int32_t* prm [[buffer(6)]],\n  const constant float* scl [[buffer(7)]]," in metal
+    assert "  device float* lse [[buffer(9)]],\n  uint simdgroup_index_in_threadgroup [[simdgroup_index_in_threadgroup]]," in metal

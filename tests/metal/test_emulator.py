@@ -22,9 +22,8 @@ mx = pytest.importorskip("mlx.core")
 if shutil.which("g++") is None:
     pytest.skip("the Metal emulator needs g++", allow_module_level=True)
 
-from metal_emulator import EmulatorError, SignatureError, emulate, generated_sources  # noqa: E402
-
 import oracle  # noqa: E402
+from metal_emulator import EmulatorError, SignatureError, emulate, generated_sources  # noqa: E402
 
 WINDOW_H = (ROOT / "packages/natten-mlx-core/src/natten_mlx/include/natten_mlx/window.h").read_text()
 
