@@ -306,3 +306,58 @@ def test_generated_metal_text_is_what_mlx_compiles():
     assert "  const device float16_t* q [[buffer(0)]]," in metal
     assert "  const device int32_t* prm [[buffer(6)]],\n  const constant float* scl [[buffer(7)]]," in metal
     assert "  device float* lse [[buffer(9)]],\n  uint simdgroup_index_in_threadgroup [[simdgroup_index_in_threadgroup]]," in metal
+
+
+def _slab(L, K, s, d, c, qoff, n):
+    """The key range [lo, hi) that holds every window of the queries [qoff, qoff + n)."""
+    lo, hi = L, 0
+    for i in range(qoff, qoff + n):
+        g, a, b = oracle.axis_window(i, L, K, s, d, c)
+        lo, hi = min(lo, a * d + g), max(hi, b * d + g + 1)
+    return lo, hi
+
+
+SUBDOMAINS = [
+    # (full spatial, K, s, d, causal, local query offset, local query extent) per axis
+    dict(spatial=(40,), K=(5,), s=(2,), d=(3,), c=(False,), qoff=(13,), n=(11,)),
+    dict(spatial=(37,), K=(6,), s=(1,), d=(1,), c=(True,), qoff=(20,), n=(17,)),
+    dict(spatial=(14, 15), K=(3, 4), s=(1, 2), d=(2, 1), c=(False, True), qoff=(5, 3), n=(6, 7)),
+]
+
+
+@pytest.mark.parametrize("sd", SUBDOMAINS, ids=[str(i) for i in range(len(SUBDOMAINS))])
+def test_subdomain_matches_the_full_problem(sd):
+    """A sharded problem (protocol v2 sub-domain fields): local queries, a local key slab, windows
+    in global coordinates. Its out/lse/gradients are the full problem's, restricted to the slabs
+    (gradients with dO zero outside the local queries)."""
+    rng = np.random.default_rng(17)
+    n_ax = len(sd["spatial"])
+    H, Hkv, D, Dv = 2, 1, 8, 8
+    full = sd["spatial"]
+    kv = [_slab(full[a], sd["K"][a], sd["s"][a], sd["d"][a], sd["c"][a], sd["qoff"][a], sd["n"][a]) for a in range(n_ax)]
+    q = rng.standard_normal((1, *full, H, D)).astype(np.float32)
+    k = rng.standard_normal((1, *full, Hkv, D)).astype(np.float32)
+    v = rng.standard_normal((1, *full, Hkv, Dv)).astype(np.float32)
+    qsl = (slice(None),) + tuple(slice(o, o + m) for o, m in zip(sd["qoff"], sd["n"]))
+    ksl = (slice(None),) + tuple(slice(lo, hi) for lo, hi in kv)
+    dout_full = np.zeros((1, *full, H, Dv))
+    dout_full[qsl] = rng.standard_normal(dout_full[qsl].shape)
+    ref_out, ref_lse = oracle.na_forward(q, k, v, sd["K"], sd["s"], sd["d"], sd["c"])
+    ref = oracle.na_backward(q, k, v, sd["K"], sd["s"], sd["d"], sd["c"], dout=dout_full)
+    p = SimpleNamespace(
+        op="fused", batch=1, spatial=tuple(sd["n"]), heads=H, kv_heads=Hkv, head_dim=D, value_head_dim=Dv,
+        kernel_size=sd["K"], stride=sd["s"], dilation=sd["d"], is_causal=sd["c"], scale=D ** -0.5,
+        dtype=mx.float32, num_extra=0, has_rpb=False, return_lse=True, device="gpu", domain=tuple(full),
+        query_offset=tuple(sd["qoff"]), kv_spatial=tuple(hi - lo for lo, hi in kv), kv_offset=tuple(lo for lo, _ in kv),
+    )
+    assert BACKEND.supports(p) is None
+    x = {"query": mx.array(q[qsl]), "key": mx.array(k[ksl]), "value": mx.array(v[ksl]),
+         "additional_keys": None, "additional_values": None, "rpb": None}
+    out, lse = BACKEND.fused_forward(p, x["query"], x["key"], x["value"])
+    _close(out, ref_out[qsl], "float32", "out")
+    _close(lse, ref_lse[qsl], "float32", "lse")
+    grads = BACKEND.fused_backward(SimpleNamespace(problem=p, inputs=x, out=out, lse=lse,
+                                                   d_out=mx.array(dout_full[qsl].astype(np.float32)), d_lse=None))
+    _close(grads["query"], ref["q"][qsl], "float32", "dq")
+    _close(grads["key"], ref["k"][ksl], "float32", "dk")
+    _close(grads["value"], ref["v"][ksl], "float32", "dv")
