@@ -195,9 +195,11 @@ class CudaBackend:
         do = d_out.reshape(geo.B, geo.N, geo.H, geo.DV).astype(problem.dtype)
         has_rpb = rpb is not None
         common = [q, k, v, do, lse, delta, self._rpb(rpb, geo, problem.dtype)]
-        l_dq = plan.backward_dq(geo, dtype, has_rpb)
+        fast = self._fast(geo, dtype)
+        qt, kt = self._tiles(geo)
+        l_dq = plan.backward_dq(geo, dtype, has_rpb, fast, qt, kt)
         dq, drpb = self._runner(l_dq, common + [_int_block(l_dq.prm), _scale(geo.scale)])
-        l_kv = plan.backward_dkdv(geo, dtype, has_rpb)
+        l_kv = plan.backward_dkdv(geo, dtype, has_rpb, fast, qt, kt)
         dk, dv = self._runner(l_kv, common + [_int_block(l_kv.prm), _scale(geo.scale)])
         grads = {}
         if ak is not None:

@@ -87,12 +87,15 @@ def query_tiles(off: int, n: int, d: int, t: int) -> int:
     return -(-most // t)
 
 
-def params(geo: Geometry, tile=(1, 1, 1)) -> tuple:
-    """The prm block of common.cuh: 8 scalars, then 10 ints per axis."""
+def params(geo: Geometry, tile=(1, 1, 1), over_keys: bool = False) -> tuple:
+    """The prm block of common.cuh: 8 scalars, then 10 ints per axis. The last per-axis entry is the
+    number of tiles per dilation group of the launch's own walk: over the local queries, or over
+    the local keys for the key-major backward (``over_keys``)."""
     out = [geo.B, geo.H, geo.HKV, geo.N, geo.NK, geo.D, geo.DV, geo.rpb_size]
     for a in range(3):
+        walk = (geo.kvoff[a], geo.kv_spatial[a]) if over_keys else (geo.qoff[a], geo.spatial[a])
         out += [geo.domain[a], geo.spatial[a], geo.kv_spatial[a], geo.qoff[a], geo.kvoff[a], geo.K[a], geo.s[a],
-                geo.d[a], int(geo.causal[a]), query_tiles(geo.qoff[a], geo.spatial[a], geo.d[a], tile[a])]
+                geo.d[a], int(geo.causal[a]), query_tiles(walk[0], walk[1], geo.d[a], tile[a])]
     return tuple(out)
 
 
@@ -168,25 +171,40 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
     kt = key_tile or qt
     v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb)
     prm = params(geo, qt)
+    return Launch(v, (_blocks(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, None, prm)
+
+
+def _blocks(prm) -> int:
     blocks = 1
     for a in range(3):
-        blocks *= geo.d[a] * prm[8 + 10 * a + 9]
-    return Launch(v, (blocks * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, None, prm)
+        blocks *= prm[8 + 10 * a + 7] * prm[8 + 10 * a + 9]
+    return blocks
 
 
-def backward_dq(geo: Geometry, dtype: str, has_rpb: bool) -> Launch:
+def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None) -> Launch:
     """dq [B, N, H, D] float32 and d_rpb [H, R] float32 (zero-initialised, atomics)."""
+    outs = ((geo.B, geo.N, geo.H, geo.D), (geo.H, geo.rpb_size) if has_rpb else (1,))
+    if fast:
+        qt = tile or default_tile(geo)
+        v = _fmha_bwd_variant("fmha_bwd_dq", dtype, geo.D, geo.DV, qt, key_tile or qt, has_rpb)
+        prm = params(geo, qt)
+        return Launch(v, (_blocks(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, 0.0, prm)
     v = Variant("simple_dq", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
     total = geo.B * geo.N * geo.H
-    outs = ((geo.B, geo.N, geo.H, geo.D), (geo.H, geo.rpb_size) if has_rpb else (1,))
     return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, 0.0, params(geo))
 
 
-def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool) -> Launch:
+def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None) -> Launch:
     """dk [B, NK, HKV, D], dv [B, NK, HKV, DV], float32."""
+    outs = ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV))
+    if fast:
+        qt = tile or default_tile(geo)
+        kt = key_tile or qt
+        v = _fmha_bwd_variant("fmha_bwd_dkdv", dtype, geo.D, geo.DV, qt, kt, has_rpb)
+        prm = params(geo, kt, over_keys=True)
+        return Launch(v, (_blocks(prm) * THREADS, geo.HKV, geo.B), (THREADS, 1, 1), outs, None, prm)
     v = Variant("simple_dkdv", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
     total = geo.B * geo.NK * geo.HKV
-    outs = ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV))
     return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
 
 
@@ -203,6 +221,9 @@ def compile_variants() -> list:
         d, dv = dims[i % len(dims)]
         qt, kt = tiles[i % len(tiles)]
         out.append(_fmha_variant(dt, dt if ot == "same" else "float32", d, dv, qt, kt, rpb))
+        if ot == "same":
+            out.append(_fmha_bwd_variant("fmha_bwd_dq", dt, d, dv, qt, kt, rpb))
+            out.append(_fmha_bwd_variant("fmha_bwd_dkdv", dt, dv, d, kt, qt, rpb))
     for j, (d, dv) in enumerate(dims[:4]):  # the rest of the head dims, every rank
         qt, kt = tiles[(j + 1) % len(tiles)]
         out.append(_fmha_variant("float16", "float16", d, dv, qt, kt, False))
@@ -213,6 +234,17 @@ def compile_variants() -> list:
         out.append(Variant("simple_dq", (("T", dt), ("DMAX", dmax), ("HAS_RPB", rpb))))
         out.append(Variant("simple_dkdv", (("T", dt), ("DMAX", simple_dims[-1 - i % 3]), ("HAS_RPB", rpb))))
     return out
+
+
+def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb) -> Variant:
+    dp, dvp = _r16(d), _r16(dv)
+    smem = (TILE * (dp + 8) * 3 + TILE * (dvp + 8) * 3) * 2 + (4 * TILE * 4 if body == "fmha_bwd_dkdv" else 0)
+    return Variant(
+        body,
+        (("T", dt), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]), ("QT2", qt[2]),
+         ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb)),
+        smem,
+    )
 
 
 def _fmha_variant(dt, ot, d, dv, qt, kt, rpb) -> Variant:

@@ -34,6 +34,8 @@ BODIES = {
     "fmha_fwd": (T_IN + ("rpb", "prm", "scl"), ("out", "lse")),
     "simple_dq": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_query", "d_rpb")),
     "simple_dkdv": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_key", "d_value")),
+    "fmha_bwd_dq": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_query", "d_rpb")),
+    "fmha_bwd_dkdv": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_key", "d_value")),
 }
 FIXED_DTYPES = {"prm": "int32", "scl": "float32", "lse": "float32", "delta": "float32", "d_rpb": "float32",
                 "d_query": "float32", "d_key": "float32", "d_value": "float32"}
