@@ -11,7 +11,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from natten_mlx_cuda import plan, source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
