@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -127,6 +128,33 @@ Pool& pool() {
 }  // namespace
 
 void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run(n, fn, ctx); }
+
+namespace {
+struct Scratch {
+  std::vector<std::vector<float>> bufs;
+  size_t next = 0;
+};
+thread_local Scratch tls_scratch;
+// memory kept between calls beyond this is given back
+constexpr size_t kScratchKeep = size_t(256) << 20;
+}  // namespace
+
+void scratch_reset() {
+  Scratch& s = tls_scratch;
+  size_t total = 0;
+  for (auto& b : s.bufs) total += b.capacity() * sizeof(float);
+  if (total > kScratchKeep) s.bufs.clear();
+  s.next = 0;
+}
+
+float* scratch(size_t n, bool zero) {
+  Scratch& s = tls_scratch;
+  if (s.next == s.bufs.size()) s.bufs.emplace_back();
+  std::vector<float>& b = s.bufs[s.next++];
+  if (b.size() < n + 16) b.resize(n + 16);  // 16 floats of slack for the padded row helpers
+  if (zero) std::memset(b.data(), 0, sizeof(float) * n);
+  return b.data();
+}
 int num_threads() { return pool().size(); }
 const char* simd_name() { return select_kernels().name; }
 
@@ -169,8 +197,9 @@ Plan make_plan(const Geo& g, int vw) {
         double M = T * g.G;
         double np = static_cast<double>(round_up(static_cast<int64_t>(box) + g.E, vw));
         if (T > 1 && M * np > 65536) continue;  // scores of a tile stay in L2
-        double rows = std::ceil(M / 6.0) * 6.0;
-        double cost = (rows * np * (g.D + g.Dv) * 2.0 + np * (g.D + g.Dv) * 3.0 + M * np * 8.0 + 2000.0) / T;
+        // GEMM rows plus the per-block loads of B, packing the box, the softmax over it, a fixed cost
+        double gemm = (M + 2.0 * std::ceil(M / 6.0)) * np * (g.D + g.Dv);
+        double cost = (gemm + np * (g.D + g.Dv) * 1.5 + M * np * 3.0 + 3000.0) / T;
         if (cost < best) {
           best = cost;
           bt[0] = t0;
@@ -179,6 +208,12 @@ Plan make_plan(const Geo& g, int vw) {
         }
       }
     }
+  }
+  if (const char* env = std::getenv("NATTEN_MLX_TILE")) {
+    // "t0,t1,t2" (for experiments): query tile extents per axis of the 3D-padded problem
+    int t[3];
+    if (std::sscanf(env, "%d,%d,%d", &t[0], &t[1], &t[2]) == 3 && t[0] > 0 && t[1] > 0 && t[2] > 0)
+      for (int a = 0; a < 3; ++a) bt[a] = t[a];
   }
   Plan p;
   for (int a = 0; a < 3; ++a) p.tq[a] = bt[a];
@@ -218,7 +253,7 @@ thread_local Workspace tls_ws;
 struct TileGeo {
   int kb[3], nk[3];
   int64_t T, Nbox, Ncol, NP;
-  std::vector<int64_t> qtok, ktok;
+  std::vector<int64_t> qtok, ktok, rowtok;  // rowtok: first key token of each box row (last axis)
   std::vector<int> qc, ws, we;  // per query and axis: group coordinate, box-local window [ws, we)
 
   void build(const Geo& g, const Tile& t, int vw) {
@@ -243,6 +278,8 @@ struct TileGeo {
         for (int i2 = 0; i2 < nk[2]; ++i2)
           ktok[j++] = static_cast<int64_t>((kb[0] + i0) * g.Dl[0] + t.g[0]) * st0 +
                       static_cast<int64_t>((kb[1] + i1) * g.Dl[1] + t.g[1]) * st1 + (kb[2] + i2) * g.Dl[2] + t.g[2];
+    rowtok.resize(Nbox / nk[2]);
+    for (int64_t r = 0; r < Nbox / nk[2]; ++r) rowtok[r] = ktok[r * nk[2]];
     qtok.resize(T);
     qc.resize(T * 3);
     ws.resize(T * 3);
@@ -281,24 +318,70 @@ struct TileGeo {
   }
 };
 
-// KT[d][j] = key j (box keys, then extras); zero columns up to NP
-void pack_keys_t(const Geo& g, const TileGeo& tg, const float* k, const float* ek, float* KT) {
-  std::memset(KT, 0, sizeof(float) * g.D * tg.NP);
-  for (int64_t j = 0; j < tg.Nbox; ++j) {
-    const float* src = k + tg.ktok[j] * g.D;
-    for (int64_t d = 0; d < g.D; ++d) KT[d * tg.NP + j] = src[d];
+thread_local TileGeo tls_tg;
+
+// KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
+// ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
+void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const float* kT, const float* ekT,
+                 float* KT) {
+  const int64_t rows = tg.Nbox / tg.nk[2], nk2 = tg.nk[2], d2 = g.Dl[2];
+  if (d2 == 1) {
+    kt.pack_kt(KT, tg.NP, kT, g.N, tg.rowtok.data(), rows, static_cast<int>(nk2), g.D);
+  } else {
+    for (int64_t d = 0; d < g.D; ++d) {
+      float* dst = KT + d * tg.NP;
+      const float* src = kT + d * g.N;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* s = src + tg.ktok[r * nk2];
+        float* o = dst + r * nk2;
+        for (int64_t x = 0; x < nk2; ++x) o[x] = s[x * d2];
+      }
+    }
   }
-  for (int64_t e = 0; e < g.E; ++e) {
-    const float* src = ek + e * g.D;
-    for (int64_t d = 0; d < g.D; ++d) KT[d * tg.NP + tg.Nbox + e] = src[d];
+  for (int64_t d = 0; d < g.D; ++d) {
+    float* dst = KT + d * tg.NP;
+    for (int64_t e = 0; e < g.E; ++e) dst[tg.Nbox + e] = ekT[d * g.E + e];
+    for (int64_t j = tg.Ncol; j < tg.NP; ++j) dst[j] = 0.f;
   }
 }
 
 // X[j][:] = row j (box rows, then extras); zero rows up to NP
-void pack_rows(const TileGeo& tg, int64_t width, const float* x, const float* ex, int64_t E, float* X) {
-  for (int64_t j = 0; j < tg.Nbox; ++j) std::memcpy(X + j * width, x + tg.ktok[j] * width, sizeof(float) * width);
-  if (E) std::memcpy(X + tg.Nbox * width, ex, sizeof(float) * width * E);
+void pack_rows(const Geo& g, const TileGeo& tg, int64_t width, const float* x, const float* ex, float* X) {
+  const int64_t nk2 = tg.nk[2];
+  if (g.Dl[2] == 1) {
+    for (int64_t j = 0; j < tg.Nbox; j += nk2)
+      std::memcpy(X + j * width, x + tg.ktok[j] * width, sizeof(float) * width * nk2);
+  } else {
+    for (int64_t j = 0; j < tg.Nbox; ++j) std::memcpy(X + j * width, x + tg.ktok[j] * width, sizeof(float) * width);
+  }
+  if (g.E) std::memcpy(X + tg.Nbox * width, ex, sizeof(float) * width * g.E);
   std::memset(X + tg.Ncol * width, 0, sizeof(float) * width * (tg.NP - tg.Ncol));
+}
+
+// per slice [rows][cols] -> [cols][rows]
+float* transpose_slices(const float* x, int64_t slices, int64_t rows, int64_t cols) {
+  float* t = scratch(static_cast<size_t>(slices * rows * cols));
+  parallel_for(slices, [&](int64_t sl) {
+    const float* src = x + sl * rows * cols;
+    float* dst = t + sl * rows * cols;
+    constexpr int64_t kB = 16;  // blocks keep both sides' lines in cache
+    for (int64_t r0 = 0; r0 < rows; r0 += kB)
+      for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+        const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+      }
+  });
+  return t;
+}
+
+// rpb [H][R] with vector slack after it (the padded row helpers read past a run)
+float* padded_rpb(const Geo& g, const float* rpb) {
+  // scratch() leaves slack after the buffer
+  if (!rpb) return nullptr;
+  float* r = scratch(static_cast<size_t>(g.H * g.Rtot), true);
+  std::memcpy(r, rpb, sizeof(float) * g.H * g.Rtot);
+  return r;
 }
 
 void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
@@ -313,11 +396,20 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
   Plan plan = make_plan(g, kt.vw);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
+  const float* kT = transpose_slices(a.k, slices, g.N, g.D);
+  const float* ekT = g.E ? transpose_slices(a.ek, slices, g.E, g.D) : nullptr;
+  const float* rpbp = padded_rpb(g, a.rpb);
+  // tiles of a slice whose values are all finite skip the per-tile check
+  std::vector<char> v_finite(slices);
+  parallel_for(slices, [&](int64_t sl) {
+    v_finite[sl] = kt.all_finite(a.v + sl * g.N * g.Dv, g.N * g.Dv) &&
+                   (!g.E || kt.all_finite(a.ev + sl * g.E * g.Dv, g.E * g.Dv));
+  });
   parallel_for(slices * ntiles, [&](int64_t item) {
     const int64_t slice = item / ntiles, b = slice / g.Hkv, hk = slice % g.Hkv;
     const Tile& t = plan.tiles[item % ntiles];
     Workspace& w = tls_ws;
-    TileGeo tg;
+    TileGeo& tg = tls_tg;
     tg.build(g, t, kt.vw);
     const int64_t M = tg.T * g.G, NP = tg.NP, D = g.D, Dv = g.Dv;
     float* Qp = grow(w.qp, M * D);
@@ -329,13 +421,11 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * g.scale;
       }
     }
-    const float* kslice = a.k + slice * g.N * D;
-    const float* ekslice = g.E ? a.ek + slice * g.E * D : nullptr;
-    float* KT = grow(w.kt, D * NP);
-    pack_keys_t(g, tg, kslice, ekslice, KT);
-    float* S = grow(w.s, M * NP);
+    float* KT = grow(w.kt, D * NP + 2 * kt.vw);
+    pack_keys_t(kt, g, tg, kT + slice * g.N * D, g.E ? ekT + slice * g.E * D : nullptr, KT);
+    float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
-    float* P = grow(w.p, M * NP);
+    float* P = grow(w.p, M * NP + kt.vw);
     std::memset(P, 0, sizeof(float) * M * NP);
     float* O = grow(w.o, M * (Dv + 2));
     float* mrow = O + M * Dv;  // lse per row
@@ -344,10 +434,10 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
       float* srow = S + r * NP;
       float* prow = P + r * NP;
-      const float* rp = g.has_rpb ? a.rpb + h * g.Rtot : nullptr;
+      const float* rp = g.has_rpb ? rpbp + h * g.Rtot : nullptr;
       float m = -INFINITY;
       tg.runs(g, q, [&](int64_t off, int len, int64_t ri) {
-        if (rp) kt.axpy(srow + off, 1.f, rp + ri, len);
+        if (rp) kt.add_pad(srow + off, rp + ri, len);
         float mm = kt.row_max(srow + off, len);
         m = mm > m ? mm : m;
       });
@@ -357,14 +447,14 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       }
       if (m == -INFINITY) m = 0.f;  // only NaN scores: let the NaN through exp
       float sum = 0.f;
-      tg.runs(g, q, [&](int64_t off, int len, int64_t) { sum += kt.exp_sum(prow + off, srow + off, len, m); });
-      if (g.E) sum += kt.exp_sum(prow + tg.Nbox, srow + tg.Nbox, static_cast<int>(g.E), m);
+      tg.runs(g, q, [&](int64_t off, int len, int64_t) { sum += kt.exp_add_sum(prow + off, srow + off, nullptr, len, m); });
+      if (g.E) sum += kt.exp_add_sum(prow + tg.Nbox, srow + tg.Nbox, nullptr, static_cast<int>(g.E), m);
       mrow[r] = m + std::log(sum);
       inv[r] = 1.f / sum;
     }
     float* Vp = grow(w.vp, NP * Dv);
-    pack_rows(tg, Dv, a.v + slice * g.N * Dv, g.E ? a.ev + slice * g.E * Dv : nullptr, g.E, Vp);
-    if (kt.all_finite(Vp, tg.Ncol * Dv)) {
+    pack_rows(g, tg, Dv, a.v + slice * g.N * Dv, g.E ? a.ev + slice * g.E * Dv : nullptr, Vp);
+    if (v_finite[slice] || kt.all_finite(Vp, tg.Ncol * Dv)) {
       kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
     } else {
       // an inf/NaN value outside a query's window must not reach it through a zero weight
@@ -402,14 +492,27 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   const int64_t splits = slices >= nthr ? 1 : std::min<int64_t>(ntiles, (nthr + slices - 1) / slices);
   const int64_t ntasks = slices * splits;
   const int64_t acc_size = N * (D + Dv) + E * (D + Dv);
-  std::vector<float> priv(static_cast<size_t>((splits - 1) * slices * acc_size), 0.f);
-  std::vector<float> rpb_acc(g.has_rpb ? static_cast<size_t>(ntasks * g.G * g.Rtot) : 0, 0.f);
+  float* priv = splits > 1 ? scratch(static_cast<size_t>((splits - 1) * slices * acc_size), true) : nullptr;
+  float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * g.G * g.Rtot), true) : nullptr;
+  const float* kT = transpose_slices(a.k, slices, N, D);
+  const float* ekT = E ? transpose_slices(a.ek, slices, E, D) : nullptr;
+  const float* rpbp = padded_rpb(g, a.rpb);
   std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * N * D);
   std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * N * Dv);
   if (E) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
   }
+  std::vector<char> slice_finite(slices);
+  parallel_for(slices, [&](int64_t sl) {
+    const int64_t b = sl / g.Hkv, hk = sl % g.Hkv;
+    bool ok = kt.all_finite(a.k + sl * N * D, N * D) && (!E || kt.all_finite(a.ek + sl * E * D, E * D));
+    for (int64_t gg = 0; ok && gg < g.G; ++gg) {
+      const int64_t h = hk * g.G + gg;
+      ok = kt.all_finite(a.q + (b * g.H + h) * N * D, N * D) && kt.all_finite(a.dout + (b * g.H + h) * N * Dv, N * Dv);
+    }
+    slice_finite[sl] = ok;
+  });
   parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
@@ -419,16 +522,16 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       accek = E ? a.dek + slice * E * D : nullptr;
       accev = E ? a.dev + slice * E * Dv : nullptr;
     } else {
-      float* base = priv.data() + ((split - 1) * slices + slice) * acc_size;
+      float* base = priv + ((split - 1) * slices + slice) * acc_size;
       acck = base;
       accv = base + N * D;
       accek = base + N * (D + Dv);
       accev = accek + E * D;
     }
-    float* racc = g.has_rpb ? rpb_acc.data() + task * g.G * g.Rtot : nullptr;
+    float* racc = g.has_rpb ? rpb_acc + task * g.G * g.Rtot : nullptr;
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
-    TileGeo tg;
+    TileGeo& tg = tls_tg;
     for (int64_t ti = lo; ti < hi; ++ti) {
       tg.build(g, plan.tiles[ti], kt.vw);
       const int64_t M = tg.T * g.G, NP = tg.NP;
@@ -449,43 +552,43 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       }
       const float* kslice = a.k + slice * N * D;
       const float* ekslice = E ? a.ek + slice * E * D : nullptr;
-      float* KT = grow(w.kt, D * NP);
-      pack_keys_t(g, tg, kslice, ekslice, KT);
+      float* KT = grow(w.kt, D * NP + 2 * kt.vw);
+      pack_keys_t(kt, g, tg, kT + slice * N * D, E ? ekT + slice * E * D : nullptr, KT);
       float* Kp = grow(w.kp, NP * D);
-      pack_rows(tg, D, kslice, ekslice, E, Kp);
+      pack_rows(g, tg, D, kslice, ekslice, Kp);
       float* Vp = grow(w.vp, NP * Dv);
-      pack_rows(tg, Dv, a.v + slice * N * Dv, E ? a.ev + slice * E * Dv : nullptr, E, Vp);
+      pack_rows(g, tg, Dv, a.v + slice * N * Dv, E ? a.ev + slice * E * Dv : nullptr, Vp);
       float* VT = grow(w.vt, Dv * NP);
       transpose(Vp, NP, Dv, Dv, VT, NP);
-      float* S = grow(w.s, M * NP);
+      float* S = grow(w.s, M * NP + kt.vw);
       kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
-      float* dP = grow(w.dp, M * NP);
+      float* dP = grow(w.dp, M * NP + kt.vw);
       kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(Dv), dO, Dv, VT, NP, dP, NP, false);
-      float* P = grow(w.p, M * NP);
-      float* dS = grow(w.ds, M * NP);
+      float* P = grow(w.p, M * NP + kt.vw);
+      float* dS = grow(w.ds, M * NP + kt.vw);
       std::memset(P, 0, sizeof(float) * M * NP);
       std::memset(dS, 0, sizeof(float) * M * NP);
       for (int64_t r = 0; r < M; ++r) {
         const int64_t gg = r / tg.T, h = hk * g.G + gg;
         float *srow = S + r * NP, *prow = P + r * NP, *dsrow = dS + r * NP;
         const float* dprow = dP + r * NP;
-        const float* rp = g.has_rpb ? a.rpb + h * g.Rtot : nullptr;
+        const float* rp = g.has_rpb ? rpbp + h * g.Rtot : nullptr;
         const float c = delta[r] - dl[r];
         tg.runs(g, r % tg.T, [&](int64_t off, int len, int64_t ri) {
           kt.exp_add_sum(prow + off, srow + off, rp ? rp + ri : nullptr, len, lrow[r]);
           kt.ds_row(dsrow + off, prow + off, dprow + off, c, len);
-          if (racc) kt.axpy(racc + gg * g.Rtot + ri, 1.f, dsrow + off, len);
+          if (racc) kt.add_pad(racc + gg * g.Rtot + ri, dsrow + off, len);
         });
         if (E) {
-          kt.exp_sum(prow + tg.Nbox, srow + tg.Nbox, static_cast<int>(E), lrow[r]);
+          kt.exp_add_sum(prow + tg.Nbox, srow + tg.Nbox, nullptr, static_cast<int>(E), lrow[r]);
           kt.ds_row(dsrow + tg.Nbox, prow + tg.Nbox, dprow + tg.Nbox, c, static_cast<int>(E));
         }
       }
       float* dQ = grow(w.o, M * D);
       float* dKb = grow(w.dkb, tg.Ncol * D);
       float* dVb = grow(w.dvb, tg.Ncol * Dv);
-      const bool finite =
-          kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) && kt.all_finite(dO, M * Dv);
+      const bool finite = slice_finite[slice] || (kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) &&
+                                                  kt.all_finite(dO, M * Dv));
       if (finite) {
         kt.gemm(static_cast<int>(M), static_cast<int>(D), static_cast<int>(NP), dS, NP, Kp, D, dQ, D, false);
         float* tr = grow(w.tr, NP * M);
@@ -529,7 +632,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   if (splits > 1) {
     parallel_for(slices, [&](int64_t slice) {
       for (int64_t s = 1; s < splits; ++s) {
-        const float* base = priv.data() + ((s - 1) * slices + slice) * acc_size;
+        const float* base = priv + ((s - 1) * slices + slice) * acc_size;
         kt.axpy(a.dk + slice * N * D, 1.f, base, static_cast<int>(N * D));
         kt.axpy(a.dv + slice * N * Dv, 1.f, base + N * D, static_cast<int>(N * Dv));
         if (E) {
@@ -544,7 +647,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     for (int64_t task = 0; task < ntasks; ++task) {
       const int64_t hk = (task / splits) % g.Hkv;
       for (int64_t gg = 0; gg < g.G; ++gg)
-        kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc.data() + (task * g.G + gg) * g.Rtot,
+        kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc + (task * g.G + gg) * g.Rtot,
                 static_cast<int>(g.Rtot));
     }
   }

@@ -5,6 +5,7 @@
 // leading axes have length 1 and kernel 1. ops.cpp converts to and from MLX arrays.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace na {
@@ -48,6 +49,12 @@ void parallel_for(int64_t n, F&& f) {
   parallel_for(n, [](int64_t i, void* c) { (*static_cast<F*>(c))(i); }, &f);
 }
 int num_threads();
+
+// Per-thread scratch buffers reused from call to call (fresh pages cost more than the work on small
+// problems). scratch_reset() starts a call; scratch(n) hands out the next buffer of >= n floats, valid
+// until the next reset on this thread; contents are unspecified unless zero is set.
+void scratch_reset();
+float* scratch(size_t n, bool zero = false);
 const char* simd_name();
 
 }  // namespace na

@@ -132,20 +132,26 @@ void gemm(int M, int N, int K, const float* A, int64_t lda, const float* B, int6
   }
 }
 
+inline vi lanes() {
+  vi r;
+  for (int i = 0; i < VW; ++i) r[i] = i;
+  return r;
+}
+
+// The tail of a padded row helper: lanes >= rem are masked.
 float row_max(const float* x, int n) {
-  float m = -INFINITY;
+  vf vm = splat(-INFINITY);
   int i = 0;
-  if (n >= VW) {
-    vf vm = load(x);
-    for (i = VW; i + VW <= n; i += VW) {
-      vf v = load(x + i);
-      vm = v > vm ? v : vm;
-    }
-    m = hmax(vm);
+  for (; i + VW <= n; i += VW) {
+    vf v = load(x + i);
+    vm = v > vm ? v : vm;
   }
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  // a NaN anywhere must reach the output (comparisons above skip it)
-  return m;
+  if (i < n) {
+    vf v = load(x + i);
+    v = lanes() < (n - i) ? v : splat(-INFINITY);
+    vm = v > vm ? v : vm;
+  }
+  return hmax(vm);
 }
 
 float exp_add_sum(float* dst, const float* src, const float* add, int n, float shift) {
@@ -158,22 +164,37 @@ float exp_add_sum(float* dst, const float* src, const float* add, int n, float s
     store(dst + i, e);
     s += e;
   }
-  float t = hsum(s);
-  for (; i < n; ++i) {
-    float e = sexp(src[i] + (add ? add[i] : 0.f) - shift);
-    dst[i] = e;
-    t += e;
+  if (i < n) {
+    vi keep = lanes() < (n - i);
+    vf v = load(src + i);
+    if (add) v += load(add + i);
+    vf e = vexp(v - shift);
+    e = keep ? e : vf{};
+    store(dst + i, e);
+    s += e;
   }
-  return t;
+  return hsum(s);
 }
-
-float exp_sum(float* dst, const float* src, int n, float shift) { return exp_add_sum(dst, src, nullptr, n, shift); }
 
 void ds_row(float* ds, const float* p, const float* dp, float c, int n) {
   int i = 0;
   for (; i + VW <= n; i += VW) store(ds + i, load(p + i) * (load(dp + i) - c));
-  for (; i < n; ++i) ds[i] = p[i] * (dp[i] - c);
+  if (i < n) {
+    vf v = load(p + i) * (load(dp + i) - c);
+    store(ds + i, lanes() < (n - i) ? v : vf{});
+  }
 }
+
+void axpy_pad(float* y, float a, const float* x, int n) {
+  int i = 0;
+  for (; i + VW <= n; i += VW) store(y + i, load(y + i) + a * load(x + i));
+  if (i < n) {
+    vf yv = load(y + i);
+    store(y + i, lanes() < (n - i) ? yv + a * load(x + i) : yv);
+  }
+}
+
+void add_pad(float* y, const float* x, int n) { axpy_pad(y, 1.f, x, n); }
 
 float dot(const float* a, const float* b, int n) {
   vf s0 = vf{}, s1 = vf{};
@@ -192,6 +213,19 @@ void axpy(float* y, float a, const float* x, int n) {
   int i = 0;
   for (; i + VW <= n; i += VW) store(y + i, load(y + i) + a * load(x + i));
   for (; i < n; ++i) y[i] += a * x[i];
+}
+
+void pack_kt(float* KT, int64_t NP, const float* kT, int64_t ldk, const int64_t* tok, int64_t rows, int nk,
+             int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    float* dst = KT + d * NP;
+    const float* src = kT + d * ldk;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s = src + tok[r];
+      float* o = dst + r * nk;
+      for (int x = 0; x < nk; x += VW) store(o + x, load(s + x));
+    }
+  }
 }
 
 bool all_finite(const float* x, int64_t n) {
@@ -217,7 +251,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_sum, exp_add_sum, ds_row, dot, axpy, all_finite};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, all_finite};
   return &table;
 }
 

@@ -160,9 +160,20 @@ void gather_t(const View& v, float* dst) {
   });
 }
 
+// A float32 buffer of n floats from the call's scratch.
+struct Buf {
+  float* p = nullptr;
+  size_t n = 0;
+  float* data() const { return p; }
+  size_t size() const { return n; }
+  bool empty() const { return n == 0; }
+};
+
+Buf buf(size_t n) { return Buf{n ? scratch(n) : nullptr, n}; }
+
 // canonical float32 [B][H][N][W] copy of a view (every float dtype MLX has is accepted here)
-std::vector<float> gather(const View& v) {
-  std::vector<float> dst(static_cast<size_t>(v.size[0] * v.size[1] * v.size[2] * v.size[3] * v.size[4] * v.size[5]));
+Buf gather(const View& v) {
+  Buf dst = buf(static_cast<size_t>(v.size[0] * v.size[1] * v.size[2] * v.size[3] * v.size[4] * v.size[5]));
   switch (v.dt) {
     case mx::float32: gather_t<float>(v, dst.data()); break;
     case mx::float16: gather_t<mx::float16_t>(v, dst.data()); break;
@@ -185,7 +196,7 @@ void scatter_t(const float* src, int64_t B, int64_t N, int64_t H, int64_t W, boo
   });
 }
 
-void scatter(const std::vector<float>& src, int64_t B, int64_t N, int64_t H, int64_t W, bool heads_last,
+void scatter(const Buf& src, int64_t B, int64_t N, int64_t H, int64_t W, bool heads_last,
              mx::array& out) {
   switch (out.dtype()) {
     case mx::float32: scatter_t(src.data(), B, N, H, W, heads_last, out.data<float>()); break;
@@ -195,15 +206,14 @@ void scatter(const std::vector<float>& src, int64_t B, int64_t N, int64_t H, int
   }
 }
 
-std::vector<float> buf(size_t n) { return std::vector<float>(n); }
-
 void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
   const Slots s = slots_of(kind, c);
   const Geo g = geo_of(kind, c, in);
   const int nd = c.nd;
   auto canon = [&](int i, bool has_w = true) { return gather(view_bshw(in[i], nd, has_w)); };
   auto canon_extra = [&](int i) { return gather(view_bshw(in[i], 1, true)); };
-  std::vector<float> q, k, v, ek, ev, rpb;
+  scratch_reset();
+  Buf q, k, v, ek, ev, rpb;
   if (s.q >= 0) q = canon(s.q);
   if (s.k >= 0) k = canon(s.k);
   if (s.v >= 0) v = canon(s.v);
