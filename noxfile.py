@@ -187,7 +187,11 @@ def _build(session: nox.Session) -> None:
     for old in DIST.glob("natten_mlx*"):
         old.unlink()
     for package in _distributions():
+        # the sdist step writes build/ and src/*.egg-info into the source tree: remove what it added
+        before = set(package.glob("build")) | set(package.glob("src/*.egg-info"))
         session.run("python", "-m", "build", "--outdir", str(DIST), str(package))
+        for left in (set(package.glob("build")) | set(package.glob("src/*.egg-info"))) - before:
+            shutil.rmtree(left)
     session.log("dist/: " + ", ".join(sorted(p.name for p in DIST.iterdir())))
 
 
@@ -210,8 +214,11 @@ def wheelhouse(session: nox.Session) -> None:
     # from dist/, not from the checkout: run outside it
     site = session.run("python", "-c", "import natten_mlx, os; print(os.path.dirname(natten_mlx.__file__))",
                        silent=True).strip().splitlines()[-1]
-    if str(ROOT) in site:
-        session.error(f"natten_mlx was imported from the checkout ({site}), not from the installed wheel")
+    if str(PACKAGES) in site:
+        session.error(f"natten_mlx was imported from the source tree ({site}), not from the installed wheel")
+    version = session.run("python", "-c", "import natten_mlx; print(natten_mlx.__version__)", silent=True)
+    if version.strip().splitlines()[-1] != VERSION:
+        session.error(f"natten_mlx.__version__ is {version.strip()!r}, the distributions are {VERSION}")
     info = session.run("natten-mlx", "info", silent=True)
     print(info)
     for tier in _tiers():
