@@ -260,12 +260,13 @@ def distributed(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """On the lent GPU machine, with the interpreter that runs nox: install the core, compat and
-    every tier (editable, into that interpreter), then the core, parity and tier suites."""
-    packages = [CORE, COMPAT, *_tiers()]
-    session.run(sys.executable, "-m", "pip", "install", "-q", *[a for p in packages for a in ("-e", str(p))])
-    tier_tests = [f"tests/{p.name.removeprefix('natten-mlx-')}" for p in _tiers()]
-    paths = ["tests/core", "tests/parity", *[t for t in tier_tests if (ROOT / t).is_dir()]]
+    """On the lent GPU machine (no network; MLX from the carried wheels, see shared/device/README.md),
+    with the interpreter that runs nox: install the core, compat and the CUDA tier without
+    dependencies (editable, into that interpreter), then the core, parity and CUDA suites."""
+    packages = [CORE, COMPAT] + ([CUDA] if CUDA in _tiers() else [])
+    editable = [a for p in packages for a in ("-e", str(p))]
+    session.run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *editable)
+    paths = ["tests/core", "tests/parity"] + (["tests/cuda"] if (ROOT / "tests" / "cuda").is_dir() else [])
     session.run(sys.executable, "-m", "pytest", "-q", *paths, *session.posargs)
 
 
