@@ -187,7 +187,11 @@ def _build(session: nox.Session) -> None:
     for old in DIST.glob("natten_mlx*"):
         old.unlink()
     for package in _distributions():
+        # the sdist step writes build/ and src/*.egg-info into the source tree: remove what it added
+        before = set(package.glob("build")) | set(package.glob("src/*.egg-info"))
         session.run("python", "-m", "build", "--outdir", str(DIST), str(package))
+        for left in (set(package.glob("build")) | set(package.glob("src/*.egg-info"))) - before:
+            shutil.rmtree(left)
     session.log("dist/: " + ", ".join(sorted(p.name for p in DIST.iterdir())))
 
 
@@ -210,8 +214,11 @@ def wheelhouse(session: nox.Session) -> None:
     # from dist/, not from the checkout: run outside it
     site = session.run("python", "-c", "import natten_mlx, os; print(os.path.dirname(natten_mlx.__file__))",
                        silent=True).strip().splitlines()[-1]
-    if str(ROOT) in site:
-        session.error(f"natten_mlx was imported from the checkout ({site}), not from the installed wheel")
+    if str(PACKAGES) in site:
+        session.error(f"natten_mlx was imported from the source tree ({site}), not from the installed wheel")
+    version = session.run("python", "-c", "import natten_mlx; print(natten_mlx.__version__)", silent=True)
+    if version.strip().splitlines()[-1] != VERSION:
+        session.error(f"natten_mlx.__version__ is {version.strip()!r}, the distributions are {VERSION}")
     info = session.run("natten-mlx", "info", silent=True)
     print(info)
     for tier in _tiers():
@@ -253,12 +260,13 @@ def distributed(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def gpu(session: nox.Session) -> None:
-    """On the lent GPU machine, with the interpreter that runs nox: install the core, compat and
-    every tier (editable, into that interpreter), then the core, parity and tier suites."""
-    packages = [CORE, COMPAT, *_tiers()]
-    session.run(sys.executable, "-m", "pip", "install", "-q", *[a for p in packages for a in ("-e", str(p))])
-    tier_tests = [f"tests/{p.name.removeprefix('natten-mlx-')}" for p in _tiers()]
-    paths = ["tests/core", "tests/parity", *[t for t in tier_tests if (ROOT / t).is_dir()]]
+    """On the lent GPU machine (no network; MLX from the carried wheels, see shared/device/README.md),
+    with the interpreter that runs nox: install the core, compat and the CUDA tier without
+    dependencies (editable, into that interpreter), then the core, parity and CUDA suites."""
+    packages = [CORE, COMPAT] + ([CUDA] if CUDA in _tiers() else [])
+    editable = [a for p in packages for a in ("-e", str(p))]
+    session.run(sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", *editable)
+    paths = ["tests/core", "tests/parity"] + (["tests/cuda"] if (ROOT / "tests" / "cuda").is_dir() else [])
     session.run(sys.executable, "-m", "pytest", "-q", *paths, *session.posargs)
 
 
