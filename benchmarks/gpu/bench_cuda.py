@@ -96,8 +96,13 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
         for mode in modes:
             row = dict(case=case, impl=impl, mode=mode)
             try:
-                if impl == "cuda":
-                    be = CudaBackend()
+                if impl.startswith("cuda"):
+                    # cuda[:option=value[:...]], e.g. cuda:ldmatrix=0 or cuda:tile=2x4x8
+                    opts = {}
+                    for kv in impl.split(":")[1:]:
+                        name, val = kv.split("=")
+                        opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
+                    be = CudaBackend().configure(**opts)
                     if mode == "fwd":
                         def fn():
                             return be.fused_forward(p, q, k, v)
@@ -270,7 +275,7 @@ def main() -> int:
         torch_child(cases[0], impls, modes, a.flex_bwd)
         return 0
     rows = []
-    mlx_impls = [i for i in impls if i in ("cuda", "mlx-dense")]
+    mlx_impls = [i for i in impls if i.startswith("cuda") or i == "mlx-dense"]
     torch_impls = [i for i in impls if i in ("torch-dense", "natten-flex")]
     for case in cases:
         common = ["--modes", a.modes, "--cases", case]

@@ -143,6 +143,26 @@ template <typename T> inline void na_mma(float* c, const unsigned* a, const unsi
   for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
 
+// ldmatrix.x4 (.trans): lane l gives a row address of matrix l / 8
+struct NaLdsm { const uint16_t* rows[32]; };
+inline NaLdsm na_ldsm_slots[64];  // one per warp of a block (blocks run one at a time)
+inline void na_ldsm_any(unsigned* out, const void* row, bool trans) {
+  NaWarp& w = na_warp();
+  int lane = threadIdx.x & 31, wi = threadIdx.x / 32;
+  na_ldsm_slots[wi].rows[lane] = (const uint16_t*)row;
+  w.bar.wait();
+  for (int i = 0; i < 4; ++i) {
+    const uint16_t* const* mrows = na_ldsm_slots[wi].rows + 8 * i;
+    uint16_t lo, hi;
+    if (!trans) { lo = mrows[lane / 4][2 * (lane % 4)]; hi = mrows[lane / 4][2 * (lane % 4) + 1]; }
+    else { lo = mrows[2 * (lane % 4)][lane / 4]; hi = mrows[2 * (lane % 4) + 1][lane / 4]; }
+    out[i] = (unsigned)lo | ((unsigned)hi << 16);
+  }
+  w.bar.wait();
+}
+inline void na_ldsm_x4(unsigned* r, const void* row) { na_ldsm_any(r, row, false); }
+inline void na_ldsm_x4_t(unsigned* r, const void* row) { na_ldsm_any(r, row, true); }
+
 inline void na_cp_async16(void* smem, const void* gmem, bool valid) {
   if (valid) std::memcpy(smem, gmem, 16); else std::memset(smem, 0, 16);
 }

@@ -98,3 +98,11 @@ def test_subdomain(dtype):
     assert rel_err(to_np(grads["query"]), ref_g["q"][(slice(None),) + qs]) < TOL[dtype]
     assert rel_err(to_np(grads["key"]), ref_g["k"][(slice(None),) + ks]) < TOL[dtype]
     assert rel_err(to_np(grads["value"]), ref_g["v"][(slice(None),) + ks]) < TOL[dtype]
+
+
+def test_plain_shared_loads_same_result():
+    """ldmatrix=False (B fragments through plain shared loads) computes the same, forward and backward."""
+    cfg = dict(na_dim=2, shape=(9, 10), B=1, H=2, Hkv=1, D=16, Dv=16, E=0, K=(4, 3), s=(1, 2), d=(2, 1),
+               c=(False, True), rpb=False, scale=None)
+    errs = run_and_compare(BACKEND.configure(ldmatrix=False), cfg, "float16", np.random.default_rng(5))
+    assert max(errs.values()) < TOL["float16"], errs

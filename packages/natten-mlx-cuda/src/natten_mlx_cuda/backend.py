@@ -18,7 +18,7 @@ from .source import BODIES, Variant, body, header
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int32": mx.int32}
 _NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-OPTIONS = ("tile", "key_tile", "kernel")
+OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix")
 KERNELS = ("auto", "fmha", "simple")
 MAX_GRID_YZ = 65535
 MAX_THREADS = 2**31 - 1
@@ -64,7 +64,8 @@ class CudaBackend:
 
     Options (``configure``): ``tile`` (query tile of the tensor-core kernel, one int per spatial axis,
     product 64), ``key_tile`` (same for key tiles; default the query tile), ``kernel`` ("auto",
-    "fmha" or "simple": which forward kernel; "fmha" refuses problems it cannot serve).
+    "fmha" or "simple": which kernels; "fmha" refuses problems it cannot serve), ``ldmatrix``
+    (True: the tensor-core kernels read B fragments through ldmatrix; False: through plain shared loads).
     """
 
     name = "cuda"
@@ -73,10 +74,12 @@ class CudaBackend:
     distribution = "natten-mlx-cuda"
     description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16)"
 
-    def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True):
+    def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True,
+                 ldmatrix: bool = True):
         self.tile = tile
         self.key_tile = key_tile
         self.kernel = kernel
+        self.ldmatrix = ldmatrix
         self._runner = runner or mlx_runner
         # tests run the CPU emulator through the whole backend; then no CUDA device is needed
         self._require_device = require_device
@@ -88,6 +91,9 @@ class CudaBackend:
         kernel = options.get("kernel", self.kernel)
         if kernel not in KERNELS:
             raise ValueError(f"cuda backend: kernel={kernel!r} must be one of {', '.join(KERNELS)}")
+        ldmatrix = options.get("ldmatrix", self.ldmatrix)
+        if not isinstance(ldmatrix, bool):
+            raise TypeError(f"cuda backend: ldmatrix={ldmatrix!r} must be a bool")
         for what in ("tile", "key_tile"):
             t = options.get(what)
             if t is not None:
@@ -97,7 +103,7 @@ class CudaBackend:
         return CudaBackend(
             tile=tuple(options["tile"]) if options.get("tile") is not None else self.tile,
             key_tile=tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
-            kernel=kernel, runner=self._runner, require_device=self._require_device,
+            kernel=kernel, runner=self._runner, require_device=self._require_device, ldmatrix=ldmatrix,
         )
 
     # -- selection --------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ class CudaBackend:
         extra = additional_keys is not None
         out_dtype = "float32" if extra else dtype
         qt, kt = self._tiles(geo)
-        launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt)
+        launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix)
         out, lse = self._runner(launch, [
             query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
             value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),
@@ -197,9 +203,9 @@ class CudaBackend:
         common = [q, k, v, do, lse, delta, self._rpb(rpb, geo, problem.dtype)]
         fast = self._fast(geo, dtype)
         qt, kt = self._tiles(geo)
-        l_dq = plan.backward_dq(geo, dtype, has_rpb, fast, qt, kt)
+        l_dq = plan.backward_dq(geo, dtype, has_rpb, fast, qt, kt, self.ldmatrix)
         dq, drpb = self._runner(l_dq, common + [_int_block(l_dq.prm), _scale(geo.scale)])
-        l_kv = plan.backward_dkdv(geo, dtype, has_rpb, fast, qt, kt)
+        l_kv = plan.backward_dkdv(geo, dtype, has_rpb, fast, qt, kt, self.ldmatrix)
         dk, dv = self._runner(l_kv, common + [_int_block(l_kv.prm), _scale(geo.scale)])
         grads = {}
         if ak is not None:

@@ -160,7 +160,8 @@ def _r16(x: int) -> int:
     return _ceil(x, 16) * 16
 
 
-def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None) -> Launch:
+def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None,
+            ldsm: bool = True) -> Launch:
     """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32."""
     outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
     if not fast:
@@ -169,7 +170,7 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
     qt = tile or default_tile(geo)
     kt = key_tile or qt
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb)
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
     prm = params(geo, qt)
     return Launch(v, (_blocks(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, None, prm)
 
@@ -181,12 +182,13 @@ def _blocks(prm) -> int:
     return blocks
 
 
-def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None) -> Launch:
+def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None,
+                ldsm: bool = True) -> Launch:
     """dq [B, N, H, D] float32 and d_rpb [H, R] float32 (zero-initialised, atomics)."""
     outs = ((geo.B, geo.N, geo.H, geo.D), (geo.H, geo.rpb_size) if has_rpb else (1,))
     if fast:
         qt = tile or default_tile(geo)
-        v = _fmha_bwd_variant("fmha_bwd_dq", dtype, geo.D, geo.DV, qt, key_tile or qt, has_rpb)
+        v = _fmha_bwd_variant("fmha_bwd_dq", dtype, geo.D, geo.DV, qt, key_tile or qt, has_rpb, ldsm)
         prm = params(geo, qt)
         return Launch(v, (_blocks(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, 0.0, prm)
     v = Variant("simple_dq", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
@@ -194,13 +196,14 @@ def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, ti
     return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, 0.0, params(geo))
 
 
-def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None) -> Launch:
+def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None,
+                  ldsm: bool = True) -> Launch:
     """dk [B, NK, HKV, D], dv [B, NK, HKV, DV], float32."""
     outs = ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV))
     if fast:
         qt = tile or default_tile(geo)
         kt = key_tile or qt
-        v = _fmha_bwd_variant("fmha_bwd_dkdv", dtype, geo.D, geo.DV, qt, kt, has_rpb)
+        v = _fmha_bwd_variant("fmha_bwd_dkdv", dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
         prm = params(geo, kt, over_keys=True)
         return Launch(v, (_blocks(prm) * THREADS, geo.HKV, geo.B), (THREADS, 1, 1), outs, None, prm)
     v = Variant("simple_dkdv", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
@@ -227,6 +230,10 @@ def compile_variants() -> list:
     for j, (d, dv) in enumerate(dims[:4]):  # the rest of the head dims, every rank
         qt, kt = tiles[(j + 1) % len(tiles)]
         out.append(_fmha_variant("float16", "float16", d, dv, qt, kt, False))
+    qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
+    out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
+    out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
+    out.append(_fmha_bwd_variant("fmha_bwd_dkdv", "bfloat16", 64, 64, qt, kt, False, False))
     simple_dims = list(SIMPLE_DIMS)
     for i, (dt, rpb) in enumerate(itertools.product(("float32", "float16", "bfloat16"), (False, True))):
         dmax = simple_dims[i % len(simple_dims)]
@@ -236,22 +243,22 @@ def compile_variants() -> list:
     return out
 
 
-def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb) -> Variant:
+def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     dp, dvp = _r16(d), _r16(dv)
     smem = (TILE * (dp + 8) * 3 + TILE * (dvp + 8) * 3) * 2 + (4 * TILE * 4 if body == "fmha_bwd_dkdv" else 0)
     return Variant(
         body,
         (("T", dt), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]), ("QT2", qt[2]),
-         ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb)),
+         ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm)),
         smem,
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb) -> Variant:
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     dp, dvp = _r16(d), _r16(dv)
     return Variant(
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
-         ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb)),
+         ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm)),
         (TILE * (dp + 8) * 3 + 2 * TILE * (dvp + 8)) * 2,
     )

@@ -92,7 +92,53 @@ NA_FUNC void na_cp_async16(void* smem, const void* gmem, bool valid) {
 NA_FUNC void na_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 NA_FUNC void na_cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 NA_FUNC void na_cp_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+// Four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8
+// (16 contiguous bytes). Without .trans lane l receives in r[i] matrix i's row l / 4, columns
+// 2 (l % 4) and +1: a B fragment of mma when the rows are B's columns (K in Q K^T). With .trans it
+// receives rows 2 (l % 4), +1 of column l / 4: a B fragment when the rows are B's rows (V in P V).
+NA_FUNC void na_ldsm_x4(unsigned* r, const void* row) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+NA_FUNC void na_ldsm_x4_t(unsigned* r, const void* row) {
+  unsigned a = (unsigned)__cvta_generic_to_shared(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
 #define NA_SHARED_DECL extern __shared__ __align__(16) unsigned char na_smem[]
 #endif
+
+// B fragments of two adjacent n-subtiles (8 columns each) from a row-major shared tile whose rows
+// are B's columns (n) and columns B's k: rows n0 .. n0 + 15, columns k0 .. k0 + 15.
+// b[0], b[1]: subtile n0; b[2], b[3]: subtile n0 + 8. stride in elements. LDSM: through ldmatrix,
+// else through 32-bit shared loads (the A/B switch of the benchmark).
+template <bool LDSM>
+NA_FUNC void na_frag_b_nk(unsigned* b, const unsigned short* base, int stride, int n0, int k0, int lane) {
+  if (LDSM) {
+    const int m = lane >> 3, r = lane & 7;
+    na_ldsm_x4(b, base + (n0 + (m >> 1) * 8 + r) * stride + k0 + (m & 1) * 8);
+  } else {
+    const unsigned short* p = base + (n0 + (lane >> 2)) * stride + k0 + (lane & 3) * 2;
+    b[0] = *reinterpret_cast<const unsigned*>(p);
+    b[1] = *reinterpret_cast<const unsigned*>(p + 8);
+    b[2] = *reinterpret_cast<const unsigned*>(p + 8 * stride);
+    b[3] = *reinterpret_cast<const unsigned*>(p + 8 * stride + 8);
+  }
+}
+// The same from a tile whose rows are B's k and columns B's n (k0 .. k0 + 15, n0 .. n0 + 15).
+template <bool LDSM>
+NA_FUNC void na_frag_b_kn(unsigned* b, const unsigned short* base, int stride, int k0, int n0, int lane) {
+  if (LDSM) {
+    const int m = lane >> 3, r = lane & 7;
+    na_ldsm_x4_t(b, base + (k0 + (m & 1) * 8 + r) * stride + n0 + (m >> 1) * 8);
+  } else {
+    const unsigned short* p = base + (k0 + (lane & 3) * 2) * stride + n0 + (lane >> 2);
+    for (int i = 0; i < 4; ++i) {
+      const unsigned short* q = p + (i & 1) * 8 * stride + (i >> 1) * 8;
+      b[i] = (unsigned)q[0] | ((unsigned)q[stride] << 16);
+    }
+  }
+}
 
 #endif  // NATTEN_MLX_CUDA_COMMON

@@ -7,7 +7,7 @@
 // S^T = K Q^T, P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 // dK += dS^T Q (mma.sync m16n8k16). Absent queries carry lse = +inf, so they contribute nothing.
 // Inputs as fmha_bwd_dq; outputs d_key [B, NK, HKV, D], d_value [B, NK, HKV, DV], float32.
-// Template: T, D, DV, DP, DVP, QT0..2, KT0..2, HAS_RPB. prm's per-axis tile count is over the keys.
+// Template: T, D, DV, DP, DVP, QT0..2, KT0..2, HAS_RPB, LDSM (B fragments through ldmatrix). prm's per-axis tile count is over the keys.
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
 static_assert(BQ == 64 && BK == 64, "tiles of 64 queries and 64 keys");
@@ -194,24 +194,23 @@ while (cur < total) {
   const float* dbuf = Ds + buf * BQ;
 
   float s[8][4], dp[8][4];
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < 8; ++j)
     for (int e = 0; e < 4; ++e) {
       s[j][e] = 0.f;
       dp[j][e] = 0.f;
     }
+  for (int j = 0; j < 8; j += 2) {
     for (int kk = 0; kk < DP / 16; ++kk) {
-      unsigned bf[2];
-      const unsigned short* qr = qbuf + (j * 8 + gid) * QS + kk * 16 + tig * 2;
-      bf[0] = *reinterpret_cast<const unsigned*>(qr);
-      bf[1] = *reinterpret_cast<const unsigned*>(qr + 8);
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, qbuf, QS, j * 8, kk * 16, lane);
       na_mma<T>(s[j], kf[kk], bf);
+      na_mma<T>(s[j + 1], kf[kk], bf + 2);
     }
     for (int kk = 0; kk < DVP / 16; ++kk) {
-      unsigned bf[2];
-      const unsigned short* orow = obuf + (j * 8 + gid) * VS + kk * 16 + tig * 2;
-      bf[0] = *reinterpret_cast<const unsigned*>(orow);
-      bf[1] = *reinterpret_cast<const unsigned*>(orow + 8);
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, obuf, VS, j * 8, kk * 16, lane);
       na_mma<T>(dp[j], vf[kk], bf);
+      na_mma<T>(dp[j + 1], vf[kk], bf + 2);
     }
   }
   for (int j = 0; j < 8; ++j)
@@ -248,19 +247,17 @@ while (cur < total) {
     sf[1] = NaType<T>::pack2(dp[2 * kk][2], dp[2 * kk][3]);
     sf[2] = NaType<T>::pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
     sf[3] = NaType<T>::pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-    for (int jn = 0; jn < DVP / 8; ++jn) {
-      const unsigned short* orow = obuf + (kk * 16 + tig * 2) * VS + jn * 8 + gid;
-      unsigned bf[2];
-      bf[0] = (unsigned)orow[0] | ((unsigned)orow[VS] << 16);
-      bf[1] = (unsigned)orow[8 * VS] | ((unsigned)orow[9 * VS] << 16);
+    for (int jn = 0; jn < DVP / 8; jn += 2) {
+      unsigned bf[4];
+      na_frag_b_kn<LDSM>(bf, obuf, VS, kk * 16, jn * 8, lane);
       na_mma<T>(dv[jn], pf, bf);
+      na_mma<T>(dv[jn + 1], pf, bf + 2);
     }
-    for (int jn = 0; jn < DP / 8; ++jn) {
-      const unsigned short* qr = qbuf + (kk * 16 + tig * 2) * QS + jn * 8 + gid;
-      unsigned bf[2];
-      bf[0] = (unsigned)qr[0] | ((unsigned)qr[QS] << 16);
-      bf[1] = (unsigned)qr[8 * QS] | ((unsigned)qr[9 * QS] << 16);
+    for (int jn = 0; jn < DP / 8; jn += 2) {
+      unsigned bf[4];
+      na_frag_b_kn<LDSM>(bf, qbuf, QS, kk * 16, jn * 8, lane);
       na_mma<T>(dk[jn], sf, bf);
+      na_mma<T>(dk[jn + 1], sf, bf + 2);
     }
   }
   __syncthreads();

@@ -5,7 +5,7 @@
 // Inputs query [B, N, H, D], key [B, NK, HKV, D], value [B, NK, HKV, DV], d_out [B, N, H, DV],
 // lse and delta [B, N, H] float32 (delta = rowsum(d_out * out) - d_lse), rpb, prm, scl.
 // Outputs d_query [B, N, H, D] float32 (scaled), d_rpb [H, prod(2K-1)] float32 (zero-initialised).
-// Template: T, D, DV, DP, DVP, QT0..2, KT0..2, HAS_RPB.
+// Template: T, D, DV, DP, DVP, QT0..2, KT0..2, HAS_RPB, LDSM (B fragments through ldmatrix).
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
 static_assert(BQ == 64 && BK == 64, "tiles of 64 queries and 64 keys");
@@ -179,24 +179,23 @@ while (cur < ntiles) {
   const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
   float s[8][4], dp[8][4];
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < 8; ++j)
     for (int e = 0; e < 4; ++e) {
       s[j][e] = 0.f;
       dp[j][e] = 0.f;
     }
+  for (int j = 0; j < 8; j += 2) {
     for (int kk = 0; kk < DP / 16; ++kk) {
-      unsigned bf[2];
-      const unsigned short* kr = kbuf + (j * 8 + gid) * QS + kk * 16 + tig * 2;
-      bf[0] = *reinterpret_cast<const unsigned*>(kr);
-      bf[1] = *reinterpret_cast<const unsigned*>(kr + 8);
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
       na_mma<T>(s[j], qf[kk], bf);
+      na_mma<T>(s[j + 1], qf[kk], bf + 2);
     }
     for (int kk = 0; kk < DVP / 16; ++kk) {
-      unsigned bf[2];
-      const unsigned short* vr = vbuf + (j * 8 + gid) * VS + kk * 16 + tig * 2;
-      bf[0] = *reinterpret_cast<const unsigned*>(vr);
-      bf[1] = *reinterpret_cast<const unsigned*>(vr + 8);
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, vbuf, VS, j * 8, kk * 16, lane);
       na_mma<T>(dp[j], of[kk], bf);
+      na_mma<T>(dp[j + 1], of[kk], bf + 2);
     }
   }
   for (int j = 0; j < 8; ++j)
@@ -227,12 +226,11 @@ while (cur < ntiles) {
     af[1] = NaType<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
     af[2] = NaType<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     af[3] = NaType<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    for (int jn = 0; jn < DP / 8; ++jn) {
-      const unsigned short* kr = kbuf + (kk * 16 + tig * 2) * QS + jn * 8 + gid;
-      unsigned bf[2];
-      bf[0] = (unsigned)kr[0] | ((unsigned)kr[QS] << 16);
-      bf[1] = (unsigned)kr[8 * QS] | ((unsigned)kr[9 * QS] << 16);
+    for (int jn = 0; jn < DP / 8; jn += 2) {
+      unsigned bf[4];
+      na_frag_b_kn<LDSM>(bf, kbuf, QS, kk * 16, jn * 8, lane);
       na_mma<T>(dq[jn], af, bf);
+      na_mma<T>(dq[jn + 1], af, bf + 2);
     }
   }
   __syncthreads();

@@ -7,7 +7,7 @@
 // tiling.h classes PARTIAL (or that the key range truncates); SKIP tiles are never loaded.
 // Inputs query [B, N, H, D], key [B, NK, HKV, D], value [B, NK, HKV, DV], rpb [H, prod(2K-1)] (one
 // dummy element without HAS_RPB), prm, scl. Outputs out [B, N, H, DV] (OT), lse [B, N, H] float32.
-// Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB.
+// Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB, LDSM (B fragments through ldmatrix).
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
 static_assert(BQ == 64 && BK == 64, "tiles of 64 queries and 64 keys");
@@ -174,16 +174,15 @@ while (cur < ntiles) {
   const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
   float s[8][4];
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < 8; ++j)
     for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+  for (int j = 0; j < 8; j += 2)
     for (int kk = 0; kk < DP / 16; ++kk) {
-      unsigned bf[2];
-      const unsigned short* kr = kbuf + (j * 8 + gid) * QS + kk * 16 + tig * 2;
-      bf[0] = *reinterpret_cast<const unsigned*>(kr);
-      bf[1] = *reinterpret_cast<const unsigned*>(kr + 8);
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
       na_mma<T>(s[j], qf[kk], bf);
+      na_mma<T>(s[j + 1], qf[kk], bf + 2);
     }
-  }
   for (int j = 0; j < 8; ++j)
     for (int e = 0; e < 4; ++e) {
       const int rr = e >> 1;
@@ -233,12 +232,11 @@ while (cur < ntiles) {
     af[1] = NaType<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
     af[2] = NaType<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     af[3] = NaType<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    for (int jn = 0; jn < DVP / 8; ++jn) {
-      const unsigned short* vr = vbuf + (kk * 16 + tig * 2) * VS + jn * 8 + gid;
-      unsigned bf[2];
-      bf[0] = (unsigned)vr[0] | ((unsigned)vr[VS] << 16);
-      bf[1] = (unsigned)vr[8 * VS] | ((unsigned)vr[9 * VS] << 16);
+    for (int jn = 0; jn < DVP / 8; jn += 2) {
+      unsigned bf[4];
+      na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
       na_mma<T>(o[jn], af, bf);
+      na_mma<T>(o[jn + 1], af, bf + 2);
     }
   }
   __syncthreads();  // the next iteration loads into the buffer just read
