@@ -1,5 +1,5 @@
 """The Metal backend on a real Apple GPU against the pure backend: forward and gradients, both
-forward kernels, three dtypes, 1D/2D/3D with every parameter. Skipped where
+kernel variants, three dtypes, 1D/2D/3D with every parameter. Skipped where
 ``mx.metal.is_available()`` is False (every machine this project has run on so far: this file has
 never been run; the emulator tests in this folder are what verified the kernels).
 """
@@ -84,8 +84,8 @@ def test_metal_matches_pure(cfg, dtype):
 
 
 @pytest.mark.parametrize("cfg,dtype", CASES[::3], ids=[f"{d}-{cfg_id(c)}" for c, d in CASES[::3]])
-def test_simple_forward_matches_pure(cfg, dtype):
-    _compare(cfg, dtype, MetalBackend().configure(forward="simple"))
+def test_simple_variant_matches_pure(cfg, dtype):
+    _compare(cfg, dtype, MetalBackend().configure(variant="simple"))
 
 
 def test_metal_is_registered_and_available():

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -30,7 +31,9 @@ namespace {
 enum State { RUNNABLE, WAIT_TG, WAIT_SG, DONE };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;      // used once, to enter the fiber's stack
+  jmp_buf jb;          // every later switch: _setjmp/_longjmp, no signal-mask system call
+  bool started = false;
   char* stack = nullptr;
   State state = RUNNABLE;
   int op = 0;          // collective the fiber waits at
@@ -53,7 +56,7 @@ struct TgAlloc {
 
 constexpr size_t kStack = 256 * 1024;
 
-ucontext_t sched_ctx;
+jmp_buf sched_jb;
 std::vector<Fiber> fibers;
 SimdGroup sgs[32];
 std::vector<TgAlloc*> allocs;
@@ -65,10 +68,23 @@ std::string errors;
 void trampoline() {
   kernel_entry();
   running->state = DONE;
-  swapcontext(&running->ctx, &sched_ctx);
+  _longjmp(sched_jb, 1);
 }
 
-void yield_to_scheduler() { swapcontext(&running->ctx, &sched_ctx); }
+void yield_to_scheduler() {
+  if (!_setjmp(running->jb)) _longjmp(sched_jb, 1);
+}
+
+// Run fiber f until it yields or returns. The first entry goes through swapcontext (to get onto
+// the fiber's own stack); afterwards plain _setjmp/_longjmp switch stacks in both directions.
+void resume(Fiber& f) {
+  if (_setjmp(sched_jb)) return;
+  if (!f.started) {
+    f.started = true;
+    setcontext(&f.ctx);
+  }
+  _longjmp(f.jb, 1);
+}
 
 const char* op_name(int op) {
   switch (op) {
@@ -175,6 +191,7 @@ void run_group(Launch* L, Group& g, const uint32_t gpos[3], int64_t gid) {
   for (uint32_t i = 0; i < n; ++i) {
     Fiber& f = fibers[i];
     f.state = RUNNABLE;
+    f.started = false;
     f.op = 0;
     Thread& t = f.t;
     t.tid = i;
@@ -206,7 +223,7 @@ void run_group(Launch* L, Group& g, const uint32_t gpos[3], int64_t gid) {
       if (f.state != RUNNABLE) continue;
       running = &f;
       cur = &f.t;
-      swapcontext(&sched_ctx, &f.ctx);
+      resume(f);
       ran = true;
     }
     bool all_done = true;

@@ -14,7 +14,7 @@ import mlx.core as mx
 
 from . import kernels
 
-KNOWN_OPTIONS = ("tile", "forward")
+KNOWN_OPTIONS = ("tile", "variant")
 
 
 class MetalBackend:
@@ -27,11 +27,11 @@ class MetalBackend:
         "verified by emulation, not yet run on Apple hardware"
     )
 
-    def __init__(self, launcher: Optional[Callable] = None, tile: Optional[tuple] = None, forward: str = "mma"):
+    def __init__(self, launcher: Optional[Callable] = None, tile: Optional[tuple] = None, variant: str = "mma"):
         # launcher(Launch) -> list of outputs; the tests pass the emulator's
         self._launch = launcher or kernels.metal_launch
         self._tile = tile
-        self._forward = forward
+        self._variant = variant
 
     # ---- protocol ----
     def available(self) -> Optional[str]:
@@ -61,9 +61,9 @@ class MetalBackend:
         unknown = sorted(set(options) - set(KNOWN_OPTIONS))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown} for backend 'metal'; known: {list(KNOWN_OPTIONS)}")
-        forward = options.get("forward", self._forward)
-        if forward not in kernels.FORWARDS:
-            raise ValueError(f"forward={forward!r} is not a Metal forward kernel; choose one of {kernels.FORWARDS}")
+        variant = options.get("variant", self._variant)
+        if variant not in kernels.VARIANTS:
+            raise ValueError(f"variant={variant!r} is not a Metal kernel variant; choose one of {kernels.VARIANTS}")
         tile = options.get("tile", self._tile)
         if tile is not None:
             if not isinstance(tile, (tuple, list)) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
@@ -75,7 +75,7 @@ class MetalBackend:
             if prod != kernels.THREADS:
                 raise ValueError(f"tile={tile!r} holds {prod} queries; a Metal query tile holds exactly {kernels.THREADS}")
             tile = tuple(tile)
-        return MetalBackend(self._launch, tile, forward)
+        return MetalBackend(self._launch, tile, variant)
 
     def _tile3(self, geo):
         return None if self._tile is None else (1,) * (3 - len(self._tile)) + tuple(self._tile)
@@ -88,7 +88,7 @@ class MetalBackend:
         q, k, v = _tokens(query, geo.N), _tokens(key, geo.NK), _tokens(value, geo.NK)
         r = None if rpb is None else rpb.reshape(geo.H, geo.R)
         launch = kernels.forward_launch(geo, q, k, v, additional_keys, additional_values, r, self._tile3(geo),
-                                        self._forward)
+                                        self._variant)
         out, lse = self._launch(launch)
         spatial = tuple(query.shape[1:-2])
         return out.reshape(geo.B, *spatial, geo.H, geo.DV), lse.reshape(geo.B, *spatial, geo.H)
@@ -109,7 +109,8 @@ class MetalBackend:
         if record.d_lse is not None:
             delta = delta - record.d_lse.astype(mx.float32).reshape(geo.B, geo.N, geo.H)
         r = None if rpb is None else rpb.reshape(geo.H, geo.R)
-        launches = kernels.backward_launches(geo, q, k, v, ak, av, r, dout, lse, delta, self._tile3(geo))
+        launches = kernels.backward_launches(geo, q, k, v, ak, av, r, dout, lse, delta, self._tile3(geo),
+                                             self._variant)
         (dq,) = self._launch(launches["dq"])
         dk, dv = self._launch(launches["dkv"])
         grads = {

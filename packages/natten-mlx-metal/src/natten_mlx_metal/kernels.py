@@ -23,7 +23,14 @@ HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # register-array sizes (DP, DVP template 
 MAX_HEAD_DIM = HEAD_DIMS[-1]
 THREADS = 64  # tokens per tile box, and threads of the scalar kernels: one per query (dQ) or key (dK/dV)
 MMA_THREADS = 4 * THREADS  # the simdgroup-matrix forward: one simdgroup (32 threads) per 8 queries
-FORWARDS = ("mma", "simple")  # forward kernels: fwd_mma.metal (default), fwd.metal
+# kernel variants: "mma" (simdgroup matrices, default) or "simple" (one thread per query or key);
+# the additional-key and rpb gradients have one (scalar) kernel each
+VARIANTS = ("mma", "simple")
+
+
+def _variant(kind: str, variant: str) -> tuple[str, int]:
+    """(kernel name, threads per threadgroup) of the forward, dQ or dK/dV kernel of a variant."""
+    return (kind + "_mma", MMA_THREADS) if variant == "mma" else (kind, THREADS)
 DEFAULT_BOX = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 TG_MEMORY = 32768  # bytes of threadgroup memory on Apple GPUs
 N_SCALARS = 8
@@ -59,10 +66,9 @@ class Launch:
 
 # ---- sources ----
 def _core_header(name: str) -> str:
-    import natten_mlx
+    from natten_mlx import geometry
 
-    path = Path(natten_mlx.__file__).parent / "include" / "natten_mlx" / name
-    return path.read_text()
+    return (Path(geometry.include_dir()) / "natten_mlx" / name).read_text()
 
 
 def _metal(name: str) -> str:
@@ -79,6 +85,9 @@ KERNELS = {
     # name: (body file, inputs, outputs)
     "fwd": ("fwd.metal", ("q", "k", "v", "ak", "av", "rpb", "prm", "scl"), ("out", "lse")),
     "fwd_mma": ("fwd_mma.metal", ("q", "k", "v", "ak", "av", "rpb", "prm", "scl"), ("out", "lse")),
+    "bwd_dq_mma": ("bwd_dq_mma.metal", ("q", "k", "v", "ak", "av", "rpb", "dout", "lse", "delta", "prm", "scl"),
+                   ("dq",)),
+    "bwd_dkv_mma": ("bwd_dkv_mma.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dk", "dv")),
     "bwd_dq": ("bwd_dq.metal", ("q", "k", "v", "ak", "av", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dq",)),
     "bwd_dkv": ("bwd_dkv.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dk", "dv")),
     "bwd_extra": ("bwd_extra.metal", ("q", "ak", "av", "dout", "lse", "delta", "prm", "scl"), ("dak", "dav")),
@@ -248,10 +257,10 @@ def _scale(geo: Geometry):
     return mx.array([geo.scale], dtype=mx.float32)
 
 
-def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, forward: str = "mma") -> Launch:
+def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, variant: str = "mma") -> Launch:
     """Fused forward: out [B, N, H, DV], lse [B, N, H] float32. q/k/v flattened to tokens."""
     dtype = q.dtype
-    kind, threads = ("fwd_mma", MMA_THREADS) if forward == "mma" else ("fwd", THREADS)
+    kind, threads = _variant("fwd", variant)
     T, U = query_major_tiles(geo, tile)
     prm = params(geo, T, U, key_major=False)
     inputs = (q, k, v, ak if ak is not None else _dummy(dtype), av if av is not None else _dummy(dtype),
@@ -261,7 +270,7 @@ def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, forward: str 
                   ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H)), (dtype, mx.float32))
 
 
-def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, tile=None) -> dict:
+def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, tile=None, variant: str = "mma") -> dict:
     """The backward's launches by gradient name (each a Launch); delta = rowsum(dO * O) - dlse."""
     dtype = q.dtype
     rpb_in = rpb if rpb is not None else _dummy(dtype)
@@ -271,14 +280,15 @@ def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, til
     T, U = query_major_tiles(geo, tile)
     prm_q = mx.array(params(geo, T, U, key_major=False), dtype=mx.int32)
     out = {}
-    out["dq"] = Launch(spec("bwd_dq"), (q, k, v, ak_in, av_in, rpb_in, dout, lse, delta, prm_q, _scale(geo)), tpl,
-                       (_ntiles(params(geo, T, U, False)) * THREADS, geo.H, geo.B), (THREADS, 1, 1),
-                       ((geo.B, geo.N, geo.H, geo.D),), (dtype,))
+    kind, threads = _variant("bwd_dq", variant)
+    out["dq"] = Launch(spec(kind), (q, k, v, ak_in, av_in, rpb_in, dout, lse, delta, prm_q, _scale(geo)),
+                       _template(geo, dtype, threads), (_ntiles(params(geo, T, U, False)) * threads, geo.H, geo.B),
+                       (threads, 1, 1), ((geo.B, geo.N, geo.H, geo.D),), (dtype,))
     Tk, Uk = key_major_tiles(geo)
     prm_k = params(geo, Tk, Uk, key_major=True)
-    out["dkv"] = Launch(spec("bwd_dkv"), (q, k, v, rpb_in, dout, lse, delta, mx.array(prm_k, dtype=mx.int32),
-                                          _scale(geo)), tpl,
-                        (_ntiles(prm_k) * THREADS, geo.HKV, geo.B), (THREADS, 1, 1),
+    kind, threads = _variant("bwd_dkv", variant)
+    out["dkv"] = Launch(spec(kind), (q, k, v, rpb_in, dout, lse, delta, mx.array(prm_k, dtype=mx.int32), _scale(geo)),
+                        _template(geo, dtype, threads), (_ntiles(prm_k) * threads, geo.HKV, geo.B), (threads, 1, 1),
                         ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV)), (dtype, dtype))
     if geo.E:
         chunks = -(-geo.E // THREADS)

@@ -1,0 +1,158 @@
+// Backward, dQ, on simdgroup matrices: fwd_mma.metal's walk and fragments. Per key tile each
+// simdgroup recomputes S = Q K^T for its 8 query rows, P = exp(S - lse) (0 where masked),
+// dP = dO V^T, dS = P (dP - delta), and accumulates dQ += dS K, all by 8x8 multiply-accumulates;
+// no row reductions are needed (the lse is known). dq = scale * dQ.
+// Inputs and outputs as bwd_dq.metal. Template: T, DP, DVP, NT = 4 * (queries per tile).
+constexpr int TK = na_stage_rows(DP, DVP, sizeof(T));
+threadgroup T ks[TK * DP];
+threadgroup T vs[TK * DVP];
+
+const int tid = int(thread_index_in_threadgroup);
+const int lane = int(thread_index_in_simdgroup);
+const int sg = int(simdgroup_index_in_threadgroup);
+const int h = int(threadgroup_position_in_grid.y);
+const int b = int(threadgroup_position_in_grid.z);
+const int H = prm[NA_P_H], HKV = prm[NA_P_HKV], N = prm[NA_P_N], NK = prm[NA_P_NK];
+const int D = prm[NA_P_D], DV = prm[NA_P_DV], E = prm[NA_P_E], R = prm[NA_P_RPB];
+const bool has_rpb = prm[NA_P_HASRPB] != 0;
+const int hk = h / (H / HKV);
+const float scale = scl[0];
+
+NaAxis ax[3];
+for (int a = 0; a < 3; ++a) ax[a] = na_axis(prm, a);
+int g[3], c0[3], c1[3], Lg[3], kb[3], ke[3], text[3], kext[3], nkt[3];
+if (!na_tile_range(ax, int(threadgroup_position_in_grid.x), false, g, c0, c1)) return;
+for (int a = 0; a < 3; ++a) {
+  Lg[a] = na_group_len(ax[a].L, ax[a].d, g[a]);
+  kb[a] = na_tile_key_begin(c0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+  ke[a] = na_tile_key_end(c1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+  text[a] = ax[a].T;
+  kext[a] = ax[a].U;
+  nkt[a] = na_key_tiles(kb[a], ke[a], ax[a].U);
+}
+const int fq = lane / 4;
+const int fr = (fq & 4) + (lane / 2) % 4;    // this lane's row in every fragment
+const int fc = (fq & 2) * 2 + (lane % 2) * 2;  // its first column (it holds fc and fc + 1)
+int qc[3];
+const bool qvalid = na_box_slot(sg * 8 + fr, text, c0, c1, qc);
+const int qtok = qvalid ? na_token(ax, g, qc, false) : 0;
+const long qrow = (long(b) * N + qtok) * H + h;
+
+float2 qf[DP / 8];   // this lane's elements of the Q, dO, dQ and S/P/dS fragments
+float2 dof[DVP / 8];
+float2 dqf[DP / 8];
+float2 sf[TK / 8];
+for (int kk = 0; kk < DP / 8; ++kk) {
+  for (int e = 0; e < 2; ++e) {
+    int x = kk * 8 + fc + e;
+    qf[kk][e] = (qvalid && x < D) ? float(q[qrow * D + x]) * scale : 0.0f;
+  }
+}
+for (int n = 0; n < DVP / 8; ++n) {
+  for (int e = 0; e < 2; ++e) {
+    int x = n * 8 + fc + e;
+    dof[n][e] = (qvalid && x < DV) ? float(dout[qrow * DV + x]) : 0.0f;
+  }
+}
+for (int kk = 0; kk < DP / 8; ++kk) dqf[kk] = float2(0.0f, 0.0f);
+const float lq = qvalid ? lse[qrow] : 0.0f;
+const float dq_delta = qvalid ? delta[qrow] : 0.0f;
+
+// S = Q K^T over the staged rows, masked (mask == false: every staged row is a key of every window)
+// then dS = P (dO V^T - delta) and dQ += dS K. Collectives: every lane of the simdgroup runs this.
+#define NA_MMA_STEP(KEY_OK)                                                                       \
+  for (int j = 0; j < TK / 8; ++j) {                                                              \
+    sf[j][0] = 0.0f;                                                            \
+    sf[j][1] = 0.0f;                                                            \
+    for (int kk = 0; kk < DP / 8; ++kk) {                                                         \
+      float2 kt = float2(float(ks[(j * 8 + fc) * DP + kk * 8 + fr]),                              \
+                         float(ks[(j * 8 + fc + 1) * DP + kk * 8 + fr]));                         \
+      sf[j] = na_mma(qf[kk], kt, sf[j]);                                                          \
+    }                                                                                             \
+  }                                                                                               \
+  for (int j = 0; j < TK / 8; ++j) {                                                              \
+    float2 dp = float2(0.0f, 0.0f);                                                               \
+    for (int n = 0; n < DVP / 8; ++n) {                                                           \
+      float2 vt = float2(float(vs[(j * 8 + fc) * DVP + n * 8 + fr]),                              \
+                         float(vs[(j * 8 + fc + 1) * DVP + n * 8 + fr]));                         \
+      dp = na_mma(dof[n], vt, dp);                                                                \
+    }                                                                                             \
+    for (int e = 0; e < 2; ++e) {                                                                 \
+      int r = j * 8 + fc + e;                                                                     \
+      float s = sf[j][e];                                                                         \
+      KEY_OK                                                                                      \
+      float p = s == -INFINITY ? 0.0f : metal::exp(s - lq);                                       \
+      sf[j][e] = p * (dp[e] - dq_delta);                                                          \
+    }                                                                                             \
+  }                                                                                               \
+  for (int kk = 0; kk < DP / 8; ++kk) {                                                           \
+    for (int j = 0; j < TK / 8; ++j) {                                                            \
+      float2 kf = float2(float(ks[(j * 8 + fr) * DP + kk * 8 + fc]),                              \
+                         float(ks[(j * 8 + fr) * DP + kk * 8 + fc + 1]));                         \
+      dqf[kk] = na_mma(sf[j], kf, dqf[kk]);                                                       \
+    }                                                                                             \
+  }
+
+const int slots = kext[0] * kext[1] * kext[2];
+const int total = nkt[0] * nkt[1] * nkt[2];
+for (int kt0 = 0; kt0 < total; ++kt0) {
+  int k0[3], k1[3];
+  int rem = kt0;
+  bool skip = false, full = true;
+  for (int a = 2; a >= 0; --a) {
+    int j = rem % nkt[a];
+    rem /= nkt[a];
+    k0[a] = kb[a] + j * ax[a].U;
+    k1[a] = na_min(k0[a] + ax[a].U, ke[a]) - 1;
+    int cls = na_tile_class(c0[a], c1[a], k0[a], k1[a] + 1, Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+    skip = skip || cls == NA_TILE_SKIP;
+    full = full && cls == NA_TILE_FULL;
+  }
+  if (skip) continue;  // same decision in every thread
+  for (int e = tid; e < TK * DP; e += NT) {
+    int r = e / DP, x = e % DP, kc[3];
+    bool ok = r < slots && na_box_slot(r, kext, k0, k1, kc) && x < D;
+    ks[e] = ok ? k[((long(b) * NK + na_token(ax, g, kc, true)) * HKV + hk) * D + x] : T(0.0f);
+  }
+  for (int e = tid; e < TK * DVP; e += NT) {
+    int r = e / DVP, x = e % DVP, kc[3];
+    bool ok = r < slots && na_box_slot(r, kext, k0, k1, kc) && x < DV;
+    vs[e] = ok ? v[((long(b) * NK + na_token(ax, g, kc, true)) * HKV + hk) * DV + x] : T(0.0f);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  NA_MMA_STEP(
+    int kc[3];
+    bool ok = qvalid && r < slots && na_box_slot(r, kext, k0, k1, kc) && (full || na_in_windows(ax, Lg, qc, kc));
+    if (ok && has_rpb) s += float(rpb[long(h) * R + na_rpb_col(ax, qc, kc)]);
+    s = ok ? s : -INFINITY;
+  )
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// additional keys/values: every query sees all of them, no mask
+for (int e0 = 0; e0 < E; e0 += TK) {
+  const int cnt = na_min(TK, E - e0);
+  for (int e = tid; e < TK * DP; e += NT) {
+    int r = e / DP, x = e % DP;
+    ks[e] = (r < cnt && x < D) ? ak[((long(b) * E + e0 + r) * HKV + hk) * D + x] : T(0.0f);
+  }
+  for (int e = tid; e < TK * DVP; e += NT) {
+    int r = e / DVP, x = e % DVP;
+    vs[e] = (r < cnt && x < DV) ? av[((long(b) * E + e0 + r) * HKV + hk) * DV + x] : T(0.0f);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  NA_MMA_STEP(
+    s = (qvalid && r < cnt) ? s : -INFINITY;
+  )
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+#undef NA_MMA_STEP
+
+if (qvalid) {
+  for (int kk = 0; kk < DP / 8; ++kk) {
+    for (int e = 0; e < 2; ++e) {
+      int x = kk * 8 + fc + e;
+      if (x < D) dq[qrow * D + x] = T(dqf[kk][e] * scale);
+    }
+  }
+}
