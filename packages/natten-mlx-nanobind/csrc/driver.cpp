@@ -493,7 +493,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   const int64_t ntasks = slices * splits;
   const int64_t acc_size = N * (D + Dv) + E * (D + Dv);
   float* priv = splits > 1 ? scratch(static_cast<size_t>((splits - 1) * slices * acc_size), true) : nullptr;
-  float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * g.G * g.Rtot), true) : nullptr;
+  // each task's rpb accumulator is followed by vector slack: the padded adds write whole vectors back
+  // (unchanged past a run), which must not land in another task's accumulator
+  const int64_t racc_stride = g.G * g.Rtot + 16;
+  float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
   const float* kT = transpose_slices(a.k, slices, N, D);
   const float* ekT = E ? transpose_slices(a.ek, slices, E, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
@@ -528,7 +531,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       accek = base + N * (D + Dv);
       accev = accek + E * D;
     }
-    float* racc = g.has_rpb ? rpb_acc + task * g.G * g.Rtot : nullptr;
+    float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
     TileGeo& tg = tls_tg;
@@ -647,7 +650,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     for (int64_t task = 0; task < ntasks; ++task) {
       const int64_t hk = (task / splits) % g.Hkv;
       for (int64_t gg = 0; gg < g.G; ++gg)
-        kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc + (task * g.G + gg) * g.Rtot,
+        kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc + task * racc_stride + gg * g.Rtot,
                 static_cast<int>(g.Rtot));
     }
   }
