@@ -154,9 +154,20 @@ HEAD_DIMS = [
 ]
 
 
+@pytest.mark.parametrize("variant", ["mma", "simple"])
 @pytest.mark.parametrize("dtype,D,Dv", HEAD_DIMS, ids=[f"{t}-D{a}-Dv{b}" for t, a, b in HEAD_DIMS])
-def test_head_dims(dtype, D, Dv):
-    check(_fixed((6, 5), (3, 2), (1, 2), (2, 1), (False, True), D, Dv, H=2, Hkv=2), dtype, seed=D + Dv)
+def test_head_dims(dtype, D, Dv, variant):
+    """Both variants at every register-array size ("auto" uses mma only up to head dim 128)."""
+    check(_fixed((6, 5), (3, 2), (1, 2), (2, 1), (False, True), D, Dv, H=2, Hkv=2), dtype, seed=D + Dv,
+          backend=BACKEND.configure(variant=variant))
+
+
+def test_auto_variant():
+    small = kernels.geometry(_problem(_fixed((6,), (3,), (1,), (1,), (False,), 128, 64), mx.float32)[0])
+    large = kernels.geometry(_problem(_fixed((6,), (3,), (1,), (1,), (False,), 64, 136), mx.float32)[0])
+    assert kernels.resolve_variant("auto", small) == "mma"
+    assert kernels.resolve_variant("auto", large) == "simple"
+    assert kernels.resolve_variant("mma", large) == "mma"
 
 
 # geometries that stress the tile walk: long axes (several query and key tiles per group, skipped
@@ -210,7 +221,7 @@ def test_results_do_not_depend_on_the_schedule():
 
 def test_threadgroup_memory_stays_under_32k_at_the_largest_head_dims():
     stats = {}
-    be = MetalBackend(emulator_launcher(stats=stats))
+    be = MetalBackend(emulator_launcher(stats=stats), variant="mma")
     cfg = _fixed((40,), (3,), (1,), (1,), (False,), 256, 256, H=1, Hkv=1)
     p, _ = _problem(cfg, mx.float32)
     x, _ = _tensors(np.random.default_rng(1), cfg, mx.float32)

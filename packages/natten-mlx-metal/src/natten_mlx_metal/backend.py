@@ -27,7 +27,7 @@ class MetalBackend:
         "verified by emulation, not yet run on Apple hardware"
     )
 
-    def __init__(self, launcher: Optional[Callable] = None, tile: Optional[tuple] = None, variant: str = "mma"):
+    def __init__(self, launcher: Optional[Callable] = None, tile: Optional[tuple] = None, variant: str = "auto"):
         # launcher(Launch) -> list of outputs; the tests pass the emulator's
         self._launch = launcher or kernels.metal_launch
         self._tile = tile

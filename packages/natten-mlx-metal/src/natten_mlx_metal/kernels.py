@@ -23,9 +23,18 @@ HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # register-array sizes (DP, DVP template 
 MAX_HEAD_DIM = HEAD_DIMS[-1]
 THREADS = 64  # tokens per tile box, and threads of the scalar kernels: one per query (dQ) or key (dK/dV)
 MMA_THREADS = 4 * THREADS  # the simdgroup-matrix forward: one simdgroup (32 threads) per 8 queries
-# kernel variants: "mma" (simdgroup matrices, default) or "simple" (one thread per query or key);
-# the additional-key and rpb gradients have one (scalar) kernel each
-VARIANTS = ("mma", "simple")
+# kernel variants: "mma" (simdgroup matrices) or "simple" (one thread per query or key); "auto"
+# picks mma up to head dims of MMA_MAX_DIM and simple above, where 256 threads of 2 * (D + Dv) / 8
+# fragment registers each may exceed what a pipeline allows per threadgroup (unmeasured: no Mac).
+# The additional-key and rpb gradients have one (scalar) kernel each.
+VARIANTS = ("auto", "mma", "simple")
+MMA_MAX_DIM = 128
+
+
+def resolve_variant(variant: str, geo: "Geometry") -> str:
+    if variant != "auto":
+        return variant
+    return "mma" if max(geo.DP, geo.DVP) <= MMA_MAX_DIM else "simple"
 
 
 def _variant(kind: str, variant: str) -> tuple[str, int]:
@@ -257,10 +266,10 @@ def _scale(geo: Geometry):
     return mx.array([geo.scale], dtype=mx.float32)
 
 
-def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, variant: str = "mma") -> Launch:
+def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, variant: str = "auto") -> Launch:
     """Fused forward: out [B, N, H, DV], lse [B, N, H] float32. q/k/v flattened to tokens."""
     dtype = q.dtype
-    kind, threads = _variant("fwd", variant)
+    kind, threads = _variant("fwd", resolve_variant(variant, geo))
     T, U = query_major_tiles(geo, tile)
     prm = params(geo, T, U, key_major=False)
     inputs = (q, k, v, ak if ak is not None else _dummy(dtype), av if av is not None else _dummy(dtype),
@@ -270,7 +279,7 @@ def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, variant: str 
                   ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H)), (dtype, mx.float32))
 
 
-def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, tile=None, variant: str = "mma") -> dict:
+def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, tile=None, variant: str = "auto") -> dict:
     """The backward's launches by gradient name (each a Launch); delta = rowsum(dO * O) - dlse."""
     dtype = q.dtype
     rpb_in = rpb if rpb is not None else _dummy(dtype)
@@ -280,6 +289,7 @@ def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, til
     T, U = query_major_tiles(geo, tile)
     prm_q = mx.array(params(geo, T, U, key_major=False), dtype=mx.int32)
     out = {}
+    variant = resolve_variant(variant, geo)
     kind, threads = _variant("bwd_dq", variant)
     out["dq"] = Launch(spec(kind), (q, k, v, ak_in, av_in, rpb_in, dout, lse, delta, prm_q, _scale(geo)),
                        _template(geo, dtype, threads), (_ntiles(params(geo, T, U, False)) * threads, geo.H, geo.B),
