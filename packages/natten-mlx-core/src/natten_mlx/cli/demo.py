@@ -264,6 +264,12 @@ def command(args, out=print, before_verdict=None) -> int:
     if args.seconds is not None and not args.seconds > 0:
         out(f"demo: --seconds={args.seconds}: must be positive")
         return 2
+    if args.backend is not None:
+        try:
+            _backend_used(args.backend)
+        except ValueError as exc:
+            out(f"demo: --backend {args.backend}: {exc}")
+            return 2
     try:
         result = run(epochs=args.epochs, seed=args.seed, backend=args.backend, seconds=args.seconds)
     except MissingExtra as exc:
