@@ -6,6 +6,7 @@
 - :class:`OwnBackwardToy`: DenseToy plus a ``fused_backward`` that counts its calls.
 - :class:`SplitToy`: the pure backend's split forwards without split backwards, counting calls.
 - :class:`OwnSplitBackwardToy`: SplitToy plus split backwards that count their calls.
+- :class:`ConfigurableToy`: DenseToy with an option set through ``configure``.
 - :class:`WrongToy`: a backend whose output is wrong, for ``natten-mlx check``.
 - :class:`RaisingToy`: a backend whose forward raises.
 
@@ -113,14 +114,14 @@ class OwnBackwardToy(DenseToy):
         super().__init__(name, priority, **kw)
         self.zero_grads = zero_grads
         self.backward_calls = 0
+        self.records = []
 
-    def fused_backward(self, problem, query, key, value, additional_keys, additional_values, rpb, out, lse, d_out,
-                       d_lse):
+    def fused_backward(self, record):
         self.backward_calls += 1
-        grads = _PURE.fused_backward(problem, query, key, value, additional_keys, additional_values, rpb, out, lse,
-                                     d_out, d_lse)
+        self.records.append(record)
+        grads = _PURE.fused_backward(record)
         if self.zero_grads:
-            return tuple(None if g is None else mx.zeros_like(g) for g in grads)
+            return {n: None if g is None else mx.zeros_like(g) for n, g in grads.items()}
         return grads
 
 
@@ -147,13 +148,34 @@ class OwnSplitBackwardToy(SplitToy):
         super().__init__(name, priority, **kw)
         self.backward_calls = {"qk": 0, "av": 0}
 
-    def qk_backward(self, problem, query, key, additional_keys, rpb, scores, d_scores):
+    def qk_backward(self, record):
         self.backward_calls["qk"] += 1
-        return _PURE.qk_backward(problem, query, key, additional_keys, rpb, scores, d_scores)
+        return _PURE.qk_backward(record)
 
-    def av_backward(self, problem, attn, value, additional_values, out, d_out):
+    def av_backward(self, record):
         self.backward_calls["av"] += 1
-        return _PURE.av_backward(problem, attn, value, additional_values, out, d_out)
+        return _PURE.av_backward(record)
+
+
+class ConfigurableToy(DenseToy):
+    """DenseToy with one option, ``factor`` (multiplies the output), through ``configure``."""
+
+    def __init__(self, name: str = "toy-conf", priority: int | None = None, factor: float = 1.0, **kw):
+        super().__init__(name, priority, **kw)
+        self.factor = factor
+        self.configured = []
+
+    def configure(self, **options):
+        unknown = sorted(set(options) - {"factor"})
+        if unknown:
+            raise TypeError(f"backend {self.name!r} has no option {unknown}; its options: factor")
+        copy = ConfigurableToy(self.name, self.priority, **options)
+        self.configured.append(copy)
+        return copy
+
+    def fused_forward(self, problem, *arrays, **kw):
+        out, lse = super().fused_forward(problem, *arrays, **kw)
+        return out * self.factor, lse
 
 
 class WrongToy(DenseToy):

@@ -50,8 +50,11 @@ def test_per_call_backend_argument(toys):
     out = natten_mlx.na2d(q, k, v, 3, backend="toy-low")
     assert (high.forward_calls, low.forward_calls) == (0, 1)
     assert _close(out, natten_mlx.na2d(q, k, v, 3, backend="pure"))
+    # a backend object is accepted too (protocol v2), and serves the call
+    natten_mlx.na2d(q, k, v, 3, backend=low)
+    assert (high.forward_calls, low.forward_calls) == (0, 2)
     with pytest.raises(TypeError, match="backend="):
-        natten_mlx.na2d(q, k, v, 3, backend=low)
+        natten_mlx.na2d(q, k, v, 3, backend=3)
 
 
 def test_use_backend_context_nests_and_yields_to_the_argument(toys):
@@ -71,8 +74,10 @@ def test_use_backend_context_nests_and_yields_to_the_argument(toys):
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         with natten_mlx.use_backend("nope"):
             pass
-    with pytest.raises(TypeError, match="must be a str"):
-        with natten_mlx.use_backend(low):
+    with natten_mlx.use_backend(low):
+        assert select(p) is low
+    with pytest.raises(TypeError, match="use_backend="):
+        with natten_mlx.use_backend(3.5):
             pass
 
 

@@ -1,8 +1,10 @@
 """natten-mlx-example-backend: a template third-party backend for natten-mlx.
 
 The backend ``example-dense`` computes neighborhood attention exactly as dense attention under
-the neighborhood mask. The mask comes from :func:`natten_mlx.windows.neighborhood_mask`, the one
-place where the window rules are coded: a backend never re-derives them.
+the neighborhood mask. The mask comes from :func:`natten_mlx.geometry.dense_mask`, built from the
+one place where the window rules are coded: a backend never re-derives them. It follows protocol v2
+(:mod:`natten_mlx.protocol`): it returns the lse always, declares how it is differentiated
+(``"pure"``: the core uses the pure backend's backward), and refuses what it does not serve.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 from natten_mlx import hookimpl
-from natten_mlx.windows import neighborhood_mask
+from natten_mlx.geometry import dense_mask
 
 __version__ = "0.1.0"
 
@@ -20,9 +22,9 @@ MAX_TOKENS = 256
 
 
 @lru_cache(maxsize=64)
-def _mask(spatial, kernel_size, stride, dilation, is_causal) -> mx.array:
+def _mask(geometry) -> mx.array:
     """``[N, N]`` bool: may query ``n`` attend to key ``m``."""
-    return mx.array(neighborhood_mask(spatial, kernel_size, stride, dilation, is_causal))
+    return mx.array(dense_mask(geometry))
 
 
 class ExampleDenseBackend:
@@ -33,6 +35,8 @@ class ExampleDenseBackend:
     priority = 10
     distribution = "natten-mlx-example-backend"
     description = f"dense attention under the neighborhood mask (template plugin); at most {MAX_TOKENS} tokens"
+    # no backward of its own: the core differentiates through the pure backend's backward
+    differentiation = "pure"
 
     def available(self) -> str | None:
         return None  # plain MLX operations run on every device
@@ -40,6 +44,8 @@ class ExampleDenseBackend:
     def supports(self, problem) -> str | None:
         if problem.op != "fused":
             return "has no split ops (it computes the fused op only)"
+        if problem.is_subdomain:
+            return "sub-domain problems (sharded attention) are not implemented"
         if problem.num_tokens > MAX_TOKENS:
             return (
                 f"{problem.num_tokens} tokens (spatial {problem.spatial}) exceed its limit of {MAX_TOKENS}: "
@@ -59,7 +65,7 @@ class ExampleDenseBackend:
         k = key.astype(mx.float32).reshape(b, n, hk, -1).transpose(0, 2, 1, 3)[:, :, None]
         v = value.astype(mx.float32).reshape(b, n, hk, -1).transpose(0, 2, 1, 3)[:, :, None]
         scores = q @ k.swapaxes(-1, -2)  # [B, H_kv, G, N, N]
-        scores = mx.where(_mask(p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal), scores, -mx.inf)
+        scores = mx.where(_mask(p.geometry), scores, -mx.inf)
         if additional_keys is not None:
             ek = additional_keys.astype(mx.float32).transpose(0, 2, 1, 3)[:, :, None]  # [B, H_kv, 1, M, D]
             ev = additional_values.astype(mx.float32).transpose(0, 2, 1, 3)[:, :, None]

@@ -34,9 +34,7 @@ def _install_compat_hint() -> None:
 
 _install_compat_hint()
 
-__version__ = "0.1.0"
-
-from .dispatch import explain_problem, get_backend, list_backends, use_backend  # noqa: E402
+from .dispatch import configure, explain_problem, get_backend, list_backends, use_backend  # noqa: E402
 from .explain import explain  # noqa: E402
 from .functional import (  # noqa: E402
     merge_attentions,
@@ -49,19 +47,25 @@ from .functional import (  # noqa: E402
     na3d,
     na3d_av,
     na3d_qk,
+    na_subdomain,
 )
 from .hookspecs import hookimpl, hookspec  # noqa: E402
 from .modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D  # noqa: E402
 from .plugins import register_backend, reload_plugins, unregister_backend  # noqa: E402
 from .problem import Problem  # noqa: E402
+from .protocol import BackwardRecord  # noqa: E402
 from .support import get_support_matrix  # noqa: E402
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "na1d", "na2d", "na3d", "na1d_qk", "na2d_qk", "na3d_qk", "na1d_av", "na2d_av", "na3d_av",
-    "merge_attentions", "NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
+    "merge_attentions", "na_subdomain", "NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
     "use_backend", "list_backends", "get_backend", "explain", "explain_problem", "get_support_matrix",
     "register_backend", "unregister_backend", "reload_plugins", "hookimpl", "hookspec", "Problem",
+    "BackwardRecord", "configure", "geometry", "__version__",
 ]
+
+from . import geometry  # noqa: E402
 
 # discovery happens now, at import (a broken plugin warns here, never raises)
 from .plugins import registry as _registry  # noqa: E402

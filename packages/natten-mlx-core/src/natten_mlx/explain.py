@@ -28,12 +28,13 @@ def _bind(names, args, kwargs, op):
     return [values.get(n, _DEFAULTS.get(n)) for n in names]
 
 
-def explain(*args, backend=None, **kwargs) -> Explanation:
+def explain(*args, backend=None, stream=None, **kwargs) -> Explanation:
     """Same arguments as the op, optionally preceded by the op's name.
 
     ``explain(q, k, v, 7, dilation=2)`` explains the fused op of q's rank;
-    ``explain("na2d_qk", q, k, 7)`` or ``explain("na2d_av", attn, v, 7)`` a split op.
-    Returns an :class:`~natten_mlx.dispatch.Explanation` (``.chosen``, ``.how``, ``.reasons``).
+    ``explain("na2d_qk", q, k, 7)`` or ``explain("na2d_av", attn, v, 7)`` a split op. ``backend``
+    and ``stream`` as for the op. Returns an :class:`~natten_mlx.dispatch.Explanation`
+    (``.chosen``, ``.how``, ``.reasons``, ``.differentiation``, ``.problem.device``).
     """
     op = args[0] if args and isinstance(args[0], str) else None
     if op is not None:
@@ -47,9 +48,9 @@ def explain(*args, backend=None, **kwargs) -> Explanation:
         raise ValueError(f"op={op!r} is not an op; use na1d/na2d/na3d, na*d_qk or na*d_av")
     na_dim, kind = int(op[2]), kind[op[4:]]
     if kind == "fused":
-        problem = _p.fused_problem(na_dim, *args[:3], *_bind(_FUSED, args[3:], kwargs, op))
+        problem = _p.fused_problem(na_dim, *args[:3], *_bind(_FUSED, args[3:], kwargs, op), stream)
     elif kind == "qk":
-        problem = _p.qk_problem(na_dim, *args[:2], *_bind(_QK, args[2:], kwargs, op))
+        problem = _p.qk_problem(na_dim, *args[:2], *_bind(_QK, args[2:], kwargs, op), stream)
     else:
-        problem = _p.av_problem(na_dim, *args[:2], *_bind(_AV, args[2:], kwargs, op))
+        problem = _p.av_problem(na_dim, *args[:2], *_bind(_AV, args[2:], kwargs, op), stream)
     return explain_problem(problem, backend)

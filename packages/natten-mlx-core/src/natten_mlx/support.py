@@ -7,9 +7,15 @@ import mlx.core as mx
 from .dispatch import _reason, list_backends
 from .plugins import registry
 from .problem import Problem
+from .protocol import differentiation_of
 
 FEATURES = ("na1d", "na2d", "na3d", "float32", "float16", "bfloat16", "stride", "dilation", "causal", "gqa",
             "rpb", "extra_kv", "return_lse", "split_qk", "split_av")
+
+
+def devices_served(backend) -> tuple[str, ...]:
+    """The device types (``"cpu"``, ``"gpu"``) for which ``backend`` serves a plain 2D problem."""
+    return tuple(d for d in ("cpu", "gpu") if _reason(backend, _base(device=d)) is None)
 
 
 def _base(na_dim: int = 2, **changes) -> Problem:
@@ -21,6 +27,7 @@ def _base(na_dim: int = 2, **changes) -> Problem:
 
 
 def feature_problems() -> dict[str, Problem]:
+    """The representative problem of each feature of :data:`FEATURES` (2D unless the feature is a rank)."""
     return {
         "na1d": _base(1),
         "na2d": _base(2),
@@ -40,10 +47,15 @@ def feature_problems() -> dict[str, Problem]:
     }
 
 
+_BACKWARD_WORDS = {"backward": "own", "primitive": "its primitives' vjp", "pure": "the pure backend's"}
+
+
 def get_support_matrix() -> list[dict]:
     """One row per registered backend: name, priority, distribution, version, availability (None or
-    why not), ``features`` (feature -> None or the backend's reason) and ``backward`` ("own", or
-    "the pure backend's": its hand-written backward, recomputing from the inputs)."""
+    why not), ``features`` (feature -> None or the backend's reason), ``differentiation``
+    ("backward", "primitive" or "pure", see :mod:`natten_mlx.protocol`), ``backward`` (in words:
+    "own", "its primitives' vjp", or "the pure backend's") and ``devices`` (the device types it
+    serves, asked through ``supports()``: ``("cpu", "gpu")``, ``("cpu",)``, ...)."""
     reg = registry()
     rows = []
     problems = feature_problems()
@@ -62,6 +74,8 @@ def get_support_matrix() -> list[dict]:
             "description": getattr(backend, "description", ""),
             "available": unavailable,
             "features": {f: _reason(backend, p) for f, p in problems.items()},
-            "backward": "own" if callable(getattr(backend, "fused_backward", None)) else "the pure backend's",
+            "differentiation": differentiation_of(backend),
+            "backward": _BACKWARD_WORDS[differentiation_of(backend)],
+            "devices": devices_served(backend),
         })
     return rows

@@ -21,12 +21,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class AxisWindows:
-    """Slot tables of one spatial axis; every array is ``[L, K]`` unless noted.
+    """Slot tables of one spatial axis for ``query_length`` queries; every array is ``[Lq, K]`` unless noted.
 
-    key_index: the key's position along the axis (input coordinates, always in ``[0, L)``).
+    key_index: the key's position along the axis, local to the key slab (global position minus
+               ``kv_offset``; for a whole-domain problem, input coordinates in ``[0, L)``).
     valid:     whether the slot belongs to the neighborhood.
     rel:       ``key_c - query_c + K - 1`` in group coordinates: the rpb column of the slot.
-    start:     ``[L]``, the window start of each query in input coordinates.
+    start:     ``[Lq]``, the window start of each query, local to the key slab.
     """
 
     length: int
@@ -38,6 +39,8 @@ class AxisWindows:
     valid: np.ndarray
     rel: np.ndarray
     start: np.ndarray
+    query_offset: int = 0
+    kv_offset: int = 0
 
 
 def _window_start_in_group(c: np.ndarray, group_len: np.ndarray, k: int, s: int, causal: bool):
@@ -52,32 +55,86 @@ def _window_start_in_group(c: np.ndarray, group_len: np.ndarray, k: int, s: int,
     return centre - wl
 
 
-@lru_cache(maxsize=512)
-def axis_windows(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool) -> AxisWindows:
-    """Slot tables for one axis. Requires ``kernel_size * dilation <= length`` (validated earlier)."""
-    i = np.arange(length, dtype=np.int64)
+def _global_starts(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, i: np.ndarray):
+    """Window start (global input coordinates) and in-group coordinate of the global queries ``i``."""
     g = i % dilation
     c = i // dilation
     group_len = -((g - length) // dilation)  # ceil((L - g) / d)
     start_c = _window_start_in_group(c, group_len, kernel_size, stride, is_causal)
+    return start_c * dilation + g, start_c, c
+
+
+@lru_cache(maxsize=512)
+def axis_windows(
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool,
+    query_offset: int = 0, query_length: int | None = None, kv_offset: int = 0,
+) -> AxisWindows:
+    """Slot tables for one axis of global length ``length``.
+
+    The queries are the global positions ``query_offset .. query_offset + query_length - 1``
+    (default: the whole axis); key positions are given relative to ``kv_offset`` (the first key of
+    the local key slab). Requires ``kernel_size * dilation <= length`` (validated earlier).
+    """
+    count = length - query_offset if query_length is None else query_length
+    i = np.arange(query_offset, query_offset + count, dtype=np.int64)
+    start, start_c, c = _global_starts(length, kernel_size, stride, dilation, is_causal, i)
     slot = np.arange(kernel_size, dtype=np.int64)
     key_c = start_c[:, None] + slot[None, :]
     valid = key_c <= c[:, None] if is_causal else np.ones_like(key_c, dtype=bool)
-    key_index = key_c * dilation + g[:, None]
+    key_index = start[:, None] + slot[None, :] * dilation - kv_offset
     rel = key_c - c[:, None] + kernel_size - 1
-    for a in (key_index, valid, rel):
-        a.setflags(write=False)
-    start = start_c * dilation + g
-    start.setflags(write=False)
-    return AxisWindows(length, kernel_size, stride, dilation, is_causal, key_index, valid, rel, start)
+    start = start - kv_offset
+    for x in (key_index, valid, rel, start):
+        x.setflags(write=False)
+    return AxisWindows(length, kernel_size, stride, dilation, is_causal, key_index, valid, rel, start, query_offset,
+                       kv_offset)
+
+
+def key_extent(
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, query_offset: int = 0,
+    query_length: int | None = None,
+) -> tuple[int, int]:
+    """``(lo, hi)``: the global key positions ``[lo, hi)`` that the windows of the queries
+    ``query_offset .. query_offset + query_length - 1`` cover along one axis, every slot counted
+    (also the invalid causal slots past a query, which kernels may still read).
+
+    The smallest key slab a sub-domain problem accepts (the halo of a shard)."""
+    count = length - query_offset if query_length is None else query_length
+    if count <= 0:
+        return query_offset, query_offset
+    i = np.arange(query_offset, query_offset + count, dtype=np.int64)
+    start = _global_starts(length, kernel_size, stride, dilation, is_causal, i)[0]
+    return int(start.min()), int(start.max()) + (kernel_size - 1) * dilation + 1
+
+
+def axis_args(geometry) -> list[tuple]:
+    """Per-axis ``axis_windows`` arguments of a geometry tuple (see :attr:`Problem.geometry`)."""
+    spatial, kernel_size, stride, dilation, is_causal, domain, query_offset, kv_spatial, kv_offset = geometry
+    return [
+        (domain[a], kernel_size[a], stride[a], dilation[a], is_causal[a], query_offset[a], spatial[a], kv_offset[a])
+        for a in range(len(spatial))
+    ]
+
+
+def full_geometry(spatial, kernel_size, stride, dilation, is_causal, domain=None, query_offset=None, kv_spatial=None,
+                  kv_offset=None) -> tuple:
+    """The nine-entry geometry tuple (:attr:`natten_mlx.problem.Problem.geometry`), defaults filled."""
+    spatial = tuple(spatial)
+    zeros = (0,) * len(spatial)
+    return (
+        spatial, tuple(kernel_size), tuple(stride), tuple(dilation), tuple(is_causal),
+        tuple(domain) if domain else spatial, tuple(query_offset) if query_offset else zeros,
+        tuple(kv_spatial) if kv_spatial else spatial, tuple(kv_offset) if kv_offset else zeros,
+    )
 
 
 @dataclass(frozen=True)
 class NeighborhoodTables:
     """Flattened slot tables of a whole nD problem: queries and keys in row-major token order.
 
-    key_index: ``[N, Kt]`` int32, the flat token index of each slot's key (``N = prod(spatial)``,
-               ``Kt = prod(kernel_size)``; slots row-major over the per-axis slots).
+    key_index: ``[N, Kt]`` int32, the flat token index of each slot's key in the key slab
+               (``N = prod(spatial)`` queries, ``Kt = prod(kernel_size)``; slots row-major over the
+               per-axis slots; keys row-major over ``kv_spatial``).
     valid:     ``[N, Kt]`` bool, or None when every slot is valid (no causal axis).
     rpb_index: ``[N, Kt]`` int32, the flat index into ``rpb.reshape(H, -1)`` of each slot.
     """
@@ -87,51 +144,68 @@ class NeighborhoodTables:
     rpb_index: np.ndarray
 
 
-def _row_major_strides(sizes) -> list[int]:
+def row_major_strides(sizes) -> list[int]:
+    """Row-major strides of an array of shape ``sizes`` (in elements)."""
     return [int(np.prod(sizes[a + 1 :], dtype=np.int64)) for a in range(len(sizes))]
 
 
-def _outer(arrays: list[np.ndarray], op, weights: list[int] | None = None) -> np.ndarray:
-    """Combine per-axis ``[L_a, K_a]`` tables into ``[N, Kt]``, both row-major over the axes."""
-    n = len(arrays)
+def outer(tables, op=np.add, weights=None, xp=np):
+    """Row-major outer combination of per-axis tables: ``[L_a, K_a]`` per axis -> ``[N, Kt]``.
+
+    ``N = prod(L_a)`` and ``Kt = prod(K_a)``, both row-major over the axes; entry
+    ``[(i_1..i_n), (j_1..j_n)]`` is ``op``-folded ``tables[a][i_a, j_a] * weights[a]``. With
+    ``op=np.add`` and ``weights`` the row-major strides of a shape, index tables combine into flat
+    indices; with ``op=np.logical_and`` masks into a mask. Tables may carry a leading batch axis
+    shared by all (``[T, L_a, K_a]`` -> ``[T, N, Kt]``, as tile tables do). ``xp`` is ``numpy`` or
+    ``mlx.core`` (``op`` then ``mx.add``/``mx.logical_and``).
+    """
+    n = len(tables)
+    lead = tuple(tables[0].shape[:-2])
     out = None
-    for a, arr in enumerate(arrays):
-        shape = [1] * (2 * n)
-        shape[a], shape[n + a] = arr.shape
-        term = arr.reshape(shape) if weights is None else arr.reshape(shape) * weights[a]
+    for a, tab in enumerate(tables):
+        shape = list(lead) + [1] * (2 * n)
+        shape[len(lead) + a], shape[len(lead) + n + a] = tab.shape[-2], tab.shape[-1]
+        term = tab.reshape(shape)
+        if weights is not None:
+            term = term * weights[a]
         out = term if out is None else op(out, term)
-    full = tuple(arr.shape[0] for arr in arrays) + tuple(arr.shape[1] for arr in arrays)
-    return np.broadcast_to(out, full).reshape(int(np.prod(full[:n])), int(np.prod(full[n:])))
+    rows = [int(t.shape[-2]) for t in tables]
+    cols = [int(t.shape[-1]) for t in tables]
+    full = lead + tuple(rows) + tuple(cols)
+    return xp.broadcast_to(out, full).reshape(*lead, int(np.prod(rows)), int(np.prod(cols)))
 
 
 @lru_cache(maxsize=128)
-def neighborhood_tables(
-    spatial: tuple[int, ...],
-    kernel_size: tuple[int, ...],
-    stride: tuple[int, ...],
-    dilation: tuple[int, ...],
-    is_causal: tuple[bool, ...],
-) -> NeighborhoodTables:
-    axes = [axis_windows(*p) for p in zip(spatial, kernel_size, stride, dilation, is_causal)]
-    key_index = _outer([ax.key_index for ax in axes], np.add, _row_major_strides(spatial))
-    valid = _outer([ax.valid for ax in axes], np.logical_and) if any(is_causal) else None
-    rel_sizes = [2 * k - 1 for k in kernel_size]
-    rpb_index = _outer([ax.rel for ax in axes], np.add, _row_major_strides(rel_sizes))
+def _neighborhood_tables(geometry) -> NeighborhoodTables:
+    spatial, kernel_size, _, _, is_causal, _, _, kv_spatial, _ = geometry
+    axes = [axis_windows(*args) for args in axis_args(geometry)]
+    key_index = outer([ax.key_index for ax in axes], np.add, row_major_strides(kv_spatial))
+    valid = outer([ax.valid for ax in axes], np.logical_and) if any(is_causal) else None
+    rpb_index = outer([ax.rel for ax in axes], np.add, row_major_strides([2 * k - 1 for k in kernel_size]))
     key_index, rpb_index = key_index.astype(np.int32), rpb_index.astype(np.int32)
+    for x in (key_index, valid, rpb_index):
+        if x is not None:
+            x.setflags(write=False)
     return NeighborhoodTables(key_index, valid, rpb_index)
 
 
-def neighborhood_mask(
-    spatial: tuple[int, ...],
-    kernel_size: tuple[int, ...],
-    stride: tuple[int, ...],
-    dilation: tuple[int, ...],
-    is_causal: tuple[bool, ...],
-) -> np.ndarray:
-    """Dense ``[N, N]`` boolean mask (query, key) of the neighborhood; for baselines and checks."""
-    t = neighborhood_tables(spatial, kernel_size, stride, dilation, is_causal)
+def neighborhood_tables(spatial, kernel_size, stride, dilation, is_causal, domain=None, query_offset=None,
+                        kv_spatial=None, kv_offset=None) -> NeighborhoodTables:
+    """Slot tables of a problem's geometry (cached); the sub-domain fields default to a whole domain."""
+    return _neighborhood_tables(full_geometry(spatial, kernel_size, stride, dilation, is_causal, domain, query_offset,
+                                              kv_spatial, kv_offset))
+
+
+def neighborhood_mask(spatial, kernel_size, stride, dilation, is_causal, domain=None, query_offset=None,
+                      kv_spatial=None, kv_offset=None) -> np.ndarray:
+    """Dense ``[N, N_kv]`` boolean mask (query, key) of the neighborhood; for baselines and checks.
+
+    ``N`` queries and ``N_kv`` keys (of the key slab) in row-major token order."""
+    geometry = full_geometry(spatial, kernel_size, stride, dilation, is_causal, domain, query_offset, kv_spatial,
+                             kv_offset)
+    t = _neighborhood_tables(geometry)
     n = t.key_index.shape[0]
-    mask = np.zeros((n, n), dtype=bool)
+    mask = np.zeros((n, int(np.prod(geometry[7]))), dtype=bool)
     rows = np.broadcast_to(np.arange(n)[:, None], t.key_index.shape)
     sel = np.ones_like(t.key_index, dtype=bool) if t.valid is None else t.valid
     mask[rows[sel], t.key_index[sel]] = True
@@ -159,18 +233,23 @@ class Run:
 
 
 @lru_cache(maxsize=512)
-def axis_runs(length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool) -> tuple[Run, ...]:
-    """Cover one axis' queries with runs, read off :func:`axis_windows`' window starts.
+def axis_runs(
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool,
+    query_offset: int = 0, query_length: int | None = None, kv_offset: int = 0,
+) -> tuple[Run, ...]:
+    """Cover one axis' queries with runs, read off :func:`axis_windows`' window starts (local
+    query positions; key positions local to the key slab).
 
     Queries of one dilation group and one stride residue form an arithmetic progression; along it
     the window start is constant or moves with the query except near the borders, so each such
     progression splits into a few runs (about three: left border, interior, right border).
     """
-    starts = axis_windows(length, kernel_size, stride, dilation, is_causal).start
+    starts = axis_windows(length, kernel_size, stride, dilation, is_causal, query_offset, query_length, kv_offset).start
+    count = len(starts)
     step = stride * dilation
     runs = []
-    for first in range(min(step, length)):
-        pos = np.arange(first, length, step)
+    for first in range(min(step, count)):
+        pos = np.arange(first, count, step)
         st = starts[pos]
         m = 0
         while m < len(pos):

@@ -33,21 +33,26 @@ import numpy as np
 
 from ..problem import Problem
 from ..tiles import rpb_weights, tile_plan
-from ..windows import axis_runs, axis_windows, neighborhood_tables
+from ..windows import axis_args, axis_runs, axis_windows, neighborhood_tables, outer
 
 STRATEGY_ENV = "NATTEN_MLX_PURE_STRATEGY"
+FUSED_INPUTS = ("query", "key", "value", "additional_keys", "additional_values", "rpb")
 STRATEGIES = ("slices", "gather", "tiled")
 # the slices strategy emits a few ops per (run combination, slot): past this many, gather wins
 MAX_SLICE_OPS = 400
 
 
-def default_strategy() -> str:
+def default_strategy(device: str | None = None) -> str:
+    """The strategy used on ``device`` (``"cpu"``/``"gpu"``; None: MLX's default device) when none is
+    configured: ``$NATTEN_MLX_PURE_STRATEGY`` if set, else ``tiled`` on a GPU and ``slices`` on the CPU."""
     chosen = os.environ.get(STRATEGY_ENV)
     if chosen:
         if chosen not in STRATEGIES:
             raise ValueError(f"{STRATEGY_ENV}={chosen!r} is not a strategy; choose one of {STRATEGIES}")
         return chosen
-    return "tiled" if mx.default_device() == mx.gpu else "slices"
+    if device is None:
+        device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    return "tiled" if device == "gpu" else "slices"
 
 
 def _softmax_lse(s: mx.array, axis: int) -> tuple[mx.array, mx.array]:
@@ -61,9 +66,9 @@ def _softmax_lse(s: mx.array, axis: int) -> tuple[mx.array, mx.array]:
 
 
 @lru_cache(maxsize=128)
-def _tables(spatial, kernel_size, stride, dilation, is_causal):
+def _tables(geometry):
     """Slot tables of a problem's geometry as MLX arrays (built once per geometry)."""
-    t = neighborhood_tables(spatial, kernel_size, stride, dilation, is_causal)
+    t = neighborhood_tables(*geometry)
     valid = None if t.valid is None else mx.array(t.valid)
     return mx.array(t.key_index), valid, mx.array(t.rpb_index)
 
@@ -76,19 +81,24 @@ class SlicePlan:
     of the front axes computes a whole block of scores.
     """
 
-    def __init__(self, spatial, kernel_size, stride, dilation, is_causal):
+    def __init__(self, geometry):
+        spatial, kernel_size, stride, dilation, is_causal, _, _, kv_spatial, _ = geometry
+        per_axis = axis_args(geometry)
         n = len(spatial)
         self.front = max(n - 1, 1)
         self.front_shape = tuple(spatial[: self.front])
         self.tail = spatial[-1] if n > 1 else 1
+        # keys live in their own slab (sub-domain problems): its front shape and tail length
+        self.kv_front_shape = tuple(kv_spatial[: self.front])
+        self.kv_tail = kv_spatial[-1] if n > 1 else 1
         self.tail_slots = kernel_size[-1] if n > 1 else 1
         self.front_slots = tuple(itertools.product(*(range(k) for k in kernel_size[: self.front])))
         self.dilation = dilation[: self.front]
         # every run of an axis advances by stride * dilation; front axes are stored split as
         # [step, ceil(L / step)] (residue outermost) so that a run's keys are a contiguous block
         self.steps = tuple(s * d for s, d in zip(stride[: self.front], dilation[: self.front]))
-        self.split = tuple(-(-n // st) for n, st in zip(self.front_shape, self.steps))
-        runs = [axis_runs(*g) for g in zip(spatial, kernel_size, stride, dilation, is_causal)][: self.front]
+        self.split = tuple(-(-n // st) for n, st in zip(self.kv_front_shape, self.steps))
+        runs = [axis_runs(*args) for args in per_axis][: self.front]
         self.combos = tuple(itertools.product(*runs))
         self.num_ops = len(self.combos) * len(self.front_slots)
         weights = [int(np.prod(self.front_shape[a + 1 :], dtype=np.int64)) for a in range(self.front)]
@@ -106,13 +116,13 @@ class SlicePlan:
         self.inverse = mx.array(np.argsort(order).astype(np.int32))  # front token -> run order
         self.tail_index = None
         if n > 1:
-            w = axis_windows(spatial[-1], kernel_size[-1], stride[-1], dilation[-1], is_causal[-1])
+            w = axis_windows(*per_axis[-1])
             self.tail_index = mx.array(w.key_index.reshape(-1).astype(np.int32))
 
 
 @lru_cache(maxsize=128)
-def _slice_plan(spatial, kernel_size, stride, dilation, is_causal) -> SlicePlan:
-    return SlicePlan(spatial, kernel_size, stride, dilation, is_causal)
+def _slice_plan(geometry) -> SlicePlan:
+    return SlicePlan(geometry)
 
 
 def _gather_tokens(x: mx.array, key_index: mx.array) -> mx.array:
@@ -130,12 +140,12 @@ def _rpb_bias(p: Problem, rpb: mx.array, rpb_index: mx.array) -> mx.array:
 
 
 def _geometry(p: Problem):
-    return p.spatial, p.kernel_size, p.stride, p.dilation, p.is_causal
+    return p.geometry
 
 
 def _mask_invalid(p: Problem, x: mx.array, fill: float) -> mx.array:
     """``x [B, N, H_kv, G, Kt]`` with the slots outside the neighborhood (causal) set to ``fill``."""
-    valid = _tables(*_geometry(p))[1]
+    valid = _tables(p.geometry)[1]
     return x if valid is None else mx.where(valid[:, None, None, :], x, fill)
 
 
@@ -146,26 +156,65 @@ class PureBackend:
     priority = 0
     distribution = "natten-mlx"
     description = "MLX array operations (slot slices or gathers on CPU, tiled halo matmuls on GPU); every feature"
+    differentiation = "backward"
+    #: what :meth:`configure` accepts
+    OPTIONS = ("strategy", "tile")
 
-    def __init__(self, strategy: str | None = None):
+    def __init__(self, strategy: str | None = None, tile: tuple[int, ...] | None = None):
+        """``strategy``: one of ``slices``, ``gather``, ``tiled`` (None: :func:`default_strategy` of
+        the problem's device); ``tile``: queries per tile along each axis for ``tiled`` (None: the
+        defaults of :func:`natten_mlx.tiles.default_tile`; clipped to each axis' length)."""
         if strategy is not None and strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not a strategy; choose one of {STRATEGIES}")
+        if tile is not None:
+            if isinstance(tile, int) and not isinstance(tile, bool):
+                tile = (tile,)
+            if not isinstance(tile, (tuple, list)) or not all(isinstance(t, int) and t >= 1 for t in tile):
+                raise ValueError(f"tile={tile!r} must be a tuple of ints >= 1 (queries per tile along each axis)")
+            tile = tuple(tile)
         self.strategy = strategy
+        self.tile = tile
+        self._configured: dict = {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in (("strategy", self.strategy), ("tile", self.tile)) if v is not None)
+        return f"PureBackend({opts})"
+
+    def configure(self, **options) -> "PureBackend":
+        """A copy with ``strategy=`` and/or ``tile=`` set (see :meth:`__init__`); the same object is
+        returned for the same options, so calls through it share compiled functions."""
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise TypeError(f"backend 'pure' has no option {', '.join(map(repr, unknown))}; its options: {', '.join(self.OPTIONS)}")
+        merged = dict(strategy=self.strategy, tile=self.tile)
+        merged.update(options)
+        if isinstance(merged["tile"], list):
+            merged["tile"] = tuple(merged["tile"])
+        key = tuple(sorted(merged.items()))
+        if key not in self._configured:
+            self._configured[key] = PureBackend(**merged)
+        return self._configured[key]
 
     def available(self) -> str | None:
         return None
 
     def supports(self, problem: Problem) -> str | None:
+        if self.tile is not None and len(self.tile) != problem.na_dim and self._strategy(problem) == "tiled":
+            return f"configured with tile={self.tile} ({len(self.tile)} axes) but the problem has {problem.na_dim}"
         return None
 
-    def _strategy(self) -> str:
-        return self.strategy or default_strategy()
+    def strategy_for(self, problem: Problem) -> str:
+        """The strategy that serves ``problem``: the configured one, else the device's default."""
+        return self._strategy(problem)
+
+    def _strategy(self, p: Problem) -> str:
+        return self.strategy or default_strategy(p.device)
 
     def _use_slices(self, p: Problem) -> bool:
-        strategy = self._strategy()
+        strategy = self._strategy(p)
         if strategy == "gather":
             return False
-        return strategy == "slices" or _slice_plan(*_geometry(p)).num_ops <= MAX_SLICE_OPS
+        return strategy == "slices" or _slice_plan(p.geometry).num_ops <= MAX_SLICE_OPS
 
     # ---- layouts -----------------------------------------------------------------------------
     @staticmethod
@@ -175,8 +224,8 @@ class PureBackend:
 
     @staticmethod
     def _tokens(p: Problem, x: mx.array) -> mx.array:
-        """``[B, *spatial, H_kv, E]`` -> float32 ``[B, N, H_kv, E]``."""
-        return x.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, -1)
+        """``[B, *kv_spatial, H_kv, E]`` -> float32 ``[B, N_kv, H_kv, E]``."""
+        return x.astype(mx.float32).reshape(p.batch, p.kv_tokens, p.kv_heads, -1)
 
     @staticmethod
     def _extra(x: mx.array) -> mx.array:
@@ -184,22 +233,27 @@ class PureBackend:
 
     @staticmethod
     def _spatial(p: Problem, x: mx.array, heads: int, dtype) -> mx.array:
-        """``[B, N, ...]`` -> ``[B, *spatial, heads, E]`` in ``dtype``."""
+        """``[B, N, ...]`` -> ``[B, *spatial, heads, E]`` in ``dtype`` (query side)."""
         return x.reshape(p.batch, *p.spatial, heads, -1).astype(dtype)
+
+    @staticmethod
+    def _kv_spatial(p: Problem, x: mx.array, dtype) -> mx.array:
+        """``[B, N_kv, H_kv, E]`` -> ``[B, *kv_spatial, H_kv, E]`` in ``dtype`` (key/value side)."""
+        return x.reshape(p.batch, *p.kv_spatial, p.kv_heads, -1).astype(dtype)
 
     # ---- the slot primitives -----------------------------------------------------------------
     def _dot(self, p: Problem, x: mx.array, y: mx.array) -> mx.array:
         """``x [B, N, H_kv, G, E]``, ``y [B, N, H_kv, E]`` -> ``[B, N, H_kv, G, Kt]``: x . y[slot key]."""
         if self._use_slices(p):
             return _slices_dot(p, x, y)
-        yg = _gather_tokens(y, _tables(*_geometry(p))[0])  # [B, N, Kt, Hkv, E]
+        yg = _gather_tokens(y, _tables(p.geometry)[0])  # [B, N, Kt, Hkv, E]
         return (yg[:, :, :, :, None, :] * x[:, :, None]).sum(-1).transpose(0, 1, 3, 4, 2)
 
     def _wsum(self, p: Problem, w: mx.array, y: mx.array) -> mx.array:
         """``w [B, N, H_kv, G, Kt]``, ``y [B, N, H_kv, E]`` -> ``[B, N, H_kv, G, E]``: sum_slot w * y[slot key]."""
         if self._use_slices(p):
             return _slices_wsum(p, w, y)
-        yg = _gather_tokens(y, _tables(*_geometry(p))[0])
+        yg = _gather_tokens(y, _tables(p.geometry)[0])
         return (w.transpose(0, 1, 4, 2, 3)[..., None] * yg[:, :, :, :, None, :]).sum(2)
 
     def _scatter(self, p: Problem, w: mx.array, x: mx.array) -> mx.array:
@@ -207,9 +261,9 @@ class PureBackend:
         ``_wsum``; each key sums ``w * x`` over the (query, slot) pairs that read it, and over G."""
         if self._use_slices(p):
             return _slices_scatter(p, w, x)
-        key_index = _tables(*_geometry(p))[0]
+        key_index = _tables(p.geometry)[0]
         contrib = (w.transpose(0, 1, 4, 2, 3)[..., None] * x[:, :, None]).sum(4)  # [B, N, Kt, Hkv, E]
-        zeros = mx.zeros((p.batch, p.num_tokens, p.kv_heads, x.shape[-1]), dtype=mx.float32)
+        zeros = mx.zeros((p.batch, p.kv_tokens, p.kv_heads, x.shape[-1]), dtype=mx.float32)
         return zeros.at[:, key_index].add(contrib)
 
     # ---- scores and weights ------------------------------------------------------------------
@@ -221,7 +275,7 @@ class PureBackend:
         else:
             s = self._dot(p, q, self._tokens(p, key))
         if rpb is not None:
-            rpb_index = _tables(*_geometry(p))[2]
+            rpb_index = _tables(p.geometry)[2]
             s = s + _rpb_bias(p, rpb, rpb_index).reshape(p.num_tokens, p.kv_heads, -1, s.shape[-1])
         s = _mask_invalid(p, s, -mx.inf)
         kt = s.shape[-1]
@@ -243,20 +297,27 @@ class PureBackend:
     def fused_forward(self, problem, query, key, value, additional_keys=None, additional_values=None, rpb=None):
         """``(out [B, *spatial, H, Dv] in the input dtype, lse [B, *spatial, H] float32)``."""
         p = problem
-        if not p.covers_everything and self._strategy() == "tiled":
+        if not p.covers_everything and self._strategy(p) == "tiled":
             return self._tiled_forward(p, query, key, value, additional_keys, additional_values, rpb)
         s, kt = self._scores(p, query, key, additional_keys, rpb)
         w, lse = _softmax_lse(s, axis=-1)
         out = self._weighted_values(p, w, value, additional_values, kt)
         return self._spatial(p, out, p.heads, p.dtype), lse.reshape(p.batch, *p.spatial, p.heads)
 
-    def fused_backward(self, problem, query, key, value, additional_keys, additional_values, rpb, out, lse, d_out,
-                       d_lse):
+    def fused_backward(self, record) -> dict:
+        """Gradients by input name from a :class:`~natten_mlx.protocol.BackwardRecord` of the fused op
+        (recomputed from the inputs; the record's lse is not needed)."""
+        x = record.inputs
+        grads = self._fused_backward(record.problem, x["query"], x["key"], x["value"], x.get("additional_keys"),
+                                     x.get("additional_values"), x.get("rpb"), record.d_out, record.d_lse)
+        return dict(zip(FUSED_INPUTS, grads))
+
+    def _fused_backward(self, problem, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse):
         """Gradients for (query, key, value, additional_keys, additional_values, rpb); None where absent."""
         p = problem
         if p.covers_everything:
             return self._autodiff_backward(p, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse)
-        if self._strategy() == "tiled":
+        if self._strategy(p) == "tiled":
             return self._tiled_backward(p, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse)
         s, kt = self._scores(p, query, key, additional_keys, rpb)
         w, _ = _softmax_lse(s, axis=-1)
@@ -273,7 +334,7 @@ class PureBackend:
         if additional_values is not None:
             d_ev = mx.einsum("bnhgm,bnhge->bmhe", w[..., kt:], do).astype(additional_values.dtype)
         dq, dk, dek, drpb = grads
-        return dq, dk, self._spatial(p, d_value, p.kv_heads, value.dtype), dek, d_ev, drpb
+        return dq, dk, self._kv_spatial(p, d_value, value.dtype), dek, d_ev, drpb
 
     def _score_backward(self, p: Problem, query, key, additional_keys, rpb, ds, kt):
         """Given ``ds = dLoss/dscores [B, N, H_kv, G, Kt (+N_extra)]``: (d_query, d_key, d_extra_keys, d_rpb)."""
@@ -287,13 +348,13 @@ class PureBackend:
             dek = (mx.einsum("bnhgm,bnhgd->bmhd", ds[..., kt:], q) * p.scale).astype(additional_keys.dtype)
         drpb = None
         if rpb is not None:
-            rpb_index = _tables(*_geometry(p))[2]
+            rpb_index = _tables(p.geometry)[2]
             cot = dsn.reshape(p.batch, p.num_tokens, p.heads, kt).sum(0)  # [N, H, Kt]
             _, (drpb,) = mx.vjp(lambda r: _rpb_bias(p, r, rpb_index), [rpb], [cot])
             drpb = drpb.astype(rpb.dtype)
         return (
             self._spatial(p, dq * p.scale, p.heads, query.dtype),
-            self._spatial(p, dk * p.scale, p.kv_heads, key.dtype),
+            self._kv_spatial(p, dk * p.scale, key.dtype),
             dek,
             drpb,
         )
@@ -315,7 +376,7 @@ class PureBackend:
 
     # ---- tiled -------------------------------------------------------------------------------
     def _tiled_forward(self, p: Problem, query, key, value, additional_keys, additional_values, rpb):
-        plan = _plan(*_geometry(p))
+        plan = _plan(p.geometry, self.tile)
         use_sdpa = not p.return_lse and rpb is None and additional_keys is None
         outs, lses = [], []
         chunks = list(_tile_chunks(p, plan))
@@ -336,10 +397,10 @@ class PureBackend:
         )
 
     def _tiled_backward(self, p: Problem, query, key, value, additional_keys, additional_values, rpb, d_out, d_lse):
-        plan = _plan(*_geometry(p))
+        plan = _plan(p.geometry, self.tile)
         f32 = mx.float32
-        dk = mx.zeros((p.batch, p.num_tokens, p.kv_heads, p.head_dim), f32)
-        dv = mx.zeros((p.batch, p.num_tokens, p.kv_heads, p.value_head_dim), f32)
+        dk = mx.zeros((p.batch, p.kv_tokens, p.kv_heads, p.head_dim), f32)
+        dv = mx.zeros((p.batch, p.kv_tokens, p.kv_heads, p.value_head_dim), f32)
         dqs, dek, dev, drpb = [], None, None, None
         do_all = self._queries(p, d_out)
         dl_all = None if d_lse is None else d_lse.astype(f32).reshape(p.batch, p.num_tokens, p.kv_heads, -1)
@@ -386,8 +447,8 @@ class PureBackend:
         d_rpb = None if drpb is None else drpb.reshape(rpb.shape).astype(rpb.dtype)
         return (
             dq.astype(query.dtype),
-            self._spatial(p, dk * p.scale, p.kv_heads, key.dtype),
-            self._spatial(p, dv, p.kv_heads, value.dtype),
+            self._kv_spatial(p, dk * p.scale, key.dtype),
+            self._kv_spatial(p, dv, value.dtype),
             d_ek,
             d_ev,
             d_rpb,
@@ -399,10 +460,12 @@ class PureBackend:
         s, _ = self._scores(problem, query, key, additional_keys, rpb)
         return self._spatial(problem, s, problem.heads, problem.dtype)
 
-    def qk_backward(self, problem, query, key, additional_keys, rpb, scores, d_scores):
-        p = problem
-        ds = d_scores.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
-        return self._score_backward(p, query, key, additional_keys, rpb, ds, p.window_size)
+    def qk_backward(self, record) -> dict:
+        """Gradients of ``query, key, additional_keys, rpb`` from the record of a qk call."""
+        p, x = record.problem, record.inputs
+        ds = record.d_out.astype(mx.float32).reshape(p.batch, p.num_tokens, p.kv_heads, p.heads // p.kv_heads, -1)
+        grads = self._score_backward(p, x["query"], x["key"], x.get("additional_keys"), x.get("rpb"), ds, p.window_size)
+        return dict(zip(("query", "key", "additional_keys", "rpb"), grads))
 
     def _av_weights(self, p: Problem, attn: mx.array) -> mx.array:
         """attn as float32 ``[B, N, H_kv, G, Kt (+N_extra)]`` with invalid slots zeroed (upstream never reads them)."""
@@ -417,8 +480,10 @@ class PureBackend:
         out = self._weighted_values(p, self._av_weights(p, attn), value, additional_values, p.window_size)
         return self._spatial(p, out, p.heads, p.dtype)
 
-    def av_backward(self, problem, attn, value, additional_values, out, d_out):
-        p = problem
+    def av_backward(self, record) -> dict:
+        """Gradients of ``attn, value, additional_values`` from the record of an av call."""
+        p, x, d_out = record.problem, record.inputs, record.d_out
+        attn, value, additional_values = x["attn"], x["value"], x.get("additional_values")
         kt = p.window_size
         w = self._av_weights(p, attn)
         do = self._queries(p, d_out)
@@ -428,7 +493,8 @@ class PureBackend:
             dw = mx.concatenate([dw, mx.einsum("bnhge,bmhe->bnhgm", do, self._extra(additional_values))], -1)
             d_ev = mx.einsum("bnhgm,bnhge->bmhe", w[..., kt:], do).astype(additional_values.dtype)
         dv = self._scatter(p, w[..., :kt], do)
-        return self._spatial(p, dw, p.heads, attn.dtype), self._spatial(p, dv, p.kv_heads, value.dtype), d_ev
+        return dict(attn=self._spatial(p, dw, p.heads, attn.dtype), value=self._kv_spatial(p, dv, value.dtype),
+                    additional_values=d_ev)
 
 
 # ---- the slices strategy -------------------------------------------------------------------------
@@ -437,7 +503,7 @@ class PureBackend:
 def _split_front(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
     """``[B, *front, ...]`` -> ``[B, step_1, L_1 / step_1, (step_2, L_2 / step_2), ...]`` (zero-padded)."""
     n = plan.front
-    pads = [(0, 0)] + [(0, st * q - length) for st, q, length in zip(plan.steps, plan.split, plan.front_shape)]
+    pads = [(0, 0)] + [(0, st * q - length) for st, q, length in zip(plan.steps, plan.split, plan.kv_front_shape)]
     if any(hi for _, hi in pads):
         y = mx.pad(y, pads + [(0, 0)] * (y.ndim - n - 1))
     shape = [p.batch]
@@ -458,16 +524,16 @@ def _unsplit_front(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
         order += [2 + 2 * a, 1 + 2 * a]
     y = y.transpose(*order, *range(2 * n + 1, y.ndim))
     y = y.reshape(p.batch, *(st * q for st, q in zip(plan.steps, plan.split)), *y.shape[2 * n + 1 :])
-    return y[(slice(None),) + tuple(slice(0, length) for length in plan.front_shape)]
+    return y[(slice(None),) + tuple(slice(0, length) for length in plan.kv_front_shape)]
 
 
 def _slices_layout(p: Problem, plan: "SlicePlan", y: mx.array) -> mx.array:
     """``y [B, N, H_kv, E]`` -> split-front ``[B, (step, L / step) per front axis, H_kv, tail, tail_slots, E]``."""
-    y = y.reshape(p.batch, *plan.front_shape, plan.tail, p.kv_heads, -1)
+    y = y.reshape(p.batch, *plan.kv_front_shape, plan.kv_tail, p.kv_heads, -1)
     y = mx.swapaxes(y, plan.front + 1, plan.front + 2)  # [B, *front, Hkv, tail, E]
     if plan.tail_index is not None:
         y = mx.take(y, plan.tail_index, axis=plan.front + 2)
-    y = y.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail, plan.tail_slots, -1)
+    y = y.reshape(p.batch, *plan.kv_front_shape, p.kv_heads, plan.tail, plan.tail_slots, -1)
     # contiguous: MLX's matmul copies an operand whose buffer flags say otherwise, once per slot
     return mx.contiguous(_split_front(p, plan, y))
 
@@ -523,7 +589,7 @@ def _matmul(a: mx.array, b: mx.array) -> mx.array:
 
 
 def _slices_dot(p: Problem, x: mx.array, y: mx.array) -> mx.array:
-    plan = _slice_plan(*_geometry(p))
+    plan = _slice_plan(p.geometry)
     xr = mx.contiguous(_run_order(p, plan, x))  # [B, F, Hkv, tail, G, E]
     yt = mx.contiguous(_slices_layout(p, plan, y).swapaxes(-1, -2))  # [B, *front, Hkv, tail, E, Kg]
     parts = []
@@ -544,7 +610,7 @@ def _slot_major(p: Problem, plan: "SlicePlan", w: mx.array) -> mx.array:
 
 
 def _slices_wsum(p: Problem, w: mx.array, y: mx.array) -> mx.array:
-    plan = _slice_plan(*_geometry(p))
+    plan = _slice_plan(p.geometry)
     yl = _slices_layout(p, plan, y)  # [B, *front, Hkv, tail, Kg, E]
     wr = _slot_major(p, plan, w)
     parts = []
@@ -559,7 +625,7 @@ def _slices_wsum(p: Problem, w: mx.array, y: mx.array) -> mx.array:
 
 
 def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
-    plan = _slice_plan(*_geometry(p))
+    plan = _slice_plan(p.geometry)
     e, g = x.shape[-1], x.shape[3]
     wr = _slot_major(p, plan, w)  # [Kf, B, F, Hkv, tail, G, Kg]
     xr = _run_order(p, plan, x)  # [B, F, Hkv, tail, G, E]
@@ -599,12 +665,12 @@ def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
     if plan.tail_index is not None:
         # scatter along the leading axis: MLX turns leading full slices into index arrays too, and
         # its CUDA scatter allows 10 dimensions of index plus update
-        acc = acc.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail * plan.tail_slots, e)
+        acc = acc.reshape(p.batch, *plan.kv_front_shape, p.kv_heads, plan.tail * plan.tail_slots, e)
         acc = mx.moveaxis(acc, -2, 0)
-        zeros = mx.zeros((plan.tail, p.batch, *plan.front_shape, p.kv_heads, e), dtype=mx.float32)
+        zeros = mx.zeros((plan.kv_tail, p.batch, *plan.kv_front_shape, p.kv_heads, e), dtype=mx.float32)
         acc = mx.moveaxis(zeros.at[plan.tail_index].add(acc), 0, -2)
-    acc = acc.reshape(p.batch, *plan.front_shape, p.kv_heads, plan.tail, e)
-    return mx.swapaxes(acc, plan.front + 1, plan.front + 2).reshape(p.batch, p.num_tokens, p.kv_heads, e)
+    acc = acc.reshape(p.batch, *plan.kv_front_shape, p.kv_heads, plan.kv_tail, e)
+    return mx.swapaxes(acc, plan.front + 1, plan.front + 2).reshape(p.batch, p.kv_tokens, p.kv_heads, e)
 
 
 # ---- the tiled strategy ---------------------------------------------------------------------------
@@ -638,15 +704,23 @@ def _tile_outputs(p: Problem, plan: _DevicePlan, chunks: list) -> mx.array:
     return mx.take(x, plan.output_index, axis=1)
 
 
+def _scores_matmul(q: mx.array, k: mx.array) -> mx.array:
+    """float32 ``q @ k^T``. MLX's matmul returns its inputs' dtype, so low-precision operands are
+    upcast first (the products are exact in float32 either way; only the output rounding differs)."""
+    return q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)
+
+
 class _TileChunk:
     """The tiles ``rows`` of a plan: their queries, halo keys/values, and what they compute.
 
-    Matmuls run in the input dtype on a GPU (tensor cores) and in float32 on the CPU; softmax
-    statistics are float32 everywhere."""
+    On a GPU, operands stay in the input dtype (tensor cores) except the score matmul, whose
+    float32 output keeps scores exact enough for the softmax (a float16/bfloat16 result rounds
+    scores near 60 to steps of 0.25-0.5: two near-equal top scores then swap weights). On the CPU
+    everything is float32. Softmax statistics are float32 everywhere."""
 
     def __init__(self, p: Problem, plan, rows, query, key, value, additional_keys, additional_values):
         self.p, self.plan, self.rows = p, plan, rows
-        dtype = p.dtype if mx.default_device() == mx.gpu else mx.float32
+        dtype = p.dtype if p.device == "gpu" else mx.float32
         g = p.heads // p.kv_heads
         self.tc = rows.stop - rows.start
         self.tq = plan.query_index.shape[1]
@@ -654,8 +728,8 @@ class _TileChunk:
         self.q = self.tiles(query.astype(dtype).reshape(p.batch, p.num_tokens, p.kv_heads, g, -1))
         idx = plan.key_index[rows].reshape(-1)
 
-        def halo(x):  # [B, N, Hkv, E] -> [B, Tc, Hkv, 1, Hk, E]
-            x = mx.take(x.astype(dtype).reshape(p.batch, p.num_tokens, p.kv_heads, -1), idx, axis=1)
+        def halo(x):  # [B, N_kv, Hkv, E] -> [B, Tc, Hkv, 1, Hk, E]
+            x = mx.take(x.astype(dtype).reshape(p.batch, p.kv_tokens, p.kv_heads, -1), idx, axis=1)
             return x.reshape(p.batch, self.tc, self.hk, p.kv_heads, -1).transpose(0, 1, 3, 2, 4)[:, :, :, None]
 
         self.k, self.v = halo(key), halo(value)
@@ -672,7 +746,7 @@ class _TileChunk:
     def scores(self, rpb) -> mx.array:
         """float32 ``[B, Tc, H_kv, G, Tq, Hk (+N_extra)]``, masked pairs -inf."""
         p, plan, rows = self.p, self.plan, self.rows
-        s = (self.q @ self.k.swapaxes(-1, -2)).astype(mx.float32) * p.scale
+        s = _scores_matmul(self.q, self.k) * p.scale
         if rpb is not None:
             flat = rpb.astype(mx.float32).reshape(p.heads, -1)
             bias = mx.take(flat, plan.rpb_index(rows).reshape(-1), axis=1)
@@ -682,7 +756,7 @@ class _TileChunk:
         if mask is not None:
             s = mx.where(mask[:, None, None], s, -mx.inf)
         if self.ek is not None:
-            s = mx.concatenate([s, (self.q @ self.ek.swapaxes(-1, -2)).astype(mx.float32) * p.scale], -1)
+            s = mx.concatenate([s, _scores_matmul(self.q, self.ek) * p.scale], -1)
         return s
 
     def weighted_values(self, w: mx.array) -> mx.array:
@@ -710,42 +784,54 @@ class _TileChunk:
 
 class _DevicePlan:
     """A :class:`~natten_mlx.tiles.TilePlan` with its tables as MLX arrays, and the pair tables
-    (mask, rpb index) of a chunk of tiles built from the per-axis ones on demand."""
+    (mask, rpb index) of a chunk of tiles built on the device from the compact per-axis ones
+    (``[T, tile]`` key ranges), never as ``[T, tile, halo]`` host tables."""
 
-    def __init__(self, spatial, kernel_size, stride, dilation, is_causal):
-        t = tile_plan(spatial, kernel_size, stride, dilation, is_causal)
+    def __init__(self, geometry, tile=None):
+        spatial, kernel_size, stride, dilation, is_causal, domain, query_offset, kv_spatial, kv_offset = geometry
+        t = tile_plan(spatial, kernel_size, stride, dilation, is_causal, tile, domain, query_offset, kv_spatial,
+                      kv_offset)
         self.query_index = mx.array(t.query_index)
         self.query_real = mx.array(t.query_real)
         self.key_index = mx.array(t.key_index)
         self.output_index = mx.array(t.output_index)
         self.tile_coords = mx.array(t.tile_coords)
         self.tile_shape, self.halo_shape = t.tile_shape, t.halo_shape
-        self.masks = None if t.all_valid else [mx.array(ax.mask) for ax in t.axes]
-        self.rels = [mx.array(ax.rel.astype(np.int32)) for ax in t.axes]
+        self.all_valid = t.all_valid
+        self.kernel_size = kernel_size
+        i32 = np.int32
+        self.axes = [
+            dict(lo=mx.array(ax.query_lo.astype(i32)), hi=mx.array(ax.query_hi.astype(i32)),
+                 hstart=mx.array(ax.halo_start.astype(i32)), qgc=mx.array(ax.query_group_coord.astype(i32)),
+                 kgc=mx.array(ax.key_group_coord.astype(i32)), halo=ax.halo)
+            for ax in t.axes
+        ]
         self.rel_weights = rpb_weights(kernel_size)
 
-    def _pairs(self, rows: slice, tables, combine, weights=None) -> mx.array:
-        """Per-axis ``[T_a, tile_a, halo_a]`` tables -> ``[Tc, Tq, Hk]`` for the tiles ``rows``."""
-        n = len(tables)
-        coords = self.tile_coords[rows]
-        tc = coords.shape[0]
-        out = None
-        for a, tab in enumerate(tables):
-            t = mx.take(tab, coords[:, a], axis=0)
-            shape = [tc] + [1] * (2 * n)
-            shape[1 + a], shape[1 + n + a] = tab.shape[1], tab.shape[2]
-            t = t.reshape(shape) if weights is None else t.reshape(shape) * weights[a]
-            out = t if out is None else combine(out, t)
-        full = (tc, *self.tile_shape, *self.halo_shape)
-        return mx.broadcast_to(out, full).reshape(tc, int(np.prod(self.tile_shape)), int(np.prod(self.halo_shape)))
+    def _axis_pairs(self, a: int, rows: slice, rel: bool) -> mx.array:
+        """``[Tc, tile_a, halo_a]`` mask (or rpb column) of axis ``a`` for the tiles ``rows``."""
+        ax = self.axes[a]
+        t = self.tile_coords[rows][:, a]
+        h = mx.take(ax["hstart"], t)[:, None] + mx.arange(ax["halo"], dtype=mx.int32)[None, :]  # [Tc, halo]
+        lo, hi = mx.take(ax["lo"], t, axis=0)[:, :, None], mx.take(ax["hi"], t, axis=0)[:, :, None]
+        inside = (h[:, None, :] >= lo) & (h[:, None, :] <= hi)
+        if not rel:
+            return inside
+        col = mx.take(ax["kgc"], h)[:, None, :] - mx.take(ax["qgc"], t, axis=0)[:, :, None] + self.kernel_size[a] - 1
+        return mx.where(inside, col, 0)
 
     def mask(self, rows: slice) -> mx.array | None:
-        return None if self.masks is None else self._pairs(rows, self.masks, mx.logical_and)
+        """``[Tc, Tq, Hk]`` bool, or None when every pair is valid."""
+        if self.all_valid:
+            return None
+        return outer([self._axis_pairs(a, rows, False) for a in range(len(self.axes))], mx.logical_and, xp=mx)
 
     def rpb_index(self, rows: slice) -> mx.array:
-        return self._pairs(rows, self.rels, mx.add, self.rel_weights)
+        """``[Tc, Tq, Hk]`` int32 index into ``rpb.reshape(H, -1)`` (0 for masked pairs)."""
+        rels = [self._axis_pairs(a, rows, True) for a in range(len(self.axes))]
+        return outer(rels, mx.add, self.rel_weights, xp=mx)
 
 
 @lru_cache(maxsize=64)
-def _plan(spatial, kernel_size, stride, dilation, is_causal) -> _DevicePlan:
-    return _DevicePlan(spatial, kernel_size, stride, dilation, is_causal)
+def _plan(geometry, tile=None) -> _DevicePlan:
+    return _DevicePlan(geometry, tile)

@@ -1,0 +1,153 @@
+"""What the core knows about windows and tiles, for tier authors (public, stable names).
+
+Every function takes a :class:`~natten_mlx.problem.Problem`, or its ``geometry`` tuple
+``(spatial, kernel_size, stride, dilation, is_causal[, domain, query_offset, kv_spatial, kv_offset])``
+(the last four default to a whole-domain problem). Results are cached per geometry; NumPy arrays
+are read-only, MLX arrays must not be modified in place either.
+
+- :func:`window_header`, :func:`include_dir`: ``natten_mlx/window.h``, the per-axis window
+  arithmetic for C++, CUDA and Metal (prepend the text to ``mx.fast.*_kernel`` sources through
+  their ``header=``, or add the directory to a C++ include path and ``#include <natten_mlx/window.h>``).
+- :func:`axis_tables` / :func:`device_axis_tables`: per-axis slot tables (``[Lq, K]`` key index in
+  the key slab, validity, rpb column; ``[Lq]`` window start).
+- :func:`slot_tables` / :func:`device_slot_tables`: the flattened ``[N, Kt]`` tables of the whole problem.
+- :func:`tile_plan` / :func:`device_tile_plan`: query tiles, their halo keys, and the compact per-axis
+  key ranges from which a kernel derives its masks.
+- :func:`key_extent`: the global key range ``[lo, hi)`` a range of queries needs along one axis
+  (the halo of a shard).
+- :func:`outer`: the one row-major outer product of per-axis tables.
+- :func:`dense_mask`: the dense ``[N, N_kv]`` reference mask (tests check it against their float64
+  oracle; benchmarks use it for their masked-SDPA baselines).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+from .tiles import AxisTiles, TilePlan, default_tile, rpb_weights
+from .tiles import tile_plan as _tile_plan
+from .windows import (
+    AxisWindows,
+    NeighborhoodTables,
+    axis_args,
+    axis_windows,
+    full_geometry,
+    key_extent,
+    neighborhood_mask,
+    neighborhood_tables,
+    outer,
+    row_major_strides,
+)
+
+__all__ = [
+    "window_header", "include_dir", "geometry_of", "axis_tables", "device_axis_tables", "slot_tables",
+    "device_slot_tables", "tile_plan", "device_tile_plan", "key_extent", "outer", "row_major_strides",
+    "rpb_weights", "default_tile", "dense_mask", "AxisWindows", "AxisTiles", "NeighborhoodTables", "TilePlan",
+    "axis_windows",
+]
+
+_INCLUDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+
+
+def include_dir() -> str:
+    """The directory to add to a C++ include path; it holds ``natten_mlx/window.h``."""
+    return _INCLUDE
+
+
+@lru_cache(maxsize=1)
+def window_header() -> str:
+    """The text of ``natten_mlx/window.h`` (for the ``header=`` of ``mx.fast.metal_kernel`` /
+    ``mx.fast.cuda_kernel``; define ``NA_FUNC`` before it where the dialect needs a qualifier)."""
+    with open(os.path.join(_INCLUDE, "natten_mlx", "window.h"), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def geometry_of(problem_or_geometry) -> tuple:
+    """The nine-entry geometry tuple of a Problem or of a (five- or nine-entry) geometry tuple."""
+    g = getattr(problem_or_geometry, "geometry", problem_or_geometry)
+    if not isinstance(g, (tuple, list)) or len(g) not in (5, 9):
+        raise TypeError(
+            f"expected a Problem or a geometry tuple (spatial, kernel_size, stride, dilation, is_causal[, domain, "
+            f"query_offset, kv_spatial, kv_offset]), got {problem_or_geometry!r}"
+        )
+    return full_geometry(*g)
+
+
+def axis_tables(problem_or_geometry) -> tuple[AxisWindows, ...]:
+    """Per-axis slot tables (NumPy, see :class:`~natten_mlx.windows.AxisWindows`): for each axis,
+    ``key_index``/``valid``/``rel`` ``[Lq, K]`` and ``start`` ``[Lq]``; key positions local to the key slab."""
+    return tuple(axis_windows(*args) for args in axis_args(geometry_of(problem_or_geometry)))
+
+
+@lru_cache(maxsize=128)
+def _device_axis_tables(geometry) -> tuple[dict, ...]:
+    i32 = np.int32
+    return tuple(
+        dict(key_index=mx.array(w.key_index.astype(i32)), valid=mx.array(w.valid), rel=mx.array(w.rel.astype(i32)),
+             start=mx.array(w.start.astype(i32)))
+        for w in axis_tables(geometry)
+    )
+
+
+def device_axis_tables(problem_or_geometry) -> tuple[dict, ...]:
+    """:func:`axis_tables` as MLX int32/bool arrays, one dict per axis (``key_index``, ``valid``,
+    ``rel``, ``start``); cached per geometry."""
+    return _device_axis_tables(geometry_of(problem_or_geometry))
+
+
+def slot_tables(problem_or_geometry) -> NeighborhoodTables:
+    """The flattened tables ``key_index``/``valid``/``rpb_index`` ``[N, Kt]`` (NumPy; ``valid`` None
+    without a causal axis); see :class:`~natten_mlx.windows.NeighborhoodTables`."""
+    return neighborhood_tables(*geometry_of(problem_or_geometry))
+
+
+@lru_cache(maxsize=128)
+def _device_slot_tables(geometry) -> dict:
+    t = neighborhood_tables(*geometry)
+    return dict(key_index=mx.array(t.key_index), valid=None if t.valid is None else mx.array(t.valid),
+                rpb_index=mx.array(t.rpb_index))
+
+
+def device_slot_tables(problem_or_geometry) -> dict:
+    """:func:`slot_tables` as MLX arrays (dict ``key_index``, ``valid`` (or None), ``rpb_index``); cached."""
+    return _device_slot_tables(geometry_of(problem_or_geometry))
+
+
+def tile_plan(problem_or_geometry, tile=None) -> TilePlan:
+    """The tiling of a problem (NumPy, see :class:`~natten_mlx.tiles.TilePlan`); ``tile``: queries
+    per tile along each axis (default :func:`default_tile`)."""
+    g = geometry_of(problem_or_geometry)
+    return _tile_plan(*g[:5], None if tile is None else tuple(tile), *g[5:])
+
+
+@lru_cache(maxsize=64)
+def _device_tile_plan(geometry, tile) -> dict:
+    t = _tile_plan(*geometry[:5], tile, *geometry[5:])
+    i32 = np.int32
+    axes = tuple(
+        dict(tile=ax.tile, halo=ax.halo, query_index=mx.array(ax.query_index.astype(i32)),
+             key_index=mx.array(ax.key_index.astype(i32)), query_lo=mx.array(ax.query_lo.astype(i32)),
+             query_hi=mx.array(ax.query_hi.astype(i32)), halo_start=mx.array(ax.halo_start.astype(i32)))
+        for ax in t.axes
+    )
+    return dict(query_index=mx.array(t.query_index), query_real=mx.array(t.query_real),
+                key_index=mx.array(t.key_index), output_index=mx.array(t.output_index),
+                tile_coords=mx.array(t.tile_coords), tile_shape=t.tile_shape, halo_shape=t.halo_shape,
+                all_valid=t.all_valid, axes=axes)
+
+
+def device_tile_plan(problem_or_geometry, tile=None) -> dict:
+    """:func:`tile_plan` as MLX arrays: ``query_index``, ``query_real``, ``key_index``,
+    ``output_index``, ``tile_coords`` and per-axis dicts (``query_index``, ``key_index``,
+    ``query_lo``/``query_hi`` (group-order key range of each query), ``halo_start``); cached."""
+    return _device_tile_plan(geometry_of(problem_or_geometry), None if tile is None else tuple(tile))
+
+
+def dense_mask(problem_or_geometry) -> np.ndarray:
+    """``[N, N_kv]`` bool (NumPy): may query ``n`` attend to key ``m`` (row-major token order;
+    keys of the key slab). The one dense reference mask of the package."""
+    return neighborhood_mask(*geometry_of(problem_or_geometry))
