@@ -320,7 +320,7 @@ def _take(x: mx.array, dim: int, start: int, stop: int) -> mx.array:
     return x[tuple(index)]
 
 
-def _run(ops, payload, template, group, kind) -> dict:
+def _run(ops, payload, template, group, kind, stream) -> dict:
     """Perform ``ops`` in order, each evaluated before the next is built; ``payload(peer)`` gives
     the array to send to ``peer``, ``template(peer)`` the shape and dtype to receive. Returns the
     received arrays by peer.
@@ -335,10 +335,10 @@ def _run(ops, payload, template, group, kind) -> dict:
         if op == "send":
             x = payload(peer)
             _count(kind, x, peer)
-            mx.eval(mx.distributed.send(x, peer, group=group))
+            mx.eval(mx.distributed.send(x, peer, group=group, stream=stream))
         else:
             shape, dtype = template(peer)
-            received[peer] = mx.distributed.recv(shape, dtype, peer, group=group)
+            received[peer] = mx.distributed.recv(shape, dtype, peer, group=group, stream=stream)
             mx.eval(received[peer])
     return received
 
@@ -353,7 +353,7 @@ def _zeros_rows(x: mx.array, dim: int, rows: int) -> list[mx.array]:
     return [mx.zeros(_with_rows(x, dim, rows), dtype=x.dtype)] if rows > 0 else []
 
 
-def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int):
+def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int, stream=None):
     """A differentiable ``(key, value) -> (key_slab, value_slab)``: the rank's slabs extended by the
     neighbours' halo rows (and zero rows) along tensor dimension ``dim``."""
     n = len(plan.sizes)
@@ -390,7 +390,7 @@ def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int):
             shape[dim], shape[-1] = rows, d + value.shape[-1]
             return tuple(shape), key.dtype
 
-        got = _run(forward_ops, payload, template, group, "forward")
+        got = _run(forward_ops, payload, template, group, "forward", stream)
         parts_k, parts_v = _zeros_rows(key, dim, pad_lo), _zeros_rows(value, dim, pad_lo)
         if n_left:
             k, v = split(got[rank - 1], d)
@@ -426,7 +426,7 @@ def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int):
             shape[dim], shape[-1] = hi - lo, d + value.shape[-1]
             return tuple(shape), dk.dtype
 
-        got = _run(backward_ops, payload, template, group, "backward")
+        got = _run(backward_ops, payload, template, group, "backward", stream)
         gk, gv = _take(dk, dim, own, own + size), _take(dv, dim, own, own + size)
         for peer, g in got.items():
             lo, hi = rows_for(peer)
@@ -452,7 +452,7 @@ def _standin(shape, dtype) -> mx.array:
 
 
 def _distributed(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                 additional_values, rpb, return_lse, group, axis, backend):
+                 additional_values, rpb, return_lse, group, axis, backend, stream):
     group = mx.distributed.init() if group is None else group
     n, rank = group.size(), group.rank()
     fused = (_F.na1d, _F.na2d, _F.na3d)[na_dim - 1]
@@ -461,7 +461,7 @@ def _distributed(na_dim, query, key, value, kernel_size, stride, dilation, is_ca
                                additional_keys, additional_values, rpb, return_lse, axis)
         _agree([record], 0)
         return fused(query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                     additional_values, rpb, return_lse, backend=backend)
+                     additional_values, rpb, return_lse, backend=backend, stream=stream)
     record = _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
                            additional_keys, additional_values, rpb, return_lse, axis)
     records = _share_records(record, group)
@@ -479,11 +479,11 @@ def _distributed(na_dim, query, key, value, kernel_size, stride, dilation, is_ca
     _p.fused_problem(
         na_dim, _standin(global_shape(query.shape), dtype), _standin(global_shape(key.shape), key.dtype),
         _standin(global_shape(value.shape), value.dtype), kernel_size, stride, dilation, is_causal, scale,
-        additional_keys, additional_values, rpb, return_lse,
+        additional_keys, additional_values, rpb, return_lse, stream=stream,
     )
     ks, st, dl, ca = _p._parse_window(na_dim, kernel_size, stride, dilation, is_causal)
     plan = halo_plan(sizes, ks[axis], st[axis], dl[axis], ca[axis])
-    k_slab, v_slab = _halo_exchange(plan, rank, group, dim)(key, value)
+    k_slab, v_slab = _halo_exchange(plan, rank, group, dim, stream)(key, value)
     domain = list(query.shape[1 : 1 + na_dim])
     domain[axis] = plan.length
     query_offset = [0] * na_dim
@@ -494,6 +494,7 @@ def _distributed(na_dim, query, key, value, kernel_size, stride, dilation, is_ca
         query, k_slab, v_slab, kernel_size, stride=stride, dilation=dilation, is_causal=is_causal, scale=scale,
         additional_keys=additional_keys, additional_values=additional_values, rpb=rpb, return_lse=return_lse,
         domain=tuple(domain), query_offset=tuple(query_offset), kv_offset=tuple(kv_offset), backend=backend,
+        stream=stream,
     )
 
 
@@ -508,26 +509,27 @@ _DOC = """Neighborhood attention over {n} spatial axis/axes, sharded along spati
     ``out [B, {axes}, H, D_v]`` (and of the float32 ``lse [B, {axes}, H]`` with ``return_lse=True``),
     equal to the single-device op on the gathered tensors. Differentiable; the gradients of
     replicated inputs are this rank's partial sums. ``backend`` picks the local backend as in the
-    single-device op. A group of one process runs the single-device op.
+    single-device op; ``stream`` runs the local op and the transfers on that stream or device. A
+    group of one process runs the single-device op.
     """
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None):
+         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None):
     return _distributed(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, rpb, return_lse, group, axis, backend)
+                        additional_values, rpb, return_lse, group, axis, backend, stream)
 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None):
+         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None):
     return _distributed(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, rpb, return_lse, group, axis, backend)
+                        additional_values, rpb, return_lse, group, axis, backend, stream)
 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None):
+         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None):
     return _distributed(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, rpb, return_lse, group, axis, backend)
+                        additional_values, rpb, return_lse, group, axis, backend, stream)
 
 
 na1d.__doc__ = _DOC.format(n=1, axes="L")
