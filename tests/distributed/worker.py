@@ -274,6 +274,36 @@ def halo_not_tensor(chk, group):
     chk.true("medium case: a sixteenth of the slab", rows * row * 16 <= 2 * 32 * row, f"{rows} rows")
 
 
+def module_case(chk, group, na_dim):
+    """The nD module with group=: its slab of the output and, summed over ranks, its parameter
+    gradients equal the unsharded module's on the whole input (same weights on every rank)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    n, rank = group.size(), group.rank()
+    spatial = (6 * n, 5, 4)[:na_dim]
+    axis = na_dim - 1
+    cls = getattr(natten_mlx, f"NeighborhoodAttention{na_dim}D")
+    kw = dict(embed_dim=16, num_heads=4, kernel_size=3, stride=(1, 2, 1)[:na_dim], num_kv_heads=2,
+              rel_pos_bias=True)
+    spatial = tuple(reversed(spatial)) if axis else spatial
+    mx.random.seed(42)
+    sharded = cls(**kw, group=group, shard_axis=axis)
+    mx.random.seed(42)
+    whole = cls(**kw)
+    x = mx.random.normal((2, *spatial, 16), key=mx.random.key(3))
+    L = spatial[axis]
+    sizes = [L // n + (r < L % n) for r in range(n)]
+    a = sum(sizes[:rank])
+    xl = take(x, 1 + axis, a, a + sizes[rank])
+    name = f"module {na_dim}d shard_axis={axis} sizes={sizes}"
+    chk.close(name + " out", sharded(xl), take(whole(x), 1 + axis, a, a + sizes[rank]), "float32")
+    g_s = nn.value_and_grad(sharded, lambda m, x: (m(x) ** 2).sum())(sharded, xl)[1]
+    g_w = nn.value_and_grad(whole, lambda m, x: (m(x) ** 2).sum())(whole, x)[1]
+    for (k, gs), (_, gw) in zip(tree_flatten(g_s), tree_flatten(g_w)):
+        chk.close(f"{name} d{k} (sum over ranks)", mx.distributed.all_sum(gs, group=group), gw, "float32")
+
+
 def bad_arguments(chk, group):
     """Each must raise ValueError/TypeError on every rank; the group stays usable afterwards."""
     n, rank = group.size(), group.rank()
@@ -320,6 +350,11 @@ def main():
             run_case(chk, group, rng, case, dims[case % len(dims)], args)
         except Exception:  # noqa: BLE001 (a crash is a failure of this case, reported)
             chk.failures.append(f"case{case}: {traceback.format_exc()}")
+    for na_dim in (1, 2, 3):
+        try:
+            module_case(chk, group, na_dim)
+        except Exception:  # noqa: BLE001
+            chk.failures.append(f"module {na_dim}d: {traceback.format_exc()}")
     try:
         halo_not_tensor(chk, group)
     except Exception:  # noqa: BLE001
