@@ -28,7 +28,6 @@ except ImportError:
     sys.path.insert(0, os.path.join(os.path.dirname(_TESTS), "packages", "natten-mlx-core", "src"))
 
 import mlx.core as mx  # noqa: E402
-
 import natten_mlx  # noqa: E402
 import natten_mlx.distributed as nd  # noqa: E402
 import oracle  # noqa: E402
@@ -160,6 +159,7 @@ def run_case(chk, group, rng, case, na_dim, args):
     RPB = mx.array(rpb.astype(np.float32)).astype(mxd) if rpb is not None else None
     kw = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], dilation=cfg["dilation"],
               is_causal=cfg["is_causal"], scale=cfg["scale"])
+    dkw = dict(transport=args.transport)
     dim = 1 + axis
     start = sum(sizes[:rank])
     mine = slice(start, start + sizes[rank])
@@ -170,7 +170,7 @@ def run_case(chk, group, rng, case, na_dim, args):
     if not ok:  # the halo passes a neighbour's slab: every rank must raise ValueError
         chk.kinds["too_small"] += 1
         try:
-            out = dist(ql, kl, vl, **kw, additional_keys=AK, additional_values=AV, rpb=RPB, group=group, axis=axis)
+            out = dist(ql, kl, vl, **kw, additional_keys=AK, additional_values=AV, rpb=RPB, group=group, axis=axis, **dkw)
             mx.eval(out)
             chk.true(name + " [too small]", False, "no error for a slab smaller than the halo")
         except ValueError as exc:
@@ -181,7 +181,7 @@ def run_case(chk, group, rng, case, na_dim, args):
     chk.kinds["compared"] += 1
     nd.reset_comm_stats()
     res = dist(ql, kl, vl, **kw, additional_keys=AK, additional_values=AV, rpb=RPB, return_lse=return_lse,
-               group=group, axis=axis)
+               group=group, axis=axis, **dkw)
     ref = full(Q, Kt, V, **kw, additional_keys=AK, additional_values=AV, rpb=RPB, return_lse=True)
     out, lse = (res if return_lse else (res, None))
     chk.close(name + " out", out, take(ref[0], dim, mine.start, mine.stop), dtype)
@@ -191,14 +191,21 @@ def run_case(chk, group, rng, case, na_dim, args):
         o_out, _ = oracle.na_forward(q, k, v, cfg["K"], cfg["s"], cfg["d"], cfg["c"], cfg["scale"], ak, av, rpb)
         chk.close(name + " out vs oracle", out, np.take(o_out, range(mine.start, mine.stop), axis=dim), dtype)
 
-    # ---- bytes: the halo formula (oracle windows), never the full tensor ----
+    # ---- bytes: the halo formula (oracle windows) ----
     other = int(np.prod([x for a, x in enumerate(cfg["shape"]) if a != axis]))
     row = cfg["B"] * other * cfg["Hkv"] * (cfg["D"] + cfg["Dv"]) * Q.itemsize
-    rows = (halos[rank - 1][1] if rank > 0 else 0) + (halos[rank + 1][0] if rank + 1 < n else 0)
+    sent = [(halos[r - 1][1] if r > 0 else 0) + (halos[r + 1][0] if r + 1 < n else 0) for r in range(n)]
+    got = [halos[r][0] + halos[r][1] for r in range(n)]
+    if args.transport == "gather":  # every rank contributes the largest block; a ring all_gather moves n - 1 of them
+        fwd_rows, bwd_rows = (n - 1) * max(sent), (n - 1) * max(got)
+    else:  # exactly the halo rows, and their gradients back
+        fwd_rows, bwd_rows = sent[rank], got[rank]
     st = nd.comm_stats()
-    chk.true(name + " forward bytes", st.forward_bytes == rows * row,
-             f"sent {st.forward_bytes}, formula {rows} rows x {row} = {rows * row}; log {st.log}")
-    chk.true(name + " at most its slab per neighbour", st.forward_bytes <= 2 * sizes[rank] * row, f"{st.forward_bytes}")
+    chk.true(name + " forward bytes", st.forward_bytes == fwd_rows * row,
+             f"sent {st.forward_bytes}, formula {fwd_rows} rows x {row} = {fwd_rows * row}; log {st.log}")
+    if args.transport != "gather":
+        chk.true(name + " at most its slab per neighbour", st.forward_bytes <= 2 * sizes[rank] * row,
+                 f"{st.forward_bytes}")
 
     # ---- gradients of a global loss: sum over ranks of each rank's share ----
     W = mx.array(rng.standard_normal(ref[0].shape).astype(np.float32))
@@ -211,7 +218,7 @@ def run_case(chk, group, rng, case, na_dim, args):
     def local_loss(*xs):
         p = pack(*xs)
         r = dist(p["q"], p["k"], p["v"], **kw, additional_keys=p.get("ak"), additional_values=p.get("av"),
-                 rpb=p.get("rpb"), return_lse=return_lse, group=group, axis=axis)
+                 rpb=p.get("rpb"), return_lse=return_lse, group=group, axis=axis, **dkw)
         o, l_ = (r if return_lse else (r, None))
         loss = (o.astype(mx.float32) * take(W, dim, mine.start, mine.stop)).sum()
         if return_lse:
@@ -237,9 +244,8 @@ def run_case(chk, group, rng, case, na_dim, args):
             total = mx.distributed.all_sum(g.astype(mx.float32), group=group)
             chk.close(f"{name} d{nm} (sum over ranks)", total, gr, dtype)
     st = nd.comm_stats()
-    back = halos[rank][0] + halos[rank][1]  # the gradients of the rows this rank received go home
-    chk.true(name + " backward bytes", st.backward_bytes == back * row,
-             f"sent back {st.backward_bytes}, formula {back} rows x {row} = {back * row}; log {st.log}")
+    chk.true(name + " backward bytes", st.backward_bytes == bwd_rows * row,
+             f"sent back {st.backward_bytes}, formula {bwd_rows} rows x {row} = {bwd_rows * row}; log {st.log}")
     if tight is not None and tight[1] > 1:
         # one row below the smallest slab the oracle accepts: every rank raises, none hangs
         r, m = tight
@@ -251,27 +257,30 @@ def run_case(chk, group, rng, case, na_dim, args):
             chk.kinds["one_row_below"] += 1
             qs, ks, vs = (take(x, dim, a, a + smaller[rank]) for x in (Q, Kt, V))
             try:
-                mx.eval(dist(qs, ks, vs, **kw, group=group, axis=axis))
+                mx.eval(dist(qs, ks, vs, **kw, group=group, axis=axis, **dkw))
                 chk.true(name + " [one row below the halo]", False, "no error")
             except ValueError as exc:
                 chk.true(name + " [one row below the halo]", "halo" in str(exc), str(exc))
 
 
-def halo_not_tensor(chk, group):
+def halo_not_tensor(chk, group, transport):
     """A medium case: 32 rows per rank, K = 5 along the sharded axis: each rank sends 2 rows to each
     neighbour (the interior halo K // 2 = (K - 1) // 2 = 2), a sixteenth of its slab, and gets the
     same back as gradients."""
     n, rank = group.size(), group.rank()
     q = mx.random.normal((1, 32, 16, 4, 8), key=mx.random.key(7 + rank))
     nd.reset_comm_stats()
-    out = nd.na2d(q, q, q, 5, group=group)
-    mx.eval(mx.grad(lambda x: nd.na2d(x, x, x, 5, group=group).sum())(q), out)
+    out = nd.na2d(q, q, q, 5, group=group, transport=transport)
+    mx.eval(mx.grad(lambda x: nd.na2d(x, x, x, 5, group=group, transport=transport).sum())(q), out)
     row = 16 * 4 * (8 + 8) * 4
     rows = 2 * ((rank > 0) + (rank < n - 1))
+    if transport == "gather":
+        rows = (n - 1) * 2 * min(n - 1, 2)
     st = nd.comm_stats()
     chk.true("medium case forward bytes", st.forward_bytes == 2 * rows * row, f"{st.forward_bytes} != 2 x {rows * row}")
     chk.true("medium case backward bytes", st.backward_bytes == rows * row, f"{st.backward_bytes} != {rows * row}")
-    chk.true("medium case: a sixteenth of the slab", rows * row * 16 <= 2 * 32 * row, f"{rows} rows")
+    if transport != "gather":
+        chk.true("medium case: a sixteenth of the slab", rows * row * 16 <= 2 * 32 * row, f"{rows} rows")
 
 
 def module_case(chk, group, na_dim):
@@ -339,6 +348,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=10)
     ap.add_argument("--dims", default="1,2,3")
     ap.add_argument("--backend", default="ring")
+    ap.add_argument("--transport", default=None, choices=["p2p", "gather"])
     args = ap.parse_args()
     group = mx.distributed.init(backend=args.backend, strict=True)
     mx.random.seed(args.seed)
@@ -356,7 +366,7 @@ def main():
         except Exception:  # noqa: BLE001
             chk.failures.append(f"module {na_dim}d: {traceback.format_exc()}")
     try:
-        halo_not_tensor(chk, group)
+        halo_not_tensor(chk, group, args.transport)
     except Exception:  # noqa: BLE001
         chk.failures.append(f"medium case: {traceback.format_exc()}")
     try:

@@ -93,14 +93,14 @@ def reset_comm_stats() -> None:
         _stats.log.clear()
 
 
-def _count(kind: str, x: mx.array, dst: int) -> None:
+def _count(kind: str, nbytes: int, dst: int) -> None:
     with _stats_lock:
         if kind == "forward":
-            _stats.forward_bytes += x.nbytes
+            _stats.forward_bytes += nbytes
         else:
-            _stats.backward_bytes += x.nbytes
+            _stats.backward_bytes += nbytes
         _stats.messages += 1
-        _stats.log.append((kind, dst, tuple(x.shape), x.nbytes))
+        _stats.log.append((kind, dst, nbytes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def halo_plan(sizes: tuple[int, ...], kernel_size: int, stride: int, dilation: i
     win = axis_windows(length, kernel_size, stride, dilation, is_causal)
     starts = tuple(int(x) for x in np.cumsum((0,) + sizes[:-1]))
     need, slab = [], []
-    for r, (a, n) in enumerate(zip(starts, sizes)):
+    for a, n in zip(starts, sizes):
         keys, valid = win.key_index[a : a + n], win.valid[a : a + n]
         used = keys[valid]
         lo, hi = int(used.min()), int(used.max()) + 1
@@ -201,7 +201,7 @@ def _dtype(x):
 
 
 def _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                  additional_values, rpb, return_lse, axis) -> dict:
+                  additional_values, rpb, return_lse, axis, transport=None, stream=None) -> dict:
     """This rank's arguments as plain JSON values, or ``{"error": message}``. Never raises: a rank
     that raised here would leave the others waiting in the all_gather."""
     try:
@@ -224,6 +224,8 @@ def _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_c
             scale = _p._parse_scale(scale, 1)
         if not isinstance(return_lse, bool):
             raise TypeError(f"return_lse={return_lse!r} must be a bool")
+        # ranks mixing transports would wait on each other: it is part of the record they agree on
+        transport = _transport(transport, stream)
         for name, x in (("additional_keys", additional_keys), ("additional_values", additional_values), ("rpb", rpb)):
             if x is not None:
                 _p._check_array(name, x)
@@ -233,7 +235,7 @@ def _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_c
             kernel_size=ks, stride=st, dilation=dl, is_causal=ca, scale=scale, return_lse=return_lse,
             additional_keys=[_shape(additional_keys), _dtype(additional_keys)],
             additional_values=[_shape(additional_values), _dtype(additional_values)],
-            rpb=[_shape(rpb), _dtype(rpb)],
+            rpb=[_shape(rpb), _dtype(rpb)], transport=transport,
         )
     except Exception as exc:  # noqa: BLE001 (every failure must reach the other ranks)
         return {"error": f"{type(exc).__name__}: {exc}", "kind": type(exc).__name__}
@@ -320,27 +322,61 @@ def _take(x: mx.array, dim: int, start: int, stop: int) -> mx.array:
     return x[tuple(index)]
 
 
-def _run(ops, payload, template, group, kind, stream) -> dict:
-    """Perform ``ops`` in order, each evaluated before the next is built; ``payload(peer)`` gives
-    the array to send to ``peer``, ``template(peer)`` the shape and dtype to receive. Returns the
-    received arrays by peer.
+def _transfer(transport, rank, n, right, left, payload, template, group, kind, stream, dim) -> dict:
+    """Move rows between neighbours: ``right[r]`` rows from ``r`` to ``r + 1``, ``left[r]`` from ``r``
+    to ``r - 1`` (the same lists on every rank). ``payload(peer)`` is the array this rank sends to
+    ``peer``, ``template(peer)`` the shape and dtype it receives from ``peer``. Returns the received
+    arrays by peer.
 
-    Eager on purpose: a Recv primitive has no inputs, so nothing in a lazy graph can order it after
-    this rank's sends, and two ranks that both evaluate their receive first wait forever (MLX 0.32:
-    ``recv_like``'s template and ``mx.depends`` do not reach the Recv). Evaluating op by op in the
-    schedule's order is what makes the exchange deadlock-free on ring and NCCL alike.
+    Both transports evaluate eagerly, op by op. A Recv primitive has no inputs, so nothing in a
+    lazy graph orders it after this rank's sends, and two ranks that both evaluate their receive
+    first wait forever (MLX 0.32: neither ``recv_like``'s template nor ``mx.depends`` reaches the
+    Recv); evaluating in the schedule's order is what makes the exchange deadlock-free.
+
+    ``"p2p"``: ``send``/``recv`` in the four phases of :func:`_schedule`; each rank sends exactly
+    its neighbours' halo rows. ``"gather"``: one ``all_gather`` of every rank's outgoing rows
+    (left-going then right-going, zero-padded to the largest such block of any rank), for backends
+    without point-to-point (MLX's NCCL backend has no send/recv); with a ring all_gather each rank
+    sends ``(n - 1) * block`` rows.
     """
     received = {}
-    for op, peer, _ in ops:
-        if op == "send":
-            x = payload(peer)
-            _count(kind, x, peer)
-            mx.eval(mx.distributed.send(x, peer, group=group, stream=stream))
-        else:
-            shape, dtype = template(peer)
-            received[peer] = mx.distributed.recv(shape, dtype, peer, group=group, stream=stream)
-            mx.eval(received[peer])
+    if transport == "p2p":
+        for op, peer, _ in _schedule(n, rank, right, left):
+            if op == "send":
+                x = payload(peer)
+                _count(kind, x.nbytes, peer)
+                mx.eval(mx.distributed.send(x, peer, group=group, stream=stream))
+            else:
+                shape, dtype = template(peer)
+                received[peer] = mx.distributed.recv(shape, dtype, peer, group=group, stream=stream)
+                mx.eval(received[peer])
+        return received
+    block = max(left[r] + right[r] for r in range(n))
+    if block == 0:
+        return received
+    parts = [payload(peer) for peer, rows in ((rank - 1, left[rank]), (rank + 1, right[rank])) if rows > 0]
+    ref_shape, dtype = template(rank - 1 if rank > 0 else rank + 1)
+    if not parts:
+        parts = [mx.zeros(_set(ref_shape, dim, 0), dtype=dtype)]
+    pad = block - left[rank] - right[rank]
+    if pad:
+        parts.append(mx.zeros(_set(parts[0].shape, dim, pad), dtype=parts[0].dtype))
+    mine = mx.concatenate(parts, axis=dim) if len(parts) > 1 else parts[0]
+    _count(kind, (n - 1) * mine.nbytes, -1)
+    everyone = mx.distributed.all_gather(mine[None], group=group, stream=stream)
+    mx.eval(everyone)
+    if rank > 0 and right[rank - 1] > 0:  # what rank - 1 sent right sits after its left-going rows
+        start = left[rank - 1]
+        received[rank - 1] = _take(everyone[rank - 1], dim, start, start + right[rank - 1])
+    if rank + 1 < n and left[rank + 1] > 0:
+        received[rank + 1] = _take(everyone[rank + 1], dim, 0, left[rank + 1])
     return received
+
+
+def _set(shape, dim, value) -> tuple:
+    shape = list(shape)
+    shape[dim] = value
+    return tuple(shape)
 
 
 def _with_rows(x: mx.array, dim: int, rows: int) -> tuple:
@@ -353,7 +389,7 @@ def _zeros_rows(x: mx.array, dim: int, rows: int) -> list[mx.array]:
     return [mx.zeros(_with_rows(x, dim, rows), dtype=x.dtype)] if rows > 0 else []
 
 
-def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int, stream=None):
+def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int, stream=None, transport: str = "p2p"):
     """A differentiable ``(key, value) -> (key_slab, value_slab)``: the rank's slabs extended by the
     neighbours' halo rows (and zero rows) along tensor dimension ``dim``."""
     n = len(plan.sizes)
@@ -361,9 +397,8 @@ def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int, stream=None):
     # rows rank r sends right = left halo of r + 1; rows sent left = right halo of r - 1
     right = [plan.left(r + 1) if r + 1 < n else 0 for r in range(n)]
     left = [plan.right(r - 1) if r > 0 else 0 for r in range(n)]
-    forward_ops = _schedule(n, rank, right, left)
     # gradients flow the other way: r returns its right halo's rows to r + 1, its left halo's to r - 1
-    backward_ops = _schedule(n, rank, [plan.right(r) for r in range(n)], [plan.left(r) for r in range(n)])
+    back_right, back_left = [plan.right(r) for r in range(n)], [plan.left(r) for r in range(n)]
     pad_lo, pad_hi = plan.pad(rank)
     n_left, n_right = plan.left(rank), plan.right(rank)
 
@@ -390,7 +425,7 @@ def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int, stream=None):
             shape[dim], shape[-1] = rows, d + value.shape[-1]
             return tuple(shape), key.dtype
 
-        got = _run(forward_ops, payload, template, group, "forward", stream)
+        got = _transfer(transport, rank, n, right, left, payload, template, group, "forward", stream, dim)
         parts_k, parts_v = _zeros_rows(key, dim, pad_lo), _zeros_rows(value, dim, pad_lo)
         if n_left:
             k, v = split(got[rank - 1], d)
@@ -426,7 +461,7 @@ def _halo_exchange(plan: HaloPlan, rank: int, group, dim: int, stream=None):
             shape[dim], shape[-1] = hi - lo, d + value.shape[-1]
             return tuple(shape), dk.dtype
 
-        got = _run(backward_ops, payload, template, group, "backward", stream)
+        got = _transfer(transport, rank, n, back_right, back_left, payload, template, group, "backward", stream, dim)
         gk, gv = _take(dk, dim, own, own + size), _take(dv, dim, own, own + size)
         for peer, g in got.items():
             lo, hi = rows_for(peer)
@@ -451,19 +486,28 @@ def _standin(shape, dtype) -> mx.array:
     return mx.broadcast_to(mx.zeros((), dtype=dtype), tuple(shape))
 
 
+def _transport(transport, stream) -> str:
+    """``"p2p"`` on CPU streams, ``"gather"`` on GPU streams (MLX's NCCL backend has no send/recv)."""
+    if transport is None:
+        return "gather" if _p.device_type(stream) == "gpu" else "p2p"
+    if transport not in ("p2p", "gather"):
+        raise ValueError(f"transport={transport!r} must be None (automatic), 'p2p' or 'gather'")
+    return transport
+
+
 def _distributed(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                 additional_values, rpb, return_lse, group, axis, backend, stream):
+                 additional_values, rpb, return_lse, group, axis, backend, stream, transport):
     group = mx.distributed.init() if group is None else group
     n, rank = group.size(), group.rank()
     fused = (_F.na1d, _F.na2d, _F.na3d)[na_dim - 1]
     if n == 1:
         record = _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                               additional_keys, additional_values, rpb, return_lse, axis)
+                               additional_keys, additional_values, rpb, return_lse, axis, transport, stream)
         _agree([record], 0)
         return fused(query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
                      additional_values, rpb, return_lse, backend=backend, stream=stream)
     record = _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                           additional_keys, additional_values, rpb, return_lse, axis)
+                           additional_keys, additional_values, rpb, return_lse, axis, transport, stream)
     records = _share_records(record, group)
     _agree(records, rank)
     sizes = tuple(rec["slab"] for rec in records)
@@ -483,7 +527,7 @@ def _distributed(na_dim, query, key, value, kernel_size, stride, dilation, is_ca
     )
     ks, st, dl, ca = _p._parse_window(na_dim, kernel_size, stride, dilation, is_causal)
     plan = halo_plan(sizes, ks[axis], st[axis], dl[axis], ca[axis])
-    k_slab, v_slab = _halo_exchange(plan, rank, group, dim, stream)(key, value)
+    k_slab, v_slab = _halo_exchange(plan, rank, group, dim, stream, record["transport"])(key, value)
     domain = list(query.shape[1 : 1 + na_dim])
     domain[axis] = plan.length
     query_offset = [0] * na_dim
@@ -509,27 +553,32 @@ _DOC = """Neighborhood attention over {n} spatial axis/axes, sharded along spati
     ``out [B, {axes}, H, D_v]`` (and of the float32 ``lse [B, {axes}, H]`` with ``return_lse=True``),
     equal to the single-device op on the gathered tensors. Differentiable; the gradients of
     replicated inputs are this rank's partial sums. ``backend`` picks the local backend as in the
-    single-device op; ``stream`` runs the local op and the transfers on that stream or device. A
-    group of one process runs the single-device op.
+    single-device op; ``stream`` runs the local op and the transfers on that stream or device.
+    ``transport``: ``"p2p"`` (send/recv to the neighbours only; default on CPU streams) or
+    ``"gather"`` (one all_gather of the border rows; default on GPU streams, since MLX's NCCL
+    backend has no send/recv). A group of one process runs the single-device op.
     """
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None):
+         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None,
+         transport=None):
     return _distributed(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, rpb, return_lse, group, axis, backend, stream)
+                        additional_values, rpb, return_lse, group, axis, backend, stream, transport)
 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None):
+         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None,
+         transport=None):
     return _distributed(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, rpb, return_lse, group, axis, backend, stream)
+                        additional_values, rpb, return_lse, group, axis, backend, stream, transport)
 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale=None, additional_keys=None,
-         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None):
+         additional_values=None, rpb=None, return_lse=False, group=None, axis=0, backend=None, stream=None,
+         transport=None):
     return _distributed(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                        additional_values, rpb, return_lse, group, axis, backend, stream)
+                        additional_values, rpb, return_lse, group, axis, backend, stream, transport)
 
 
 na1d.__doc__ = _DOC.format(n=1, axes="L")
