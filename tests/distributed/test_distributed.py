@@ -23,8 +23,6 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "worker.py")
-ROOT = os.path.dirname(os.path.dirname(HERE))
-SRC = os.path.join(ROOT, "packages", "natten-mlx-core", "src")
 TIMEOUT = int(os.environ.get("NATTEN_DIST_TIMEOUT", "600"))
 
 
@@ -168,7 +166,9 @@ def launch(n: int, *worker_args, timeout: int = TIMEOUT):
     if launcher is None:
         pytest.skip("mlx.launch is not on PATH")
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH")) if p)
+    # the workers import the natten_mlx this process imported (installed, or the source tree)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(natten_mlx.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.path.dirname(HERE), env.get("PYTHONPATH")) if p)
     cmd = [launcher, "-n", str(n), "--backend", "ring", "--hosts", "127.0.0.1", "-p", str(_free_ports(n)), "--",
            sys.executable, WORKER, *worker_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

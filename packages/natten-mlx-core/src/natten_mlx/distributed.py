@@ -5,7 +5,9 @@ Every rank holds a contiguous slab of the global ``query``/``key``/``value`` alo
 ``axis`` (slabs in rank order; sizes may differ by rank) and gets back its slab of the output.
 Because neighborhood attention is local, a rank needs, beyond its own keys, only the few border
 rows of its neighbours' keys and values that its queries' windows reach: the *halo*. Those rows
-are sent point to point (``mx.distributed.send``/``recv``); the rank then computes its queries
+travel point to point (``send``/``recv``, transport ``"p2p"``, the default on CPU streams) or in one
+``all_gather`` of every rank's border rows (transport ``"gather"``, the default on GPU streams:
+MLX's NCCL backend has no send/recv); the rank then computes its queries
 against the halo-extended key slab as a sub-domain problem of the global domain
 (:func:`natten_mlx.functional.na_subdomain`), on whichever backend serves it. In the backward the
 halo rows' key/value gradients travel back to their owners and are summed there.
@@ -15,7 +17,12 @@ Halo of rank ``r`` (queries ``[a_r, b_r)`` along the sharded axis of global leng
 :func:`natten_mlx.windows.axis_windows` in global coordinates. It receives
 ``a_r - lo_r`` rows from rank ``r-1`` and ``hi_r - b_r`` rows from rank ``r+1``; one row is
 ``B * prod(other spatial extents) * H_kv * (D + D_v) * itemsize`` bytes (key and value travel in
-one message). The backward sends the same rows' gradients the other way. Keys that a kernel may
+one message). With ``"p2p"`` rank ``r`` sends ``(hi_{r-1} - b_{r-1}) + (a_{r+1} - lo_{r+1})`` rows
+in the forward and returns the gradients of the ``(a_r - lo_r) + (hi_r - b_r)`` rows it received in
+the backward; with ``"gather"`` every rank sends ``(n - 1) * m`` rows, ``m`` the largest such count of
+any rank (what a ring all_gather moves). Away from the borders, with stride 1 and dilation ``d``,
+the halo is ``(K // 2) * d`` rows on the left and ``((K - 1) // 2) * d`` on the right (causal:
+``(K - 1) * d`` on the left only). Keys that a kernel may
 read but never uses (causal slots past a query) are zero rows, never sent. Rank ``r``'s halo must
 come from its two neighbours only: a slab smaller than the halo its neighbour needs is an error.
 
@@ -25,8 +32,9 @@ replicated weight (``mlx.nn.average_gradients``).
 
 Every rank first shares a description of its arguments (one ``all_gather`` of a fixed 2 KiB
 record), so that bad or mismatched arguments raise the same ValueError on every rank instead of
-leaving some of them waiting in a receive. That host round trip makes the ops eager: they cannot be
-traced by ``mx.compile``.
+leaving some of them waiting in a receive. That host round trip, and the exchange itself (evaluated
+op by op in an order all ranks share), make the ops eager: they cannot be traced by ``mx.compile``,
+and every rank must call them in the same order.
 """
 
 from __future__ import annotations
@@ -48,7 +56,6 @@ __all__ = [
 ]
 
 _RECORD_BYTES = 2048
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------
