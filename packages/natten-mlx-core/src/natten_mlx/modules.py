@@ -3,6 +3,11 @@
 Layers and parameters carry upstream NATTEN's names (``qkv``, ``proj``, ``rpb``) so state dicts
 port across. The fused op runs when ``attn_drop == 0`` or in eval mode; the split ops
 (``qk`` -> softmax -> dropout -> ``av``) otherwise. Both paths compute the same function.
+
+With ``group=`` (an ``mx.distributed.Group``) a module takes each rank's slab of the input along
+spatial axis ``shard_axis`` and runs :mod:`natten_mlx.distributed` (halo exchange with the
+neighbouring ranks); its parameters are replicated, their gradients are this rank's partial sums
+(average them over the group as for any data-parallel weight, ``mlx.nn.average_gradients``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ _ARGS_DOC = """
         attn_drop:    dropout on the attention weights in training, in ``[0, 1)``; when > 0 the split
                       ops (qk -> softmax -> dropout -> av) run instead of the fused op.
         proj_drop:    dropout after the output projection ``proj`` (``C -> C``), in ``[0, 1)``.
+        group:        an ``mx.distributed.Group``: shard the input over its ranks along ``shard_axis``
+                      (each rank passes its slab; see :mod:`natten_mlx.distributed`); None: one process.
+        shard_axis:   the spatial axis (0-based) the input is sharded along when ``group`` is given.
 
     Call: ``x [B, {axes}, embed_dim]`` -> ``[B, {axes}, embed_dim]``. The op runs on the backend
     the dispatcher chooses (:func:`natten_mlx.use_backend` selects one for a block of calls).
@@ -46,7 +54,8 @@ class _NeighborhoodAttention(nn.Module):
     na_dim: int = 0
 
     def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, num_kv_heads=None,
-                 qkv_bias=True, qk_scale=None, rel_pos_bias=False, attn_drop=0.0, proj_drop=0.0):
+                 qkv_bias=True, qk_scale=None, rel_pos_bias=False, attn_drop=0.0, proj_drop=0.0, group=None,
+                 shard_axis=0):
         """See the class docstring for every argument."""
         super().__init__()
         n = self.na_dim
@@ -76,6 +85,17 @@ class _NeighborhoodAttention(nn.Module):
             self.rpb = mx.random.truncated_normal(-2.0, 2.0, shape) * 0.02
         else:
             self.rpb = None
+        if group is not None:
+            if not isinstance(group, mx.distributed.Group):
+                raise TypeError(f"group={group!r} must be an mlx.core.distributed.Group or None")
+            if attn_drop:
+                raise ValueError(
+                    f"attn_drop={attn_drop!r} with group=: the sharded op is fused only (no attention weights to drop)"
+                )
+        if isinstance(shard_axis, bool) or not isinstance(shard_axis, int) or not 0 <= shard_axis < n:
+            raise ValueError(f"shard_axis={shard_axis!r} must be a spatial axis index in 0..{n - 1}")
+        # a Group is not an array: nn.Module keeps it as a plain attribute, outside parameters()
+        self.group, self.shard_axis = group, shard_axis
         self.attn_drop_p = attn_drop
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(embed_dim, embed_dim)
@@ -99,7 +119,12 @@ class _NeighborhoodAttention(nn.Module):
         v = qkv[..., hq + hkv :].reshape(*lead, self.num_kv_heads, d)
         fused, qk, av = _OPS[n]
         rpb = self.rpb
-        if self.attn_drop_p == 0.0 or not self.training:
+        if self.group is not None:
+            from . import distributed
+
+            sharded = (distributed.na1d, distributed.na2d, distributed.na3d)[n - 1]
+            out = sharded(q, k, v, scale=self.scale, rpb=rpb, group=self.group, axis=self.shard_axis, **self._window())
+        elif self.attn_drop_p == 0.0 or not self.training:
             out = fused(q, k, v, scale=self.scale, rpb=rpb, **self._window())
         else:
             attn = qk(q, k, scale=self.scale, rpb=rpb, **self._window())
@@ -112,6 +137,7 @@ class _NeighborhoodAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
             f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, "
             f"is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}"
+            + (f", group=<{self.group.size()} ranks>, shard_axis={self.shard_axis}" if self.group is not None else "")
         )
 
 
