@@ -431,3 +431,15 @@ def test_window_kernel_matches_oracle_and_planted_off_by_one_does_not(geom):
         assert "out-of-bounds read of input k" in str(e)
     else:
         assert not np.allclose(bad, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("line,why", [
+    ("float y = std::max(x[0], 1.0f);", "std::"),
+    ("double y = x[0];", "no double"),
+    ("float y = x[0]; printf(\"%f\", y);", "C library"),
+    ("float y = __builtin_expf(x[0]);", "built-ins"),
+])
+def test_cpp_that_is_not_metal_is_refused(line, why):
+    spec = Spec("notmsl", ("x",), ("out",), line + "\nout[0] = y;  // std::max in a comment is fine")
+    with pytest.raises(SignatureError, match=why):
+        run(spec, [mx.ones((8,))], (1, 1, 1), (1, 1, 1), [(1,)])

@@ -264,6 +264,29 @@ def rewrite(text: str, site_base: int = 0) -> tuple[str, int]:
     return _PTR_RE.sub(ptr, text), sites[0] - site_base
 
 
+# C++ that compiles here but not as Metal: the emulator refuses it rather than run it
+_NOT_MSL = (
+    (re.compile(r"\bstd::"), "the C++ standard library (std::) does not exist in Metal"),
+    (re.compile(r"\bdouble\b"), "Metal has no double"),
+    (re.compile(r"#\s*include\s*[<\"](?!metal_)"), "only Metal's own headers can be included"),
+    (re.compile(r"\b(printf|malloc|free)\s*\("), "no C library calls in Metal"),
+    (re.compile(r"\b(new|delete)\s+[A-Za-z_(]|\bthrow\b|\btry\s*\{|\bcatch\s*\("),
+     "no dynamic allocation or exceptions in Metal"),
+    (re.compile(r"\b(virtual|dynamic_cast|typeid|thread_local)\b"), "not available in Metal"),
+    (re.compile(r"\b__builtin_\w+"), "compiler built-ins of the emulator's C++ compiler are not Metal"),
+)
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def check_msl(text: str, what: str) -> None:
+    """Refuse constructs that are C++ but not Metal Shading Language (comments ignored)."""
+    code = _COMMENT.sub(" ", text)
+    for pattern, why in _NOT_MSL:
+        m = pattern.search(code)
+        if m:
+            raise SignatureError(f"{what}: {m.group(0).strip()!r}: {why}")
+
+
 def _cpp_param_type(p: Param) -> str:
     if p.kind == "attr":
         return p.mtype
@@ -275,6 +298,8 @@ def _cpp_param_type(p: Param) -> str:
 
 def cpp_source(sig: Signature, header: str, source: str) -> str:
     """C++ translation unit for the emulator: shim, header, kernel and the entry point emu_main."""
+    check_msl(header, "header")
+    check_msl(source, "kernel body")
     h, nh = rewrite(header)
     body, _ = rewrite(source, nh)
     out = ['#include "metal_shim.h"', "", "// ---- header ----", h, "// ---- kernel ----"]
