@@ -425,3 +425,37 @@ def test_through_the_core_dispatch(return_lse):
         for n, g, w in zip(names, got, want):
             w = np.array(w)
             assert np.abs(np.array(g) - w).max() <= 2e-5 * max(1.0, np.abs(w).max()), n
+
+
+def test_the_mlx_call_path_runs_what_the_emulator_ran(monkeypatch):
+    """The backend's own launcher (kernels.metal_launch, what runs on a Mac) with
+    mx.fast.metal_kernel replaced by a stand-in that hands its exact arguments to the emulator:
+    the source, names, template, grid and threadgroup MLX would receive are the ones verified."""
+    from metal_emulator import emulate as emu
+
+    seen = []
+
+    def fake_metal_kernel(*, name, input_names, output_names, source, header="", ensure_row_contiguous=True,
+                          atomic_outputs=False, **rest):
+        assert ensure_row_contiguous and not atomic_outputs and not rest
+        spec = SimpleNamespace(name=name, input_names=tuple(input_names), output_names=tuple(output_names),
+                               source=source, header=header)
+
+        def call(*, inputs, template, grid, threadgroup, output_shapes, output_dtypes, init_value=None):
+            seen.append(name)
+            return emu(spec, inputs, template=template, grid=grid, threadgroup=threadgroup,
+                       output_shapes=output_shapes, output_dtypes=output_dtypes, init_value=init_value)
+
+        return call
+
+    monkeypatch.setattr(mx.fast, "metal_kernel", fake_metal_kernel)
+    kernels._kernel.cache_clear()
+    try:
+        cfg = _fixed((11, 9), (3, 4), (2, 1), (1, 2), (True, False), 8, 16, H=2, Hkv=1, E=2)
+        check(cfg, "float16", seed=4, backend=MetalBackend())
+        cfg = _fixed((13,), (4,), (1,), (2,), (False,), 8, 8, rpb=True)
+        check(cfg, "float32", seed=4, backend=MetalBackend())
+    finally:
+        kernels._kernel.cache_clear()
+    assert {"natten_mlx_fwd_mma", "natten_mlx_bwd_dq_mma", "natten_mlx_bwd_dkv_mma", "natten_mlx_bwd_extra",
+            "natten_mlx_bwd_rpb"} <= set(seen)
