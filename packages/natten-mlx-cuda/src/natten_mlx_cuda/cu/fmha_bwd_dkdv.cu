@@ -56,7 +56,7 @@ const int nq = none ? 0 : nqt[0] * nqt[1] * nqt[2];
 const int total = nq * G;
 
 // this thread's key rows: r = warp * 16 + gid (+ 8)
-int kc[2][3];
+int kc[2][3], qlo[2][3], qhi[2][3];  // qlo/qhi: the queries (in-group) whose windows hold the row's key
 bool keyok[2];
 long long krow[2];
 for (int rr = 0; rr < 2; ++rr) {
@@ -67,6 +67,8 @@ for (int rr = 0; rr < 2; ++rr) {
   for (int a = 0; a < 3; ++a) {
     kc[rr][a] = k0[a] + u[a];
     keyok[rr] = keyok[rr] && kc[rr][a] < k1[a];
+    qlo[rr][a] = na_query_begin(kc[rr][a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+    qhi[rr][a] = na_query_end(kc[rr][a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
     flat = flat * ax[a].nk + (kc[rr][a] * ax[a].d + g[a] - ax[a].kvoff);
   }
   krow[rr] = ((long long)b * NK + flat) * HKV + hk;
@@ -87,8 +89,10 @@ float* Ds = Ls + 2 * BQ;                                  // 2 x 64 delta
 __syncthreads();
 
 // query tile it (head-major: it / nq is the head within the group) -> its box and class
-auto qtile = [&](int it, int* c0, int* c1) -> int {
+// chk (optional): bit a set when axis a needs per-element checks
+auto qtile = [&](int it, int* c0, int* c1, int* chk = nullptr) -> int {
   const int lin = it % nq;
+  int bits = 0;
   int t[3];
   t[2] = lin % nqt[2];
   t[1] = (lin / nqt[2]) % nqt[1];
@@ -99,8 +103,12 @@ auto qtile = [&](int it, int* c0, int* c1) -> int {
     c1[a] = na_min(c0[a] + QT[a], qe[a]) - 1;
     const int ca = na_tile_class(c0[a], c1[a], k0[a], k1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
     if (ca == NA_TILE_SKIP) return NA_TILE_SKIP;
-    if (ca == NA_TILE_PARTIAL) cls = NA_TILE_PARTIAL;
+    if (ca == NA_TILE_PARTIAL) {
+      cls = NA_TILE_PARTIAL;
+      bits |= 1 << a;
+    }
   }
+  if (chk) *chk = bits;
   return cls;
 };
 auto next_it = [&](int it) -> int {
@@ -185,8 +193,8 @@ while (cur < total) {
   na_cp_wait_one();
   __syncthreads();
 
-  int c0[3], c1[3];
-  const int cls = qtile(cur, c0, c1);
+  int c0[3], c1[3], chk;
+  const int cls = qtile(cur, c0, c1, &chk);
   const int h = hk * G + cur / nq;
   const unsigned short* qbuf = reinterpret_cast<const unsigned short*>(Qs + buf * BQ * QS);
   const unsigned short* obuf = reinterpret_cast<const unsigned short*>(Os + buf * BQ * VS);
@@ -222,11 +230,8 @@ while (cur < total) {
       if (HAS_RPB || cls == NA_TILE_PARTIAL) {
         const int cqv[3] = {c0[0] + col / (QT1 * QT2), c0[1] + (col / QT2) % QT1, c0[2] + col % QT2};
         if (cls == NA_TILE_PARTIAL)
-          for (int a = 0; a < 3; ++a) {
-            const int st = na_window_start(cqv[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
-            const int en = na_window_end(cqv[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
-            ok = ok && kc[rr][a] >= st && kc[rr][a] < en;
-          }
+          for (int a = 0; a < 3; ++a)
+            if (chk & (1 << a)) ok = ok && cqv[a] >= qlo[rr][a] && cqv[a] < qhi[rr][a];
         if (HAS_RPB && ok && cqv[0] <= c1[0] && cqv[1] <= c1[1] && cqv[2] <= c1[2]) {
           const int ri = ((kc[rr][0] - cqv[0] + ax[0].K - 1) * (2 * ax[1].K - 1) + (kc[rr][1] - cqv[1] + ax[1].K - 1)) * (2 * ax[2].K - 1) +
                          (kc[rr][2] - cqv[2] + ax[2].K - 1);

@@ -64,8 +64,10 @@ const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, 
 __syncthreads();
 
 // class of key tile lin: NA_TILE_SKIP / PARTIAL / FULL (a tile the key range truncates is PARTIAL)
-auto tile_class = [&](int lin, int* k0, int* k1) -> int {
+// chk (optional): bit a set when axis a needs per-element checks (partial along it, or truncated)
+auto tile_class = [&](int lin, int* k0, int* k1, int* chk = nullptr) -> int {
   int t[3];
+  int bits = 0;
   t[2] = lin % nkt[2];
   t[1] = (lin / nkt[2]) % nkt[1];
   t[0] = lin / (nkt[2] * nkt[1]);
@@ -75,8 +77,12 @@ auto tile_class = [&](int lin, int* k0, int* k1) -> int {
     k1[a] = na_min(k0[a] + KT[a], ke[a]);
     const int ca = na_tile_class(c0[a], c1[a], k0[a], k1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
     if (ca == NA_TILE_SKIP) return NA_TILE_SKIP;
-    if (ca == NA_TILE_PARTIAL || k1[a] - k0[a] < KT[a]) cls = NA_TILE_PARTIAL;
+    if (ca == NA_TILE_PARTIAL || k1[a] - k0[a] < KT[a]) {
+      cls = NA_TILE_PARTIAL;
+      bits |= 1 << a;
+    }
   }
+  if (chk) *chk = bits;
   return cls;
 };
 auto next_tile = [&](int lin) -> int {
@@ -168,8 +174,15 @@ while (cur < ntiles) {
   na_cp_wait_one();
   __syncthreads();
 
-  int k0[3], k1[3];
-  const int cls = tile_class(cur, k0, k1);
+  int k0[3], k1[3], chk;
+  const int cls = tile_class(cur, k0, k1, &chk);
+  // per row and partial axis, the valid key offsets in the tile: [lo, hi)
+  int lo[2][3], hi[2][3];
+  for (int rr = 0; rr < 2; ++rr)
+    for (int a = 0; a < 3; ++a) {
+      lo[rr][a] = rowok[rr] ? ws[rr][a] - k0[a] : -(1 << 30);  // absent rows: never stored, kept finite
+      hi[rr][a] = rowok[rr] ? na_min(we[rr][a], k1[a]) - k0[a] : (1 << 30);
+    }
   const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
   const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
@@ -189,14 +202,15 @@ while (cur < ntiles) {
       float x = s[j][e] * scale_log2;
       if (HAS_RPB || cls == NA_TILE_PARTIAL) {
         const int col = j * 8 + tig * 2 + (e & 1);
-        const int kc[3] = {k0[0] + col / (KT1 * KT2), k0[1] + (col / KT2) % KT1, k0[2] + col % KT2};
+        const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
         bool ok = true;
         if (cls == NA_TILE_PARTIAL)
-          for (int a = 0; a < 3; ++a) ok = ok && kc[a] < k1[a] && kc[a] >= ws[rr][a] && kc[a] < we[rr][a];
-        if (!rowok[rr]) ok = true;  // absent query rows are never stored; keep them finite
+          for (int a = 0; a < 3; ++a)
+            if (chk & (1 << a)) ok = ok && u[a] >= lo[rr][a] && u[a] < hi[rr][a];
         if (!ok) {
           x = NA_NEG_INF;
         } else if (HAS_RPB && rowok[rr]) {
+          const int kc[3] = {k0[0] + u[0], k0[1] + u[1], k0[2] + u[2]};
           const int ri = ((kc[0] - cq[rr][0] + ax[0].K - 1) * (2 * ax[1].K - 1) + (kc[1] - cq[rr][1] + ax[1].K - 1)) * (2 * ax[2].K - 1) +
                          (kc[2] - cq[rr][2] + ax[2].K - 1);
           x += na_f(rpb[(long long)h * R + ri]) * NA_LOG2E;
