@@ -135,6 +135,14 @@ def main():
             slab = ", ".join(f"r{r['rank']}: {r['slab_kv_bytes']:,}" for r in rows)
             lines.append(f"| {len(rows)} | {mode} | {wall:,.1f} | {cpu:,.1f} | {sent if len(rows) > 1 else '–'} | "
                          f"{formula} | {slab} |")
+    lines += [
+        "",
+        f"- load average at the end: {os.getloadavg()[0]:.1f}. MLX's ring backend polls its non-blocking sockets while a "
+        "transfer is pending (mlx/distributed/ring/ring.cpp), so a rank waiting for its neighbour burns CPU; with more "
+        "busy processes than cores the N-rank step time measures the machine's load more than the exchange. The byte "
+        "columns are exact: each rank sends K // 2 = 3 rows of K and V to its neighbour in the forward and returns the "
+        "gradients of the 3 rows it received in the backward (the halo formula), a sixteenth of its K+V slab.",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.record:

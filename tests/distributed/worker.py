@@ -325,6 +325,8 @@ def bad_arguments(chk, group):
         "one rank passes a 2D tensor to na1d": lambda: nd.na1d(q if rank else q[0], q, q, 3, group=group),
         "dtype differs by rank": lambda: nd.na1d(*(q.astype(mx.float16 if rank == 1 else mx.float32),) * 3, 3,
                                                   group=group),
+        "backend differs by rank": lambda: nd.na1d(q, q, q, 3, group=group, backend="pure" if rank else None),
+        "transport differs by rank": lambda: nd.na1d(q, q, q, 3, group=group, transport="gather" if rank else "p2p"),
         "key slab length differs from query's": lambda: nd.na1d(q, q[:, :7], q[:, :7], 3, group=group),
         "kernel larger than the global axis": lambda: nd.na1d(q, q, q, 8 * n + 1, group=group),
         "empty slab on one rank": lambda: nd.na1d(*(q[:, : 0 if rank == 1 else 8],) * 3, 3, group=group),

@@ -208,7 +208,7 @@ def _dtype(x):
 
 
 def _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-                  additional_values, rpb, return_lse, axis, transport=None, stream=None) -> dict:
+                  additional_values, rpb, return_lse, axis, transport=None, stream=None, backend=None) -> dict:
     """This rank's arguments as plain JSON values, or ``{"error": message}``. Never raises: a rank
     that raised here would leave the others waiting in the all_gather."""
     try:
@@ -242,10 +242,21 @@ def _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_c
             kernel_size=ks, stride=st, dilation=dl, is_causal=ca, scale=scale, return_lse=return_lse,
             additional_keys=[_shape(additional_keys), _dtype(additional_keys)],
             additional_values=[_shape(additional_values), _dtype(additional_values)],
-            rpb=[_shape(rpb), _dtype(rpb)], transport=transport,
+            rpb=[_shape(rpb), _dtype(rpb)], transport=transport, backend=_backend_name(backend),
         )
     except Exception as exc:  # noqa: BLE001 (every failure must reach the other ranks)
-        return {"error": f"{type(exc).__name__}: {exc}", "kind": type(exc).__name__}
+        return {"error": str(exc), "kind": type(exc).__name__}
+
+
+def _backend_name(backend):
+    """The requested backend as JSON: ranks asking for different backends is a disagreement caught
+    before any transfer (a rank whose backend refuses the call after the exchange would strand the
+    others in the backward)."""
+    if backend is None or isinstance(backend, str):
+        return backend
+    if isinstance(backend, (list, tuple)) and all(isinstance(b, str) for b in backend):
+        return list(backend)
+    return f"<{type(backend).__name__} {getattr(backend, 'name', '?')}>"
 
 
 def _encode(record: dict) -> mx.array:
@@ -278,7 +289,7 @@ def _agree(records: list[dict], rank: int) -> None:
             kind = TypeError if records[rank].get("kind") == "TypeError" else ValueError
             raise kind(f"natten_mlx.distributed (rank {rank}): {records[rank]['error']}")
         r, rec = bad[0]
-        raise ValueError(f"natten_mlx.distributed: rank {r} rejected its arguments: {rec['error']}")
+        raise ValueError(f"natten_mlx.distributed: rank {r} rejected its arguments ({rec.get('kind')}): {rec['error']}")
     base = records[0]
     axis = base["axis"]
     for key in base:
@@ -509,12 +520,12 @@ def _distributed(na_dim, query, key, value, kernel_size, stride, dilation, is_ca
     fused = (_F.na1d, _F.na2d, _F.na3d)[na_dim - 1]
     if n == 1:
         record = _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                               additional_keys, additional_values, rpb, return_lse, axis, transport, stream)
+                               additional_keys, additional_values, rpb, return_lse, axis, transport, stream, backend)
         _agree([record], 0)
         return fused(query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
                      additional_values, rpb, return_lse, backend=backend, stream=stream)
     record = _local_record(na_dim, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-                           additional_keys, additional_values, rpb, return_lse, axis, transport, stream)
+                           additional_keys, additional_values, rpb, return_lse, axis, transport, stream, backend)
     records = _share_records(record, group)
     _agree(records, rank)
     sizes = tuple(rec["slab"] for rec in records)
