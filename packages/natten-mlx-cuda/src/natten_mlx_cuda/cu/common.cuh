@@ -126,6 +126,20 @@ NA_FUNC void na_frag_b_nk(unsigned* b, const unsigned short* base, int stride, i
     b[3] = *reinterpret_cast<const unsigned*>(p + 8 * stride + 8);
   }
 }
+// The A fragment (16 x 16) at rows row0 .. row0 + 15, columns k0 .. k0 + 15 of a row-major shared tile.
+template <bool LDSM>
+NA_FUNC void na_frag_a(unsigned* a, const unsigned short* base, int stride, int row0, int k0, int lane) {
+  if (LDSM) {
+    const int m = lane >> 3, r = lane & 7;
+    na_ldsm_x4(a, base + (row0 + (m & 1) * 8 + r) * stride + k0 + (m >> 1) * 8);
+  } else {
+    const unsigned short* p = base + (row0 + (lane >> 2)) * stride + k0 + (lane & 3) * 2;
+    a[0] = *reinterpret_cast<const unsigned*>(p);
+    a[1] = *reinterpret_cast<const unsigned*>(p + 8 * stride);
+    a[2] = *reinterpret_cast<const unsigned*>(p + 8);
+    a[3] = *reinterpret_cast<const unsigned*>(p + 8 * stride + 8);
+  }
+}
 // The same from a tile whose rows are B's k and columns B's n (k0 .. k0 + 15, n0 .. n0 + 15).
 template <bool LDSM>
 NA_FUNC void na_frag_b_kn(unsigned* b, const unsigned short* base, int stride, int k0, int n0, int lane) {

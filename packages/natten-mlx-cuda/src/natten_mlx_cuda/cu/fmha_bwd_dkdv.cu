@@ -167,17 +167,9 @@ na_cp_commit();
 na_cp_wait_all();
 __syncthreads();
 
-unsigned kf[DP / 16][4], vf[DVP / 16][4];
-{
-  const unsigned short* ks = reinterpret_cast<const unsigned short*>(Ks);
-  const unsigned short* vs = reinterpret_cast<const unsigned short*>(Vs);
-  for (int x = 0; x < 4; ++x) {
-    const int r = warp * 16 + gid + (x & 1) * 8;
-    const int col = tig * 2 + (x >> 1) * 8;
-    for (int kk = 0; kk < DP / 16; ++kk) kf[kk][x] = *reinterpret_cast<const unsigned*>(ks + r * QS + kk * 16 + col);
-    for (int kk = 0; kk < DVP / 16; ++kk) vf[kk][x] = *reinterpret_cast<const unsigned*>(vs + r * VS + kk * 16 + col);
-  }
-}
+// K and V stay in shared memory; their A fragments are read per use (registers hold dK and dV)
+const unsigned short* ks = reinterpret_cast<const unsigned short*>(Ks);
+const unsigned short* vs = reinterpret_cast<const unsigned short*>(Vs);
 float dk[DP / 8][4], dv[DVP / 8][4];
 for (int jn = 0; jn < DP / 8; ++jn)
   for (int e = 0; e < 4; ++e) dk[jn][e] = 0.f;
@@ -207,20 +199,28 @@ while (cur < total) {
       s[j][e] = 0.f;
       dp[j][e] = 0.f;
     }
-  for (int j = 0; j < 8; j += 2) {
-    for (int kk = 0; kk < DP / 16; ++kk) {
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    unsigned af[4];
+    na_frag_a<LDSM>(af, ks, QS, warp * 16, kk * 16, lane);
+    for (int j = 0; j < 8; j += 2) {
       unsigned bf[4];
       na_frag_b_nk<LDSM>(bf, qbuf, QS, j * 8, kk * 16, lane);
-      na_mma<T>(s[j], kf[kk], bf);
-      na_mma<T>(s[j + 1], kf[kk], bf + 2);
-    }
-    for (int kk = 0; kk < DVP / 16; ++kk) {
-      unsigned bf[4];
-      na_frag_b_nk<LDSM>(bf, obuf, VS, j * 8, kk * 16, lane);
-      na_mma<T>(dp[j], vf[kk], bf);
-      na_mma<T>(dp[j + 1], vf[kk], bf + 2);
+      na_mma<T>(s[j], af, bf);
+      na_mma<T>(s[j + 1], af, bf + 2);
     }
   }
+  for (int kk = 0; kk < DVP / 16; ++kk) {
+    unsigned af[4];
+    na_frag_a<LDSM>(af, vs, VS, warp * 16, kk * 16, lane);
+    for (int j = 0; j < 8; j += 2) {
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, obuf, VS, j * 8, kk * 16, lane);
+      na_mma<T>(dp[j], af, bf);
+      na_mma<T>(dp[j + 1], af, bf + 2);
+    }
+  }
+  // P^T and dS^T as packed A fragments right away (halves the live registers before the two mma loops)
+  unsigned pf[4][4], sf[4][4];
   for (int j = 0; j < 8; ++j)
     for (int e = 0; e < 4; ++e) {
       const int rr = e >> 1;
@@ -241,28 +241,23 @@ while (cur < total) {
       const float p = ok ? exp2f(x - lbuf[col]) : 0.f;
       s[j][e] = p;
       dp[j][e] = p * (dp[j][e] - dbuf[col]);
+      if (e & 1) {  // A fragment register of (query subtile pair j / 2, rows rr, queries j % 2)
+        pf[j >> 1][(j & 1) * 2 + rr] = NaType<T>::pack2(s[j][e - 1], s[j][e]);
+        sf[j >> 1][(j & 1) * 2 + rr] = NaType<T>::pack2(dp[j][e - 1], dp[j][e]);
+      }
     }
   for (int kk = 0; kk < 4; ++kk) {
-    unsigned pf[4], sf[4];
-    pf[0] = NaType<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-    pf[1] = NaType<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-    pf[2] = NaType<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-    pf[3] = NaType<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    sf[0] = NaType<T>::pack2(dp[2 * kk][0], dp[2 * kk][1]);
-    sf[1] = NaType<T>::pack2(dp[2 * kk][2], dp[2 * kk][3]);
-    sf[2] = NaType<T>::pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-    sf[3] = NaType<T>::pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
     for (int jn = 0; jn < DVP / 8; jn += 2) {
       unsigned bf[4];
       na_frag_b_kn<LDSM>(bf, obuf, VS, kk * 16, jn * 8, lane);
-      na_mma<T>(dv[jn], pf, bf);
-      na_mma<T>(dv[jn + 1], pf, bf + 2);
+      na_mma<T>(dv[jn], pf[kk], bf);
+      na_mma<T>(dv[jn + 1], pf[kk], bf + 2);
     }
     for (int jn = 0; jn < DP / 8; jn += 2) {
       unsigned bf[4];
       na_frag_b_kn<LDSM>(bf, qbuf, QS, kk * 16, jn * 8, lane);
-      na_mma<T>(dk[jn], sf, bf);
-      na_mma<T>(dk[jn + 1], sf, bf + 2);
+      na_mma<T>(dk[jn], sf[kk], bf);
+      na_mma<T>(dk[jn + 1], sf[kk], bf + 2);
     }
   }
   __syncthreads();

@@ -154,17 +154,9 @@ na_cp_commit();
 na_cp_wait_all();
 __syncthreads();
 
-unsigned qf[DP / 16][4], of[DVP / 16][4];
-{
-  const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
-  const unsigned short* os = reinterpret_cast<const unsigned short*>(Os);
-  for (int x = 0; x < 4; ++x) {
-    const int r = warp * 16 + gid + (x & 1) * 8;
-    const int col = tig * 2 + (x >> 1) * 8;
-    for (int kk = 0; kk < DP / 16; ++kk) qf[kk][x] = *reinterpret_cast<const unsigned*>(qs + r * QS + kk * 16 + col);
-    for (int kk = 0; kk < DVP / 16; ++kk) of[kk][x] = *reinterpret_cast<const unsigned*>(os + r * VS + kk * 16 + col);
-  }
-}
+// Q and dO stay in shared memory; their A fragments are read per use (registers hold dQ)
+const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
+const unsigned short* os = reinterpret_cast<const unsigned short*>(Os);
 
 float dq[DP / 8][4];
 for (int jn = 0; jn < DP / 8; ++jn)
@@ -197,18 +189,24 @@ while (cur < ntiles) {
       s[j][e] = 0.f;
       dp[j][e] = 0.f;
     }
-  for (int j = 0; j < 8; j += 2) {
-    for (int kk = 0; kk < DP / 16; ++kk) {
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    unsigned af[4];
+    na_frag_a<LDSM>(af, qs, QS, warp * 16, kk * 16, lane);
+    for (int j = 0; j < 8; j += 2) {
       unsigned bf[4];
       na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
-      na_mma<T>(s[j], qf[kk], bf);
-      na_mma<T>(s[j + 1], qf[kk], bf + 2);
+      na_mma<T>(s[j], af, bf);
+      na_mma<T>(s[j + 1], af, bf + 2);
     }
-    for (int kk = 0; kk < DVP / 16; ++kk) {
+  }
+  for (int kk = 0; kk < DVP / 16; ++kk) {
+    unsigned af[4];
+    na_frag_a<LDSM>(af, os, VS, warp * 16, kk * 16, lane);
+    for (int j = 0; j < 8; j += 2) {
       unsigned bf[4];
       na_frag_b_nk<LDSM>(bf, vbuf, VS, j * 8, kk * 16, lane);
-      na_mma<T>(dp[j], of[kk], bf);
-      na_mma<T>(dp[j + 1], of[kk], bf + 2);
+      na_mma<T>(dp[j], af, bf);
+      na_mma<T>(dp[j + 1], af, bf + 2);
     }
   }
   for (int j = 0; j < 8; ++j)
