@@ -80,6 +80,7 @@ class CudaBackend:
         self.key_tile = key_tile
         self.kernel = kernel
         self.ldmatrix = ldmatrix
+        self._configured: dict = {}
         self._runner = runner or mlx_runner
         # tests run the CPU emulator through the whole backend; then no CUDA device is needed
         self._require_device = require_device
@@ -100,11 +101,20 @@ class CudaBackend:
                 if not isinstance(t, (tuple, list)) or not t:
                     raise ValueError(f"cuda backend: {what}={t!r} must be a tuple of ints (one per spatial axis)")
                 plan.check_tile(tuple(t), len(t), what)
-        return CudaBackend(
-            tile=tuple(options["tile"]) if options.get("tile") is not None else self.tile,
-            key_tile=tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
-            kernel=kernel, runner=self._runner, require_device=self._require_device, ldmatrix=ldmatrix,
+        new = (
+            tuple(options["tile"]) if options.get("tile") is not None else self.tile,
+            tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
+            kernel, ldmatrix,
         )
+        if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix):
+            return self
+        # the same options give the same object, so calls share the core's cached functions
+        if new not in self._configured:
+            self._configured[new] = CudaBackend(
+                tile=new[0], key_tile=new[1], kernel=kernel, runner=self._runner,
+                require_device=self._require_device, ldmatrix=ldmatrix,
+            )
+        return self._configured[new]
 
     # -- selection --------------------------------------------------------------------------------
     def available(self) -> str | None:
