@@ -20,9 +20,13 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for p in ("packages/natten-mlx-metal/emulator", "packages/natten-mlx-metal/src", "tests"):
+for p in ("packages/natten-mlx-metal/emulator", "tests"):
     if str(ROOT / p) not in sys.path:
         sys.path.insert(0, str(ROOT / p))
+try:  # an installed natten-mlx-metal is what is tested; else the source tree
+    import natten_mlx_metal  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT / "packages/natten-mlx-metal/src"))
 
 mx = pytest.importorskip("mlx.core")
 if shutil.which("g++") is None:
@@ -259,7 +263,7 @@ def test_supports_reasons_and_availability():
 PLANTED = {
     # name: (kernel, text, replacement); the variant of the kernel is used for the whole check
     # key tiles one coordinate short: keys at tile ends are never seen
-    "walk": ("fwd_mma", "k1[a] = na_min(k0[a] + ax[a].U, ke[a]) - 1;", "k1[a] = na_min(k0[a] + ax[a].U, ke[a]) - 2;"),
+    "walk": ("fwd_mma", "k1[a] = na_min(k0[a] + ax[a].tk, ke[a]) - 1;", "k1[a] = na_min(k0[a] + ax[a].tk, ke[a]) - 2;"),
     # K^T fragment filled in the transposed lane layout (row and column swapped)
     "layout": ("fwd_mma", "float(ks[(j * 8 + fc) * DP + kk * 8 + fr])", "float(ks[(j * 8 + fr) * DP + kk * 8 + fc])"),
     # the row reduction misses the lanes of the other column half

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-for p in ("packages/natten-mlx-metal/src", "tests"):
-    if str(ROOT / p) not in sys.path:
-        sys.path.insert(0, str(ROOT / p))
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+try:  # an installed natten-mlx-metal is what is tested; else the source tree
+    import natten_mlx_metal  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(ROOT / "packages/natten-mlx-metal/src"))
 
 mx = pytest.importorskip("mlx.core")
 if not mx.metal.is_available():

@@ -31,9 +31,9 @@ for (int a = 0; a < 3; ++a) {
   qb[a] = na_max(na_query_begin(k0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal), na_group_first(ax[a].qoff, ax[a].d, g[a]));
   qe[a] = na_min(na_query_end(k1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal),
                  na_group_end(ax[a].qoff, ax[a].n, ax[a].d, g[a]));
-  text[a] = ax[a].T;
-  kext[a] = ax[a].U;
-  nqt[a] = na_key_tiles(qb[a], qe[a], ax[a].T);  // tiles of T coordinates covering [qb, qe)
+  text[a] = ax[a].tq;
+  kext[a] = ax[a].tk;
+  nqt[a] = na_key_tiles(qb[a], qe[a], ax[a].tq);  // tiles of T coordinates covering [qb, qe)
 }
 const int fq = lane / 4;
 const int fr = (fq & 4) + (lane / 2) % 4;    // this lane's row (key) in every fragment
@@ -69,8 +69,8 @@ for (int h = hk * G; h < (hk + 1) * G; ++h) {
     for (int a = 2; a >= 0; --a) {
       int j = rem % nqt[a];
       rem /= nqt[a];
-      q0[a] = qb[a] + j * ax[a].T;
-      q1[a] = na_min(q0[a] + ax[a].T, qe[a]) - 1;
+      q0[a] = qb[a] + j * ax[a].tq;
+      q1[a] = na_min(q0[a] + ax[a].tq, qe[a]) - 1;
       int cls = na_tile_class(q0[a], q1[a], k0[a], k1[a] + 1, Lg[a], ax[a].K, ax[a].s, ax[a].causal);
       skip = skip || cls == NA_TILE_SKIP;
       full = full && cls == NA_TILE_FULL;

@@ -26,9 +26,9 @@ for (int a = 0; a < 3; ++a) {
   Lg[a] = na_group_len(ax[a].L, ax[a].d, g[a]);
   kb[a] = na_tile_key_begin(c0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
   ke[a] = na_tile_key_end(c1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
-  text[a] = ax[a].T;
-  kext[a] = ax[a].U;
-  nkt[a] = na_key_tiles(kb[a], ke[a], ax[a].U);
+  text[a] = ax[a].tq;
+  kext[a] = ax[a].tk;
+  nkt[a] = na_key_tiles(kb[a], ke[a], ax[a].tk);
 }
 const int fq = lane / 4;
 const int fr = (fq & 4) + (lane / 2) % 4;    // this lane's row in every fragment
@@ -102,8 +102,8 @@ for (int kt0 = 0; kt0 < total; ++kt0) {
   for (int a = 2; a >= 0; --a) {
     int j = rem % nkt[a];
     rem /= nkt[a];
-    k0[a] = kb[a] + j * ax[a].U;
-    k1[a] = na_min(k0[a] + ax[a].U, ke[a]) - 1;
+    k0[a] = kb[a] + j * ax[a].tk;
+    k1[a] = na_min(k0[a] + ax[a].tk, ke[a]) - 1;
     int cls = na_tile_class(c0[a], c1[a], k0[a], k1[a] + 1, Lg[a], ax[a].K, ax[a].s, ax[a].causal);
     skip = skip || cls == NA_TILE_SKIP;
     full = full && cls == NA_TILE_FULL;

@@ -25,8 +25,8 @@ struct NaAxis {
   int K, s, d;
   bool causal;
   int tiles;   // tiles per dilation group along this axis (query tiles, or key tiles in the backward)
-  int T;       // query tile extent
-  int U;       // key tile extent
+  int tq;      // query tile extent (a member named T would meet the kernels' template parameter T)
+  int tk;      // key tile extent
 };
 
 NA_FUNC NaAxis na_axis(const device int* prm, int a) {
@@ -34,7 +34,7 @@ NA_FUNC NaAxis na_axis(const device int* prm, int a) {
   NaAxis x;
   x.L = prm[o]; x.n = prm[o + 1]; x.nk = prm[o + 2]; x.qoff = prm[o + 3]; x.kvoff = prm[o + 4];
   x.K = prm[o + 5]; x.s = prm[o + 6]; x.d = prm[o + 7]; x.causal = prm[o + 8] != 0; x.tiles = prm[o + 9];
-  x.T = prm[o + 10]; x.U = prm[o + 11];
+  x.tq = prm[o + 10]; x.tk = prm[o + 11];
   return x;
 }
 
@@ -68,11 +68,11 @@ NA_FUNC bool na_tile_range(thread const NaAxis* ax, int tile, bool keys, thread 
     int t = u % ax[a].tiles;
     int off = keys ? ax[a].kvoff : ax[a].qoff;
     int n = keys ? ax[a].nk : ax[a].n;
-    int T = keys ? ax[a].U : ax[a].T;
+    int ext = keys ? ax[a].tk : ax[a].tq;
     int first = na_group_first(off, ax[a].d, g[a]);
     int end = na_group_end(off, n, ax[a].d, g[a]);
-    c0[a] = first + t * T;
-    c1[a] = na_min(c0[a] + T, end) - 1;
+    c0[a] = first + t * ext;
+    c1[a] = na_min(c0[a] + ext, end) - 1;
     if (c0[a] > c1[a]) ok = false;
   }
   return ok;
