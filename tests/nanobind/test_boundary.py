@@ -231,7 +231,8 @@ def test_backend_object_refusals():
                 dtype=mx.float32, device="cpu", is_subdomain=False)
     assert b.supports(SimpleNamespace(**base)) is None
     assert "CPU" in b.supports(SimpleNamespace(**dict(base, device="gpu")))
-    assert "sub-domain" in b.supports(SimpleNamespace(**dict(base, is_subdomain=True)))
+    assert b.supports(SimpleNamespace(**dict(base, is_subdomain=True))) is None
+    assert "sub-domain" in b.supports(SimpleNamespace(**dict(base, op="qk", is_subdomain=True)))
     assert "empty" in b.supports(SimpleNamespace(**dict(base, batch=0)))
 
 
@@ -254,3 +255,60 @@ def test_backward_is_repeatable_with_rpb_and_extras():
     for _ in range(6):
         for a, b in zip(first, grads()):
             assert np.array_equal(a, b)
+
+
+SUBDOMAINS = [
+    # domain, local query range per axis (start, length), kernel, stride, dilation, causal
+    ((40,), [(11, 9)], (5,), (1,), (1,), (False,)),
+    ((40,), [(0, 7)], (4,), (2,), (3,), (True,)),
+    ((13, 17), [(4, 5), (9, 8)], (3, 5), (1, 2), (2, 1), (False, True)),
+    ((6, 9, 10), [(1, 3), (0, 9), (5, 5)], (3, 3, 4), (1, 1, 2), (1, 2, 1), (False, False, False)),
+]
+
+
+@pytest.mark.parametrize("case", SUBDOMAINS, ids=[str(c[0]) for c in SUBDOMAINS])
+def test_subdomain_matches_the_full_problem(case):
+    domain, ranges, K, S, Dl, C = case
+    rng = np.random.default_rng(len(domain) * 7 + ranges[0][0])
+    q, k, v = _qkv(rng, shape=(2, *domain), heads=4, kv_heads=2, dim=4)
+    rpb = None if any(C) else rng.standard_normal((4, *[2 * x - 1 for x in K]))
+    geo = dict(kernel_size=K, stride=S, dilation=Dl, is_causal=C)
+    ro, rl = oracle.na_forward(q, k, v, **geo, rpb=rpb)
+    qsl, ksl, koff = [], [], []
+    for a, (start, length) in enumerate(ranges):
+        lo, hi = domain[a], -1
+        for i in range(start, start + length):
+            g, s0, e0 = oracle.axis_window(i, domain[a], K[a], S[a], Dl[a], C[a])
+            lo, hi = min(lo, g + Dl[a] * s0), max(hi, g + Dl[a] * e0)
+        qsl.append(slice(start, start + length))
+        ksl.append(slice(lo, hi + 1))
+        koff.append(lo)
+    qi = (slice(None), *qsl)
+    ki = (slice(None), *ksl)
+    args = [_f32(q[qi]), _f32(k[ki]), _f32(v[ki]), None, None, None if rpb is None else _f32(rpb)]
+    sub = dict(domain=list(domain), query_offset=[r[0] for r in ranges], kv_offset=koff)
+    win = {n: list(x) for n, x in geo.items()}
+    out, lse = ext.fused_forward(*args, **win, **sub)
+    assert np.abs(np.array(out) - ro[qi]).max() < 1e-5 and np.abs(np.array(lse) - rl[qi]).max() < 1e-5
+    dout = rng.standard_normal(ro[qi].shape)
+    present = [0, 1, 2] + ([5] if rpb is not None else [])
+
+    def loss(*xs):
+        a = list(args)
+        for i, x in zip(present, xs):
+            a[i] = x
+        return (ext.fused_forward(*a, **win, **sub)[0] * _f32(dout)).sum()
+
+    grads = mx.grad(loss, argnums=tuple(range(len(present))))(*[args[i] for i in present])
+    full_dout = np.zeros(ro.shape)
+    full_dout[qi] = dout
+    want = oracle.na_backward(q, k, v, **geo, rpb=rpb, dout=full_dout)
+    assert np.abs(np.array(grads[0]) - want["q"][qi]).max() < 1e-4
+    assert np.abs(np.array(grads[1]) - want["k"][ki]).max() < 1e-4
+    assert np.abs(np.array(grads[2]) - want["v"][ki]).max() < 1e-4
+    if rpb is not None:
+        assert np.abs(np.array(grads[3]) - want["rpb"]).max() < 1e-4
+    # a slab one key too short on either side is refused with the reason
+    bad = dict(sub, kv_offset=[o + 1 for o in koff])
+    with pytest.raises(ValueError, match="key slab|domain"):
+        ext.fused_forward(*args, **win, **bad)

@@ -17,9 +17,11 @@ NB_MODULE(_ext, m) {
   m.attr("MLX_VERSION") = NA_MLX_VERSION;
   m.def("fused_forward", &na::op_fused_forward, "query"_a, "key"_a, "value"_a, "additional_keys"_a = nb::none(),
         "additional_values"_a = nb::none(), "rpb"_a = nb::none(), nb::kw_only(), "kernel_size"_a, "stride"_a,
-        "dilation"_a, "is_causal"_a, "scale"_a = nb::none(), "stream"_a = nb::none(),
+        "dilation"_a, "is_causal"_a, "scale"_a = nb::none(), "domain"_a = nb::none(), "query_offset"_a = nb::none(),
+        "kv_offset"_a = nb::none(), "stream"_a = nb::none(),
         "q [B, *spatial, H, D], k [B, *spatial, H_kv, D], v [B, *spatial, H_kv, D_v] -> "
-        "[out [B, *spatial, H, D_v], lse [B, *spatial, H] float32]");
+        "[out [B, *spatial, H, D_v], lse [B, *spatial, H] float32]; with domain/query_offset/kv_offset "
+        "(sub-domain, sharded attention) k and v hold the key slab [B, *kv_spatial, H_kv, D]");
   m.def("qk_forward", &na::op_qk_forward, "query"_a, "key"_a, "additional_keys"_a = nb::none(), "rpb"_a = nb::none(),
         nb::kw_only(), "kernel_size"_a, "stride"_a, "dilation"_a, "is_causal"_a, "scale"_a = nb::none(),
         "stream"_a = nb::none(), "scores [B, *spatial, H, prod(kernel_size) (+N_extra)]; invalid causal slots -inf");

@@ -172,7 +172,7 @@ struct Plan {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-int max_group_len(const Geo& g, int a) { return na_group_len(g.L[a], g.Dl[a], 0); }
+int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 0); }
 
 Plan make_plan(const Geo& g, int vw) {
   // per-query cost of a tile shape: GEMM rows are computed in blocks of ~6, every row of the tile
@@ -221,17 +221,25 @@ Plan make_plan(const Geo& g, int vw) {
     for (int g1 = 0; g1 < g.Dl[1]; ++g1)
       for (int g2 = 0; g2 < g.Dl[2]; ++g2) {
         int gs[3] = {g0, g1, g2};
-        int lg[3];
-        for (int a = 0; a < 3; ++a) lg[a] = na_group_len(g.L[a], g.Dl[a], gs[a]);
-        for (int c0 = 0; c0 < lg[0]; c0 += bt[0])
-          for (int c1 = 0; c1 < lg[1]; c1 += bt[1])
-            for (int c2 = 0; c2 < lg[2]; c2 += bt[2]) {
+        int lo[3], hi[3];  // in-group coordinates of this group's local queries
+        bool empty = false;
+        for (int a = 0; a < 3; ++a) {
+          const int first = g.qoff[a] - gs[a], last = g.qoff[a] + g.L[a] - 1 - gs[a];
+          if (last < 0) empty = true;
+          lo[a] = first <= 0 ? 0 : (first + g.Dl[a] - 1) / g.Dl[a];
+          hi[a] = last < 0 ? -1 : last / g.Dl[a];
+          if (hi[a] < lo[a]) empty = true;
+        }
+        if (empty) continue;
+        for (int c0 = lo[0]; c0 <= hi[0]; c0 += bt[0])
+          for (int c1 = lo[1]; c1 <= hi[1]; c1 += bt[1])
+            for (int c2 = lo[2]; c2 <= hi[2]; c2 += bt[2]) {
               Tile t;
               int cs[3] = {c0, c1, c2};
               for (int a = 0; a < 3; ++a) {
                 t.g[a] = gs[a];
                 t.c0[a] = cs[a];
-                t.c1[a] = std::min(cs[a] + bt[a], lg[a]) - 1;
+                t.c1[a] = std::min(cs[a] + bt[a] - 1, hi[a]);
               }
               p.tiles.push_back(t);
             }
@@ -261,7 +269,7 @@ struct TileGeo {
     T = 1;
     Nbox = 1;
     for (int a = 0; a < 3; ++a) {
-      int lg = na_group_len(g.L[a], g.Dl[a], t.g[a]);
+      int lg = na_group_len(g.dom[a], g.Dl[a], t.g[a]);
       kb[a] = na_tile_key_begin(t.c0[a], lg, g.K[a], g.S[a], g.C[a]);
       nk[a] = na_tile_key_end(t.c1[a], lg, g.K[a], g.S[a], g.C[a]) - kb[a];
       tq[a] = t.c1[a] - t.c0[a] + 1;
@@ -271,13 +279,15 @@ struct TileGeo {
     Ncol = Nbox + g.E;
     NP = round_up(Ncol, vw);
     const int64_t st1 = g.L[2], st0 = static_cast<int64_t>(g.L[1]) * g.L[2];
+    const int64_t kst1 = g.Lk[2], kst0 = static_cast<int64_t>(g.Lk[1]) * g.Lk[2];
     ktok.resize(Nbox);
     int64_t j = 0;
     for (int i0 = 0; i0 < nk[0]; ++i0)
       for (int i1 = 0; i1 < nk[1]; ++i1)
         for (int i2 = 0; i2 < nk[2]; ++i2)
-          ktok[j++] = static_cast<int64_t>((kb[0] + i0) * g.Dl[0] + t.g[0]) * st0 +
-                      static_cast<int64_t>((kb[1] + i1) * g.Dl[1] + t.g[1]) * st1 + (kb[2] + i2) * g.Dl[2] + t.g[2];
+          ktok[j++] = static_cast<int64_t>((kb[0] + i0) * g.Dl[0] + t.g[0] - g.koff[0]) * kst0 +
+                      static_cast<int64_t>((kb[1] + i1) * g.Dl[1] + t.g[1] - g.koff[1]) * kst1 +
+                      ((kb[2] + i2) * g.Dl[2] + t.g[2] - g.koff[2]);
     rowtok.resize(Nbox / nk[2]);
     for (int64_t r = 0; r < Nbox / nk[2]; ++r) rowtok[r] = ktok[r * nk[2]];
     qtok.resize(T);
@@ -292,11 +302,11 @@ struct TileGeo {
           int64_t tok = 0;
           const int64_t st[3] = {st0, st1, 1};
           for (int a = 0; a < 3; ++a) {
-            int lg = na_group_len(g.L[a], g.Dl[a], t.g[a]);
+            int lg = na_group_len(g.dom[a], g.Dl[a], t.g[a]);
             qc[q * 3 + a] = c[a];
             ws[q * 3 + a] = na_window_start(c[a], lg, g.K[a], g.S[a], g.C[a]) - kb[a];
             we[q * 3 + a] = na_window_end(c[a], lg, g.K[a], g.S[a], g.C[a]) - kb[a];
-            tok += static_cast<int64_t>(c[a] * g.Dl[a] + t.g[a]) * st[a];
+            tok += static_cast<int64_t>(c[a] * g.Dl[a] + t.g[a] - g.qoff[a]) * st[a];
           }
           qtok[q] = tok;
         }
@@ -326,11 +336,11 @@ void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const f
                  float* KT) {
   const int64_t rows = tg.Nbox / tg.nk[2], nk2 = tg.nk[2], d2 = g.Dl[2];
   if (d2 == 1) {
-    kt.pack_kt(KT, tg.NP, kT, g.N, tg.rowtok.data(), rows, static_cast<int>(nk2), g.D);
+    kt.pack_kt(KT, tg.NP, kT, g.Nk, tg.rowtok.data(), rows, static_cast<int>(nk2), g.D);
   } else {
     for (int64_t d = 0; d < g.D; ++d) {
       float* dst = KT + d * tg.NP;
-      const float* src = kT + d * g.N;
+      const float* src = kT + d * g.Nk;
       for (int64_t r = 0; r < rows; ++r) {
         const float* s = src + tg.ktok[r * nk2];
         float* o = dst + r * nk2;
@@ -396,13 +406,13 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
   Plan plan = make_plan(g, kt.vw);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
-  const float* kT = transpose_slices(a.k, slices, g.N, g.D);
+  const float* kT = transpose_slices(a.k, slices, g.Nk, g.D);
   const float* ekT = g.E ? transpose_slices(a.ek, slices, g.E, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
   // tiles of a slice whose values are all finite skip the per-tile check
   std::vector<char> v_finite(slices);
   parallel_for(slices, [&](int64_t sl) {
-    v_finite[sl] = kt.all_finite(a.v + sl * g.N * g.Dv, g.N * g.Dv) &&
+    v_finite[sl] = kt.all_finite(a.v + sl * g.Nk * g.Dv, g.Nk * g.Dv) &&
                    (!g.E || kt.all_finite(a.ev + sl * g.E * g.Dv, g.E * g.Dv));
   });
   parallel_for(slices * ntiles, [&](int64_t item) {
@@ -422,7 +432,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       }
     }
     float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-    pack_keys_t(kt, g, tg, kT + slice * g.N * D, g.E ? ekT + slice * g.E * D : nullptr, KT);
+    pack_keys_t(kt, g, tg, kT + slice * g.Nk * D, g.E ? ekT + slice * g.E * D : nullptr, KT);
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
@@ -453,7 +463,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       inv[r] = 1.f / sum;
     }
     float* Vp = grow(w.vp, NP * Dv);
-    pack_rows(g, tg, Dv, a.v + slice * g.N * Dv, g.E ? a.ev + slice * g.E * Dv : nullptr, Vp);
+    pack_rows(g, tg, Dv, a.v + slice * g.Nk * Dv, g.E ? a.ev + slice * g.E * Dv : nullptr, Vp);
     if (v_finite[slice] || kt.all_finite(Vp, tg.Ncol * Dv)) {
       kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
     } else {
@@ -485,23 +495,23 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   const KernelTable& kt = select_kernels();
   Plan plan = make_plan(g, kt.vw);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
-  const int64_t D = g.D, Dv = g.Dv, N = g.N, E = g.E;
+  const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
   const int nthr = num_threads();
   // key/value gradients are sums over tiles: a slice's tiles are split among `splits` tasks, each
   // with its own accumulators (split 0 writes the outputs directly), added up afterwards
   const int64_t splits = slices >= nthr ? 1 : std::min<int64_t>(ntiles, (nthr + slices - 1) / slices);
   const int64_t ntasks = slices * splits;
-  const int64_t acc_size = N * (D + Dv) + E * (D + Dv);
+  const int64_t acc_size = Nk * (D + Dv) + E * (D + Dv);
   float* priv = splits > 1 ? scratch(static_cast<size_t>((splits - 1) * slices * acc_size), true) : nullptr;
   // each task's rpb accumulator is followed by vector slack: the padded adds write whole vectors back
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
-  const float* kT = transpose_slices(a.k, slices, N, D);
+  const float* kT = transpose_slices(a.k, slices, Nk, D);
   const float* ekT = E ? transpose_slices(a.ek, slices, E, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * N * D);
-  std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * N * Dv);
+  std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
+  std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
   if (E) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
@@ -509,7 +519,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   std::vector<char> slice_finite(slices);
   parallel_for(slices, [&](int64_t sl) {
     const int64_t b = sl / g.Hkv, hk = sl % g.Hkv;
-    bool ok = kt.all_finite(a.k + sl * N * D, N * D) && (!E || kt.all_finite(a.ek + sl * E * D, E * D));
+    bool ok = kt.all_finite(a.k + sl * Nk * D, Nk * D) && (!E || kt.all_finite(a.ek + sl * E * D, E * D));
     for (int64_t gg = 0; ok && gg < g.G; ++gg) {
       const int64_t h = hk * g.G + gg;
       ok = kt.all_finite(a.q + (b * g.H + h) * N * D, N * D) && kt.all_finite(a.dout + (b * g.H + h) * N * Dv, N * Dv);
@@ -520,15 +530,15 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
     if (split == 0) {
-      acck = a.dk + slice * N * D;
-      accv = a.dv + slice * N * Dv;
+      acck = a.dk + slice * Nk * D;
+      accv = a.dv + slice * Nk * Dv;
       accek = E ? a.dek + slice * E * D : nullptr;
       accev = E ? a.dev + slice * E * Dv : nullptr;
     } else {
       float* base = priv + ((split - 1) * slices + slice) * acc_size;
       acck = base;
-      accv = base + N * D;
-      accek = base + N * (D + Dv);
+      accv = base + Nk * D;
+      accek = base + Nk * (D + Dv);
       accev = accek + E * D;
     }
     float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
@@ -553,14 +563,14 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         lrow[r] = a.lse[row];
         dl[r] = a.dlse ? a.dlse[row] : 0.f;
       }
-      const float* kslice = a.k + slice * N * D;
+      const float* kslice = a.k + slice * Nk * D;
       const float* ekslice = E ? a.ek + slice * E * D : nullptr;
       float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-      pack_keys_t(kt, g, tg, kT + slice * N * D, E ? ekT + slice * E * D : nullptr, KT);
+      pack_keys_t(kt, g, tg, kT + slice * Nk * D, E ? ekT + slice * E * D : nullptr, KT);
       float* Kp = grow(w.kp, NP * D);
       pack_rows(g, tg, D, kslice, ekslice, Kp);
       float* Vp = grow(w.vp, NP * Dv);
-      pack_rows(g, tg, Dv, a.v + slice * N * Dv, E ? a.ev + slice * E * Dv : nullptr, Vp);
+      pack_rows(g, tg, Dv, a.v + slice * Nk * Dv, E ? a.ev + slice * E * Dv : nullptr, Vp);
       float* VT = grow(w.vt, Dv * NP);
       transpose(Vp, NP, Dv, Dv, VT, NP);
       float* S = grow(w.s, M * NP + kt.vw);
@@ -636,11 +646,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     parallel_for(slices, [&](int64_t slice) {
       for (int64_t s = 1; s < splits; ++s) {
         const float* base = priv + ((s - 1) * slices + slice) * acc_size;
-        kt.axpy(a.dk + slice * N * D, 1.f, base, static_cast<int>(N * D));
-        kt.axpy(a.dv + slice * N * Dv, 1.f, base + N * D, static_cast<int>(N * Dv));
+        kt.axpy(a.dk + slice * Nk * D, 1.f, base, static_cast<int>(Nk * D));
+        kt.axpy(a.dv + slice * Nk * Dv, 1.f, base + Nk * D, static_cast<int>(Nk * Dv));
         if (E) {
-          kt.axpy(a.dek + slice * E * D, 1.f, base + N * (D + Dv), static_cast<int>(E * D));
-          kt.axpy(a.dev + slice * E * Dv, 1.f, base + N * (D + Dv) + E * D, static_cast<int>(E * Dv));
+          kt.axpy(a.dek + slice * E * D, 1.f, base + Nk * (D + Dv), static_cast<int>(E * D));
+          kt.axpy(a.dev + slice * E * Dv, 1.f, base + Nk * (D + Dv) + E * D, static_cast<int>(E * Dv));
         }
       }
     });
@@ -671,9 +681,10 @@ struct Slots {
     x[0] = static_cast<int>(n / (static_cast<int64_t>(g.L[1]) * g.L[2]));
     int c[3], gr[3], st[3];
     for (int a = 0; a < 3; ++a) {
-      gr[a] = x[a] % g.Dl[a];
-      c[a] = x[a] / g.Dl[a];
-      st[a] = na_window_start(c[a], na_group_len(g.L[a], g.Dl[a], gr[a]), g.K[a], g.S[a], g.C[a]);
+      const int gi = x[a] + g.qoff[a];  // global coordinate
+      gr[a] = gi % g.Dl[a];
+      c[a] = gi / g.Dl[a];
+      st[a] = na_window_start(c[a], na_group_len(g.dom[a], g.Dl[a], gr[a]), g.K[a], g.S[a], g.C[a]);
     }
     int64_t s = 0;
     for (int j0 = 0; j0 < g.K[0]; ++j0)
@@ -685,7 +696,7 @@ struct Slots {
           for (int a = 0; a < 3; ++a) {
             int kc = st[a] + j[a];
             if (g.C[a] && kc > c[a]) valid = false;
-            t = t * g.L[a] + static_cast<int64_t>(kc) * g.Dl[a] + gr[a];
+            t = t * g.Lk[a] + static_cast<int64_t>(kc) * g.Dl[a] + gr[a] - g.koff[a];
             r = r * g.R[a] + (kc - c[a] + g.K[a] - 1);
           }
           tok[s] = valid ? t : -1;
@@ -706,7 +717,7 @@ void qk_forward(const Geo& g, const float* q, const float* k, const float* ek, c
     for (int64_t h = 0; h < g.H; ++h) {
       const int64_t hk = h / g.G;
       const float* qr = q + ((b * g.H + h) * g.N + n) * D;
-      const float* ks = k + (b * g.Hkv + hk) * g.N * D;
+      const float* ks = k + (b * g.Hkv + hk) * g.Nk * D;
       float* out = scores + ((b * g.H + h) * g.N + n) * W;
       for (int64_t s = 0; s < g.Kt; ++s) {
         if (sl.tok[s] < 0) {
@@ -727,12 +738,12 @@ void qk_backward(const Geo& g, const float* q, const float* k, const float* ek, 
                  float* dek, float* drpb) {
   const KernelTable& kt = select_kernels();
   const int64_t W = g.Kt + g.E, D = g.D, slices = g.B * g.Hkv;
-  std::memset(dk, 0, sizeof(float) * slices * g.N * D);
+  std::memset(dk, 0, sizeof(float) * slices * g.Nk * D);
   if (g.E) std::memset(dek, 0, sizeof(float) * slices * g.E * D);
   std::vector<float> racc(drpb ? static_cast<size_t>(slices * g.G * g.Rtot) : 0, 0.f);
   parallel_for(slices, [&](int64_t slice) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
-    const float* ks = k + slice * g.N * D;
+    const float* ks = k + slice * g.Nk * D;
     Slots sl;
     for (int64_t n = 0; n < g.N; ++n) {
       sl.build(g, n);
@@ -745,7 +756,7 @@ void qk_backward(const Geo& g, const float* q, const float* k, const float* ek, 
         for (int64_t s = 0; s < g.Kt; ++s) {
           if (sl.tok[s] < 0) continue;
           kt.axpy(dqr, dr[s] * g.scale, ks + sl.tok[s] * D, static_cast<int>(D));
-          kt.axpy(dk + (slice * g.N + sl.tok[s]) * D, dr[s] * g.scale, qr, static_cast<int>(D));
+          kt.axpy(dk + (slice * g.Nk + sl.tok[s]) * D, dr[s] * g.scale, qr, static_cast<int>(D));
           if (drpb) racc[(slice * g.G + gg) * g.Rtot + sl.rpb[s]] += dr[s];
         }
         for (int64_t e = 0; e < g.E; ++e) {
@@ -774,7 +785,7 @@ void av_forward(const Geo& g, const float* attn, const float* v, const float* ev
     for (int64_t h = 0; h < g.H; ++h) {
       const int64_t hk = h / g.G, row = (b * g.H + h) * g.N + n;
       const float* ar = attn + row * W;
-      const float* vs = v + (b * g.Hkv + hk) * g.N * Dv;
+      const float* vs = v + (b * g.Hkv + hk) * g.Nk * Dv;
       float* o = out + row * Dv;
       std::memset(o, 0, sizeof(float) * Dv);
       for (int64_t s = 0; s < g.Kt; ++s)
@@ -789,11 +800,11 @@ void av_backward(const Geo& g, const float* attn, const float* v, const float* e
                  float* dv, float* dev) {
   const KernelTable& kt = select_kernels();
   const int64_t W = g.Kt + g.E, Dv = g.Dv, slices = g.B * g.Hkv;
-  std::memset(dv, 0, sizeof(float) * slices * g.N * Dv);
+  std::memset(dv, 0, sizeof(float) * slices * g.Nk * Dv);
   if (g.E) std::memset(dev, 0, sizeof(float) * slices * g.E * Dv);
   parallel_for(slices, [&](int64_t slice) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
-    const float* vs = v + slice * g.N * Dv;
+    const float* vs = v + slice * g.Nk * Dv;
     Slots sl;
     for (int64_t n = 0; n < g.N; ++n) {
       sl.build(g, n);
@@ -808,7 +819,7 @@ void av_backward(const Geo& g, const float* attn, const float* v, const float* e
             continue;
           }
           da[s] = kt.dot(dor, vs + sl.tok[s] * Dv, static_cast<int>(Dv));
-          kt.axpy(dv + (slice * g.N + sl.tok[s]) * Dv, ar[s], dor, static_cast<int>(Dv));
+          kt.axpy(dv + (slice * g.Nk + sl.tok[s]) * Dv, ar[s], dor, static_cast<int>(Dv));
         }
         for (int64_t e = 0; e < g.E; ++e) {
           const float* evr = ev + (slice * g.E + e) * Dv;

@@ -13,7 +13,12 @@ namespace na {
 struct Geo {
   int L[3], K[3], S[3], Dl[3];
   bool C[3];
-  int64_t N;  // L0 * L1 * L2
+  int64_t N;  // L0 * L1 * L2 query tokens
+  // Sub-domains (sharded attention): the windows follow the global axis lengths dom; local query i
+  // is global i + qoff, local key j is global j + koff, and the key slab has shape Lk (Nk tokens).
+  // A plain problem has dom = Lk = L and zero offsets.
+  int Lk[3], dom[3], qoff[3], koff[3];
+  int64_t Nk;
   int64_t B, H, Hkv, G, D, Dv, E;
   int64_t R[3], Rtot;  // rpb extent per axis (2K-1) and in all
   int64_t Kt;          // K0 * K1 * K2 slots per query (split ops)

@@ -15,13 +15,16 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/types/half_types.h"
+#include "natten_mlx/window.h"
 
 namespace na {
 
 bool Config::operator==(const Config& o) const {
-  if (nd != o.nd || scale != o.scale || extra != o.extra || rpb != o.rpb) return false;
+  if (nd != o.nd || scale != o.scale || extra != o.extra || rpb != o.rpb || sub != o.sub) return false;
   for (int a = 0; a < 3; ++a)
-    if (K[a] != o.K[a] || S[a] != o.S[a] || Dl[a] != o.Dl[a] || C[a] != o.C[a]) return false;
+    if (K[a] != o.K[a] || S[a] != o.S[a] || Dl[a] != o.Dl[a] || C[a] != o.C[a] || dom[a] != o.dom[a] ||
+        qoff[a] != o.qoff[a] || koff[a] != o.koff[a])
+      return false;
   return true;
 }
 
@@ -73,17 +76,23 @@ Geo geo_of(OpKind kind, const Config& c, const std::vector<mx::array>& in) {
   const int off = 3 - c.nd;
   for (int a = 0; a < 3; ++a) {
     g.L[a] = 1, g.K[a] = 1, g.S[a] = 1, g.Dl[a] = 1, g.C[a] = false;
+    g.Lk[a] = 1, g.dom[a] = 1, g.qoff[a] = 0, g.koff[a] = 0;
   }
   const mx::array& lead = s.q >= 0 ? in[s.q] : in[s.attn];
   const mx::array& kv = s.k >= 0 ? in[s.k] : in[s.v];
   for (int a = 0; a < c.nd; ++a) {
     g.L[off + a] = lead.shape(1 + a);
+    g.Lk[off + a] = kv.shape(1 + a);
+    g.dom[off + a] = c.sub ? c.dom[a] : lead.shape(1 + a);
+    g.qoff[off + a] = c.sub ? c.qoff[a] : 0;
+    g.koff[off + a] = c.sub ? c.koff[a] : 0;
     g.K[off + a] = c.K[a];
     g.S[off + a] = c.S[a];
     g.Dl[off + a] = c.Dl[a];
     g.C[off + a] = c.C[a];
   }
   g.N = static_cast<int64_t>(g.L[0]) * g.L[1] * g.L[2];
+  g.Nk = static_cast<int64_t>(g.Lk[0]) * g.Lk[1] * g.Lk[2];
   g.B = lead.shape(0);
   g.H = lead.shape(-2);
   g.Hkv = kv.shape(-2);
@@ -239,8 +248,8 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
                                 dl.data(), dq.data(), dk.data(), dv.data(), dek.data(), dev.data(), drpb.data()});
       int i = 0;
       scatter(dq, g.B, g.N, g.H, g.D, true, out[i++]);
-      scatter(dk, g.B, g.N, g.Hkv, g.D, true, out[i++]);
-      scatter(dv, g.B, g.N, g.Hkv, g.Dv, true, out[i++]);
+      scatter(dk, g.B, g.Nk, g.Hkv, g.D, true, out[i++]);
+      scatter(dv, g.B, g.Nk, g.Hkv, g.Dv, true, out[i++]);
       if (c.extra) {
         scatter(dek, g.B, g.E, g.Hkv, g.D, true, out[i++]);
         scatter(dev, g.B, g.E, g.Hkv, g.Dv, true, out[i++]);
@@ -261,7 +270,7 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
                   c.rpb ? drpb.data() : nullptr);
       int i = 0;
       scatter(dq, g.B, g.N, g.H, g.D, true, out[i++]);
-      scatter(dk, g.B, g.N, g.Hkv, g.D, true, out[i++]);
+      scatter(dk, g.B, g.Nk, g.Hkv, g.D, true, out[i++]);
       if (c.extra) scatter(dek, g.B, g.E, g.Hkv, g.D, true, out[i++]);
       if (c.rpb) scatter(drpb, 1, g.Rtot, g.H, 1, false, out[i++]);
       break;
@@ -279,7 +288,7 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
       av_backward(g, attn.data(), v.data(), pev, dout.data(), da.data(), dv.data(), dev.data());
       int i = 0;
       scatter(da, g.B, g.N, g.H, g.Kt + g.E, true, out[i++]);
-      scatter(dv, g.B, g.N, g.Hkv, g.Dv, true, out[i++]);
+      scatter(dv, g.B, g.Nk, g.Hkv, g.Dv, true, out[i++]);
       if (c.extra) scatter(dev, g.B, g.E, g.Hkv, g.Dv, true, out[i++]);
       break;
     }
@@ -518,9 +527,12 @@ std::vector<mx::array> op_fused_forward(const mx::array& q, const mx::array& k, 
                                      const Opt& ev, const Opt& rpb, const std::vector<int>& kernel_size,
                                      const std::vector<int>& stride, const std::vector<int>& dilation,
                                      const std::vector<bool>& is_causal, std::optional<double> scale,
-                                     mx::StreamOrDevice s) {
+                                     const std::optional<std::vector<int>>& domain,
+                                     const std::optional<std::vector<int>>& query_offset,
+                                     const std::optional<std::vector<int>>& kv_offset, mx::StreamOrDevice s) {
   const int rank = static_cast<int>(q.ndim());
   const char* layout = "[B, *spatial, H, D]";
+  const bool sub = domain.has_value() || query_offset.has_value() || kv_offset.has_value();
   check_float("query", q);
   check_float("key", k);
   check_float("value", v);
@@ -528,12 +540,43 @@ std::vector<mx::array> op_fused_forward(const mx::array& q, const mx::array& k, 
   check_rank("key", k, rank, layout);
   check_rank("value", v, rank, layout);
   const int nd = rank - 3;
-  check_same("batch and spatial shape", q, "query", k, "key", nd + 1);
-  check_same("batch and spatial shape", q, "query", v, "value", nd + 1);
+  check_same("batch", q, "query", k, "key", 1);
+  check_same("batch and spatial shape", k, "key", v, "value", nd + 1);
+  if (!sub) check_same("batch and spatial shape", q, "query", k, "key", nd + 1);
   if (k.shape(-1) != q.shape(-1)) fail("key head dim differs from query head dim");
   if (k.shape(-2) != v.shape(-2)) fail("key and value need the same number of heads H_kv");
   if (q.shape(-2) % k.shape(-2) != 0) fail("H % H_kv must be 0 (query " + shape_str(q) + ", key " + shape_str(k) + ")");
-  Config c = make_config(nd, kernel_size, stride, dilation, is_causal, q);
+  Config c;
+  if (sub) {
+    if (!domain || !query_offset || !kv_offset) fail("a sub-domain call needs domain, query_offset and kv_offset");
+    for (const auto* x : {&*domain, &*query_offset, &*kv_offset})
+      if (static_cast<int>(x->size()) != nd) fail("domain, query_offset and kv_offset need one entry per spatial axis");
+    // the window rules apply to the global domain: validate the geometry against it
+    mx::Shape gshape = q.shape();
+    for (int a = 0; a < nd; ++a) gshape[1 + a] = (*domain)[a];
+    c = make_config(nd, kernel_size, stride, dilation, is_causal, mx::zeros(gshape, mx::float32));
+    c.sub = true;
+    for (int a = 0; a < nd; ++a) {
+      const int L = (*domain)[a], qo = (*query_offset)[a], ko = (*kv_offset)[a];
+      const int lq = q.shape(1 + a), lk = k.shape(1 + a);
+      if (qo < 0 || ko < 0 || qo + lq > L || ko + lk > L)
+        fail("sub-domain axis " + std::to_string(a) + ": queries [" + std::to_string(qo) + ", " + std::to_string(qo + lq) +
+             ") and keys [" + std::to_string(ko) + ", " + std::to_string(ko + lk) + ") must lie in the domain [0, " +
+             std::to_string(L) + ")");
+      // every window of the local queries must lie in the key slab
+      for (int i = qo; i < qo + lq; ++i) {
+        const int first = na_key_first(i, L, c.K[a], c.S[a], c.Dl[a], c.C[a]);
+        const int last = first + (na_key_count(i, L, c.K[a], c.S[a], c.Dl[a], c.C[a]) - 1) * c.Dl[a];
+        if (first < ko || last >= ko + lk)
+          fail("sub-domain axis " + std::to_string(a) + ": the window of global query " + std::to_string(i) +
+               " needs keys [" + std::to_string(first) + ", " + std::to_string(last + 1) + ") outside the key slab [" +
+               std::to_string(ko) + ", " + std::to_string(ko + lk) + ")");
+      }
+      c.dom[a] = L, c.qoff[a] = qo, c.koff[a] = ko;
+    }
+  } else {
+    c = make_config(nd, kernel_size, stride, dilation, is_causal, q);
+  }
   c.scale = scale_of(scale, q.shape(-1));
   std::vector<mx::array> ins = {q, k, v};
   if (ek.has_value() != ev.has_value()) fail("additional_keys and additional_values come in pairs");

@@ -20,6 +20,9 @@ struct Config {
   bool C[3];
   float scale;
   bool extra, rpb;
+  // sub-domain (sharded) problems: global axis lengths and the offsets of local query/key 0
+  bool sub;
+  int dom[3], qoff[3], koff[3];
   bool operator==(const Config& o) const;
 };
 
@@ -51,7 +54,9 @@ std::vector<mx::array> op_fused_forward(const mx::array& q, const mx::array& k, 
                                      const Opt& ev, const Opt& rpb, const std::vector<int>& kernel_size,
                                      const std::vector<int>& stride, const std::vector<int>& dilation,
                                      const std::vector<bool>& is_causal, std::optional<double> scale,
-                                     mx::StreamOrDevice s);
+                                     const std::optional<std::vector<int>>& domain,
+                                     const std::optional<std::vector<int>>& query_offset,
+                                     const std::optional<std::vector<int>>& kv_offset, mx::StreamOrDevice s);
 mx::array op_qk_forward(const mx::array& q, const mx::array& k, const Opt& ek, const Opt& rpb,
                      const std::vector<int>& kernel_size, const std::vector<int>& stride,
                      const std::vector<int>& dilation, const std::vector<bool>& is_causal,

@@ -2,7 +2,7 @@
 
 Protocol v2 (docs/protocol-v2.md): ``differentiation = "primitive"``: the ops return outputs of MLX
 primitives whose ``vjp`` is the compiled backward, so the core calls them directly. Serves CPU streams
-only; refuses sub-domain (sharded) problems.
+only; serves sub-domain (sharded) problems of the fused op.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class NanobindBackend:
             device = "cpu" if mx.default_device() == mx.cpu else "gpu"
         if device != "cpu":
             return f"serves CPU streams only (this call runs on {device!r}; the cuda/metal tiers serve GPU streams)"
-        if getattr(problem, "is_subdomain", False):
-            return "sub-domain problems (sharded attention) are not implemented"
+        if getattr(problem, "is_subdomain", False) and problem.op != "fused":
+            return "sub-domain problems of the split ops are not implemented (the fused op serves them)"
         if problem.dtype not in _FLOATS:
             return f"dtype {problem.dtype} is not served (float32, float16, bfloat16)"
         sizes = [problem.batch, problem.heads, problem.kv_heads, *problem.spatial]
@@ -63,8 +63,11 @@ class NanobindBackend:
 
     def fused_forward(self, problem, query, key, value, additional_keys=None, additional_values=None, rpb=None):
         """``(out [B, *spatial, H, Dv] in the input dtype, lse [B, *spatial, H] float32)``; lse always."""
+        sub = {}
+        if getattr(problem, "is_subdomain", False):
+            sub = dict(domain=list(problem.domain), query_offset=list(problem.query_offset), kv_offset=list(problem.kv_offset))
         out, lse = extension().fused_forward(
-            query, key, value, additional_keys, additional_values, rpb, scale=problem.scale, **self._window(problem)
+            query, key, value, additional_keys, additional_values, rpb, scale=problem.scale, **self._window(problem), **sub
         )
         return out, lse
 
