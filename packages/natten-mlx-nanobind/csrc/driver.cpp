@@ -263,6 +263,9 @@ struct TileGeo {
   int64_t T, Nbox, Ncol, NP;
   std::vector<int64_t> qtok, ktok, rowtok;  // rowtok: first key token of each box row (last axis)
   std::vector<int> qc, ws, we;  // per query and axis: group coordinate, box-local window [ws, we)
+  // per column: box coordinates (padding columns get coordinates no window holds) and whether it is
+  // an extra key (valid for every query)
+  std::vector<int> colc[3], always;
 
   void build(const Geo& g, const Tile& t, int vw) {
     int tq[3];
@@ -288,6 +291,15 @@ struct TileGeo {
           ktok[j++] = static_cast<int64_t>((kb[0] + i0) * g.Dl[0] + t.g[0] - g.koff[0]) * kst0 +
                       static_cast<int64_t>((kb[1] + i1) * g.Dl[1] + t.g[1] - g.koff[1]) * kst1 +
                       ((kb[2] + i2) * g.Dl[2] + t.g[2] - g.koff[2]);
+    for (int a = 0; a < 3; ++a) colc[a].assign(NP, -(1 << 30));
+    always.assign(NP, 0);
+    {
+      int64_t jj = 0;
+      for (int i0 = 0; i0 < nk[0]; ++i0)
+        for (int i1 = 0; i1 < nk[1]; ++i1)
+          for (int i2 = 0; i2 < nk[2]; ++i2, ++jj) colc[0][jj] = i0, colc[1][jj] = i1, colc[2][jj] = i2;
+      for (int64_t e = 0; e < g.E; ++e) always[Nbox + e] = -1;
+    }
     rowtok.resize(Nbox / nk[2]);
     for (int64_t r = 0; r < Nbox / nk[2]; ++r) rowtok[r] = ktok[r * nk[2]];
     qtok.resize(T);
@@ -436,29 +448,37 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
-    std::memset(P, 0, sizeof(float) * M * NP);
+    if (g.has_rpb) std::memset(P, 0, sizeof(float) * M * NP);
     float* O = grow(w.o, M * (Dv + 2));
     float* mrow = O + M * Dv;  // lse per row
     float* inv = mrow + M;
+    const int* cc[3] = {tg.colc[0].data(), tg.colc[1].data(), tg.colc[2].data()};
     for (int64_t r = 0; r < M; ++r) {
       const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
       float* srow = S + r * NP;
       float* prow = P + r * NP;
-      const float* rp = g.has_rpb ? rpbp + h * g.Rtot : nullptr;
-      float m = -INFINITY;
-      tg.runs(g, q, [&](int64_t off, int len, int64_t ri) {
-        if (rp) kt.add_pad(srow + off, rp + ri, len);
-        float mm = kt.row_max(srow + off, len);
-        m = mm > m ? mm : m;
-      });
-      if (g.E) {
-        float mm = kt.row_max(srow + tg.Nbox, static_cast<int>(g.E));
-        m = mm > m ? mm : m;
+      float m, sum = 0.f;
+      if (!g.has_rpb) {
+        // one vector pass over the whole box row under the query's window mask
+        m = kt.masked_max(srow, cc, tg.always.data(), &tg.ws[q * 3], &tg.we[q * 3], static_cast<int>(NP));
+        if (m == -INFINITY) m = 0.f;  // only NaN scores: let the NaN through exp
+        sum = kt.masked_exp(prow, srow, cc, tg.always.data(), &tg.ws[q * 3], &tg.we[q * 3], static_cast<int>(NP), m);
+      } else {
+        const float* rp = rpbp + h * g.Rtot;
+        m = -INFINITY;
+        tg.runs(g, q, [&](int64_t off, int len, int64_t ri) {
+          kt.add_pad(srow + off, rp + ri, len);
+          float mm = kt.row_max(srow + off, len);
+          m = mm > m ? mm : m;
+        });
+        if (g.E) {
+          float mm = kt.row_max(srow + tg.Nbox, static_cast<int>(g.E));
+          m = mm > m ? mm : m;
+        }
+        if (m == -INFINITY) m = 0.f;
+        tg.runs(g, q, [&](int64_t off, int len, int64_t) { sum += kt.exp_add_sum(prow + off, srow + off, nullptr, len, m); });
+        if (g.E) sum += kt.exp_add_sum(prow + tg.Nbox, srow + tg.Nbox, nullptr, static_cast<int>(g.E), m);
       }
-      if (m == -INFINITY) m = 0.f;  // only NaN scores: let the NaN through exp
-      float sum = 0.f;
-      tg.runs(g, q, [&](int64_t off, int len, int64_t) { sum += kt.exp_add_sum(prow + off, srow + off, nullptr, len, m); });
-      if (g.E) sum += kt.exp_add_sum(prow + tg.Nbox, srow + tg.Nbox, nullptr, static_cast<int>(g.E), m);
       mrow[r] = m + std::log(sum);
       inv[r] = 1.f / sum;
     }
@@ -579,18 +599,27 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(Dv), dO, Dv, VT, NP, dP, NP, false);
       float* P = grow(w.p, M * NP + kt.vw);
       float* dS = grow(w.ds, M * NP + kt.vw);
-      std::memset(P, 0, sizeof(float) * M * NP);
-      std::memset(dS, 0, sizeof(float) * M * NP);
+      if (g.has_rpb) {
+        std::memset(P, 0, sizeof(float) * M * NP);
+        std::memset(dS, 0, sizeof(float) * M * NP);
+      }
+      const int* cc[3] = {tg.colc[0].data(), tg.colc[1].data(), tg.colc[2].data()};
       for (int64_t r = 0; r < M; ++r) {
-        const int64_t gg = r / tg.T, h = hk * g.G + gg;
+        const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
         float *srow = S + r * NP, *prow = P + r * NP, *dsrow = dS + r * NP;
         const float* dprow = dP + r * NP;
-        const float* rp = g.has_rpb ? rpbp + h * g.Rtot : nullptr;
         const float c = delta[r] - dl[r];
-        tg.runs(g, r % tg.T, [&](int64_t off, int len, int64_t ri) {
-          kt.exp_add_sum(prow + off, srow + off, rp ? rp + ri : nullptr, len, lrow[r]);
+        if (!g.has_rpb) {
+          const int *lo = &tg.ws[q * 3], *hi = &tg.we[q * 3];
+          kt.masked_exp(prow, srow, cc, tg.always.data(), lo, hi, static_cast<int>(NP), lrow[r]);
+          kt.masked_ds(dsrow, prow, dprow, c, cc, tg.always.data(), lo, hi, static_cast<int>(NP));
+          continue;
+        }
+        const float* rp = rpbp + h * g.Rtot;
+        tg.runs(g, q, [&](int64_t off, int len, int64_t ri) {
+          kt.exp_add_sum(prow + off, srow + off, rp + ri, len, lrow[r]);
           kt.ds_row(dsrow + off, prow + off, dprow + off, c, len);
-          if (racc) kt.add_pad(racc + gg * g.Rtot + ri, dsrow + off, len);
+          kt.add_pad(racc + gg * g.Rtot + ri, dsrow + off, len);
         });
         if (E) {
           kt.exp_add_sum(prow + tg.Nbox, srow + tg.Nbox, nullptr, static_cast<int>(E), lrow[r]);

@@ -228,6 +228,46 @@ void pack_kt(float* KT, int64_t NP, const float* kT, int64_t ldk, const int64_t*
   }
 }
 
+typedef int viu __attribute__((vector_size(VW * 4), aligned(4)));
+inline vi loadiu(const int* p) { return *reinterpret_cast<const viu*>(p); }
+
+inline vi valid_at(const int* const* c, const int* always, const int* lo, const int* hi, int j) {
+  vi v = loadiu(always + j);
+  vi in = (loadiu(c[0] + j) >= lo[0]) & (loadiu(c[0] + j) < hi[0]) & (loadiu(c[1] + j) >= lo[1]) &
+          (loadiu(c[1] + j) < hi[1]) & (loadiu(c[2] + j) >= lo[2]) & (loadiu(c[2] + j) < hi[2]);
+  return v | in;
+}
+
+float masked_max(const float* s, const int* const* c, const int* always, const int* lo, const int* hi, int n) {
+  vf vm = splat(-INFINITY);
+  for (int j = 0; j < n; j += VW) {
+    vf v = load(s + j);
+    v = valid_at(c, always, lo, hi, j) ? v : splat(-INFINITY);
+    vm = v > vm ? v : vm;
+  }
+  return hmax(vm);
+}
+
+float masked_exp(float* p, const float* s, const int* const* c, const int* always, const int* lo, const int* hi, int n,
+                 float shift) {
+  vf sum = vf{};
+  for (int j = 0; j < n; j += VW) {
+    vf e = vexp(load(s + j) - shift);
+    e = valid_at(c, always, lo, hi, j) ? e : vf{};
+    store(p + j, e);
+    sum += e;
+  }
+  return hsum(sum);
+}
+
+void masked_ds(float* ds, const float* p, const float* dp, float cst, const int* const* c, const int* always,
+               const int* lo, const int* hi, int n) {
+  for (int j = 0; j < n; j += VW) {
+    vf v = load(p + j) * (load(dp + j) - cst);
+    store(ds + j, valid_at(c, always, lo, hi, j) ? v : vf{});
+  }
+}
+
 bool all_finite(const float* x, int64_t n) {
   // x * 0 is 0 for finite x and NaN for inf or NaN; NaN survives the sum
   vf s = vf{};
@@ -251,7 +291,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, all_finite};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite};
   return &table;
 }
 

@@ -29,6 +29,15 @@ struct KernelTable {
   // runs); writes whole vectors, so KT needs vw floats of slack and later columns are rewritten after
   void (*pack_kt)(float* KT, int64_t NP, const float* kT, int64_t ldk, const int64_t* tok, int64_t rows, int nk,
                   int64_t D);
+  // Softmax pieces over a whole tile row of n columns (n a multiple of vw) under the window mask of
+  // one query: column j is valid when always[j] (extra keys) or lo[a] <= c[a][j] < hi[a] on every axis.
+  // masked_max: max of the valid s; masked_exp: p = valid ? exp(s - shift) : 0, returns the sum;
+  // masked_ds: ds = valid ? p * (dp - c) : 0.
+  float (*masked_max)(const float* s, const int* const* c, const int* always, const int* lo, const int* hi, int n);
+  float (*masked_exp)(float* p, const float* s, const int* const* c, const int* always, const int* lo, const int* hi,
+                      int n, float shift);
+  void (*masked_ds)(float* ds, const float* p, const float* dp, float cst, const int* const* c, const int* always,
+                    const int* lo, const int* hi, int n);
   // false when any of x[0..n) is inf or NaN
   bool (*all_finite)(const float* x, int64_t n);
 };
