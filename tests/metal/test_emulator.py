@@ -99,6 +99,13 @@ def test_signature_mlx_quirk_is_refused():
         generated_sources(spec, [mx.ones((8,))], [mx.float32, mx.float32])
 
 
+def test_signature_buffer_limit():
+    names = tuple(f"x{i}" for i in range(31))
+    spec = Spec("many", names, ("out",), "out[0] = x0[0];")
+    with pytest.raises(SignatureError, match="at most 31 buffers"):
+        generated_sources(spec, [mx.ones((8,))] * 31, [mx.float32])
+
+
 def test_signature_rejects_unmodelled_forms():
     spec = Spec("q", ("a",), ("o",), "threadgroup float t[4][4]; o[0] = a[0];")
     with pytest.raises(SignatureError, match="one-dimensional"):

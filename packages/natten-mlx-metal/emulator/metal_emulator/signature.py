@@ -179,6 +179,8 @@ def build_signature(
         t = type_name(_dtype_name(dt))
         params.append(Param(oname, "output", f"device {t}*", k, pos, _dtype_name(dt)))
         k += 1
+    if k > 31:
+        raise SignatureError(f"{k} buffers: Metal binds at most 31 buffers to a kernel")
     attrs = [Param(a, "attr", t) for a, t in ATTRIBUTES if a in source]
     # MLX closes the parameter list after the buffer whose index is #inputs + #outputs - 1 when no
     # attribute follows; shape/stride/ndim buffers shift the last output past that index.
