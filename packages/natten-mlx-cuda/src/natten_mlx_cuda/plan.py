@@ -111,11 +111,18 @@ def check_tile(tile, rank: int, what: str) -> tuple:
     return _pad(tile, 1)
 
 
+# below this many query rows (B x N x H) the default tile is the rank's box whatever the extents: small
+# problems gain nothing from a fitted tile, and each tile shape is one more NVRTC compilation
+FIT_TILE_ROWS = 1 << 16
+
+
 def default_tile(geo: Geometry) -> tuple:
-    """The default query tile (padded to 3 axes): the rank's box, shrunk along axes whose dilation
-    groups are shorter than the tile, the freed factor given to the longest axis."""
+    """The default query tile (padded to 3 axes): the rank's box; for large problems shrunk along
+    axes whose dilation groups are shorter than the tile, the freed factor given to the longest axis."""
     rank = geo.rank
     t = list(_pad(DEFAULT_TILES[rank], 1))
+    if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
+        return tuple(t)
     ext = [-(-geo.spatial[a] // geo.d[a]) for a in range(3)]
     for a in range(3 - rank, 3):
         while t[a] > 1 and t[a] // 2 >= ext[a]:

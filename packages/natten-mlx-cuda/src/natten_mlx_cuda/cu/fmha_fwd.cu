@@ -63,53 +63,60 @@ const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, 
 }
 __syncthreads();
 
-// class of key tile lin: NA_TILE_SKIP / PARTIAL / FULL (a tile the key range truncates is PARTIAL)
-// chk (optional): bit a set when axis a needs per-element checks (partial along it, or truncated)
-auto tile_class = [&](int lin, int* k0, int* k1, int* chk = nullptr) -> int {
+// A key tile: its box [k0, k1) per axis, its class (NA_TILE_SKIP / PARTIAL / FULL; a tile the key
+// range truncates is PARTIAL), chk (bit a: axis a needs per-element checks) and tok, the local flat
+// index of its first key. Computed once per tile, when it is prefetched.
+struct KeyTile {
+  int k0[3], k1[3], cls, chk, tok;
+};
+// flat-index step of one key coordinate along each axis (d_a times the extents of the later axes)
+const int kst[3] = {ax[0].d * ax[1].nk * ax[2].nk, ax[1].d * ax[2].nk, ax[2].d};
+auto tile_info = [&](int lin, KeyTile& kt) {
   int t[3];
-  int bits = 0;
   t[2] = lin % nkt[2];
   t[1] = (lin / nkt[2]) % nkt[1];
   t[0] = lin / (nkt[2] * nkt[1]);
-  int cls = NA_TILE_FULL;
+  kt.cls = NA_TILE_FULL;
+  kt.chk = 0;
+  kt.tok = 0;
   for (int a = 0; a < 3; ++a) {
-    k0[a] = kb[a] + t[a] * KT[a];
-    k1[a] = na_min(k0[a] + KT[a], ke[a]);
-    const int ca = na_tile_class(c0[a], c1[a], k0[a], k1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
-    if (ca == NA_TILE_SKIP) return NA_TILE_SKIP;
-    if (ca == NA_TILE_PARTIAL || k1[a] - k0[a] < KT[a]) {
-      cls = NA_TILE_PARTIAL;
-      bits |= 1 << a;
+    kt.k0[a] = kb[a] + t[a] * KT[a];
+    kt.k1[a] = na_min(kt.k0[a] + KT[a], ke[a]);
+    kt.tok = kt.tok * ax[a].nk + (kt.k0[a] * ax[a].d + g[a] - ax[a].kvoff);
+    const int ca = na_tile_class(c0[a], c1[a], kt.k0[a], kt.k1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+    if (ca == NA_TILE_SKIP) kt.cls = NA_TILE_SKIP;
+    if (ca == NA_TILE_PARTIAL || kt.k1[a] - kt.k0[a] < KT[a]) {
+      if (kt.cls != NA_TILE_SKIP) kt.cls = NA_TILE_PARTIAL;
+      kt.chk |= 1 << a;
     }
   }
-  if (chk) *chk = bits;
-  return cls;
 };
-auto next_tile = [&](int lin) -> int {
-  int k0[3], k1[3];
-  while (lin < ntiles && tile_class(lin, k0, k1) == NA_TILE_SKIP) ++lin;
+auto next_tile = [&](int lin, KeyTile& kt) -> int {
+  for (; lin < ntiles; ++lin) {
+    tile_info(lin, kt);
+    if (kt.cls != NA_TILE_SKIP) break;
+  }
   return lin;
 };
-auto load_kv = [&](int lin, int buf) {
-  int k0[3], k1[3];
-  tile_class(lin, k0, k1);
+const long long kvrow = (long long)HKV;  // rows of key/value between consecutive tokens
+const T* kbase = key + ((long long)b * NK * HKV + hk) * D;
+const T* vbase = value + ((long long)b * NK * HKV + hk) * DV;
+auto load_kv = [&](const KeyTile& kt, int buf) {
   T* kd = Ks + buf * BK * QS;
   T* vd = Vs + buf * BK * VS;
+  const int e0 = kt.k1[0] - kt.k0[0], e1 = kt.k1[1] - kt.k0[1], e2 = kt.k1[2] - kt.k0[2];
   for (int i = tid; i < BK * (DCH + DVCH); i += 128) {
     const bool is_k = i < BK * DCH;
     const int j = is_k ? i : i - BK * DCH;
     const int ch_n = is_k ? DCH : DVCH;
     const int r = j / ch_n, ch = j % ch_n;
     const int u2 = r % KT2, u1 = (r / KT2) % KT1, u0 = r / (KT1 * KT2);
-    const int kc0 = k0[0] + u0, kc1 = k0[1] + u1, kc2 = k0[2] + u2;
-    const bool ok = kc0 < k1[0] && kc1 < k1[1] && kc2 < k1[2];
-    const long long flat = ((long long)(kc0 * ax[0].d + g[0] - ax[0].kvoff) * ax[1].nk + (kc1 * ax[1].d + g[1] - ax[1].kvoff)) * ax[2].nk +
-                           (kc2 * ax[2].d + g[2] - ax[2].kvoff);
-    const long long row = ((long long)b * NK + flat) * HKV + hk;
+    const bool ok = u0 < e0 && u1 < e1 && u2 < e2;
+    const long long row = (long long)(kt.tok + u0 * kst[0] + u1 * kst[1] + u2 * kst[2]) * kvrow;
     if (is_k)
-      na_cp_async16(kd + r * QS + ch * 8, ok ? (const void*)(key + row * D + ch * 8) : (const void*)key, ok);
+      na_cp_async16(kd + r * QS + ch * 8, ok ? (const void*)(kbase + row * D + ch * 8) : (const void*)key, ok);
     else
-      na_cp_async16(vd + r * VS + ch * 8, ok ? (const void*)(value + row * DV + ch * 8) : (const void*)value, ok);
+      na_cp_async16(vd + r * VS + ch * 8, ok ? (const void*)(vbase + row * DV + ch * 8) : (const void*)value, ok);
   }
 };
 
@@ -143,8 +150,9 @@ for (int i = tid; i < BQ * DCH; i += 128) {
   const long long row = ((long long)b * N + flat) * H + h;
   na_cp_async16(Qs + r * QS + ch * 8, ok ? (const void*)(query + row * D + ch * 8) : (const void*)query, ok);
 }
-int cur = next_tile(0);
-if (cur < ntiles) load_kv(cur, 0);
+KeyTile tc, tn;  // the current key tile and the next one
+int cur = next_tile(0, tc);
+if (cur < ntiles) load_kv(tc, 0);
 na_cp_commit();
 na_cp_wait_all();
 __syncthreads();
@@ -168,14 +176,15 @@ const int R = prm[NA_P_RPB];
 
 int buf = 0;
 while (cur < ntiles) {
-  const int nxt = next_tile(cur + 1);
-  if (nxt < ntiles) load_kv(nxt, buf ^ 1);
+  const int nxt = next_tile(cur + 1, tn);
+  if (nxt < ntiles) load_kv(tn, buf ^ 1);
   na_cp_commit();
   na_cp_wait_one();
   __syncthreads();
 
-  int k0[3], k1[3], chk;
-  const int cls = tile_class(cur, k0, k1, &chk);
+  const int* k0 = tc.k0;
+  const int* k1 = tc.k1;
+  const int cls = tc.cls, chk = tc.chk;
   // per row and partial axis, the valid key offsets in the tile: [lo, hi)
   int lo[2][3], hi[2][3];
   for (int rr = 0; rr < 2; ++rr)
@@ -254,6 +263,7 @@ while (cur < ntiles) {
     }
   }
   __syncthreads();  // the next iteration loads into the buffer just read
+  tc = tn;
   cur = nxt;
   buf ^= 1;
 }
