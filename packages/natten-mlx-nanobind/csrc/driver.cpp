@@ -266,6 +266,8 @@ struct TileGeo {
   // per column: box coordinates (padding columns get coordinates no window holds) and whether it is
   // an extra key (valid for every query)
   std::vector<int> colc[3], always;
+  int64_t cols_key[5] = {0, 0, 0, 0, 0};
+  bool cols_valid = false;
 
   void build(const Geo& g, const Tile& t, int vw) {
     int tq[3];
@@ -291,9 +293,15 @@ struct TileGeo {
           ktok[j++] = static_cast<int64_t>((kb[0] + i0) * g.Dl[0] + t.g[0] - g.koff[0]) * kst0 +
                       static_cast<int64_t>((kb[1] + i1) * g.Dl[1] + t.g[1] - g.koff[1]) * kst1 +
                       ((kb[2] + i2) * g.Dl[2] + t.g[2] - g.koff[2]);
-    for (int a = 0; a < 3; ++a) colc[a].assign(NP, -(1 << 30));
-    always.assign(NP, 0);
-    {
+    // the column tables depend only on the box extents: interior tiles reuse the previous tile's
+    const int64_t key[5] = {nk[0], nk[1], nk[2], g.E, NP};
+    bool same = cols_valid;
+    for (int i = 0; i < 5; ++i) same = same && cols_key[i] == key[i];
+    if (!same) {
+      for (int i = 0; i < 5; ++i) cols_key[i] = key[i];
+      cols_valid = true;
+      for (int a = 0; a < 3; ++a) colc[a].assign(NP, -(1 << 30));
+      always.assign(NP, 0);
       int64_t jj = 0;
       for (int i0 = 0; i0 < nk[0]; ++i0)
         for (int i1 = 0; i1 < nk[1]; ++i1)
