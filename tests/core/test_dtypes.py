@@ -189,3 +189,100 @@ def test_merge_equals_extra_kv():
                              additional_keys=mx.array(ak), additional_values=mx.array(av), return_lse=True)
     np.testing.assert_allclose(np.array(om), np.array(o3), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(lm), np.array(l3), rtol=1e-5, atol=1e-5)
+
+
+# ---- issue 13: scores and softmax statistics stay float32 on every path, the GPU's included ----------
+# The GPU's tiled path keeps its operands in the input dtype; its score matmul must still produce
+# float32 (a bfloat16 result spaces scores near 60 by 0.25-0.5, so near-equal top scores swap
+# weights). problem.device selects that path, so it is checked here on the CPU too, by handing the
+# backend a problem that says "gpu" (MLX runs the same operations on whatever device is default).
+PATHS = [(s, "cpu") for s in ("slices", "gather", "tiled")] + [("tiled", "gpu")]
+LARGE = [c for c in _configs(12, 43)]
+# scores of ~±60: out errors come from rounding the weights for the value matmul and the output
+LTOL = {"float16": dict(rtol=1e-2, atol=1e-2), "bfloat16": dict(rtol=4e-2, atol=4e-2)}
+
+
+def _through(path, cfg, arrays, return_lse):
+    from natten_mlx.backends.pure import PureBackend
+    from natten_mlx.problem import fused_problem
+
+    strategy, device = path
+    q, k, v, ak, av, rpb = arrays
+    p = fused_problem(cfg["na_dim"], q, k, v, cfg["kernel_size"], cfg["stride"], cfg["dilation"], cfg["is_causal"],
+                      cfg["scale"], ak, av, rpb, return_lse).with_(device=device)
+    return PureBackend(strategy=strategy, tile=(2,) * cfg["na_dim"]).fused_forward(p, q, k, v, ak, av, rpb)
+
+
+@pytest.mark.parametrize("return_lse", [True, False], ids=["lse", "no-lse"])
+@pytest.mark.parametrize("path", PATHS, ids=[f"{s}-{d}" for s, d in PATHS])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("cfg", LARGE, ids=[cfg_id(c) for c in LARGE])
+def test_large_scores_every_path(cfg, dtype, path, return_lse):
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(cfg["seed"])
+    raw = list(random_tensors(rng, cfg))
+    # scores ~ N(0, 60^2) after the scale: inputs of std sqrt(60 / (scale * sqrt(D)))
+    scale = cfg["scale"] if cfg["scale"] is not None else cfg["D"] ** -0.5
+    amp = np.sqrt(60.0 / (scale * np.sqrt(cfg["D"])))
+    for i in (0, 1, 3):
+        if raw[i] is not None:
+            raw[i] = raw[i] * amp
+    conv = [_lowp(x, dt) for x in raw]
+    ref = [c[1] for c in conv]
+    exp_out, exp_lse = oracle.na_forward(ref[0], ref[1], ref[2], additional_keys=ref[3], additional_values=ref[4],
+                                         rpb=ref[5], scale=cfg["scale"], **_owin(cfg))
+    assert np.abs(exp_lse).max() > 20
+    out, lse = _through(path, cfg, [c[0] for c in conv], return_lse)
+    assert out.dtype == dt
+    np.testing.assert_allclose(_np(out), exp_out, **LTOL[dtype], err_msg=cfg_id(cfg))
+    if return_lse:
+        assert lse.dtype == mx.float32
+        np.testing.assert_allclose(np.array(lse), exp_lse, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_scores_beyond_half_range_on_the_gpu_path(dtype):
+    """The failing GPU case of issue 13, through the GPU's tiled path."""
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 10, 9, 2, 8)) * 6.0
+    k = rng.standard_normal((1, 10, 9, 2, 8)) * 6.0
+    v = rng.standard_normal((1, 10, 9, 2, 8))
+    (qm, qr), (km, kr), (vm, vr) = _lowp(q, dt), _lowp(k, dt), _lowp(v, dt)
+    cfg = dict(na_dim=2, kernel_size=(5, 3), stride=1, dilation=(2, 1), is_causal=False, scale=None)
+    out, lse = _through(("tiled", "gpu"), cfg, [qm, km, vm, None, None, None], True)
+    exp_out, exp_lse = oracle.na_forward(qr, kr, vr, (5, 3), dilation=(2, 1))
+    np.testing.assert_allclose(np.array(lse), exp_lse, rtol=1e-4, atol=2e-3)
+    np.testing.assert_allclose(_np(out), exp_out, **LTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_the_sdpa_probe_detects_rounded_scores(dtype, monkeypatch):
+    """The probe that decides whether MLX's SDPA may serve a low-precision forward: it must say no
+    where SDPA rounds scores to the input dtype (simulated), yes where it keeps float32."""
+    from natten_mlx.backends import pure
+    from natten_mlx.problem import fused_problem
+
+    dt = DTYPES[dtype]
+    q = mx.zeros((1, 12, 2, 8), dt)
+    p = fused_problem(1, q, q, q, 3, 1, 1, False, None, None, None, None, False).with_(device="gpu")
+    real = mx.fast.scaled_dot_product_attention
+
+    def float32_scores(q, k, v, scale, mask=None):
+        s = (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
+        if mask is not None:
+            s = mx.where(mask, s, -mx.inf)
+        return (mx.softmax(s, axis=-1) @ v.astype(mx.float32)).astype(q.dtype)
+
+    def rounded_scores(q, k, v, scale, mask=None):
+        s = (q @ k.swapaxes(-1, -2)).astype(mx.float32) * scale
+        if mask is not None:
+            s = mx.where(mask, s, -mx.inf)
+        return (mx.softmax(s, axis=-1) @ v.astype(mx.float32)).astype(q.dtype)
+
+    for fake, exact in ((float32_scores, True), (rounded_scores, False)):
+        monkeypatch.setattr(pure, "_SDPA_EXACT", {})
+        monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", fake)
+        assert pure._sdpa_keeps_float32_scores(p, 16, True) is exact
+        assert pure._sdpa_keeps_float32_scores(p, 4, False) is exact
+    monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", real)

@@ -151,3 +151,30 @@ def test_example_backend_refuses_subdomains():
     assert e.reasons[backend.name] is None
     out = natten_mlx.na_subdomain(q, k, k, 3, domain=(20,), query_offset=(6,), kv_offset=(4,))
     assert out.shape == q.shape
+
+
+def test_key_slab_is_what_na_subdomain_accepts():
+    from natten_mlx.geometry import key_slab
+
+    rng = np.random.default_rng(9)
+    x = mx.array(rng.standard_normal((1, 20, 17, 2, 4)).astype(np.float32))
+    kw = dict(kernel_size=(5, 4), stride=(2, 3), dilation=(2, 1), is_causal=(False, True))
+    full = natten_mlx.na2d(x, x, x, **kw)
+    kv_offset, kv_shape = key_slab((20, 17), query_offset=(8, 4), query_shape=(6, 7), **kw)
+    kr = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(kv_offset, kv_shape))
+    out = natten_mlx.na_subdomain(x[:, 8:14, 4:11], x[kr], x[kr], domain=(20, 17), query_offset=(8, 4),
+                                  kv_offset=kv_offset, **kw)
+    assert float(mx.abs(out - full[:, 8:14, 4:11]).max()) < 1e-5
+    # one key fewer on either side of any axis is refused
+    for a in range(2):
+        for side in (0, 1):
+            off, shape = list(kv_offset), list(kv_shape)
+            shape[a] -= 1
+            if side == 0:
+                off[a] += 1
+            if shape[a] < 1:
+                continue
+            kr = (slice(None),) + tuple(slice(o, o + n) for o, n in zip(off, shape))
+            with pytest.raises(ValueError, match="does not hold the windows"):
+                natten_mlx.na_subdomain(x[:, 8:14, 4:11], x[kr], x[kr], domain=(20, 17), query_offset=(8, 4),
+                                        kv_offset=tuple(off), **kw)

@@ -148,6 +148,16 @@ CASES = [
     ("scale str", n1(scale="a"), TE, [r"scale", r"'a'"]),
     ("return_lse str", n1(return_lse="yes"), TE, [r"return_lse", r"yes"]),
     ("unknown backend", n1(backend="no-such-backend"), VE, [r"backend", r"no-such-backend"]),
+    ("unknown backend in a list", n1(backend="pure,no-such-backend"), VE, [r"backend", r"no-such-backend"]),
+    ("backend not a name", n1(backend=3), TE, [r"backend=", r"\b3\b"]),
+    ("stream str", n1(stream="gpu"), TE, [r"stream=", r"'gpu'"]),
+    # ---- zero sizes (issue 8): B = 0 is accepted (see ACCEPTED); H, H_kv, D, D_v are not ----
+    ("H=0", n1(query=q1(H=0), key=q1(H=0), value=q1(H=0)), VE, [r"\bH\b", r"=0", r">= 1"]),
+    ("H_kv=0", n1(key=q1(H=0), value=q1(H=0)), VE, [r"H_kv", r"=0", r">= 1"]),
+    ("D=0", n1(query=q1(D=0), key=q1(D=0)), VE, [r"\bD\b", r"=0", r">= 1"]),
+    ("D_v=0", n1(value=q1(D=0)), VE, [r"D_v", r"=0", r">= 1"]),
+    ("H=0 2d", n2(query=q2(H=0), key=q2(H=0), value=q2(H=0)), VE, [r"\bH\b", r"=0"]),
+    ("D=0 3d", n3(query=arr(1, 4, 4, 4, 2, 0), key=arr(1, 4, 4, 4, 2, 0)), VE, [r"\bD\b", r"=0"]),
 ]
 
 
@@ -190,6 +200,10 @@ SPLIT_CASES = [
     ("av H%Hkv", lambda: av1(arr(1, 8, 3, 3), q1(H=2), 3), VE, [r"attn|value", r"\b3\b", r"\b2\b"]),
     ("av dtype", lambda: av1(arr(1, 8, 2, 3, dtype=mx.float16), q1(), 3), VT, [r"attn|value|dtype", r"float16"]),
     ("av k*d > L", lambda: av1(arr(1, 8, 2, 3), q1(), 3, dilation=4), VE, [r"dilation", r"\b4\b"]),
+    ("qk H=0", lambda: qk1(q1(H=0), q1(H=0), 3), VE, [r"\bH\b", r"=0", r">= 1"]),
+    ("qk D=0", lambda: qk1(q1(D=0), q1(D=0), 3), VE, [r"\bD\b", r"=0", r">= 1"]),
+    ("av D_v=0", lambda: av1(arr(1, 8, 2, 3), q1(D=0), 3), VE, [r"D_v", r"=0", r">= 1"]),
+    ("av H_kv=0", lambda: av1(arr(1, 8, 2, 3), q1(H=0), 3), VE, [r"H_kv", r"=0", r">= 1"]),
 ]
 
 
@@ -243,7 +257,18 @@ ACCEPTED = [
     ("scale int", n1(scale=1)),
     ("fp16 all", n1(query=q1(dtype=mx.float16), key=q1(dtype=mx.float16), value=q1(dtype=mx.float16))),
     ("3d mixed causal", n3(is_causal=(True, False, True), stride=(1, 2, 1))),
+    ("B=0 (empty output)", n1(query=q1(B=0), key=q1(B=0), value=q1(B=0))),
+    ("B=0 2d with lse", n2(query=q2(B=0), key=q2(B=0), value=q2(B=0), return_lse=True)),
+    ("backend list", n1(backend=["pure"])),
+    ("stream cpu", n1(stream=mx.cpu)),
 ]
+
+
+def test_batch_zero_shapes():
+    out, lse = na2d(q2(B=0), q2(B=0), q2(B=0, D=5), 3, return_lse=True)
+    assert out.shape == (0, 6, 6, 2, 5) and out.dtype == F32 and lse.shape == (0, 6, 6, 2) and lse.dtype == F32
+    assert natten_mlx.na1d_qk(q1(B=0), q1(B=0), 3, additional_keys=arr(0, 2, 2, 4)).shape == (0, 8, 2, 5)
+    assert natten_mlx.na1d_av(arr(0, 8, 2, 3), q1(B=0, D=6), 3).shape == (0, 8, 2, 6)
 
 
 @pytest.mark.parametrize("call", [c[1] for c in ACCEPTED], ids=[c[0] for c in ACCEPTED])

@@ -342,7 +342,7 @@ def test_explain_and_support_show_differentiation_and_devices(register):
     assert rows["pure"]["differentiation"] == "backward" and rows["pure"]["devices"] == ("cpu", "gpu")
     assert rows["toy-gpu-only"]["devices"] == ("gpu",)
     q, k, v = qkv()
-    e = natten_mlx.explain(q, k, v, 3, backend="toy-prim")
+    e = natten_mlx.explain(q, k, v, 3, backend="toy-prim", stream=mx.cpu)
     assert e.differentiation == "primitive"
     assert "device cpu; gradients: its MLX primitives' vjp" in str(e)
 

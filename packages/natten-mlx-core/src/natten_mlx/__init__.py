@@ -1,7 +1,9 @@
 """natten-mlx: neighborhood attention (NATTEN's operator) for Apple's MLX.
 
-Heads-last functional API (``na1d/na2d/na3d``, split ``na*d_qk``/``na*d_av``, ``merge_attentions``),
-``mlx.nn`` modules, and a plugin system of backends (entry-point group ``natten_mlx.backends``).
+Heads-last functional API (``na1d/na2d/na3d``, split ``na*d_qk``/``na*d_av``, ``merge_attentions``,
+``na_subdomain`` for sharded attention), ``mlx.nn`` modules, and a plugin system of backends
+(entry-point group ``natten_mlx.backends``; the contract is :mod:`natten_mlx.protocol`, the tables
+a backend may use are :mod:`natten_mlx.geometry`).
 """
 
 from pkgutil import extend_path

@@ -14,7 +14,8 @@ are read-only, MLX arrays must not be modified in place either.
 - :func:`tile_plan` / :func:`device_tile_plan`: query tiles, their halo keys, and the compact per-axis
   key ranges from which a kernel derives its masks.
 - :func:`key_extent`: the global key range ``[lo, hi)`` a range of queries needs along one axis
-  (the halo of a shard).
+  (the halo of a shard); :func:`key_slab`: the same for a block of queries in nD, as the
+  ``kv_offset`` and key shape that :func:`natten_mlx.functional.na_subdomain` takes.
 - :func:`outer`: the one row-major outer product of per-axis tables.
 - :func:`dense_mask`: the dense ``[N, N_kv]`` reference mask (tests check it against their float64
   oracle; benchmarks use it for their masked-SDPA baselines).
@@ -45,7 +46,7 @@ from .windows import (
 
 __all__ = [
     "window_header", "include_dir", "geometry_of", "axis_tables", "device_axis_tables", "slot_tables",
-    "device_slot_tables", "tile_plan", "device_tile_plan", "key_extent", "outer", "row_major_strides",
+    "device_slot_tables", "tile_plan", "device_tile_plan", "key_extent", "key_slab", "outer", "row_major_strides",
     "rpb_weights", "default_tile", "dense_mask", "AxisWindows", "AxisTiles", "NeighborhoodTables", "TilePlan",
     "axis_windows",
 ]
@@ -145,6 +146,29 @@ def device_tile_plan(problem_or_geometry, tile=None) -> dict:
     ``output_index``, ``tile_coords`` and per-axis dicts (``query_index``, ``key_index``,
     ``query_lo``/``query_hi`` (group-order key range of each query), ``halo_start``); cached."""
     return _device_tile_plan(geometry_of(problem_or_geometry), None if tile is None else tuple(tile))
+
+
+def key_slab(domain, kernel_size, stride, dilation, is_causal, query_offset, query_shape):
+    """``(kv_offset, kv_spatial)``: the smallest key slab (global offset and shape, per axis) that
+    holds every window of the queries ``query_offset + (0 .. query_shape - 1)`` of ``domain``.
+
+    Window arguments are ints or per-axis tuples as the ops take them; a shard passes its block of
+    queries and receives the halo-extended block of keys it needs."""
+    from .problem import normalize_causal, normalize_tuple
+
+    n = len(domain)
+    ks = normalize_tuple("kernel_size", kernel_size, n, 2)
+    st = normalize_tuple("stride", stride, n, 1)
+    dl = normalize_tuple("dilation", dilation, n, 1)
+    causal = normalize_causal(is_causal, n)
+    qo = normalize_tuple("query_offset", query_offset, n, 0)
+    qs = normalize_tuple("query_shape", query_shape, n, 1)
+    offset, shape = [], []
+    for a in range(n):
+        lo, hi = key_extent(domain[a], ks[a], st[a], dl[a], causal[a], qo[a], qs[a])
+        offset.append(lo)
+        shape.append(hi - lo)
+    return tuple(offset), tuple(shape)
 
 
 def dense_mask(problem_or_geometry) -> np.ndarray:

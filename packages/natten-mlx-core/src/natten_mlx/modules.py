@@ -25,12 +25,38 @@ _OPS = {
 }
 
 
+_ARGS_DOC = """
+    Arguments:
+        embed_dim:    channels of the input and output (``C``); divisible by ``num_heads``.
+        num_heads:    query heads ``H``; the head dim is ``embed_dim // num_heads``.
+        kernel_size:  window size, an int or one per spatial axis, each ``>= 2`` and
+                      ``kernel_size * dilation <= `` the axis' length at call time.
+        stride:       queries per shared window along each axis (int or tuple, ``1 <= stride <= kernel_size``).
+        dilation:     gap between window keys along each axis (int or tuple, ``>= 1``).
+        is_causal:    causal masking, a bool or one per axis (not with ``rel_pos_bias``).
+        num_kv_heads: key/value heads ``H_kv`` (GQA/MQA), dividing ``num_heads``; None: ``num_heads``.
+        qkv_bias:     whether the fused ``qkv`` projection (``C -> (H + 2 H_kv) * head_dim``) has a bias.
+        qk_scale:     softmax scale; None: ``head_dim ** -0.5``.
+        rel_pos_bias: learn a relative positional bias ``rpb [H, 2K_1-1, ...]`` (NATTEN's name and layout).
+        attn_drop:    dropout on the attention weights in training, in ``[0, 1)``; when > 0 the split
+                      ops (qk -> softmax -> dropout -> av) run instead of the fused op.
+        proj_drop:    dropout after the output projection ``proj`` (``C -> C``), in ``[0, 1)``.
+        group:        an ``mx.distributed.Group``: the input is this rank's slab along ``shard_axis``
+                      and the sharded op (:mod:`natten_mlx.distributed`) runs; None: one device.
+        shard_axis:   the spatial axis the slabs split (0 = the first spatial axis).
+
+    Call: ``x [B, {axes}, embed_dim]`` -> ``[B, {axes}, embed_dim]``. The op runs on the backend
+    the dispatcher chooses (:func:`natten_mlx.use_backend` selects one for a block of calls).
+    """
+
+
 class _NeighborhoodAttention(nn.Module):
     na_dim: int = 0
 
     def __init__(self, embed_dim, num_heads, kernel_size, stride=1, dilation=1, is_causal=False, num_kv_heads=None,
                  qkv_bias=True, qk_scale=None, rel_pos_bias=False, attn_drop=0.0, proj_drop=0.0, group=None,
                  shard_axis=0):
+        """See the class docstring for every argument."""
         super().__init__()
         n = self.na_dim
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -79,6 +105,7 @@ class _NeighborhoodAttention(nn.Module):
         return dict(kernel_size=self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal)
 
     def __call__(self, x: mx.array) -> mx.array:
+        """``x [B, *spatial, embed_dim]`` -> ``[B, *spatial, embed_dim]``."""
         n = self.na_dim
         if x.ndim != n + 2 or x.shape[-1] != self.embed_dim:
             raise ValueError(
@@ -115,18 +142,18 @@ class _NeighborhoodAttention(nn.Module):
 
 
 class NeighborhoodAttention1D(_NeighborhoodAttention):
-    """1D neighborhood attention on ``[B, L, embed_dim]``."""
-
     na_dim = 1
 
 
 class NeighborhoodAttention2D(_NeighborhoodAttention):
-    """2D neighborhood attention on ``[B, X, Y, embed_dim]``."""
-
     na_dim = 2
 
 
 class NeighborhoodAttention3D(_NeighborhoodAttention):
-    """3D neighborhood attention on ``[B, X, Y, Z, embed_dim]``."""
-
     na_dim = 3
+
+
+NeighborhoodAttention1D.__doc__ = "1D neighborhood attention on ``[B, L, embed_dim]``.\n" + _ARGS_DOC.format(axes="L")
+NeighborhoodAttention2D.__doc__ = "2D neighborhood attention on ``[B, X, Y, embed_dim]``.\n" + _ARGS_DOC.format(axes="X, Y")
+NeighborhoodAttention3D.__doc__ = ("3D neighborhood attention on ``[B, X, Y, Z, embed_dim]``.\n"
+                                   + _ARGS_DOC.format(axes="X, Y, Z"))

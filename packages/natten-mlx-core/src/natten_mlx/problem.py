@@ -188,6 +188,7 @@ def normalize_tuple(name: str, value, na_dim: int, minimum: int) -> tuple[int, .
 
 
 def normalize_causal(value, na_dim: int) -> tuple[bool, ...]:
+    """A bool or a tuple with one bool per axis -> ``na_dim`` bools (TypeError/ValueError naming ``is_causal``)."""
     if isinstance(value, bool):
         return (value,) * na_dim
     if isinstance(value, (tuple, list)):

@@ -166,6 +166,8 @@ class BackwardRecord:
 
 @runtime_checkable
 class Backend(Protocol):
+    """The required members of a backend, for type checkers and ``isinstance`` (see the module docstring)."""
+
     name: str
     priority: int
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .windows import axis_windows, full_geometry, outer, row_major_strides
+from .windows import axis_starts, full_geometry, outer, row_major_strides
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,13 @@ def axis_tiles(
     :func:`natten_mlx.windows.axis_windows`)."""
     qlen = length - query_offset if query_length is None else query_length
     klen = length - kv_offset if kv_length is None else kv_length
-    w = axis_windows(length, kernel_size, stride, dilation, is_causal, query_offset, qlen, kv_offset)
+    start, count = axis_starts(length, kernel_size, stride, dilation, is_causal, query_offset, qlen, kv_offset)
     qorder = _group_order(qlen, query_offset, dilation)
     korder = _group_order(klen, kv_offset, dilation)
     kpos = np.empty(klen, dtype=np.int64)
     kpos[korder] = np.arange(klen)  # local key -> group-order position
-    lo = kpos[w.start]
-    hi = lo + w.valid.sum(axis=1) - 1  # valid slots are a prefix of the window
+    lo = kpos[start]
+    hi = lo + count - 1  # valid slots are a prefix of the window
     tile = min(tile, qlen)
     ntiles = -(-qlen // tile)
     slots = np.arange(ntiles * tile).reshape(ntiles, tile)

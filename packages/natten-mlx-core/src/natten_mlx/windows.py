@@ -90,6 +90,24 @@ def axis_windows(
                        kv_offset)
 
 
+@lru_cache(maxsize=512)
+def axis_starts(
+    length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool,
+    query_offset: int = 0, query_length: int | None = None, kv_offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(start, count)``, both ``[Lq]``: each query's window start local to the key slab, and its
+    number of valid slots (``K``, fewer for causal queries near their group's start). The same
+    numbers as :func:`axis_windows` without its ``[Lq, K]`` tables (cheap for millions of queries)."""
+    count = length - query_offset if query_length is None else query_length
+    i = np.arange(query_offset, query_offset + count, dtype=np.int64)
+    start, start_c, c = _global_starts(length, kernel_size, stride, dilation, is_causal, i)
+    valid = np.minimum(c - start_c + 1, kernel_size) if is_causal else np.full(count, kernel_size, dtype=np.int64)
+    start = start - kv_offset
+    start.setflags(write=False)
+    valid.setflags(write=False)
+    return start, valid
+
+
 def key_extent(
     length: int, kernel_size: int, stride: int, dilation: int, is_causal: bool, query_offset: int = 0,
     query_length: int | None = None,

@@ -14,12 +14,20 @@ strategies that compute the same numbers:
 - ``gather``: the key-side vectors of every slot are gathered through the slot table; simple,
   ``O(N * Kt)`` memory.
 
-A third forward, ``tiled`` (default on a GPU), cuts queries into tiles that attend to their halo
-through batched matmuls under a per-tile mask; its backward uses the slot primitives.
+A third strategy, ``tiled`` (default on a GPU), cuts queries into tiles that attend to their halo
+through batched matmuls under a per-tile mask, forward and backward, chunk by chunk. Its forward
+without lse uses MLX's fused SDPA where that keeps float32 scores (measured once per device,
+dtype and head dims: :func:`_sdpa_keeps_float32_scores`).
 When the window covers the whole input (no causal axis, no dilation), neighborhood attention is
 dense attention, and dense attention is what runs.
 
-Softmax statistics are float32 whatever the input dtype; outputs are cast back to it.
+The strategy follows ``problem.device`` (the stream the call runs on), unless configured:
+``use_backend("pure", strategy="gather")``, ``get_backend("pure").configure(strategy=..., tile=...)``,
+or ``$NATTEN_MLX_PURE_STRATEGY`` for a whole process. Every strategy serves sub-domain problems
+(a query block against a key slab, :func:`natten_mlx.functional.na_subdomain`).
+
+Scores and softmax statistics are float32 whatever the input dtype (on a GPU the tiled path keeps
+its operands in the input dtype but upcasts the score matmul: issue 13); outputs are cast back.
 """
 
 from __future__ import annotations
@@ -377,7 +385,8 @@ class PureBackend:
     # ---- tiled -------------------------------------------------------------------------------
     def _tiled_forward(self, p: Problem, query, key, value, additional_keys, additional_values, rpb):
         plan = _plan(p.geometry, self.tile)
-        use_sdpa = not p.return_lse and rpb is None and additional_keys is None
+        use_sdpa = (not p.return_lse and rpb is None and additional_keys is None
+                    and _sdpa_keeps_float32_scores(p, plan.query_index.shape[1], not plan.all_valid))
         outs, lses = [], []
         chunks = list(_tile_chunks(p, plan))
         for rows in chunks:
@@ -674,6 +683,48 @@ def _slices_scatter(p: Problem, w: mx.array, x: mx.array) -> mx.array:
 
 
 # ---- the tiled strategy ---------------------------------------------------------------------------
+# The forward without lse may use mx.fast.scaled_dot_product_attention (2-2.7x faster on an H200).
+# For float16/bfloat16 that is exact only where MLX runs a fused kernel with float32 statistics: on
+# other paths (its CPU SDPA, its GPU fallback for head dims the fused kernels lack) it rounds the
+# scores to the input dtype, the error of issue 13. Which path MLX takes depends on device, head
+# dims, query count and mask, so it is measured once per such key (_sdpa_keeps_float32_scores).
+_SDPA_EXACT: dict = {}
+
+
+def _sdpa_keeps_float32_scores(p: Problem, tq: int, masked: bool) -> bool:
+    """Whether MLX's SDPA, on ``p``'s device for its dtype, head dims and scale with ``tq`` queries a
+    tile, keeps scores in float32: two key classes whose scores (~1000) differ by 0.625, a gap that
+    float16 (spacing 0.5) and bfloat16 (spacing 4) cannot hold, must get float32's softmax weights."""
+    if p.dtype == mx.float32:
+        return True
+    key = (p.device, p.dtype, p.head_dim, p.value_head_dim, tq <= 8, masked, p.scale)
+    if key in _SDPA_EXACT:
+        return _SDPA_EXACT[key]
+    if p.head_dim < 2:
+        return False
+    n, tq = 16, min(tq, 8) if tq <= 8 else 16
+    dt = p.dtype
+    a = mx.array([32.0 / p.scale, 1.0 / p.scale]).astype(dt)
+    q = mx.concatenate([mx.broadcast_to(a, (tq, 2)), mx.zeros((tq, p.head_dim - 2), dt)], -1)
+    odd = (mx.arange(n) % 2).astype(mx.float32)
+    k = mx.zeros((n, p.head_dim), mx.float32)
+    k = mx.concatenate([mx.full((n, 1), 31.25), (0.625 * odd)[:, None], k[:, 2:]], -1).astype(dt)
+    v = mx.concatenate([odd[:, None], mx.zeros((n, p.value_head_dim - 1))], -1).astype(dt)
+    mask = None
+    if masked:
+        mask = mx.broadcast_to(mx.arange(n) < n - 2, (1, 1, tq, n))
+    try:
+        out = mx.fast.scaled_dot_product_attention(q[None, None], k[None, None], v[None, None], scale=p.scale,
+                                                   mask=mask)
+        got = float(out[0, 0, 0, 0].astype(mx.float32).item())
+    except ValueError:  # inside mx.compile nothing may be evaluated: take the float32 path, decide later
+        return False
+    qa = np.array(a.astype(mx.float32), dtype=np.float64)
+    gap = p.scale * qa[1] * 0.625  # the score difference of odd over even keys, in float64
+    want = 1.0 / (1.0 + np.exp(-gap))
+    exact = bool(abs(got - want) < 0.01)
+    _SDPA_EXACT[key] = exact
+    return exact
 # scores of one chunk of tiles stay below this many elements (4 GiB as float32)
 TILE_CHUNK_ELEMENTS = 1 << 30
 
