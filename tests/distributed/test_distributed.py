@@ -23,7 +23,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "worker.py")
-TIMEOUT = int(os.environ.get("NATTEN_DIST_TIMEOUT", "600"))
+TIMEOUT = int(os.environ.get("NATTEN_DIST_TIMEOUT", "900"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +199,8 @@ def test_launch_sweep(n, args, min_cases):
     failures = [f"rank {r['rank']}: {f}" for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
     assert rc == 0, out[-4000:]
+    print(f"\nmlx.launch -n {n} {' '.join(args)}: " + "; ".join(
+        f"rank {r['rank']}: {r['passed']} checks passed, cases {r['cases']}" for r in results))
     for r in results:
         assert r["cases"]["compared"] >= min_cases and r["passed"] >= 10 * min_cases, r
     if n >= 3 and min_cases >= 8:

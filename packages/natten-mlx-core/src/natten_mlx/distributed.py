@@ -49,7 +49,7 @@ import numpy as np
 
 from . import functional as _F
 from . import problem as _p
-from .windows import axis_windows
+from .windows import axis_windows, key_extent
 
 __all__ = [
     "na1d", "na2d", "na3d", "HaloPlan", "halo_plan", "CommStats", "comm_stats", "reset_comm_stats",
@@ -168,11 +168,11 @@ def halo_plan(sizes: tuple[int, ...], kernel_size: int, stride: int, dilation: i
     starts = tuple(int(x) for x in np.cumsum((0,) + sizes[:-1]))
     need, slab = [], []
     for a, n in zip(starts, sizes):
-        keys, valid = win.key_index[a : a + n], win.valid[a : a + n]
-        used = keys[valid]
-        lo, hi = int(used.min()), int(used.max()) + 1
-        need.append((lo, hi))
-        slab.append((min(int(keys.min()), a), max(int(keys.max()) + 1, a + n)))
+        used = win.key_index[a : a + n][win.valid[a : a + n]]
+        need.append((int(used.min()), int(used.max()) + 1))
+        # every slot a kernel may read (key_extent), and the rank's own rows, which it always holds
+        lo, hi = key_extent(length, kernel_size, stride, dilation, is_causal, a, n)
+        slab.append((min(lo, a), max(hi, a + n)))
     for r in range(len(sizes)):
         a, b = starts[r], starts[r] + sizes[r]
         lo, hi = need[r]

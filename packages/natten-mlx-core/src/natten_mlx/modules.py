@@ -41,9 +41,9 @@ _ARGS_DOC = """
         attn_drop:    dropout on the attention weights in training, in ``[0, 1)``; when > 0 the split
                       ops (qk -> softmax -> dropout -> av) run instead of the fused op.
         proj_drop:    dropout after the output projection ``proj`` (``C -> C``), in ``[0, 1)``.
-        group:        an ``mx.distributed.Group``: shard the input over its ranks along ``shard_axis``
-                      (each rank passes its slab; see :mod:`natten_mlx.distributed`); None: one process.
-        shard_axis:   the spatial axis (0-based) the input is sharded along when ``group`` is given.
+        group:        an ``mx.distributed.Group``: the input is this rank's slab along ``shard_axis``
+                      and the sharded op (:mod:`natten_mlx.distributed`) runs; None: one device.
+        shard_axis:   the spatial axis the slabs split (0 = the first spatial axis).
 
     Call: ``x [B, {axes}, embed_dim]`` -> ``[B, {axes}, embed_dim]``. The op runs on the backend
     the dispatcher chooses (:func:`natten_mlx.use_backend` selects one for a block of calls).
