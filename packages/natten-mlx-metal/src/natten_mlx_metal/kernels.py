@@ -242,9 +242,12 @@ def _template(geo: Geometry, dtype, threads: int = THREADS) -> tuple:
     return (("T", dtype), ("DP", geo.DP), ("DVP", geo.DVP), ("NT", threads))
 
 
+# Per-call constants are cached MLX arrays built from Python values (immutable and holding their data,
+# so safe to share across calls, streams and mx.compile traces): a launch builds no host tables.
+@lru_cache(maxsize=None)
 def _dummy(dtype):
     # a buffer of >= 8 elements binds as `const device T*` like the real one would
-    return mx.zeros((8,), dtype=dtype)
+    return mx.array([0.0] * 8, dtype=dtype)
 
 
 def query_major_tiles(geo: Geometry, tile=None) -> tuple[tuple, tuple]:
@@ -263,7 +266,17 @@ def key_major_tiles(geo: Geometry, tile=None) -> tuple[tuple, tuple]:
 
 
 def _scale(geo: Geometry):
-    return mx.array([geo.scale], dtype=mx.float32)
+    return _scale_array(geo.scale)
+
+
+@lru_cache(maxsize=256)
+def _scale_array(scale: float):
+    return mx.array([scale], dtype=mx.float32)
+
+
+@lru_cache(maxsize=256)
+def _int_block(values: tuple):
+    return mx.array(values, dtype=mx.int32)
 
 
 def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, variant: str = "auto") -> Launch:
@@ -273,7 +286,7 @@ def forward_launch(geo: Geometry, q, k, v, ak, av, rpb, tile=None, variant: str 
     T, U = query_major_tiles(geo, tile)
     prm = params(geo, T, U, key_major=False)
     inputs = (q, k, v, ak if ak is not None else _dummy(dtype), av if av is not None else _dummy(dtype),
-              rpb if rpb is not None else _dummy(dtype), mx.array(prm, dtype=mx.int32), _scale(geo))
+              rpb if rpb is not None else _dummy(dtype), _int_block(prm), _scale(geo))
     return Launch(spec(kind), inputs, _template(geo, dtype, threads), (_ntiles(prm) * threads, geo.H, geo.B),
                   (threads, 1, 1),
                   ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H)), (dtype, mx.float32))
@@ -287,7 +300,7 @@ def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, til
     av_in = av if av is not None else _dummy(dtype)
     tpl = _template(geo, dtype)
     T, U = query_major_tiles(geo, tile)
-    prm_q = mx.array(params(geo, T, U, key_major=False), dtype=mx.int32)
+    prm_q = _int_block(params(geo, T, U, key_major=False))
     out = {}
     variant = resolve_variant(variant, geo)
     kind, threads = _variant("bwd_dq", variant)
@@ -297,7 +310,7 @@ def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, til
     Tk, Uk = key_major_tiles(geo)
     prm_k = params(geo, Tk, Uk, key_major=True)
     kind, threads = _variant("bwd_dkv", variant)
-    out["dkv"] = Launch(spec(kind), (q, k, v, rpb_in, dout, lse, delta, mx.array(prm_k, dtype=mx.int32), _scale(geo)),
+    out["dkv"] = Launch(spec(kind), (q, k, v, rpb_in, dout, lse, delta, _int_block(prm_k), _scale(geo)),
                         _template(geo, dtype, threads), (_ntiles(prm_k) * threads, geo.HKV, geo.B), (threads, 1, 1),
                         ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV)), (dtype, dtype))
     if geo.E:
