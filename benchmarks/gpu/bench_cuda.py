@@ -7,6 +7,10 @@ Run from the repository root on the GPU machine:
     source .device/setup.sh && python3 benchmarks/gpu/bench_cuda.py [--cases G1,G2,G3,G4] [--modes fwd,fwdbwd]
         [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd]
 
+Impls: ``cuda`` (options as ``cuda:ldmatrix=0`` or ``cuda:tile=2x4x8``), ``cuda-parts`` (the backward's
+dq and dk/dv kernels timed alone; TFLOP/s of their GEMMs: 3 and 4 of the forward's 2), ``mlx-dense``,
+``torch-dense``, ``natten-flex``.
+
 Cases (batch, spatial, window, heads, head dim): G1 1D 32768 window 2048, 1 head, D=128; G2 2D 256x256
 window 80x80, 24 heads, D=128; G3 3D 30x48x80 window 18x24x24, 24 heads, D=128; G4 2D 56x56 window
 7x7, 4 heads, D=32, batch 64. One child process per (case, library) so that an out-of-memory or a
@@ -138,6 +142,26 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                                                   d_out=do, d_lse=None)
                             g = be.fused_backward(rec)
                             return [g["query"], g["key"], g["value"]]
+                elif impl == "cuda-parts":  # each kernel of the forward and backward alone
+                    if mode != "fwdbwd":
+                        continue
+                    from natten_mlx_cuda import plan
+                    from natten_mlx_cuda.backend import _int_block, _scale, mlx_runner
+
+                    geo = plan.geometry(p)
+                    be = CudaBackend()
+                    out, lse = be.fused_forward(p, q, k, v)
+                    delta = (do.astype(mx.float32) * out.astype(mx.float32)).sum(-1)
+                    mx.eval(out, lse, delta)
+                    flat = [x.reshape(b, n, h, d) for x in (q, k, v, do)]
+                    common = flat + [lse.reshape(b, n, h), delta.reshape(b, n, h), mx.zeros((1,), dtype=mx.float16)]
+                    for part, launch in (("dq", plan.backward_dq(geo, "float16", False, True)),
+                                         ("dkdv", plan.backward_dkdv(geo, "float16", False, True))):
+                        args = common + [_int_block(launch.prm), _scale(geo.scale)]
+                        ms, group = timed(lambda: mlx_runner(launch, args), sync)
+                        emit(case=case, impl=f"cuda {part} kernel", mode="bwd part", ms=ms, group=group,
+                             tflops=flops(case, "fwd") * (1.5 if part == "dq" else 2.0) / ms / 1e9)
+                    continue
                 else:  # mlx-dense: SDPA over every token, [B, H, N, D]
                     qt, kt, vt, dot = (x.reshape(b, n, h, d).transpose(0, 2, 1, 3) for x in (q, k, v, do))
                     qt, kt, vt, dot = (mx.contiguous(x) for x in (qt, kt, vt, dot))
@@ -275,7 +299,7 @@ def main() -> int:
         torch_child(cases[0], impls, modes, a.flex_bwd)
         return 0
     rows = []
-    mlx_impls = [i for i in impls if i.startswith("cuda") or i == "mlx-dense"]
+    mlx_impls = [i for i in impls if i.startswith("cuda") or i == "mlx-dense"]  # cuda, cuda:opt=..., cuda-parts
     torch_impls = [i for i in impls if i in ("torch-dense", "natten-flex")]
     for case in cases:
         common = ["--modes", a.modes, "--cases", case]
