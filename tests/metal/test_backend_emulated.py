@@ -271,7 +271,10 @@ PLANTED = {
     # dQ: the K fragment of dQ += dS K read transposed
     "dq_layout": ("bwd_dq_mma", "float(ks[(j * 8 + fr) * DP + kk * 8 + fc])", "float(ks[(j * 8 + fc) * DP + kk * 8 + fr])"),
     # dK/dV: the mask of partial query tiles dropped
-    "dkv_mask": ("bwd_dkv_mma", "&& (full || na_in_windows(ax, Lg, qc, kc))", ""),
+    "dkv_mask": ("bwd_dkv_mma", "if (!full) ok = ok && kc[a] >= qtab[r * 10 + 4 + a] && kc[a] < qtab[r * 10 + 7 + a];", ""),
+    # the barrier between the key-row table and the staging that reads it dropped
+    "table_barrier": ("fwd_mma", "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  for (int e = tid; e < TK * DP; e += NT) {",
+                      "  for (int e = tid; e < TK * DP; e += NT) {"),
     # the scalar forward's window test on partial tiles dropped
     "mask": ("fwd", "if (!full && !na_in_windows(ax, Lg, qc, kc)) continue;", ""),
     # dK/dV: the query range of a key tile one short at its end

@@ -182,7 +182,7 @@ def geometry(p) -> Geometry:
 def stage_rows(geo: Geometry) -> int:
     """common.h's na_stage_rows: rows of key+value (or query+dO) staged per tile."""
     b = (geo.DP + geo.DVP) * ESIZE[geo.dtype]
-    return 32 if b * 32 <= TG_MEMORY - 512 else 16 if b * 16 <= TG_MEMORY - 512 else 8
+    return 32 if b * 32 <= TG_MEMORY - 2048 else 16 if b * 16 <= TG_MEMORY - 2048 else 8
 
 
 def _box(geo: Geometry, size: int, extents) -> tuple:

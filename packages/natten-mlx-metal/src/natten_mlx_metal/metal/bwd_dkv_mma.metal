@@ -10,6 +10,8 @@ threadgroup T qs[TQ * DP];
 threadgroup T dos[TQ * DVP];
 threadgroup float ls[TQ];
 threadgroup float dls[TQ];
+// per staged query: local token (-1: none), in-group coordinates, window start and end, per axis
+threadgroup int qtab[TQ * 10];
 
 const int tid = int(thread_index_in_threadgroup);
 const int lane = int(thread_index_in_simdgroup);
@@ -76,22 +78,29 @@ for (int h = hk * G; h < (hk + 1) * G; ++h) {
       full = full && cls == NA_TILE_FULL;
     }
     if (skip) continue;  // same decision in every thread
+    // the tile's query rows once, so staging and masks do no index or window arithmetic
+    for (int r = tid; r < TQ; r += NT) {
+      int qc[3];
+      bool ok = r < slots && na_box_slot(r, text, q0, q1, qc);
+      int tok = ok ? na_token(ax, g, qc, false) : -1;
+      qtab[r * 10] = tok;
+      for (int a = 0; a < 3; ++a) {
+        qtab[r * 10 + 1 + a] = qc[a];
+        qtab[r * 10 + 4 + a] = ok ? na_window_start(qc[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal) : 0;
+        qtab[r * 10 + 7 + a] = ok ? na_window_end(qc[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal) : 0;
+      }
+      long row = ok ? (long(b) * N + tok) * H + h : 0;
+      ls[r] = ok ? float(lse[row]) : 0.0f;
+      dls[r] = ok ? float(delta[row]) : 0.0f;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int e = tid; e < TQ * DP; e += NT) {
-      int r = e / DP, x = e % DP, qc[3];
-      bool ok = r < slots && na_box_slot(r, text, q0, q1, qc) && x < D;
-      qs[e] = ok ? q[((long(b) * N + na_token(ax, g, qc, false)) * H + h) * D + x] : T(0.0f);
+      int r = e / DP, x = e % DP, tok = qtab[r * 10];
+      qs[e] = (tok >= 0 && x < D) ? q[((long(b) * N + tok) * H + h) * D + x] : T(0.0f);
     }
     for (int e = tid; e < TQ * DVP; e += NT) {
-      int r = e / DVP, x = e % DVP, qc[3];
-      bool ok = r < slots && na_box_slot(r, text, q0, q1, qc) && x < DV;
-      dos[e] = ok ? dout[((long(b) * N + na_token(ax, g, qc, false)) * H + h) * DV + x] : T(0.0f);
-    }
-    for (int e = tid; e < TQ; e += NT) {
-      int qc[3];
-      bool ok = e < slots && na_box_slot(e, text, q0, q1, qc);
-      long row = ok ? (long(b) * N + na_token(ax, g, qc, false)) * H + h : 0;
-      ls[e] = ok ? float(lse[row]) : 0.0f;
-      dls[e] = ok ? float(delta[row]) : 0.0f;
+      int r = e / DVP, x = e % DVP, tok = qtab[r * 10];
+      dos[e] = (tok >= 0 && x < DV) ? dout[((long(b) * N + tok) * H + h) * DV + x] : T(0.0f);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     // S^T = K Q^T, then P^T and dP^T = V dO^T, then dS^T (kept in sf)
@@ -108,7 +117,11 @@ for (int h = hk * G; h < (hk + 1) * G; ++h) {
       float2 p2;
       for (int e = 0; e < 2; ++e) {
         int r = j * 8 + fc + e, qc[3];
-        bool ok = kvalid && r < slots && na_box_slot(r, text, q0, q1, qc) && (full || na_in_windows(ax, Lg, qc, kc));
+        bool ok = kvalid && qtab[r * 10] >= 0;
+        for (int a = 0; a < 3; ++a) {
+          qc[a] = qtab[r * 10 + 1 + a];
+          if (!full) ok = ok && kc[a] >= qtab[r * 10 + 4 + a] && kc[a] < qtab[r * 10 + 7 + a];
+        }
         float s = st[e] * scale;
         if (ok && has_rpb) s += float(rpb[long(h) * R + na_rpb_col(ax, qc, kc)]);
         float p = ok ? metal::exp(s - ls[r]) : 0.0f;

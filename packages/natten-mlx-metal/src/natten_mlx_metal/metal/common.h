@@ -49,9 +49,10 @@ NA_FUNC int na_rpb_col(thread const NaAxis* ax, thread const int* c, thread cons
 }
 
 // Keys (or queries) staged per tile in threadgroup memory: the most of 32, 16, 8 whose key and
-// value rows fit in 32 KB (Apple GPUs' threadgroup memory). The Python side computes the same.
+// value rows fit in 32 KB (Apple GPUs' threadgroup memory) less 2 KB for per-row tables (lse,
+// delta, tokens, windows). The Python side computes the same.
 constexpr int na_stage_rows(int dp, int dvp, int esize) {
-  return (dp + dvp) * esize * 32 <= 32768 - 512 ? 32 : (dp + dvp) * esize * 16 <= 32768 - 512 ? 16 : 8;
+  return (dp + dvp) * esize * 32 <= 32768 - 2048 ? 32 : (dp + dvp) * esize * 16 <= 32768 - 2048 ? 16 : 8;
 }
 
 // Decode a tile index into per-axis (dilation group, tile) and the in-group coordinate range

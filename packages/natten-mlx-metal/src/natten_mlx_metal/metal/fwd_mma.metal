@@ -9,6 +9,7 @@
 constexpr int TK = na_stage_rows(DP, DVP, sizeof(T));
 threadgroup T ks[TK * DP];
 threadgroup T vs[TK * DVP];
+threadgroup int krow[TK * 4];  // per staged key: in-group coordinates per axis, local token (-1: none)
 
 const int tid = int(thread_index_in_threadgroup);
 const int lane = int(thread_index_in_simdgroup);
@@ -40,6 +41,11 @@ int qc[3];
 const bool qvalid = na_box_slot(sg * 8 + fr, text, c0, c1, qc);
 const int qtok = qvalid ? na_token(ax, g, qc, false) : 0;
 const long qrow = (long(b) * N + qtok) * H + h;
+int ws[3], we[3];  // this lane's query window per axis: the mask of partial tiles is 6 comparisons
+for (int a = 0; a < 3; ++a) {
+  ws[a] = na_window_start(qvalid ? qc[a] : c0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+  we[a] = na_window_end(qvalid ? qc[a] : c0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+}
 
 float2 qf[DP / 8];   // this lane's elements of the Q, O and S fragments
 float2 of[DVP / 8];
@@ -121,20 +127,30 @@ for (int kt0 = 0; kt0 < total; ++kt0) {
     full = full && cls == NA_TILE_FULL;
   }
   if (skip) continue;  // same decision in every thread
+  // the tile's key rows once (coordinates, token), so staging and masks do no index arithmetic
+  for (int r = tid; r < TK; r += NT) {
+    int kc[3];
+    bool ok = r < slots && na_box_slot(r, kext, k0, k1, kc);
+    for (int a = 0; a < 3; ++a) krow[r * 4 + a] = kc[a];
+    krow[r * 4 + 3] = ok ? na_token(ax, g, kc, true) : -1;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
   for (int e = tid; e < TK * DP; e += NT) {
-    int r = e / DP, x = e % DP, kc[3];
-    bool ok = r < slots && na_box_slot(r, kext, k0, k1, kc) && x < D;
-    ks[e] = ok ? k[((long(b) * NK + na_token(ax, g, kc, true)) * HKV + hk) * D + x] : T(0.0f);
+    int r = e / DP, x = e % DP, tok = krow[r * 4 + 3];
+    ks[e] = (tok >= 0 && x < D) ? k[((long(b) * NK + tok) * HKV + hk) * D + x] : T(0.0f);
   }
   for (int e = tid; e < TK * DVP; e += NT) {
-    int r = e / DVP, x = e % DVP, kc[3];
-    bool ok = r < slots && na_box_slot(r, kext, k0, k1, kc) && x < DV;
-    vs[e] = ok ? v[((long(b) * NK + na_token(ax, g, kc, true)) * HKV + hk) * DV + x] : T(0.0f);
+    int r = e / DVP, x = e % DVP, tok = krow[r * 4 + 3];
+    vs[e] = (tok >= 0 && x < DV) ? v[((long(b) * NK + tok) * HKV + hk) * DV + x] : T(0.0f);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   NA_MMA_STEP(
     int kc[3];
-    bool ok = qvalid && r < slots && na_box_slot(r, kext, k0, k1, kc) && (full || na_in_windows(ax, Lg, qc, kc));
+    for (int a = 0; a < 3; ++a) kc[a] = krow[r * 4 + a];
+    bool ok = qvalid && krow[r * 4 + 3] >= 0;
+    if (!full) {
+      for (int a = 0; a < 3; ++a) ok = ok && kc[a] >= ws[a] && kc[a] < we[a];
+    }
     if (ok && has_rpb) s += float(rpb[long(h) * R + na_rpb_col(ax, qc, kc)]);
     s = ok ? s : -INFINITY;
   )
