@@ -527,7 +527,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   const int nthr = num_threads();
   // key/value gradients are sums over tiles: a slice's tiles are split among `splits` tasks, each
   // with its own accumulators (split 0 writes the outputs directly), added up afterwards
-  const int64_t splits = slices >= nthr ? 1 : std::min<int64_t>(ntiles, (nthr + slices - 1) / slices);
+  // several tasks per thread let an idle thread take over the work of one that was descheduled (a
+  // shared machine), at the price of one more accumulator (and its reduction) per extra split
+  int64_t splits = std::min<int64_t>(ntiles, (4 * nthr + slices - 1) / slices);
+  const int64_t per_split = (Nk + g.E) * (D + Dv) * slices * static_cast<int64_t>(sizeof(float));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1 + (int64_t(256) << 20) / std::max<int64_t>(per_split, 1)));
   const int64_t ntasks = slices * splits;
   const int64_t acc_size = Nk * (D + Dv) + E * (D + Dv);
   float* priv = splits > 1 ? scratch(static_cast<size_t>((splits - 1) * slices * acc_size), true) : nullptr;
