@@ -11,12 +11,17 @@ import shutil
 import subprocess
 
 import pytest
+from cuda_cases import skip_cpu_check_on_gpu
 from natten_mlx_cuda import plan, source
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="no nvcc (CUDA toolkit) on this machine")
+NVCC = os.environ.get("NVCC") or NVCC
+pytestmark = [
+    pytest.mark.skipif(NVCC is None, reason="no nvcc (CUDA toolkit) on this machine; set NVCC=/path/to/nvcc"),
+    pytest.mark.skipif(bool(skip_cpu_check_on_gpu()), reason=str(skip_cpu_check_on_gpu())),
+]
 
 VARIANTS = plan.compile_variants()
 BODIES = sorted({v.body for v in VARIANTS})

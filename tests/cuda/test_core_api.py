@@ -13,6 +13,9 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 if shutil.which("g++") is None:
     pytest.skip("no g++ for the CUDA emulator", allow_module_level=True)
+_why = __import__("cuda_cases").skip_cpu_check_on_gpu()
+if _why:
+    pytest.skip(_why, allow_module_level=True)
 
 import emu  # noqa: E402
 import natten_mlx  # noqa: E402

@@ -11,7 +11,7 @@ from natten_mlx import hookimpl
 
 from .backend import CudaBackend
 
-__version__ = "0.1.0"
+__version__ = "0.4.0"
 __all__ = ["CudaBackend"]
 
 
