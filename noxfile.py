@@ -1,8 +1,8 @@
 """Every development task of natten-mlx.
 
     nox -s demo            the main job: install natten-mlx, train the demo classifier, print info, a quick benchmark
-    nox -t ci              what CI runs (.ci/run): tests per interpreter and backend, parity, plugins, compat,
-                           parity014, the wheelhouse
+    nox -t ci              what CI runs (.ci/run): tests per interpreter and backend, parity (with NATTEN
+                           0.21.7, and compat), plugins, parity014, the wheelhouse
     nox -s build           wheel and sdist of every distribution under packages/ into dist/
     nox -s wheelhouse      build, then install natten-mlx[compat] and every tier from dist/ into a fresh venv;
                            natten-mlx info and check there
@@ -109,12 +109,21 @@ def tests(session: nox.Session, backend: str) -> None:
 @nox.session(python=PYTHON, tags=["ci"])
 @nox.parametrize("backend", BACKENDS)
 def parity(session: nox.Session, backend: str) -> None:
-    """Parity with official NATTEN 0.21.7 (CPU torch), forward and backward."""
+    """Everything compared with official NATTEN 0.21.7 (CPU torch) in one venv (its install is the
+    slow part): the core's parity tests and natten_mlx.compat, regular installs, then the packaging
+    tests again on editable ones."""
     _install_core(session, backend)
+    session.install(str(COMPAT))
+    # a reused venv may hold the editable installs of the previous run: make these regular again
+    session.install("--force-reinstall", "--no-deps", str(CORE), str(COMPAT))
     _install_reference(session)
-    # the parity module skips itself without torch or natten: here they must be present
+    # the parity modules skip themselves without torch or natten: here they must be present
     session.run("python", "-c", "import natten, torch")
-    session.run("pytest", "-q", "tests/parity", *session.posargs, env={"NATTEN_BACKEND": backend})
+    env = {"NATTEN_BACKEND": backend}
+    session.run("pytest", "-q", "tests/parity", "tests/compat", *session.posargs, env=env)
+    session.install("--no-deps", "-e", str(CORE), "-e", str(COMPAT))
+    session.run("pytest", "-q", "tests/compat/test_compat_packaging.py", "tests/compat/test_compat_v014.py",
+                *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON, tags=["ci"])
@@ -129,11 +138,10 @@ def plugins(session: nox.Session) -> None:
     session.run("pytest", "-q", "tests/plugins", *session.posargs, env=env)
 
 
-@nox.session(python=PYTHON, tags=["ci"])
+@nox.session(python=PYTHON)
 def compat(session: nox.Session) -> None:
-    """natten_mlx.compat eras against official NATTEN 0.21.7; regular installs, then editable ones."""
+    """natten_mlx.compat alone (CI runs it inside ``parity``); regular installs, then editable ones."""
     session.install(f"{CORE}[test]", str(COMPAT))
-    # a reused venv may hold the editable installs of the previous run: make these regular again
     session.install("--force-reinstall", "--no-deps", str(CORE), str(COMPAT))
     _install_reference(session)
     session.run("pytest", "-q", "tests/compat", *session.posargs)
