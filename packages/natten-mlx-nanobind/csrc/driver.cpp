@@ -406,6 +406,32 @@ float* transpose_slices(const float* x, int64_t slices, int64_t rows, int64_t co
 }
 
 // rpb [H][R] with vector slack after it (the padded row helpers read past a run)
+// heads-last x [B][n][hx][w] -> per (b, h) slice [w][n]
+float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w) {
+  float* t = scratch(static_cast<size_t>(B * n * hx * w));
+  parallel_for(B * hx, [&](int64_t sl) {
+    const int64_t b = sl / hx, h = sl % hx;
+    float* dst = t + sl * n * w;
+    constexpr int64_t kB = 16;
+    for (int64_t n0 = 0; n0 < n; n0 += kB) {
+      const int64_t n1 = std::min(n, n0 + kB);
+      for (int64_t c = 0; c < w; ++c)
+        for (int64_t r = n0; r < n1; ++r) dst[c * n + r] = x[((b * n + r) * hx + h) * w + c];
+    }
+  });
+  return t;
+}
+
+// X[j][:] = value row of box key j (heads-last storage), then extras; zero rows up to NP
+void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, const float* v, const float* ev, float* X) {
+  const int64_t Dv = g.Dv;
+  for (int64_t j = 0; j < tg.Nbox; ++j)
+    std::memcpy(X + j * Dv, v + ((b * g.Nk + tg.ktok[j]) * g.Hkv + hk) * Dv, sizeof(float) * Dv);
+  for (int64_t e = 0; e < g.E; ++e)
+    std::memcpy(X + (tg.Nbox + e) * Dv, ev + ((b * g.E + e) * g.Hkv + hk) * Dv, sizeof(float) * Dv);
+  std::memset(X + tg.Ncol * Dv, 0, sizeof(float) * Dv * (tg.NP - tg.Ncol));
+}
+
 float* padded_rpb(const Geo& g, const float* rpb) {
   // scratch() leaves slack after the buffer
   if (!rpb) return nullptr;
@@ -426,15 +452,12 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
   Plan plan = make_plan(g, kt.vw);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
-  const float* kT = transpose_slices(a.k, slices, g.Nk, g.D);
-  const float* ekT = g.E ? transpose_slices(a.ek, slices, g.E, g.D) : nullptr;
+  const float* kT = transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D);
+  const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  // tiles of a slice whose values are all finite skip the per-tile check
-  std::vector<char> v_finite(slices);
-  parallel_for(slices, [&](int64_t sl) {
-    v_finite[sl] = kt.all_finite(a.v + sl * g.Nk * g.Dv, g.Nk * g.Dv) &&
-                   (!g.E || kt.all_finite(a.ev + sl * g.E * g.Dv, g.E * g.Dv));
-  });
+  // when every value is finite, tiles skip their own check
+  const bool v_finite = kt.all_finite(a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
+                        (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
   parallel_for(slices * ntiles, [&](int64_t item) {
     const int64_t slice = item / ntiles, b = slice / g.Hkv, hk = slice % g.Hkv;
     const Tile& t = plan.tiles[item % ntiles];
@@ -444,9 +467,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     const int64_t M = tg.T * g.G, NP = tg.NP, D = g.D, Dv = g.Dv;
     float* Qp = grow(w.qp, M * D);
     for (int64_t gg = 0; gg < g.G; ++gg) {
-      const float* qh = a.q + ((b * g.H + hk * g.G + gg) * g.N) * D;
       for (int64_t q = 0; q < tg.T; ++q) {
-        const float* src = qh + tg.qtok[q] * D;
+        const float* src = a.q + ((b * g.N + tg.qtok[q]) * g.H + hk * g.G + gg) * D;
         float* dst = Qp + (gg * tg.T + q) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * g.scale;
       }
@@ -491,8 +513,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       inv[r] = 1.f / sum;
     }
     float* Vp = grow(w.vp, NP * Dv);
-    pack_rows(g, tg, Dv, a.v + slice * g.Nk * Dv, g.E ? a.ev + slice * g.E * Dv : nullptr, Vp);
-    if (v_finite[slice] || kt.all_finite(Vp, tg.Ncol * Dv)) {
+    pack_rows_hl(g, tg, b, hk, a.v, a.ev, Vp);
+    if (v_finite || kt.all_finite(Vp, tg.Ncol * Dv)) {
       kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
     } else {
       // an inf/NaN value outside a query's window must not reach it through a zero weight
@@ -509,7 +531,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     }
     for (int64_t r = 0; r < M; ++r) {
       const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
-      const int64_t row = (b * g.H + h) * g.N + tg.qtok[q];
+      const int64_t row = (b * g.N + tg.qtok[q]) * g.H + h;
       float* dst = a.out + row * Dv;
       const float* src = O + r * Dv;
       for (int64_t d = 0; d < Dv; ++d) dst[d] = src[d] * inv[r];

@@ -26,6 +26,8 @@ struct Geo {
   bool has_rpb;
 };
 
+// The forward reads and writes MLX's own heads-last layout (q [B][N][H][D], k/v [B][Nk][Hkv][D|Dv],
+// extras [B][E][Hkv][D|Dv], out [B][N][H][Dv], lse [B][N][H]), so float32 inputs are used in place.
 struct FwdArgs {
   const float *q, *k, *v, *ek, *ev, *rpb;  // ek/ev/rpb null when absent
   float *out, *lse;

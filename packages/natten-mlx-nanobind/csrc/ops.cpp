@@ -148,13 +148,15 @@ View view_rpb(const mx::array& x, int nd) {
 }
 
 template <class T>
-void gather_t(const View& v, float* dst) {
+void gather_t(const View& v, float* dst, bool heads_last = false) {
   const int64_t B = v.size[0], X0 = v.size[1], X1 = v.size[2], X2 = v.size[3], H = v.size[4], W = v.size[5];
   const int64_t N = X0 * X1 * X2;
   const T* base = reinterpret_cast<const T*>(v.ptr);
   parallel_for(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
-    float* out = dst + bh * N * W;
+    // canonical [B][H][N][W]: consecutive tokens are W apart; heads-last [B][N][H][W]: H * W apart
+    float* out = heads_last ? dst + (b * N * H + h) * W : dst + bh * N * W;
+    const int64_t step = heads_last ? H * W : W;
     for (int64_t x0 = 0; x0 < X0; ++x0)
       for (int64_t x1 = 0; x1 < X1; ++x1)
         for (int64_t x2 = 0; x2 < X2; ++x2) {
@@ -164,7 +166,7 @@ void gather_t(const View& v, float* dst) {
           } else {
             for (int64_t w = 0; w < W; ++w) out[w] = static_cast<float>(src[w * v.stride[5]]);
           }
-          out += W;
+          out += step;
         }
   });
 }
@@ -180,13 +182,14 @@ struct Buf {
 
 Buf buf(size_t n) { return Buf{n ? scratch(n) : nullptr, n}; }
 
-// canonical float32 [B][H][N][W] copy of a view (every float dtype MLX has is accepted here)
-Buf gather(const View& v) {
+// canonical float32 [B][H][N][W] copy of a view (every float dtype MLX has is accepted here), or the
+// heads-last [B][N][H][W] order of MLX's own contiguous arrays
+Buf gather(const View& v, bool heads_last = false) {
   Buf dst = buf(static_cast<size_t>(v.size[0] * v.size[1] * v.size[2] * v.size[3] * v.size[4] * v.size[5]));
   switch (v.dt) {
-    case mx::float32: gather_t<float>(v, dst.data()); break;
-    case mx::float16: gather_t<mx::float16_t>(v, dst.data()); break;
-    case mx::bfloat16: gather_t<mx::bfloat16_t>(v, dst.data()); break;
+    case mx::float32: gather_t<float>(v, dst.data(), heads_last); break;
+    case mx::float16: gather_t<mx::float16_t>(v, dst.data(), heads_last); break;
+    case mx::bfloat16: gather_t<mx::bfloat16_t>(v, dst.data(), heads_last); break;
     default: throw std::invalid_argument("natten_mlx_nanobind: internal error: non-float input reached a kernel");
   }
   return dst;
@@ -222,6 +225,34 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
   auto canon = [&](int i, bool has_w = true) { return gather(view_bshw(in[i], nd, has_w)); };
   auto canon_extra = [&](int i) { return gather(view_bshw(in[i], 1, true)); };
   scratch_reset();
+  if (kind == OpKind::FusedFwd) {
+    // float32 row-contiguous inputs are read in place; others are converted in the same layout
+    auto hl = [&](int i, int nsp) -> const float* {
+      if (i < 0) return nullptr;
+      const mx::array& x = in[i];
+      if (x.dtype() == mx::float32 && x.flags().row_contiguous) return x.data<float>();
+      return gather(view_bshw(x, nsp, true), true).data();
+    };
+    const float* pq = hl(s.q, nd);
+    const float* pk = hl(s.k, nd);
+    const float* pv = hl(s.v, nd);
+    const float* pek2 = hl(s.ek, 1);
+    const float* pev2 = hl(s.ev, 1);
+    Buf rp = s.rpb >= 0 ? gather(view_rpb(in[s.rpb], nd)) : Buf{};
+    float* po = out[0].dtype() == mx::float32 ? out[0].data<float>() : buf(g.B * g.N * g.H * g.Dv).data();
+    fused_forward(g, FwdArgs{pq, pk, pv, pek2, pev2, rp.empty() ? nullptr : rp.data(), po, out[1].data<float>()});
+    if (out[0].dtype() != mx::float32) {
+      const int64_t n = g.B * g.N * g.H * g.Dv;
+      if (out[0].dtype() == mx::float16) {
+        auto* d = out[0].data<mx::float16_t>();
+        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::float16_t>(po[i]);
+      } else {
+        auto* d = out[0].data<mx::bfloat16_t>();
+        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::bfloat16_t>(po[i]);
+      }
+    }
+    return;
+  }
   Buf q, k, v, ek, ev, rpb;
   if (s.q >= 0) q = canon(s.q);
   if (s.k >= 0) k = canon(s.k);
@@ -233,13 +264,8 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
   const float* pev = ev.empty() ? nullptr : ev.data();
   const float* prpb = rpb.empty() ? nullptr : rpb.data();
   switch (kind) {
-    case OpKind::FusedFwd: {
-      auto o = buf(g.B * g.H * g.N * g.Dv), l = buf(g.B * g.H * g.N);
-      fused_forward(g, FwdArgs{q.data(), k.data(), v.data(), pek, pev, prpb, o.data(), l.data()});
-      scatter(o, g.B, g.N, g.H, g.Dv, true, out[0]);
-      scatter(l, g.B, g.N, g.H, 1, true, out[1]);
-      break;
-    }
+    case OpKind::FusedFwd:
+      break;  // handled above
     case OpKind::FusedBwd: {
       auto o = canon(s.out), l = canon(s.lse, false), dout = canon(s.dout), dl = canon(s.dlse, false);
       auto dq = buf(q.size()), dk = buf(k.size()), dv = buf(v.size()), dek = buf(ek.size()), dev = buf(ev.size()),
