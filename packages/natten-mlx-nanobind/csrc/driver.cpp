@@ -423,8 +423,8 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
 }
 
 // X[j][:] = value row of box key j (heads-last storage), then extras; zero rows up to NP
-void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, const float* v, const float* ev, float* X) {
-  const int64_t Dv = g.Dv;
+void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_t Dv, const float* v, const float* ev,
+                  float* X) {
   for (int64_t j = 0; j < tg.Nbox; ++j)
     std::memcpy(X + j * Dv, v + ((b * g.Nk + tg.ktok[j]) * g.Hkv + hk) * Dv, sizeof(float) * Dv);
   for (int64_t e = 0; e < g.E; ++e)
@@ -513,7 +513,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       inv[r] = 1.f / sum;
     }
     float* Vp = grow(w.vp, NP * Dv);
-    pack_rows_hl(g, tg, b, hk, a.v, a.ev, Vp);
+    pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
     if (v_finite || kt.all_finite(Vp, tg.Ncol * Dv)) {
       kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
     } else {
@@ -561,8 +561,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
-  const float* kT = transpose_slices(a.k, slices, Nk, D);
-  const float* ekT = E ? transpose_slices(a.ek, slices, E, D) : nullptr;
+  const float* kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D);
+  const float* ekT = E ? transpose_heads_last(a.ek, g.B, E, g.Hkv, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
   std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
   std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
@@ -570,16 +570,9 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
   }
-  std::vector<char> slice_finite(slices);
-  parallel_for(slices, [&](int64_t sl) {
-    const int64_t b = sl / g.Hkv, hk = sl % g.Hkv;
-    bool ok = kt.all_finite(a.k + sl * Nk * D, Nk * D) && (!E || kt.all_finite(a.ek + sl * E * D, E * D));
-    for (int64_t gg = 0; ok && gg < g.G; ++gg) {
-      const int64_t h = hk * g.G + gg;
-      ok = kt.all_finite(a.q + (b * g.H + h) * N * D, N * D) && kt.all_finite(a.dout + (b * g.H + h) * N * Dv, N * Dv);
-    }
-    slice_finite[sl] = ok;
-  });
+  // when keys, queries and output gradients are all finite, tiles skip their own check
+  const bool all_fin = kt.all_finite(a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
+                       kt.all_finite(a.q, g.B * N * g.H * D) && kt.all_finite(a.dout, g.B * N * g.H * Dv);
   parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
@@ -609,7 +602,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       float* dl = lrow + M;
       for (int64_t r = 0; r < M; ++r) {
         const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
-        const int64_t row = (b * g.H + h) * N + tg.qtok[q];
+        const int64_t row = (b * N + tg.qtok[q]) * g.H + h;  // heads-last inputs
         const float* src = a.q + row * D;
         for (int64_t d = 0; d < D; ++d) Qp[r * D + d] = src[d] * g.scale;
         std::memcpy(dO + r * Dv, a.dout + row * Dv, sizeof(float) * Dv);
@@ -617,14 +610,12 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         lrow[r] = a.lse[row];
         dl[r] = a.dlse ? a.dlse[row] : 0.f;
       }
-      const float* kslice = a.k + slice * Nk * D;
-      const float* ekslice = E ? a.ek + slice * E * D : nullptr;
       float* KT = grow(w.kt, D * NP + 2 * kt.vw);
       pack_keys_t(kt, g, tg, kT + slice * Nk * D, E ? ekT + slice * E * D : nullptr, KT);
       float* Kp = grow(w.kp, NP * D);
-      pack_rows(g, tg, D, kslice, ekslice, Kp);
+      pack_rows_hl(g, tg, b, hk, D, a.k, a.ek, Kp);
       float* Vp = grow(w.vp, NP * Dv);
-      pack_rows(g, tg, Dv, a.v + slice * Nk * Dv, E ? a.ev + slice * E * Dv : nullptr, Vp);
+      pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
       float* VT = grow(w.vt, Dv * NP);
       transpose(Vp, NP, Dv, Dv, VT, NP);
       float* S = grow(w.s, M * NP + kt.vw);
@@ -663,7 +654,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       float* dQ = grow(w.o, M * D);
       float* dKb = grow(w.dkb, tg.Ncol * D);
       float* dVb = grow(w.dvb, tg.Ncol * Dv);
-      const bool finite = slice_finite[slice] || (kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) &&
+      const bool finite = all_fin || (kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) &&
                                                   kt.all_finite(dO, M * Dv));
       if (finite) {
         kt.gemm(static_cast<int>(M), static_cast<int>(D), static_cast<int>(NP), dS, NP, Kp, D, dQ, D, false);

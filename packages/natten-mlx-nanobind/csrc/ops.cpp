@@ -225,14 +225,33 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
   auto canon = [&](int i, bool has_w = true) { return gather(view_bshw(in[i], nd, has_w)); };
   auto canon_extra = [&](int i) { return gather(view_bshw(in[i], 1, true)); };
   scratch_reset();
+  // float32 row-contiguous inputs are read in place; others are converted in the same layout
+  auto hl = [&](int i, int nsp, bool has_w = true) -> const float* {
+    if (i < 0) return nullptr;
+    const mx::array& x = in[i];
+    if (x.dtype() == mx::float32 && x.flags().row_contiguous) return x.data<float>();
+    return gather(view_bshw(x, nsp, has_w), true).data();
+  };
+  if (kind == OpKind::FusedBwd) {
+    Buf rp = s.rpb >= 0 ? gather(view_rpb(in[s.rpb], nd)) : Buf{};
+    auto dq = buf(g.B * g.H * g.N * g.D), dk = buf(g.B * g.Hkv * g.Nk * g.D), dv = buf(g.B * g.Hkv * g.Nk * g.Dv),
+         dek = buf(g.B * g.Hkv * g.E * g.D), dev = buf(g.B * g.Hkv * g.E * g.Dv), drpb = buf(rp.size());
+    fused_backward(g, BwdArgs{hl(s.q, nd), hl(s.k, nd), hl(s.v, nd), hl(s.ek, 1), hl(s.ev, 1),
+                              rp.empty() ? nullptr : rp.data(), hl(s.out, nd), hl(s.lse, nd, false),
+                              hl(s.dout, nd), hl(s.dlse, nd, false), dq.data(), dk.data(), dv.data(), dek.data(),
+                              dev.data(), drpb.data()});
+    int i = 0;
+    scatter(dq, g.B, g.N, g.H, g.D, true, out[i++]);
+    scatter(dk, g.B, g.Nk, g.Hkv, g.D, true, out[i++]);
+    scatter(dv, g.B, g.Nk, g.Hkv, g.Dv, true, out[i++]);
+    if (c.extra) {
+      scatter(dek, g.B, g.E, g.Hkv, g.D, true, out[i++]);
+      scatter(dev, g.B, g.E, g.Hkv, g.Dv, true, out[i++]);
+    }
+    if (c.rpb) scatter(drpb, 1, g.Rtot, g.H, 1, false, out[i++]);
+    return;
+  }
   if (kind == OpKind::FusedFwd) {
-    // float32 row-contiguous inputs are read in place; others are converted in the same layout
-    auto hl = [&](int i, int nsp) -> const float* {
-      if (i < 0) return nullptr;
-      const mx::array& x = in[i];
-      if (x.dtype() == mx::float32 && x.flags().row_contiguous) return x.data<float>();
-      return gather(view_bshw(x, nsp, true), true).data();
-    };
     const float* pq = hl(s.q, nd);
     const float* pk = hl(s.k, nd);
     const float* pv = hl(s.v, nd);
@@ -266,23 +285,8 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
   switch (kind) {
     case OpKind::FusedFwd:
       break;  // handled above
-    case OpKind::FusedBwd: {
-      auto o = canon(s.out), l = canon(s.lse, false), dout = canon(s.dout), dl = canon(s.dlse, false);
-      auto dq = buf(q.size()), dk = buf(k.size()), dv = buf(v.size()), dek = buf(ek.size()), dev = buf(ev.size()),
-           drpb = buf(rpb.size());
-      fused_backward(g, BwdArgs{q.data(), k.data(), v.data(), pek, pev, prpb, o.data(), l.data(), dout.data(),
-                                dl.data(), dq.data(), dk.data(), dv.data(), dek.data(), dev.data(), drpb.data()});
-      int i = 0;
-      scatter(dq, g.B, g.N, g.H, g.D, true, out[i++]);
-      scatter(dk, g.B, g.Nk, g.Hkv, g.D, true, out[i++]);
-      scatter(dv, g.B, g.Nk, g.Hkv, g.Dv, true, out[i++]);
-      if (c.extra) {
-        scatter(dek, g.B, g.E, g.Hkv, g.D, true, out[i++]);
-        scatter(dev, g.B, g.E, g.Hkv, g.Dv, true, out[i++]);
-      }
-      if (c.rpb) scatter(drpb, 1, g.Rtot, g.H, 1, false, out[i++]);
-      break;
-    }
+    case OpKind::FusedBwd:
+      break;  // handled above
     case OpKind::QkFwd: {
       auto sc = buf(g.B * g.H * g.N * (g.Kt + g.E));
       qk_forward(g, q.data(), k.data(), pek, prpb, sc.data());
