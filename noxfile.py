@@ -8,6 +8,10 @@
                            natten-mlx info and check there
     nox -s bench           the full benchmark against MLX SDPA and NATTEN 0.21.7; writes benchmarks/RESULTS.md
     nox -s parity014       compat parity against official NATTEN 0.14.6 (cached venv, ~20 min the first time)
+    nox -s metal_emulator  the Metal tier's shipped kernels under the CPU emulator (CI)
+    nox -s cuda_cpu        the CUDA tier without a GPU: nvcc compile of every variant, emulated kernels (CI)
+    nox -s sanitize        the nanobind tier under ASan + UBSan (CI)
+    nox -s distributed     sharded attention under mlx.launch -n 2 / -n 3 (ring) (CI)
     nox -s gpu             on a machine with a GPU: the core, parity and tier suites on the current interpreter
     nox -s lint            ruff
 
@@ -254,9 +258,45 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, tags=["ci"] if (ROOT / "tests" / "metal").is_dir() else [])
 def metal_emulator(session: nox.Session) -> None:
-    """The Metal tier's shipped kernel sources under its emulator (no Apple GPU needed)."""
+    """The Metal tier without an Apple GPU: the kernels it ships, run by the CPU emulator of
+    packages/natten-mlx-metal/emulator (needs g++): the emulator's planted-bug tests, then every
+    kernel variant against the float64 oracle, forward and backward. Compiled kernels are cached
+    outside the checkout (~/.cache/natten-mlx/metal-emulator), keyed by their source's hash."""
     session.install(f"{CORE}[test]", str(METAL))
-    session.run("pytest", "-q", "tests/metal", *session.posargs)
+    env = {"NATTEN_MLX_METAL_EMU_CACHE": str(_cache_dir() / "metal-emulator")}
+    session.run("pytest", "-q", "tests/metal", *session.posargs, env=env)
+
+
+@nox.session(python=PYTHON, tags=["ci"] if (ROOT / "tests" / "cuda").is_dir() else [])
+def cuda_cpu(session: nox.Session) -> None:
+    """The CUDA tier without a GPU: tiling.h against the oracle (g++), every kernel variant the backend
+    can dispatch through nvcc -arch=sm_90 (system nvcc or $NVCC; those tests skip without one), and the
+    kernels' exact source in the CPU emulator against the float64 oracle, alone and behind the core."""
+    session.install(f"{CORE}[test]")
+    session.install("--no-deps", str(CUDA))
+    session.run("pytest", "-q", "tests/cuda", *session.posargs)
+
+
+@nox.session(python=PYTHON, tags=["ci"] if NANOBIND.is_dir() else [])
+def sanitize(session: nox.Session) -> None:
+    """The nanobind tier built with AddressSanitizer + UndefinedBehaviorSanitizer, its own tests run
+    under them (libasan and libstdc++ preloaded into Python; leak reports off: CPython's own
+    allocations make them noise). Any ASan/UBSan report aborts the run."""
+    session.install(f"{CORE}[test]")
+    session.install("--no-cache-dir", "--force-reinstall", "--no-deps", str(NANOBIND),
+                    env={"NATTEN_MLX_SANITIZE": "ON"})
+    session.run("python", "-c", "import natten_mlx_nanobind._build_info as b; assert str(b.SANITIZE).upper() in ('ON', 'TRUE', '1'), 'not a sanitized build'")
+
+    def lib(name: str) -> str:
+        return subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+
+    env = {
+        "LD_PRELOAD": f"{lib('libasan.so')} {lib('libstdc++.so')}",
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+        "NATTEN_BACKEND": "nanobind",
+    }
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/nanobind", *session.posargs, env=env)
 
 
 @nox.session(python=PYTHON, tags=["ci"] if (ROOT / "tests" / "distributed").is_dir() else [])
