@@ -312,3 +312,30 @@ def test_subdomain_matches_the_full_problem(case):
     bad = dict(sub, kv_offset=[o + 1 for o in koff])
     with pytest.raises(ValueError, match="key slab|domain"):
         ext.fused_forward(*args, **win, **bad)
+
+
+def test_a_build_for_another_mlx_is_unavailable_with_the_reason(tmp_path):
+    # a copy of the installed package whose build record names another MLX: importing it must not
+    # load the extension, and the backend must say which versions and how to rebuild
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(nb.__file__)
+    dst = tmp_path / "natten_mlx_nanobind"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "_build_info.py").write_text('MLX_VERSION = "0.0.1"\nSANITIZE = "OFF"\n')
+    code = (
+        "import natten_mlx_nanobind as m, natten_mlx_nanobind.plugin as p, types; "
+        "b = p.NanobindBackend(); "
+        "print(m.UNAVAILABLE); print(b.available() == m.UNAVAILABLE); "
+        "print(b.supports(types.SimpleNamespace(device='cpu')) == m.UNAVAILABLE); "
+        "import sys; print('natten_mlx_nanobind._ext' in sys.modules)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    reason, same, same2, loaded = out.stdout.strip().splitlines()
+    assert "0.0.1" in reason and mx.__version__ in reason and "rebuild" in reason
+    assert same == "True" and same2 == "True" and loaded == "False"
