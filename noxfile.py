@@ -16,9 +16,9 @@
     nox -s lint            ruff
 
 Interpreters: a session runs on the interpreter that runs nox when it is one of SUPPORTED, else on
-the first of SUPPORTED found on PATH. The tests session runs on TEST_PYTHONS (the oldest supported
-and the newest MLX ships wheels for that this machine has). A missing interpreter is an error,
-never a skip.
+the first of SUPPORTED found on PATH. The tests session runs the core on TEST_PYTHONS (the oldest
+supported and the newest MLX ships wheels for that this machine has) and each CPU tier on the newest
+(TEST_MATRIX). A missing interpreter is an error, never a skip.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ NATTEN = "natten==0.21.7"
 # backends the tests and parity sessions are run against (forcing NATTEN_BACKEND); the CPU tier
 # joins when its package exists (cuda and metal need their device: see the gpu session)
 BACKENDS = ["pure"] + (["nanobind"] if NANOBIND.is_dir() else [])
+# (interpreter, backend) pairs of the tests session: the core on the oldest and the newest
+# interpreter, each tier on the newest (a tier on every interpreter would double CI's longest part)
+TEST_MATRIX = [(python, "pure") for python in TEST_PYTHONS] + [(TEST_PYTHONS[-1], b) for b in BACKENDS if b != "pure"]
 
 
 def _tiers() -> list[Path]:
@@ -98,8 +101,8 @@ def _install_core(session: nox.Session, backend: str, extra: str = "test") -> No
         session.install(str(NANOBIND))
 
 
-@nox.session(python=TEST_PYTHONS, tags=["ci"])
-@nox.parametrize("backend", BACKENDS)
+@nox.session(tags=["ci"])
+@nox.parametrize("python,backend", TEST_MATRIX)
 def tests(session: nox.Session, backend: str) -> None:
     """Core tests: the float64 oracle sweeps, validation, split ops, dtypes, the tools (demo, bench, check);
     with a tier's own tests when that tier is the backend."""

@@ -219,13 +219,11 @@ def test_strategies_here_is_one_of_three_and_forcing_each_gives_the_same_output(
     q = mx.random.normal((1, 9, 7, 2, 8), key=mx.random.key(0))
     outs = {}
     for s in strategies.names():
-        backend, around = strategies.forcing(s)
-        with around():
-            outs[s] = natten_mlx.na2d(q, q, q, (3, 5), dilation=(2, 1), backend=backend)
+        outs[s] = natten_mlx.na2d(q, q, q, (3, 5), dilation=(2, 1), backend=strategies.configured(s))
     for s in strategies.names():
         assert mx.allclose(outs[s], outs["gather"], atol=1e-5).item(), s
     with pytest.raises(ValueError, match="not a pure strategy"):
-        strategies.forcing("fast")
+        strategies.configured("fast")
 
 
 def test_check_compares_the_three_strategies(capsys):

@@ -116,9 +116,8 @@ def _check_pure_strategies(sweep, atol, out) -> int:
     most direct one: one gather of every window's keys)."""
     results = {}
     for strategy in strategies.names():
-        backend, around = strategies.forcing(strategy)
-        with around():
-            results[strategy] = [_run(case, backend) for case in sweep]
+        backend = strategies.configured(strategy)
+        results[strategy] = [_run(case, backend) for case in sweep]
     bad = 0
     reference = "gather"
     for strategy in strategies.names():

@@ -42,14 +42,9 @@ class Row:
         return d
 
 
-def _caller(impl: Impl, f, mode: str, q, k, v, cot) -> Callable[[], object]:
+def _caller(f, mode: str, q, k, v, cot) -> Callable[[], object]:
     """The timed call of one mode: ``f(q, k, v)``, or ``mx.vjp`` of it with cotangent ``cot``."""
-
-    def call():
-        with impl.around():
-            return f(q, k, v) if mode == "fwd" else mx.vjp(f, [q, k, v], [cot])
-
-    return call
+    return (lambda: f(q, k, v)) if mode == "fwd" else (lambda: mx.vjp(f, [q, k, v], [cot]))
 
 
 def run_case(case: Case, impls: list[Impl], modes=MODES, timing: dict | None = None, check: bool = True,
@@ -80,7 +75,7 @@ def run_case(case: Case, impls: list[Impl], modes=MODES, timing: dict | None = N
                 if why:
                     row.note = why
                     continue
-                call = _caller(impl, impl.build(case), mode, q, k, v, cot)
+                call = _caller(impl.build(case), mode, q, k, v, cot)
                 if check and mode == "fwd":
                     o = call()
                     mx.eval(o)

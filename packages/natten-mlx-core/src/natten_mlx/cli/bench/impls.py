@@ -3,9 +3,8 @@ baseline a user would write without this package (dense SDPA under the neighborh
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager
+from typing import Callable
 
 import mlx.core as mx
 
@@ -25,14 +24,12 @@ QUICK_DENSE_TOKENS = 1024
 class Impl:
     """A way to compute a case: ``build(case)`` returns ``f(q, k, v) -> out`` (called per mode).
 
-    ``skip(case, mode)`` returns a reason to leave a row out (e.g. memory), or None; every call
-    of ``f`` (and its backward) is made inside ``with around():``.
+    ``skip(case, mode)`` returns a reason to leave a row out (e.g. memory), or None.
     """
 
     name: str
     build: Callable[[Case], Callable]
     skip: Callable[[Case, str], str | None] = lambda case, mode: None
-    around: Callable[[], ContextManager] = nullcontext
 
 
 def natten_fn(case: Case, backend) -> Callable:
@@ -64,16 +61,11 @@ def backend_impls(case: Case, q, k, v, strategies_too: bool = True) -> tuple[lis
 def pure_strategy_impls() -> list[Impl]:
     """``pure[<strategy>]`` for each strategy the pure backend does not run here by default (none
     when the environment already forces one: every row would then run that one)."""
-    if not strategies.names() or strategies.forced_by_environment():
+    if strategies.forced_by_environment():
         return []
     default = strategies.here()
-    impls = []
-    for s in strategies.names():
-        if s == default:
-            continue
-        backend, around = strategies.forcing(s)
-        impls.append(Impl(f"pure[{s}]", lambda c, b=backend: natten_fn(c, b), around=around))
-    return impls
+    return [Impl(f"pure[{s}]", lambda c, s=s: natten_fn(c, strategies.configured(s)))
+            for s in strategies.names() if s != default]
 
 
 def sdpa_mask_fn(case: Case) -> Callable:

@@ -54,16 +54,10 @@ def max_err(a, b) -> float:
 
 
 def neighborhood_mask(case: Case) -> np.ndarray:
-    """Dense ``[N, N]`` boolean (query, key) mask of the case (``N`` tokens), from the core."""
-    try:
-        from natten_mlx.geometry import dense_mask
-    except ImportError:  # before protocol v2 (issue 7): the window module's own builder
-        from natten_mlx.windows import neighborhood_mask as build
-
-        n = len(case.spatial)
-        return build(case.spatial, case.per_axis(case.kernel_size), (1,) * n, case.per_axis(case.dilation),
-                     (False,) * n)
+    """Dense ``[N, N]`` boolean (query, key) mask of the case (``N`` tokens): the core's one dense
+    reference mask, :func:`natten_mlx.geometry.dense_mask`."""
     import natten_mlx
+    from natten_mlx.geometry import dense_mask
 
     q = mx.zeros((case.batch, *case.spatial, case.heads, case.head_dim), dtype=mx.float32)
     problem = natten_mlx.explain(case.op, q, q, q, kernel_size=case.kernel_size, dilation=case.dilation).problem
