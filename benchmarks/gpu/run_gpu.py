@@ -55,7 +55,7 @@ TAG = "@@RESULT "
 RESULTS_MD = os.path.join(os.path.dirname(HERE), "RESULTS.md")
 GPU_START, GPU_END = "<!-- gpu-results:start -->", "<!-- gpu-results:end -->"
 
-# name: (spatial, kernel_size, dilation, heads, head_dim, dtype, modes). C1-C4 mirror natten_mlx.bench.CASES.
+# name: (spatial, kernel_size, dilation, heads, head_dim, dtype, modes). C1-C4 mirror natten_mlx.cli.bench.CASES.
 CASES = {
     "G1": ((32768,), (2048,), (1,), 1, 128, "float16", ("fwd",)),
     "G2": ((256, 256), (80, 80), (1, 1), 24, 128, "float16", ("fwd",)),
@@ -86,7 +86,7 @@ def label(name: str) -> str:
 
 
 def numpy_inputs(name: str, seed: int = 0):
-    """q, k, v, cotangent as float32 NumPy arrays ``[1, *spatial, H, D]`` (as natten_mlx.bench.make_inputs)."""
+    """q, k, v, cotangent as float32 NumPy arrays ``[1, *spatial, H, D]`` (as natten_mlx.cli.bench.make_inputs)."""
     import numpy as np
 
     spatial, _, _, h, d, _, _ = CASES[name]
@@ -150,7 +150,7 @@ def emit(**row) -> None:
 
 
 def timed(fn, sync):
-    """Median / min ms over an adaptive number of calls after warm-up (natten_mlx.bench's rule)."""
+    """Median / min ms over an adaptive number of calls after warm-up (natten_mlx.cli.bench's rule)."""
     import statistics
 
     for _ in range(TIMING["warmup"]):

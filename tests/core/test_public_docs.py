@@ -34,7 +34,7 @@ MODULE_ARGS = list(inspect.signature(natten_mlx.modules._NeighborhoodAttention._
 @pytest.mark.parametrize("cls", [natten_mlx.NeighborhoodAttention1D, natten_mlx.NeighborhoodAttention2D,
                                  natten_mlx.NeighborhoodAttention3D])
 def test_module_arguments_are_documented(cls):
-    assert len(MODULE_ARGS) == 12
+    assert len(MODULE_ARGS) == 14
     for arg in MODULE_ARGS:
         assert f"{arg}:" in cls.__doc__, f"{cls.__name__} does not document {arg}"
 

@@ -195,7 +195,6 @@ def _core_extras() -> dict:
 
 
 @pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
-@pytest.mark.xfail(strict=True, reason=f"CORE-6: the tier distributions and their extras do not exist yet; {ISSUES}")
 @pytest.mark.parametrize("tier", sorted(KNOWN_TIERS))
 def test_the_extra_an_unknown_tier_error_names_installs_that_tier(tier):
     """``unknown backend 'metal'; install it with: pip install "natten-mlx[metal]"`` must be true advice."""

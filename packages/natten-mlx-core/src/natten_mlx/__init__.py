@@ -19,9 +19,12 @@ class _CompatHint:
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname == "natten_mlx.compat":
+            from .version import __version__
+
             raise ModuleNotFoundError(
-                "No module named 'natten_mlx.compat': NATTEN's era APIs ship separately; "
-                'pip install natten-mlx-compat (or pip install "natten-mlx[compat]")',
+                "No module named 'natten_mlx.compat': NATTEN's era APIs are the separate distribution "
+                "natten-mlx-compat; from a clone: pip install ./packages/natten-mlx-compat; from a wheelhouse "
+                f'(nox -s build): pip install --find-links dist "natten-mlx[compat]=={__version__}"',
                 name=fullname,
             )
         return None

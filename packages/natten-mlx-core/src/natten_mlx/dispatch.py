@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .plugins import registry, sort_backends
 from .problem import Problem
 from .protocol import differentiation_of
+from .version import __version__
 
 log = logging.getLogger("natten_mlx")
 
@@ -127,7 +128,9 @@ def get_backend(name: str):
     if name in regs:
         return regs[name].backend
     installed = ", ".join(sorted(regs)) or "none"
-    hint = f"; install it with: pip install \"{KNOWN_TIERS[name]}\"" if name in KNOWN_TIERS else ""
+    hint = (f"; it is the distribution natten-mlx-{name}: from a clone, pip install ./packages/natten-mlx-{name}; "
+            f'from a wheelhouse (nox -s build), pip install --find-links dist "{KNOWN_TIERS[name]}=={__version__}"'
+            if name in KNOWN_TIERS else "")
     extras = ", ".join(f"{n} ({extra})" for n, extra in KNOWN_TIERS.items() if n not in regs)
     more = f"; other known tiers: {extras}" if extras and not hint else ""
     raise ValueError(f"unknown backend {name!r}{hint}; installed backends: {installed}{more}")

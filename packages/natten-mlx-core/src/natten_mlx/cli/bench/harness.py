@@ -52,7 +52,7 @@ def run_case(case: Case, impls: list[Impl], modes=MODES, timing: dict | None = N
     """All ``impls`` on one case, for each mode; one Row each (errors become notes, never raise).
 
     ``fwd`` rows are checked against the float64 oracle on sampled queries; ``fwdbwd`` rows
-    against the dense baseline's gradients, or where it did not run, the first impl's.
+    against the dense baseline's gradients, or where it did not run, the pure backend's.
     """
     timing = timing or {}
     q, k, v, cot = make_inputs(case, seed)
@@ -62,8 +62,9 @@ def run_case(case: Case, impls: list[Impl], modes=MODES, timing: dict | None = N
     expected = reference_rows(case, q, k, v, rows_idx) if check else None
     ref_grads = None
     out: list[Row] = []
-    # the dense baseline first: its gradients are the reference of the others
-    ordered = sorted(impls, key=lambda i: i.name != BASELINE)
+    # the dense baseline first: its gradients are the reference of the others; without it the pure
+    # backend's (the reference backend), never a compiled tier's
+    ordered = sorted(impls, key=lambda i: (i.name != BASELINE, i.name != "pure"))
     for impl in ordered:
         for mode in modes:
             row = Row(case.name, case.label, impl.name, mode)
