@@ -10,7 +10,7 @@ measurement, then every torch one. A crash, an out-of-memory or a time-out insid
 loses only that measurement; the parent starts a new child for the rest.
 
 1. ``check``: natten-mlx (every registered backend, each pure strategy) on the GPU against a dense
-   masked float32 reference (``natten_mlx.windows.neighborhood_mask``) and against the pure
+   masked float32 reference (``natten_mlx.geometry.dense_mask``) and against the pure
    backend on the CPU stream, for small 1D/2D/3D configs with stride, dilation, causal masks,
    even kernels, GQA, float16 and bfloat16; gradients too.
 2. ``G1``-``G3``: the device README's large cases (float16, forward, head dim 128, batch 1):
@@ -276,7 +276,7 @@ def _check_config(i, spatial, ks, st, dil, causal, h, hk, d, dt, strategies, env
     import mlx.core as mx
     import natten_mlx
     import numpy as np
-    from natten_mlx.windows import neighborhood_mask
+    from natten_mlx.geometry import dense_mask
 
     dtypes = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
     tol = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
@@ -290,7 +290,7 @@ def _check_config(i, spatial, ks, st, dil, causal, h, hk, d, dt, strategies, env
     v = mx.array(rng.standard_normal((1, *spatial, hk, d), dtype=np.float32)).astype(dtypes[dt])
     cot = mx.array(rng.standard_normal((1, *spatial, h, d), dtype=np.float32)).astype(dtypes[dt])
     n = math.prod(spatial)
-    mask = mx.array(neighborhood_mask(spatial, ks, st, dil, causal))
+    mask = mx.array(dense_mask((spatial, ks, st, dil, causal)))
 
     def dense(q, k, v):
         qf = q.astype(mx.float32).reshape(1, n, hk, h // hk, d)
@@ -362,7 +362,7 @@ def mlx_case_child(name: str, impls: list[str]) -> None:
     import mlx.core as mx
     import natten_mlx
     import numpy as np
-    from natten_mlx.windows import neighborhood_mask
+    from natten_mlx.geometry import dense_mask
 
     _register_source_tiers()
     spatial, ks, dil, h, d, dt, modes = CASES[name]
@@ -391,7 +391,7 @@ def mlx_case_child(name: str, impls: list[str]) -> None:
         return back(mx.fast.scaled_dot_product_attention(t(q), t(k), t(v), scale=d**-0.5, mask=mask))
 
     def sdpa_with_mask():
-        mask = mx.array(neighborhood_mask(spatial, ks, (1,) * len(spatial), dil, (False,) * len(spatial)))
+        mask = mx.array(dense_mask((spatial, ks, (1,) * len(spatial), dil, (False,) * len(spatial))))
         return functools.partial(sdpa, mask=mask)
 
     plan = []  # (impl name, build -> f, env vars, skip reason per mode)

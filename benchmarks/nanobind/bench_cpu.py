@@ -37,9 +37,8 @@ for sub in ("packages/natten-mlx-core/src", "packages/natten-mlx-nanobind/src"):
         sys.path.insert(0, os.path.join(ROOT, sub))
 
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
 import natten_mlx  # noqa: E402
+import numpy as np  # noqa: E402
 from natten_mlx.windows import neighborhood_mask  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")

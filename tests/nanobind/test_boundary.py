@@ -7,12 +7,10 @@ from __future__ import annotations
 import threading
 from types import SimpleNamespace
 
-import numpy as np
-import pytest
-
 import mlx.core as mx
-
+import numpy as np
 import oracle
+import pytest
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:

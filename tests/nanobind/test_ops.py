@@ -7,12 +7,10 @@ Gradients are the primitive's own vjp (mx.vjp through the op), with random cotan
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import mlx.core as mx
-
+import numpy as np
 import oracle
+import pytest
 from configs import cfg_id, random_config, random_tensors
 
 nb = pytest.importorskip("natten_mlx_nanobind")

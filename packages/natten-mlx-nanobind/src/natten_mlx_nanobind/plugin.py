@@ -7,9 +7,8 @@ only; serves sub-domain (sharded) problems of the fused op.
 
 from __future__ import annotations
 
-import pluggy
-
 import mlx.core as mx
+import pluggy
 
 from . import UNAVAILABLE, __version__, extension
 
