@@ -204,7 +204,9 @@ def _build(session: nox.Session) -> None:
     for package in _distributions():
         # the sdist step writes build/ and src/*.egg-info into the source tree: remove what it added
         before = set(package.glob("build")) | set(package.glob("src/*.egg-info"))
-        session.run("python", "-m", "build", "--outdir", str(DIST), str(package))
+        # --sdist --wheel: both from the source tree (a wheel built from the nanobind sdist would lack
+        # window.h, which lives in the core package: see packages/natten-mlx-nanobind/README.md)
+        session.run("python", "-m", "build", "--sdist", "--wheel", "--outdir", str(DIST), str(package))
         for left in (set(package.glob("build")) | set(package.glob("src/*.egg-info"))) - before:
             shutil.rmtree(left)
     session.log("dist/: " + ", ".join(sorted(p.name for p in DIST.iterdir())))
