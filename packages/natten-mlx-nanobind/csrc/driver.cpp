@@ -174,7 +174,77 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 0); }
 
-Plan make_plan(const Geo& g, int vw) {
+// The exact-window path: along the last axis, blocks of vw queries whose windows start at
+// consecutive keys (stride 1, away from borders) are served one query per vector lane, from queries,
+// keys and values stored transposed with each dilation group's tokens contiguous. The tile path takes
+// the remaining queries (borders, strided or short causal windows, groups shorter than vw) and the
+// problems this path does not serve (sub-domains, extra keys, rpb).
+struct ExactBlock {
+  int c, skip;  // first query (group coordinate); lanes before skip are written by another block
+  int ws, nx;   // lane 0's window along the last axis (lane l's starts at ws + l)
+};
+
+struct ExactPlan {
+  bool on = false;
+  std::vector<std::vector<ExactBlock>> blocks;  // per last-axis group
+  std::vector<std::vector<char>> fast;          // per last-axis group and coordinate: served here
+  std::vector<int64_t> gstart;                  // offset of each last-axis group in the permuted axis
+  struct Row {
+    int g[3], c0, c1;
+  };
+  std::vector<Row> rows;
+};
+
+ExactPlan make_exact_plan(const Geo& g, int vw) {
+  ExactPlan ep;
+  if (g.E || g.has_rpb) return ep;
+  for (int a = 0; a < 3; ++a)
+    if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
+  const int Dl2 = g.Dl[2];
+  ep.blocks.resize(Dl2);
+  ep.fast.resize(Dl2);
+  ep.gstart.resize(Dl2);
+  int64_t off = 0;
+  bool any = false;
+  for (int g2 = 0; g2 < Dl2; ++g2) {
+    const int lg = na_group_len(g.L[2], Dl2, g2);
+    ep.gstart[g2] = off;
+    off += lg;
+    ep.fast[g2].assign(lg, 0);
+    auto ws = [&](int c) { return na_window_start(c, lg, g.K[2], g.S[2], g.C[2]); };
+    auto we = [&](int c) { return na_window_end(c, lg, g.K[2], g.S[2], g.C[2]); };
+    int c = 0;
+    while (c < lg) {
+      // a maximal run [u0, u1] of queries whose windows shift by one key per query
+      const int u0 = c;
+      while (c + 1 < lg && ws(c + 1) == ws(c) + 1 && we(c + 1) == we(c) + 1) ++c;
+      const int u1 = c++;
+      if (u1 - u0 + 1 < vw) continue;
+      int next = u0;
+      for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next)});
+      // the run's tail: one block ending at u1 that writes only the lanes not written yet
+      if (next <= u1) {
+        const int cb = u1 - vw + 1;
+        ep.blocks[g2].push_back({cb, next - cb, ws(cb), we(cb) - ws(cb)});
+      }
+      for (int x = u0; x <= u1; ++x) ep.fast[g2][x] = 1;
+      any = true;
+    }
+  }
+  if (!any) return ep;
+  ep.on = true;
+  for (int g0 = 0; g0 < g.Dl[0]; ++g0)
+    for (int g1 = 0; g1 < g.Dl[1]; ++g1)
+      for (int g2 = 0; g2 < Dl2; ++g2) {
+        if (ep.blocks[g2].empty()) continue;
+        const int l0 = na_group_len(g.L[0], g.Dl[0], g0), l1 = na_group_len(g.L[1], g.Dl[1], g1);
+        for (int c0 = 0; c0 < l0; ++c0)
+          for (int c1 = 0; c1 < l1; ++c1) ep.rows.push_back({{g0, g1, g2}, c0, c1});
+      }
+  return ep;
+}
+
+Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
   // per-query cost of a tile shape: GEMM rows are computed in blocks of ~6, every row of the tile
   // computes the whole key box, and a tile pays for packing its box once
   static const int cand[] = {1, 2, 4, 8, 16, 32, 64};
@@ -231,18 +301,37 @@ Plan make_plan(const Geo& g, int vw) {
           if (hi[a] < lo[a]) empty = true;
         }
         if (empty) continue;
+        // last-axis segments the tile path serves: all of it, or the gaps between exact-path runs
+        std::vector<std::pair<int, int>> segs;
+        if (ep && ep->on) {
+          const std::vector<char>& f = ep->fast[g2];
+          for (int c = lo[2]; c <= hi[2];) {
+            if (f[c]) {
+              ++c;
+              continue;
+            }
+            int e = c;
+            while (e + 1 <= hi[2] && !f[e + 1]) ++e;
+            segs.emplace_back(c, e);
+            c = e + 1;
+          }
+        } else {
+          segs.emplace_back(lo[2], hi[2]);
+        }
         for (int c0 = lo[0]; c0 <= hi[0]; c0 += bt[0])
           for (int c1 = lo[1]; c1 <= hi[1]; c1 += bt[1])
-            for (int c2 = lo[2]; c2 <= hi[2]; c2 += bt[2]) {
-              Tile t;
-              int cs[3] = {c0, c1, c2};
-              for (int a = 0; a < 3; ++a) {
-                t.g[a] = gs[a];
-                t.c0[a] = cs[a];
-                t.c1[a] = std::min(cs[a] + bt[a] - 1, hi[a]);
+            for (const auto& sg : segs)
+              for (int c2 = sg.first; c2 <= sg.second; c2 += bt[2]) {
+                Tile t;
+                int cs[3] = {c0, c1, c2};
+                const int he[3] = {hi[0], hi[1], sg.second};
+                for (int a = 0; a < 3; ++a) {
+                  t.g[a] = gs[a];
+                  t.c0[a] = cs[a];
+                  t.c1[a] = std::min(cs[a] + bt[a] - 1, he[a]);
+                }
+                p.tiles.push_back(t);
               }
-              p.tiles.push_back(t);
-            }
       }
   return p;
 }
@@ -352,15 +441,15 @@ thread_local TileGeo tls_tg;
 
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
-void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const float* kT, const float* ekT,
-                 float* KT) {
+void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const float* kT, int64_t ldk,
+                 const float* ekT, float* KT) {
   const int64_t rows = tg.Nbox / tg.nk[2], nk2 = tg.nk[2], d2 = g.Dl[2];
   if (d2 == 1) {
-    kt.pack_kt(KT, tg.NP, kT, g.Nk, tg.rowtok.data(), rows, static_cast<int>(nk2), g.D);
+    kt.pack_kt(KT, tg.NP, kT, ldk, tg.rowtok.data(), rows, static_cast<int>(nk2), g.D);
   } else {
     for (int64_t d = 0; d < g.D; ++d) {
       float* dst = KT + d * tg.NP;
-      const float* src = kT + d * g.Nk;
+      const float* src = kT + d * ldk;
       for (int64_t r = 0; r < rows; ++r) {
         const float* s = src + tg.ktok[r * nk2];
         float* o = dst + r * nk2;
@@ -422,6 +511,43 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
   return t;
 }
 
+// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= n), where along the last axis (length
+// L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation group contiguous)
+float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
+                                    const int64_t* gstart, int64_t ld) {
+  float* t = scratch(static_cast<size_t>(B * ld * hx * w));
+  parallel_for(B * hx, [&](int64_t sl) {
+    const int64_t b = sl / hx, h = sl % hx;
+    float* __restrict dst = t + sl * ld * w;
+    // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
+    // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
+    for (int64_t r0 = 0; r0 < n; r0 += L2)
+      for (int g2 = 0; g2 < Dl2; ++g2) {
+        const int lg = na_group_len(L2, Dl2, g2);
+        for (int j0 = 0; j0 < lg; j0 += 8) {
+          const int nj = std::min(8, lg - j0);
+          const float* srcs[8];
+          for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
+          float* d0 = dst + r0 + gstart[g2] + j0;
+          for (int64_t c0 = 0; c0 < w; c0 += 8) {
+            const int nc = static_cast<int>(std::min<int64_t>(8, w - c0));
+            if (nj == 8 && nc == 8) {
+              float tmp[8][8];
+              for (int j = 0; j < 8; ++j)
+                for (int c = 0; c < 8; ++c) tmp[c][j] = srcs[j][c0 + c];
+              for (int c = 0; c < 8; ++c)
+                for (int j = 0; j < 8; ++j) d0[(c0 + c) * ld + j] = tmp[c][j];
+            } else {
+              for (int c = 0; c < nc; ++c)
+                for (int j = 0; j < nj; ++j) d0[(c0 + c) * ld + j] = srcs[j][c0 + c];
+            }
+          }
+        }
+      }
+  });
+  return t;
+}
+
 // X[j][:] = value row of box key j (heads-last storage), then extras; zero rows up to NP
 void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_t Dv, const float* v, const float* ev,
                   float* X) {
@@ -450,18 +576,73 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float*
 // ---------------------------------------------------------------- fused forward
 void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
-  Plan plan = make_plan(g, kt.vw);
+  const ExactPlan ep = make_exact_plan(g, kt.vw);
+  Plan plan = make_plan(g, kt.vw, &ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
-  const float* kT = transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D);
+  const int64_t nrowsx = static_cast<int64_t>(ep.rows.size()), per_slice = nrowsx + ntiles;
+  // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
+  // multiple of 1024 would all fall in the same few L1 sets (the exact path reads D of them at once)
+  const int64_t ldx = round_up(g.N, 16) + 16;
+  const float* kT = (ntiles && !(ep.on && g.Dl[2] == 1)) ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D) : nullptr;
+  int64_t ldk = g.Nk;
+  const float *qTx = nullptr, *kTx = nullptr, *vTx = nullptr;
+  if (ep.on) {
+    qTx = transpose_heads_last_grouped(a.q, g.B, g.N, g.H, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
+    kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
+    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
+    // the permutation is the identity without dilation along the last axis
+    if (!kT) kT = kTx, ldk = ldx;
+  }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
   // when every value is finite, tiles skip their own check
   const bool v_finite = kt.all_finite(a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
                         (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
-  parallel_for(slices * ntiles, [&](int64_t item) {
-    const int64_t slice = item / ntiles, b = slice / g.Hkv, hk = slice % g.Hkv;
-    const Tile& t = plan.tiles[item % ntiles];
+  parallel_for(slices * per_slice, [&](int64_t item) {
+    const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
+    const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
+    if (idx < nrowsx) {
+      // one row of queries along the last axis, vw at a time, exact windows
+      const ExactPlan::Row& row = ep.rows[idx];
+      const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+      const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
+      const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+      const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+      const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+      const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+      const int nrows = (we0 - ws0) * (we1 - ws1);
+      const int64_t L1 = g.L[1], L2 = g.L[2], D = g.D, Dv = g.Dv;
+      int64_t* rb = reinterpret_cast<int64_t*>(grow(w.tr, 2 * static_cast<size_t>(nrows) + 2));
+      const float* kslice = kTx + slice * ldx * D;
+      const float* vslice = vTx + slice * ldx * Dv;
+      const int64_t qrow = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
+      for (const ExactBlock& blk : ep.blocks[g2]) {
+        const int cb = blk.c, nx = blk.nx;
+        int r = 0;
+        for (int i0 = ws0; i0 < we0; ++i0)
+          for (int i1 = ws1; i1 < we1; ++i1)
+            rb[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
+                      ep.gstart[g2] + blk.ws;
+        float* S = grow(w.s, static_cast<size_t>(nrows) * nx * vw + vw);
+        float* oT = grow(w.o, Dv * vw + vw);
+        float* lsev = oT + Dv * vw;
+        const int64_t qcol = qrow + ep.gstart[g2] + cb;
+        for (int64_t gg = 0; gg < g.G; ++gg) {
+          const int64_t h = hk * g.G + gg;
+          kt.exact_fwd(qTx + (b * g.H + h) * ldx * D + qcol, ldx, g.scale, D, kslice, ldx, vslice, ldx, Dv, rb, nrows,
+                       nx, S, oT, lsev);
+          for (int l = blk.skip; l < vw; ++l) {
+            const int64_t orow = (b * g.N + qrow + static_cast<int64_t>(cb + l) * g.Dl[2] + g2) * g.H + h;
+            float* dst = a.out + orow * Dv;
+            for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[d * vw + l];
+            a.lse[orow] = lsev[l];
+          }
+        }
+      }
+      return;
+    }
+    const Tile& t = plan.tiles[idx - nrowsx];
     TileGeo& tg = tls_tg;
     tg.build(g, t, kt.vw);
     const int64_t M = tg.T * g.G, NP = tg.NP, D = g.D, Dv = g.Dv;
@@ -474,7 +655,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       }
     }
     float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-    pack_keys_t(kt, g, tg, kT + slice * g.Nk * D, g.E ? ekT + slice * g.E * D : nullptr, KT);
+    pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT);
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
@@ -611,7 +792,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         dl[r] = a.dlse ? a.dlse[row] : 0.f;
       }
       float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-      pack_keys_t(kt, g, tg, kT + slice * Nk * D, E ? ekT + slice * E * D : nullptr, KT);
+      pack_keys_t(kt, g, tg, kT + slice * Nk * D, Nk, E ? ekT + slice * E * D : nullptr, KT);
       float* Kp = grow(w.kp, NP * D);
       pack_rows_hl(g, tg, b, hk, D, a.k, a.ek, Kp);
       float* Vp = grow(w.vp, NP * Dv);

@@ -278,6 +278,86 @@ bool all_finite(const float* x, int64_t n) {
   return t == 0.f;
 }
 
+// Exact windows of VW consecutive queries (one per lane) whose windows along the last axis start at
+// consecutive keys: slot (r, x) of lane l is key rowbase[r] + x + l of kT [D][ldk] / vT [Dv][ldv], so
+// every slot is one shifted vector load per feature (no box, no mask, no packing).
+template <int NX>
+inline void exact_scores_run(const float* qT, int64_t ldq, float scale, int64_t D, const float* kb, int64_t ldk,
+                             float* s) {
+  vf acc[NX];
+#pragma GCC unroll 8
+  for (int x = 0; x < NX; ++x) acc[x] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    // scaled before the products, as the tile path scales its packed queries
+    const vf qv = load(qT + d * ldq) * scale;
+    const float* kr = kb + d * ldk;
+#pragma GCC unroll 8
+    for (int x = 0; x < NX; ++x) acc[x] += qv * load(kr + x);
+  }
+#pragma GCC unroll 8
+  for (int x = 0; x < NX; ++x) store(s + x * VW, acc[x]);
+}
+
+void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk, const float* vT,
+               int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, float* s, float* oT, float* lse) {
+  for (int r = 0; r < nrows; ++r) {
+    for (int x0 = 0; x0 < nx; x0 += 8) {
+      const float* kb = kT + rowbase[r] + x0;
+      float* sr = s + (static_cast<int64_t>(r) * nx + x0) * VW;
+      switch (nx - x0 < 8 ? nx - x0 : 8) {
+#define NA_CASE(X) \
+  case X: exact_scores_run<X>(qT, ldq, scale, D, kb, ldk, sr); break;
+        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+        default: break;
+      }
+    }
+  }
+  const int n = nrows * nx;
+  vf m = splat(-INFINITY);
+  for (int j = 0; j < n; ++j) {
+    vf v = load(s + j * VW);
+    m = v > m ? v : m;
+  }
+  // only NaN (or -inf) scores: let them through exp, as the tile path does
+  m = m == splat(-INFINITY) ? vf{} : m;
+  vf sum = vf{};
+  for (int j = 0; j < n; ++j) {
+    vf p = vexp(load(s + j * VW) - m);
+    sum += p;
+    store(s + j * VW, p);
+  }
+  const vf inv = 1.f / sum;
+  int64_t dv = 0;
+  for (; dv + 4 <= Dv; dv += 4) {
+    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+    for (int r = 0; r < nrows; ++r) {
+      const float* v0 = vT + dv * ldv + rowbase[r];
+      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
+      for (int x = 0; x < nx; ++x) {
+        const vf p = load(sp + x * VW);
+        a0 += p * load(v0 + x);
+        a1 += p * load(v0 + ldv + x);
+        a2 += p * load(v0 + 2 * ldv + x);
+        a3 += p * load(v0 + 3 * ldv + x);
+      }
+    }
+    store(oT + dv * VW, a0 * inv);
+    store(oT + (dv + 1) * VW, a1 * inv);
+    store(oT + (dv + 2) * VW, a2 * inv);
+    store(oT + (dv + 3) * VW, a3 * inv);
+  }
+  for (; dv < Dv; ++dv) {
+    vf a0 = vf{};
+    for (int r = 0; r < nrows; ++r) {
+      const float* v0 = vT + dv * ldv + rowbase[r];
+      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
+      for (int x = 0; x < nx; ++x) a0 += load(sp + x * VW) * load(v0 + x);
+    }
+    store(oT + dv * VW, a0 * inv);
+  }
+  for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
+}
 }  // namespace
 
 const KernelTable* NA_TABLE() {
@@ -291,7 +371,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd};
   return &table;
 }
 

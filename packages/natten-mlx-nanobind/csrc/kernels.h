@@ -40,6 +40,13 @@ struct KernelTable {
                     const int* lo, const int* hi, int n);
   // false when any of x[0..n) is inf or NaN
   bool (*all_finite)(const float* x, int64_t n);
+  // Exact-window forward of vw consecutive queries (one per lane) whose windows along the last axis
+  // start at consecutive keys: slot (r, x) of lane l is key rowbase[r] + x + l of kT [D][ldk] and
+  // vT [Dv][ldv]; query l is column l of qT [D][ldq] (times scale). Writes oT [Dv][vw] (normalised)
+  // and lse [vw]; s: nrows * nx * vw floats.
+  void (*exact_fwd)(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
+                    const float* vT, int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, float* s,
+                    float* oT, float* lse);
 };
 
 const KernelTable* kernels_avx512();
