@@ -495,17 +495,18 @@ float* transpose_slices(const float* x, int64_t slices, int64_t rows, int64_t co
 }
 
 // rpb [H][R] with vector slack after it (the padded row helpers read past a run)
-// heads-last x [B][n][hx][w] -> per (b, h) slice [w][n]
-float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w) {
-  float* t = scratch(static_cast<size_t>(B * n * hx * w));
+// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= n; default n)
+float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int64_t ld = 0) {
+  if (ld < n) ld = n;
+  float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
     const int64_t b = sl / hx, h = sl % hx;
-    float* dst = t + sl * n * w;
+    float* dst = t + sl * ld * w;
     constexpr int64_t kB = 16;
     for (int64_t n0 = 0; n0 < n; n0 += kB) {
       const int64_t n1 = std::min(n, n0 + kB);
       for (int64_t c = 0; c < w; ++c)
-        for (int64_t r = n0; r < n1; ++r) dst[c * n + r] = x[((b * n + r) * hx + h) * w + c];
+        for (int64_t r = n0; r < n1; ++r) dst[c * ld + r] = x[((b * n + r) * hx + h) * w + c];
     }
   });
   return t;
@@ -583,8 +584,9 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
   // multiple of 1024 would all fall in the same few L1 sets (the exact path reads D of them at once)
   const int64_t ldx = round_up(g.N, 16) + 16;
-  const float* kT = (ntiles && !(ep.on && g.Dl[2] == 1)) ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D) : nullptr;
-  int64_t ldk = g.Nk;
+  int64_t ldk = round_up(g.Nk, 16) + 16;
+  const float* kT =
+      (ntiles && !(ep.on && g.Dl[2] == 1)) ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk) : nullptr;
   const float *qTx = nullptr, *kTx = nullptr, *vTx = nullptr;
   if (ep.on) {
     qTx = transpose_heads_last_grouped(a.q, g.B, g.N, g.H, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
@@ -742,7 +744,9 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
-  const float* kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D);
+  // rows padded off multiples of 4 KiB (see fused_forward)
+  const int64_t ldk = round_up(Nk, 16) + 16;
+  const float* kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
   const float* ekT = E ? transpose_heads_last(a.ek, g.B, E, g.Hkv, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
   std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
@@ -792,7 +796,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         dl[r] = a.dlse ? a.dlse[row] : 0.f;
       }
       float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-      pack_keys_t(kt, g, tg, kT + slice * Nk * D, Nk, E ? ekT + slice * E * D : nullptr, KT);
+      pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT);
       float* Kp = grow(w.kp, NP * D);
       pack_rows_hl(g, tg, b, hk, D, a.k, a.ek, Kp);
       float* Vp = grow(w.vp, NP * Dv);
