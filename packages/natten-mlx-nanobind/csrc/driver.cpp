@@ -516,6 +516,7 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
 // L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation group contiguous)
 float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
                                     const int64_t* gstart, int64_t ld) {
+  const KernelTable& kt = select_kernels();
   float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
     const int64_t b = sl / hx, h = sl % hx;
@@ -530,6 +531,10 @@ float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_
           const float* srcs[8];
           for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
           float* d0 = dst + r0 + gstart[g2] + j0;
+          if (nj == 8) {
+            kt.transpose8(srcs, w, d0, ld);
+            continue;
+          }
           for (int64_t c0 = 0; c0 < w; c0 += 8) {
             const int nc = static_cast<int>(std::min<int64_t>(8, w - c0));
             if (nj == 8 && nc == 8) {

@@ -358,6 +358,40 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
   }
   for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
 }
+// dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
+void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
+  int64_t c0 = 0;
+#if NA_VW == 8
+#if defined(__clang__)
+#define NA_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define NA_SHUF(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
+  for (; c0 + 8 <= w; c0 += 8) {
+    vf r[8];
+    for (int j = 0; j < 8; ++j) r[j] = load(src[j] + c0);
+    vf t[8], u[8];
+    for (int j = 0; j < 8; j += 2) {
+      t[j] = NA_SHUF(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+      t[j + 1] = NA_SHUF(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int j = 0; j < 8; j += 4) {
+      u[j] = NA_SHUF(t[j], t[j + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[j + 1] = NA_SHUF(t[j], t[j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+      u[j + 2] = NA_SHUF(t[j + 1], t[j + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[j + 3] = NA_SHUF(t[j + 1], t[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int c = 0; c < 4; ++c) {
+      store(dst + (c0 + c) * ld, NA_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+      store(dst + (c0 + c + 4) * ld, NA_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+    }
+  }
+#undef NA_SHUF
+#endif
+  for (; c0 < w; ++c0)
+    for (int j = 0; j < 8; ++j) dst[c0 * ld + j] = src[j][c0];
+}
+
 }  // namespace
 
 const KernelTable* NA_TABLE() {
@@ -371,7 +405,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8};
   return &table;
 }
 

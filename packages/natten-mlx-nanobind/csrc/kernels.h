@@ -47,6 +47,8 @@ struct KernelTable {
   void (*exact_fwd)(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                     const float* vT, int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, float* s,
                     float* oT, float* lse);
+  // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
+  void (*transpose8)(const float* const* src, int64_t w, float* dst, int64_t ld);
 };
 
 const KernelTable* kernels_avx512();
