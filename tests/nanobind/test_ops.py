@@ -128,3 +128,60 @@ def test_split_ops(cfg, dtype, seed):
     want = oracle.na_av_backward(_np(a), vn, **geo, additional_values=avn, dout=_np(_mx(do, dtype)))
     for name, g in zip(av_names, grads):
         _close(_np(g), want[name], dtype, f"av d_{name}")
+
+
+def _long_last_axis(seed, count):
+    """Configurations whose last axis is long (>= K + 16 queries per dilation group, stride 1 half of
+    the time) so that the exact-window forward path (consecutive queries per vector lane) runs, not
+    only the tile path that short axes take."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        na_dim = (1, 2)[i % 2]
+        cfg = random_config(rng, na_dim, 6)
+        K = int(rng.integers(2, 10))
+        d = int(rng.integers(1, 3))
+        s = 1 if rng.random() < 0.5 else int(rng.integers(1, K + 1))
+        c = bool(rng.random() < 0.3)
+        L = d * (K + 16 + int(rng.integers(0, 24)))
+        for key, val in (("shape", L), ("K", K), ("s", s), ("d", d), ("c", c)):
+            cfg[key] = tuple(cfg[key][:-1]) + (val,)
+        cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+        if any(cfg["c"]):
+            cfg["rpb"] = False
+        out.append((cfg, DTYPES[(i // 2) % 3], int(rng.integers(1 << 30))))
+    return out
+
+
+LONG = _long_last_axis(99, 24)
+
+
+@pytest.mark.parametrize("cfg,dtype,seed", LONG, ids=[f"long-{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in LONG])
+def test_fused_long_last_axis(cfg, dtype, seed):
+    test_fused_forward_backward(cfg, dtype, seed)
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_exact_path_keeps_inf_in_its_windows(dilation):
+    """An inf value token only reaches the queries whose windows hold it: every other output row
+    equals the oracle's on the same inputs with that token zeroed."""
+    rng = np.random.default_rng(5)
+    L, K = 64 * dilation, 5
+    q, k, v = (rng.standard_normal((1, L, 2, 8)) for _ in range(3))
+    bad = 40 * dilation
+    v_inf = v.copy()
+    v_inf[0, bad, 0, 0] = np.inf
+    out = ext.fused_forward(_mx(q, mx.float32), _mx(k, mx.float32), _mx(v_inf, mx.float32), None, None, None,
+                            kernel_size=[K], stride=[1], dilation=[dilation], is_causal=[False], scale=None)[0]
+    v_zero = v.copy()
+    v_zero[0, bad] = 0.0
+    want, _ = oracle.na_forward(q, k, v_zero, kernel_size=(K,), stride=(1,), dilation=(dilation,), is_causal=(False,))
+    got = _np(out)
+    def sees_bad(i):
+        g, first, last = oracle.axis_window(i, L, K, 1, dilation, False)
+        return bad % dilation == g and first <= bad // dilation <= last
+
+    sees = np.array([sees_bad(i) for i in range(L)])
+    assert sees.any() and not sees.all()
+    assert np.all(np.isfinite(got[0, ~sees])), "inf leaked outside its windows"
+    _close(got[0, ~sees], want[0, ~sees], mx.float32, "rows that never see the inf token")
