@@ -290,7 +290,6 @@ def sanitize(session: nox.Session) -> None:
     session.install(f"{CORE}[test]")
     session.install("--no-cache-dir", "--force-reinstall", "--no-deps", str(NANOBIND),
                     env={"NATTEN_MLX_SANITIZE": "ON"})
-    session.run("python", "-c", "import natten_mlx_nanobind._build_info as b; assert str(b.SANITIZE).upper() in ('ON', 'TRUE', '1'), 'not a sanitized build'")
 
     def lib(name: str) -> str:
         return subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
@@ -301,6 +300,9 @@ def sanitize(session: nox.Session) -> None:
         "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
         "NATTEN_BACKEND": "nanobind",
     }
+    # the sanitized extension only imports with libasan preloaded: check it under the same environment
+    session.run("python", "-c", "import natten_mlx_nanobind._build_info as b; "
+                "assert str(b.SANITIZE).upper() in ('ON', 'TRUE', '1'), 'not a sanitized build'", env=env)
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/nanobind", *session.posargs, env=env)
 
 
