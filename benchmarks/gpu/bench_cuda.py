@@ -7,7 +7,8 @@ Run from the repository root on the GPU machine:
     source .device/setup.sh && python3 benchmarks/gpu/bench_cuda.py [--cases G1,G2,G3,G4] [--modes fwd,fwdbwd]
         [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd]
 
-Impls: ``cuda`` (options as ``cuda:ldmatrix=0`` or ``cuda:tile=2x4x8``), ``cuda-parts`` (the backward's
+Impls: ``cuda`` (options as ``cuda:ldmatrix=0``, ``cuda:tile=2x4x8`` or ``cuda:size=128``: the default
+forward tile of that many queries), ``cuda-parts`` (the backward's
 dq and dk/dv kernels timed alone; TFLOP/s of their GEMMs: 3 and 4 of the forward's 2), ``mlx-dense``,
 ``torch-dense``, ``natten-flex``.
 
@@ -105,7 +106,12 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                     opts = {}
                     for kv in impl.split(":")[1:]:
                         name, val = kv.split("=")
-                        opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
+                        if name == "size":  # the default forward tile of this many queries (64 or 128)
+                            from natten_mlx_cuda import plan
+
+                            opts["tile"] = plan.default_tile(plan.geometry(p), int(val))[3 - len(spatial):]
+                        else:
+                            opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
                     be = CudaBackend().configure(**opts)
                     if mode == "fwd":
                         def fn():

@@ -63,7 +63,7 @@ def test_simple_sweep(cfg, dtype, seed):
     assert not bad, (errs, TOL[dtype])
 
 
-@pytest.mark.parametrize("tile", [(8, 8), (2, 32), (16, 4), (1, 64)])
+@pytest.mark.parametrize("tile", [(8, 8), (2, 32), (16, 4), (1, 64), (16, 8), (4, 32)])
 def test_tiles(tile):
     cfg = dict(na_dim=2, shape=(37, 29), B=2, H=4, Hkv=2, D=64, Dv=64, E=0, K=(9, 6), s=(2, 1), d=(2, 3),
                c=(False, True), rpb=False, scale=None)
@@ -123,4 +123,6 @@ def test_plan_covers_g_cases():
     p = types.SimpleNamespace(spatial=(256, 256), batch=1, heads=24, kv_heads=24, head_dim=128, value_head_dim=128,
                               kernel_size=(80, 80), stride=(1, 1), dilation=(1, 1), is_causal=(False, False), scale=0.1)
     launch = plan.forward(plan.geometry(p), "float16", "float16", False, True)
-    assert launch.variant.body == "fmha_fwd" and launch.grid == (1024 * 128, 24, 1)
+    blocks = 65536 // plan.FWD_TILE  # query tiles of 256 x 256
+    assert launch.variant.body == "fmha_fwd" and launch.grid == (blocks * launch.threadgroup[0], 24, 1)
+    assert launch.threadgroup[0] == 2 * plan.FWD_TILE  # 16 rows per warp

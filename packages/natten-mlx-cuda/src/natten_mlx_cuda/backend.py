@@ -62,8 +62,8 @@ def _device_type() -> str:
 class CudaBackend:
     """Neighborhood attention on NVIDIA GPUs through MLX's CUDA backend.
 
-    Options (``configure``): ``tile`` (query tile of the tensor-core kernel, one int per spatial axis,
-    product 64), ``key_tile`` (same for key tiles; default the query tile), ``kernel`` ("auto",
+    Options (``configure``): ``tile`` (query tile of the tensor-core kernels, one int per spatial axis,
+    product 64, or 128 for the forward alone: 8 warps of 16 rows; the backward then takes its default), ``key_tile`` (same for key tiles; default the query tile), ``kernel`` ("auto",
     "fmha" or "simple": which kernels; "fmha" refuses problems it cannot serve), ``ldmatrix``
     (True: the tensor-core kernels read B fragments through ldmatrix; False: through plain shared loads).
     """
@@ -100,7 +100,7 @@ class CudaBackend:
             if t is not None:
                 if not isinstance(t, (tuple, list)) or not t:
                     raise ValueError(f"cuda backend: {what}={t!r} must be a tuple of ints (one per spatial axis)")
-                plan.check_tile(tuple(t), len(t), what)
+                plan.check_tile(tuple(t), len(t), what, plan.FWD_TILES if what == "tile" else (plan.TILE,))
         new = (
             tuple(options["tile"]) if options.get("tile") is not None else self.tile,
             tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
@@ -128,8 +128,13 @@ class CudaBackend:
             return "MLX's CUDA backend is not available here (mx.cuda.is_available() is False; install mlx[cuda13] on an NVIDIA GPU)"
         return None
 
-    def _tiles(self, geo: plan.Geometry):
-        qt = plan.check_tile(self.tile, geo.rank, "tile") if self.tile is not None else None
+    def _tiles(self, geo: plan.Geometry, forward: bool = False):
+        # a 128-token tile is the forward's (8 warps); the backward kernels then take their default
+        qt = None
+        if self.tile is not None:
+            qt = plan.check_tile(self.tile, geo.rank, "tile", plan.FWD_TILES)
+            if not forward and qt[0] * qt[1] * qt[2] != plan.TILE:
+                qt = None
         kt = plan.check_tile(self.key_tile, geo.rank, "key_tile") if self.key_tile is not None else None
         return qt, kt
 
@@ -171,7 +176,7 @@ class CudaBackend:
         dtype = _NAMES[problem.dtype]
         extra = additional_keys is not None
         out_dtype = "float32" if extra else dtype
-        qt, kt = self._tiles(geo)
+        qt, kt = self._tiles(geo, forward=True)
         launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix)
         out, lse = self._runner(launch, [
             query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),

@@ -17,6 +17,13 @@ SIMPLE_DIMS = (16, 32, 64, 128, 256, 512)  # register-array sizes of the simple 
 MAX_DIM = SIMPLE_DIMS[-1]
 TILE = 64  # queries per query tile and keys per key tile of the tensor-core kernels
 THREADS = 128
+# the forward's query tile: 16 rows per warp, 4 or 8 warps; the default size
+FWD_TILES = (64, 128)
+FWD_TILE = 64
+# the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
+# walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
+FWD_GEO = 36
+FWD_MAXT = 384
 DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 
 
@@ -99,15 +106,16 @@ def params(geo: Geometry, tile=(1, 1, 1), over_keys: bool = False) -> tuple:
     return tuple(out)
 
 
-def check_tile(tile, rank: int, what: str) -> tuple:
-    """A user's tile: ``rank`` positive ints whose product is 64; returns it padded to 3 axes."""
+def check_tile(tile, rank: int, what: str, sizes=(TILE,)) -> tuple:
+    """A user's tile: ``rank`` positive ints whose product is one of ``sizes``; returns it padded to 3 axes."""
     if not isinstance(tile, (tuple, list)) or len(tile) != rank or not all(isinstance(x, int) and x >= 1 for x in tile):
         raise ValueError(f"{what}={tile!r} must be a tuple of {rank} positive ints (one per spatial axis)")
     prod = 1
     for x in tile:
         prod *= x
-    if prod != TILE:
-        raise ValueError(f"{what}={tile!r} holds {prod} tokens; the tensor-core kernels need exactly {TILE}")
+    if prod not in sizes:
+        need = " or ".join(str(x) for x in sizes)
+        raise ValueError(f"{what}={tile!r} holds {prod} tokens; the tensor-core kernels need exactly {need}")
     return _pad(tile, 1)
 
 
@@ -116,18 +124,23 @@ def check_tile(tile, rank: int, what: str) -> tuple:
 FIT_TILE_ROWS = 1 << 16
 
 
-def default_tile(geo: Geometry) -> tuple:
-    """The default query tile (padded to 3 axes): the rank's box; for large problems shrunk along
-    axes whose dilation groups are shorter than the tile, the freed factor given to the longest axis."""
+def default_tile(geo: Geometry, size: int = TILE) -> tuple:
+    """The default query tile of ``size`` tokens (padded to 3 axes): the rank's box (doubled along
+    its leading axes for 128); for large problems shrunk along axes whose dilation groups are
+    shorter than the tile, the freed factor given to the longest axis."""
     rank = geo.rank
     t = list(_pad(DEFAULT_TILES[rank], 1))
+    a = 3 - rank
+    while t[0] * t[1] * t[2] < size:
+        t[a] *= 2
+        a = a + 1 if a < 2 else 3 - rank
     if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
         return tuple(t)
     ext = [-(-geo.spatial[a] // geo.d[a]) for a in range(3)]
     for a in range(3 - rank, 3):
         while t[a] > 1 and t[a] // 2 >= ext[a]:
             t[a] //= 2
-    while t[0] * t[1] * t[2] < TILE:
+    while t[0] * t[1] * t[2] < size:
         a = max(range(3 - rank, 3), key=lambda i: (ext[i] / t[i], i))
         t[a] *= 2
     return tuple(t)
@@ -175,11 +188,12 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
         v = Variant("simple_fwd", (("T", dtype), ("OT", out_dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
         total = geo.B * geo.N * geo.H
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
-    qt = tile or default_tile(geo)
-    kt = key_tile or qt
+    qt = tile or default_tile(geo, FWD_TILE)
+    kt = key_tile or default_tile(geo)
     v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
     prm = params(geo, qt)
-    return Launch(v, (_blocks(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, None, prm)
+    threads = qt[0] * qt[1] * qt[2] * 2  # 16 rows per warp
+    return Launch(v, (_blocks(prm) * threads, geo.H, geo.B), (threads, 1, 1), outs, None, prm)
 
 
 def _blocks(prm) -> int:
@@ -237,6 +251,9 @@ def compile_variants() -> list:
     for j, (d, dv) in enumerate(dims[:4]):  # the rest of the head dims, every rank
         qt, kt = tiles[(j + 1) % len(tiles)]
         out.append(_fmha_variant("float16", "float16", d, dv, qt, kt, False))
+    for j, qt in enumerate(((1, 1, 128), (1, 16, 8), (8, 4, 4))):  # the 8-warp forward, every rank
+        d, dv = dims[j]
+        out.append(_fmha_variant(FAST_DTYPES[j % 2], FAST_DTYPES[j % 2], d, dv, qt, tiles[j][1], j == 1))
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
@@ -263,9 +280,12 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
 
 def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     dp, dvp = _r16(d), _r16(dv)
+    bq = qt[0] * qt[1] * qt[2]
+    tables = (FWD_GEO + 8 * bq + 5 * FWD_MAXT) * 4
     return Variant(
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
-         ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm)),
-        (TILE * (dp + 8) * 3 + 2 * TILE * (dvp + 8)) * 2,
+         ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
+         ("NW", bq // 16), ("MAXT", FWD_MAXT)),
+        (bq * (dp + 8) + 2 * TILE * (dp + 8) + 2 * TILE * (dvp + 8)) * 2 + tables,
     )

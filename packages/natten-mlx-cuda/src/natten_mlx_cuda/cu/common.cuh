@@ -20,6 +20,10 @@
 #define NA_P_DV 6
 #define NA_P_RPB 7  // rpb entries per head: prod(2K - 1)
 
+// fmha_fwd's shared tables after Q, K and V: the block geometry (NA_FWD_GEO ints), then 8 ints per
+// query row, then 5 ints per key tile of a chunk of MAXT tiles (plan.py sizes the shared memory)
+#define NA_FWD_GEO 36
+
 struct NaAxis {
   int L;      // global axis length (the domain the window rules apply to)
   int n;      // local query extent
@@ -68,16 +72,17 @@ template <typename T> NA_FUNC float na_f(T x) { return NaType<T>::to_float(x); }
 // D[16x8] += A[16x16] * B[16x8] on the tensor cores, float accumulators. Fragment layout (PTX ISA,
 // mma.m16n8k16): gid = lane / 4, tig = lane % 4; a[0]: A[gid][2tig..+1], a[1]: A[gid+8][2tig..+1],
 // a[2]: A[gid][2tig+8..+9], a[3]: A[gid+8][2tig+8..+9]; b[0]: B[2tig..+1][gid], b[1]: B[2tig+8..+9][gid];
-// c[0..1]: C[gid][2tig..+1], c[2..3]: C[gid+8][2tig..+1].
+// c[0..1]: C[gid][2tig..+1], c[2..3]: C[gid+8][2tig..+1]. Not volatile: a pure function of its
+// operands, so the compiler may schedule it among the loads.
 template <typename T> NA_FUNC void na_mma(float* c, const unsigned* a, const unsigned* b);
 template <> NA_FUNC void na_mma<__half>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 template <> NA_FUNC void na_mma<__nv_bfloat16>(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
