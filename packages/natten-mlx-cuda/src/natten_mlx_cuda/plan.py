@@ -20,6 +20,7 @@ THREADS = 128
 # the forward's query tile: 16 rows per warp, 4 or 8 warps; the default size
 FWD_TILES = (64, 128)
 FWD_TILE = 64
+FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2)
 # the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
 # walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
 FWD_GEO = 36
@@ -181,7 +182,7 @@ def _r16(x: int) -> int:
 
 
 def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None,
-            ldsm: bool = True) -> Launch:
+            ldsm: bool = True, m_tiles: int | None = None) -> Launch:
     """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32."""
     outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
     if not fast:
@@ -190,9 +191,10 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
     qt = tile or default_tile(geo, FWD_TILE)
     kt = key_tile or default_tile(geo)
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
+    mt = m_tiles or FWD_MT
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt)
     prm = params(geo, qt)
-    threads = qt[0] * qt[1] * qt[2] * 2  # 16 rows per warp
+    threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
     return Launch(v, (_blocks(prm) * threads, geo.H, geo.B), (threads, 1, 1), outs, None, prm)
 
 
@@ -251,9 +253,11 @@ def compile_variants() -> list:
     for j, (d, dv) in enumerate(dims[:4]):  # the rest of the head dims, every rank
         qt, kt = tiles[(j + 1) % len(tiles)]
         out.append(_fmha_variant("float16", "float16", d, dv, qt, kt, False))
-    for j, qt in enumerate(((1, 1, 128), (1, 16, 8), (8, 4, 4))):  # the 8-warp forward, every rank
+    for j, qt in enumerate(((1, 1, 128), (1, 16, 8), (8, 4, 4))):  # 128-query tiles, every rank
         d, dv = dims[j]
-        out.append(_fmha_variant(FAST_DTYPES[j % 2], FAST_DTYPES[j % 2], d, dv, qt, tiles[j][1], j == 1))
+        out.append(_fmha_variant(FAST_DTYPES[j % 2], FAST_DTYPES[j % 2], d, dv, qt, tiles[j][1], j == 1))  # 8 warps
+        out.append(_fmha_variant(FAST_DTYPES[j % 2], "float32", dv, d, qt, tiles[j][1], j != 1, mt=2))  # 4 warps x 32 rows
+    out.append(_fmha_variant("float16", "float16", 128, 128, (1, 8, 8), (1, 8, 8), True, mt=2))  # 2 warps x 32 rows
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
@@ -278,7 +282,7 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1) -> Variant:
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
     tables = (FWD_GEO + 8 * bq + 5 * FWD_MAXT) * 4
@@ -286,6 +290,6 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
-         ("NW", bq // 16), ("MAXT", FWD_MAXT)),
+         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", FWD_MAXT)),
         (bq * (dp + 8) + 2 * TILE * (dp + 8) + 2 * TILE * (dvp + 8)) * 2 + tables,
     )

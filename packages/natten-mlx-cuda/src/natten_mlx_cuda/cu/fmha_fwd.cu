@@ -1,8 +1,9 @@
 // Fused neighborhood attention forward on the tensor cores (float16/bfloat16), flash-attention style.
 // One block of NW warps per (query tile, head, batch). The query tile is a box of QT0 x QT1 x QT2 =
-// 16 NW in-group coordinates of one dilation group per axis (tiling.h); the union of its windows is
+// 16 MT NW in-group coordinates of one dilation group per axis (tiling.h); the union of its windows is
 // one key range per axis, walked in key tiles of KT0 x KT1 x KT2 = 64 keys, double-buffered in shared
-// memory through cp.async. Each warp owns 16 query rows: S = Q K^T and O += P V through mma.sync
+// memory through cp.async. Each warp owns 16 MT query rows (MT = 2 halves the shared-memory reads
+// per mma: each K or V fragment serves both m-tiles, as in FlashAttention-2): S = Q K^T and O += P V through mma.sync
 // m16n8k16, the online softmax (base 2) in registers. Per-element masks only on key tiles that
 // tiling.h classes PARTIAL (or that the key range truncates); SKIP tiles are never loaded.
 //
@@ -15,11 +16,12 @@
 // Inputs query [B, N, H, D], key [B, NK, HKV, D], value [B, NK, HKV, DV], rpb [H, prod(2K-1)] (one
 // dummy element without HAS_RPB), prm, scl. Outputs out [B, N, H, DV] (OT), lse [B, N, H] float32.
 // Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB, LDSM
-// (B fragments through ldmatrix), NW (warps: 4 or 8), MAXT (key tiles listed per chunk of the walk).
+// (B fragments through ldmatrix), NW (warps: 4 or 8), MT (m-tiles of 16 query rows per warp: 1 or 2),
+// MAXT (key tiles listed per chunk of the walk).
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
-static_assert(BQ == 16 * NW && BK == 64, "query tiles of 16 rows per warp, key tiles of 64 keys");
+static_assert(BQ == 16 * MT * NW && BK == 64, "query tiles of 16 MT rows per warp, key tiles of 64 keys");
 constexpr int QS = DP + 8;   // shared row stride (elements) of Q and K: 16 bytes of padding against bank conflicts
 constexpr int VS = DVP + 8;  // same for V
 constexpr int DCH = D / 8, DVCH = DV / 8;  // 16-byte chunks per row
@@ -170,15 +172,35 @@ for (int i = tid; i < BQ * DCH; i += NT) {
 }
 na_cp_commit();
 
-// this thread's query rows: r = warp * 16 + gid (+ 8)
-const int r_own[2] = {warp * 16 + gid, warp * 16 + gid + 8};
-unsigned qf[DP / 16][4];
-float o[DVP / 8][4];
-for (int jn = 0; jn < DVP / 8; ++jn)
-  for (int e = 0; e < 4; ++e) o[jn][e] = 0.f;
-float mrow[2] = {NA_NEG_INF, NA_NEG_INF}, lrow[2] = {0.f, 0.f};
+// this thread's query rows: m-tile mt of the warp holds rows (warp * MT + mt) * 16 + gid (+ 8)
+int r_own[MT][2];
+#pragma unroll
+for (int mt = 0; mt < MT; ++mt) {
+  r_own[mt][0] = (warp * MT + mt) * 16 + gid;
+  r_own[mt][1] = r_own[mt][0] + 8;
+}
+// Q as A fragments in registers when they fit beside two m-tiles' accumulators; else read from
+// shared memory per k step (each one then serves 8 mma)
+constexpr bool QREG = MT == 1 || DP <= 64;
+unsigned qf[QREG ? MT : 1][QREG ? DP / 16 : 1][4];
+float o[MT][DVP / 8][4];
+#pragma unroll
+for (int mt = 0; mt < MT; ++mt)
+  #pragma unroll
+  for (int jn = 0; jn < DVP / 8; ++jn)
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) o[mt][jn][e] = 0.f;
+float mrow[MT][2], lrow[MT][2];
+#pragma unroll
+for (int mt = 0; mt < MT; ++mt)
+  #pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    mrow[mt][rr] = NA_NEG_INF;
+    lrow[mt][rr] = 0.f;
+  }
 const int R = prm[NA_P_RPB];
 const int K0 = prm[8 + 5], K1 = prm[18 + 5], K2 = prm[28 + 5];  // rpb indexing
+const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
 bool have_q = false;
 int buf = 0;
 
@@ -193,12 +215,12 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
   if (!have_q) {
     na_cp_wait_all();
     __syncthreads();
-    const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
-    for (int kk = 0; kk < DP / 16; ++kk)
-      for (int x = 0; x < 4; ++x) {
-        const int col = kk * 16 + tig * 2 + (x >> 1) * 8;
-        qf[kk][x] = *reinterpret_cast<const unsigned*>(qs + r_own[x & 1] * QS + col);
-      }
+    if (QREG)
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        #pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+          na_frag_a<LDSM>(qf[QREG ? mt : 0][QREG ? kk : 0], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
     have_q = true;
   }
   while (cur < cn) {
@@ -214,91 +236,129 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
     const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
     const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
-    float s[8][4];
-    for (int j = 0; j < 8; ++j)
-      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-    // k outermost: the 8 accumulators of a k step are independent, so consecutive mma never wait
-    // on each other (with j outermost each mma waited on the one before: 2 chains in flight)
-    for (int kk = 0; kk < DP / 16; ++kk)
+    float s[MT][8][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      #pragma unroll
+      for (int j = 0; j < 8; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+    // k outermost: the 8 MT accumulators of a k step are independent, so consecutive mma never wait
+    // on each other; each B fragment read from shared memory serves MT m-tiles
+    #pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      unsigned af[QREG ? 1 : MT][4];
+      if (!QREG)
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) na_frag_a<LDSM>(af[QREG ? 0 : mt], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
+      #pragma unroll
       for (int j = 0; j < 8; j += 2) {
         unsigned bf[4];
         na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
-        na_mma<T>(s[j], qf[kk], bf);
-        na_mma<T>(s[j + 1], qf[kk], bf + 2);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const unsigned* a = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : af[QREG ? 0 : mt];
+          na_mma<T>(s[mt][j], a, bf);
+          na_mma<T>(s[mt][j + 1], a, bf + 2);
+        }
       }
-    if (HAS_RPB || cls == NA_TILE_PARTIAL) {
-      // per row and checked axis, the valid key offsets in the tile: [lo, hi)
-      int lo[2][3], hi[2][3];
-      for (int rr = 0; rr < 2; ++rr)
-        for (int a = 0; a < 3; ++a) {
-          const int ext = (meta >> (5 + 7 * a)) & 127;
-          lo[rr][a] = rows[8 * r_own[rr] + a] - k0[a];
-          hi[rr][a] = na_min(rows[8 * r_own[rr] + 3 + a], k0[a] + ext) - k0[a];
-        }
-      for (int j = 0; j < 8; ++j)
-        for (int e = 0; e < 4; ++e) {
-          const int rr = e >> 1;
-          float x = s[j][e] * scale_log2;
-          const int col = j * 8 + tig * 2 + (e & 1);
-          const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
-          bool ok = true;
-          if (cls == NA_TILE_PARTIAL)
-            for (int a = 0; a < 3; ++a)
-              if (chk & (1 << a)) ok = ok && u[a] >= lo[rr][a] && u[a] < hi[rr][a];
-          if (!ok) {
-            x = NA_NEG_INF;
-          } else if (HAS_RPB) {
-            const int r = r_own[rr];
-            const int uq[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
-            const int kc[3] = {k0[0] + u[0] - c0[0] - uq[0], k0[1] + u[1] - c0[1] - uq[1], k0[2] + u[2] - c0[2] - uq[2]};
-            const int ri = ((kc[0] + K0 - 1) * (2 * K1 - 1) + (kc[1] + K1 - 1)) * (2 * K2 - 1) + (kc[2] + K2 - 1);
-            // absent rows have no window: their index may leave the table, so they read entry 0
-            x += na_f(rpb[(long long)h * R + (rows[8 * r + 6] ? ri : 0)]) * NA_LOG2E;
-          }
-          s[j][e] = x;
-        }
-    } else if (!(scale_log2 > 0.f)) {
-      for (int j = 0; j < 8; ++j)
-        for (int e = 0; e < 4; ++e) s[j][e] *= scale_log2;
     }
     // unmasked tiles without rpb keep raw scores: with a positive scale the row max commutes with
     // it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
     const bool raw = !(HAS_RPB || cls == NA_TILE_PARTIAL) && scale_log2 > 0.f;
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = NA_NEG_INF;
-      for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      if (raw) mx *= scale_log2;
-      const float mnew = fmaxf(mrow[rr], mx);
-      const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
-      const float alpha = exp2f(mrow[rr] - muse);
-      mrow[rr] = mnew;
-      float sum = 0.f;
-      const float sc = raw ? scale_log2 : 1.f;
-      for (int j = 0; j < 8; ++j)
-        for (int e = 0; e < 2; ++e) {
-          const float p = exp2f(fmaf(s[j][2 * rr + e], sc, -muse));
-          s[j][2 * rr + e] = p;
-          sum += p;
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (HAS_RPB || cls == NA_TILE_PARTIAL) {
+        // per row and checked axis, the valid key offsets in the tile: [lo, hi)
+        int lo[2][3], hi[2][3];
+        #pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+          #pragma unroll
+          for (int a = 0; a < 3; ++a) {
+            const int ext = (meta >> (5 + 7 * a)) & 127;
+            lo[rr][a] = rows[8 * r_own[mt][rr] + a] - k0[a];
+            hi[rr][a] = na_min(rows[8 * r_own[mt][rr] + 3 + a], k0[a] + ext) - k0[a];
+          }
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1;
+            float x = s[mt][j][e] * scale_log2;
+            const int col = j * 8 + tig * 2 + (e & 1);
+            const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
+            bool ok = true;
+            if (cls == NA_TILE_PARTIAL)
+              #pragma unroll
+              for (int a = 0; a < 3; ++a)
+                if (chk & (1 << a)) ok = ok && u[a] >= lo[rr][a] && u[a] < hi[rr][a];
+            if (!ok) {
+              x = NA_NEG_INF;
+            } else if (HAS_RPB) {
+              const int r = r_own[mt][rr];
+              const int uq[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
+              const int kc[3] = {k0[0] + u[0] - c0[0] - uq[0], k0[1] + u[1] - c0[1] - uq[1], k0[2] + u[2] - c0[2] - uq[2]};
+              const int ri = ((kc[0] + K0 - 1) * (2 * K1 - 1) + (kc[1] + K1 - 1)) * (2 * K2 - 1) + (kc[2] + K2 - 1);
+              // absent rows have no window: their index may leave the table, so they read entry 0
+              x += na_f(rpb[(long long)h * R + (rows[8 * r + 6] ? ri : 0)]) * NA_LOG2E;
+            }
+            s[mt][j][e] = x;
+          }
+      } else if (!raw) {
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
+      }
+      #pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = NA_NEG_INF;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        if (raw) mx *= scale_log2;
+        const float mnew = fmaxf(mrow[mt][rr], mx);
+        const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
+        const float alpha = exp2f(mrow[mt][rr] - muse);
+        mrow[mt][rr] = mnew;
+        float sum = 0.f;
+        const float sc = raw ? scale_log2 : 1.f;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2f(fmaf(s[mt][j][2 * rr + e], sc, -muse));
+            s[mt][j][2 * rr + e] = p;
+            sum += p;
+          }
+        lrow[mt][rr] = lrow[mt][rr] * alpha + sum;
+        #pragma unroll
+        for (int jn = 0; jn < DVP / 8; ++jn) {
+          o[mt][jn][2 * rr] *= alpha;
+          o[mt][jn][2 * rr + 1] *= alpha;
         }
-      lrow[rr] = lrow[rr] * alpha + sum;
-      for (int jn = 0; jn < DVP / 8; ++jn) {
-        o[jn][2 * rr] *= alpha;
-        o[jn][2 * rr + 1] *= alpha;
       }
     }
+    #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      unsigned af[4];
-      af[0] = NaType<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-      af[1] = NaType<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-      af[2] = NaType<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      af[3] = NaType<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      unsigned pf[MT][4];
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pf[mt][0] = NaType<T>::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pf[mt][1] = NaType<T>::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pf[mt][2] = NaType<T>::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pf[mt][3] = NaType<T>::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+      #pragma unroll
       for (int jn = 0; jn < DVP / 8; jn += 2) {
         unsigned bf[4];
         na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
-        na_mma<T>(o[jn], af, bf);
-        na_mma<T>(o[jn + 1], af, bf + 2);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          na_mma<T>(o[mt][jn], pf[mt], bf);
+          na_mma<T>(o[mt][jn + 1], pf[mt], bf + 2);
+        }
       }
     }
     __syncthreads();  // the next iteration loads into the buffer just read
@@ -307,20 +367,25 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
   }
 }
 
-for (int rr = 0; rr < 2; ++rr) {
-  float l = lrow[rr];
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  const int r = r_own[rr];
-  if (!rows[8 * r + 6]) continue;
-  const long long qrow = ((long long)b * N + rows[8 * r + 7]) * H + h;
-  const float inv = 1.f / l;
-  for (int jn = 0; jn < DVP / 8; ++jn) {
-    const int col = jn * 8 + tig * 2;
-    if (col < DV) {
-      out[qrow * DV + col] = NaType<OT>::from_float(o[jn][2 * rr] * inv);
-      out[qrow * DV + col + 1] = NaType<OT>::from_float(o[jn][2 * rr + 1] * inv);
+#pragma unroll
+
+for (int mt = 0; mt < MT; ++mt)
+  #pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = lrow[mt][rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int r = r_own[mt][rr];
+    if (!rows[8 * r + 6]) continue;
+    const long long qrow = ((long long)b * N + rows[8 * r + 7]) * H + h;
+    const float inv = 1.f / l;
+    #pragma unroll
+    for (int jn = 0; jn < DVP / 8; ++jn) {
+      const int col = jn * 8 + tig * 2;
+      if (col < DV) {
+        out[qrow * DV + col] = NaType<OT>::from_float(o[mt][jn][2 * rr] * inv);
+        out[qrow * DV + col + 1] = NaType<OT>::from_float(o[mt][jn][2 * rr + 1] * inv);
+      }
     }
+    if (tig == 0) lse[qrow] = (mrow[mt][rr] + log2f(l)) * NA_LN2;
   }
-  if (tig == 0) lse[qrow] = (mrow[rr] + log2f(l)) * NA_LN2;
-}
