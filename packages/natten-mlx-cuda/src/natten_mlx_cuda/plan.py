@@ -18,9 +18,11 @@ MAX_DIM = SIMPLE_DIMS[-1]
 TILE = 64  # queries per query tile and keys per key tile of the tensor-core kernels
 THREADS = 128
 # the forward's query tile: 16 rows per warp, 4 or 8 warps; the default size
+# (H200, fp16, D 128: 128-query tiles of 8 warps took G1-G3 0.285 / 35.4 / 140 ms against 0.341 /
+# 37.9 / 151 for 64, and G4's 7x7 window 0.83 against 0.59 ms: they pay for windows of many key tiles)
 FWD_TILES = (64, 128)
-FWD_TILE = 64
-FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2)
+FWD_BIG_WINDOW = 256  # prod(K) from which the default forward tile holds 128 queries
+FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2; 2 measured slower: G2 46.8 ms against 35.4)
 # the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
 # walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
 FWD_GEO = 36
@@ -125,6 +127,11 @@ def check_tile(tile, rank: int, what: str, sizes=(TILE,)) -> tuple:
 FIT_TILE_ROWS = 1 << 16
 
 
+def forward_tile_size(geo: Geometry) -> int:
+    """Queries per default forward tile: 128 (8 warps) for windows of FWD_BIG_WINDOW keys or more."""
+    return 128 if geo.K[0] * geo.K[1] * geo.K[2] >= FWD_BIG_WINDOW else TILE
+
+
 def default_tile(geo: Geometry, size: int = TILE) -> tuple:
     """The default query tile of ``size`` tokens (padded to 3 axes): the rank's box (doubled along
     its leading axes for 128); for large problems shrunk along axes whose dilation groups are
@@ -189,7 +196,7 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
         v = Variant("simple_fwd", (("T", dtype), ("OT", out_dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
         total = geo.B * geo.N * geo.H
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
-    qt = tile or default_tile(geo, FWD_TILE)
+    qt = tile or default_tile(geo, forward_tile_size(geo))
     kt = key_tile or default_tile(geo)
     mt = m_tiles or FWD_MT
     v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt)
