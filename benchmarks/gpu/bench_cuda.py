@@ -112,6 +112,8 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                             opts["tile"] = plan.default_tile(plan.geometry(p), int(val))[3 - len(spatial):]
                         elif name == "mt":
                             opts["m_tiles"] = int(val)
+                        elif name == "stages":
+                            opts["stages"] = int(val)
                         else:
                             opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
                     be = CudaBackend().configure(**opts)

@@ -169,6 +169,7 @@ inline void na_cp_async16(void* smem, const void* gmem, bool valid) {
 inline void na_cp_commit() {}
 inline void na_cp_wait_all() {}
 inline void na_cp_wait_one() {}
+template <int N> inline void na_cp_wait() {}
 #define NA_SHARED_DECL unsigned char* na_smem = na_block->smem.data()
 
 // namespace cg = cooperative_groups in MLX's wrapper

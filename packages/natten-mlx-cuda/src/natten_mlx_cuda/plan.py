@@ -22,6 +22,7 @@ THREADS = 128
 # 37.9 / 151 for 64, and G4's 7x7 window 0.83 against 0.59 ms: they pay for windows of many key tiles)
 FWD_TILES = (64, 128)
 FWD_BIG_WINDOW = 256  # prod(K) from which the default forward tile holds 128 queries
+FWD_STAGES = 2  # key-tile slots in the forward's cp.async ring (2 or 3)
 FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2; 2 measured slower: G2 46.8 ms against 35.4)
 # the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
 # walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
@@ -189,7 +190,7 @@ def _r16(x: int) -> int:
 
 
 def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None,
-            ldsm: bool = True, m_tiles: int | None = None) -> Launch:
+            ldsm: bool = True, m_tiles: int | None = None, stages: int | None = None) -> Launch:
     """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32."""
     outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
     if not fast:
@@ -199,7 +200,7 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
     qt = tile or default_tile(geo, forward_tile_size(geo))
     kt = key_tile or default_tile(geo)
     mt = m_tiles or FWD_MT
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt)
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages)
     prm = params(geo, qt)
     threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
     return Launch(v, (_blocks(prm) * threads, geo.H, geo.B), (threads, 1, 1), outs, None, prm)
@@ -265,6 +266,8 @@ def compile_variants() -> list:
         out.append(_fmha_variant(FAST_DTYPES[j % 2], FAST_DTYPES[j % 2], d, dv, qt, tiles[j][1], j == 1))  # 8 warps
         out.append(_fmha_variant(FAST_DTYPES[j % 2], "float32", dv, d, qt, tiles[j][1], j != 1, mt=2))  # 4 warps x 32 rows
     out.append(_fmha_variant("float16", "float16", 128, 128, (1, 8, 8), (1, 8, 8), True, mt=2))  # 2 warps x 32 rows
+    out.append(_fmha_variant("bfloat16", "bfloat16", 128, 64, (1, 16, 8), (1, 8, 8), False, stages=3))  # 3 slots
+    out.append(_fmha_variant("float16", "float32", 32, 32, (2, 4, 8), (4, 4, 4), True, mt=2, stages=3))
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
@@ -289,7 +292,8 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1) -> Variant:
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None) -> Variant:
+    stages = stages or FWD_STAGES
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
     tables = (FWD_GEO + 8 * bq + 5 * FWD_MAXT) * 4
@@ -297,6 +301,6 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1) -> Variant:
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
-         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", FWD_MAXT)),
-        (bq * (dp + 8) + 2 * TILE * (dp + 8) + 2 * TILE * (dvp + 8)) * 2 + tables,
+         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", FWD_MAXT), ("STAGES", stages)),
+        (bq * (dp + 8) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2 + tables,
     )

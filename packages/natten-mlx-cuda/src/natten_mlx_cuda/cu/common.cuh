@@ -97,6 +97,8 @@ NA_FUNC void na_cp_async16(void* smem, const void* gmem, bool valid) {
 NA_FUNC void na_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 NA_FUNC void na_cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 NA_FUNC void na_cp_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
+// every committed group but the newest N is complete
+template <int N> NA_FUNC void na_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 // Four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix l / 8
 // (16 contiguous bytes). Without .trans lane l receives in r[i] matrix i's row l / 4, columns
 // 2 (l % 4) and +1: a B fragment of mma when the rows are B's columns (K in Q K^T). With .trans it

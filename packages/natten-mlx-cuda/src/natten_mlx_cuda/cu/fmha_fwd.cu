@@ -1,8 +1,8 @@
 // Fused neighborhood attention forward on the tensor cores (float16/bfloat16), flash-attention style.
 // One block of NW warps per (query tile, head, batch). The query tile is a box of QT0 x QT1 x QT2 =
 // 16 MT NW in-group coordinates of one dilation group per axis (tiling.h); the union of its windows is
-// one key range per axis, walked in key tiles of KT0 x KT1 x KT2 = 64 keys, double-buffered in shared
-// memory through cp.async. Each warp owns 16 MT query rows (MT = 2 halves the shared-memory reads
+// one key range per axis, walked in key tiles of KT0 x KT1 x KT2 = 64 keys, in a ring of STAGES shared
+// memory slots filled through cp.async (STAGES - 1 tiles in flight while one is computed). Each warp owns 16 MT query rows (MT = 2 halves the shared-memory reads
 // per mma: each K or V fragment serves both m-tiles, as in FlashAttention-2): S = Q K^T and O += P V through mma.sync
 // m16n8k16, the online softmax (base 2) in registers. Per-element masks only on key tiles that
 // tiling.h classes PARTIAL (or that the key range truncates); SKIP tiles are never loaded.
@@ -17,7 +17,7 @@
 // dummy element without HAS_RPB), prm, scl. Outputs out [B, N, H, DV] (OT), lse [B, N, H] float32.
 // Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB, LDSM
 // (B fragments through ldmatrix), NW (warps: 4 or 8), MT (m-tiles of 16 query rows per warp: 1 or 2),
-// MAXT (key tiles listed per chunk of the walk).
+// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots).
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
@@ -36,8 +36,8 @@ const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, 
 NA_SHARED_DECL;
 T* Qs = reinterpret_cast<T*>(na_smem);
 T* Ks = Qs + BQ * QS;
-T* Vs = Ks + 2 * BK * QS;
-int* geo = reinterpret_cast<int*>(Vs + 2 * BK * VS);  // NA_FWD_GEO ints: the block's geometry
+T* Vs = Ks + STAGES * BK * QS;
+int* geo = reinterpret_cast<int*>(Vs + STAGES * BK * VS);  // NA_FWD_GEO ints: the block's geometry
 int* rows = geo + NA_FWD_GEO;                          // 8 ints per query row: ws[3], we[3], present, flat
 int* tl = rows + 8 * BQ;                               // 5 ints per listed key tile: tok, k0[3], meta
 // geo layout: per axis a: c0 [a], c1 [3+a], Lg [6+a], kb [9+a], ke [12+a], nkt [15+a], kst [18+a]
@@ -78,7 +78,7 @@ if (tid < 3) {
 {
   // padding columns and the rows of absent tokens stay zero for the whole kernel
   uint4* z = reinterpret_cast<uint4*>(na_smem);
-  const int nz = (int)((BQ * QS + 2 * BK * QS + 2 * BK * VS) * sizeof(T) / 16);
+  const int nz = (int)((BQ * QS + STAGES * BK * QS + STAGES * BK * VS) * sizeof(T) / 16);
   for (int i = tid; i < nz; i += NT) z[i] = make_uint4(0u, 0u, 0u, 0u);
 }
 __syncthreads();
@@ -202,7 +202,9 @@ const int R = prm[NA_P_RPB];
 const int K0 = prm[8 + 5], K1 = prm[18 + 5], K2 = prm[28 + 5];  // rpb indexing
 const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
 bool have_q = false;
-int buf = 0;
+int buf = 0;  // ring slot of the tile computed next
+// tiles in flight beyond the current one (STAGES - 2 of them), cn when none
+int ahead[STAGES > 2 ? STAGES - 2 : 1];
 
 for (int cs = 0; cs < ntiles; cs += MAXT) {
   const int cn = na_min(MAXT, ntiles - cs);
@@ -212,22 +214,35 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
   int cur = next_tile(0, cn);
   if (cur < cn) load_kv(cur, buf);
   na_cp_commit();
+  {
+    int t = cur;
+#pragma unroll
+    for (int st = 0; st < STAGES - 2; ++st) {
+      t = t < cn ? next_tile(t + 1, cn) : cn;
+      ahead[st] = t;
+      if (t < cn) load_kv(t, (buf + 1 + st) % STAGES);
+      na_cp_commit();
+    }
+  }
   if (!have_q) {
     na_cp_wait_all();
     __syncthreads();
-    if (QREG)
-      #pragma unroll
+    if (QREG) {
+#pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        #pragma unroll
+#pragma unroll
         for (int kk = 0; kk < DP / 16; ++kk)
           na_frag_a<LDSM>(qf[QREG ? mt : 0][QREG ? kk : 0], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
+    }
     have_q = true;
   }
   while (cur < cn) {
-    const int nxt = next_tile(cur + 1, cn);
-    if (nxt < cn) load_kv(nxt, buf ^ 1);
+    // one more tile after the last one in flight, into the slot computed in the last iteration
+    const int last = STAGES > 2 ? ahead[STAGES > 2 ? STAGES - 3 : 0] : cur;
+    const int issue = last < cn ? next_tile(last + 1, cn) : cn;
+    if (issue < cn) load_kv(issue, (buf + STAGES - 1) % STAGES);
     na_cp_commit();
-    na_cp_wait_one();
+    na_cp_wait<STAGES - 1>();  // every group but the newest STAGES - 1: the current tile's is complete
     __syncthreads();
 
     const int meta = tl[5 * cur + 4];
@@ -361,9 +376,13 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
         }
       }
     }
-    __syncthreads();  // the next iteration loads into the buffer just read
+    __syncthreads();  // the next iteration loads into the slot just read
+    const int nxt = STAGES > 2 ? ahead[0] : issue;
+#pragma unroll
+    for (int st = 0; st + 1 < STAGES - 2; ++st) ahead[st] = ahead[st + 1];
+    if (STAGES > 2) ahead[STAGES > 2 ? STAGES - 3 : 0] = issue;
     cur = nxt;
-    buf ^= 1;
+    buf = buf + 1 == STAGES ? 0 : buf + 1;
   }
 }
 
