@@ -12,7 +12,7 @@ kernel walks three axes, and row-major flat token indices are unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -101,6 +101,11 @@ KERNELS = {
     "bwd_dkv": ("bwd_dkv.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dk", "dv")),
     "bwd_extra": ("bwd_extra.metal", ("q", "ak", "av", "dout", "lse", "delta", "prm", "scl"), ("dak", "dav")),
     "bwd_rpb": ("bwd_rpb.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("drpb",)),
+    # the split ops (one thread per query or key, no threadgroup memory)
+    "split_dot": ("split_dot.metal", ("x", "y", "ye", "rpb", "prm", "scl"), ("out",)),
+    "split_wsum": ("split_wsum.metal", ("w", "y", "ye", "prm", "scl"), ("out",)),
+    "split_scatter": ("split_scatter.metal", ("w", "x", "prm", "scl"), ("out",)),
+    "split_rpb": ("split_rpb.metal", ("w", "prm"), ("drpb",)),
 }
 
 
@@ -323,6 +328,69 @@ def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, til
         out["rpb"] = Launch(spec("bwd_rpb"), (q, k, v, rpb, dout, lse, delta, prm_q, _scale(geo)), tpl,
                             (cols, geo.H, 1), (32, 1, 1), ((geo.H, geo.R),), (mx.float32,))
     return out
+
+
+# ---- the split ops ----
+# Four kernels serve qk, av and both backwards (the same contraction appears twice, with its
+# operands renamed): split_dot (scores from x . y[slot key]: qk's scores, av's dAttn), split_wsum
+# (sum of slot weights times y[slot key]: av's out, qk's dQ), split_scatter (its transpose, key
+# major: qk's dK, av's dV) and split_rpb (qk's rpb gradient). ``dim`` is the row length of the
+# contraction; it travels as both D and DV of prm.
+SPLIT_THREADS = 64
+
+
+def _split_common(geo: Geometry, dim: int, has_rpb: bool = False):
+    g = replace(geo, D=dim, DV=dim, has_rpb=has_rpb)
+    return g, _int_block(params(g, (1, 1, 1), (1, 1, 1), key_major=False))
+
+
+@lru_cache(maxsize=64)
+def _constants(c: float, fill: float):
+    return mx.array([c, fill], dtype=mx.float32)
+
+
+def _rows(n: int, per: int = SPLIT_THREADS) -> int:
+    return -(-n // per) * per
+
+
+def split_dot_launch(geo: Geometry, dim: int, x, y, ye, rpb, c: float, fill: float) -> Launch:
+    """Scores ``[B, N, H, KT + E]`` (x's dtype): ``c * x . y[slot key]`` (+ rpb), ``fill`` in
+    invalid slots, then the additional tokens ``c * x . ye``. x ``[B, N, H, dim]``, y ``[B, NK,
+    HKV, dim]``, ye ``[B, E, HKV, dim]`` or None, rpb ``[H, R]`` or None."""
+    dtype = x.dtype
+    g, prm = _split_common(geo, dim, rpb is not None)
+    inputs = (x, y, ye if ye is not None else _dummy(dtype), rpb if rpb is not None else _dummy(dtype), prm,
+              _constants(float(c), float(fill)))
+    return Launch(spec("split_dot"), inputs, _template(g, dtype, SPLIT_THREADS), (_rows(g.N), g.H, g.B),
+                  (SPLIT_THREADS, 1, 1), ((g.B, g.N, g.H, window_size(g) + g.E),), (dtype,))
+
+
+def split_wsum_launch(geo: Geometry, dim: int, w, y, ye, c: float) -> Launch:
+    """``[B, N, H, dim]`` (w's dtype): ``c * (sum_slot w * y[slot key] + sum_e w[KT + e] * ye[e])``;
+    weights of invalid slots are not read."""
+    dtype = w.dtype
+    g, prm = _split_common(geo, dim)
+    inputs = (w, y, ye if ye is not None else _dummy(dtype), prm, _constants(float(c), 0.0))
+    return Launch(spec("split_wsum"), inputs, _template(g, dtype, SPLIT_THREADS), (_rows(g.N), g.H, g.B),
+                  (SPLIT_THREADS, 1, 1), ((g.B, g.N, g.H, dim),), (dtype,))
+
+
+def split_scatter_launch(geo: Geometry, dim: int, w, x, c: float, out_dtype) -> Launch:
+    """``[B, NK, HKV, dim]``: ``c * sum over (query, head of the group, slot) reading each key of w * x``."""
+    g, prm = _split_common(geo, dim)
+    return Launch(spec("split_scatter"), (w, x, prm, _constants(float(c), 0.0)), _template(g, w.dtype, SPLIT_THREADS),
+                  (_rows(g.NK), g.HKV, g.B), (SPLIT_THREADS, 1, 1), ((g.B, g.NK, g.HKV, dim),), (out_dtype,))
+
+
+def split_rpb_launch(geo: Geometry, w) -> Launch:
+    """``[H, R]`` float32: dScores summed into the rpb columns."""
+    g, prm = _split_common(geo, 8, True)
+    return Launch(spec("split_rpb"), (w, prm), _template(g, w.dtype, 32), (_rows(g.R, 32), g.H, 1), (32, 1, 1),
+                  ((g.H, g.R),), (mx.float32,))
+
+
+def window_size(geo: Geometry) -> int:
+    return geo.K[0] * geo.K[1] * geo.K[2]
 
 
 def metal_launch(launch: Launch) -> list:
