@@ -86,7 +86,7 @@ class MetalBackend:
         (problem.dtype), lse [B, *spatial, H] float32 (natural log)."""
         geo = kernels.geometry(problem)
         q, k, v = _tokens(query, geo.N), _tokens(key, geo.NK), _tokens(value, geo.NK)
-        r = None if rpb is None else rpb.reshape(geo.H, geo.R)
+        r = None if rpb is None else rpb.reshape(geo.H, geo.rpb_size)
         launch = kernels.forward_launch(geo, q, k, v, additional_keys, additional_values, r, self._tile3(geo),
                                         self._variant)
         out, lse = self._launch(launch)
@@ -108,7 +108,7 @@ class MetalBackend:
         delta = (dout.astype(mx.float32) * out.astype(mx.float32)).sum(-1)
         if record.d_lse is not None:
             delta = delta - record.d_lse.astype(mx.float32).reshape(geo.B, geo.N, geo.H)
-        r = None if rpb is None else rpb.reshape(geo.H, geo.R)
+        r = None if rpb is None else rpb.reshape(geo.H, geo.rpb_size)
         launches = kernels.backward_launches(geo, q, k, v, ak, av, r, dout, lse, delta, self._tile3(geo),
                                              self._variant)
         (dq,) = self._launch(launches["dq"])
@@ -133,7 +133,7 @@ class MetalBackend:
         """query [B, *spatial, H, D], key [B, *kv_spatial, H_kv, D] -> scores [B, *spatial, H, Kt (+E)]
         (problem.dtype): scaled, rpb added, invalid (causal) slots -inf, then the additional keys."""
         geo = kernels.geometry(problem)
-        r = None if rpb is None else rpb.reshape(geo.H, geo.R)
+        r = None if rpb is None else rpb.reshape(geo.H, geo.rpb_size)
         launch = kernels.split_dot_launch(geo, geo.D, _tokens(query, geo.N), _tokens(key, geo.NK), additional_keys, r,
                                           problem.scale, float("-inf"))
         (scores,) = self._launch(launch)
@@ -161,7 +161,7 @@ class MetalBackend:
         (dq,) = self._launch(kernels.split_wsum_launch(geo, geo.D, ds, k, ak, p.scale))
         (dk,) = self._launch(kernels.split_scatter_launch(geo, geo.D, ds, q, p.scale, key.dtype))
         grads = {"query": dq.reshape(query.shape), "key": dk.reshape(key.shape)}
-        kt = kernels.window_size(geo)
+        kt = geo.window_size
         if ak is not None:
             g = geo.H // geo.HKV
             dse = ds[..., kt:].astype(mx.float32).reshape(geo.B, geo.N, geo.HKV, g, geo.E)
@@ -185,7 +185,7 @@ class MetalBackend:
         grads = {"attn": dattn.reshape(attn.shape).astype(attn.dtype), "value": dv.reshape(value.shape)}
         if av is not None:
             g = geo.H // geo.HKV
-            kt = kernels.window_size(geo)
+            kt = geo.window_size
             we = w[..., kt:].astype(mx.float32).reshape(geo.B, geo.N, geo.HKV, g, geo.E)
             do = dout.astype(mx.float32).reshape(geo.B, geo.N, geo.HKV, g, geo.DV)
             grads["additional_values"] = mx.einsum("bnhgm,bnhge->bmhe", we, do).astype(av.dtype)
