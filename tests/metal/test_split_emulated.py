@@ -150,7 +150,8 @@ FIXED = [
     _fixed((40,), (7,), (3,), (2,), (False,), 3, 5, H=2, Hkv=1, rpb=True),
     _fixed((33,), (6,), (4,), (1,), (True,), 8, 8, H=2, Hkv=2, E=3),
 ]
-CASES = SWEEP + [(c, "float32") for c in FIXED]
+# the low-precision draws above hold no rpb and (float16) no dilation: two fixed cases add them
+CASES = SWEEP + [(c, "float32") for c in FIXED] + [(FIXED[0], "float16"), (FIXED[2], "bfloat16")]
 
 
 @pytest.mark.parametrize("cfg,dtype", CASES, ids=[f"{d}-{cfg_id(c)}" for c, d in CASES])
