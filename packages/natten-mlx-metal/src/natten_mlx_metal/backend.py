@@ -1,5 +1,5 @@
-"""The Metal backend object (natten_mlx.protocol v2): fused forward and backward kernels compiled at
-run time by ``mx.fast.metal_kernel``.
+"""The Metal backend object (natten_mlx.protocol v2): fused forward and backward kernels, and the
+split qk/av ops with their backwards, compiled at run time by ``mx.fast.metal_kernel``.
 
 Verified by emulation only: tests/metal runs every launch this backend makes through the CPU
 emulator in packages/natten-mlx-metal/emulator against the float64 oracle and the pure backend.
@@ -23,7 +23,7 @@ class MetalBackend:
     differentiation = "backward"
     distribution = "natten-mlx-metal"
     description = (
-        "Metal kernels via mx.fast.metal_kernel (tiled, online softmax, fused backward); "
+        "Metal kernels via mx.fast.metal_kernel (tiled, online softmax, fused backward; split qk/av); "
         "verified by emulation, not yet run on Apple hardware"
     )
 
