@@ -3,7 +3,8 @@ a threadgroup of the Metal and CUDA kernels owns), compiled with g++ and checked
 independent Python enumeration over random 3-axis grids (sub-domain slabs and dilation included):
 the flat index is row-major over per-axis digits (axis 2 fastest); each axis' non-empty tiles are
 exactly the local coordinates of each dilation group cut into runs of T; the non-empty boxes
-partition the local slab; empty boxes are exactly those past the end of a shorter group.
+partition the local slab; empty boxes are exactly those past the end of a shorter group; and
+natten_mlx.geometry.grid_tiles (the Python side of the grid size) equals na_query_tiles.
 Skipped without a C++ compiler."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from natten_mlx import geometry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "..", "..", "packages", "natten-mlx-core", "src", "natten_mlx", "include")
@@ -77,6 +79,8 @@ def test_grid_decode_matches_python(decode, seed):
         want = [_expected_axis(*ax) for ax in axes]
         tiles = [max(len(r) for r in w.values()) for w in want]
         assert per == tuple(ax[2] * t for ax, t in zip(axes, tiles)), where
+        # the Python twin of na_query_tiles that tiers size their grids with
+        assert tuple(geometry.grid_tiles(*ax) for ax in axes) == tuple(tiles), where
         assert len(grid["boxes"]) == int(np.prod(per)), where
         seen = []
         for flat, box in enumerate(grid["boxes"]):

@@ -19,6 +19,8 @@ are read-only, MLX arrays must not be modified in place either.
 - :func:`outer`: the one row-major outer product of per-axis tables.
 - :func:`dense_mask`: the dense ``[N, N_kv]`` reference mask (tests check it against their float64
   oracle; benchmarks use it for their masked-SDPA baselines).
+- :func:`grid_tiles`: tiles per dilation group a GPU grid provides along one axis (the Python twin
+  of ``tiling.h``'s ``na_query_tiles``, which the kernels decode their tile boxes with).
 - :func:`padded3d`: a Problem's sizes and window parameters with the axes padded in front to three
   (:class:`Padded3D`), what GPU kernels that always walk three axes read; :func:`pad3` pads one tuple.
 """
@@ -51,7 +53,7 @@ __all__ = [
     "window_header", "include_dir", "geometry_of", "axis_tables", "device_axis_tables", "slot_tables",
     "device_slot_tables", "tile_plan", "device_tile_plan", "key_extent", "key_slab", "outer", "row_major_strides",
     "rpb_weights", "default_tile", "dense_mask", "AxisWindows", "AxisTiles", "NeighborhoodTables", "TilePlan",
-    "axis_windows", "Padded3D", "padded3d", "pad3",
+    "axis_windows", "Padded3D", "padded3d", "pad3", "grid_tiles",
 ]
 
 _INCLUDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
@@ -261,3 +263,17 @@ def padded3d(problem) -> Padded3D:
         s=pad3(p.stride, 1), d=pad3(p.dilation, 1), causal=pad3(tuple(bool(c) for c in p.is_causal), False),
         has_rpb=bool(getattr(p, "has_rpb", False)), scale=float(p.scale), dtype=p.dtype,
     )
+
+
+def grid_tiles(offset: int, length: int, dilation: int, tile: int) -> int:
+    """Tiles of ``tile`` in-group coordinates per dilation group that a grid must provide along one
+    axis for the local tokens ``[offset, offset + length)``: enough for the group with the most of
+    them. The Python twin of ``tiling.h``'s ``na_query_tiles`` (tested equal to it), for the
+    ``tiles`` a tier writes into its kernels' parameters and sizes its grid with."""
+    most = 0
+    for g in range(dilation):
+        first = 0 if offset <= g else (offset - g + dilation - 1) // dilation
+        hi = offset + length - g
+        end = 0 if hi <= 0 else (hi + dilation - 1) // dilation
+        most = max(most, end - first)
+    return -(-most // tile)

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
-from natten_mlx.geometry import Padded3D, pad3, padded3d
+from natten_mlx.geometry import Padded3D, grid_tiles, pad3, padded3d
 
 HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # register-array sizes (DP, DVP template values)
 MAX_HEAD_DIM = HEAD_DIMS[-1]
@@ -158,13 +158,6 @@ def _box(geo: Geometry, size: int, extents) -> tuple:
     return tuple(t)
 
 
-def _tiles(off: int, n: int, d: int, t: int) -> int:
-    """Tiles per dilation group along one axis: enough for the group with the most local tokens
-    (ceil(n / d), one more when the slab does not start at a group boundary)."""
-    most = -(-n // d) + (1 if off % d else 0)
-    return -(-most // t)
-
-
 def _group_extents(spatial, d) -> list:
     return [-(-n // dd) for n, dd in zip(spatial, d)]
 
@@ -173,7 +166,7 @@ def params(geo: Geometry, T: tuple, U: tuple, key_major: bool) -> tuple:
     """The prm block of common.h. ``tiles`` counts query tiles (T), or key tiles (U) when key_major."""
     out = [geo.B, geo.H, geo.HKV, geo.N, geo.NK, geo.D, geo.DV, geo.E]
     for a in range(3):
-        tiles = _tiles(geo.kvoff[a], geo.kv_spatial[a], geo.d[a], U[a]) if key_major else _tiles(
+        tiles = grid_tiles(geo.kvoff[a], geo.kv_spatial[a], geo.d[a], U[a]) if key_major else grid_tiles(
             geo.qoff[a], geo.spatial[a], geo.d[a], T[a])
         out += [geo.domain[a], geo.spatial[a], geo.kv_spatial[a], geo.qoff[a], geo.kvoff[a], geo.K[a], geo.s[a],
                  geo.d[a], int(geo.causal[a]), tiles, T[a], U[a]]
