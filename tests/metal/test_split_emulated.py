@@ -159,6 +159,17 @@ def test_split_ops_against_the_oracle(cfg, dtype):
     check_split(cfg, dtype, seed=hash(cfg_id(cfg)) % 1000)
 
 
+# every register-array size of the split kernels (8..256: the contraction length, D for qk and
+# its backward, Dv for av and its backward), each dtype at least once
+SPLIT_HEAD_DIMS = [("float32", 16, 32), ("float32", 64, 128), ("float32", 256, 20), ("float16", 40, 256),
+                   ("bfloat16", 100, 12)]
+
+
+@pytest.mark.parametrize("dtype,D,Dv", SPLIT_HEAD_DIMS, ids=[f"{t}-D{a}-Dv{b}" for t, a, b in SPLIT_HEAD_DIMS])
+def test_split_head_dims(dtype, D, Dv):
+    check_split(_fixed((7, 6), (3, 4), (1, 2), (2, 1), (False, True), D, Dv, H=2, Hkv=1, E=1), dtype, seed=D + Dv)
+
+
 def test_split_subdomain_matches_pure():
     """A sub-domain qk/av problem (local queries, a key slab, global windows) against the pure
     backend's split ops on the same Problem, forward and backward."""
