@@ -5,7 +5,7 @@ once, so treat its first run as a test of the script too. The kernels it times w
 only by the CPU emulator of tests/metal. Run it on a Mac with Apple silicon:
 
     pip install packages/natten-mlx-core packages/natten-mlx-metal
-    python benchmarks/metal/bench_metal.py [--quick] [--dtype float16] [--backward]
+    python benchmarks/metal/bench_metal.py [--quick] [--dtype float16] [--backward] [--split]
 
 It prints one line per (problem, backend): median milliseconds of forward (or forward+backward)
 over repeated runs after warm-up, and the speed-up of "metal" over "pure". Record results in
@@ -46,6 +46,17 @@ def _time(fn, warmup: int, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _split_op(qk, av):
+    """av(softmax(qk(q, k)), v): the split ops in the composition the fused op replaces."""
+    import mlx.core as mx
+
+    def op(q, k, v, **options):
+        s = qk(q, k, **options)
+        return av(mx.softmax(s.astype(mx.float32), axis=-1).astype(s.dtype), v, **options)
+
+    return op
+
+
 def _bench_one(op, inputs, options, backward: bool, warmup: int, reps: int) -> float:
     import mlx.core as mx
 
@@ -64,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--backward", action="store_true", help="time forward + backward (gradients of all inputs)")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--split", action="store_true", help="time av(softmax(qk(q, k)), v) (the split ops) instead")
     args = ap.parse_args(argv)
     print(NEVER_RUN)
 
@@ -78,11 +90,14 @@ def main(argv=None) -> int:
         print(f"the metal backend is not registered (backends: {names}); pip install packages/natten-mlx-metal")
         return 1
     ops = {1: natten_mlx.na1d, 2: natten_mlx.na2d, 3: natten_mlx.na3d}
+    if args.split:
+        ops = {n: _split_op(getattr(natten_mlx, f"na{n}d_qk"), getattr(natten_mlx, f"na{n}d_av")) for n in (1, 2, 3)}
     dtype = getattr(mx, args.dtype)
     problems = PROBLEMS[:3] if args.quick else PROBLEMS
     warmup, reps = (2, 5) if args.quick else (3, 20)
     print(f"machine: {platform.platform()} {platform.processor()}; mlx {mx.__version__}; dtype {args.dtype}; "
-          f"batch {args.batch}; {'forward+backward' if args.backward else 'forward'}")
+          f"batch {args.batch}; {'forward+backward' if args.backward else 'forward'}; "
+          f"{'split qk/av ops' if args.split else 'fused op'}")
     print(f"{'problem':24s} {'backend':8s} {'ms':>10s} {'speed-up':>9s}")
     for name, spatial, heads, dim, k, dil, causal in problems:
         key = mx.random.key(0)

@@ -124,3 +124,33 @@ def test_tile_plans_cover_exactly_the_neighborhood(na_dim):
         dev = geometry.device_tile_plan(g, tile)
         np.testing.assert_array_equal(np.array(dev["key_index"]), plan.key_index)
         np.testing.assert_array_equal(np.array(dev["output_index"]), plan.output_index)
+
+
+@pytest.mark.parametrize("na_dim", [1, 2, 3])
+def test_padded3d_keeps_windows_and_token_order(na_dim):
+    """geometry.padded3d: axes padded in front to three with trivial ones; the padded problem's
+    dense mask (built from the padded tuples) equals the original's, token for token, and the
+    sizes, offsets and counts carry over (sub-domain fields included)."""
+    rng = np.random.default_rng(70 + na_dim)
+    for _ in range(10):
+        cfg = random_config(rng, na_dim, {1: 20, 2: 8, 3: 5}[na_dim])
+        p = Problem("fused", cfg["B"], tuple(cfg["shape"]), cfg["H"], cfg["Hkv"], cfg["D"], cfg["Dv"], tuple(cfg["K"]),
+                    tuple(cfg["s"]), tuple(cfg["d"]), tuple(cfg["c"]), 0.5, mx.float16, cfg["E"], bool(cfg["rpb"]),
+                    True)
+        g = geometry.padded3d(p)
+        lead = 3 - na_dim
+        assert g.rank == na_dim and (g.B, g.H, g.HKV, g.D, g.DV, g.E) == (p.batch, p.heads, p.kv_heads, p.head_dim,
+                                                                           p.value_head_dim, p.num_extra)
+        assert g.spatial == (1,) * lead + p.spatial and g.K == (1,) * lead + p.kernel_size
+        assert g.causal == (False,) * lead + tuple(p.is_causal) and g.qoff == (0, 0, 0) and g.kvoff == (0, 0, 0)
+        assert g.N == p.num_tokens and g.NK == p.kv_tokens and g.window_size == p.window_size
+        assert g.rpb_size == int(np.prod([2 * k - 1 for k in p.kernel_size]))
+        assert (g.has_rpb, g.scale, g.dtype) == (p.has_rpb, 0.5, mx.float16)
+        padded = (g.spatial, g.K, g.s, g.d, g.causal, g.domain, g.qoff, g.kv_spatial, g.kvoff)
+        np.testing.assert_array_equal(geometry.dense_mask(padded), geometry.dense_mask(p))
+    sub = p.with_(spatial=(1,) * (na_dim - 1) + (1,), domain=p.spatial,
+                  query_offset=(0,) * (na_dim - 1) + (p.spatial[-1] - 1,))
+    g = geometry.padded3d(sub)
+    assert g.domain == (1,) * (3 - na_dim) + p.spatial and g.qoff[-1] == p.spatial[-1] - 1
+    with pytest.raises(ValueError, match="1 to 3"):
+        geometry.pad3((1, 2, 3, 4), 1)

@@ -251,7 +251,7 @@ def test_supports_reasons_and_availability():
     cfg = _fixed((12,), (5,), (1,), (1,), (False,), 8, 8)
     p, _ = _problem(cfg, mx.float32)
     assert BACKEND.supports(p) is None
-    assert "split qk/av" in BACKEND.supports(p.with_(op="qk"))
+    assert BACKEND.supports(p.with_(op="qk", value_head_dim=0)) is None
     assert "at most 256" in BACKEND.supports(p.with_(head_dim=320))
     if hasattr(p, "device"):
         assert "GPU streams only" in BACKEND.supports(p.with_(device="cpu"))
@@ -283,6 +283,15 @@ PLANTED = {
     "barrier": ("bwd_dq", "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  if (qvalid) {", "  if (qvalid) {"),
     # the staging barrier at the end of a key tile dropped in the MMA dK/dV (next tile overwrites)
     "barrier_mma": ("bwd_dkv_mma", "    threadgroup_barrier(mem_flags::mem_threadgroup);\n  }\n}", "  }\n}"),
+    # split ops (checked by test_split_emulated's check_split):
+    # qk: the causal validity of a slot dropped (invalid slots get scores instead of -inf)
+    "split_mask": ("split_dot", "valid = valid && kc[a] < we[a];", ""),
+    # av: the weights of invalid slots read (the +inf planted there leaks into the output)
+    "split_weights": ("split_wsum", "  if (!valid) continue;\n", ""),
+    # dK/dV of the split ops: the query range of a key one short at its end
+    "split_range": ("split_scatter", "qn[a] = na_max(qe - qb[a], 0);", "qn[a] = na_max(qe - qb[a] - 1, 0);"),
+    # qk's rpb gradient: the relative offset of a column shifted by one
+    "split_rpb": ("split_rpb", "- (ax[a].K - 1);", "- ax[a].K;"),
 }
 
 
@@ -300,6 +309,15 @@ def test_planted_kernel_bug_is_caught(name):
         return emulator_launcher()(replace(L, spec=bad) if L.spec == good else L)
 
     backend = MetalBackend(launcher, variant="mma" if kind.endswith("_mma") else "simple")
+    if kind.startswith("split_"):
+        from test_split_emulated import check_split
+
+        # causal on one axis for the masks, rpb for the rpb gradient (rpb excludes causal)
+        causal = (False, name != "split_rpb")
+        cfg = _fixed((20, 6), (5, 3), (1, 2), (1, 1), causal, 8, 8, rpb=name == "split_rpb")
+        with pytest.raises((AssertionError, EmulatorError)):
+            check_split(cfg, "float32", seed=1, backend=backend)
+        return
     cfg = _fixed((40, 3), (7, 2), (1, 1), (1, 1), (False, True), 8, 8)
     with pytest.raises((AssertionError, EmulatorError)):
         check(cfg, "float32", seed=1, backend=backend)

@@ -1,5 +1,5 @@
 """The Metal backend on a real Apple GPU against the pure backend: forward and gradients, both
-kernel variants, three dtypes, 1D/2D/3D with every parameter. Skipped where
+kernel variants, the split qk/av ops, three dtypes, 1D/2D/3D with every parameter. Skipped where
 ``mx.metal.is_available()`` is False (every machine this project has run on so far: this file has
 never been run; the emulator tests in this folder are what verified the kernels).
 """
@@ -94,3 +94,47 @@ def test_simple_variant_matches_pure(cfg, dtype):
 def test_metal_is_registered_and_available():
     assert MetalBackend().available() is None
     assert "metal" in [b.name for b in natten_mlx.list_backends()], "install packages/natten-mlx-metal (entry point)"
+
+
+QK = {1: natten_mlx.na1d_qk, 2: natten_mlx.na2d_qk, 3: natten_mlx.na3d_qk}
+AV = {1: natten_mlx.na1d_av, 2: natten_mlx.na2d_av, 3: natten_mlx.na3d_av}
+
+
+def _run_split(cfg, dtype, backend, seed):
+    """qk -> softmax -> av, with gradients of every input: the split ops and both backwards."""
+    rng = np.random.default_rng(seed)
+    B, shape, H, Hkv, D, Dv, E = (cfg[x] for x in ("B", "shape", "H", "Hkv", "D", "Dv", "E"))
+    arrays = {"query": rng.standard_normal((B, *shape, H, D)), "key": rng.standard_normal((B, *shape, Hkv, D)),
+              "value": rng.standard_normal((B, *shape, Hkv, Dv))}
+    if E:
+        arrays["additional_keys"] = rng.standard_normal((B, E, Hkv, D))
+        arrays["additional_values"] = rng.standard_normal((B, E, Hkv, Dv))
+    if cfg["rpb"]:
+        arrays["rpb"] = rng.standard_normal((H, *[2 * k - 1 for k in cfg["K"]]))
+    names = list(arrays)
+    xs = [mx.array(arrays[n].astype(np.float32)).astype(DTYPES[dtype]) for n in names]
+    win = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], dilation=cfg["dilation"],
+               is_causal=cfg["is_causal"])
+    n = cfg["na_dim"]
+
+    def loss(*a):
+        x = dict(zip(names, a))
+        s = QK[n](x["query"], x["key"], rpb=x.get("rpb"), additional_keys=x.get("additional_keys"),
+                  scale=cfg["scale"], backend=backend, **win)
+        out = AV[n](mx.softmax(s.astype(mx.float32), axis=-1).astype(s.dtype), x["value"],
+                    additional_values=x.get("additional_values"), backend=backend, **win)
+        finite = mx.where(mx.isinf(s), 0.0, s.astype(mx.float32))
+        return (out.astype(mx.float32) ** 2).sum() + 1e-2 * (finite ** 2).sum(), (out, finite)
+
+    (_, (out, s)), grads = mx.value_and_grad(loss, argnums=list(range(len(names))))(*xs)
+    return [out, s, *grads]
+
+
+@pytest.mark.parametrize("cfg,dtype", CASES[::2], ids=[f"{d}-{cfg_id(c)}" for c, d in CASES[::2]])
+def test_split_ops_match_pure(cfg, dtype):
+    got = _run_split(cfg, dtype, "metal", seed=2)
+    want = _run_split(cfg, dtype, "pure", seed=2)
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32))
+        scale = max(1.0, float(np.abs(w).max()))
+        assert np.abs(g - w).max() <= TOL[dtype] * scale, (i, float(np.abs(g - w).max()))

@@ -19,11 +19,16 @@ are read-only, MLX arrays must not be modified in place either.
 - :func:`outer`: the one row-major outer product of per-axis tables.
 - :func:`dense_mask`: the dense ``[N, N_kv]`` reference mask (tests check it against their float64
   oracle; benchmarks use it for their masked-SDPA baselines).
+- :func:`grid_tiles`: tiles per dilation group a GPU grid provides along one axis (the Python twin
+  of ``tiling.h``'s ``na_query_tiles``, which the kernels decode their tile boxes with).
+- :func:`padded3d`: a Problem's sizes and window parameters with the axes padded in front to three
+  (:class:`Padded3D`), what GPU kernels that always walk three axes read; :func:`pad3` pads one tuple.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
@@ -48,7 +53,7 @@ __all__ = [
     "window_header", "include_dir", "geometry_of", "axis_tables", "device_axis_tables", "slot_tables",
     "device_slot_tables", "tile_plan", "device_tile_plan", "key_extent", "key_slab", "outer", "row_major_strides",
     "rpb_weights", "default_tile", "dense_mask", "AxisWindows", "AxisTiles", "NeighborhoodTables", "TilePlan",
-    "axis_windows",
+    "axis_windows", "Padded3D", "padded3d", "pad3", "grid_tiles",
 ]
 
 _INCLUDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
@@ -175,3 +180,100 @@ def dense_mask(problem_or_geometry) -> np.ndarray:
     """``[N, N_kv]`` bool (NumPy): may query ``n`` attend to key ``m`` (row-major token order;
     keys of the key slab). The one dense reference mask of the package."""
     return neighborhood_mask(*geometry_of(problem_or_geometry))
+
+
+def pad3(values, fill) -> tuple:
+    """``values`` (one entry per spatial axis, 1 to 3 of them) padded in front with ``fill`` to three."""
+    values = tuple(values)
+    if not 1 <= len(values) <= 3:
+        raise ValueError(f"pad3: {values!r} has {len(values)} entries; neighborhood attention has 1 to 3 axes")
+    return (fill,) * (3 - len(values)) + values
+
+
+@dataclass(frozen=True)
+class Padded3D:
+    """A problem's sizes and window parameters, its axes padded in front to three: extent 1,
+    ``K = s = d = 1``, not causal, offset 0. A trivial leading axis changes no window and no
+    row-major flat token index, so a kernel that always walks three axes serves 1D, 2D and 3D.
+
+    rank: the problem's number of spatial axes (1 to 3).
+    B, H, HKV, D, DV, E: batch, query heads, key/value heads, head dims (0 for the split op that
+    has none), additional keys/values (``num_extra``).
+    spatial, kv_spatial, domain, qoff, kvoff: local query extents, local key/value extents, the
+    global extents the window rules apply to, global coordinates of local query 0 and key 0.
+    K, s, d, causal: kernel size, stride, dilation, per-axis causal flags.
+    has_rpb, scale, dtype: as in the Problem.
+    """
+
+    rank: int
+    B: int
+    H: int
+    HKV: int
+    D: int
+    DV: int
+    E: int
+    spatial: tuple
+    kv_spatial: tuple
+    domain: tuple
+    qoff: tuple
+    kvoff: tuple
+    K: tuple
+    s: tuple
+    d: tuple
+    causal: tuple
+    has_rpb: bool
+    scale: float
+    dtype: object
+
+    @property
+    def N(self) -> int:
+        """Local queries."""
+        return self.spatial[0] * self.spatial[1] * self.spatial[2]
+
+    @property
+    def NK(self) -> int:
+        """Local keys/values."""
+        return self.kv_spatial[0] * self.kv_spatial[1] * self.kv_spatial[2]
+
+    @property
+    def window_size(self) -> int:
+        """Slots of a window: ``prod(K)``."""
+        return self.K[0] * self.K[1] * self.K[2]
+
+    @property
+    def rpb_size(self) -> int:
+        """rpb entries per head: ``prod(2K - 1)``."""
+        return (2 * self.K[0] - 1) * (2 * self.K[1] - 1) * (2 * self.K[2] - 1)
+
+
+def padded3d(problem) -> Padded3D:
+    """The :class:`Padded3D` of a :class:`~natten_mlx.problem.Problem` (whole-domain or sub-domain).
+    Objects with the Problem's field names serve too; absent sub-domain fields mean a whole domain."""
+    p = problem
+    rank = len(p.spatial)
+    spatial = tuple(p.spatial)
+    domain = tuple(getattr(p, "domain", None) or spatial)
+    kv_spatial = tuple(getattr(p, "kv_spatial", None) or spatial)
+    qoff = tuple(getattr(p, "query_offset", None) or (0,) * rank)
+    kvoff = tuple(getattr(p, "kv_offset", None) or (0,) * rank)
+    return Padded3D(
+        rank=rank, B=p.batch, H=p.heads, HKV=p.kv_heads, D=p.head_dim, DV=p.value_head_dim,
+        E=int(getattr(p, "num_extra", 0) or 0), spatial=pad3(spatial, 1), kv_spatial=pad3(kv_spatial, 1),
+        domain=pad3(domain, 1), qoff=pad3(qoff, 0), kvoff=pad3(kvoff, 0), K=pad3(p.kernel_size, 1),
+        s=pad3(p.stride, 1), d=pad3(p.dilation, 1), causal=pad3(tuple(bool(c) for c in p.is_causal), False),
+        has_rpb=bool(getattr(p, "has_rpb", False)), scale=float(p.scale), dtype=p.dtype,
+    )
+
+
+def grid_tiles(offset: int, length: int, dilation: int, tile: int) -> int:
+    """Tiles of ``tile`` in-group coordinates per dilation group that a grid must provide along one
+    axis for the local tokens ``[offset, offset + length)``: enough for the group with the most of
+    them. The Python twin of ``tiling.h``'s ``na_query_tiles`` (tested equal to it), for the
+    ``tiles`` a tier writes into its kernels' parameters and sizes its grid with."""
+    most = 0
+    for g in range(dilation):
+        first = 0 if offset <= g else (offset - g + dilation - 1) // dilation
+        hi = offset + length - g
+        end = 0 if hi <= 0 else (hi + dilation - 1) // dilation
+        most = max(most, end - first)
+    return -(-most // tile)

@@ -12,12 +12,13 @@ kernel walks three axes, and row-major flat token indices are unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
+from natten_mlx.geometry import Padded3D, grid_tiles, pad3, padded3d
 
 HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # register-array sizes (DP, DVP template values)
 MAX_HEAD_DIM = HEAD_DIMS[-1]
@@ -34,7 +35,7 @@ MMA_MAX_DIM = 128
 def resolve_variant(variant: str, geo: "Geometry") -> str:
     if variant != "auto":
         return variant
-    return "mma" if max(geo.DP, geo.DVP) <= MMA_MAX_DIM else "simple"
+    return "mma" if max(padded_dim(geo.D), padded_dim(geo.DV)) <= MMA_MAX_DIM else "simple"
 
 
 def _variant(kind: str, variant: str) -> tuple[str, int]:
@@ -101,6 +102,11 @@ KERNELS = {
     "bwd_dkv": ("bwd_dkv.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("dk", "dv")),
     "bwd_extra": ("bwd_extra.metal", ("q", "ak", "av", "dout", "lse", "delta", "prm", "scl"), ("dak", "dav")),
     "bwd_rpb": ("bwd_rpb.metal", ("q", "k", "v", "rpb", "dout", "lse", "delta", "prm", "scl"), ("drpb",)),
+    # the split ops (one thread per query or key, no threadgroup memory)
+    "split_dot": ("split_dot.metal", ("x", "y", "ye", "rpb", "prm", "scl"), ("out",)),
+    "split_wsum": ("split_wsum.metal", ("w", "y", "ye", "prm", "scl"), ("out",)),
+    "split_scatter": ("split_scatter.metal", ("w", "x", "prm", "scl"), ("out",)),
+    "split_rpb": ("split_rpb.metal", ("w", "prm"), ("drpb",)),
 }
 
 
@@ -111,77 +117,22 @@ def spec(kind: str) -> KernelSpec:
 
 
 # ---- geometry ----
-@dataclass(frozen=True)
-class Geometry:
-    rank: int
-    B: int
-    H: int
-    HKV: int
-    D: int
-    DV: int
-    E: int
-    spatial: tuple  # local query extents, padded to 3 axes
-    kv_spatial: tuple
-    domain: tuple
-    qoff: tuple
-    kvoff: tuple
-    K: tuple
-    s: tuple
-    d: tuple
-    causal: tuple
-    has_rpb: bool
-    scale: float
-    dtype: str
-
-    @property
-    def N(self) -> int:
-        return self.spatial[0] * self.spatial[1] * self.spatial[2]
-
-    @property
-    def NK(self) -> int:
-        return self.kv_spatial[0] * self.kv_spatial[1] * self.kv_spatial[2]
-
-    @property
-    def R(self) -> int:
-        return (2 * self.K[0] - 1) * (2 * self.K[1] - 1) * (2 * self.K[2] - 1)
-
-    @property
-    def DP(self) -> int:
-        return padded_dim(self.D)
-
-    @property
-    def DVP(self) -> int:
-        return padded_dim(self.DV)
-
-
-def _pad(t, fill) -> tuple:
-    t = tuple(t)
-    return (fill,) * (3 - len(t)) + t
-
-
-def padded_dim(x: int) -> int:
-    return next(h for h in HEAD_DIMS if h >= x)
+# The core's 3-axis-padded geometry (natten_mlx.geometry.padded3d), the one the CUDA tier reads too.
+Geometry = Padded3D
 
 
 def geometry(p) -> Geometry:
-    rank = len(p.spatial)
-    spatial = tuple(p.spatial)
-    domain = tuple(getattr(p, "domain", None) or spatial)
-    kv_spatial = tuple(getattr(p, "kv_spatial", None) or spatial)
-    qoff = tuple(getattr(p, "query_offset", None) or (0,) * rank)
-    kvoff = tuple(getattr(p, "kv_offset", None) or (0,) * rank)
-    return Geometry(
-        rank=rank, B=p.batch, H=p.heads, HKV=p.kv_heads, D=p.head_dim, DV=p.value_head_dim, E=p.num_extra,
-        spatial=_pad(spatial, 1), kv_spatial=_pad(kv_spatial, 1), domain=_pad(domain, 1), qoff=_pad(qoff, 0),
-        kvoff=_pad(kvoff, 0), K=_pad(p.kernel_size, 1), s=_pad(p.stride, 1), d=_pad(p.dilation, 1),
-        causal=_pad(tuple(bool(c) for c in p.is_causal), False), has_rpb=bool(p.has_rpb), scale=float(p.scale),
-        dtype=DTYPE_NAMES[p.dtype],
-    )
+    return padded3d(p)
+
+
+def padded_dim(x: int) -> int:
+    """The register-array size (DP, DVP template value) of a head dim."""
+    return next(h for h in HEAD_DIMS if h >= x)
 
 
 def stage_rows(geo: Geometry) -> int:
     """common.h's na_stage_rows: rows of key+value (or query+dO) staged per tile."""
-    b = (geo.DP + geo.DVP) * ESIZE[geo.dtype]
+    b = (padded_dim(geo.D) + padded_dim(geo.DV)) * ESIZE[DTYPE_NAMES[geo.dtype]]
     return 32 if b * 32 <= TG_MEMORY - 2048 else 16 if b * 16 <= TG_MEMORY - 2048 else 8
 
 
@@ -191,7 +142,7 @@ def _box(geo: Geometry, size: int, extents) -> tuple:
     to the axis with the most tokens per tile slot."""
     rank = geo.rank
     t = [1, 1, 1]
-    base = _pad(DEFAULT_BOX[rank], 1)
+    base = pad3(DEFAULT_BOX[rank], 1)
     # scale the default box (64 tokens) to `size` by halving its largest entries
     t = list(base)
     while t[0] * t[1] * t[2] > size:
@@ -207,13 +158,6 @@ def _box(geo: Geometry, size: int, extents) -> tuple:
     return tuple(t)
 
 
-def _tiles(off: int, n: int, d: int, t: int) -> int:
-    """Tiles per dilation group along one axis: enough for the group with the most local tokens
-    (ceil(n / d), one more when the slab does not start at a group boundary)."""
-    most = -(-n // d) + (1 if off % d else 0)
-    return -(-most // t)
-
-
 def _group_extents(spatial, d) -> list:
     return [-(-n // dd) for n, dd in zip(spatial, d)]
 
@@ -222,11 +166,11 @@ def params(geo: Geometry, T: tuple, U: tuple, key_major: bool) -> tuple:
     """The prm block of common.h. ``tiles`` counts query tiles (T), or key tiles (U) when key_major."""
     out = [geo.B, geo.H, geo.HKV, geo.N, geo.NK, geo.D, geo.DV, geo.E]
     for a in range(3):
-        tiles = _tiles(geo.kvoff[a], geo.kv_spatial[a], geo.d[a], U[a]) if key_major else _tiles(
+        tiles = grid_tiles(geo.kvoff[a], geo.kv_spatial[a], geo.d[a], U[a]) if key_major else grid_tiles(
             geo.qoff[a], geo.spatial[a], geo.d[a], T[a])
         out += [geo.domain[a], geo.spatial[a], geo.kv_spatial[a], geo.qoff[a], geo.kvoff[a], geo.K[a], geo.s[a],
                  geo.d[a], int(geo.causal[a]), tiles, T[a], U[a]]
-    out += [geo.R, int(geo.has_rpb)]
+    out += [geo.rpb_size, int(geo.has_rpb)]
     return tuple(out)
 
 
@@ -239,7 +183,7 @@ def _ntiles(prm: tuple) -> int:
 
 
 def _template(geo: Geometry, dtype, threads: int = THREADS) -> tuple:
-    return (("T", dtype), ("DP", geo.DP), ("DVP", geo.DVP), ("NT", threads))
+    return (("T", dtype), ("DP", padded_dim(geo.D)), ("DVP", padded_dim(geo.DV)), ("NT", threads))
 
 
 # Per-call constants are cached MLX arrays built from Python values (immutable and holding their data,
@@ -319,10 +263,69 @@ def backward_launches(geo: Geometry, q, k, v, ak, av, rpb, dout, lse, delta, til
                               (chunks * THREADS, geo.HKV, geo.B), (THREADS, 1, 1),
                               ((geo.B, geo.E, geo.HKV, geo.D), (geo.B, geo.E, geo.HKV, geo.DV)), (dtype, dtype))
     if geo.has_rpb:
-        cols = -(-geo.R // 32) * 32
+        cols = -(-geo.rpb_size // 32) * 32
         out["rpb"] = Launch(spec("bwd_rpb"), (q, k, v, rpb, dout, lse, delta, prm_q, _scale(geo)), tpl,
-                            (cols, geo.H, 1), (32, 1, 1), ((geo.H, geo.R),), (mx.float32,))
+                            (cols, geo.H, 1), (32, 1, 1), ((geo.H, geo.rpb_size),), (mx.float32,))
     return out
+
+
+# ---- the split ops ----
+# Four kernels serve qk, av and both backwards (the same contraction appears twice, with its
+# operands renamed): split_dot (scores from x . y[slot key]: qk's scores, av's dAttn), split_wsum
+# (sum of slot weights times y[slot key]: av's out, qk's dQ), split_scatter (its transpose, key
+# major: qk's dK, av's dV) and split_rpb (qk's rpb gradient). ``dim`` is the row length of the
+# contraction; it travels as both D and DV of prm.
+SPLIT_THREADS = 64
+
+
+def _split_common(geo: Geometry, dim: int, has_rpb: bool = False):
+    g = replace(geo, D=dim, DV=dim, has_rpb=has_rpb)
+    return g, _int_block(params(g, (1, 1, 1), (1, 1, 1), key_major=False))
+
+
+@lru_cache(maxsize=64)
+def _constants(c: float, fill: float):
+    return mx.array([c, fill], dtype=mx.float32)
+
+
+def _rows(n: int, per: int = SPLIT_THREADS) -> int:
+    return -(-n // per) * per
+
+
+def split_dot_launch(geo: Geometry, dim: int, x, y, ye, rpb, c: float, fill: float) -> Launch:
+    """Scores ``[B, N, H, KT + E]`` (x's dtype): ``c * x . y[slot key]`` (+ rpb), ``fill`` in
+    invalid slots, then the additional tokens ``c * x . ye``. x ``[B, N, H, dim]``, y ``[B, NK,
+    HKV, dim]``, ye ``[B, E, HKV, dim]`` or None, rpb ``[H, R]`` or None."""
+    dtype = x.dtype
+    g, prm = _split_common(geo, dim, rpb is not None)
+    inputs = (x, y, ye if ye is not None else _dummy(dtype), rpb if rpb is not None else _dummy(dtype), prm,
+              _constants(float(c), float(fill)))
+    return Launch(spec("split_dot"), inputs, _template(g, dtype, SPLIT_THREADS), (_rows(g.N), g.H, g.B),
+                  (SPLIT_THREADS, 1, 1), ((g.B, g.N, g.H, g.window_size + g.E),), (dtype,))
+
+
+def split_wsum_launch(geo: Geometry, dim: int, w, y, ye, c: float) -> Launch:
+    """``[B, N, H, dim]`` (w's dtype): ``c * (sum_slot w * y[slot key] + sum_e w[KT + e] * ye[e])``;
+    weights of invalid slots are not read."""
+    dtype = w.dtype
+    g, prm = _split_common(geo, dim)
+    inputs = (w, y, ye if ye is not None else _dummy(dtype), prm, _constants(float(c), 0.0))
+    return Launch(spec("split_wsum"), inputs, _template(g, dtype, SPLIT_THREADS), (_rows(g.N), g.H, g.B),
+                  (SPLIT_THREADS, 1, 1), ((g.B, g.N, g.H, dim),), (dtype,))
+
+
+def split_scatter_launch(geo: Geometry, dim: int, w, x, c: float, out_dtype) -> Launch:
+    """``[B, NK, HKV, dim]``: ``c * sum over (query, head of the group, slot) reading each key of w * x``."""
+    g, prm = _split_common(geo, dim)
+    return Launch(spec("split_scatter"), (w, x, prm, _constants(float(c), 0.0)), _template(g, w.dtype, SPLIT_THREADS),
+                  (_rows(g.NK), g.HKV, g.B), (SPLIT_THREADS, 1, 1), ((g.B, g.NK, g.HKV, dim),), (out_dtype,))
+
+
+def split_rpb_launch(geo: Geometry, w) -> Launch:
+    """``[H, R]`` float32: dScores summed into the rpb columns."""
+    g, prm = _split_common(geo, 8, True)
+    return Launch(spec("split_rpb"), (w, prm), _template(g, w.dtype, 32), (_rows(g.rpb_size, 32), g.H, 1),
+                  (32, 1, 1), ((g.H, g.rpb_size),), (mx.float32,))
 
 
 def metal_launch(launch: Launch) -> list:

@@ -55,25 +55,20 @@ constexpr int na_stage_rows(int dp, int dvp, int esize) {
   return (dp + dvp) * esize * 32 <= 32768 - 2048 ? 32 : (dp + dvp) * esize * 16 <= 32768 - 2048 ? 16 : 8;
 }
 
-// Decode a tile index into per-axis (dilation group, tile) and the in-group coordinate range
-// [c0, c1] of that tile among the local tokens [off, off + n): tiling.h's walk, steps 1 and 2.
+// The tile box of threadgroup `tile`: per axis its dilation group g and in-group coordinate range
+// [c0, c1] among the local tokens [off, off + n) (queries, or keys for the key-major backward).
+// tiling.h's grid decode (na_tile_digit/group/first/last), the one the CUDA tier uses too.
 // Returns false when the tile is empty (its group has fewer tiles than the grid provides).
 NA_FUNC bool na_tile_range(thread const NaAxis* ax, int tile, bool keys, thread int* g, thread int* c0, thread int* c1) {
-  int rem = tile;
   bool ok = true;
-  for (int a = 2; a >= 0; --a) {
-    int per = ax[a].d * ax[a].tiles;
-    int u = rem % per;
-    rem /= per;
-    g[a] = u / ax[a].tiles;
-    int t = u % ax[a].tiles;
+  for (int a = 0; a < 3; ++a) {
+    int u = na_tile_digit(tile, ax[1].d * ax[1].tiles, ax[2].d * ax[2].tiles, a);
     int off = keys ? ax[a].kvoff : ax[a].qoff;
     int n = keys ? ax[a].nk : ax[a].n;
     int ext = keys ? ax[a].tk : ax[a].tq;
-    int first = na_group_first(off, ax[a].d, g[a]);
-    int end = na_group_end(off, n, ax[a].d, g[a]);
-    c0[a] = first + t * ext;
-    c1[a] = na_min(c0[a] + ext, end) - 1;
+    g[a] = na_tile_group(u, ax[a].tiles);
+    c0[a] = na_tile_first(u, ax[a].tiles, off, ax[a].d, ext);
+    c1[a] = na_tile_last(u, ax[a].tiles, off, n, ax[a].d, ext);
     if (c0[a] > c1[a]) ok = false;
   }
   return ok;
@@ -109,6 +104,22 @@ NA_FUNC bool na_in_windows(thread const NaAxis* ax, thread const int* Lg, thread
     if (kc[a] >= na_window_end(qc[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal)) return false;
   }
   return true;
+}
+
+// The window of local query token t (the split ops' kernels): per axis its dilation group g,
+// in-group coordinate c, group length Lg and window [ws, we) in in-group coordinates. Slot j of
+// the window (row-major over the per-axis slots) is the key ws + j per axis, valid while < we.
+NA_FUNC void na_query_window(thread const NaAxis* ax, int t, thread int* g, thread int* c, thread int* Lg,
+                             thread int* ws, thread int* we) {
+  for (int a = 2; a >= 0; --a) {
+    int gi = t % ax[a].n + ax[a].qoff;
+    t /= ax[a].n;
+    g[a] = gi % ax[a].d;
+    c[a] = gi / ax[a].d;
+    Lg[a] = na_group_len(ax[a].L, ax[a].d, g[a]);
+    ws[a] = na_window_start(c[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+    we[a] = na_window_end(c[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
+  }
 }
 
 // One 8x8x8 multiply-accumulate of the simdgroup, d = a * b + c, on this lane's two elements of

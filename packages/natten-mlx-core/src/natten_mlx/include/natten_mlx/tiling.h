@@ -80,4 +80,34 @@ NA_FUNC int na_query_end(int kc, int Lg, int K, int s, bool causal) {
   return lo;
 }
 
+// ---- the grid: which tile box a threadgroup (block) owns ----
+// A tier launches one threadgroup per tile box and numbers the boxes by one flat index, axis 2
+// fastest. Along axis a the index has a digit u in [0, d_a * tiles_a): dilation group
+// u / tiles_a, tile u % tiles_a of that group (steps 1 and 2 above). tiles_a is what the grid
+// provides per group (na_query_tiles for query tiles), so groups with fewer local coordinates
+// have empty tiles at their end: na_tile_last < na_tile_first there, and the whole box is empty.
+// Key-major walks (the backward's dK/dV) decode key tiles the same way, with the key slab's
+// offset and extent.
+
+// Digit of axis a (0, 1, 2) of a flat tile index; per1, per2 are d * tiles of axes 1 and 2.
+NA_FUNC int na_tile_digit(int tile, int per1, int per2, int a) {
+  if (a == 2) return tile % per2;
+  if (a == 1) return (tile / per2) % per1;
+  return tile / (per2 * per1);
+}
+
+// Dilation group of digit u along an axis with `tiles` tiles per group.
+NA_FUNC int na_tile_group(int u, int tiles) { return u / tiles; }
+
+// First in-group coordinate c0 of the tile of digit u (local slab [off, off + n), tiles of T).
+NA_FUNC int na_tile_first(int u, int tiles, int off, int d, int T) {
+  return na_group_first(off, d, u / tiles) + (u % tiles) * T;
+}
+
+// Last in-group coordinate c1 (inclusive) of the tile of digit u; below na_tile_first when the
+// tile is empty.
+NA_FUNC int na_tile_last(int u, int tiles, int off, int n, int d, int T) {
+  return na_min(na_tile_first(u, tiles, off, d, T) + T, na_group_end(off, n, d, u / tiles)) - 1;
+}
+
 #endif  // NATTEN_MLX_TILING_H
