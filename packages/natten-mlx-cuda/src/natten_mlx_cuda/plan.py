@@ -1,13 +1,17 @@
 """From a problem to kernel launches: geometry, tile shapes, the int parameter block, grids.
 
-Pure Python (no MLX), so the CPU emulator of tests/cuda plans exactly what the backend launches.
-Problems of rank < 3 are padded in front with trivial axes (extent 1, K = s = d = 1): every kernel
-walks three axes and row-major flat indices are unchanged.
+No arrays, so the CPU emulator of tests/cuda plans exactly what the backend launches. The geometry
+is the core's natten_mlx.geometry.padded3d, shared with the Metal tier: problems of rank < 3 are
+padded in front with trivial axes (extent 1, K = s = d = 1), so every kernel walks three axes and
+row-major flat indices are unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from natten_mlx.geometry import Padded3D, pad3, padded3d
+from natten_mlx.geometry import grid_tiles as query_tiles
 
 from .source import Variant
 
@@ -31,71 +35,10 @@ FWD_MAXT = 384
 DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Everything a kernel needs about one call, axes padded in front to three."""
-
-    rank: int
-    B: int
-    H: int
-    HKV: int
-    D: int
-    DV: int
-    spatial: tuple  # local query extent per axis
-    kv_spatial: tuple  # local key/value extent
-    domain: tuple  # global extent the window rules apply to
-    qoff: tuple
-    kvoff: tuple
-    K: tuple
-    s: tuple
-    d: tuple
-    causal: tuple
-    scale: float
-
-    @property
-    def N(self) -> int:
-        return self.spatial[0] * self.spatial[1] * self.spatial[2]
-
-    @property
-    def NK(self) -> int:
-        return self.kv_spatial[0] * self.kv_spatial[1] * self.kv_spatial[2]
-
-    @property
-    def rpb_size(self) -> int:
-        return (2 * self.K[0] - 1) * (2 * self.K[1] - 1) * (2 * self.K[2] - 1)
-
-
-def _pad(t, fill):
-    t = tuple(t)
-    return (fill,) * (3 - len(t)) + t
-
-
-def geometry(problem) -> Geometry:
-    """The Geometry of a natten_mlx Problem (protocol v2 sub-domain fields when present)."""
-    p = problem
-    rank = len(p.spatial)
-    spatial = tuple(p.spatial)
-    domain = tuple(getattr(p, "domain", None) or spatial)
-    kv_spatial = tuple(getattr(p, "kv_spatial", None) or spatial)
-    qoff = tuple(getattr(p, "query_offset", None) or (0,) * rank)
-    kvoff = tuple(getattr(p, "kv_offset", None) or (0,) * rank)
-    return Geometry(
-        rank=rank, B=p.batch, H=p.heads, HKV=p.kv_heads, D=p.head_dim, DV=p.value_head_dim,
-        spatial=_pad(spatial, 1), kv_spatial=_pad(kv_spatial, 1), domain=_pad(domain, 1),
-        qoff=_pad(qoff, 0), kvoff=_pad(kvoff, 0), K=_pad(p.kernel_size, 1), s=_pad(p.stride, 1),
-        d=_pad(p.dilation, 1), causal=_pad(tuple(bool(c) for c in p.is_causal), False), scale=float(p.scale),
-    )
-
-
-def query_tiles(off: int, n: int, d: int, t: int) -> int:
-    """tiling.h's na_query_tiles: tiles per dilation group along one axis."""
-    most = 0
-    for g in range(d):
-        first = 0 if off <= g else (off - g + d - 1) // d
-        hi = off + n - g
-        end = 0 if hi <= 0 else (hi + d - 1) // d
-        most = max(most, end - first)
-    return -(-most // t)
+# the 3-axis-padded geometry of a call is the core's, shared with the Metal tier
+Geometry = Padded3D
+geometry = padded3d
+_pad = pad3
 
 
 def params(geo: Geometry, tile=(1, 1, 1), over_keys: bool = False) -> tuple:

@@ -45,16 +45,13 @@ int* tl = rows + 8 * BQ;                               // 5 ints per listed key 
 // bases [24+a] and [27+a], empty [30+a].
 if (tid < 3) {
   const int a = tid;
-  int rem = blockIdx.x;
-  for (int a2 = 2; a2 > a; --a2) rem /= prm[8 + 10 * a2 + 7] * prm[8 + 10 * a2 + 9];
   const NaAxis x = na_axis(prm, a);
-  const int tq = rem % (x.d * x.qtiles);
-  const int g = tq / x.qtiles;
-  const int first = na_group_first(x.qoff, x.d, g);
-  const int end = na_group_end(x.qoff, x.n, x.d, g);
+  // the block's query tile: its dilation group and coordinate range per axis (tiling.h, as Metal)
+  const int u = na_tile_digit(blockIdx.x, prm[8 + 10 * 1 + 7] * prm[8 + 10 * 1 + 9], prm[8 + 10 * 2 + 7] * prm[8 + 10 * 2 + 9], a);
+  const int g = na_tile_group(u, x.qtiles);
   const int qt = a == 0 ? QT0 : a == 1 ? QT1 : QT2;
-  const int c0 = first + (tq % x.qtiles) * qt;
-  const int c1 = na_min(c0 + qt, end) - 1;
+  const int c0 = na_tile_first(u, x.qtiles, x.qoff, x.d, qt);
+  const int c1 = na_tile_last(u, x.qtiles, x.qoff, x.n, x.d, qt);
   const int Lg = na_group_len(x.L, x.d, g);
   const int kb = na_tile_key_begin(c0, Lg, x.K, x.s, x.causal);
   const int ke = na_tile_key_end(c1, Lg, x.K, x.s, x.causal);
@@ -73,7 +70,7 @@ if (tid < 3) {
   geo[21 + a] = x.d * qstride;
   geo[24 + a] = (g - x.kvoff) * kstride;
   geo[27 + a] = (g - x.qoff) * qstride;
-  geo[30 + a] = c0 >= end;  // the grid covers the group with the most tiles
+  geo[30 + a] = c1 < c0;  // the grid covers the group with the most tiles
 }
 {
   // padding columns and the rows of absent tokens stay zero for the whole kernel
