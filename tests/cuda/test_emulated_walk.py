@@ -20,10 +20,10 @@ if _why:
     pytest.skip(_why, allow_module_level=True)
 
 import emu  # noqa: E402
-import oracle  # noqa: E402
 from cuda_cases import TOL, run_and_compare  # noqa: E402
 from natten_mlx_cuda import source  # noqa: E402
 from natten_mlx_cuda.backend import CudaBackend  # noqa: E402
+from walk_cases import longest_walks  # noqa: E402
 
 BACKEND = CudaBackend(runner=emu.mlx_runner, require_device=False)
 TABLE = 3
@@ -40,22 +40,6 @@ def small_table(monkeypatch):
     monkeypatch.setattr(source, "body", with_table)
 
 
-def _axis_walks(L, K, s, d, c, tq, tk):
-    """Along one axis: the most key tiles (tk keys) that one query tile (tq queries) walks, and the
-    most query tiles (tq) whose windows meet one key tile (tk), from the oracle's windows."""
-    most_k = most_q = 0
-    for g in range(d):
-        idx = list(range(g, L, d))
-        win = [oracle.axis_window(i, L, K, s, d, c)[1:] for i in idx]  # in-group [first, last]
-        n = len(idx)
-        for c0 in range(0, n, tq):
-            most_k = max(most_k, -(-(win[min(c0 + tq, n) - 1][1] + 1 - win[c0][0]) // tk))
-        for k0 in range(0, n, tk):
-            qs = [i for i in range(n) if win[i][0] < k0 + tk and win[i][1] >= k0]
-            most_q = max(most_q, -(-(max(qs) + 1 - min(qs)) // tq) if qs else 0)
-    return most_k, most_q
-
-
 CASES = [
     (dict(na_dim=2, shape=(20, 13), B=1, H=2, Hkv=2, D=16, Dv=8, E=0, K=(9, 5), s=(1, 2), d=(1, 1),
           c=(False, False), rpb=True, scale=None), (8, 8), (8, 8)),
@@ -69,10 +53,19 @@ CASES = [
 @pytest.mark.parametrize("cfg,tile,key_tile", CASES, ids=["2d-rpb", "2d-causal-gqa-extra", "3d-gqa"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_walk_longer_than_table(small_table, cfg, tile, key_tile, dtype):
-    most_k = most_q = 1
-    for a in range(cfg["na_dim"]):
-        k, q = _axis_walks(cfg["shape"][a], cfg["K"][a], cfg["s"][a], cfg["d"][a], cfg["c"][a], tile[a], key_tile[a])
-        most_k, most_q = most_k * k, most_q * q
+    most_k, most_q = longest_walks(cfg, tile, key_tile)
     assert most_k > TABLE and most_q > TABLE, (most_k, most_q)  # both passes rebuild their table
     errs = run_and_compare(BACKEND.configure(tile=tile, key_tile=key_tile), cfg, dtype, np.random.default_rng(3))
     assert max(errs.values()) < TOL[dtype], errs
+
+
+def test_large_head_dims(small_table):
+    """Head dims whose padded sum exceeds 128 (D = 64, Dv = 72): fmha_bwd_dkdv takes each query tile
+    in two parts of 32 queries (fewer live accumulators beside dK and dV)."""
+    cfg = dict(na_dim=2, shape=(12, 11), B=1, H=2, Hkv=1, D=64, Dv=72, E=0, K=(5, 4), s=(1, 2), d=(1, 1),
+               c=(False, True), rpb=False, scale=None)
+    tile = key_tile = (8, 8)
+    most_k, most_q = longest_walks(cfg, tile, key_tile)
+    assert most_k > TABLE or most_q > TABLE, (most_k, most_q)
+    errs = run_and_compare(BACKEND.configure(tile=tile, key_tile=key_tile), cfg, "float16", np.random.default_rng(4))
+    assert max(errs.values()) < TOL["float16"], errs

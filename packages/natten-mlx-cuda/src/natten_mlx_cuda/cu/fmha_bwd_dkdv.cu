@@ -34,6 +34,8 @@ constexpr int DCH = D / 8, DVCH = DV / 8;
 #endif
 constexpr int NA_TT = NA_BWD_TABLE;  // tile table entries, one per thread (at most 128)
 static_assert(NA_TT >= 1 && NA_TT <= 128, "one table entry per thread");
+constexpr int NHALF = DP + DVP > 128 ? 2 : 1;  // parts of the query tile per pass (see the loop)
+constexpr int JQ = 8 / NHALF;                   // 8-query subtiles per part
 const int QT[3] = {QT0, QT1, QT2};
 const int KT[3] = {KT0, KT1, KT2};
 
@@ -341,13 +343,13 @@ while (hh < G) {
   const float* lbuf = Ls + buf * BQ;
   const float* dbuf = Ds + buf * BQ;
 
-  // the tile's 64 queries in two halves of 32: S^T, dP^T and P^T of one half live at a time (32
-  // accumulators fewer than the whole tile, which spilled at D = 128); K and V fragments are read twice
+  // large head dims take the tile's 64 queries in NHALF parts: S^T, dP^T and P^T of one part live
+  // at a time (the whole tile's spilled at D = 128 beside dK and dV); K and V fragments are read per part
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float s[4][4], dp[4][4];
+  for (int hf = 0; hf < NHALF; ++hf) {
+    float s[JQ][4], dp[JQ][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < JQ; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         s[j][e] = 0.f;
@@ -358,9 +360,9 @@ while (hh < G) {
       unsigned af[4];
       na_frag_a<LDSM>(af, ks, QS, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int j = 0; j < 4; j += 2) {
+      for (int j = 0; j < JQ; j += 2) {
         unsigned bf[4];
-        na_frag_b_nk<LDSM>(bf, qbuf, QS, (hf * 4 + j) * 8, kk * 16, lane);
+        na_frag_b_nk<LDSM>(bf, qbuf, QS, (hf * JQ + j) * 8, kk * 16, lane);
         na_mma<T>(s[j], af, bf);
         na_mma<T>(s[j + 1], af, bf + 2);
       }
@@ -370,21 +372,21 @@ while (hh < G) {
       unsigned af[4];
       na_frag_a<LDSM>(af, vs, VS, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int j = 0; j < 4; j += 2) {
+      for (int j = 0; j < JQ; j += 2) {
         unsigned bf[4];
-        na_frag_b_nk<LDSM>(bf, obuf, VS, (hf * 4 + j) * 8, kk * 16, lane);
+        na_frag_b_nk<LDSM>(bf, obuf, VS, (hf * JQ + j) * 8, kk * 16, lane);
         na_mma<T>(dp[j], af, bf);
         na_mma<T>(dp[j + 1], af, bf + 2);
       }
     }
     // P^T and dS^T as packed A fragments right away (halves the live registers before the two mma loops)
-    unsigned pf[2][4], sf[2][4];
+    unsigned pf[JQ / 2][4], sf[JQ / 2][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < JQ; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int rr = e >> 1;
-        const int bit = (hf * 4 + j) * 8 + (e & 1);  // query column bit - 2 tig
+        const int bit = (hf * JQ + j) * 8 + (e & 1);  // query column bit - 2 tig
         const int col = bit + tig * 2;
         float x = s[j][e] * scale_log2;
         const bool ok = (HAS_RPB || part) ? ((msk[rr] >> bit) & 1ull) != 0ull : true;
@@ -399,18 +401,18 @@ while (hh < G) {
         }
       }
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
+    for (int kk = 0; kk < JQ / 2; ++kk) {
 #pragma unroll
       for (int jn = 0; jn < DVP / 8; jn += 2) {
         unsigned bf[4];
-        na_frag_b_kn<LDSM>(bf, obuf, VS, (hf * 2 + kk) * 16, jn * 8, lane);
+        na_frag_b_kn<LDSM>(bf, obuf, VS, (hf * JQ / 2 + kk) * 16, jn * 8, lane);
         na_mma<T>(dv[jn], pf[kk], bf);
         na_mma<T>(dv[jn + 1], pf[kk], bf + 2);
       }
 #pragma unroll
       for (int jn = 0; jn < DP / 8; jn += 2) {
         unsigned bf[4];
-        na_frag_b_kn<LDSM>(bf, qbuf, QS, (hf * 2 + kk) * 16, jn * 8, lane);
+        na_frag_b_kn<LDSM>(bf, qbuf, QS, (hf * JQ / 2 + kk) * 16, jn * 8, lane);
         na_mma<T>(dk[jn], sf[kk], bf);
         na_mma<T>(dk[jn + 1], sf[kk], bf + 2);
       }
