@@ -6,12 +6,31 @@
 // lse and delta [B, N, H] float32 (delta = rowsum(d_out * out) - d_lse), rpb, prm, scl.
 // Outputs d_query [B, N, H, D] float32 (scaled), d_rpb [H, prod(2K-1)] float32 (zero-initialised).
 // Template: T, D, DV, DP, DVP, QT0..2, KT0..2, HAS_RPB, LDSM (B fragments through ldmatrix).
+//
+// The walk's geometry lives in shared memory, not in the loop: the key tiles' classes, check bits,
+// extents and first key rows are tabulated once per block (one tile per thread, up to NA_TT tiles a
+// table, rebuilt when the walk leaves it), each tile row's offset from the tile's first key and each
+// query row's window once per block; per tile a thread only reads the table (no window arithmetic,
+// no division, no 64-bit multiplication per 16-byte chunk), and the per-element mask of a tile is
+// one 64-bit word per row (bit u: key u of the tile is in the row's window).
+#ifndef NA_BLOCK_SHARED
+#ifdef NA_EMU
+#define NA_BLOCK_SHARED static  // the emulator runs one block at a time: a function static is the block's
+#else
+#define NA_BLOCK_SHARED __shared__
+#endif
+#endif
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
 static_assert(BQ == 64 && BK == 64, "tiles of 64 queries and 64 keys");
 constexpr int QS = DP + 8;
 constexpr int VS = DVP + 8;
 constexpr int DCH = D / 8, DVCH = DV / 8;
+#ifndef NA_BWD_TABLE
+#define NA_BWD_TABLE 128  // tests/cuda/test_emulated_walk.py defines a small one to reach the rebuilds
+#endif
+constexpr int NA_TT = NA_BWD_TABLE;  // tile table entries, one per thread (at most 128)
+static_assert(NA_TT >= 1 && NA_TT <= 128, "one table entry per thread");
 const int QT[3] = {QT0, QT1, QT2};
 const int KT[3] = {KT0, KT1, KT2};
 
@@ -49,6 +68,11 @@ int g[3], c0[3], c1[3], Lg[3], kb[3], ke[3], nkt[3];
 }
 const int ntiles = nkt[0] * nkt[1] * nkt[2];
 
+// The block's geometry, for what runs inside the walk (table builds) and after it: read back from
+// shared memory there, so that none of it stays in registers across the loop.
+enum { GK, GS, GC, GD, GG, GN, GQOFF, GLG, GC0, GC1, GKB, GKE, GNKT, GNK, GKVOFF, GFIELDS };
+NA_BLOCK_SHARED int gsh[3][GFIELDS];
+
 NA_SHARED_DECL;
 T* Qs = reinterpret_cast<T*>(na_smem);
 T* Os = Qs + BQ * QS;  // d_out tile
@@ -62,76 +86,104 @@ const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, 
 }
 __syncthreads();
 
-// chk (optional): bit a set when axis a needs per-element checks (partial along it, or truncated)
-auto tile_class = [&](int lin, int* k0, int* k1, int* chk = nullptr) -> int {
-  int t[3];
-  int bits = 0;
-  t[2] = lin % nkt[2];
-  t[1] = (lin / nkt[2]) % nkt[1];
-  t[0] = lin / (nkt[2] * nkt[1]);
-  int cls = NA_TILE_FULL;
+if (tid == 0)
   for (int a = 0; a < 3; ++a) {
-    k0[a] = kb[a] + t[a] * KT[a];
-    k1[a] = na_min(k0[a] + KT[a], ke[a]);
-    const int ca = na_tile_class(c0[a], c1[a], k0[a], k1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
-    if (ca == NA_TILE_SKIP) return NA_TILE_SKIP;
-    if (ca == NA_TILE_PARTIAL || k1[a] - k0[a] < KT[a]) {
-      cls = NA_TILE_PARTIAL;
-      bits |= 1 << a;
-    }
+    const int v[GFIELDS] = {ax[a].K, ax[a].s, ax[a].causal, ax[a].d, g[a], ax[a].n, ax[a].qoff, Lg[a], c0[a], c1[a],
+                            kb[a], ke[a], nkt[a], ax[a].nk, ax[a].kvoff};
+    for (int f = 0; f < GFIELDS; ++f) gsh[a][f] = v[f];
   }
-  if (chk) *chk = bits;
-  return cls;
+
+NA_BLOCK_SHARED long long tb_row[NA_TT];           // key row (token * HKV + head) of the tile's first key
+NA_BLOCK_SHARED unsigned long long tb_in[NA_TT];   // bit u: key u of the tile lies inside the key range
+NA_BLOCK_SHARED int tb_info[NA_TT];                // class | check bits << 2 | axis a's extent << (8 + 8a)
+NA_BLOCK_SHARED int tb_kr[3][NA_TT];               // the tile's first key - kb, per axis
+NA_BLOCK_SHARED long long row_k[BK], row_v[BK];    // elements from the tile's first key to its key u
+NA_BLOCK_SHARED int win_lo[3][BQ], win_hi[3][BQ];  // query row's window per axis, relative to kb
+NA_BLOCK_SHARED int rpb_col[BK];                   // key u's part of the rpb index
+
+auto low_bits = [](int n) -> unsigned long long { return n <= 0 ? 0ull : (n >= 64 ? ~0ull : (1ull << n) - 1ull); };
+// bits u of a key tile whose coordinate along axis a lies in [lo, hi)
+auto axis_bits = [&](int a, int lo, int hi) -> unsigned long long {
+  const int ta = a == 0 ? KT0 : (a == 1 ? KT1 : KT2);
+  const int in = a == 0 ? KT1 * KT2 : (a == 1 ? KT2 : 1);
+  unsigned long long rep = 0;  // one bit per period of ta * in bits (a constant once a is)
+  for (int p = 0; p < 64; p += ta * in) rep |= 1ull << p;
+  lo = na_max(lo, 0);
+  hi = na_min(hi, ta);
+  return hi > lo ? (low_bits(hi * in) & ~low_bits(lo * in)) * rep : 0ull;
 };
-auto next_tile = [&](int lin) -> int {
-  int k0[3], k1[3];
-  while (lin < ntiles && tile_class(lin, k0, k1) == NA_TILE_SKIP) ++lin;
+
+// the tile table's entry of tile first + tid
+int tb_first = 0;
+auto build = [&](int first) {
+  __syncthreads();  // nobody reads the old table any more
+  tb_first = first;
+  const int lin = first + tid;
+  if (tid < NA_TT && lin < ntiles) {
+    int t[3];
+    t[2] = lin % gsh[2][GNKT];
+    t[1] = (lin / gsh[2][GNKT]) % gsh[1][GNKT];
+    t[0] = lin / (gsh[2][GNKT] * gsh[1][GNKT]);
+    int cls = NA_TILE_FULL, info = 0;
+    unsigned long long in = ~0ull;
+    long long flat = 0;
+    for (int a = 0; a < 3; ++a) {
+      const int* x = gsh[a];
+      const int k0 = x[GKB] + t[a] * KT[a], k1 = na_min(k0 + KT[a], x[GKE]);
+      const int ca = na_tile_class(x[GC0], x[GC1], k0, k1, x[GLG], x[GK], x[GS], x[GC] != 0);
+      // check bit a: per-element checks along a (partial along it, or truncated)
+      const bool chk = ca == NA_TILE_PARTIAL || k1 - k0 < KT[a];
+      cls = na_min(cls, ca == NA_TILE_SKIP ? NA_TILE_SKIP : (chk ? NA_TILE_PARTIAL : NA_TILE_FULL));
+      info |= (chk ? 4 << a : 0) | (k1 - k0) << (8 + 8 * a);
+      in &= axis_bits(a, 0, k1 - k0);
+      flat = flat * x[GNK] + (k0 * x[GD] + x[GG] - x[GKVOFF]);
+      tb_kr[a][tid] = k0 - x[GKB];
+    }
+    tb_info[tid] = info | cls;
+    tb_in[tid] = in;
+    tb_row[tid] = ((long long)b * NK + flat) * HKV + hk;
+  }
+  __syncthreads();
+};
+// the first tile at or after lin that is not skipped (ntiles if none); rebuilds the table as needed
+auto advance = [&](int lin) -> int {
+  for (; lin < ntiles; ++lin) {
+    if (lin >= tb_first + NA_TT) build(lin);
+    if ((tb_info[lin - tb_first] & 3) != NA_TILE_SKIP) break;
+  }
   return lin;
 };
-auto load_kv = [&](int lin, int buf) {
-  int k0[3], k1[3];
-  tile_class(lin, k0, k1);
-  T* kd = Ks + buf * BK * QS;
-  T* vd = Vs + buf * BK * VS;
-  for (int i = tid; i < BK * (DCH + DVCH); i += 128) {
-    const bool is_k = i < BK * DCH;
-    const int j = is_k ? i : i - BK * DCH;
-    const int ch_n = is_k ? DCH : DVCH;
-    const int r = j / ch_n, ch = j % ch_n;
-    const int u2 = r % KT2, u1 = (r / KT2) % KT1, u0 = r / (KT1 * KT2);
-    const int kc0 = k0[0] + u0, kc1 = k0[1] + u1, kc2 = k0[2] + u2;
-    const bool ok = kc0 < k1[0] && kc1 < k1[1] && kc2 < k1[2];
-    const long long flat = ((long long)(kc0 * ax[0].d + g[0] - ax[0].kvoff) * ax[1].nk + (kc1 * ax[1].d + g[1] - ax[1].kvoff)) * ax[2].nk +
-                           (kc2 * ax[2].d + g[2] - ax[2].kvoff);
-    const long long row = ((long long)b * NK + flat) * HKV + hk;
-    if (is_k)
-      na_cp_async16(kd + r * QS + ch * 8, ok ? (const void*)(key + row * D + ch * 8) : (const void*)key, ok);
-    else
-      na_cp_async16(vd + r * VS + ch * 8, ok ? (const void*)(value + row * DV + ch * 8) : (const void*)value, ok);
-  }
-};
 
-int cq[2][3], ws[2][3], we[2][3];
-bool rowok[2];
-long long qrow[2];
-float lse2[2], dl[2];
-for (int rr = 0; rr < 2; ++rr) {
-  const int r = warp * 16 + gid + rr * 8;
+if (tid < BK) {
+  const int u0 = tid / (KT1 * KT2), u1 = (tid / KT2) % KT1, u2 = tid % KT2;
+  const long long off = ((long long)(u0 * ax[0].d) * ax[1].nk + u1 * ax[1].d) * ax[2].nk + u2 * ax[2].d;
+  row_k[tid] = off * HKV * D;
+  row_v[tid] = off * HKV * DV;
+  if (HAS_RPB) rpb_col[tid] = (u0 * (2 * ax[1].K - 1) + u1) * (2 * ax[2].K - 1) + u2;
+} else if (tid < BK + BQ) {
+  const int r = tid - BK;
   const int u[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
-  rowok[rr] = true;
-  long long flat = 0;
   for (int a = 0; a < 3; ++a) {
-    cq[rr][a] = c0[a] + u[a];
-    rowok[rr] = rowok[rr] && cq[rr][a] <= c1[a];
-    ws[rr][a] = na_window_start(cq[rr][a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
-    we[rr][a] = na_window_end(cq[rr][a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
-    flat = flat * ax[a].n + (cq[rr][a] * ax[a].d + g[a] - ax[a].qoff);
+    const int cq = c0[a] + u[a];
+    win_lo[a][r] = na_window_start(cq, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - kb[a];
+    win_hi[a][r] = na_window_end(cq, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - kb[a];
   }
-  qrow[rr] = ((long long)b * N + flat) * H + h;
-  lse2[rr] = rowok[rr] ? lse[qrow[rr]] * NA_LOG2E : 0.f;
-  dl[rr] = rowok[rr] ? delta[qrow[rr]] : 0.f;
 }
 
+// this thread's query rows r = warp * 16 + gid (+ 8): their query row index (token * H + head); reads gsh
+auto query_row = [&](int rr, bool& ok) -> long long {
+  const int r = warp * 16 + gid + rr * 8;
+  const int u[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
+  ok = true;
+  long long flat = 0;
+  for (int a = 0; a < 3; ++a) {
+    const int* x = gsh[a];
+    const int cq = x[GC0] + u[a];
+    ok = ok && cq <= x[GC1];
+    flat = flat * x[GN] + (cq * x[GD] + x[GG] - x[GQOFF]);
+  }
+  return ((long long)b * N + flat) * H + h;
+};
 for (int i = tid; i < BQ * (DCH + DVCH); i += 128) {
   const bool is_q = i < BQ * DCH;
   const int j = is_q ? i : i - BQ * DCH;
@@ -148,8 +200,55 @@ for (int i = tid; i < BQ * (DCH + DVCH); i += 128) {
   else
     na_cp_async16(Os + r * VS + ch * 8, ok ? (const void*)(d_out + row * DV + ch * 8) : (const void*)d_out, ok);
 }
-int cur = next_tile(0);
-if (cur < ntiles) load_kv(cur, 0);
+
+// key tile (table entry e) -> buffer buf: each thread copies the same (row, chunk) pairs of every tile
+auto load_kv = [&](int e, int buf) {
+  const unsigned long long in = tb_in[e];
+  const long long row = tb_row[e];
+  const T* kg = key + row * D;
+  const T* vg = value + row * DV;
+  T* kd = Ks + buf * BK * QS;
+  T* vd = Vs + buf * BK * VS;
+#pragma unroll
+  for (int m = 0; m < (BK * DCH + 127) / 128; ++m) {
+    const int i = tid + 128 * m;
+    const int r = 128 % DCH == 0 ? tid / DCH + m * (128 / DCH) : i / DCH;
+    const int ch = 128 % DCH == 0 ? tid % DCH : i % DCH;
+    if (BK * DCH % 128 == 0 || i < BK * DCH) {
+      const bool ok = (in >> r) & 1ull;
+      na_cp_async16(kd + r * QS + ch * 8, ok ? (const void*)(kg + row_k[r] + ch * 8) : (const void*)key, ok);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < (BK * DVCH + 127) / 128; ++m) {
+    const int i = tid + 128 * m;
+    const int r = 128 % DVCH == 0 ? tid / DVCH + m * (128 / DVCH) : i / DVCH;
+    const int ch = 128 % DVCH == 0 ? tid % DVCH : i % DVCH;
+    if (BK * DVCH % 128 == 0 || i < BK * DVCH) {
+      const bool ok = (in >> r) & 1ull;
+      na_cp_async16(vd + r * VS + ch * 8, ok ? (const void*)(vg + row_v[r] + ch * 8) : (const void*)value, ok);
+    }
+  }
+};
+
+build(0);  // its first barrier orders the row tables and gsh before any use
+bool rowok[2];
+int rpb_row[2];  // the row's part of the rpb index, for the key kb
+float lse2[2], dl[2];
+for (int rr = 0; rr < 2; ++rr) {
+  const long long q = query_row(rr, rowok[rr]);
+  lse2[rr] = rowok[rr] ? lse[q] * NA_LOG2E : 0.f;
+  dl[rr] = rowok[rr] ? delta[q] : 0.f;
+  if (HAS_RPB) {
+    const int r = warp * 16 + gid + rr * 8;
+    const int u[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
+    rpb_row[rr] = 0;
+    for (int a = 0; a < 3; ++a) rpb_row[rr] = rpb_row[rr] * (2 * ax[a].K - 1) + kb[a] - (c0[a] + u[a]) + ax[a].K - 1;
+  }
+}
+
+int cur = advance(0);
+if (cur < ntiles) load_kv(cur - tb_first, 0);
 na_cp_commit();
 na_cp_wait_all();
 __syncthreads();
@@ -159,39 +258,65 @@ const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
 const unsigned short* os = reinterpret_cast<const unsigned short*>(Os);
 
 float dq[DP / 8][4];
+#pragma unroll
 for (int jn = 0; jn < DP / 8; ++jn)
+#pragma unroll
   for (int e = 0; e < 4; ++e) dq[jn][e] = 0.f;
 const int R = prm[NA_P_RPB];
+const T* rpb_h = rpb + (long long)h * R;
+float* d_rpb_h = d_rpb + (long long)h * R;
 
 int buf = 0;
 while (cur < ntiles) {
-  const int nxt = next_tile(cur + 1);
-  if (nxt < ntiles) load_kv(nxt, buf ^ 1);
+  // the current tile's entry, read before the walk may rebuild the table
+  const int ce = cur - tb_first;
+  const int info = tb_info[ce];
+  const bool part = (info & 3) == NA_TILE_PARTIAL;
+  // per row, bit u: key u of the tile is in the row's window (absent rows: none)
+  unsigned long long msk[2];
+  int rpb_t = 0;  // the tile's part of the rpb index
+  {
+    int kr[3];
+#pragma unroll
+    for (int a = 0; a < 3; ++a) kr[a] = tb_kr[a][ce];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int r = warp * 16 + gid + rr * 8;
+      msk[rr] = rowok[rr] ? ~0ull : 0ull;
+      if (part) {
+#pragma unroll
+        for (int a = 0; a < 3; ++a)
+          if (info & (4 << a))
+            msk[rr] &= axis_bits(a, win_lo[a][r] - kr[a], na_min(win_hi[a][r] - kr[a], (info >> (8 + 8 * a)) & 255));
+      }
+      msk[rr] >>= 2 * tig;  // bit j * 8 + i: column j * 8 + 2 tig + i
+    }
+    if (HAS_RPB)
+#pragma unroll
+      for (int a = 0; a < 3; ++a) rpb_t = rpb_t * (2 * gsh[a][GK] - 1) + kr[a];
+  }
+  const int nxt = advance(cur + 1);
+  if (nxt < ntiles) load_kv(nxt - tb_first, buf ^ 1);
   na_cp_commit();
   na_cp_wait_one();
   __syncthreads();
 
-  int k0[3], k1[3], chk;
-  const int cls = tile_class(cur, k0, k1, &chk);
-  // per row and partial axis, the valid key offsets in the tile: [lo, hi)
-  int lo[2][3], hi[2][3];
-  for (int rr = 0; rr < 2; ++rr)
-    for (int a = 0; a < 3; ++a) {
-      lo[rr][a] = rowok[rr] ? ws[rr][a] - k0[a] : -(1 << 30);  // absent rows: never stored, kept finite
-      hi[rr][a] = rowok[rr] ? na_min(we[rr][a], k1[a]) - k0[a] : (1 << 30);
-    }
   const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
   const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
   float s[8][4], dp[8][4];
+#pragma unroll
   for (int j = 0; j < 8; ++j)
+#pragma unroll
     for (int e = 0; e < 4; ++e) {
       s[j][e] = 0.f;
       dp[j][e] = 0.f;
     }
+#pragma unroll
   for (int kk = 0; kk < DP / 16; ++kk) {
     unsigned af[4];
     na_frag_a<LDSM>(af, qs, QS, warp * 16, kk * 16, lane);
+#pragma unroll
     for (int j = 0; j < 8; j += 2) {
       unsigned bf[4];
       na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
@@ -199,9 +324,11 @@ while (cur < ntiles) {
       na_mma<T>(s[j + 1], af, bf + 2);
     }
   }
+#pragma unroll
   for (int kk = 0; kk < DVP / 16; ++kk) {
     unsigned af[4];
     na_frag_a<LDSM>(af, os, VS, warp * 16, kk * 16, lane);
+#pragma unroll
     for (int j = 0; j < 8; j += 2) {
       unsigned bf[4];
       na_frag_b_nk<LDSM>(bf, vbuf, VS, j * 8, kk * 16, lane);
@@ -209,36 +336,32 @@ while (cur < ntiles) {
       na_mma<T>(dp[j + 1], af, bf + 2);
     }
   }
+#pragma unroll
   for (int j = 0; j < 8; ++j)
+#pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int rr = e >> 1;
       float x = s[j][e] * scale_log2;
-      bool ok = rowok[rr];
+      // full tiles need no mask: absent rows have zero q and d_out rows, so their dS is 0 (and not stored)
+      const bool ok = (HAS_RPB || part) ? ((msk[rr] >> (j * 8 + (e & 1))) & 1ull) != 0ull : true;
       int ri = 0;
-      if (HAS_RPB || cls == NA_TILE_PARTIAL) {
-        const int col = j * 8 + tig * 2 + (e & 1);
-        const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
-        if (cls == NA_TILE_PARTIAL)
-          for (int a = 0; a < 3; ++a)
-            if (chk & (1 << a)) ok = ok && u[a] >= lo[rr][a] && u[a] < hi[rr][a];
-        if (HAS_RPB && ok) {
-          const int kc[3] = {k0[0] + u[0], k0[1] + u[1], k0[2] + u[2]};
-          ri = ((kc[0] - cq[rr][0] + ax[0].K - 1) * (2 * ax[1].K - 1) + (kc[1] - cq[rr][1] + ax[1].K - 1)) * (2 * ax[2].K - 1) +
-               (kc[2] - cq[rr][2] + ax[2].K - 1);
-          x += na_f(rpb[(long long)h * R + ri]) * NA_LOG2E;
-        }
+      if (HAS_RPB && ok) {
+        ri = rpb_row[rr] + rpb_t + rpb_col[j * 8 + tig * 2 + (e & 1)];
+        x += na_f(rpb_h[ri]) * NA_LOG2E;
       }
       const float p = ok ? exp2f(x - lse2[rr]) : 0.f;
       const float ds = p * (dp[j][e] - dl[rr]);
-      if (HAS_RPB && ok) atomicAdd(d_rpb + (long long)h * R + ri, ds);
+      if (HAS_RPB && ok) atomicAdd(d_rpb_h + ri, ds);
       s[j][e] = ds;
     }
+#pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     unsigned af[4];
     af[0] = NaType<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
     af[1] = NaType<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
     af[2] = NaType<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     af[3] = NaType<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
     for (int jn = 0; jn < DP / 8; jn += 2) {
       unsigned bf[4];
       na_frag_b_kn<LDSM>(bf, kbuf, QS, kk * 16, jn * 8, lane);
@@ -252,12 +375,15 @@ while (cur < ntiles) {
 }
 
 for (int rr = 0; rr < 2; ++rr) {
-  if (!rowok[rr]) continue;
+  bool ok;
+  const long long q = query_row(rr, ok);
+  if (!ok) continue;
+#pragma unroll
   for (int jn = 0; jn < DP / 8; ++jn) {
     const int col = jn * 8 + tig * 2;
     if (col < D) {
-      d_query[qrow[rr] * D + col] = dq[jn][2 * rr] * scale;
-      d_query[qrow[rr] * D + col + 1] = dq[jn][2 * rr + 1] * scale;
+      d_query[q * D + col] = dq[jn][2 * rr] * scale;
+      d_query[q * D + col + 1] = dq[jn][2 * rr + 1] * scale;
     }
   }
 }
