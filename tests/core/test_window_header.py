@@ -26,7 +26,7 @@ int main() {
   while (std::scanf(" %c", &kind) == 1) {
     if (kind == 'A') {
       int L, K, s, d, c, qoff, qlen, koff, klen;
-      std::scanf("%d %d %d %d %d %d %d %d %d", &L, &K, &s, &d, &c, &qoff, &qlen, &koff, &klen);
+      if (std::scanf("%d %d %d %d %d %d %d %d %d", &L, &K, &s, &d, &c, &qoff, &qlen, &koff, &klen) != 9) return 1;
       bool causal = c != 0;
       for (int i = qoff; i < qoff + qlen; ++i) {
         int first = na_key_first(i, L, K, s, d, causal), count = na_key_count(i, L, K, s, d, causal);
@@ -41,7 +41,7 @@ int main() {
       }
     } else {
       int L, K, s, d, c, g, c0, c1, k0, k1;
-      std::scanf("%d %d %d %d %d %d %d %d %d %d", &L, &K, &s, &d, &c, &g, &c0, &c1, &k0, &k1);
+      if (std::scanf("%d %d %d %d %d %d %d %d %d %d", &L, &K, &s, &d, &c, &g, &c0, &c1, &k0, &k1) != 10) return 1;
       bool causal = c != 0;
       int Lg = na_group_len(L, d, g);
       std::printf("%d %d %d %d\n", na_tile_key_begin(c0, Lg, K, s, causal), na_tile_key_end(c1, Lg, K, s, causal),

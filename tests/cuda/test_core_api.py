@@ -120,3 +120,18 @@ def test_selection_reasons():
         real.configure(strategy="gather")
     with pytest.raises(ValueError, match="exactly 64"):
         real.configure(tile=(8, 4))
+
+
+def test_backward_shared_memory_leaves_room_for_static_tables():
+    """The backward bodies keep tile tables in static shared memory (< plan.BWD_STATIC_SMEM bytes). A
+    launch may use 48 KB in all unless MLX opts in to more, which it does only for dynamic requests
+    above 48000 bytes: every backward request is either above that or small enough to fit beside
+    the tables (D 64 / Dv 32 asked 43008 bytes and failed to launch on the H200 before this)."""
+    from natten_mlx_cuda import plan
+
+    for d, dv in [(8, 8), (16, 32), (32, 64), (64, 32), (64, 64), (72, 56), (128, 128), (128, 64)]:
+        for body in ("fmha_bwd_dq", "fmha_bwd_dkdv"):
+            v = plan._fmha_bwd_variant(body, "float16", d, dv, (1, 8, 8), (1, 8, 8), False)
+            smem = v.shared_memory
+            assert smem > plan.MLX_OPT_IN_SMEM or smem + plan.BWD_STATIC_SMEM <= 48 * 1024, (body, d, dv, smem)
+            assert smem + plan.BWD_STATIC_SMEM <= 227 * 1024, (body, d, dv, smem)

@@ -248,7 +248,8 @@ class Padded3D:
 
 def padded3d(problem) -> Padded3D:
     """The :class:`Padded3D` of a :class:`~natten_mlx.problem.Problem` (whole-domain or sub-domain).
-    Objects with the Problem's field names serve too; absent sub-domain fields mean a whole domain."""
+    Objects with the Problem's field names serve too; absent sub-domain fields mean a whole domain,
+    absent ``num_extra``/``has_rpb`` none, an absent ``dtype`` None (planning needs no dtype)."""
     p = problem
     rank = len(p.spatial)
     spatial = tuple(p.spatial)
@@ -261,7 +262,7 @@ def padded3d(problem) -> Padded3D:
         E=int(getattr(p, "num_extra", 0) or 0), spatial=pad3(spatial, 1), kv_spatial=pad3(kv_spatial, 1),
         domain=pad3(domain, 1), qoff=pad3(qoff, 0), kvoff=pad3(kvoff, 0), K=pad3(p.kernel_size, 1),
         s=pad3(p.stride, 1), d=pad3(p.dilation, 1), causal=pad3(tuple(bool(c) for c in p.is_causal), False),
-        has_rpb=bool(getattr(p, "has_rpb", False)), scale=float(p.scale), dtype=p.dtype,
+        has_rpb=bool(getattr(p, "has_rpb", False)), scale=float(p.scale), dtype=getattr(p, "dtype", None),
     )
 
 

@@ -224,9 +224,25 @@ def compile_variants() -> list:
     return out
 
 
+# The backward bodies' static __shared__ tile tables (ptxas: 6.8-7.6 KB) count against the 48 KB a
+# block may use without opting in to more, and MLX opts in (cuFuncSetAttribute of the dynamic size)
+# only for dynamic requests above 48000 bytes: a request that fits alone but not beside the tables
+# would fail at launch (cuGraphAddKernelNode: invalid argument; seen on the H200 with D 64, Dv 32), so
+# such a request is raised just past MLX's threshold.
+BWD_STATIC_SMEM = 8192
+MLX_OPT_IN_SMEM = 48000
+
+
+def _with_static_tables(dynamic: int) -> int:
+    if dynamic <= MLX_OPT_IN_SMEM and dynamic + BWD_STATIC_SMEM > 48 * 1024:
+        return MLX_OPT_IN_SMEM + 16
+    return dynamic
+
+
 def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     dp, dvp = _r16(d), _r16(dv)
     smem = (TILE * (dp + 8) * 3 + TILE * (dvp + 8) * 3) * 2 + (4 * TILE * 4 if body == "fmha_bwd_dkdv" else 0)
+    smem = _with_static_tables(smem)
     return Variant(
         body,
         (("T", dt), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]), ("QT2", qt[2]),
