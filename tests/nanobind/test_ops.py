@@ -185,3 +185,64 @@ def test_exact_path_keeps_inf_in_its_windows(dilation):
     assert sees.any() and not sees.all()
     assert np.all(np.isfinite(got[0, ~sees])), "inf leaked outside its windows"
     _close(got[0, ~sees], want[0, ~sees], mx.float32, "rows that never see the inf token")
+
+
+def _exact_configs(seed, count):
+    """Configurations the exact-window path serves (no extra keys, no rpb; long last axis, stride 1
+    there), 1D/2D/3D with random kernels, dilation, causal axes, GQA and D_v != D: its runs and the
+    tile path's border queries both occur in each."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        na_dim = (1, 2, 3)[i % 3]
+        cfg = random_config(rng, na_dim, (0, 6, 5, 4)[na_dim], allow_rpb=False, allow_extra=False)
+        K = int(rng.integers(2, 10))
+        d = int(rng.integers(1, 3))
+        c = bool(rng.random() < 0.3)
+        L = d * (K + 16 + int(rng.integers(0, 24)))
+        for key, val in (("shape", L), ("K", K), ("s", 1), ("d", d), ("c", c)):
+            cfg[key] = tuple(cfg[key][:-1]) + (val,)
+        cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+        out.append((cfg, DTYPES[(i // 3) % 3], int(rng.integers(1 << 30))))
+    return out
+
+
+EXACT = _exact_configs(314, 18)
+
+
+@pytest.mark.parametrize("exact", ["on", "off"])
+@pytest.mark.parametrize("cfg,dtype,seed", EXACT, ids=[f"exact-{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in EXACT])
+def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
+    """The oracle sweep on problems the exact-window forward and backward serve, once with that path
+    (NATTEN_MLX_EXACT unset: the path counters must show it and the tile path both ran, forward and
+    backward) and once with it turned off (NATTEN_MLX_EXACT=0: tiles only)."""
+    if exact == "off":
+        monkeypatch.setenv("NATTEN_MLX_EXACT", "0")
+    else:
+        monkeypatch.delenv("NATTEN_MLX_EXACT", raising=False)
+    ext.path_counts(True)
+    test_fused_forward_backward(cfg, dtype, seed)
+    fwd_exact, fwd_tile, bwd_exact, bwd_tile = ext.path_counts(True)
+    assert fwd_tile > 0 and bwd_tile > 0
+    if exact == "on":
+        assert fwd_exact > 0 and bwd_exact > 0
+    else:
+        assert fwd_exact == 0 and bwd_exact == 0
+
+
+def test_exact_backward_path_off_for_nonfinite_inputs():
+    """A non-finite query keeps the backward on the tile path (the exact path multiplies zeros into
+    its padding, which inf would turn into NaN), and the gradients stay the oracle's where finite."""
+    rng = np.random.default_rng(8)
+    L, K = 48, 5
+    q, k, v = (rng.standard_normal((1, L, 2, 8)) for _ in range(3))
+    kw = dict(kernel_size=[K], stride=[1], dilation=[1], is_causal=[False], scale=None)
+    qm, km, vm = (_mx(x, mx.float32) for x in (q, k, v))
+    f = lambda a, b, c: ext.fused_forward(a, b, c, None, None, None, **kw)
+    ext.path_counts(True)
+    mx.eval(mx.vjp(f, [qm, km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
+    assert ext.path_counts(True)[2] > 0
+    q_inf = q.copy()
+    q_inf[0, 30, 1, 0] = np.inf
+    mx.eval(mx.vjp(f, [_mx(q_inf, mx.float32), km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
+    assert ext.path_counts(True)[2] == 0

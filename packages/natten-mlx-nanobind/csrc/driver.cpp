@@ -130,6 +130,8 @@ Pool& pool() {
 void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run(n, fn, ctx); }
 
 namespace {
+// queries served: forward exact, forward tiles, backward exact, backward tiles (tests read them)
+std::atomic<int64_t> path_count[4];
 struct Scratch {
   std::vector<std::vector<float>> bufs;
   size_t next = 0;
@@ -156,6 +158,11 @@ float* scratch(size_t n, bool zero) {
   return b.data();
 }
 int num_threads() { return pool().size(); }
+std::vector<int64_t> path_counts(bool reset) {
+  std::vector<int64_t> out(4);
+  for (int i = 0; i < 4; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  return out;
+}
 const char* simd_name() { return select_kernels().name; }
 
 // ---------------------------------------------------------------- geometry helpers
@@ -184,9 +191,17 @@ struct ExactBlock {
   int ws, nx;   // lane 0's window along the last axis (lane l's starts at ws + l)
 };
 
+// A maximal run [u0, u1] of queries (group coordinates) whose windows shift by one key per query:
+// query u0 + t has the nx keys ws0 + t + [0, nx); its blocks are blocks[g2][b0, b1).
+struct ExactRun {
+  int u0, u1, ws0, nx, b0, b1;
+};
+
 struct ExactPlan {
   bool on = false;
+  int64_t nfast = 0;  // queries per (batch, head) this path serves
   std::vector<std::vector<ExactBlock>> blocks;  // per last-axis group
+  std::vector<std::vector<ExactRun>> runs;      // per last-axis group
   std::vector<std::vector<char>> fast;          // per last-axis group and coordinate: served here
   std::vector<int64_t> gstart;                  // offset of each last-axis group in the permuted axis
   struct Row {
@@ -195,13 +210,21 @@ struct ExactPlan {
   std::vector<Row> rows;
 };
 
+// NATTEN_MLX_EXACT=0 turns the exact-window path off (tests run both paths on the same problem);
+// read on every call so that a test can flip it between calls
+bool exact_enabled() {
+  const char* env = std::getenv("NATTEN_MLX_EXACT");
+  return !(env && env[0] == '0' && env[1] == 0);
+}
+
 ExactPlan make_exact_plan(const Geo& g, int vw) {
   ExactPlan ep;
-  if (g.E || g.has_rpb) return ep;
+  if (g.E || g.has_rpb || !exact_enabled()) return ep;
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
   ep.blocks.resize(Dl2);
+  ep.runs.resize(Dl2);
   ep.fast.resize(Dl2);
   ep.gstart.resize(Dl2);
   int64_t off = 0;
@@ -220,6 +243,7 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
       while (c + 1 < lg && ws(c + 1) == ws(c) + 1 && we(c + 1) == we(c) + 1) ++c;
       const int u1 = c++;
       if (u1 - u0 + 1 < vw) continue;
+      const int b0 = static_cast<int>(ep.blocks[g2].size());
       int next = u0;
       for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next)});
       // the run's tail: one block ending at u1 that writes only the lanes not written yet
@@ -227,6 +251,7 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
         const int cb = u1 - vw + 1;
         ep.blocks[g2].push_back({cb, next - cb, ws(cb), we(cb) - ws(cb)});
       }
+      ep.runs[g2].push_back({u0, u1, ws(u0), we(u0) - ws(u0), b0, static_cast<int>(ep.blocks[g2].size())});
       for (int x = u0; x <= u1; ++x) ep.fast[g2][x] = 1;
       any = true;
     }
@@ -240,8 +265,15 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
         const int l0 = na_group_len(g.L[0], g.Dl[0], g0), l1 = na_group_len(g.L[1], g.Dl[1], g1);
         for (int c0 = 0; c0 < l0; ++c0)
           for (int c1 = 0; c1 < l1; ++c1) ep.rows.push_back({{g0, g1, g2}, c0, c1});
+        for (const ExactRun& run : ep.runs[g2]) ep.nfast += static_cast<int64_t>(run.u1 - run.u0 + 1) * l0 * l1;
       }
   return ep;
+}
+
+void count_paths(int which, const Geo& g, const ExactPlan& ep) {
+  const int64_t all = g.B * g.H * g.N, fast = ep.on ? g.B * g.H * ep.nfast : 0;
+  path_count[2 * which].fetch_add(fast);
+  path_count[2 * which + 1].fetch_add(all - fast);
 }
 
 Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
@@ -439,6 +471,25 @@ struct TileGeo {
 
 thread_local TileGeo tls_tg;
 
+// The exact backward's per-thread buffers. P, dS and the run's queries / output gradients live at
+// column padA of rows lds apart, with zeros around the run that are written once per geometry (the
+// run's columns are overwritten on every use, the padding never).
+struct ExactBwdWs {
+  std::vector<float> pt, ds, xq, xo, s, dq;
+  std::vector<int64_t> rbk, rbq;
+  int64_t key[6] = {-1, -1, -1, -1, -1, -1};
+  void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv) {
+    const int64_t k[6] = {nslots, lds, padA, runlen, D, Dv};
+    if (std::equal(k, k + 6, key)) return;
+    std::copy(k, k + 6, key);
+    pt.assign(nslots * lds + 16, 0.f);
+    ds.assign(nslots * lds + 16, 0.f);
+    xq.assign(D * lds + 16, 0.f);
+    xo.assign(Dv * lds + 16, 0.f);
+  }
+};
+thread_local ExactBwdWs tls_xbw;
+
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
 void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const float* kT, int64_t ldk,
@@ -584,6 +635,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
   const ExactPlan ep = make_exact_plan(g, kt.vw);
   Plan plan = make_plan(g, kt.vw, &ep);
+  count_paths(0, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t nrowsx = static_cast<int64_t>(ep.rows.size()), per_slice = nrowsx + ntiles;
   // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
@@ -731,16 +783,26 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
 // ---------------------------------------------------------------- fused backward
 void fused_backward(const Geo& g, const BwdArgs& a) {
   const KernelTable& kt = select_kernels();
-  Plan plan = make_plan(g, kt.vw);
-  const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
+  // when keys, queries and output gradients are all finite, tiles skip their own check, and the
+  // exact-window path (which multiplies zeros into its padding instead of masking) may run
+  const bool all_fin = kt.all_finite(a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
+                       kt.all_finite(a.q, g.B * N * g.H * D) && kt.all_finite(a.dout, g.B * N * g.H * Dv);
+  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw) : ExactPlan{};
+  Plan plan = make_plan(g, kt.vw, &ep);
+  count_paths(1, g, ep);
+  const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
+  const int64_t nrowsx = static_cast<int64_t>(ep.rows.size());
   const int nthr = num_threads();
   // key/value gradients are sums over tiles: a slice's tiles are split among `splits` tasks, each
   // with its own accumulators (split 0 writes the outputs directly), added up afterwards
   // several tasks per thread let an idle thread take over the work of one that was descheduled (a
   // shared machine), at the price of one more accumulator (and its reduction) per extra split
-  int64_t splits = std::min<int64_t>(ntiles, (4 * nthr + slices - 1) / slices);
-  const int64_t per_split = (Nk + g.E) * (D + Dv) * slices * static_cast<int64_t>(sizeof(float));
+  const int64_t over = ep.on ? 2 : 4;
+  int64_t splits = std::min<int64_t>(ntiles + nrowsx, (over * nthr + slices - 1) / slices);
+  const int64_t ldx = round_up(N, 16) + 16;  // rows padded off multiples of 4 KiB (see fused_forward)
+  const int64_t xacc_size = ep.on ? (D + Dv) * ldx + 16 : 0;
+  const int64_t per_split = ((Nk + g.E) * (D + Dv) + xacc_size) * slices * static_cast<int64_t>(sizeof(float));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1 + (int64_t(256) << 20) / std::max<int64_t>(per_split, 1)));
   const int64_t ntasks = slices * splits;
   const int64_t acc_size = Nk * (D + Dv) + E * (D + Dv);
@@ -749,9 +811,43 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
-  // rows padded off multiples of 4 KiB (see fused_forward)
-  const int64_t ldk = round_up(Nk, 16) + 16;
-  const float* kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
+  // The exact-window path reads queries, keys, values and output gradients transposed per (batch,
+  // head) with each last-axis dilation group contiguous (as the forward), lse and c = dO.O - dlse in
+  // the same order, and sums key/value gradients per task in that order ([D][ldx] then [Dv][ldx]).
+  const float *qTx = nullptr, *kTx = nullptr, *vTx = nullptr, *dOTx = nullptr;
+  float *lcT = nullptr, *xacc = nullptr;
+  const int L2 = g.L[2], Dl2 = g.Dl[2];
+  auto gpos = [&](int64_t n) {
+    const int64_t i2 = n % L2;
+    return n - i2 + ep.gstart[i2 % Dl2] + i2 / Dl2;
+  };
+  if (ep.on) {
+    qTx = transpose_heads_last_grouped(a.q, g.B, N, g.H, D, L2, Dl2, ep.gstart.data(), ldx);
+    kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx);
+    vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx);
+    dOTx = transpose_heads_last_grouped(a.dout, g.B, N, g.H, Dv, L2, Dl2, ep.gstart.data(), ldx);
+    lcT = scratch(static_cast<size_t>(g.B * g.H * 2 * ldx));
+    parallel_for(g.B * g.H, [&](int64_t sl) {
+      const int64_t b = sl / g.H, h = sl % g.H;
+      float* lrow = lcT + sl * 2 * ldx;
+      float* crow = lrow + ldx;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = (b * N + n) * g.H + h, p = gpos(n);
+        lrow[p] = a.lse[row];
+        crow[p] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - (a.dlse ? a.dlse[row] : 0.f);
+      }
+    });
+    xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
+  }
+  // the tile path's keys, transposed per slice (the exact path's copy when it is the same order)
+  int64_t ldk = round_up(Nk, 16) + 16;
+  const float* kT = nullptr;
+  if (ep.on && Dl2 == 1) {
+    kT = kTx;
+    ldk = ldx;
+  } else if (ntiles) {
+    kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
+  }
   const float* ekT = E ? transpose_heads_last(a.ek, g.B, E, g.Hkv, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
   std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
@@ -760,9 +856,74 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
   }
-  // when keys, queries and output gradients are all finite, tiles skip their own check
-  const bool all_fin = kt.all_finite(a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
-                       kt.all_finite(a.q, g.B * N * g.H * D) && kt.all_finite(a.dout, g.B * N * g.H * Dv);
+  // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
+  // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
+  // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
+  auto exact_row = [&](int64_t slice, int64_t idx, float* xk) {
+    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
+    float* xv = xk + D * ldx;
+    ExactBwdWs& w = tls_xbw;
+    const ExactPlan::Row& row = ep.rows[idx];
+    const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+    const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
+    const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+    const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+    const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+    const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+    const int nrows = (we0 - ws0) * (we1 - ws1);
+    const int64_t L1 = g.L[1];
+    w.rbk.resize(nrows);
+    w.rbq.resize(nrows);
+    int r = 0;
+    for (int i0 = ws0; i0 < we0; ++i0)
+      for (int i1 = ws1; i1 < we1; ++i1)
+        w.rbk[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
+                     ep.gstart[g2];
+    const int64_t qrow =
+        ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
+    const float* kslice = kTx + slice * ldx * D;
+    const float* vslice = vTx + slice * ldx * Dv;
+    for (const ExactRun& run : ep.runs[g2]) {
+      const int nx = run.nx, runlen = run.u1 - run.u0 + 1, nk = runlen + nx - 1, nslots = nrows * nx;
+      // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
+      const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
+      w.prepare(nslots, lds, padA, runlen, D, Dv);
+      for (int i = 0; i < nrows; ++i) w.rbk[i] += run.ws0;
+      float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
+      float* dqT = grow(w.dq, D * vw + vw);
+      const int64_t qcol = qrow + ep.gstart[g2] + run.u0;
+      for (int64_t gg = 0; gg < g.G; ++gg) {
+        const int64_t h = hk * g.G + gg, bh = b * g.H + h;
+        float* xq = w.xq.data() + padA;
+        float* xo = w.xo.data() + padA;
+        for (int64_t d = 0; d < D; ++d) {
+          const float* src = qTx + (bh * D + d) * ldx + qcol;
+          float* dst = xq + d * lds;
+          for (int t = 0; t < runlen; ++t) dst[t] = src[t] * g.scale;
+        }
+        for (int64_t d = 0; d < Dv; ++d)
+          std::memcpy(xo + d * lds, dOTx + (bh * Dv + d) * ldx + qcol, sizeof(float) * runlen);
+        const float* lrow = lcT + bh * 2 * ldx + qcol;
+        float* pt = w.pt.data() + padA;
+        float* dst = w.ds.data() + padA;
+        for (int bi = run.b0; bi < run.b1; ++bi) {
+          const ExactBlock& blk = ep.blocks[g2][bi];
+          const int t0 = blk.c - run.u0;
+          for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
+          kt.exact_bwd_q(xq + t0, lds, D, kslice, ldx, vslice, ldx, Dv, xo + t0, lds, lrow + t0, lrow + ldx + t0,
+                         w.rbq.data(), nrows, nx, S, pt + t0, dst + t0, lds, dqT);
+          for (int l = blk.skip; l < vw; ++l) {
+            const int64_t tok = qrow + static_cast<int64_t>(blk.c + l) * Dl2 + g2;
+            float* out = a.dq + (bh * N + tok) * D;
+            for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
+          }
+        }
+        kt.exact_bwd_kv(dst, lds, xq, lds, D, xk, ldx, w.rbk.data(), nrows, nx, nk);
+        kt.exact_bwd_kv(pt, lds, xo, lds, Dv, xv, ldx, w.rbk.data(), nrows, nx, nk);
+      }
+      for (int i = 0; i < nrows; ++i) w.rbk[i] -= run.ws0;
+    }
+  };
   parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
@@ -779,6 +940,12 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       accev = accek + E * D;
     }
     float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
+    if (ep.on) {
+      float* xk = xacc + task * xacc_size;
+      std::memset(xk, 0, sizeof(float) * xacc_size);
+      const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
+      for (int64_t idx = r0; idx < r1; ++idx) exact_row(slice, idx, xk);
+    }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
     TileGeo& tg = tls_tg;
@@ -895,6 +1062,22 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         if (E) {
           kt.axpy(a.dek + slice * E * D, 1.f, base + Nk * (D + Dv), static_cast<int>(E * D));
           kt.axpy(a.dev + slice * E * Dv, 1.f, base + Nk * (D + Dv) + E * D, static_cast<int>(E * Dv));
+        }
+      }
+    });
+  }
+  if (ep.on) {
+    // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
+    parallel_for(slices, [&](int64_t slice) {
+      for (int64_t split = 0; split < splits; ++split) {
+        const float* xk = xacc + (slice * splits + split) * xacc_size;
+        const float* xv = xk + D * ldx;
+        float* dk = a.dk + slice * Nk * D;
+        float* dv = a.dv + slice * Nk * Dv;
+        for (int64_t n = 0; n < Nk; ++n) {
+          const int64_t p = gpos(n);
+          for (int64_t d = 0; d < D; ++d) dk[n * D + d] += xk[d * ldx + p];
+          for (int64_t d = 0; d < Dv; ++d) dv[n * Dv + d] += xv[d * ldx + p];
         }
       }
     });

@@ -358,6 +358,105 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
   }
   for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
 }
+// Backward of the exact-window path, query side: vw consecutive queries (one per lane), slot (r, x)
+// of lane l is key rowbase[r] + x + l. qs/dO: the lanes' (scaled) queries and output gradients as
+// columns of [D][ldq] / [Dv][ldo]. Recomputes P = exp(s - lse), dS = P * (dP - c) with
+// dP = dO . v; writes slot j's P and dS vectors to pt + j * lds and dst + j * lds, and
+// dqT [D][vw] = sum over slots of dS * k (not yet times scale); s: nrows * nx * vw floats.
+void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
+                 int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* c, const int64_t* rowbase,
+                 int nrows, int nx, float* s, float* pt, float* dst, int64_t lds, float* dqT) {
+  const int n = nrows * nx;
+  float* dp = s + static_cast<int64_t>(n) * VW;
+  for (int r = 0; r < nrows; ++r) {
+    for (int x0 = 0; x0 < nx; x0 += 8) {
+      const int64_t o = (static_cast<int64_t>(r) * nx + x0) * VW;
+      switch (nx - x0 < 8 ? nx - x0 : 8) {
+#define NA_CASE(X)                                                                    \
+  case X:                                                                             \
+    exact_scores_run<X>(qs, ldq, 1.f, D, kT + rowbase[r] + x0, ldk, s + o);           \
+    exact_scores_run<X>(dO, ldo, 1.f, Dv, vT + rowbase[r] + x0, ldv, dp + o);         \
+    break;
+        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+        default: break;
+      }
+    }
+  }
+  const vf lv = load(lse), cv = load(c);
+  for (int j = 0; j < n; ++j) {
+    const vf p = vexp(load(s + j * VW) - lv);
+    const vf ds = p * (load(dp + j * VW) - cv);
+    store(pt + j * lds, p);
+    store(dst + j * lds, ds);
+    store(s + j * VW, ds);
+  }
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+    for (int r = 0; r < nrows; ++r) {
+      const float* k0 = kT + d * ldk + rowbase[r];
+      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
+      for (int x = 0; x < nx; ++x) {
+        const vf w = load(sp + x * VW);
+        a0 += w * load(k0 + x);
+        a1 += w * load(k0 + ldk + x);
+        a2 += w * load(k0 + 2 * ldk + x);
+        a3 += w * load(k0 + 3 * ldk + x);
+      }
+    }
+    store(dqT + d * VW, a0);
+    store(dqT + (d + 1) * VW, a1);
+    store(dqT + (d + 2) * VW, a2);
+    store(dqT + (d + 3) * VW, a3);
+  }
+  for (; d < D; ++d) {
+    vf a0 = vf{};
+    for (int r = 0; r < nrows; ++r) {
+      const float* k0 = kT + d * ldk + rowbase[r];
+      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
+      for (int x = 0; x < nx; ++x) a0 += load(sp + x * VW) * load(k0 + x);
+    }
+    store(dqT + d * VW, a0);
+  }
+}
+
+template <int C>
+inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t ldx, float* acc, int64_t lda, int nx,
+                           int kk0) {
+  vf a[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = load(acc + c * lda + kk0);
+  for (int xx = 0; xx < nx; ++xx) {
+    const int off = kk0 - xx;
+    const vf wv = load(w + xx * lds + off);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[c] += wv * load(x + c * ldx + off);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) store(acc + c * lda + kk0, a[c]);
+}
+
+// Backward of the exact-window path, key side, for one run of queries t in [0, runlen) whose slot
+// (r, x) is key t + x of key row r: accT[c][rowbase[r] + kk] += sum_x w[r * nx + x][kk - x] * x[c][kk - x]
+// for kk in [0, nk) (nk = runlen + nx - 1) and c < W. w ([nslots][lds]) and x ([W][ldx]) are the
+// run's dS (or P) and scaled queries (or output gradients), indexed from the run's first query, with
+// zeros for at least nx - 1 columns before it and nx + vw after its end; whole vectors are written
+// (columns past nk get + 0), so accT needs vw floats of slack.
+void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
+                  const int64_t* rowbase, int nrows, int nx, int nk) {
+  for (int r = 0; r < nrows; ++r) {
+    const float* wr = w + static_cast<int64_t>(r) * nx * lds;
+    float* ar = accT + rowbase[r];
+    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+      int64_t c = 0;
+      for (; c + 8 <= W; c += 8) exact_kv_chunk<8>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      for (; c + 4 <= W; c += 4) exact_kv_chunk<4>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      for (; c < W; ++c) exact_kv_chunk<1>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+    }
+  }
+}
+
 // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
 void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;
@@ -405,7 +504,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv};
   return &table;
 }
 
