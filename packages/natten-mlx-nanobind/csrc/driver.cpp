@@ -644,9 +644,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   int64_t ldk = round_up(g.Nk, 16) + 16;
   const float* kT =
       (ntiles && !(ep.on && g.Dl[2] == 1)) ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk) : nullptr;
-  const float *qTx = nullptr, *kTx = nullptr, *vTx = nullptr;
+  const float *kTx = nullptr, *vTx = nullptr;
   if (ep.on) {
-    qTx = transpose_heads_last_grouped(a.q, g.B, g.N, g.H, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
     vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
     // the permutation is the identity without dilation along the last axis
@@ -686,15 +685,32 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         float* S = grow(w.s, static_cast<size_t>(nrows) * nx * vw + vw);
         float* oT = grow(w.o, Dv * vw + vw);
         float* lsev = oT + Dv * vw;
-        const int64_t qcol = qrow + ep.gstart[g2] + cb;
+        float* qloc = grow(w.qp, D * vw + vw);
+        // heads-last rows of the block's first query and of consecutive ones (Dl2 tokens apart)
+        const int64_t row0 = (b * g.N + qrow + static_cast<int64_t>(cb) * g.Dl[2] + g2) * g.H;
+        const int64_t tstep = g.Dl[2] * g.H;
         for (int64_t gg = 0; gg < g.G; ++gg) {
           const int64_t h = hk * g.G + gg;
-          kt.exact_fwd(qTx + (b * g.H + h) * ldx * D + qcol, ldx, g.scale, D, kslice, ldx, vslice, ldx, Dv, rb, nrows,
-                       nx, S, oT, lsev);
+          // the block's queries transposed to [D][vw] here, 8 at a time, rather than all of them up front
+          for (int l0 = 0; l0 < vw; l0 += 8) {
+            const float* src[8];
+            for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
+            kt.transpose8(src, D, qloc + l0, vw);
+          }
+          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldx, vslice, ldx, Dv, rb, nrows, nx, S, oT, lsev);
+          int64_t d0 = 0;
+          if (blk.skip == 0) {
+            for (; d0 + 8 <= Dv; d0 += 8)
+              for (int l0 = 0; l0 < vw; l0 += 8) {
+                const float* src[8];
+                for (int j = 0; j < 8; ++j) src[j] = oT + (d0 + j) * vw + l0;
+                kt.transpose8(src, 8, a.out + (row0 + l0 * tstep + h) * Dv + d0, tstep * Dv);
+              }
+          }
           for (int l = blk.skip; l < vw; ++l) {
-            const int64_t orow = (b * g.N + qrow + static_cast<int64_t>(cb + l) * g.Dl[2] + g2) * g.H + h;
+            const int64_t orow = row0 + l * tstep + h;
             float* dst = a.out + orow * Dv;
-            for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[d * vw + l];
+            for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[d * vw + l];
             a.lse[orow] = lsev[l];
           }
         }
@@ -814,7 +830,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // The exact-window path reads queries, keys, values and output gradients transposed per (batch,
   // head) with each last-axis dilation group contiguous (as the forward), lse and c = dO.O - dlse in
   // the same order, and sums key/value gradients per task in that order ([D][ldx] then [Dv][ldx]).
-  const float *qTx = nullptr, *kTx = nullptr, *vTx = nullptr, *dOTx = nullptr;
+  const float *kTx = nullptr, *vTx = nullptr;
   float *lcT = nullptr, *xacc = nullptr;
   const int L2 = g.L[2], Dl2 = g.Dl[2];
   auto gpos = [&](int64_t n) {
@@ -822,10 +838,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     return n - i2 + ep.gstart[i2 % Dl2] + i2 / Dl2;
   };
   if (ep.on) {
-    qTx = transpose_heads_last_grouped(a.q, g.B, N, g.H, D, L2, Dl2, ep.gstart.data(), ldx);
     kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx);
     vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx);
-    dOTx = transpose_heads_last_grouped(a.dout, g.B, N, g.H, Dv, L2, Dl2, ep.gstart.data(), ldx);
     lcT = scratch(static_cast<size_t>(g.B * g.H * 2 * ldx));
     parallel_for(g.B * g.H, [&](int64_t sl) {
       const int64_t b = sl / g.H, h = sl % g.H;
@@ -896,13 +910,26 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         const int64_t h = hk * g.G + gg, bh = b * g.H + h;
         float* xq = w.xq.data() + padA;
         float* xo = w.xo.data() + padA;
-        for (int64_t d = 0; d < D; ++d) {
-          const float* src = qTx + (bh * D + d) * ldx + qcol;
-          float* dst = xq + d * lds;
-          for (int t = 0; t < runlen; ++t) dst[t] = src[t] * g.scale;
+        // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
+        const int64_t row0 = (b * N + qrow + static_cast<int64_t>(run.u0) * Dl2 + g2) * g.H + h, tstep = Dl2 * g.H;
+        int t = 0;
+        for (; t + 8 <= runlen; t += 8) {
+          const float *sq[8], *so[8];
+          for (int j = 0; j < 8; ++j) {
+            sq[j] = a.q + (row0 + (t + j) * tstep) * D;
+            so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+          }
+          kt.transpose8(sq, D, xq + t, lds);
+          kt.transpose8(so, Dv, xo + t, lds);
         }
-        for (int64_t d = 0; d < Dv; ++d)
-          std::memcpy(xo + d * lds, dOTx + (bh * Dv + d) * ldx + qcol, sizeof(float) * runlen);
+        for (; t < runlen; ++t) {
+          for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
+          for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
+        }
+        for (int64_t d = 0; d < D; ++d) {
+          float* x = xq + d * lds;
+          for (int i = 0; i < runlen; ++i) x[i] *= g.scale;
+        }
         const float* lrow = lcT + bh * 2 * ldx + qcol;
         float* pt = w.pt.data() + padA;
         float* dst = w.ds.data() + padA;

@@ -458,18 +458,22 @@ void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int6
 }
 
 // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
+// 8x8 blocks in 256-bit vectors whatever the variant's width (SSE2 builds split them in two)
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
 void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;
-#if NA_VW == 8
 #if defined(__clang__)
 #define NA_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define NA_SHUF(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#define NA_SHUF(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
 #endif
   for (; c0 + 8 <= w; c0 += 8) {
-    vf r[8];
-    for (int j = 0; j < 8; ++j) r[j] = load(src[j] + c0);
-    vf t[8], u[8];
+    v8 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = *reinterpret_cast<const v8u*>(src[j] + c0);
+    v8 t[8], u[8];
     for (int j = 0; j < 8; j += 2) {
       t[j] = NA_SHUF(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
       t[j + 1] = NA_SHUF(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -481,12 +485,12 @@ void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
       u[j + 3] = NA_SHUF(t[j + 1], t[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
     }
     for (int c = 0; c < 4; ++c) {
-      store(dst + (c0 + c) * ld, NA_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11));
-      store(dst + (c0 + c + 4) * ld, NA_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+      *reinterpret_cast<v8u*>(dst + (c0 + c) * ld) = NA_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+      *reinterpret_cast<v8u*>(dst + (c0 + c + 4) * ld) = NA_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
   }
 #undef NA_SHUF
-#endif
+
   for (; c0 < w; ++c0)
     for (int j = 0; j < 8; ++j) dst[c0 * ld + j] = src[j][c0];
 }
