@@ -210,29 +210,50 @@ def _exact_configs(seed, count):
 EXACT = _exact_configs(314, 18)
 
 
-@pytest.mark.parametrize("exact", ["on", "off"])
+@pytest.mark.parametrize("exact", ["on", "runs", "off"])
 @pytest.mark.parametrize("cfg,dtype,seed", EXACT, ids=[f"exact-{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in EXACT])
 def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
-    """The oracle sweep on problems the exact-window forward and backward serve, once with that path
-    (NATTEN_MLX_EXACT unset: the path counters must show it and the tile path both ran, forward and
-    backward) and once with it turned off (NATTEN_MLX_EXACT=0: tiles only)."""
-    if exact == "off":
-        monkeypatch.setenv("NATTEN_MLX_EXACT", "0")
-    else:
+    """The oracle sweep on problems the exact-window forward and backward serve, through each mix of
+    paths: runs and border blocks (NATTEN_MLX_EXACT unset), runs with the tile path at the borders
+    (=runs), tiles only (=0); the path counters must show that those paths, and only those, ran."""
+    if exact == "on":
         monkeypatch.delenv("NATTEN_MLX_EXACT", raising=False)
+    else:
+        monkeypatch.setenv("NATTEN_MLX_EXACT", {"runs": "runs", "off": "0"}[exact])
     ext.path_counts(True)
     test_fused_forward_backward(cfg, dtype, seed)
-    fwd_exact, fwd_tile, bwd_exact, bwd_tile = ext.path_counts(True)
-    assert fwd_tile > 0 and bwd_tile > 0
-    if exact == "on":
-        assert fwd_exact > 0 and bwd_exact > 0
-    else:
-        assert fwd_exact == 0 and bwd_exact == 0
+    counts = ext.path_counts(True)
+    fwd, bwd = counts[:3], counts[3:]
+    for run, border, tile in (fwd, bwd):
+        if exact == "on":
+            assert run > 0
+        elif exact == "runs":
+            assert run > 0 and border == 0 and tile > 0
+        else:
+            assert run == 0 and border == 0 and tile > 0
+    assert fwd == bwd
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("na_dim", [1, 2])
+def test_exact_window_border_blocks(na_dim, causal):
+    """Border blocks (masked vectors of queries next to a run) serve every query the runs leave, so
+    no tile runs, forward or backward; against the oracle."""
+    L = (40,) if na_dim == 1 else (6, 30)
+    K = (5,) if na_dim == 1 else (3, 5)
+    cfg = dict(na_dim=na_dim, shape=L, B=1, H=2, Hkv=1, D=8, Dv=4, E=0, K=K, s=(1,) * na_dim, d=(1,) * na_dim,
+               c=(causal,) * na_dim, rpb=False, scale=None)
+    cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    ext.path_counts(True)
+    test_fused_forward_backward(cfg, mx.float32, 11)
+    run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
+    assert run_f > 0 and border_f > 0 and tile_f == 0
+    assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
 
 
 def test_exact_backward_path_off_for_nonfinite_inputs():
     """A non-finite query keeps the backward on the tile path (the exact path multiplies zeros into
-    its padding, which inf would turn into NaN), and the gradients stay the oracle's where finite."""
+    its padding, which inf would turn into NaN)."""
     rng = np.random.default_rng(8)
     L, K = 48, 5
     q, k, v = (rng.standard_normal((1, L, 2, 8)) for _ in range(3))
@@ -241,8 +262,9 @@ def test_exact_backward_path_off_for_nonfinite_inputs():
     f = lambda a, b, c: ext.fused_forward(a, b, c, None, None, None, **kw)
     ext.path_counts(True)
     mx.eval(mx.vjp(f, [qm, km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
-    assert ext.path_counts(True)[2] > 0
+    assert ext.path_counts(True)[3] > 0
     q_inf = q.copy()
     q_inf[0, 30, 1, 0] = np.inf
     mx.eval(mx.vjp(f, [_mx(q_inf, mx.float32), km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
-    assert ext.path_counts(True)[2] == 0
+    counts = ext.path_counts(True)
+    assert counts[3] == 0 and counts[4] == 0

@@ -30,7 +30,7 @@ NB_MODULE(_ext, m) {
         "attn [B, *spatial, H, prod(kernel_size) (+N_extra)] x value -> [B, *spatial, H, D_v]");
   m.def("num_threads", &na::num_threads, "threads of the kernel pool (NATTEN_MLX_NUM_THREADS overrides)");
   m.def("path_counts", &na::path_counts, "reset"_a = false,
-        "queries served since the last reset: [forward exact-window, forward tiles, backward exact-window, "
-        "backward tiles] (tests check that both paths ran); reset=True zeroes them");
+        "queries served since the last reset: [forward exact-window runs, border blocks, tiles, backward runs, "
+        "border blocks, tiles] (tests check that every path ran); reset=True zeroes them");
   m.def("simd", &na::simd_name, "instruction set of the kernels chosen for this CPU (NATTEN_MLX_SIMD overrides)");
 }

@@ -130,8 +130,8 @@ Pool& pool() {
 void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run(n, fn, ctx); }
 
 namespace {
-// queries served: forward exact, forward tiles, backward exact, backward tiles (tests read them)
-std::atomic<int64_t> path_count[4];
+// queries served: forward runs, border blocks, tiles; backward the same (tests read them)
+std::atomic<int64_t> path_count[6];
 struct Scratch {
   std::vector<std::vector<float>> bufs;
   size_t next = 0;
@@ -159,8 +159,8 @@ float* scratch(size_t n, bool zero) {
 }
 int num_threads() { return pool().size(); }
 std::vector<int64_t> path_counts(bool reset) {
-  std::vector<int64_t> out(4);
-  for (int i = 0; i < 4; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  std::vector<int64_t> out(6);
+  for (int i = 0; i < 6; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
   return out;
 }
 const char* simd_name() { return select_kernels().name; }
@@ -189,37 +189,54 @@ int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 
 struct ExactBlock {
   int c, skip;  // first query (group coordinate); lanes before skip are written by another block
   int ws, nx;   // lane 0's window along the last axis (lane l's starts at ws + l)
+  int run;      // index in runs[g2]
 };
 
 // A maximal run [u0, u1] of queries (group coordinates) whose windows shift by one key per query:
 // query u0 + t has the nx keys ws0 + t + [0, nx); its blocks are blocks[g2][b0, b1).
+// A border block (masked) is a run of vw queries whose windows do not all shift by one: its slots are
+// keys ws0 + t + [0, nx) too, of which query u0 + t holds those x with lo[t] <= x < hi[t]; the
+// queries it serves are those with lo < hi (the others are written elsewhere and get lo = hi = 0).
 struct ExactRun {
   int u0, u1, ws0, nx, b0, b1;
+  bool masked;
+  int lohi[32];  // lo[vw] then hi[vw] (masked runs only)
 };
 
 struct ExactPlan {
   bool on = false;
-  int64_t nfast = 0;  // queries per (batch, head) this path serves
+  int64_t nfast = 0, nborder = 0;  // queries per (batch, head) this path serves, and in border blocks
   std::vector<std::vector<ExactBlock>> blocks;  // per last-axis group
   std::vector<std::vector<ExactRun>> runs;      // per last-axis group
   std::vector<std::vector<char>> fast;          // per last-axis group and coordinate: served here
-  std::vector<int64_t> gstart;                  // offset of each last-axis group in the permuted axis
+  // offset of each last-axis group in the permuted axis, after front padding: border blocks read a
+  // few keys before and after their group, which must be finite (zeros or a neighbour's keys)
+  std::vector<int64_t> gstart;
+  int64_t front = 0, ld = 0;  // padding before a slice row's first token; row length (transposed buffers)
   struct Row {
     int g[3], c0, c1;
   };
   std::vector<Row> rows;
 };
 
-// NATTEN_MLX_EXACT=0 turns the exact-window path off (tests run both paths on the same problem);
-// read on every call so that a test can flip it between calls
-bool exact_enabled() {
+// NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
+// queries to the tile path (tests run every path on the same problem); read on every call so that a
+// test can flip it between calls. 0: off, 1: runs only, 2: runs and border blocks.
+int exact_mode() {
   const char* env = std::getenv("NATTEN_MLX_EXACT");
-  return !(env && env[0] == '0' && env[1] == 0);
+  if (!env) return 2;
+  if (std::strcmp(env, "0") == 0) return 0;
+  if (std::strcmp(env, "runs") == 0) return 1;
+  return 2;
 }
 
-ExactPlan make_exact_plan(const Geo& g, int vw) {
+// borders: serve the queries next to the runs with masked blocks too (needs finite values: a masked
+// slot's weight is 0, and 0 * inf is not)
+ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
   ExactPlan ep;
-  if (g.E || g.has_rpb || !exact_enabled()) return ep;
+  const int mode = exact_mode();
+  if (g.E || g.has_rpb || mode == 0) return ep;
+  borders = borders && mode == 2;
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
@@ -227,7 +244,8 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
   ep.runs.resize(Dl2);
   ep.fast.resize(Dl2);
   ep.gstart.resize(Dl2);
-  int64_t off = 0;
+  const int64_t front = 16;
+  int64_t off = front;
   bool any = false;
   for (int g2 = 0; g2 < Dl2; ++g2) {
     const int lg = na_group_len(g.L[2], Dl2, g2);
@@ -243,19 +261,49 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
       while (c + 1 < lg && ws(c + 1) == ws(c) + 1 && we(c + 1) == we(c) + 1) ++c;
       const int u1 = c++;
       if (u1 - u0 + 1 < vw) continue;
-      const int b0 = static_cast<int>(ep.blocks[g2].size());
+      const int b0 = static_cast<int>(ep.blocks[g2].size()), ri = static_cast<int>(ep.runs[g2].size());
       int next = u0;
-      for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next)});
+      for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next), ri});
       // the run's tail: one block ending at u1 that writes only the lanes not written yet
       if (next <= u1) {
         const int cb = u1 - vw + 1;
-        ep.blocks[g2].push_back({cb, next - cb, ws(cb), we(cb) - ws(cb)});
+        ep.blocks[g2].push_back({cb, next - cb, ws(cb), we(cb) - ws(cb), ri});
       }
-      ep.runs[g2].push_back({u0, u1, ws(u0), we(u0) - ws(u0), b0, static_cast<int>(ep.blocks[g2].size())});
+      ExactRun run{u0, u1, ws(u0), we(u0) - ws(u0), b0, static_cast<int>(ep.blocks[g2].size()), false, {}};
+      ep.runs[g2].push_back(run);
       for (int x = u0; x <= u1; ++x) ep.fast[g2][x] = 1;
       any = true;
     }
+    if (!borders || lg < vw) continue;
+    // the remaining queries, in masked blocks of vw consecutive queries, when a block's slots stay
+    // within K + vw (more would cost more than the tile path)
+    for (int c = 0; c < lg; ++c) {
+      if (ep.fast[g2][c]) continue;
+      const int cb = std::min(c, lg - vw);
+      int base = 1 << 30, top = -(1 << 30);
+      for (int l = 0; l < vw; ++l) base = std::min(base, ws(cb + l) - l);
+      for (int l = 0; l < vw; ++l) top = std::max(top, we(cb + l) - l);
+      const int nx = top - base;
+      if (nx > g.K[2] + vw) continue;
+      ExactRun run{cb, cb + vw - 1, base, nx, 0, 0, true, {}};
+      for (int l = 0; l < vw; ++l) {
+        if (ep.fast[g2][cb + l]) continue;  // served by a run or an earlier border block
+        run.lohi[l] = ws(cb + l) - l - base;
+        run.lohi[vw + l] = we(cb + l) - l - base;
+        ep.fast[g2][cb + l] = 1;
+      }
+      run.b0 = static_cast<int>(ep.blocks[g2].size());
+      run.b1 = run.b0 + 1;
+      ep.blocks[g2].push_back({cb, 0, base, nx, static_cast<int>(ep.runs[g2].size())});
+      ep.runs[g2].push_back(run);
+      any = true;
+    }
   }
+  // rows: front padding, the tokens, then room for the border blocks' reads and the key side's
+  // whole-vector writes past a run; never a multiple of 1024 floats (the same L1 sets for every row)
+  ep.front = front;
+  ep.ld = round_up(front + g.L[0] * int64_t(g.L[1]) * g.L[2] + g.K[2] + 4 * vw, 16) + 16;
+  if (ep.ld % 1024 == 0) ep.ld += 16;
   if (!any) return ep;
   ep.on = true;
   for (int g0 = 0; g0 < g.Dl[0]; ++g0)
@@ -265,15 +313,22 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
         const int l0 = na_group_len(g.L[0], g.Dl[0], g0), l1 = na_group_len(g.L[1], g.Dl[1], g1);
         for (int c0 = 0; c0 < l0; ++c0)
           for (int c1 = 0; c1 < l1; ++c1) ep.rows.push_back({{g0, g1, g2}, c0, c1});
-        for (const ExactRun& run : ep.runs[g2]) ep.nfast += static_cast<int64_t>(run.u1 - run.u0 + 1) * l0 * l1;
+        int64_t served = 0, inruns = 0;
+        for (char f : ep.fast[g2]) served += f;
+        for (const ExactRun& run : ep.runs[g2])
+          if (!run.masked) inruns += run.u1 - run.u0 + 1;
+        ep.nfast += served * l0 * l1;
+        ep.nborder += (served - inruns) * l0 * l1;
       }
   return ep;
 }
 
 void count_paths(int which, const Geo& g, const ExactPlan& ep) {
   const int64_t all = g.B * g.H * g.N, fast = ep.on ? g.B * g.H * ep.nfast : 0;
-  path_count[2 * which].fetch_add(fast);
-  path_count[2 * which + 1].fetch_add(all - fast);
+  const int64_t border = ep.on ? g.B * g.H * ep.nborder : 0;
+  path_count[3 * which].fetch_add(fast - border);
+  path_count[3 * which + 1].fetch_add(border);
+  path_count[3 * which + 2].fetch_add(all - fast);
 }
 
 Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
@@ -476,7 +531,7 @@ thread_local TileGeo tls_tg;
 // run's columns are overwritten on every use, the padding never).
 struct ExactBwdWs {
   std::vector<float> pt, ds, xq, xo, s, dq;
-  std::vector<int64_t> rbk, rbq;
+  std::vector<int64_t> rbk, rbq, keyrow;
   int64_t key[6] = {-1, -1, -1, -1, -1, -1};
   void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv) {
     const int64_t k[6] = {nslots, lds, padA, runlen, D, Dv};
@@ -488,7 +543,7 @@ struct ExactBwdWs {
     xo.assign(Dv * lds + 16, 0.f);
   }
 };
-thread_local ExactBwdWs tls_xbw;
+thread_local ExactBwdWs tls_xbw[2];
 
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
@@ -563,15 +618,21 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
   return t;
 }
 
-// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= n), where along the last axis (length
-// L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation group contiguous)
+// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), where along the
+// last axis (length L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation
+// group contiguous; gstart[0] == front); the padding before and after the tokens is zeroed
 float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
-                                    const int64_t* gstart, int64_t ld) {
+                                    const int64_t* gstart, int64_t ld, int64_t front) {
   const KernelTable& kt = select_kernels();
   float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
     const int64_t b = sl / hx, h = sl % hx;
     float* __restrict dst = t + sl * ld * w;
+    // the padding of every row is zero (border blocks read there; 0 * finite weight is 0)
+    for (int64_t c = 0; c < w; ++c) {
+      std::memset(dst + c * ld, 0, sizeof(float) * front);
+      std::memset(dst + c * ld + front + n, 0, sizeof(float) * (ld - front - n));
+    }
     // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
     // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
     for (int64_t r0 = 0; r0 < n; r0 += L2)
@@ -633,29 +694,29 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float*
 // ---------------------------------------------------------------- fused forward
 void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
-  const ExactPlan ep = make_exact_plan(g, kt.vw);
+  // when every value is finite, tiles skip their own check, and border blocks may run
+  const bool v_finite = kt.all_finite(a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
+                        (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
+  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite);
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(0, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t nrowsx = static_cast<int64_t>(ep.rows.size()), per_slice = nrowsx + ntiles;
   // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
   // multiple of 1024 would all fall in the same few L1 sets (the exact path reads D of them at once)
-  const int64_t ldx = round_up(g.N, 16) + 16;
+  const int64_t ldx = ep.ld;
   int64_t ldk = round_up(g.Nk, 16) + 16;
   const float* kT =
       (ntiles && !(ep.on && g.Dl[2] == 1)) ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk) : nullptr;
   const float *kTx = nullptr, *vTx = nullptr;
   if (ep.on) {
-    kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
-    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
+    kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
+    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     // the permutation is the identity without dilation along the last axis
-    if (!kT) kT = kTx, ldk = ldx;
+    if (!kT) kT = kTx + ep.front, ldk = ldx;
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  // when every value is finite, tiles skip their own check
-  const bool v_finite = kt.all_finite(a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
-                        (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
   parallel_for(slices * per_slice, [&](int64_t item) {
     const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
     const int64_t idx = item % per_slice;
@@ -677,6 +738,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       const int64_t qrow = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
       for (const ExactBlock& blk : ep.blocks[g2]) {
         const int cb = blk.c, nx = blk.nx;
+        const ExactRun& run = ep.runs[g2][blk.run];
+        const int* lohi = run.masked ? run.lohi : nullptr;
         int r = 0;
         for (int i0 = ws0; i0 < we0; ++i0)
           for (int i1 = ws1; i1 < we1; ++i1)
@@ -697,7 +760,17 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
             for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
             kt.transpose8(src, D, qloc + l0, vw);
           }
-          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldx, vslice, ldx, Dv, rb, nrows, nx, S, oT, lsev);
+          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldx, vslice, ldx, Dv, rb, nrows, nx, lohi, S, oT, lsev);
+          if (lohi) {
+            for (int l = 0; l < vw; ++l) {
+              if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
+              const int64_t orow = row0 + l * tstep + h;
+              float* dst = a.out + orow * Dv;
+              for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[d * vw + l];
+              a.lse[orow] = lsev[l];
+            }
+            continue;
+          }
           int64_t d0 = 0;
           if (blk.skip == 0) {
             for (; d0 + 8 <= Dv; d0 += 8)
@@ -804,7 +877,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // exact-window path (which multiplies zeros into its padding instead of masking) may run
   const bool all_fin = kt.all_finite(a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
                        kt.all_finite(a.q, g.B * N * g.H * D) && kt.all_finite(a.dout, g.B * N * g.H * Dv);
-  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw) : ExactPlan{};
+  const bool v_finite = kt.all_finite(a.v, g.B * Nk * g.Hkv * Dv);
+  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite) : ExactPlan{};
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(1, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
@@ -816,7 +890,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // shared machine), at the price of one more accumulator (and its reduction) per extra split
   const int64_t over = ep.on ? 2 : 4;
   int64_t splits = std::min<int64_t>(ntiles + nrowsx, (over * nthr + slices - 1) / slices);
-  const int64_t ldx = round_up(N, 16) + 16;  // rows padded off multiples of 4 KiB (see fused_forward)
+  const int64_t ldx = ep.ld;  // see make_exact_plan
   const int64_t xacc_size = ep.on ? (D + Dv) * ldx + 16 : 0;
   const int64_t per_split = ((Nk + g.E) * (D + Dv) + xacc_size) * slices * static_cast<int64_t>(sizeof(float));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1 + (int64_t(256) << 20) / std::max<int64_t>(per_split, 1)));
@@ -838,8 +912,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     return n - i2 + ep.gstart[i2 % Dl2] + i2 / Dl2;
   };
   if (ep.on) {
-    kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx);
-    vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx);
+    kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+    vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
     lcT = scratch(static_cast<size_t>(g.B * g.H * 2 * ldx));
     parallel_for(g.B * g.H, [&](int64_t sl) {
       const int64_t b = sl / g.H, h = sl % g.H;
@@ -857,7 +931,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   int64_t ldk = round_up(Nk, 16) + 16;
   const float* kT = nullptr;
   if (ep.on && Dl2 == 1) {
-    kT = kTx;
+    kT = kTx + ep.front;
     ldk = ldx;
   } else if (ntiles) {
     kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
@@ -876,7 +950,6 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   auto exact_row = [&](int64_t slice, int64_t idx, float* xk) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
     float* xv = xk + D * ldx;
-    ExactBwdWs& w = tls_xbw;
     const ExactPlan::Row& row = ep.rows[idx];
     const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
     const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
@@ -886,13 +959,13 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
     const int nrows = (we0 - ws0) * (we1 - ws1);
     const int64_t L1 = g.L[1];
-    w.rbk.resize(nrows);
-    w.rbq.resize(nrows);
+    std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
+    keyrow.resize(nrows);
     int r = 0;
     for (int i0 = ws0; i0 < we0; ++i0)
       for (int i1 = ws1; i1 < we1; ++i1)
-        w.rbk[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
-                     ep.gstart[g2];
+        keyrow[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
+                      ep.gstart[g2];
     const int64_t qrow =
         ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
     const float* kslice = kTx + slice * ldx * D;
@@ -901,8 +974,13 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       const int nx = run.nx, runlen = run.u1 - run.u0 + 1, nk = runlen + nx - 1, nslots = nrows * nx;
       // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
       const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
+      // runs and border blocks keep separate buffers (their geometries alternate along a row)
+      ExactBwdWs& w = tls_xbw[run.masked ? 1 : 0];
+      const int* lohi = run.masked ? run.lohi : nullptr;
       w.prepare(nslots, lds, padA, runlen, D, Dv);
-      for (int i = 0; i < nrows; ++i) w.rbk[i] += run.ws0;
+      w.rbk.resize(nrows);
+      w.rbq.resize(nrows);
+      for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + run.ws0;
       float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
       float* dqT = grow(w.dq, D * vw + vw);
       const int64_t qcol = qrow + ep.gstart[g2] + run.u0;
@@ -938,8 +1016,9 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
           const int t0 = blk.c - run.u0;
           for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
           kt.exact_bwd_q(xq + t0, lds, D, kslice, ldx, vslice, ldx, Dv, xo + t0, lds, lrow + t0, lrow + ldx + t0,
-                         w.rbq.data(), nrows, nx, S, pt + t0, dst + t0, lds, dqT);
+                         w.rbq.data(), nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
           for (int l = blk.skip; l < vw; ++l) {
+            if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
             const int64_t tok = qrow + static_cast<int64_t>(blk.c + l) * Dl2 + g2;
             float* out = a.dq + (bh * N + tok) * D;
             for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
@@ -948,7 +1027,6 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         kt.exact_bwd_kv(dst, lds, xq, lds, D, xk, ldx, w.rbk.data(), nrows, nx, nk);
         kt.exact_bwd_kv(pt, lds, xo, lds, Dv, xv, ldx, w.rbk.data(), nrows, nx, nk);
       }
-      for (int i = 0; i < nrows; ++i) w.rbk[i] -= run.ws0;
     }
   };
   parallel_for(ntasks, [&](int64_t task) {

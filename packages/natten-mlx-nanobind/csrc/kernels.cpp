@@ -299,7 +299,8 @@ inline void exact_scores_run(const float* qT, int64_t ldq, float scale, int64_t 
 }
 
 void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk, const float* vT,
-               int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, float* s, float* oT, float* lse) {
+               int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* oT,
+               float* lse) {
   for (int r = 0; r < nrows; ++r) {
     for (int x0 = 0; x0 < nx; x0 += 8) {
       const float* kb = kT + rowbase[r] + x0;
@@ -314,6 +315,16 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     }
   }
   const int n = nrows * nx;
+  if (lohi) {
+    // a border block: slot x of lane l is in its window when lo[l] <= x < hi[l]
+    const vi lo = loadiu(lohi), hi = loadiu(lohi + VW);
+    for (int r = 0; r < nrows; ++r)
+      for (int x = 0; x < nx; ++x) {
+        float* sp = s + (static_cast<int64_t>(r) * nx + x) * VW;
+        const vi xv = vi{} + x;
+        store(sp, (xv >= lo) & (xv < hi) ? load(sp) : splat(-INFINITY));
+      }
+  }
   vf m = splat(-INFINITY);
   for (int j = 0; j < n; ++j) {
     vf v = load(s + j * VW);
@@ -365,7 +376,7 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
 // dqT [D][vw] = sum over slots of dS * k (not yet times scale); s: nrows * nx * vw floats.
 void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
                  int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* c, const int64_t* rowbase,
-                 int nrows, int nx, float* s, float* pt, float* dst, int64_t lds, float* dqT) {
+                 int nrows, int nx, const int* lohi, float* s, float* pt, float* dst, int64_t lds, float* dqT) {
   const int n = nrows * nx;
   float* dp = s + static_cast<int64_t>(n) * VW;
   for (int r = 0; r < nrows; ++r) {
@@ -384,13 +395,17 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
     }
   }
   const vf lv = load(lse), cv = load(c);
-  for (int j = 0; j < n; ++j) {
-    const vf p = vexp(load(s + j * VW) - lv);
-    const vf ds = p * (load(dp + j * VW) - cv);
-    store(pt + j * lds, p);
-    store(dst + j * lds, ds);
-    store(s + j * VW, ds);
-  }
+  const vi lo = lohi ? loadiu(lohi) : vi{}, hi = lohi ? loadiu(lohi + VW) : vi{} + nx;
+  for (int r = 0, j = 0; r < nrows; ++r)
+    for (int x = 0; x < nx; ++x, ++j) {
+      const vi xv = vi{} + x;
+      vf p = vexp(load(s + j * VW) - lv);
+      p = (xv >= lo) & (xv < hi) ? p : vf{};
+      const vf ds = p * (load(dp + j * VW) - cv);
+      store(pt + j * lds, p);
+      store(dst + j * lds, ds);
+      store(s + j * VW, ds);
+    }
   int64_t d = 0;
   for (; d + 4 <= D; d += 4) {
     vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
