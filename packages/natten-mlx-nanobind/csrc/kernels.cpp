@@ -298,6 +298,46 @@ inline void exact_scores_run(const float* qT, int64_t ldq, float scale, int64_t 
   for (int x = 0; x < NX; ++x) store(s + x * VW, acc[x]);
 }
 
+// acc[c] = sum over slots (r, x) of w[(r * nx + x) * VW] * src[c * ld + rowbase[r] + x] for C features
+// (one vector per feature): the P.V of the forward and the dS.K of the backward. C independent
+// accumulator chains: 8 keep both FMA pipes busy where 4 would wait on the FMA latency.
+template <int C>
+inline void slot_sum(const float* w, const float* src, int64_t ld, const int64_t* rowbase, int nrows, int nx, vf* out) {
+  vf a[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = vf{};
+  for (int r = 0; r < nrows; ++r) {
+    const float* s0 = src + rowbase[r];
+    const float* wr = w + static_cast<int64_t>(r) * nx * VW;
+    for (int x = 0; x < nx; ++x) {
+      const vf p = load(wr + x * VW);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) a[c] += p * load(s0 + c * ld + x);
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) out[c] = a[c];
+}
+
+// out [W][VW] = slot_sum over all W features, times mul
+inline void slot_sums(const float* w, const float* src, int64_t ld, int64_t W, const int64_t* rowbase, int nrows,
+                      int nx, vf mul, float* out) {
+  int64_t c = 0;
+  vf r[8];
+  for (; c + 8 <= W; c += 8) {
+    slot_sum<8>(w, src + c * ld, ld, rowbase, nrows, nx, r);
+    for (int i = 0; i < 8; ++i) store(out + (c + i) * VW, r[i] * mul);
+  }
+  for (; c + 4 <= W; c += 4) {
+    slot_sum<4>(w, src + c * ld, ld, rowbase, nrows, nx, r);
+    for (int i = 0; i < 4; ++i) store(out + (c + i) * VW, r[i] * mul);
+  }
+  for (; c < W; ++c) {
+    slot_sum<1>(w, src + c * ld, ld, rowbase, nrows, nx, r);
+    store(out + c * VW, r[0] * mul);
+  }
+}
+
 void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk, const float* vT,
                int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* oT,
                float* lse) {
@@ -339,34 +379,7 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     store(s + j * VW, p);
   }
   const vf inv = 1.f / sum;
-  int64_t dv = 0;
-  for (; dv + 4 <= Dv; dv += 4) {
-    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
-    for (int r = 0; r < nrows; ++r) {
-      const float* v0 = vT + dv * ldv + rowbase[r];
-      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
-      for (int x = 0; x < nx; ++x) {
-        const vf p = load(sp + x * VW);
-        a0 += p * load(v0 + x);
-        a1 += p * load(v0 + ldv + x);
-        a2 += p * load(v0 + 2 * ldv + x);
-        a3 += p * load(v0 + 3 * ldv + x);
-      }
-    }
-    store(oT + dv * VW, a0 * inv);
-    store(oT + (dv + 1) * VW, a1 * inv);
-    store(oT + (dv + 2) * VW, a2 * inv);
-    store(oT + (dv + 3) * VW, a3 * inv);
-  }
-  for (; dv < Dv; ++dv) {
-    vf a0 = vf{};
-    for (int r = 0; r < nrows; ++r) {
-      const float* v0 = vT + dv * ldv + rowbase[r];
-      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
-      for (int x = 0; x < nx; ++x) a0 += load(sp + x * VW) * load(v0 + x);
-    }
-    store(oT + dv * VW, a0 * inv);
-  }
+  slot_sums(s, vT, ldv, Dv, rowbase, nrows, nx, inv, oT);
   for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
 }
 // Backward of the exact-window path, query side: vw consecutive queries (one per lane), slot (r, x)
@@ -406,34 +419,7 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
       store(dst + j * lds, ds);
       store(s + j * VW, ds);
     }
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
-    for (int r = 0; r < nrows; ++r) {
-      const float* k0 = kT + d * ldk + rowbase[r];
-      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
-      for (int x = 0; x < nx; ++x) {
-        const vf w = load(sp + x * VW);
-        a0 += w * load(k0 + x);
-        a1 += w * load(k0 + ldk + x);
-        a2 += w * load(k0 + 2 * ldk + x);
-        a3 += w * load(k0 + 3 * ldk + x);
-      }
-    }
-    store(dqT + d * VW, a0);
-    store(dqT + (d + 1) * VW, a1);
-    store(dqT + (d + 2) * VW, a2);
-    store(dqT + (d + 3) * VW, a3);
-  }
-  for (; d < D; ++d) {
-    vf a0 = vf{};
-    for (int r = 0; r < nrows; ++r) {
-      const float* k0 = kT + d * ldk + rowbase[r];
-      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
-      for (int x = 0; x < nx; ++x) a0 += load(sp + x * VW) * load(k0 + x);
-    }
-    store(dqT + d * VW, a0);
-  }
+  slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
 }
 
 template <int C>
