@@ -268,3 +268,17 @@ def test_exact_backward_path_off_for_nonfinite_inputs():
     mx.eval(mx.vjp(f, [_mx(q_inf, mx.float32), km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
     counts = ext.path_counts(True)
     assert counts[3] == 0 and counts[4] == 0
+
+
+@pytest.mark.parametrize("dilation,causal", [(1, False), (3, False), (2, True)])
+def test_exact_window_long_1d(dilation, causal):
+    """A 1D row long enough to be cut into several chunks (each transposes its own keys and values,
+    with the neighbouring chunks' keys at its edges), forward and backward, against the oracle."""
+    L = 700 * dilation
+    cfg = dict(na_dim=1, shape=(L,), B=1, H=2, Hkv=2, D=16, Dv=8, E=0, K=(7,), s=(1,), d=(dilation,),
+               c=(causal,), rpb=False, scale=None)
+    cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    ext.path_counts(True)
+    test_fused_forward_backward(cfg, mx.float32, 3)
+    run_f, border_f, tile_f = ext.path_counts(True)[:3]
+    assert run_f > 0 and border_f > 0 and tile_f == 0

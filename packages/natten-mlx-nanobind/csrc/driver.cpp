@@ -701,15 +701,36 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(0, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
-  const int64_t nrowsx = static_cast<int64_t>(ep.rows.size()), per_slice = nrowsx + ntiles;
+  // 1D problems (one row per dilation group): rows are cut into chunks of blocks whose keys and
+  // values each chunk transposes into its thread's own buffer (they stay in cache, and no copy of the
+  // whole slice is written and read back); in 2D/3D every key row serves many query rows, so the
+  // slices are transposed once up front
+  const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
+  struct Chunk {
+    int row, b0, b1;  // ep.rows[row], its blocks order[g2][b0, b1)
+  };
+  std::vector<std::vector<int>> order(ep.on ? g.Dl[2] : 0);
+  for (size_t g2 = 0; g2 < order.size(); ++g2) {
+    order[g2].resize(ep.blocks[g2].size());
+    for (size_t i = 0; i < order[g2].size(); ++i) order[g2][i] = static_cast<int>(i);
+    std::sort(order[g2].begin(), order[g2].end(),
+              [&](int x, int y) { return ep.blocks[g2][x].c < ep.blocks[g2][y].c; });
+  }
+  std::vector<Chunk> chunks;
+  for (size_t r = 0; r < ep.rows.size(); ++r) {
+    const int n = static_cast<int>(order[ep.rows[r].g[2]].size()), step = local ? 32 : n;
+    for (int b0 = 0; b0 < n; b0 += step) chunks.push_back({static_cast<int>(r), b0, std::min(n, b0 + step)});
+  }
+  const int64_t nrowsx = static_cast<int64_t>(chunks.size()), per_slice = nrowsx + ntiles;
   // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
   // multiple of 1024 would all fall in the same few L1 sets (the exact path reads D of them at once)
   const int64_t ldx = ep.ld;
   int64_t ldk = round_up(g.Nk, 16) + 16;
-  const float* kT =
-      (ntiles && !(ep.on && g.Dl[2] == 1)) ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk) : nullptr;
+  const float* kT = (ntiles && !(ep.on && g.Dl[2] == 1 && !local))
+                        ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
+                        : nullptr;
   const float *kTx = nullptr, *vTx = nullptr;
-  if (ep.on) {
+  if (ep.on && !local) {
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     // the permutation is the identity without dilation along the last axis
@@ -722,8 +743,9 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
     if (idx < nrowsx) {
-      // one row of queries along the last axis, vw at a time, exact windows
-      const ExactPlan::Row& row = ep.rows[idx];
+      // a row of queries along the last axis (or a chunk of one), vw at a time, exact windows
+      const Chunk& ch = chunks[idx];
+      const ExactPlan::Row& row = ep.rows[ch.row];
       const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
       const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
       const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
@@ -733,10 +755,51 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       const int nrows = (we0 - ws0) * (we1 - ws1);
       const int64_t L1 = g.L[1], L2 = g.L[2], D = g.D, Dv = g.Dv;
       int64_t* rb = reinterpret_cast<int64_t*>(grow(w.tr, 2 * static_cast<size_t>(nrows) + 2));
-      const float* kslice = kTx + slice * ldx * D;
-      const float* vslice = vTx + slice * ldx * Dv;
+      const float* kslice = local ? nullptr : kTx + slice * ldx * D;
+      const float* vslice = local ? nullptr : vTx + slice * ldx * Dv;
+      int64_t ldl = ldx, shift = 0;  // row length of kslice/vslice; added to every key row base
+      if (local) {
+        // the chunk's keys [kmin, kmax) of this group, transposed; zeros outside the group
+        int kmin = 1 << 30, kmax = -(1 << 30);
+        for (int oi = ch.b0; oi < ch.b1; ++oi) {
+          const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
+          kmin = std::min(kmin, blk.ws);
+          kmax = std::max(kmax, blk.ws + blk.nx + vw - 1);
+        }
+        const int lg = na_group_len(g.L[2], g.Dl[2], g2);
+        ldl = round_up(kmax - kmin, 8) + 8;
+        float* kl = grow(w.kp, D * ldl + 16);
+        float* vl = grow(w.vp, Dv * ldl + 16);
+        const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
+        for (int64_t d = 0; d < D; ++d) {
+          std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(kl + d * ldl + (j1 - kmin), kl + (d + 1) * ldl, 0.f);
+        }
+        for (int64_t d = 0; d < Dv; ++d) {
+          std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
+        }
+        auto krow = [&](int j) { return a.k + ((b * g.Nk + static_cast<int64_t>(j) * g.Dl[2] + g2) * g.Hkv + hk) * D; };
+        auto vrow = [&](int j) { return a.v + ((b * g.Nk + static_cast<int64_t>(j) * g.Dl[2] + g2) * g.Hkv + hk) * Dv; };
+        int j = j0;
+        for (; j + 8 <= j1; j += 8) {
+          const float *sk[8], *sv[8];
+          for (int i = 0; i < 8; ++i) sk[i] = krow(j + i), sv[i] = vrow(j + i);
+          kt.transpose8(sk, D, kl + (j - kmin), ldl);
+          kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
+        }
+        for (; j < j1; ++j) {
+          for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = krow(j)[d];
+          for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = vrow(j)[d];
+        }
+        kslice = kl;
+        vslice = vl;
+        // key row bases below are ep.gstart[g2] + blk.ws in the slice; here blk.ws - kmin
+        shift = -(ep.gstart[g2] + kmin);
+      }
       const int64_t qrow = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
-      for (const ExactBlock& blk : ep.blocks[g2]) {
+      for (int oi = ch.b0; oi < ch.b1; ++oi) {
+        const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
         const int cb = blk.c, nx = blk.nx;
         const ExactRun& run = ep.runs[g2][blk.run];
         const int* lohi = run.masked ? run.lohi : nullptr;
@@ -744,7 +807,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         for (int i0 = ws0; i0 < we0; ++i0)
           for (int i1 = ws1; i1 < we1; ++i1)
             rb[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
-                      ep.gstart[g2] + blk.ws;
+                      ep.gstart[g2] + blk.ws + shift;
         float* S = grow(w.s, static_cast<size_t>(nrows) * nx * vw + vw);
         float* oT = grow(w.o, Dv * vw + vw);
         float* lsev = oT + Dv * vw;
@@ -760,7 +823,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
             for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
             kt.transpose8(src, D, qloc + l0, vw);
           }
-          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldx, vslice, ldx, Dv, rb, nrows, nx, lohi, S, oT, lsev);
+          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb, nrows, nx, lohi, S, oT, lsev);
           if (lohi) {
             for (int l = 0; l < vw; ++l) {
               if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
