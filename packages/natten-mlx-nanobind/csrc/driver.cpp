@@ -952,9 +952,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // several tasks per thread let an idle thread take over the work of one that was descheduled (a
   // shared machine), at the price of one more accumulator (and its reduction) per extra split
   const int64_t over = ep.on ? 2 : 4;
-  int64_t splits = std::min<int64_t>(ntiles + nrowsx, (over * nthr + slices - 1) / slices);
+  // (1D exact rows run in their own waves, see `local` below)
+  const bool local1d = ep.on && g.L[0] == 1 && g.L[1] == 1;
+  int64_t splits = std::min<int64_t>(ntiles + (local1d ? 0 : nrowsx), (over * nthr + slices - 1) / slices);
   const int64_t ldx = ep.ld;  // see make_exact_plan
-  const int64_t xacc_size = ep.on ? (D + Dv) * ldx + 16 : 0;
+  const int64_t xacc_size = ep.on && !local1d ? (D + Dv) * ldx + 16 : 0;
   const int64_t per_split = ((Nk + g.E) * (D + Dv) + xacc_size) * slices * static_cast<int64_t>(sizeof(float));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1 + (int64_t(256) << 20) / std::max<int64_t>(per_split, 1)));
   const int64_t ntasks = slices * splits;
@@ -967,6 +969,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // The exact-window path reads queries, keys, values and output gradients transposed per (batch,
   // head) with each last-axis dilation group contiguous (as the forward), lse and c = dO.O - dlse in
   // the same order, and sums key/value gradients per task in that order ([D][ldx] then [Dv][ldx]).
+  // 1D problems transpose keys and values per piece of a row (see fused_forward)
+  const bool local = local1d;
   const float *kTx = nullptr, *vTx = nullptr;
   float *lcT = nullptr, *xacc = nullptr;
   const int L2 = g.L[2], Dl2 = g.Dl[2];
@@ -975,8 +979,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     return n - i2 + ep.gstart[i2 % Dl2] + i2 / Dl2;
   };
   if (ep.on) {
-    kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
-    vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+    if (!local) {
+      kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+      vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+    }
     lcT = scratch(static_cast<size_t>(g.B * g.H * 2 * ldx));
     parallel_for(g.B * g.H, [&](int64_t sl) {
       const int64_t b = sl / g.H, h = sl % g.H;
@@ -988,12 +994,12 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         crow[p] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - (a.dlse ? a.dlse[row] : 0.f);
       }
     });
-    xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
+    if (!local) xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
   }
   // the tile path's keys, transposed per slice (the exact path's copy when it is the same order)
   int64_t ldk = round_up(Nk, 16) + 16;
   const float* kT = nullptr;
-  if (ep.on && Dl2 == 1) {
+  if (ep.on && Dl2 == 1 && !local) {
     kT = kTx + ep.front;
     ldk = ldx;
   } else if (ntiles) {
@@ -1010,88 +1016,174 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
   // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
   // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
-  auto exact_row = [&](int64_t slice, int64_t idx, float* xk) {
+  // Queries u0 + [tb, te) of one run of a row (a border block: all of it) of a slice. Key row r of
+  // the row starts at keyrow[r] + shift in ks / vs and in the accumulators xk / xv (rows ld apart).
+  auto exact_run = [&](int64_t slice, const ExactPlan::Row& row, const std::vector<int64_t>& keyrow, int64_t shift,
+                       const ExactRun& run, int tb, int te, const float* ks, const float* vs, int64_t ld, float* xk,
+                       float* xv) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
-    float* xv = xk + D * ldx;
+    const int vw = kt.vw, g2 = row.g[2], nrows = static_cast<int>(keyrow.size());
+    const int64_t L1 = g.L[1];
+    const int64_t qrow =
+        ((static_cast<int64_t>(row.c0) * g.Dl[0] + row.g[0]) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + row.g[1])) *
+        L2;
+    const int u0 = run.u0 + tb, runlen = te - tb, ws0 = run.ws0 + tb;
+    const int nx = run.nx, nk = runlen + nx - 1, nslots = nrows * nx;
+    // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
+    const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
+    // runs and border blocks keep separate buffers (their geometries alternate along a row)
+    ExactBwdWs& w = tls_xbw[run.masked ? 1 : 0];
+    const int* lohi = run.masked ? run.lohi : nullptr;
+    w.prepare(nslots, lds, padA, runlen, D, Dv);
+    w.rbk.resize(nrows);
+    w.rbq.resize(nrows);
+    for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + ws0 + shift;
+    float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
+    float* dqT = grow(w.dq, D * vw + vw);
+    const int64_t qcol = qrow + ep.gstart[g2] + u0;
+    for (int64_t gg = 0; gg < g.G; ++gg) {
+      const int64_t h = hk * g.G + gg, bh = b * g.H + h;
+      float* xq = w.xq.data() + padA;
+      float* xo = w.xo.data() + padA;
+      // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
+      const int64_t row0 = (b * N + qrow + static_cast<int64_t>(u0) * Dl2 + g2) * g.H + h, tstep = Dl2 * g.H;
+      int t = 0;
+      for (; t + 8 <= runlen; t += 8) {
+        const float *sq[8], *so[8];
+        for (int j = 0; j < 8; ++j) {
+          sq[j] = a.q + (row0 + (t + j) * tstep) * D;
+          so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+        }
+        kt.transpose8(sq, D, xq + t, lds);
+        kt.transpose8(so, Dv, xo + t, lds);
+      }
+      for (; t < runlen; ++t) {
+        for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
+        for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        float* x = xq + d * lds;
+        for (int i = 0; i < runlen; ++i) x[i] *= g.scale;
+      }
+      const float* lrow = lcT + bh * 2 * ldx + qcol;
+      float* pt = w.pt.data() + padA;
+      float* dst = w.ds.data() + padA;
+      // blocks of vw queries at t0 = 0, vw, ..., and one ending at the run's end for the rest
+      for (int t0 = 0, done = 0; done < runlen;) {
+        const int skip = t0 < done ? done - t0 : 0;
+        for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
+        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + ldx + t0, w.rbq.data(),
+                       nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
+        for (int l = skip; l < vw; ++l) {
+          if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
+          const int64_t tok = qrow + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
+          float* out = a.dq + (bh * N + tok) * D;
+          for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
+        }
+        done = t0 + vw;
+        t0 = std::min(done, runlen - vw);
+      }
+      kt.exact_bwd_kv(dst, lds, xq, lds, D, xk, ld, w.rbk.data(), nrows, nx, nk);
+      kt.exact_bwd_kv(pt, lds, xo, lds, Dv, xv, ld, w.rbk.data(), nrows, nx, nk);
+    }
+  };
+  // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
+  // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
+  // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
+  auto exact_row = [&](int64_t slice, int64_t idx, float* xk) {
     const ExactPlan::Row& row = ep.rows[idx];
-    const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+    const int g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
     const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
     const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
     const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
     const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
     const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-    const int nrows = (we0 - ws0) * (we1 - ws1);
     const int64_t L1 = g.L[1];
     std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
-    keyrow.resize(nrows);
-    int r = 0;
+    keyrow.clear();
     for (int i0 = ws0; i0 < we0; ++i0)
       for (int i1 = ws1; i1 < we1; ++i1)
-        keyrow[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
-                      ep.gstart[g2];
-    const int64_t qrow =
-        ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
-    const float* kslice = kTx + slice * ldx * D;
-    const float* vslice = vTx + slice * ldx * Dv;
-    for (const ExactRun& run : ep.runs[g2]) {
-      const int nx = run.nx, runlen = run.u1 - run.u0 + 1, nk = runlen + nx - 1, nslots = nrows * nx;
-      // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
-      const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
-      // runs and border blocks keep separate buffers (their geometries alternate along a row)
-      ExactBwdWs& w = tls_xbw[run.masked ? 1 : 0];
-      const int* lohi = run.masked ? run.lohi : nullptr;
-      w.prepare(nslots, lds, padA, runlen, D, Dv);
-      w.rbk.resize(nrows);
-      w.rbq.resize(nrows);
-      for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + run.ws0;
-      float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
-      float* dqT = grow(w.dq, D * vw + vw);
-      const int64_t qcol = qrow + ep.gstart[g2] + run.u0;
-      for (int64_t gg = 0; gg < g.G; ++gg) {
-        const int64_t h = hk * g.G + gg, bh = b * g.H + h;
-        float* xq = w.xq.data() + padA;
-        float* xo = w.xo.data() + padA;
-        // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
-        const int64_t row0 = (b * N + qrow + static_cast<int64_t>(run.u0) * Dl2 + g2) * g.H + h, tstep = Dl2 * g.H;
-        int t = 0;
-        for (; t + 8 <= runlen; t += 8) {
-          const float *sq[8], *so[8];
-          for (int j = 0; j < 8; ++j) {
-            sq[j] = a.q + (row0 + (t + j) * tstep) * D;
-            so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
-          }
-          kt.transpose8(sq, D, xq + t, lds);
-          kt.transpose8(so, Dv, xo + t, lds);
-        }
-        for (; t < runlen; ++t) {
-          for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
-          for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          float* x = xq + d * lds;
-          for (int i = 0; i < runlen; ++i) x[i] *= g.scale;
-        }
-        const float* lrow = lcT + bh * 2 * ldx + qcol;
-        float* pt = w.pt.data() + padA;
-        float* dst = w.ds.data() + padA;
-        for (int bi = run.b0; bi < run.b1; ++bi) {
-          const ExactBlock& blk = ep.blocks[g2][bi];
-          const int t0 = blk.c - run.u0;
-          for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
-          kt.exact_bwd_q(xq + t0, lds, D, kslice, ldx, vslice, ldx, Dv, xo + t0, lds, lrow + t0, lrow + ldx + t0,
-                         w.rbq.data(), nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
-          for (int l = blk.skip; l < vw; ++l) {
-            if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
-            const int64_t tok = qrow + static_cast<int64_t>(blk.c + l) * Dl2 + g2;
-            float* out = a.dq + (bh * N + tok) * D;
-            for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
-          }
-        }
-        kt.exact_bwd_kv(dst, lds, xq, lds, D, xk, ldx, w.rbk.data(), nrows, nx, nk);
-        kt.exact_bwd_kv(pt, lds, xo, lds, Dv, xv, ldx, w.rbk.data(), nrows, nx, nk);
-      }
-    }
+        keyrow.push_back(((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) *
+                             L2 +
+                         ep.gstart[g2]);
+    for (const ExactRun& run : ep.runs[g2])
+      exact_run(slice, row, keyrow, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv, ldx,
+                xk, xk + D * ldx);
   };
+  if (local) {
+    // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
+    // its own buffers and its own key/value gradient sums, added to dk/dv at the end; neighbouring
+    // pieces share keys, so the pieces run in two waves (even, then odd positions along the row)
+    struct Unit {
+      int row, run, tb, te;
+    };
+    std::vector<Unit> units[2];
+    for (size_t r = 0; r < ep.rows.size(); ++r) {
+      const int g2 = ep.rows[r].g[2];
+      std::vector<Unit> row_units;
+      for (size_t ri = 0; ri < ep.runs[g2].size(); ++ri) {
+        const ExactRun& run = ep.runs[g2][ri];
+        const int len = run.u1 - run.u0 + 1, pieces = run.masked ? 1 : (len + 255) / 256;
+        for (int p = 0; p < pieces; ++p)
+          row_units.push_back({static_cast<int>(r), static_cast<int>(ri), len * p / pieces, len * (p + 1) / pieces});
+      }
+      std::sort(row_units.begin(), row_units.end(), [&](const Unit& x, const Unit& y) {
+        return ep.runs[g2][x.run].u0 + x.tb < ep.runs[g2][y.run].u0 + y.tb;
+      });
+      for (size_t i = 0; i < row_units.size(); ++i) units[i % 2].push_back(row_units[i]);
+    }
+    for (int wave = 0; wave < 2; ++wave) {
+      const int64_t nu = static_cast<int64_t>(units[wave].size());
+      parallel_for(slices * nu, [&](int64_t item) {
+        const int64_t slice = item / nu, b = slice / g.Hkv, hk = slice % g.Hkv;
+        const Unit& u = units[wave][item % nu];
+        const ExactPlan::Row& row = ep.rows[u.row];
+        const ExactRun& run = ep.runs[row.g[2]][u.run];
+        const int g2 = row.g[2], lg = na_group_len(g.L[2], Dl2, g2), vw = kt.vw;
+        // keys [kmin, kmax) of the group: the piece's windows, border reads and whole-vector writes
+        const int kmin = run.ws0 + u.tb, kmax = run.ws0 + u.te + run.nx + 2 * vw;
+        const int64_t ldl = round_up(kmax - kmin, 8) + 8;
+        Workspace& w = tls_ws;
+        float* kl = grow(w.kp, D * ldl + 16);
+        float* vl = grow(w.vp, Dv * ldl + 16);
+        float* al = grow(w.dkb, (D + Dv) * ldl + 16);
+        std::memset(al, 0, sizeof(float) * (D + Dv) * ldl);
+        const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
+        for (int64_t d = 0; d < D; ++d) {
+          std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(kl + d * ldl + (j1 - kmin), kl + (d + 1) * ldl, 0.f);
+        }
+        for (int64_t d = 0; d < Dv; ++d) {
+          std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
+        }
+        auto tok = [&](int j) { return b * Nk + static_cast<int64_t>(j) * Dl2 + g2; };
+        int j = j0;
+        for (; j + 8 <= j1; j += 8) {
+          const float *sk[8], *sv[8];
+          for (int i = 0; i < 8; ++i) sk[i] = a.k + (tok(j + i) * g.Hkv + hk) * D, sv[i] = a.v + (tok(j + i) * g.Hkv + hk) * Dv;
+          kt.transpose8(sk, D, kl + (j - kmin), ldl);
+          kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
+        }
+        for (; j < j1; ++j) {
+          for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = a.k[(tok(j) * g.Hkv + hk) * D + d];
+          for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = a.v[(tok(j) * g.Hkv + hk) * Dv + d];
+        }
+        std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
+        keyrow.assign(1, 0);
+        exact_run(slice, row, keyrow, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
+        // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
+        float* dk = a.dk + slice * Nk * D;
+        float* dv = a.dv + slice * Nk * Dv;
+        const float* av = al + D * ldl;
+        for (int jj = j0; jj < j1; ++jj) {
+          const int64_t n = static_cast<int64_t>(jj) * Dl2 + g2, c = jj - kmin;
+          for (int64_t d = 0; d < D; ++d) dk[n * D + d] += al[d * ldl + c];
+          for (int64_t d = 0; d < Dv; ++d) dv[n * Dv + d] += av[d * ldl + c];
+        }
+      });
+    }
+  }
   parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
@@ -1108,7 +1200,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       accev = accek + E * D;
     }
     float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
-    if (ep.on) {
+    if (ep.on && !local) {
       float* xk = xacc + task * xacc_size;
       std::memset(xk, 0, sizeof(float) * xacc_size);
       const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
@@ -1234,7 +1326,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       }
     });
   }
-  if (ep.on) {
+  if (ep.on && !local) {
     // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
     parallel_for(slices, [&](int64_t slice) {
       for (int64_t split = 0; split < splits; ++split) {
