@@ -1007,6 +1007,14 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   }
   const float* ekT = E ? transpose_heads_last(a.ek, g.B, E, g.Hkv, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
+  // the gradients are written in MLX's heads-last order: token n of slice (b, kv head hk) at
+  // dk_of(slice) + n * tsk, and query token n of head h of batch b at dq_of(b, h) + n * tsq
+  const int64_t tsq = g.H * D, tsk = g.Hkv * D, tsv = g.Hkv * Dv;
+  auto dq_of = [&](int64_t b, int64_t h) { return a.dq + (b * N * g.H + h) * D; };
+  auto dk_of = [&](int64_t slice) { return a.dk + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * D; };
+  auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
+  auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
+  auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
   std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
   std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
   if (E) {
@@ -1077,7 +1085,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         for (int l = skip; l < vw; ++l) {
           if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
           const int64_t tok = qrow + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
-          float* out = a.dq + (bh * N + tok) * D;
+          float* out = dq_of(b, h) + tok * tsq;
           for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
         }
         done = t0 + vw;
@@ -1173,13 +1181,13 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         keyrow.assign(1, 0);
         exact_run(slice, row, keyrow, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
         // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
-        float* dk = a.dk + slice * Nk * D;
-        float* dv = a.dv + slice * Nk * Dv;
+        float* dk = dk_of(slice);
+        float* dv = dv_of(slice);
         const float* av = al + D * ldl;
         for (int jj = j0; jj < j1; ++jj) {
           const int64_t n = static_cast<int64_t>(jj) * Dl2 + g2, c = jj - kmin;
-          for (int64_t d = 0; d < D; ++d) dk[n * D + d] += al[d * ldl + c];
-          for (int64_t d = 0; d < Dv; ++d) dv[n * Dv + d] += av[d * ldl + c];
+          for (int64_t d = 0; d < D; ++d) dk[n * tsk + d] += al[d * ldl + c];
+          for (int64_t d = 0; d < Dv; ++d) dv[n * tsv + d] += av[d * ldl + c];
         }
       });
     }
@@ -1187,11 +1195,14 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
+    int64_t sk = D, sv = Dv;  // token strides of the accumulators
     if (split == 0) {
-      acck = a.dk + slice * Nk * D;
-      accv = a.dv + slice * Nk * Dv;
-      accek = E ? a.dek + slice * E * D : nullptr;
-      accev = E ? a.dev + slice * E * Dv : nullptr;
+      acck = dk_of(slice);
+      accv = dv_of(slice);
+      accek = E ? dek_of(slice) : nullptr;
+      accev = E ? dev_of(slice) : nullptr;
+      sk = tsk;
+      sv = tsv;
     } else {
       float* base = priv + ((split - 1) * slices + slice) * acc_size;
       acck = base;
@@ -1300,16 +1311,16 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       }
       for (int64_t r = 0; r < M; ++r) {
         const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
-        float* dst = a.dq + ((b * g.H + h) * N + tg.qtok[q]) * D;
+        float* dst = dq_of(b, h) + tg.qtok[q] * tsq;
         for (int64_t d = 0; d < D; ++d) dst[d] = dQ[r * D + d] * g.scale;
       }
       for (int64_t j = 0; j < tg.Nbox; ++j) {
-        kt.axpy(acck + tg.ktok[j] * D, 1.f, dKb + j * D, static_cast<int>(D));
-        kt.axpy(accv + tg.ktok[j] * Dv, 1.f, dVb + j * Dv, static_cast<int>(Dv));
+        kt.axpy(acck + tg.ktok[j] * sk, 1.f, dKb + j * D, static_cast<int>(D));
+        kt.axpy(accv + tg.ktok[j] * sv, 1.f, dVb + j * Dv, static_cast<int>(Dv));
       }
       for (int64_t e = 0; e < E; ++e) {
-        kt.axpy(accek + e * D, 1.f, dKb + (tg.Nbox + e) * D, static_cast<int>(D));
-        kt.axpy(accev + e * Dv, 1.f, dVb + (tg.Nbox + e) * Dv, static_cast<int>(Dv));
+        kt.axpy(accek + e * sk, 1.f, dKb + (tg.Nbox + e) * D, static_cast<int>(D));
+        kt.axpy(accev + e * sv, 1.f, dVb + (tg.Nbox + e) * Dv, static_cast<int>(Dv));
       }
     }
   });
@@ -1317,11 +1328,13 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     parallel_for(slices, [&](int64_t slice) {
       for (int64_t s = 1; s < splits; ++s) {
         const float* base = priv + ((s - 1) * slices + slice) * acc_size;
-        kt.axpy(a.dk + slice * Nk * D, 1.f, base, static_cast<int>(Nk * D));
-        kt.axpy(a.dv + slice * Nk * Dv, 1.f, base + Nk * D, static_cast<int>(Nk * Dv));
-        if (E) {
-          kt.axpy(a.dek + slice * E * D, 1.f, base + Nk * (D + Dv), static_cast<int>(E * D));
-          kt.axpy(a.dev + slice * E * Dv, 1.f, base + Nk * (D + Dv) + E * D, static_cast<int>(E * Dv));
+        for (int64_t n = 0; n < Nk; ++n) {
+          kt.axpy(dk_of(slice) + n * tsk, 1.f, base + n * D, static_cast<int>(D));
+          kt.axpy(dv_of(slice) + n * tsv, 1.f, base + Nk * D + n * Dv, static_cast<int>(Dv));
+        }
+        for (int64_t e = 0; e < E; ++e) {
+          kt.axpy(dek_of(slice) + e * tsk, 1.f, base + Nk * (D + Dv) + e * D, static_cast<int>(D));
+          kt.axpy(dev_of(slice) + e * tsv, 1.f, base + Nk * (D + Dv) + E * D + e * Dv, static_cast<int>(Dv));
         }
       }
     });
@@ -1332,12 +1345,12 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       for (int64_t split = 0; split < splits; ++split) {
         const float* xk = xacc + (slice * splits + split) * xacc_size;
         const float* xv = xk + D * ldx;
-        float* dk = a.dk + slice * Nk * D;
-        float* dv = a.dv + slice * Nk * Dv;
+        float* dk = dk_of(slice);
+        float* dv = dv_of(slice);
         for (int64_t n = 0; n < Nk; ++n) {
           const int64_t p = gpos(n);
-          for (int64_t d = 0; d < D; ++d) dk[n * D + d] += xk[d * ldx + p];
-          for (int64_t d = 0; d < Dv; ++d) dv[n * Dv + d] += xv[d * ldx + p];
+          for (int64_t d = 0; d < D; ++d) dk[n * tsk + d] += xk[d * ldx + p];
+          for (int64_t d = 0; d < Dv; ++d) dv[n * tsv + d] += xv[d * ldx + p];
         }
       }
     });

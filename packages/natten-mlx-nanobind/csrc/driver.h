@@ -34,6 +34,8 @@ struct FwdArgs {
   float *out, *lse;
 };
 
+// Gradients in the inputs' heads-last layout (dq [B][N][H][D], dk/dv [B][Nk][Hkv][D|Dv], dek/dev
+// [B][E][Hkv][D|Dv]); drpb [H][R].
 struct BwdArgs {
   const float *q, *k, *v, *ek, *ev, *rpb, *out, *lse, *dout, *dlse;  // dlse may be null
   float *dq, *dk, *dv, *dek, *dev, *drpb;
