@@ -676,6 +676,27 @@ void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_
   std::memset(X + tg.Ncol * Dv, 0, sizeof(float) * Dv * (tg.NP - tg.Ncol));
 }
 
+// dst[i * tstride + c] += xT[c * ld + i] for i < n tokens and c < W features: a transposed sum
+// added back to token rows, 8 x 8 blocks at a time
+void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t W, int64_t n, float* dst,
+                    int64_t tstride) {
+  float tmp[64];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= W; c += 8) {
+      const float* src[8];
+      for (int j = 0; j < 8; ++j) src[j] = xT + (c + j) * ld + i;
+      kt.transpose8(src, 8, tmp, 8);
+      for (int r = 0; r < 8; ++r) kt.axpy(dst + (i + r) * tstride + c, 1.f, tmp + r * 8, 8);
+    }
+    for (; c < W; ++c)
+      for (int r = 0; r < 8; ++r) dst[(i + r) * tstride + c] += xT[c * ld + i + r];
+  }
+  for (; i < n; ++i)
+    for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] += xT[c * ld + i];
+}
+
 float* padded_rpb(const Geo& g, const float* rpb) {
   // scratch() leaves slack after the buffer
   if (!rpb) return nullptr;
@@ -1184,10 +1205,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);
         const float* av = al + D * ldl;
-        for (int jj = j0; jj < j1; ++jj) {
-          const int64_t n = static_cast<int64_t>(jj) * Dl2 + g2, c = jj - kmin;
-          for (int64_t d = 0; d < D; ++d) dk[n * tsk + d] += al[d * ldl + c];
-          for (int64_t d = 0; d < Dv; ++d) dv[n * tsv + d] += av[d * ldl + c];
+        if (j1 > j0) {
+          const int64_t n0 = static_cast<int64_t>(j0) * Dl2 + g2;
+          add_transposed(kt, al + (j0 - kmin), ldl, D, j1 - j0, dk + n0 * tsk, Dl2 * tsk);
+          add_transposed(kt, av + (j0 - kmin), ldl, Dv, j1 - j0, dv + n0 * tsv, Dl2 * tsv);
         }
       });
     }
@@ -1347,11 +1368,13 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         const float* xv = xk + D * ldx;
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);
-        for (int64_t n = 0; n < Nk; ++n) {
-          const int64_t p = gpos(n);
-          for (int64_t d = 0; d < D; ++d) dk[n * tsk + d] += xk[d * ldx + p];
-          for (int64_t d = 0; d < Dv; ++d) dv[n * tsv + d] += xv[d * ldx + p];
-        }
+        // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
+        for (int64_t r0 = 0; r0 < Nk; r0 += L2)
+          for (int g2 = 0; g2 < Dl2; ++g2) {
+            const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
+            add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk);
+            add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv);
+          }
       }
     });
   }
