@@ -1141,31 +1141,40 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   };
   if (local) {
     // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
-    // its own buffers and its own key/value gradient sums, added to dk/dv at the end; neighbouring
-    // pieces share keys, so the pieces run in two waves (even, then odd positions along the row)
+    // its own buffers and its own key/value gradient sums, added to dk/dv at the end. Pieces whose
+    // keys overlap (neighbours; strided border blocks, several deep) must not add at the same time:
+    // per row, a piece goes to the first wave whose pieces so far all end before its keys begin.
     struct Unit {
-      int row, run, tb, te;
+      int row, run, tb, te, klo, khi;  // keys [klo, khi) of the group get its sums
     };
-    std::vector<Unit> units[2];
+    std::vector<std::vector<Unit>> waves;
     for (size_t r = 0; r < ep.rows.size(); ++r) {
       const int g2 = ep.rows[r].g[2];
       std::vector<Unit> row_units;
       for (size_t ri = 0; ri < ep.runs[g2].size(); ++ri) {
         const ExactRun& run = ep.runs[g2][ri];
         const int len = run.u1 - run.u0 + 1, pieces = run.masked ? 1 : (len + 255) / 256;
-        for (int p = 0; p < pieces; ++p)
-          row_units.push_back({static_cast<int>(r), static_cast<int>(ri), len * p / pieces, len * (p + 1) / pieces});
+        for (int p = 0; p < pieces; ++p) {
+          const int tb = len * p / pieces, te = len * (p + 1) / pieces;
+          row_units.push_back({static_cast<int>(r), static_cast<int>(ri), tb, te, run.ws0 + tb, run.ws0 + te + run.nx - 1});
+        }
       }
-      std::sort(row_units.begin(), row_units.end(), [&](const Unit& x, const Unit& y) {
-        return ep.runs[g2][x.run].u0 + x.tb < ep.runs[g2][y.run].u0 + y.tb;
-      });
-      for (size_t i = 0; i < row_units.size(); ++i) units[i % 2].push_back(row_units[i]);
+      std::sort(row_units.begin(), row_units.end(), [](const Unit& x, const Unit& y) { return x.klo < y.klo; });
+      std::vector<int> wave_end;
+      for (const Unit& u : row_units) {
+        size_t wv = 0;
+        while (wv < wave_end.size() && wave_end[wv] > u.klo) ++wv;
+        if (wv == wave_end.size()) wave_end.push_back(0);
+        if (wv == waves.size()) waves.emplace_back();
+        wave_end[wv] = u.khi;
+        waves[wv].push_back(u);
+      }
     }
-    for (int wave = 0; wave < 2; ++wave) {
-      const int64_t nu = static_cast<int64_t>(units[wave].size());
+    for (const std::vector<Unit>& wave : waves) {
+      const int64_t nu = static_cast<int64_t>(wave.size());
       parallel_for(slices * nu, [&](int64_t item) {
         const int64_t slice = item / nu, b = slice / g.Hkv, hk = slice % g.Hkv;
-        const Unit& u = units[wave][item % nu];
+        const Unit& u = wave[item % nu];
         const ExactPlan::Row& row = ep.rows[u.row];
         const ExactRun& run = ep.runs[row.g[2]][u.run];
         const int g2 = row.g[2], lg = na_group_len(g.L[2], Dl2, g2), vw = kt.vw;
@@ -1205,10 +1214,13 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);
         const float* av = al + D * ldl;
-        if (j1 > j0) {
-          const int64_t n0 = static_cast<int64_t>(j0) * Dl2 + g2;
-          add_transposed(kt, al + (j0 - kmin), ldl, D, j1 - j0, dk + n0 * tsk, Dl2 * tsk);
-          add_transposed(kt, av + (j0 - kmin), ldl, Dv, j1 - j0, dv + n0 * tsv, Dl2 * tsv);
+        // only the keys its slots reach (past them the buffers hold zeros that another wave's
+        // piece must not see written back over its sums)
+        const int a0 = std::max(u.klo, 0), a1 = std::min(u.khi, lg);
+        if (a1 > a0) {
+          const int64_t n0 = static_cast<int64_t>(a0) * Dl2 + g2;
+          add_transposed(kt, al + (a0 - kmin), ldl, D, a1 - a0, dk + n0 * tsk, Dl2 * tsk);
+          add_transposed(kt, av + (a0 - kmin), ldl, Dv, a1 - a0, dv + n0 * tsv, Dl2 * tsv);
         }
       });
     }
