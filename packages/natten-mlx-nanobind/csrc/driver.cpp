@@ -697,6 +697,19 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
     for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] += xT[c * ld + i];
 }
 
+// kt.all_finite over the pool (a pass over whole inputs: memory-bound, so every core helps)
+bool all_finite_par(const KernelTable& kt, const float* x, int64_t n) {
+  constexpr int64_t kChunk = int64_t(1) << 16;
+  if (n <= kChunk) return kt.all_finite(x, n);
+  std::atomic<bool> ok{true};
+  parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c) {
+    if (!ok.load(std::memory_order_relaxed)) return;
+    const int64_t i0 = c * kChunk;
+    if (!kt.all_finite(x + i0, std::min(kChunk, n - i0))) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
 float* padded_rpb(const Geo& g, const float* rpb) {
   // scratch() leaves slack after the buffer
   if (!rpb) return nullptr;
@@ -716,7 +729,7 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float*
 void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
   // when every value is finite, tiles skip their own check, and border blocks may run
-  const bool v_finite = kt.all_finite(a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
+  const bool v_finite = all_finite_par(kt, a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
                         (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
   const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite);
   Plan plan = make_plan(g, kt.vw, &ep);
@@ -959,9 +972,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
   // when keys, queries and output gradients are all finite, tiles skip their own check, and the
   // exact-window path (which multiplies zeros into its padding instead of masking) may run
-  const bool all_fin = kt.all_finite(a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
-                       kt.all_finite(a.q, g.B * N * g.H * D) && kt.all_finite(a.dout, g.B * N * g.H * Dv);
-  const bool v_finite = kt.all_finite(a.v, g.B * Nk * g.Hkv * Dv);
+  const bool all_fin = all_finite_par(kt, a.k, g.B * Nk * g.Hkv * D) &&
+                       (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) && all_finite_par(kt, a.q, g.B * N * g.H * D) &&
+                       all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
+  const bool v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
   const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite) : ExactPlan{};
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(1, g, ep);
