@@ -7,6 +7,8 @@ Gradients are the primitive's own vjp (mx.vjp through the op), with random cotan
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import oracle
@@ -210,45 +212,59 @@ def _exact_configs(seed, count):
 EXACT = _exact_configs(314, 18)
 
 
-@pytest.mark.parametrize("exact", ["on", "runs", "off"])
+@pytest.mark.parametrize("exact", ["default", "all", "runs", "off"])
 @pytest.mark.parametrize("cfg,dtype,seed", EXACT, ids=[f"exact-{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in EXACT])
 def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
     """The oracle sweep on problems the exact-window forward and backward serve, through each mix of
-    paths: runs and border blocks (NATTEN_MLX_EXACT unset), runs with the tile path at the borders
-    (=runs), tiles only (=0); the path counters must show that those paths, and only those, ran."""
-    if exact == "on":
+    paths: runs, border blocks forward and tiles at the backward's borders (NATTEN_MLX_EXACT unset);
+    border blocks in the backward too (=all); runs with tiles at every border (=runs); tiles only
+    (=0). The path counters must show that those paths, and only those, ran."""
+    if exact == "default":
         monkeypatch.delenv("NATTEN_MLX_EXACT", raising=False)
     else:
-        monkeypatch.setenv("NATTEN_MLX_EXACT", {"runs": "runs", "off": "0"}[exact])
+        monkeypatch.setenv("NATTEN_MLX_EXACT", {"all": "all", "runs": "runs", "off": "0"}[exact])
     ext.path_counts(True)
     test_fused_forward_backward(cfg, dtype, seed)
     counts = ext.path_counts(True)
     fwd, bwd = counts[:3], counts[3:]
+    assert fwd[0] == bwd[0]  # the same runs
     for run, border, tile in (fwd, bwd):
-        if exact == "on":
+        if exact in ("default", "all"):
             assert run > 0
         elif exact == "runs":
             assert run > 0 and border == 0 and tile > 0
         else:
             assert run == 0 and border == 0 and tile > 0
-    assert fwd == bwd
+    if exact == "default":
+        assert bwd[1] == 0 and bwd[2] == fwd[1] + fwd[2]
+    if exact == "all":
+        assert fwd == bwd
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("na_dim", [1, 2])
 def test_exact_window_border_blocks(na_dim, causal):
     """Border blocks (masked vectors of queries next to a run) serve every query the runs leave, so
-    no tile runs, forward or backward; against the oracle."""
+    no tile runs: forward by default, backward too with NATTEN_MLX_EXACT=all; against the oracle."""
     L = (40,) if na_dim == 1 else (6, 30)
     K = (5,) if na_dim == 1 else (3, 5)
     cfg = dict(na_dim=na_dim, shape=L, B=1, H=2, Hkv=1, D=8, Dv=4, E=0, K=K, s=(1,) * na_dim, d=(1,) * na_dim,
                c=(causal,) * na_dim, rpb=False, scale=None)
     cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
-    ext.path_counts(True)
-    test_fused_forward_backward(cfg, mx.float32, 11)
-    run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
-    assert run_f > 0 and border_f > 0 and tile_f == 0
-    assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
+    for mode in ("default", "all"):
+        if mode == "all":
+            os.environ["NATTEN_MLX_EXACT"] = "all"
+        try:
+            ext.path_counts(True)
+            test_fused_forward_backward(cfg, mx.float32, 11)
+            run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
+        finally:
+            os.environ.pop("NATTEN_MLX_EXACT", None)
+        assert run_f > 0 and border_f > 0 and tile_f == 0
+        if mode == "all":
+            assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
+        else:  # the backward leaves the borders to the tiles
+            assert (run_b, border_b, tile_b) == (run_f, 0, border_f)
 
 
 def test_exact_backward_path_off_for_nonfinite_inputs():
@@ -280,9 +296,15 @@ def test_exact_window_long_1d(dilation, causal, stride):
     cfg = dict(na_dim=1, shape=(L,), B=2, H=2, Hkv=2, D=16, Dv=8, E=0, K=(7,), s=(stride,), d=(dilation,),
                c=(causal,), rpb=False, scale=None)
     cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
-    for rep in range(3):
-        ext.path_counts(True)
-        test_fused_forward_backward(cfg, mx.float32, 3 + rep)
-        run_f, border_f, tile_f = ext.path_counts(True)[:3]
-        assert border_f > 0 and tile_f == 0
-        assert (run_f > 0) == (stride == 1)
+    os.environ["NATTEN_MLX_EXACT"] = "all"  # border blocks in the backward too
+    try:
+        for rep in range(3):
+            ext.path_counts(True)
+            test_fused_forward_backward(cfg, mx.float32, 3 + rep)
+            counts = ext.path_counts(True)
+            assert counts[:3] == counts[3:]
+            run_f, border_f, tile_f = counts[:3]
+            assert border_f > 0 and tile_f == 0
+            assert (run_f > 0) == (stride == 1)
+    finally:
+        os.environ.pop("NATTEN_MLX_EXACT", None)

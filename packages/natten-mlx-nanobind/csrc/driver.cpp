@@ -220,23 +220,27 @@ struct ExactPlan {
 };
 
 // NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
-// queries to the tile path (tests run every path on the same problem); read on every call so that a
-// test can flip it between calls. 0: off, 1: runs only, 2: runs and border blocks.
+// queries to the tile path, =all uses border blocks in the backward too (tests run every path on the
+// same problem); read on every call so that a test can flip it between calls. 0: off, 1: runs only,
+// 2 (default): border blocks in the forward only, 3: border blocks forward and backward.
+// The backward's border blocks cost more than tiles: a block spans up to K + vw slots for the few
+// queries it serves, and the backward's key side pays for every slot of it twice more.
 int exact_mode() {
   const char* env = std::getenv("NATTEN_MLX_EXACT");
   if (!env) return 2;
   if (std::strcmp(env, "0") == 0) return 0;
   if (std::strcmp(env, "runs") == 0) return 1;
+  if (std::strcmp(env, "all") == 0) return 3;
   return 2;
 }
 
 // borders: serve the queries next to the runs with masked blocks too (needs finite values: a masked
 // slot's weight is 0, and 0 * inf is not)
-ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
+ExactPlan make_exact_plan(const Geo& g, int vw, bool borders, bool backward) {
   ExactPlan ep;
   const int mode = exact_mode();
   if (g.E || g.has_rpb || mode == 0) return ep;
-  borders = borders && mode == 2;
+  borders = borders && (mode == 3 || (mode == 2 && !backward));
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
@@ -731,7 +735,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   // when every value is finite, tiles skip their own check, and border blocks may run
   const bool v_finite = all_finite_par(kt, a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
                         (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
-  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite);
+  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite, false);
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(0, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
@@ -976,7 +980,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
                        (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) && all_finite_par(kt, a.q, g.B * N * g.H * D) &&
                        all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
   const bool v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
-  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite) : ExactPlan{};
+  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite, true) : ExactPlan{};
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(1, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
