@@ -222,7 +222,8 @@ struct ExactPlan {
 // NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
 // queries to the tile path, =all uses border blocks in the backward too (tests run every path on the
 // same problem); read on every call so that a test can flip it between calls. 0: off, 1: runs only,
-// 2 (default): border blocks in the forward only, 3: border blocks forward and backward.
+// 2 (default): border blocks in the forward, and in the backward of 1D problems only; 3: border
+// blocks forward and backward.
 // The backward's border blocks cost more than tiles: a block spans up to K + vw slots for the few
 // queries it serves, and the backward's key side pays for every slot of it twice more.
 int exact_mode() {
@@ -240,7 +241,10 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders, bool backward) {
   ExactPlan ep;
   const int mode = exact_mode();
   if (g.E || g.has_rpb || mode == 0) return ep;
-  borders = borders && (mode == 3 || (mode == 2 && !backward));
+  // 1D backward pieces transpose their own keys, and border blocks spare the tile path its
+  // whole-slice copy of the keys for a handful of queries: there they pay
+  const bool one_d = g.L[0] == 1 && g.L[1] == 1;
+  borders = borders && (mode == 3 || (mode == 2 && (!backward || one_d)));
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
