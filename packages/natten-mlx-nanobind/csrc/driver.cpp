@@ -696,7 +696,10 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
       const float* src[8];
       for (int j = 0; j < 8; ++j) src[j] = xT + (c + j) * ld + i;
       kt.transpose8(src, 8, tmp, 8);
-      for (int r = 0; r < 8; ++r) kt.axpy(dst + (i + r) * tstride + c, 1.f, tmp + r * 8, 8);
+      for (int r = 0; r < 8; ++r) {
+        float* d = dst + (i + r) * tstride + c;
+        for (int k = 0; k < 8; ++k) d[k] += tmp[r * 8 + k];
+      }
     }
     for (; c < W; ++c)
       for (int r = 0; r < 8; ++r) dst[(i + r) * tstride + c] += xT[c * ld + i + r];
