@@ -7,6 +7,8 @@ Gradients are the primitive's own vjp (mx.vjp through the op), with random cotan
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import oracle
@@ -185,3 +187,125 @@ def test_exact_path_keeps_inf_in_its_windows(dilation):
     assert sees.any() and not sees.all()
     assert np.all(np.isfinite(got[0, ~sees])), "inf leaked outside its windows"
     _close(got[0, ~sees], want[0, ~sees], mx.float32, "rows that never see the inf token")
+
+
+def _exact_configs(seed, count):
+    """Configurations the exact-window path serves (no extra keys, no rpb; long last axis, stride 1
+    there), 1D/2D/3D with random kernels, dilation, causal axes, GQA and D_v != D: its runs and the
+    tile path's border queries both occur in each."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        na_dim = (1, 2, 3)[i % 3]
+        cfg = random_config(rng, na_dim, (0, 6, 5, 4)[na_dim], allow_rpb=False, allow_extra=False)
+        K = int(rng.integers(2, 10))
+        d = int(rng.integers(1, 3))
+        c = bool(rng.random() < 0.3)
+        L = d * (K + 16 + int(rng.integers(0, 24)))
+        for key, val in (("shape", L), ("K", K), ("s", 1), ("d", d), ("c", c)):
+            cfg[key] = tuple(cfg[key][:-1]) + (val,)
+        cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+        out.append((cfg, DTYPES[(i // 3) % 3], int(rng.integers(1 << 30))))
+    return out
+
+
+EXACT = _exact_configs(314, 18)
+
+
+@pytest.mark.parametrize("exact", ["default", "all", "runs", "off"])
+@pytest.mark.parametrize("cfg,dtype,seed", EXACT, ids=[f"exact-{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in EXACT])
+def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
+    """The oracle sweep on problems the exact-window forward and backward serve, through each mix of
+    paths: runs, border blocks forward and tiles at the backward's borders (NATTEN_MLX_EXACT unset);
+    border blocks in the backward too (=all); runs with tiles at every border (=runs); tiles only
+    (=0). The path counters must show that those paths, and only those, ran."""
+    if exact == "default":
+        monkeypatch.delenv("NATTEN_MLX_EXACT", raising=False)
+    else:
+        monkeypatch.setenv("NATTEN_MLX_EXACT", {"all": "all", "runs": "runs", "off": "0"}[exact])
+    ext.path_counts(True)
+    test_fused_forward_backward(cfg, dtype, seed)
+    counts = ext.path_counts(True)
+    fwd, bwd = counts[:3], counts[3:]
+    assert fwd[0] == bwd[0]  # the same runs
+    for run, border, tile in (fwd, bwd):
+        if exact in ("default", "all"):
+            assert run > 0
+        elif exact == "runs":
+            assert run > 0 and border == 0 and tile > 0
+        else:
+            assert run == 0 and border == 0 and tile > 0
+    if exact == "default" and cfg["na_dim"] > 1:  # 2D/3D backward: tiles at the borders
+        assert bwd[1] == 0 and bwd[2] == fwd[1] + fwd[2]
+    if exact == "all" or (exact == "default" and cfg["na_dim"] == 1):
+        assert fwd == bwd
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("na_dim", [1, 2])
+def test_exact_window_border_blocks(na_dim, causal):
+    """Border blocks (masked vectors of queries next to a run) serve every query the runs leave, so
+    no tile runs: forward and 1D backward by default, every backward with NATTEN_MLX_EXACT=all;
+    against the oracle."""
+    L = (40,) if na_dim == 1 else (6, 30)
+    K = (5,) if na_dim == 1 else (3, 5)
+    cfg = dict(na_dim=na_dim, shape=L, B=1, H=2, Hkv=1, D=8, Dv=4, E=0, K=K, s=(1,) * na_dim, d=(1,) * na_dim,
+               c=(causal,) * na_dim, rpb=False, scale=None)
+    cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    for mode in ("default", "all"):
+        if mode == "all":
+            os.environ["NATTEN_MLX_EXACT"] = "all"
+        try:
+            ext.path_counts(True)
+            test_fused_forward_backward(cfg, mx.float32, 11)
+            run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
+        finally:
+            os.environ.pop("NATTEN_MLX_EXACT", None)
+        assert run_f > 0 and border_f > 0 and tile_f == 0
+        if mode == "all" or na_dim == 1:
+            assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
+        else:  # the 2D/3D backward leaves the borders to the tiles
+            assert (run_b, border_b, tile_b) == (run_f, 0, border_f)
+
+
+def test_exact_backward_path_off_for_nonfinite_inputs():
+    """A non-finite query keeps the backward on the tile path (the exact path multiplies zeros into
+    its padding, which inf would turn into NaN)."""
+    rng = np.random.default_rng(8)
+    L, K = 48, 5
+    q, k, v = (rng.standard_normal((1, L, 2, 8)) for _ in range(3))
+    kw = dict(kernel_size=[K], stride=[1], dilation=[1], is_causal=[False], scale=None)
+    qm, km, vm = (_mx(x, mx.float32) for x in (q, k, v))
+    f = lambda a, b, c: ext.fused_forward(a, b, c, None, None, None, **kw)
+    ext.path_counts(True)
+    mx.eval(mx.vjp(f, [qm, km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
+    assert ext.path_counts(True)[3] > 0
+    q_inf = q.copy()
+    q_inf[0, 30, 1, 0] = np.inf
+    mx.eval(mx.vjp(f, [_mx(q_inf, mx.float32), km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
+    counts = ext.path_counts(True)
+    assert counts[3] == 0 and counts[4] == 0
+
+
+@pytest.mark.parametrize("dilation,causal,stride", [(1, False, 1), (3, False, 1), (2, True, 1), (1, False, 3), (2, False, 2)])
+def test_exact_window_long_1d(dilation, causal, stride):
+    """A 1D row long enough to be cut into several chunks (each transposes its own keys and values,
+    with the neighbouring chunks' keys at its edges), forward and backward, against the oracle; with
+    a stride, border blocks serve every query (their key ranges overlap several deep: the backward
+    must never add two of them at once). Repeated: a lost update would show only now and then."""
+    L = 700 * dilation
+    cfg = dict(na_dim=1, shape=(L,), B=2, H=2, Hkv=2, D=16, Dv=8, E=0, K=(7,), s=(stride,), d=(dilation,),
+               c=(causal,), rpb=False, scale=None)
+    cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    os.environ["NATTEN_MLX_EXACT"] = "all"  # border blocks in the backward too
+    try:
+        for rep in range(3):
+            ext.path_counts(True)
+            test_fused_forward_backward(cfg, mx.float32, 3 + rep)
+            counts = ext.path_counts(True)
+            assert counts[:3] == counts[3:]
+            run_f, border_f, tile_f = counts[:3]
+            assert border_f > 0 and tile_f == 0
+            assert (run_f > 0) == (stride == 1)
+    finally:
+        os.environ.pop("NATTEN_MLX_EXACT", None)

@@ -29,5 +29,8 @@ NB_MODULE(_ext, m) {
         "kernel_size"_a, "stride"_a, "dilation"_a, "is_causal"_a, "stream"_a = nb::none(),
         "attn [B, *spatial, H, prod(kernel_size) (+N_extra)] x value -> [B, *spatial, H, D_v]");
   m.def("num_threads", &na::num_threads, "threads of the kernel pool (NATTEN_MLX_NUM_THREADS overrides)");
+  m.def("path_counts", &na::path_counts, "reset"_a = false,
+        "queries served since the last reset: [forward exact-window runs, border blocks, tiles, backward runs, "
+        "border blocks, tiles] (tests check that every path ran); reset=True zeroes them");
   m.def("simd", &na::simd_name, "instruction set of the kernels chosen for this CPU (NATTEN_MLX_SIMD overrides)");
 }

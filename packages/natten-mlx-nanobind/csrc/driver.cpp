@@ -130,6 +130,8 @@ Pool& pool() {
 void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run(n, fn, ctx); }
 
 namespace {
+// queries served: forward runs, border blocks, tiles; backward the same (tests read them)
+std::atomic<int64_t> path_count[6];
 struct Scratch {
   std::vector<std::vector<float>> bufs;
   size_t next = 0;
@@ -156,6 +158,11 @@ float* scratch(size_t n, bool zero) {
   return b.data();
 }
 int num_threads() { return pool().size(); }
+std::vector<int64_t> path_counts(bool reset) {
+  std::vector<int64_t> out(6);
+  for (int i = 0; i < 6; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  return out;
+}
 const char* simd_name() { return select_kernels().name; }
 
 // ---------------------------------------------------------------- geometry helpers
@@ -182,29 +189,71 @@ int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 
 struct ExactBlock {
   int c, skip;  // first query (group coordinate); lanes before skip are written by another block
   int ws, nx;   // lane 0's window along the last axis (lane l's starts at ws + l)
+  int run;      // index in runs[g2]
+};
+
+// A maximal run [u0, u1] of queries (group coordinates) whose windows shift by one key per query:
+// query u0 + t has the nx keys ws0 + t + [0, nx); its blocks are blocks[g2][b0, b1).
+// A border block (masked) is a run of vw queries whose windows do not all shift by one: its slots are
+// keys ws0 + t + [0, nx) too, of which query u0 + t holds those x with lo[t] <= x < hi[t]; the
+// queries it serves are those with lo < hi (the others are written elsewhere and get lo = hi = 0).
+struct ExactRun {
+  int u0, u1, ws0, nx, b0, b1;
+  bool masked;
+  int lohi[32];  // lo[vw] then hi[vw] (masked runs only)
 };
 
 struct ExactPlan {
   bool on = false;
+  int64_t nfast = 0, nborder = 0;  // queries per (batch, head) this path serves, and in border blocks
   std::vector<std::vector<ExactBlock>> blocks;  // per last-axis group
+  std::vector<std::vector<ExactRun>> runs;      // per last-axis group
   std::vector<std::vector<char>> fast;          // per last-axis group and coordinate: served here
-  std::vector<int64_t> gstart;                  // offset of each last-axis group in the permuted axis
+  // offset of each last-axis group in the permuted axis, after front padding: border blocks read a
+  // few keys before and after their group, which must be finite (zeros or a neighbour's keys)
+  std::vector<int64_t> gstart;
+  int64_t front = 0, ld = 0;  // padding before a slice row's first token; row length (transposed buffers)
   struct Row {
     int g[3], c0, c1;
   };
   std::vector<Row> rows;
 };
 
-ExactPlan make_exact_plan(const Geo& g, int vw) {
+// NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
+// queries to the tile path, =all uses border blocks in the backward too (tests run every path on the
+// same problem); read on every call so that a test can flip it between calls. 0: off, 1: runs only,
+// 2 (default): border blocks in the forward, and in the backward of 1D problems only; 3: border
+// blocks forward and backward.
+// The backward's border blocks cost more than tiles: a block spans up to K + vw slots for the few
+// queries it serves, and the backward's key side pays for every slot of it twice more.
+int exact_mode() {
+  const char* env = std::getenv("NATTEN_MLX_EXACT");
+  if (!env) return 2;
+  if (std::strcmp(env, "0") == 0) return 0;
+  if (std::strcmp(env, "runs") == 0) return 1;
+  if (std::strcmp(env, "all") == 0) return 3;
+  return 2;
+}
+
+// borders: serve the queries next to the runs with masked blocks too (needs finite values: a masked
+// slot's weight is 0, and 0 * inf is not)
+ExactPlan make_exact_plan(const Geo& g, int vw, bool borders, bool backward) {
   ExactPlan ep;
-  if (g.E || g.has_rpb) return ep;
+  const int mode = exact_mode();
+  if (g.E || g.has_rpb || mode == 0) return ep;
+  // 1D backward pieces transpose their own keys, and border blocks spare the tile path its
+  // whole-slice copy of the keys for a handful of queries: there they pay
+  const bool one_d = g.L[0] == 1 && g.L[1] == 1;
+  borders = borders && (mode == 3 || (mode == 2 && (!backward || one_d)));
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
   ep.blocks.resize(Dl2);
+  ep.runs.resize(Dl2);
   ep.fast.resize(Dl2);
   ep.gstart.resize(Dl2);
-  int64_t off = 0;
+  const int64_t front = 16;
+  int64_t off = front;
   bool any = false;
   for (int g2 = 0; g2 < Dl2; ++g2) {
     const int lg = na_group_len(g.L[2], Dl2, g2);
@@ -220,17 +269,49 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
       while (c + 1 < lg && ws(c + 1) == ws(c) + 1 && we(c + 1) == we(c) + 1) ++c;
       const int u1 = c++;
       if (u1 - u0 + 1 < vw) continue;
+      const int b0 = static_cast<int>(ep.blocks[g2].size()), ri = static_cast<int>(ep.runs[g2].size());
       int next = u0;
-      for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next)});
+      for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next), ri});
       // the run's tail: one block ending at u1 that writes only the lanes not written yet
       if (next <= u1) {
         const int cb = u1 - vw + 1;
-        ep.blocks[g2].push_back({cb, next - cb, ws(cb), we(cb) - ws(cb)});
+        ep.blocks[g2].push_back({cb, next - cb, ws(cb), we(cb) - ws(cb), ri});
       }
+      ExactRun run{u0, u1, ws(u0), we(u0) - ws(u0), b0, static_cast<int>(ep.blocks[g2].size()), false, {}};
+      ep.runs[g2].push_back(run);
       for (int x = u0; x <= u1; ++x) ep.fast[g2][x] = 1;
       any = true;
     }
+    if (!borders || lg < vw) continue;
+    // the remaining queries, in masked blocks of vw consecutive queries, when a block's slots stay
+    // within K + vw (more would cost more than the tile path)
+    for (int c = 0; c < lg; ++c) {
+      if (ep.fast[g2][c]) continue;
+      const int cb = std::min(c, lg - vw);
+      int base = 1 << 30, top = -(1 << 30);
+      for (int l = 0; l < vw; ++l) base = std::min(base, ws(cb + l) - l);
+      for (int l = 0; l < vw; ++l) top = std::max(top, we(cb + l) - l);
+      const int nx = top - base;
+      if (nx > g.K[2] + vw) continue;
+      ExactRun run{cb, cb + vw - 1, base, nx, 0, 0, true, {}};
+      for (int l = 0; l < vw; ++l) {
+        if (ep.fast[g2][cb + l]) continue;  // served by a run or an earlier border block
+        run.lohi[l] = ws(cb + l) - l - base;
+        run.lohi[vw + l] = we(cb + l) - l - base;
+        ep.fast[g2][cb + l] = 1;
+      }
+      run.b0 = static_cast<int>(ep.blocks[g2].size());
+      run.b1 = run.b0 + 1;
+      ep.blocks[g2].push_back({cb, 0, base, nx, static_cast<int>(ep.runs[g2].size())});
+      ep.runs[g2].push_back(run);
+      any = true;
+    }
   }
+  // rows: front padding, the tokens, then room for the border blocks' reads and the key side's
+  // whole-vector writes past a run; never a multiple of 1024 floats (the same L1 sets for every row)
+  ep.front = front;
+  ep.ld = round_up(front + g.L[0] * int64_t(g.L[1]) * g.L[2] + g.K[2] + 4 * vw, 16) + 16;
+  if (ep.ld % 1024 == 0) ep.ld += 16;
   if (!any) return ep;
   ep.on = true;
   for (int g0 = 0; g0 < g.Dl[0]; ++g0)
@@ -240,8 +321,22 @@ ExactPlan make_exact_plan(const Geo& g, int vw) {
         const int l0 = na_group_len(g.L[0], g.Dl[0], g0), l1 = na_group_len(g.L[1], g.Dl[1], g1);
         for (int c0 = 0; c0 < l0; ++c0)
           for (int c1 = 0; c1 < l1; ++c1) ep.rows.push_back({{g0, g1, g2}, c0, c1});
+        int64_t served = 0, inruns = 0;
+        for (char f : ep.fast[g2]) served += f;
+        for (const ExactRun& run : ep.runs[g2])
+          if (!run.masked) inruns += run.u1 - run.u0 + 1;
+        ep.nfast += served * l0 * l1;
+        ep.nborder += (served - inruns) * l0 * l1;
       }
   return ep;
+}
+
+void count_paths(int which, const Geo& g, const ExactPlan& ep) {
+  const int64_t all = g.B * g.H * g.N, fast = ep.on ? g.B * g.H * ep.nfast : 0;
+  const int64_t border = ep.on ? g.B * g.H * ep.nborder : 0;
+  path_count[3 * which].fetch_add(fast - border);
+  path_count[3 * which + 1].fetch_add(border);
+  path_count[3 * which + 2].fetch_add(all - fast);
 }
 
 Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
@@ -439,6 +534,25 @@ struct TileGeo {
 
 thread_local TileGeo tls_tg;
 
+// The exact backward's per-thread buffers. P, dS and the run's queries / output gradients live at
+// column padA of rows lds apart, with zeros around the run that are written once per geometry (the
+// run's columns are overwritten on every use, the padding never).
+struct ExactBwdWs {
+  std::vector<float> pt, ds, xq, xo, s, dq;
+  std::vector<int64_t> rbk, rbq, keyrow;
+  int64_t key[6] = {-1, -1, -1, -1, -1, -1};
+  void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv) {
+    const int64_t k[6] = {nslots, lds, padA, runlen, D, Dv};
+    if (std::equal(k, k + 6, key)) return;
+    std::copy(k, k + 6, key);
+    pt.assign(nslots * lds + 16, 0.f);
+    ds.assign(nslots * lds + 16, 0.f);
+    xq.assign(D * lds + 16, 0.f);
+    xo.assign(Dv * lds + 16, 0.f);
+  }
+};
+thread_local ExactBwdWs tls_xbw[2];
+
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
 void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const float* kT, int64_t ldk,
@@ -512,15 +626,21 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
   return t;
 }
 
-// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= n), where along the last axis (length
-// L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation group contiguous)
+// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), where along the
+// last axis (length L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation
+// group contiguous; gstart[0] == front); the padding before and after the tokens is zeroed
 float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
-                                    const int64_t* gstart, int64_t ld) {
+                                    const int64_t* gstart, int64_t ld, int64_t front) {
   const KernelTable& kt = select_kernels();
   float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
     const int64_t b = sl / hx, h = sl % hx;
     float* __restrict dst = t + sl * ld * w;
+    // the padding of every row is zero (border blocks read there; 0 * finite weight is 0)
+    for (int64_t c = 0; c < w; ++c) {
+      std::memset(dst + c * ld, 0, sizeof(float) * front);
+      std::memset(dst + c * ld + front + n, 0, sizeof(float) * (ld - front - n));
+    }
     // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
     // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
     for (int64_t r0 = 0; r0 < n; r0 += L2)
@@ -564,6 +684,43 @@ void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_
   std::memset(X + tg.Ncol * Dv, 0, sizeof(float) * Dv * (tg.NP - tg.Ncol));
 }
 
+// dst[i * tstride + c] += xT[c * ld + i] for i < n tokens and c < W features: a transposed sum
+// added back to token rows, 8 x 8 blocks at a time
+void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t W, int64_t n, float* dst,
+                    int64_t tstride) {
+  float tmp[64];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    int64_t c = 0;
+    for (; c + 8 <= W; c += 8) {
+      const float* src[8];
+      for (int j = 0; j < 8; ++j) src[j] = xT + (c + j) * ld + i;
+      kt.transpose8(src, 8, tmp, 8);
+      for (int r = 0; r < 8; ++r) {
+        float* d = dst + (i + r) * tstride + c;
+        for (int k = 0; k < 8; ++k) d[k] += tmp[r * 8 + k];
+      }
+    }
+    for (; c < W; ++c)
+      for (int r = 0; r < 8; ++r) dst[(i + r) * tstride + c] += xT[c * ld + i + r];
+  }
+  for (; i < n; ++i)
+    for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] += xT[c * ld + i];
+}
+
+// kt.all_finite over the pool (a pass over whole inputs: memory-bound, so every core helps)
+bool all_finite_par(const KernelTable& kt, const float* x, int64_t n) {
+  constexpr int64_t kChunk = int64_t(1) << 16;
+  if (n <= kChunk) return kt.all_finite(x, n);
+  std::atomic<bool> ok{true};
+  parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c) {
+    if (!ok.load(std::memory_order_relaxed)) return;
+    const int64_t i0 = c * kChunk;
+    if (!kt.all_finite(x + i0, std::min(kChunk, n - i0))) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
 float* padded_rpb(const Geo& g, const float* rpb) {
   // scratch() leaves slack after the buffer
   if (!rpb) return nullptr;
@@ -582,36 +739,58 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float*
 // ---------------------------------------------------------------- fused forward
 void fused_forward(const Geo& g, const FwdArgs& a) {
   const KernelTable& kt = select_kernels();
-  const ExactPlan ep = make_exact_plan(g, kt.vw);
+  // when every value is finite, tiles skip their own check, and border blocks may run
+  const bool v_finite = all_finite_par(kt, a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
+                        (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
+  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite, false);
   Plan plan = make_plan(g, kt.vw, &ep);
+  count_paths(0, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
-  const int64_t nrowsx = static_cast<int64_t>(ep.rows.size()), per_slice = nrowsx + ntiles;
+  // 1D problems (one row per dilation group): rows are cut into chunks of blocks whose keys and
+  // values each chunk transposes into its thread's own buffer (they stay in cache, and no copy of the
+  // whole slice is written and read back); in 2D/3D every key row serves many query rows, so the
+  // slices are transposed once up front
+  const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
+  struct Chunk {
+    int row, b0, b1;  // ep.rows[row], its blocks order[g2][b0, b1)
+  };
+  std::vector<std::vector<int>> order(ep.on ? g.Dl[2] : 0);
+  for (size_t g2 = 0; g2 < order.size(); ++g2) {
+    order[g2].resize(ep.blocks[g2].size());
+    for (size_t i = 0; i < order[g2].size(); ++i) order[g2][i] = static_cast<int>(i);
+    std::sort(order[g2].begin(), order[g2].end(),
+              [&](int x, int y) { return ep.blocks[g2][x].c < ep.blocks[g2][y].c; });
+  }
+  std::vector<Chunk> chunks;
+  for (size_t r = 0; r < ep.rows.size(); ++r) {
+    const int n = static_cast<int>(order[ep.rows[r].g[2]].size()), step = local ? 32 : n;
+    for (int b0 = 0; b0 < n; b0 += step) chunks.push_back({static_cast<int>(r), b0, std::min(n, b0 + step)});
+  }
+  const int64_t nrowsx = static_cast<int64_t>(chunks.size()), per_slice = nrowsx + ntiles;
   // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
   // multiple of 1024 would all fall in the same few L1 sets (the exact path reads D of them at once)
-  const int64_t ldx = round_up(g.N, 16) + 16;
+  const int64_t ldx = ep.ld;
   int64_t ldk = round_up(g.Nk, 16) + 16;
-  const float* kT =
-      (ntiles && !(ep.on && g.Dl[2] == 1)) ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk) : nullptr;
-  const float *qTx = nullptr, *kTx = nullptr, *vTx = nullptr;
-  if (ep.on) {
-    qTx = transpose_heads_last_grouped(a.q, g.B, g.N, g.H, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
-    kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
-    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx);
+  const float* kT = (ntiles && !(ep.on && g.Dl[2] == 1 && !local))
+                        ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
+                        : nullptr;
+  const float *kTx = nullptr, *vTx = nullptr;
+  if (ep.on && !local) {
+    kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
+    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     // the permutation is the identity without dilation along the last axis
-    if (!kT) kT = kTx, ldk = ldx;
+    if (!kT) kT = kTx + ep.front, ldk = ldx;
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  // when every value is finite, tiles skip their own check
-  const bool v_finite = kt.all_finite(a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
-                        (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
   parallel_for(slices * per_slice, [&](int64_t item) {
     const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
     if (idx < nrowsx) {
-      // one row of queries along the last axis, vw at a time, exact windows
-      const ExactPlan::Row& row = ep.rows[idx];
+      // a row of queries along the last axis (or a chunk of one), vw at a time, exact windows
+      const Chunk& ch = chunks[idx];
+      const ExactPlan::Row& row = ep.rows[ch.row];
       const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
       const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
       const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
@@ -621,28 +800,98 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       const int nrows = (we0 - ws0) * (we1 - ws1);
       const int64_t L1 = g.L[1], L2 = g.L[2], D = g.D, Dv = g.Dv;
       int64_t* rb = reinterpret_cast<int64_t*>(grow(w.tr, 2 * static_cast<size_t>(nrows) + 2));
-      const float* kslice = kTx + slice * ldx * D;
-      const float* vslice = vTx + slice * ldx * Dv;
+      const float* kslice = local ? nullptr : kTx + slice * ldx * D;
+      const float* vslice = local ? nullptr : vTx + slice * ldx * Dv;
+      int64_t ldl = ldx, shift = 0;  // row length of kslice/vslice; added to every key row base
+      if (local) {
+        // the chunk's keys [kmin, kmax) of this group, transposed; zeros outside the group
+        int kmin = 1 << 30, kmax = -(1 << 30);
+        for (int oi = ch.b0; oi < ch.b1; ++oi) {
+          const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
+          kmin = std::min(kmin, blk.ws);
+          kmax = std::max(kmax, blk.ws + blk.nx + vw - 1);
+        }
+        const int lg = na_group_len(g.L[2], g.Dl[2], g2);
+        ldl = round_up(kmax - kmin, 8) + 8;
+        float* kl = grow(w.kp, D * ldl + 16);
+        float* vl = grow(w.vp, Dv * ldl + 16);
+        const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
+        for (int64_t d = 0; d < D; ++d) {
+          std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(kl + d * ldl + (j1 - kmin), kl + (d + 1) * ldl, 0.f);
+        }
+        for (int64_t d = 0; d < Dv; ++d) {
+          std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
+        }
+        auto krow = [&](int j) { return a.k + ((b * g.Nk + static_cast<int64_t>(j) * g.Dl[2] + g2) * g.Hkv + hk) * D; };
+        auto vrow = [&](int j) { return a.v + ((b * g.Nk + static_cast<int64_t>(j) * g.Dl[2] + g2) * g.Hkv + hk) * Dv; };
+        int j = j0;
+        for (; j + 8 <= j1; j += 8) {
+          const float *sk[8], *sv[8];
+          for (int i = 0; i < 8; ++i) sk[i] = krow(j + i), sv[i] = vrow(j + i);
+          kt.transpose8(sk, D, kl + (j - kmin), ldl);
+          kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
+        }
+        for (; j < j1; ++j) {
+          for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = krow(j)[d];
+          for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = vrow(j)[d];
+        }
+        kslice = kl;
+        vslice = vl;
+        // key row bases below are ep.gstart[g2] + blk.ws in the slice; here blk.ws - kmin
+        shift = -(ep.gstart[g2] + kmin);
+      }
       const int64_t qrow = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
-      for (const ExactBlock& blk : ep.blocks[g2]) {
+      for (int oi = ch.b0; oi < ch.b1; ++oi) {
+        const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
         const int cb = blk.c, nx = blk.nx;
+        const ExactRun& run = ep.runs[g2][blk.run];
+        const int* lohi = run.masked ? run.lohi : nullptr;
         int r = 0;
         for (int i0 = ws0; i0 < we0; ++i0)
           for (int i1 = ws1; i1 < we1; ++i1)
             rb[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
-                      ep.gstart[g2] + blk.ws;
+                      ep.gstart[g2] + blk.ws + shift;
         float* S = grow(w.s, static_cast<size_t>(nrows) * nx * vw + vw);
         float* oT = grow(w.o, Dv * vw + vw);
         float* lsev = oT + Dv * vw;
-        const int64_t qcol = qrow + ep.gstart[g2] + cb;
+        float* qloc = grow(w.qp, D * vw + vw);
+        // heads-last rows of the block's first query and of consecutive ones (Dl2 tokens apart)
+        const int64_t row0 = (b * g.N + qrow + static_cast<int64_t>(cb) * g.Dl[2] + g2) * g.H;
+        const int64_t tstep = g.Dl[2] * g.H;
         for (int64_t gg = 0; gg < g.G; ++gg) {
           const int64_t h = hk * g.G + gg;
-          kt.exact_fwd(qTx + (b * g.H + h) * ldx * D + qcol, ldx, g.scale, D, kslice, ldx, vslice, ldx, Dv, rb, nrows,
-                       nx, S, oT, lsev);
+          // the block's queries transposed to [D][vw] here, 8 at a time, rather than all of them up front
+          for (int l0 = 0; l0 < vw; l0 += 8) {
+            const float* src[8];
+            for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
+            kt.transpose8(src, D, qloc + l0, vw);
+          }
+          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb, nrows, nx, lohi, S, oT, lsev);
+          if (lohi) {
+            for (int l = 0; l < vw; ++l) {
+              if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
+              const int64_t orow = row0 + l * tstep + h;
+              float* dst = a.out + orow * Dv;
+              for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[d * vw + l];
+              a.lse[orow] = lsev[l];
+            }
+            continue;
+          }
+          int64_t d0 = 0;
+          if (blk.skip == 0) {
+            for (; d0 + 8 <= Dv; d0 += 8)
+              for (int l0 = 0; l0 < vw; l0 += 8) {
+                const float* src[8];
+                for (int j = 0; j < 8; ++j) src[j] = oT + (d0 + j) * vw + l0;
+                kt.transpose8(src, 8, a.out + (row0 + l0 * tstep + h) * Dv + d0, tstep * Dv);
+              }
+          }
           for (int l = blk.skip; l < vw; ++l) {
-            const int64_t orow = (b * g.N + qrow + static_cast<int64_t>(cb + l) * g.Dl[2] + g2) * g.H + h;
+            const int64_t orow = row0 + l * tstep + h;
             float* dst = a.out + orow * Dv;
-            for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[d * vw + l];
+            for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[d * vw + l];
             a.lse[orow] = lsev[l];
           }
         }
@@ -731,16 +980,30 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
 // ---------------------------------------------------------------- fused backward
 void fused_backward(const Geo& g, const BwdArgs& a) {
   const KernelTable& kt = select_kernels();
-  Plan plan = make_plan(g, kt.vw);
-  const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
+  // when keys, queries and output gradients are all finite, tiles skip their own check, and the
+  // exact-window path (which multiplies zeros into its padding instead of masking) may run
+  const bool all_fin = all_finite_par(kt, a.k, g.B * Nk * g.Hkv * D) &&
+                       (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) && all_finite_par(kt, a.q, g.B * N * g.H * D) &&
+                       all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
+  const bool v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
+  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite, true) : ExactPlan{};
+  Plan plan = make_plan(g, kt.vw, &ep);
+  count_paths(1, g, ep);
+  const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
+  const int64_t nrowsx = static_cast<int64_t>(ep.rows.size());
   const int nthr = num_threads();
   // key/value gradients are sums over tiles: a slice's tiles are split among `splits` tasks, each
   // with its own accumulators (split 0 writes the outputs directly), added up afterwards
   // several tasks per thread let an idle thread take over the work of one that was descheduled (a
   // shared machine), at the price of one more accumulator (and its reduction) per extra split
-  int64_t splits = std::min<int64_t>(ntiles, (4 * nthr + slices - 1) / slices);
-  const int64_t per_split = (Nk + g.E) * (D + Dv) * slices * static_cast<int64_t>(sizeof(float));
+  const int64_t over = ep.on ? 2 : 4;
+  // (1D exact rows run in their own waves, see `local` below)
+  const bool local1d = ep.on && g.L[0] == 1 && g.L[1] == 1;
+  int64_t splits = std::min<int64_t>(ntiles + (local1d ? 0 : nrowsx), (over * nthr + slices - 1) / slices);
+  const int64_t ldx = ep.ld;  // see make_exact_plan
+  const int64_t xacc_size = ep.on && !local1d ? (D + Dv) * ldx + 16 : 0;
+  const int64_t per_split = ((Nk + g.E) * (D + Dv) + xacc_size) * slices * static_cast<int64_t>(sizeof(float));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1 + (int64_t(256) << 20) / std::max<int64_t>(per_split, 1)));
   const int64_t ntasks = slices * splits;
   const int64_t acc_size = Nk * (D + Dv) + E * (D + Dv);
@@ -749,28 +1012,255 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
-  // rows padded off multiples of 4 KiB (see fused_forward)
-  const int64_t ldk = round_up(Nk, 16) + 16;
-  const float* kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
+  // The exact-window path reads queries, keys, values and output gradients transposed per (batch,
+  // head) with each last-axis dilation group contiguous (as the forward), lse and c = dO.O - dlse in
+  // the same order, and sums key/value gradients per task in that order ([D][ldx] then [Dv][ldx]).
+  // 1D problems transpose keys and values per piece of a row (see fused_forward)
+  const bool local = local1d;
+  const float *kTx = nullptr, *vTx = nullptr;
+  float *lcT = nullptr, *xacc = nullptr;
+  const int L2 = g.L[2], Dl2 = g.Dl[2];
+  auto gpos = [&](int64_t n) {
+    const int64_t i2 = n % L2;
+    return n - i2 + ep.gstart[i2 % Dl2] + i2 / Dl2;
+  };
+  if (ep.on) {
+    if (!local) {
+      kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+      vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+    }
+    lcT = scratch(static_cast<size_t>(g.B * g.H * 2 * ldx));
+    parallel_for(g.B * g.H, [&](int64_t sl) {
+      const int64_t b = sl / g.H, h = sl % g.H;
+      float* lrow = lcT + sl * 2 * ldx;
+      float* crow = lrow + ldx;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = (b * N + n) * g.H + h, p = gpos(n);
+        lrow[p] = a.lse[row];
+        crow[p] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - (a.dlse ? a.dlse[row] : 0.f);
+      }
+    });
+    if (!local) xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
+  }
+  // the tile path's keys, transposed per slice (the exact path's copy when it is the same order)
+  int64_t ldk = round_up(Nk, 16) + 16;
+  const float* kT = nullptr;
+  if (ep.on && Dl2 == 1 && !local) {
+    kT = kTx + ep.front;
+    ldk = ldx;
+  } else if (ntiles) {
+    kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
+  }
   const float* ekT = E ? transpose_heads_last(a.ek, g.B, E, g.Hkv, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
+  // the gradients are written in MLX's heads-last order: token n of slice (b, kv head hk) at
+  // dk_of(slice) + n * tsk, and query token n of head h of batch b at dq_of(b, h) + n * tsq
+  const int64_t tsq = g.H * D, tsk = g.Hkv * D, tsv = g.Hkv * Dv;
+  auto dq_of = [&](int64_t b, int64_t h) { return a.dq + (b * N * g.H + h) * D; };
+  auto dk_of = [&](int64_t slice) { return a.dk + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * D; };
+  auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
+  auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
+  auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
   std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
   std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
   if (E) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
   }
-  // when keys, queries and output gradients are all finite, tiles skip their own check
-  const bool all_fin = kt.all_finite(a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
-                       kt.all_finite(a.q, g.B * N * g.H * D) && kt.all_finite(a.dout, g.B * N * g.H * Dv);
+  // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
+  // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
+  // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
+  // Queries u0 + [tb, te) of one run of a row (a border block: all of it) of a slice. Key row r of
+  // the row starts at keyrow[r] + shift in ks / vs and in the accumulators xk / xv (rows ld apart).
+  auto exact_run = [&](int64_t slice, const ExactPlan::Row& row, const std::vector<int64_t>& keyrow, int64_t shift,
+                       const ExactRun& run, int tb, int te, const float* ks, const float* vs, int64_t ld, float* xk,
+                       float* xv) {
+    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
+    const int vw = kt.vw, g2 = row.g[2], nrows = static_cast<int>(keyrow.size());
+    const int64_t L1 = g.L[1];
+    const int64_t qrow =
+        ((static_cast<int64_t>(row.c0) * g.Dl[0] + row.g[0]) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + row.g[1])) *
+        L2;
+    const int u0 = run.u0 + tb, runlen = te - tb, ws0 = run.ws0 + tb;
+    const int nx = run.nx, nk = runlen + nx - 1, nslots = nrows * nx;
+    // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
+    const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
+    // runs and border blocks keep separate buffers (their geometries alternate along a row)
+    ExactBwdWs& w = tls_xbw[run.masked ? 1 : 0];
+    const int* lohi = run.masked ? run.lohi : nullptr;
+    w.prepare(nslots, lds, padA, runlen, D, Dv);
+    w.rbk.resize(nrows);
+    w.rbq.resize(nrows);
+    for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + ws0 + shift;
+    float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
+    float* dqT = grow(w.dq, D * vw + vw);
+    const int64_t qcol = qrow + ep.gstart[g2] + u0;
+    for (int64_t gg = 0; gg < g.G; ++gg) {
+      const int64_t h = hk * g.G + gg, bh = b * g.H + h;
+      float* xq = w.xq.data() + padA;
+      float* xo = w.xo.data() + padA;
+      // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
+      const int64_t row0 = (b * N + qrow + static_cast<int64_t>(u0) * Dl2 + g2) * g.H + h, tstep = Dl2 * g.H;
+      int t = 0;
+      for (; t + 8 <= runlen; t += 8) {
+        const float *sq[8], *so[8];
+        for (int j = 0; j < 8; ++j) {
+          sq[j] = a.q + (row0 + (t + j) * tstep) * D;
+          so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+        }
+        kt.transpose8(sq, D, xq + t, lds);
+        kt.transpose8(so, Dv, xo + t, lds);
+      }
+      for (; t < runlen; ++t) {
+        for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
+        for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
+      }
+      for (int64_t d = 0; d < D; ++d) {
+        float* x = xq + d * lds;
+        for (int i = 0; i < runlen; ++i) x[i] *= g.scale;
+      }
+      const float* lrow = lcT + bh * 2 * ldx + qcol;
+      float* pt = w.pt.data() + padA;
+      float* dst = w.ds.data() + padA;
+      // blocks of vw queries at t0 = 0, vw, ..., and one ending at the run's end for the rest
+      for (int t0 = 0, done = 0; done < runlen;) {
+        const int skip = t0 < done ? done - t0 : 0;
+        for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
+        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + ldx + t0, w.rbq.data(),
+                       nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
+        for (int l = skip; l < vw; ++l) {
+          if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
+          const int64_t tok = qrow + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
+          float* out = dq_of(b, h) + tok * tsq;
+          for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
+        }
+        done = t0 + vw;
+        t0 = std::min(done, runlen - vw);
+      }
+      kt.exact_bwd_kv(dst, lds, xq, lds, D, xk, ld, w.rbk.data(), nrows, nx, nk);
+      kt.exact_bwd_kv(pt, lds, xo, lds, Dv, xv, ld, w.rbk.data(), nrows, nx, nk);
+    }
+  };
+  // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
+  // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
+  // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
+  auto exact_row = [&](int64_t slice, int64_t idx, float* xk) {
+    const ExactPlan::Row& row = ep.rows[idx];
+    const int g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+    const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
+    const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+    const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+    const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+    const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+    const int64_t L1 = g.L[1];
+    std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
+    keyrow.clear();
+    for (int i0 = ws0; i0 < we0; ++i0)
+      for (int i1 = ws1; i1 < we1; ++i1)
+        keyrow.push_back(((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) *
+                             L2 +
+                         ep.gstart[g2]);
+    for (const ExactRun& run : ep.runs[g2])
+      exact_run(slice, row, keyrow, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv, ldx,
+                xk, xk + D * ldx);
+  };
+  if (local) {
+    // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
+    // its own buffers and its own key/value gradient sums, added to dk/dv at the end. Pieces whose
+    // keys overlap (neighbours; strided border blocks, several deep) must not add at the same time:
+    // per row, a piece goes to the first wave whose pieces so far all end before its keys begin.
+    struct Unit {
+      int row, run, tb, te, klo, khi;  // keys [klo, khi) of the group get its sums
+    };
+    std::vector<std::vector<Unit>> waves;
+    for (size_t r = 0; r < ep.rows.size(); ++r) {
+      const int g2 = ep.rows[r].g[2];
+      std::vector<Unit> row_units;
+      for (size_t ri = 0; ri < ep.runs[g2].size(); ++ri) {
+        const ExactRun& run = ep.runs[g2][ri];
+        const int len = run.u1 - run.u0 + 1, pieces = run.masked ? 1 : (len + 255) / 256;
+        for (int p = 0; p < pieces; ++p) {
+          const int tb = len * p / pieces, te = len * (p + 1) / pieces;
+          row_units.push_back({static_cast<int>(r), static_cast<int>(ri), tb, te, run.ws0 + tb, run.ws0 + te + run.nx - 1});
+        }
+      }
+      std::sort(row_units.begin(), row_units.end(), [](const Unit& x, const Unit& y) { return x.klo < y.klo; });
+      std::vector<int> wave_end;
+      for (const Unit& u : row_units) {
+        size_t wv = 0;
+        while (wv < wave_end.size() && wave_end[wv] > u.klo) ++wv;
+        if (wv == wave_end.size()) wave_end.push_back(0);
+        if (wv == waves.size()) waves.emplace_back();
+        wave_end[wv] = u.khi;
+        waves[wv].push_back(u);
+      }
+    }
+    for (const std::vector<Unit>& wave : waves) {
+      const int64_t nu = static_cast<int64_t>(wave.size());
+      parallel_for(slices * nu, [&](int64_t item) {
+        const int64_t slice = item / nu, b = slice / g.Hkv, hk = slice % g.Hkv;
+        const Unit& u = wave[item % nu];
+        const ExactPlan::Row& row = ep.rows[u.row];
+        const ExactRun& run = ep.runs[row.g[2]][u.run];
+        const int g2 = row.g[2], lg = na_group_len(g.L[2], Dl2, g2), vw = kt.vw;
+        // keys [kmin, kmax) of the group: the piece's windows, border reads and whole-vector writes
+        const int kmin = run.ws0 + u.tb, kmax = run.ws0 + u.te + run.nx + 2 * vw;
+        const int64_t ldl = round_up(kmax - kmin, 8) + 8;
+        Workspace& w = tls_ws;
+        float* kl = grow(w.kp, D * ldl + 16);
+        float* vl = grow(w.vp, Dv * ldl + 16);
+        float* al = grow(w.dkb, (D + Dv) * ldl + 16);
+        std::memset(al, 0, sizeof(float) * (D + Dv) * ldl);
+        const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
+        for (int64_t d = 0; d < D; ++d) {
+          std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(kl + d * ldl + (j1 - kmin), kl + (d + 1) * ldl, 0.f);
+        }
+        for (int64_t d = 0; d < Dv; ++d) {
+          std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
+          std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
+        }
+        auto tok = [&](int j) { return b * Nk + static_cast<int64_t>(j) * Dl2 + g2; };
+        int j = j0;
+        for (; j + 8 <= j1; j += 8) {
+          const float *sk[8], *sv[8];
+          for (int i = 0; i < 8; ++i) sk[i] = a.k + (tok(j + i) * g.Hkv + hk) * D, sv[i] = a.v + (tok(j + i) * g.Hkv + hk) * Dv;
+          kt.transpose8(sk, D, kl + (j - kmin), ldl);
+          kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
+        }
+        for (; j < j1; ++j) {
+          for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = a.k[(tok(j) * g.Hkv + hk) * D + d];
+          for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = a.v[(tok(j) * g.Hkv + hk) * Dv + d];
+        }
+        std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
+        keyrow.assign(1, 0);
+        exact_run(slice, row, keyrow, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
+        // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
+        float* dk = dk_of(slice);
+        float* dv = dv_of(slice);
+        const float* av = al + D * ldl;
+        // only the keys its slots reach (past them the buffers hold zeros that another wave's
+        // piece must not see written back over its sums)
+        const int a0 = std::max(u.klo, 0), a1 = std::min(u.khi, lg);
+        if (a1 > a0) {
+          const int64_t n0 = static_cast<int64_t>(a0) * Dl2 + g2;
+          add_transposed(kt, al + (a0 - kmin), ldl, D, a1 - a0, dk + n0 * tsk, Dl2 * tsk);
+          add_transposed(kt, av + (a0 - kmin), ldl, Dv, a1 - a0, dv + n0 * tsv, Dl2 * tsv);
+        }
+      });
+    }
+  }
   parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
+    int64_t sk = D, sv = Dv;  // token strides of the accumulators
     if (split == 0) {
-      acck = a.dk + slice * Nk * D;
-      accv = a.dv + slice * Nk * Dv;
-      accek = E ? a.dek + slice * E * D : nullptr;
-      accev = E ? a.dev + slice * E * Dv : nullptr;
+      acck = dk_of(slice);
+      accv = dv_of(slice);
+      accek = E ? dek_of(slice) : nullptr;
+      accev = E ? dev_of(slice) : nullptr;
+      sk = tsk;
+      sv = tsv;
     } else {
       float* base = priv + ((split - 1) * slices + slice) * acc_size;
       acck = base;
@@ -779,6 +1269,12 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       accev = accek + E * D;
     }
     float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
+    if (ep.on && !local) {
+      float* xk = xacc + task * xacc_size;
+      std::memset(xk, 0, sizeof(float) * xacc_size);
+      const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
+      for (int64_t idx = r0; idx < r1; ++idx) exact_row(slice, idx, xk);
+    }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
     TileGeo& tg = tls_tg;
@@ -873,16 +1369,16 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       }
       for (int64_t r = 0; r < M; ++r) {
         const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
-        float* dst = a.dq + ((b * g.H + h) * N + tg.qtok[q]) * D;
+        float* dst = dq_of(b, h) + tg.qtok[q] * tsq;
         for (int64_t d = 0; d < D; ++d) dst[d] = dQ[r * D + d] * g.scale;
       }
       for (int64_t j = 0; j < tg.Nbox; ++j) {
-        kt.axpy(acck + tg.ktok[j] * D, 1.f, dKb + j * D, static_cast<int>(D));
-        kt.axpy(accv + tg.ktok[j] * Dv, 1.f, dVb + j * Dv, static_cast<int>(Dv));
+        kt.axpy(acck + tg.ktok[j] * sk, 1.f, dKb + j * D, static_cast<int>(D));
+        kt.axpy(accv + tg.ktok[j] * sv, 1.f, dVb + j * Dv, static_cast<int>(Dv));
       }
       for (int64_t e = 0; e < E; ++e) {
-        kt.axpy(accek + e * D, 1.f, dKb + (tg.Nbox + e) * D, static_cast<int>(D));
-        kt.axpy(accev + e * Dv, 1.f, dVb + (tg.Nbox + e) * Dv, static_cast<int>(Dv));
+        kt.axpy(accek + e * sk, 1.f, dKb + (tg.Nbox + e) * D, static_cast<int>(D));
+        kt.axpy(accev + e * sv, 1.f, dVb + (tg.Nbox + e) * Dv, static_cast<int>(Dv));
       }
     }
   });
@@ -890,12 +1386,32 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     parallel_for(slices, [&](int64_t slice) {
       for (int64_t s = 1; s < splits; ++s) {
         const float* base = priv + ((s - 1) * slices + slice) * acc_size;
-        kt.axpy(a.dk + slice * Nk * D, 1.f, base, static_cast<int>(Nk * D));
-        kt.axpy(a.dv + slice * Nk * Dv, 1.f, base + Nk * D, static_cast<int>(Nk * Dv));
-        if (E) {
-          kt.axpy(a.dek + slice * E * D, 1.f, base + Nk * (D + Dv), static_cast<int>(E * D));
-          kt.axpy(a.dev + slice * E * Dv, 1.f, base + Nk * (D + Dv) + E * D, static_cast<int>(E * Dv));
+        for (int64_t n = 0; n < Nk; ++n) {
+          kt.axpy(dk_of(slice) + n * tsk, 1.f, base + n * D, static_cast<int>(D));
+          kt.axpy(dv_of(slice) + n * tsv, 1.f, base + Nk * D + n * Dv, static_cast<int>(Dv));
         }
+        for (int64_t e = 0; e < E; ++e) {
+          kt.axpy(dek_of(slice) + e * tsk, 1.f, base + Nk * (D + Dv) + e * D, static_cast<int>(D));
+          kt.axpy(dev_of(slice) + e * tsv, 1.f, base + Nk * (D + Dv) + E * D + e * Dv, static_cast<int>(Dv));
+        }
+      }
+    });
+  }
+  if (ep.on && !local) {
+    // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
+    parallel_for(slices, [&](int64_t slice) {
+      for (int64_t split = 0; split < splits; ++split) {
+        const float* xk = xacc + (slice * splits + split) * xacc_size;
+        const float* xv = xk + D * ldx;
+        float* dk = dk_of(slice);
+        float* dv = dv_of(slice);
+        // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
+        for (int64_t r0 = 0; r0 < Nk; r0 += L2)
+          for (int g2 = 0; g2 < Dl2; ++g2) {
+            const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
+            add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk);
+            add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv);
+          }
       }
     });
   }

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace na {
 
@@ -33,6 +34,8 @@ struct FwdArgs {
   float *out, *lse;
 };
 
+// Gradients in the inputs' heads-last layout (dq [B][N][H][D], dk/dv [B][Nk][Hkv][D|Dv], dek/dev
+// [B][E][Hkv][D|Dv]); drpb [H][R].
 struct BwdArgs {
   const float *q, *k, *v, *ek, *ev, *rpb, *out, *lse, *dout, *dlse;  // dlse may be null
   float *dq, *dk, *dv, *dek, *dev, *drpb;
@@ -56,6 +59,8 @@ void parallel_for(int64_t n, F&& f) {
   parallel_for(n, [](int64_t i, void* c) { (*static_cast<F*>(c))(i); }, &f);
 }
 int num_threads();
+// queries served since the last reset: forward exact-window runs, border blocks, tiles; backward the same
+std::vector<int64_t> path_counts(bool reset);
 
 // Per-thread scratch buffers reused from call to call (fresh pages cost more than the work on small
 // problems). scratch_reset() starts a call; scratch(n) hands out the next buffer of >= n floats, valid

@@ -298,8 +298,49 @@ inline void exact_scores_run(const float* qT, int64_t ldq, float scale, int64_t 
   for (int x = 0; x < NX; ++x) store(s + x * VW, acc[x]);
 }
 
+// acc[c] = sum over slots (r, x) of w[(r * nx + x) * VW] * src[c * ld + rowbase[r] + x] for C features
+// (one vector per feature): the P.V of the forward and the dS.K of the backward. C independent
+// accumulator chains: 8 keep both FMA pipes busy where 4 would wait on the FMA latency.
+template <int C>
+inline void slot_sum(const float* w, const float* src, int64_t ld, const int64_t* rowbase, int nrows, int nx, vf* out) {
+  vf a[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = vf{};
+  for (int r = 0; r < nrows; ++r) {
+    const float* s0 = src + rowbase[r];
+    const float* wr = w + static_cast<int64_t>(r) * nx * VW;
+    for (int x = 0; x < nx; ++x) {
+      const vf p = load(wr + x * VW);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) a[c] += p * load(s0 + c * ld + x);
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) out[c] = a[c];
+}
+
+// out [W][VW] = slot_sum over all W features, times mul
+inline void slot_sums(const float* w, const float* src, int64_t ld, int64_t W, const int64_t* rowbase, int nrows,
+                      int nx, vf mul, float* out) {
+  int64_t c = 0;
+  vf r[8];
+  for (; c + 8 <= W; c += 8) {
+    slot_sum<8>(w, src + c * ld, ld, rowbase, nrows, nx, r);
+    for (int i = 0; i < 8; ++i) store(out + (c + i) * VW, r[i] * mul);
+  }
+  for (; c + 4 <= W; c += 4) {
+    slot_sum<4>(w, src + c * ld, ld, rowbase, nrows, nx, r);
+    for (int i = 0; i < 4; ++i) store(out + (c + i) * VW, r[i] * mul);
+  }
+  for (; c < W; ++c) {
+    slot_sum<1>(w, src + c * ld, ld, rowbase, nrows, nx, r);
+    store(out + c * VW, r[0] * mul);
+  }
+}
+
 void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk, const float* vT,
-               int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, float* s, float* oT, float* lse) {
+               int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* oT,
+               float* lse) {
   for (int r = 0; r < nrows; ++r) {
     for (int x0 = 0; x0 < nx; x0 += 8) {
       const float* kb = kT + rowbase[r] + x0;
@@ -314,6 +355,16 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     }
   }
   const int n = nrows * nx;
+  if (lohi) {
+    // a border block: slot x of lane l is in its window when lo[l] <= x < hi[l]
+    const vi lo = loadiu(lohi), hi = loadiu(lohi + VW);
+    for (int r = 0; r < nrows; ++r)
+      for (int x = 0; x < nx; ++x) {
+        float* sp = s + (static_cast<int64_t>(r) * nx + x) * VW;
+        const vi xv = vi{} + x;
+        store(sp, (xv >= lo) & (xv < hi) ? load(sp) : splat(-INFINITY));
+      }
+  }
   vf m = splat(-INFINITY);
   for (int j = 0; j < n; ++j) {
     vf v = load(s + j * VW);
@@ -328,49 +379,102 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     store(s + j * VW, p);
   }
   const vf inv = 1.f / sum;
-  int64_t dv = 0;
-  for (; dv + 4 <= Dv; dv += 4) {
-    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
-    for (int r = 0; r < nrows; ++r) {
-      const float* v0 = vT + dv * ldv + rowbase[r];
-      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
-      for (int x = 0; x < nx; ++x) {
-        const vf p = load(sp + x * VW);
-        a0 += p * load(v0 + x);
-        a1 += p * load(v0 + ldv + x);
-        a2 += p * load(v0 + 2 * ldv + x);
-        a3 += p * load(v0 + 3 * ldv + x);
-      }
-    }
-    store(oT + dv * VW, a0 * inv);
-    store(oT + (dv + 1) * VW, a1 * inv);
-    store(oT + (dv + 2) * VW, a2 * inv);
-    store(oT + (dv + 3) * VW, a3 * inv);
-  }
-  for (; dv < Dv; ++dv) {
-    vf a0 = vf{};
-    for (int r = 0; r < nrows; ++r) {
-      const float* v0 = vT + dv * ldv + rowbase[r];
-      const float* sp = s + static_cast<int64_t>(r) * nx * VW;
-      for (int x = 0; x < nx; ++x) a0 += load(sp + x * VW) * load(v0 + x);
-    }
-    store(oT + dv * VW, a0 * inv);
-  }
+  slot_sums(s, vT, ldv, Dv, rowbase, nrows, nx, inv, oT);
   for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
 }
+// Backward of the exact-window path, query side: vw consecutive queries (one per lane), slot (r, x)
+// of lane l is key rowbase[r] + x + l. qs/dO: the lanes' (scaled) queries and output gradients as
+// columns of [D][ldq] / [Dv][ldo]. Recomputes P = exp(s - lse), dS = P * (dP - c) with
+// dP = dO . v; writes slot j's P and dS vectors to pt + j * lds and dst + j * lds, and
+// dqT [D][vw] = sum over slots of dS * k (not yet times scale); s: nrows * nx * vw floats.
+void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
+                 int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* c, const int64_t* rowbase,
+                 int nrows, int nx, const int* lohi, float* s, float* pt, float* dst, int64_t lds, float* dqT) {
+  const int n = nrows * nx;
+  float* dp = s + static_cast<int64_t>(n) * VW;
+  for (int r = 0; r < nrows; ++r) {
+    for (int x0 = 0; x0 < nx; x0 += 8) {
+      const int64_t o = (static_cast<int64_t>(r) * nx + x0) * VW;
+      switch (nx - x0 < 8 ? nx - x0 : 8) {
+#define NA_CASE(X)                                                                    \
+  case X:                                                                             \
+    exact_scores_run<X>(qs, ldq, 1.f, D, kT + rowbase[r] + x0, ldk, s + o);           \
+    exact_scores_run<X>(dO, ldo, 1.f, Dv, vT + rowbase[r] + x0, ldv, dp + o);         \
+    break;
+        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+        default: break;
+      }
+    }
+  }
+  const vf lv = load(lse), cv = load(c);
+  const vi lo = lohi ? loadiu(lohi) : vi{}, hi = lohi ? loadiu(lohi + VW) : vi{} + nx;
+  for (int r = 0, j = 0; r < nrows; ++r)
+    for (int x = 0; x < nx; ++x, ++j) {
+      const vi xv = vi{} + x;
+      vf p = vexp(load(s + j * VW) - lv);
+      p = (xv >= lo) & (xv < hi) ? p : vf{};
+      const vf ds = p * (load(dp + j * VW) - cv);
+      store(pt + j * lds, p);
+      store(dst + j * lds, ds);
+      store(s + j * VW, ds);
+    }
+  slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
+}
+
+template <int C>
+inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t ldx, float* acc, int64_t lda, int nx,
+                           int kk0) {
+  vf a[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = load(acc + c * lda + kk0);
+  for (int xx = 0; xx < nx; ++xx) {
+    const int off = kk0 - xx;
+    const vf wv = load(w + xx * lds + off);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[c] += wv * load(x + c * ldx + off);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) store(acc + c * lda + kk0, a[c]);
+}
+
+// Backward of the exact-window path, key side, for one run of queries t in [0, runlen) whose slot
+// (r, x) is key t + x of key row r: accT[c][rowbase[r] + kk] += sum_x w[r * nx + x][kk - x] * x[c][kk - x]
+// for kk in [0, nk) (nk = runlen + nx - 1) and c < W. w ([nslots][lds]) and x ([W][ldx]) are the
+// run's dS (or P) and scaled queries (or output gradients), indexed from the run's first query, with
+// zeros for at least nx - 1 columns before it and nx + vw after its end; whole vectors are written
+// (columns past nk get + 0), so accT needs vw floats of slack.
+void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
+                  const int64_t* rowbase, int nrows, int nx, int nk) {
+  for (int r = 0; r < nrows; ++r) {
+    const float* wr = w + static_cast<int64_t>(r) * nx * lds;
+    float* ar = accT + rowbase[r];
+    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+      int64_t c = 0;
+      for (; c + 8 <= W; c += 8) exact_kv_chunk<8>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      for (; c + 4 <= W; c += 4) exact_kv_chunk<4>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      for (; c < W; ++c) exact_kv_chunk<1>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+    }
+  }
+}
+
 // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
+// 8x8 blocks in 256-bit vectors whatever the variant's width (SSE2 builds split them in two)
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+
 void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;
-#if NA_VW == 8
 #if defined(__clang__)
 #define NA_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
-#define NA_SHUF(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#define NA_SHUF(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
 #endif
   for (; c0 + 8 <= w; c0 += 8) {
-    vf r[8];
-    for (int j = 0; j < 8; ++j) r[j] = load(src[j] + c0);
-    vf t[8], u[8];
+    v8 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = *reinterpret_cast<const v8u*>(src[j] + c0);
+    v8 t[8], u[8];
     for (int j = 0; j < 8; j += 2) {
       t[j] = NA_SHUF(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
       t[j + 1] = NA_SHUF(r[j], r[j + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -382,12 +486,12 @@ void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
       u[j + 3] = NA_SHUF(t[j + 1], t[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
     }
     for (int c = 0; c < 4; ++c) {
-      store(dst + (c0 + c) * ld, NA_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11));
-      store(dst + (c0 + c + 4) * ld, NA_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+      *reinterpret_cast<v8u*>(dst + (c0 + c) * ld) = NA_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+      *reinterpret_cast<v8u*>(dst + (c0 + c + 4) * ld) = NA_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
   }
 #undef NA_SHUF
-#endif
+
   for (; c0 < w; ++c0)
     for (int j = 0; j < 8; ++j) dst[c0 * ld + j] = src[j][c0];
 }
@@ -405,7 +509,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv};
   return &table;
 }
 

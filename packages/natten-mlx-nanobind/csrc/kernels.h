@@ -43,12 +43,21 @@ struct KernelTable {
   // Exact-window forward of vw consecutive queries (one per lane) whose windows along the last axis
   // start at consecutive keys: slot (r, x) of lane l is key rowbase[r] + x + l of kT [D][ldk] and
   // vT [Dv][ldv]; query l is column l of qT [D][ldq] (times scale). Writes oT [Dv][vw] (normalised)
-  // and lse [vw]; s: nrows * nx * vw floats.
+  // and lse [vw]; s: nrows * nx * vw floats. lohi (null: every slot is in its lane's window): a border
+  // block, whose lane l has slots lohi[l] <= x < lohi[vw + l] (a lane with none is not used).
   void (*exact_fwd)(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
-                    const float* vT, int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, float* s,
-                    float* oT, float* lse);
+                    const float* vT, int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx,
+                    const int* lohi, float* s, float* oT, float* lse);
   // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
   void (*transpose8)(const float* const* src, int64_t w, float* dst, int64_t ld);
+  // Backward of the exact-window path (kernels.cpp says how): the query side (P, dS and dQ of vw
+  // consecutive queries; s: 2 * nrows * nx * vw floats) and the key side (dK or dV of a run's keys).
+  void (*exact_bwd_q)(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT,
+                      int64_t ldv, int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* c,
+                      const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* pt, float* dst,
+                      int64_t lds, float* dqT);
+  void (*exact_bwd_kv)(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
+                       const int64_t* rowbase, int nrows, int nx, int nk);
 };
 
 const KernelTable* kernels_avx512();

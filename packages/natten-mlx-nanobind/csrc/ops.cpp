@@ -234,21 +234,37 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
   };
   if (kind == OpKind::FusedBwd) {
     Buf rp = s.rpb >= 0 ? gather(view_rpb(in[s.rpb], nd)) : Buf{};
-    auto dq = buf(g.B * g.H * g.N * g.D), dk = buf(g.B * g.Hkv * g.Nk * g.D), dv = buf(g.B * g.Hkv * g.Nk * g.Dv),
-         dek = buf(g.B * g.Hkv * g.E * g.D), dev = buf(g.B * g.Hkv * g.E * g.Dv), drpb = buf(rp.size());
+    // the kernels write heads-last float32: straight into float32 outputs, else into scratch converted after
+    std::vector<std::pair<float*, mx::array*>> convert;
+    auto grad_out = [&](int i, size_t n) -> float* {
+      if (n == 0) return nullptr;
+      if (out[i].dtype() == mx::float32) return out[i].data<float>();
+      float* p = buf(n).data();
+      convert.emplace_back(p, &out[i]);
+      return p;
+    };
+    const size_t nq = g.B * g.N * g.H * g.D, nk = g.B * g.Nk * g.Hkv * g.D, nv = g.B * g.Nk * g.Hkv * g.Dv;
+    const size_t nek = g.B * g.E * g.Hkv * g.D, nev = g.B * g.E * g.Hkv * g.Dv;
+    float* dq = grad_out(0, nq);
+    float* dk = grad_out(1, nk);
+    float* dv = grad_out(2, nv);
+    float* dek = c.extra ? grad_out(3, nek) : nullptr;
+    float* dev = c.extra ? grad_out(4, nev) : nullptr;
+    auto drpb = buf(rp.size());
     fused_backward(g, BwdArgs{hl(s.q, nd), hl(s.k, nd), hl(s.v, nd), hl(s.ek, 1), hl(s.ev, 1),
                               rp.empty() ? nullptr : rp.data(), hl(s.out, nd), hl(s.lse, nd, false),
-                              hl(s.dout, nd), hl(s.dlse, nd, false), dq.data(), dk.data(), dv.data(), dek.data(),
-                              dev.data(), drpb.data()});
-    int i = 0;
-    scatter(dq, g.B, g.N, g.H, g.D, true, out[i++]);
-    scatter(dk, g.B, g.Nk, g.Hkv, g.D, true, out[i++]);
-    scatter(dv, g.B, g.Nk, g.Hkv, g.Dv, true, out[i++]);
-    if (c.extra) {
-      scatter(dek, g.B, g.E, g.Hkv, g.D, true, out[i++]);
-      scatter(dev, g.B, g.E, g.Hkv, g.Dv, true, out[i++]);
+                              hl(s.dout, nd), hl(s.dlse, nd, false), dq, dk, dv, dek, dev, drpb.data()});
+    for (auto& [src, dst] : convert) {
+      const int64_t n = static_cast<int64_t>(dst->size());
+      if (dst->dtype() == mx::float16) {
+        auto* d = dst->data<mx::float16_t>();
+        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::float16_t>(src[i]);
+      } else {
+        auto* d = dst->data<mx::bfloat16_t>();
+        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::bfloat16_t>(src[i]);
+      }
     }
-    if (c.rpb) scatter(drpb, 1, g.Rtot, g.H, 1, false, out[i++]);
+    if (c.rpb) scatter(drpb, 1, g.Rtot, g.H, 1, false, out[c.extra ? 5 : 3]);
     return;
   }
   if (kind == OpKind::FusedFwd) {
