@@ -31,6 +31,21 @@ def skip_cpu_check_on_gpu() -> str | None:
     return None
 
 
+def require_emulator() -> None:
+    """Skip the calling test module (at import) unless the CPU emulator can run here: MLX importable,
+    g++ on PATH, and no CUDA GPU (there test_gpu.py runs the kernels themselves)."""
+    import shutil
+
+    import pytest
+
+    pytest.importorskip("mlx.core")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ for the CUDA emulator", allow_module_level=True)
+    why = skip_cpu_check_on_gpu()
+    if why:
+        pytest.skip(why, allow_module_level=True)
+
+
 def make_problem(cfg, dtype, *, domain=None, query_offset=None, kv_spatial=None, kv_offset=None, device="gpu"):
     import mlx.core as mx
 

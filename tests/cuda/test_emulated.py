@@ -6,17 +6,10 @@ sub-domains, tile overrides. Skipped without g++."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
-pytest.importorskip("mlx.core")
-if shutil.which("g++") is None:
-    pytest.skip("no g++ for the CUDA emulator", allow_module_level=True)
-_why = __import__("cuda_cases").skip_cpu_check_on_gpu()
-if _why:
-    pytest.skip(_why, allow_module_level=True)
+__import__("cuda_cases").require_emulator()
 
 import emu  # noqa: E402
 import oracle  # noqa: E402
