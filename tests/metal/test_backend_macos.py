@@ -46,7 +46,9 @@ def _cases():
 CASES = _cases()
 
 
-def _run(cfg, dtype, backend, seed):
+def _inputs(cfg, dtype, seed):
+    """Random inputs of ``cfg`` (query, key, value, the extra keys/values and rpb when it has them):
+    their names and MLX arrays in ``dtype``."""
     rng = np.random.default_rng(seed)
     B, shape, H, Hkv, D, Dv, E = (cfg[x] for x in ("B", "shape", "H", "Hkv", "D", "Dv", "E"))
     arrays = {
@@ -59,7 +61,11 @@ def _run(cfg, dtype, backend, seed):
     if cfg["rpb"]:
         arrays["rpb"] = rng.standard_normal((H, *[2 * k - 1 for k in cfg["K"]]))
     names = list(arrays)
-    xs = [mx.array(arrays[n].astype(np.float32)).astype(DTYPES[dtype]) for n in names]
+    return names, [mx.array(arrays[n].astype(np.float32)).astype(DTYPES[dtype]) for n in names]
+
+
+def _run(cfg, dtype, backend, seed):
+    names, xs = _inputs(cfg, dtype, seed)
     op = OPS[cfg["na_dim"]]
 
     def loss(*a):
@@ -72,9 +78,10 @@ def _run(cfg, dtype, backend, seed):
     return [out, lse, *grads]
 
 
-def _compare(cfg, dtype, backend):
-    got = _run(cfg, dtype, backend, seed=1)
-    want = _run(cfg, dtype, "pure", seed=1)
+def _compare(cfg, dtype, backend, run=_run, seed=1):
+    """``run`` (outputs then gradients) with ``backend`` against the pure backend, on the same inputs."""
+    got = run(cfg, dtype, backend, seed=seed)
+    want = run(cfg, dtype, "pure", seed=seed)
     for i, (g, w) in enumerate(zip(got, want)):
         g, w = np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32))
         scale = max(1.0, float(np.abs(w).max()))
@@ -102,17 +109,7 @@ AV = {1: natten_mlx.na1d_av, 2: natten_mlx.na2d_av, 3: natten_mlx.na3d_av}
 
 def _run_split(cfg, dtype, backend, seed):
     """qk -> softmax -> av, with gradients of every input: the split ops and both backwards."""
-    rng = np.random.default_rng(seed)
-    B, shape, H, Hkv, D, Dv, E = (cfg[x] for x in ("B", "shape", "H", "Hkv", "D", "Dv", "E"))
-    arrays = {"query": rng.standard_normal((B, *shape, H, D)), "key": rng.standard_normal((B, *shape, Hkv, D)),
-              "value": rng.standard_normal((B, *shape, Hkv, Dv))}
-    if E:
-        arrays["additional_keys"] = rng.standard_normal((B, E, Hkv, D))
-        arrays["additional_values"] = rng.standard_normal((B, E, Hkv, Dv))
-    if cfg["rpb"]:
-        arrays["rpb"] = rng.standard_normal((H, *[2 * k - 1 for k in cfg["K"]]))
-    names = list(arrays)
-    xs = [mx.array(arrays[n].astype(np.float32)).astype(DTYPES[dtype]) for n in names]
+    names, xs = _inputs(cfg, dtype, seed)
     win = dict(kernel_size=cfg["kernel_size"], stride=cfg["stride"], dilation=cfg["dilation"],
                is_causal=cfg["is_causal"])
     n = cfg["na_dim"]
@@ -132,9 +129,4 @@ def _run_split(cfg, dtype, backend, seed):
 
 @pytest.mark.parametrize("cfg,dtype", CASES[::2], ids=[f"{d}-{cfg_id(c)}" for c, d in CASES[::2]])
 def test_split_ops_match_pure(cfg, dtype):
-    got = _run_split(cfg, dtype, "metal", seed=2)
-    want = _run_split(cfg, dtype, "pure", seed=2)
-    for i, (g, w) in enumerate(zip(got, want)):
-        g, w = np.array(g.astype(mx.float32)), np.array(w.astype(mx.float32))
-        scale = max(1.0, float(np.abs(w).max()))
-        assert np.abs(g - w).max() <= TOL[dtype] * scale, (i, float(np.abs(g - w).max()))
+    _compare(cfg, dtype, "metal", run=_run_split, seed=2)
