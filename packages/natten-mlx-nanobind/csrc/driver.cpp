@@ -708,6 +708,36 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
     for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] += xT[c * ld + i];
 }
 
+// Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
+// rows of Hkv heads) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
+// time; the columns of coordinates outside [0, lg) are zero
+void gather_keys_transposed(const KernelTable& kt, const float* k, const float* v, int64_t D, int64_t Dv,
+                            int64_t Hkv, int64_t hk, int64_t tok0, int64_t dl, int kmin, int kmax, int lg,
+                            float* kl, float* vl, int64_t ldl) {
+  const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
+  for (int64_t d = 0; d < D; ++d) {
+    std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
+    std::fill(kl + d * ldl + (j1 - kmin), kl + (d + 1) * ldl, 0.f);
+  }
+  for (int64_t d = 0; d < Dv; ++d) {
+    std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
+    std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
+  }
+  auto krow = [&](int j) { return k + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * D; };
+  auto vrow = [&](int j) { return v + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * Dv; };
+  int j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    const float *sk[8], *sv[8];
+    for (int i = 0; i < 8; ++i) sk[i] = krow(j + i), sv[i] = vrow(j + i);
+    kt.transpose8(sk, D, kl + (j - kmin), ldl);
+    kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
+  }
+  for (; j < j1; ++j) {
+    for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = krow(j)[d];
+    for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = vrow(j)[d];
+  }
+}
+
 // kt.all_finite over the pool (a pass over whole inputs: memory-bound, so every core helps)
 bool all_finite_par(const KernelTable& kt, const float* x, int64_t n) {
   constexpr int64_t kChunk = int64_t(1) << 16;
@@ -815,28 +845,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         ldl = round_up(kmax - kmin, 8) + 8;
         float* kl = grow(w.kp, D * ldl + 16);
         float* vl = grow(w.vp, Dv * ldl + 16);
-        const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
-        for (int64_t d = 0; d < D; ++d) {
-          std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
-          std::fill(kl + d * ldl + (j1 - kmin), kl + (d + 1) * ldl, 0.f);
-        }
-        for (int64_t d = 0; d < Dv; ++d) {
-          std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
-          std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
-        }
-        auto krow = [&](int j) { return a.k + ((b * g.Nk + static_cast<int64_t>(j) * g.Dl[2] + g2) * g.Hkv + hk) * D; };
-        auto vrow = [&](int j) { return a.v + ((b * g.Nk + static_cast<int64_t>(j) * g.Dl[2] + g2) * g.Hkv + hk) * Dv; };
-        int j = j0;
-        for (; j + 8 <= j1; j += 8) {
-          const float *sk[8], *sv[8];
-          for (int i = 0; i < 8; ++i) sk[i] = krow(j + i), sv[i] = vrow(j + i);
-          kt.transpose8(sk, D, kl + (j - kmin), ldl);
-          kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
-        }
-        for (; j < j1; ++j) {
-          for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = krow(j)[d];
-          for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = vrow(j)[d];
-        }
+        gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * g.Nk + g2, g.Dl[2], kmin, kmax, lg, kl, vl, ldl);
         kslice = kl;
         vslice = vl;
         // key row bases below are ep.gstart[g2] + blk.ws in the slice; here blk.ws - kmin
@@ -1211,27 +1220,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         float* vl = grow(w.vp, Dv * ldl + 16);
         float* al = grow(w.dkb, (D + Dv) * ldl + 16);
         std::memset(al, 0, sizeof(float) * (D + Dv) * ldl);
-        const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
-        for (int64_t d = 0; d < D; ++d) {
-          std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
-          std::fill(kl + d * ldl + (j1 - kmin), kl + (d + 1) * ldl, 0.f);
-        }
-        for (int64_t d = 0; d < Dv; ++d) {
-          std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
-          std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
-        }
-        auto tok = [&](int j) { return b * Nk + static_cast<int64_t>(j) * Dl2 + g2; };
-        int j = j0;
-        for (; j + 8 <= j1; j += 8) {
-          const float *sk[8], *sv[8];
-          for (int i = 0; i < 8; ++i) sk[i] = a.k + (tok(j + i) * g.Hkv + hk) * D, sv[i] = a.v + (tok(j + i) * g.Hkv + hk) * Dv;
-          kt.transpose8(sk, D, kl + (j - kmin), ldl);
-          kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
-        }
-        for (; j < j1; ++j) {
-          for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = a.k[(tok(j) * g.Hkv + hk) * D + d];
-          for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = a.v[(tok(j) * g.Hkv + hk) * Dv + d];
-        }
+        gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl);
         std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
         keyrow.assign(1, 0);
         exact_run(slice, row, keyrow, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
