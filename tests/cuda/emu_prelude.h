@@ -111,6 +111,17 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   w.bar.wait();
   return r;
 }
+inline float na_exp2(float x) { return std::exp2(x); }
+inline int __any_sync(unsigned, int pred) {
+  NaWarp& w = na_warp();
+  int lane = threadIdx.x & 31;
+  w.x[lane] = pred ? 1.f : 0.f;
+  w.bar.wait();
+  int any = 0;
+  for (int i = 0; i < 32; ++i) any |= w.x[i] != 0.f;
+  w.bar.wait();
+  return any;
+}
 inline float atomicAdd(float* p, float v) {
   std::lock_guard<std::mutex> lk(na_atomic_mu);
   float o = *p;

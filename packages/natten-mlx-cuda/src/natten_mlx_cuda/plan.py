@@ -255,7 +255,9 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None) -> V
     stages = stages or FWD_STAGES
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
-    tables = (FWD_GEO + 8 * bq + 5 * FWD_MAXT) * 4
+    # the column masks (3 x 65 64-bit words), the block geometry, the row windows, the key-tile list and
+    # the key rows' token offsets (fmha_fwd.cu's shared layout)
+    tables = 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * FWD_MAXT + TILE) * 4
     return Variant(
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),

@@ -20,9 +20,11 @@
 #define NA_P_DV 6
 #define NA_P_RPB 7  // rpb entries per head: prod(2K - 1)
 
-// fmha_fwd's shared tables after Q, K and V: the block geometry (NA_FWD_GEO ints), then 8 ints per
-// query row, then 5 ints per key tile of a chunk of MAXT tiles (plan.py sizes the shared memory)
+// fmha_fwd's shared tables after Q, K and V: 3 x 65 column masks (64-bit), the block geometry
+// (NA_FWD_GEO ints), 8 ints per query row, 5 ints per key tile of a chunk of MAXT tiles, one int per
+// key-tile row (plan.py sizes the shared memory)
 #define NA_FWD_GEO 36
+#define NA_FWD_SHORT (1 << 26)  // a listed key tile's meta bit: some extent is shorter than the tile
 
 struct NaAxis {
   int L;      // global axis length (the domain the window rules apply to)
@@ -86,6 +88,15 @@ template <> NA_FUNC void na_mma<__nv_bfloat16>(float* c, const unsigned* a, cons
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// 2^x on the SFU alone (ex2.approx.ftz: relative error ~2^-22, subnormal results flushed to zero; 2^-inf
+// = 0). exp2f without fast-math wraps the same instruction in a range check and two multiplies, which
+// the softmax of every key tile pays 32 times per thread.
+NA_FUNC float na_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // 16 bytes global -> shared without registers; valid == false fills the 16 bytes with zeros.

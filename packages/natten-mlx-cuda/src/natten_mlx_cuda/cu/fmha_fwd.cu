@@ -37,9 +37,14 @@ NA_SHARED_DECL;
 T* Qs = reinterpret_cast<T*>(na_smem);
 T* Ks = Qs + BQ * QS;
 T* Vs = Ks + STAGES * BK * QS;
-int* geo = reinterpret_cast<int*>(Vs + STAGES * BK * VS);  // NA_FWD_GEO ints: the block's geometry
+// pm[65 a + x]: the key tile's columns (bit c for the tile's key c, row-major, axis 2 fastest) whose
+// coordinate along axis a is below x, for 0 <= x <= KT[a]: the columns with coordinate in [lo, hi) are
+// pm[hi] & ~pm[lo], so a row's valid keys in a tile are a few 64-bit ANDs and a column test one bit
+unsigned long long* pm = reinterpret_cast<unsigned long long*>(Vs + STAGES * BK * VS);
+int* geo = reinterpret_cast<int*>(pm + 3 * (BK + 1));  // NA_FWD_GEO ints: the block's geometry
 int* rows = geo + NA_FWD_GEO;                          // 8 ints per query row: ws[3], we[3], present, flat
 int* tl = rows + 8 * BQ;                               // 5 ints per listed key tile: tok, k0[3], meta
+int* koff = tl + 5 * MAXT;                             // per key-tile row: its token offset from the tile's first
 // geo layout: per axis a: c0 [a], c1 [3+a], Lg [6+a], kb [9+a], ke [12+a], nkt [15+a], kst [18+a]
 // (flat-index step of one key coordinate), qst [21+a] (same for queries), key and query flat-index
 // bases [24+a] and [27+a], empty [30+a].
@@ -72,6 +77,16 @@ if (tid < 3) {
   geo[27 + a] = (g - x.qoff) * qstride;
   geo[30 + a] = c1 < c0;  // the grid covers the group with the most tiles
 }
+for (int i = tid; i < 3 * (BK + 1); i += NT) {
+  const int a = i / (BK + 1), x = i % (BK + 1);
+  unsigned long long m = 0ull;
+  if (x <= (a == 0 ? KT0 : a == 1 ? KT1 : KT2))
+    for (int c = 0; c < BK; ++c) {
+      const int u = a == 0 ? c / (KT1 * KT2) : a == 1 ? (c / KT2) % KT1 : c % KT2;
+      if (u < x) m |= 1ull << c;
+    }
+  pm[i] = m;
+}
 {
   // padding columns and the rows of absent tokens stay zero for the whole kernel
   uint4* z = reinterpret_cast<uint4*>(na_smem);
@@ -82,7 +97,8 @@ __syncthreads();
 if (geo[30] | geo[31] | geo[32]) return;  // the same for the whole block
 
 const int c0[3] = {geo[0], geo[1], geo[2]};
-const int kst[3] = {geo[18], geo[19], geo[20]};
+for (int r = tid; r < BK; r += NT)
+  koff[r] = (r / (KT1 * KT2)) * geo[18] + ((r / KT2) % KT1) * geo[19] + (r % KT2) * geo[20];
 const int nkt1 = geo[16], nkt2 = geo[17];
 const int ntiles = geo[15] * nkt1 * nkt2;
 
@@ -126,6 +142,7 @@ auto build = [&](int cs, int cn) {
         chk |= 1 << a;
       }
       meta |= (k1 - k0) << (5 + 7 * a);
+      if (k1 - k0 < KT[a]) meta |= NA_FWD_SHORT;
       tl[5 * j + 1 + a] = k0;
     }
     tl[5 * j] = tok;
@@ -136,27 +153,49 @@ auto next_tile = [&](int i, int cn) -> int {
   while (i < cn && (tl[5 * i + 4] & 3) == NA_TILE_SKIP) ++i;
   return i;
 };
-const long long kvrow = (long long)HKV;  // rows of key/value between consecutive tokens
+const unsigned dchpitch = (unsigned)(HKV * D), dvchpitch = (unsigned)(HKV * DV);  // elements per token
 const T* kbase = key + ((long long)b * NK * HKV + hk) * D;
 const T* vbase = value + ((long long)b * NK * HKV + hk) * DV;
+// The tile's key rows: row r is token tok + koff[r] when its coordinates are inside the tile's extents
+// (bit r of ok_rows; no test for tiles with full extents). Each thread copies chunk ch of rows r,
+// r + NT / DCH, ...: compile-time steps, so rows and chunks fold into constants, and when K and V rows
+// have as many chunks one token index serves both copies (SASS: ~36 instructions per 16-byte chunk
+// before, with division, a 3-axis decode and 64-bit multiplies per chunk).
+auto load_rows = [&](int tok, T* kd, T* vd, bool check, unsigned long long ok_rows) {
+  constexpr bool SAME = DCH == DVCH;
+  #pragma unroll
+  for (int it = 0; it < (BK * DCH + NT - 1) / NT; ++it) {
+    const int i2 = tid + it * NT;
+    if ((BK * DCH) % NT == 0 || i2 < BK * DCH) {
+      const int r = i2 / DCH, ch = i2 % DCH;
+      const bool ok = !check || ((ok_rows >> r) & 1ull);
+      // a token index and a row pitch are non-negative ints: one 32 x 32 -> 64-bit multiply
+      const unsigned tk = ok ? (unsigned)(tok + koff[r]) : 0u;
+      na_cp_async16(kd + r * QS + ch * 8, kbase + (unsigned long long)tk * dchpitch + ch * 8, ok);
+      if (SAME) na_cp_async16(vd + r * VS + ch * 8, vbase + (unsigned long long)tk * dvchpitch + ch * 8, ok);
+    }
+  }
+  if (!SAME)
+    #pragma unroll
+    for (int it = 0; it < (BK * DVCH + NT - 1) / NT; ++it) {
+      const int i2 = tid + it * NT;
+      if ((BK * DVCH) % NT == 0 || i2 < BK * DVCH) {
+        const int r = i2 / DVCH, ch = i2 % DVCH;
+        const bool ok = !check || ((ok_rows >> r) & 1ull);
+        const unsigned tk = ok ? (unsigned)(tok + koff[r]) : 0u;
+        na_cp_async16(vd + r * VS + ch * 8, vbase + (unsigned long long)tk * dvchpitch + ch * 8, ok);
+      }
+    }
+};
 auto load_kv = [&](int i, int buf) {
   T* kd = Ks + buf * BK * QS;
   T* vd = Vs + buf * BK * VS;
   const int tok = tl[5 * i], meta = tl[5 * i + 4];
-  const int e0 = (meta >> 5) & 127, e1 = (meta >> 12) & 127, e2 = (meta >> 19) & 127;
-  for (int i2 = tid; i2 < BK * (DCH + DVCH); i2 += NT) {
-    const bool is_k = i2 < BK * DCH;
-    const int j = is_k ? i2 : i2 - BK * DCH;
-    const int ch_n = is_k ? DCH : DVCH;
-    const int r = j / ch_n, ch = j % ch_n;
-    const int u2 = r % KT2, u1 = (r / KT2) % KT1, u0 = r / (KT1 * KT2);
-    const bool ok = u0 < e0 && u1 < e1 && u2 < e2;
-    const long long row = (long long)(tok + u0 * kst[0] + u1 * kst[1] + u2 * kst[2]) * kvrow;
-    if (is_k)
-      na_cp_async16(kd + r * QS + ch * 8, ok ? (const void*)(kbase + row * D + ch * 8) : (const void*)key, ok);
-    else
-      na_cp_async16(vd + r * VS + ch * 8, ok ? (const void*)(vbase + row * DV + ch * 8) : (const void*)value, ok);
-  }
+  if (meta & NA_FWD_SHORT)
+    load_rows(tok, kd, vd, true,
+              pm[(meta >> 5) & 127] & pm[(BK + 1) + ((meta >> 12) & 127)] & pm[2 * (BK + 1) + ((meta >> 19) & 127)]);
+  else
+    load_rows(tok, kd, vd, false, 0ull);
 };
 
 __syncthreads();  // the row table
@@ -275,38 +314,43 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
         }
       }
     }
-    // unmasked tiles without rpb keep raw scores: with a positive scale the row max commutes with
-    // it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
-    const bool raw = !(HAS_RPB || cls == NA_TILE_PARTIAL) && scale_log2 > 0.f;
+    // without rpb the scores stay raw (masked ones -inf): with a positive scale the row max commutes
+    // with it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
+    const bool raw = !HAS_RPB && scale_log2 > 0.f;
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       if (HAS_RPB || cls == NA_TILE_PARTIAL) {
-        // per row and checked axis, the valid key offsets in the tile: [lo, hi)
-        int lo[2][3], hi[2][3];
+        // per row, the tile's valid columns as bits (pm), shifted so that bit 8 j + e is this
+        // thread's column j * 8 + 2 tig + e; only the checked axes cost anything
+        unsigned vb[2][2];
         #pragma unroll
-        for (int rr = 0; rr < 2; ++rr)
-          #pragma unroll
-          for (int a = 0; a < 3; ++a) {
-            const int ext = (meta >> (5 + 7 * a)) & 127;
-            lo[rr][a] = rows[8 * r_own[mt][rr] + a] - k0[a];
-            hi[rr][a] = na_min(rows[8 * r_own[mt][rr] + 3 + a], k0[a] + ext) - k0[a];
-          }
+        for (int rr = 0; rr < 2; ++rr) {
+          unsigned long long m = ~0ull;
+          if (cls == NA_TILE_PARTIAL)
+            #pragma unroll
+            for (int a = 0; a < 3; ++a)
+              if (chk & (1 << a)) {
+                const int ext = (meta >> (5 + 7 * a)) & 127;
+                const int lo = na_min(na_max(rows[8 * r_own[mt][rr] + a] - k0[a], 0), KT[a]);
+                const int hi = na_min(na_max(na_min(rows[8 * r_own[mt][rr] + 3 + a], k0[a] + ext) - k0[a], 0), KT[a]);
+                m &= pm[(BK + 1) * a + hi] & ~pm[(BK + 1) * a + lo];
+              }
+          m >>= 2 * tig;
+          vb[rr][0] = (unsigned)m;
+          vb[rr][1] = (unsigned)(m >> 32);
+        }
         #pragma unroll
         for (int j = 0; j < 8; ++j)
           #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int rr = e >> 1;
-            float x = s[mt][j][e] * scale_log2;
+            float x = raw ? s[mt][j][e] : s[mt][j][e] * scale_log2;
             const int col = j * 8 + tig * 2 + (e & 1);
-            const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
-            bool ok = true;
-            if (cls == NA_TILE_PARTIAL)
-              #pragma unroll
-              for (int a = 0; a < 3; ++a)
-                if (chk & (1 << a)) ok = ok && u[a] >= lo[rr][a] && u[a] < hi[rr][a];
+            const bool ok = (vb[rr][j >> 2] >> (8 * (j & 3) + (e & 1))) & 1u;
             if (!ok) {
               x = NA_NEG_INF;
             } else if (HAS_RPB) {
+              const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
               const int r = r_own[mt][rr];
               const int uq[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
               const int kc[3] = {k0[0] + u[0] - c0[0] - uq[0], k0[1] + u[1] - c0[1] - uq[1], k0[2] + u[2] - c0[2] - uq[2]};
@@ -322,6 +366,7 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
           #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
       }
+      float alpha[2];
       #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         float mx = NA_NEG_INF;
@@ -332,7 +377,7 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
         if (raw) mx *= scale_log2;
         const float mnew = fmaxf(mrow[mt][rr], mx);
         const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
-        const float alpha = exp2f(mrow[mt][rr] - muse);
+        alpha[rr] = mnew == mrow[mt][rr] ? 1.f : na_exp2(mrow[mt][rr] - muse);
         mrow[mt][rr] = mnew;
         float sum = 0.f;
         const float sc = raw ? scale_log2 : 1.f;
@@ -340,17 +385,22 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
         for (int j = 0; j < 8; ++j)
           #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = exp2f(fmaf(s[mt][j][2 * rr + e], sc, -muse));
+            const float p = na_exp2(fmaf(s[mt][j][2 * rr + e], sc, -muse));
             s[mt][j][2 * rr + e] = p;
             sum += p;
           }
-        lrow[mt][rr] = lrow[mt][rr] * alpha + sum;
+        lrow[mt][rr] = lrow[mt][rr] * alpha[rr] + sum;
+      }
+      // the running max of most rows stops moving after a few tiles: rescale the accumulators only
+      // when the max of some row of the warp moved (else every alpha is 1)
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
         #pragma unroll
         for (int jn = 0; jn < DVP / 8; ++jn) {
-          o[mt][jn][2 * rr] *= alpha;
-          o[mt][jn][2 * rr + 1] *= alpha;
+          o[mt][jn][0] *= alpha[0];
+          o[mt][jn][1] *= alpha[0];
+          o[mt][jn][2] *= alpha[1];
+          o[mt][jn][3] *= alpha[1];
         }
-      }
     }
     #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
