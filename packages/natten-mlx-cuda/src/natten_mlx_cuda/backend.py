@@ -63,7 +63,10 @@ class CudaBackend:
     """Neighborhood attention on NVIDIA GPUs through MLX's CUDA backend.
 
     Options (``configure``): ``tile`` (query tile of the tensor-core kernels, one int per spatial axis,
-    product 64, or 128 for the forward alone: 8 warps of 16 rows; the backward then takes its default), ``key_tile`` (same for key tiles; default the query tile), ``kernel`` ("auto",
+    product 64, or 128 for the forward alone: 8 warps of 16 rows; the backward then takes its default),
+    ``key_tile`` (same for key tiles, product 64; default: with neither given, the pair of
+    plan.fitted_tiles, which computes the fewest (query, key) pairs; with a tile alone, the rank's box
+    in the forward and the query tile in the backward), ``kernel`` ("auto",
     "fmha" or "simple": which kernels; "fmha" refuses problems it cannot serve), ``ldmatrix``
     (True: the tensor-core kernels read B fragments through ldmatrix; False: through plain shared loads),
     ``m_tiles`` (1 or 2: m-tiles of 16 query rows per warp in the forward; 2 halves its shared-memory reads per mma),

@@ -9,6 +9,7 @@ row-major flat indices are unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from natten_mlx.geometry import Padded3D, pad3, padded3d
 from natten_mlx.geometry import grid_tiles as query_tiles
@@ -21,11 +22,11 @@ SIMPLE_DIMS = (16, 32, 64, 128, 256, 512)  # register-array sizes of the simple 
 MAX_DIM = SIMPLE_DIMS[-1]
 TILE = 64  # queries per query tile and keys per key tile of the tensor-core kernels
 THREADS = 128
-# the forward's query tile: 16 rows per warp, 4 or 8 warps; the default size
-# (H200, fp16, D 128: 128-query tiles of 8 warps took G1-G3 0.285 / 35.4 / 140 ms against 0.341 /
-# 37.9 / 151 for 64, and G4's 7x7 window 0.83 against 0.59 ms: they pay for windows of many key tiles)
+# the forward's query tile: 16 rows per warp, 4 or 8 warps. The default is 64 (H200, fp16, D 128, after
+# the forward's per-tile instructions were halved: G1-G4 0.220 / 25.1 / 93.0 / 0.482 ms against 0.249 /
+# 30.9 / 115 / 0.48 with 128-query tiles of 8 warps: two blocks of 4 warps per SM wait on their own
+# barriers, and the 128-row tiles' union of windows is wider)
 FWD_TILES = (64, 128)
-FWD_BIG_WINDOW = 256  # prod(K) from which the default forward tile holds 128 queries
 FWD_STAGES = 2  # key-tile slots in the forward's cp.async ring (2 or 3)
 FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2; 2 measured slower: G2 46.8 ms against 35.4)
 # the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
@@ -71,11 +72,6 @@ def check_tile(tile, rank: int, what: str, sizes=(TILE,)) -> tuple:
 FIT_TILE_ROWS = 1 << 16
 
 
-def forward_tile_size(geo: Geometry) -> int:
-    """Queries per default forward tile: 128 (8 warps) for windows of FWD_BIG_WINDOW keys or more."""
-    return 128 if geo.K[0] * geo.K[1] * geo.K[2] >= FWD_BIG_WINDOW else TILE
-
-
 def default_tile(geo: Geometry, size: int = TILE) -> tuple:
     """The default query tile of ``size`` tokens (padded to 3 axes): the rank's box (doubled along
     its leading axes for 128); for large problems shrunk along axes whose dilation groups are
@@ -96,6 +92,88 @@ def default_tile(geo: Geometry, size: int = TILE) -> tuple:
         a = max(range(3 - rank, 3), key=lambda i: (ext[i] / t[i], i))
         t[a] *= 2
     return tuple(t)
+
+
+def _window_ends(c, Lg: int, K: int, s: int, causal: bool):
+    """window.h's na_window_start / na_window_end over an array of in-group coordinates."""
+    import numpy as np
+
+    c = np.asarray(c, dtype=np.int64)
+    if causal:
+        leader = np.minimum((c // s) * s + s - 1, Lg - 1)
+        return np.maximum(leader - K + 1, 0), c + 1
+    wl, wr = K // 2, K // 2 + K % 2 - 1
+    leader = np.minimum((c // s) * s + s // 2, Lg - 1)
+    start = np.minimum(np.maximum(leader, wl), Lg - 1 - wr) - wl
+    return start, start + K
+
+
+def axis_walk(geo: Geometry, a: int, qt: int, kt: int) -> tuple[int, int]:
+    """Along axis ``a``: ``(walked, useful)``. ``walked`` sums, over the query tiles of ``qt``
+    coordinates of every dilation group, ``qt`` times the keys of the key tiles of ``kt`` that cover
+    the union of the tile's windows (a block computes every row against every key of its walk, absent
+    rows included); ``useful`` sums the window sizes of the local queries. A launch's computed and
+    useful (query, key) pairs are the products of these over the three axes."""
+    import numpy as np
+
+    L, K, s, d, causal = geo.domain[a], geo.K[a], geo.s[a], geo.d[a], geo.causal[a]
+    off, n = geo.qoff[a], geo.spatial[a]
+    walked = useful = 0
+    for g in range(d):
+        first = 0 if off <= g else -(-(off - g) // d)
+        end = max(0, -(-(off + n - g) // d))
+        if end <= first:
+            continue
+        ws, we = _window_ends(np.arange(first, end), -(-(L - g) // d), K, s, causal)
+        useful += int((we - ws).sum())
+        kb = ws[::qt]
+        ke = we[np.minimum(np.arange(qt - 1, end - first + qt - 1, qt), end - first - 1)]
+        walked += int((-(-(ke - kb) // kt)).sum()) * kt * qt
+    return walked, useful
+
+
+def _boxes(rank: int, size: int = TILE) -> list:
+    """Every tile box of ``size`` tokens (powers of two per axis), padded to 3 axes."""
+    import itertools
+
+    p2 = [1 << i for i in range(size.bit_length()) if 1 << i <= size]
+    out = [t for t in itertools.product(p2, repeat=rank) if t[0] * (t[1] if rank > 1 else 1) * (t[2] if rank > 2 else 1) == size]
+    return [_pad(t, 1) for t in out]
+
+
+def fitted_tiles(geo: Geometry) -> tuple:
+    """``(query tile, key tile)`` of 64 tokens each (padded to 3 axes) that compute the fewest (query,
+    key) pairs for this geometry (:func:`axis_walk`; the kernels' time follows the pairs each block
+    computes, measured on the H200: G3 89.7 ms with the fitted 8x8x1 / 2x4x8 against 93.0 with 4x4x4
+    boxes). Small problems (fewer than FIT_TILE_ROWS query rows) keep the rank's box: each tile shape
+    is one more NVRTC compilation. Ties keep the box."""
+    box = default_tile(geo)
+    if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
+        return box, box
+    return _fit(geo.rank, geo.domain, geo.spatial, geo.qoff, geo.K, geo.s, geo.d, geo.causal, box)
+
+
+@lru_cache(maxsize=256)
+def _fit(rank, domain, spatial, qoff, K, s, d, causal, box) -> tuple:
+    geo = Padded3D(rank=rank, B=1, H=1, HKV=1, D=0, DV=0, E=0, spatial=spatial, kv_spatial=spatial, domain=domain,
+                   qoff=qoff, kvoff=(0, 0, 0), K=K, s=s, d=d, causal=causal, has_rpb=False, scale=1.0, dtype=None)
+    walks = [{} for _ in range(3)]
+
+    def cost(qt, kt):
+        total = 1
+        for a in range(3):
+            if (qt[a], kt[a]) not in walks[a]:
+                walks[a][qt[a], kt[a]] = axis_walk(geo, a, qt[a], kt[a])[0]
+            total *= walks[a][qt[a], kt[a]]
+        return total
+
+    best, best_cost = (box, box), cost(box, box)
+    for qt in _boxes(rank):
+        for kt in _boxes(rank):
+            c = cost(qt, kt)
+            if c < best_cost * 0.995:
+                best, best_cost = (qt, kt), c
+    return best
 
 
 def simple_dim(geo: Geometry) -> int:
@@ -140,8 +218,9 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
         v = Variant("simple_fwd", (("T", dtype), ("OT", out_dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
         total = geo.B * geo.N * geo.H
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
-    qt = tile or default_tile(geo, forward_tile_size(geo))
-    kt = key_tile or default_tile(geo)
+    fit_q, fit_k = fitted_tiles(geo)
+    qt = tile or fit_q
+    kt = key_tile or (fit_k if tile is None else default_tile(geo))
     mt = m_tiles or FWD_MT
     v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages)
     prm = params(geo, qt)
@@ -156,13 +235,22 @@ def _blocks(prm) -> int:
     return blocks
 
 
+def _bwd_tiles(geo: Geometry, tile, key_tile) -> tuple:
+    """The backward's (query tile, key tile): the fitted pair by default; a given query tile alone
+    serves as the key tile too."""
+    if tile is None and key_tile is None:
+        return fitted_tiles(geo)
+    qt = tile or default_tile(geo)
+    return qt, key_tile or qt
+
+
 def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None,
                 ldsm: bool = True) -> Launch:
     """dq [B, N, H, D] float32 and d_rpb [H, R] float32 (zero-initialised, atomics)."""
     outs = ((geo.B, geo.N, geo.H, geo.D), (geo.H, geo.rpb_size) if has_rpb else (1,))
     if fast:
-        qt = tile or default_tile(geo)
-        v = _fmha_bwd_variant("fmha_bwd_dq", dtype, geo.D, geo.DV, qt, key_tile or qt, has_rpb, ldsm)
+        qt, kt = _bwd_tiles(geo, tile, key_tile)
+        v = _fmha_bwd_variant("fmha_bwd_dq", dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
         prm = params(geo, qt)
         return Launch(v, (_blocks(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, 0.0, prm)
     v = Variant("simple_dq", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
@@ -175,8 +263,7 @@ def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, 
     """dk [B, NK, HKV, D], dv [B, NK, HKV, DV], float32."""
     outs = ((geo.B, geo.NK, geo.HKV, geo.D), (geo.B, geo.NK, geo.HKV, geo.DV))
     if fast:
-        qt = tile or default_tile(geo)
-        kt = key_tile or qt
+        qt, kt = _bwd_tiles(geo, tile, key_tile)
         v = _fmha_bwd_variant("fmha_bwd_dkdv", dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
         prm = params(geo, kt, over_keys=True)
         return Launch(v, (_blocks(prm) * THREADS, geo.HKV, geo.B), (THREADS, 1, 1), outs, None, prm)
