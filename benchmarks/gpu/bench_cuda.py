@@ -101,7 +101,7 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
         for mode in modes:
             row = dict(case=case, impl=impl, mode=mode)
             try:
-                if impl.startswith("cuda"):
+                if impl == "cuda" or impl.startswith("cuda:"):
                     # cuda[:option=value[:...]], e.g. cuda:ldmatrix=0 or cuda:tile=2x4x8
                     opts = {}
                     for kv in impl.split(":")[1:]:
