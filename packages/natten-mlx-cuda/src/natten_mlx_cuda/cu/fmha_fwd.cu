@@ -273,13 +273,15 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
     have_q = true;
   }
   while (cur < cn) {
-    // one more tile after the last one in flight, into the slot computed in the last iteration
+    // One barrier per tile: once the current tile's copies are complete (every group but the newest
+    // STAGES - 2) and every warp is past the barrier, every warp has finished the previous tile, so
+    // its slot takes the next load; the compute of this tile hides that load.
+    na_cp_wait<STAGES - 2>();
+    __syncthreads();
     const int last = STAGES > 2 ? ahead[STAGES > 2 ? STAGES - 3 : 0] : cur;
     const int issue = last < cn ? next_tile(last + 1, cn) : cn;
     if (issue < cn) load_kv(issue, (buf + STAGES - 1) % STAGES);
     na_cp_commit();
-    na_cp_wait<STAGES - 1>();  // every group but the newest STAGES - 1: the current tile's is complete
-    __syncthreads();
 
     const int meta = tl[5 * cur + 4];
     const int cls = meta & 3, chk = (meta >> 2) & 7;
@@ -423,7 +425,6 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
         }
       }
     }
-    __syncthreads();  // the next iteration loads into the slot just read
     const int nxt = STAGES > 2 ? ahead[0] : issue;
 #pragma unroll
     for (int st = 0; st + 1 < STAGES - 2; ++st) ahead[st] = ahead[st + 1];
