@@ -50,22 +50,15 @@ NaAxis ax[3];
 int g[3], k0[3], k1[3], Lg[3], qb[3], qe[3], nqt[3];
 bool none = false;
 {
-  int rem = blockIdx.x;
-  int tk[3];
-  for (int a = 2; a >= 0; --a) {
-    ax[a] = na_axis(prm, a);
-    const int per = ax[a].d * ax[a].qtiles;
-    tk[a] = rem % per;
-    rem /= per;
-  }
+  for (int a = 0; a < 3; ++a) ax[a] = na_axis(prm, a);
   bool empty = false;
   for (int a = 0; a < 3; ++a) {
-    g[a] = tk[a] / ax[a].qtiles;
-    const int first = na_group_first(ax[a].kvoff, ax[a].d, g[a]);
-    const int end = na_group_end(ax[a].kvoff, ax[a].nk, ax[a].d, g[a]);
-    k0[a] = first + (tk[a] % ax[a].qtiles) * KT[a];
-    empty = empty || k0[a] >= end;
-    k1[a] = na_min(k0[a] + KT[a], end);
+    // the block's key tile over the local key slab: tiling.h's decode (as the query tiles elsewhere)
+    const int u = na_tile_digit(blockIdx.x, ax[1].d * ax[1].qtiles, ax[2].d * ax[2].qtiles, a);
+    g[a] = na_tile_group(u, ax[a].qtiles);
+    k0[a] = na_tile_first(u, ax[a].qtiles, ax[a].kvoff, ax[a].d, KT[a]);
+    k1[a] = na_tile_last(u, ax[a].qtiles, ax[a].kvoff, ax[a].nk, ax[a].d, KT[a]) + 1;
+    empty = empty || k1[a] <= k0[a];
     Lg[a] = na_group_len(ax[a].L, ax[a].d, g[a]);
     qb[a] = na_max(na_query_begin(k0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal), na_group_first(ax[a].qoff, ax[a].d, g[a]));
     qe[a] = na_min(na_query_end(k1[a] - 1, Lg[a], ax[a].K, ax[a].s, ax[a].causal), na_group_end(ax[a].qoff, ax[a].n, ax[a].d, g[a]));

@@ -43,22 +43,15 @@ const float scale_log2 = scale * NA_LOG2E;
 NaAxis ax[3];
 int g[3], c0[3], c1[3], Lg[3], kb[3], ke[3], nkt[3];
 {
-  int rem = blockIdx.x;
-  int tq[3];
-  for (int a = 2; a >= 0; --a) {
-    ax[a] = na_axis(prm, a);
-    const int per = ax[a].d * ax[a].qtiles;
-    tq[a] = rem % per;
-    rem /= per;
-  }
+  for (int a = 0; a < 3; ++a) ax[a] = na_axis(prm, a);
   bool empty = false;
   for (int a = 0; a < 3; ++a) {
-    g[a] = tq[a] / ax[a].qtiles;
-    const int first = na_group_first(ax[a].qoff, ax[a].d, g[a]);
-    const int end = na_group_end(ax[a].qoff, ax[a].n, ax[a].d, g[a]);
-    c0[a] = first + (tq[a] % ax[a].qtiles) * QT[a];
-    empty = empty || c0[a] >= end;
-    c1[a] = na_min(c0[a] + QT[a], end) - 1;
+    // the block's query tile: tiling.h's decode, shared with the forward and the Metal kernels
+    const int u = na_tile_digit(blockIdx.x, ax[1].d * ax[1].qtiles, ax[2].d * ax[2].qtiles, a);
+    g[a] = na_tile_group(u, ax[a].qtiles);
+    c0[a] = na_tile_first(u, ax[a].qtiles, ax[a].qoff, ax[a].d, QT[a]);
+    c1[a] = na_tile_last(u, ax[a].qtiles, ax[a].qoff, ax[a].n, ax[a].d, QT[a]);
+    empty = empty || c1[a] < c0[a];
     Lg[a] = na_group_len(ax[a].L, ax[a].d, g[a]);
     kb[a] = na_tile_key_begin(c0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
     ke[a] = na_tile_key_end(c1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
