@@ -116,11 +116,6 @@ NA_BLOCK_SHARED int tb_cr[3][NA_TT];                // the tile's first query - 
 NA_BLOCK_SHARED long long row_q[BQ], row_o[BQ], row_l[BQ];  // from the tile's first query to its query u: elements of query, d_out; rows of lse
 NA_BLOCK_SHARED int qwin_lo[3][BK], qwin_hi[3][BK];  // key row's queries per axis, relative to qb
 NA_BLOCK_SHARED int rpb_col[BQ];                    // query u's part of the rpb index
-// per warp and axis, the queries that see any of its own present key rows, relative to qb: [lo, hi)
-// is the union of their query ranges (the queries meeting a box of keys are the box of these unions,
-// so a query tile outside it on any axis is masked out for every key row of the warp, which then
-// skips the tile)
-NA_BLOCK_SHARED int wq_lo[3][4], wq_hi[3][4];
 
 auto low_bits = [](int n) -> unsigned long long { return n <= 0 ? 0ull : (n >= 64 ? ~0ull : (1ull << n) - 1ull); };
 // bits u of a query tile whose coordinate along axis a lies in [lo, hi)
@@ -273,20 +268,6 @@ for (int i = tid; i < BK * (DCH + DVCH); i += 128) {
     na_cp_async16(Vs + r * VS + ch * 8, ok ? (const void*)(value + row * DV + ch * 8) : (const void*)value, ok);
 }
 build(0);  // its first barrier orders the row tables before any use
-if (tid < 12) {  // the warps' query ranges (ordered before the walk by the barrier ahead of the loop)
-  const int a = tid >> 2, w = tid & 3;
-  int lo = 1 << 30, hi = -(1 << 30);  // no present key row: an empty range, every tile skipped
-  for (int i = 0; i < 16; ++i) {
-    const int r = w * 16 + i;
-    const int u[3] = {r / (KT1 * KT2), (r / KT2) % KT1, r % KT2};
-    if (k0[0] + u[0] < k1[0] && k0[1] + u[1] < k1[1] && k0[2] + u[2] < k1[2]) {
-      lo = na_min(lo, qwin_lo[a][r]);
-      hi = na_max(hi, qwin_hi[a][r]);
-    }
-  }
-  wq_lo[a][w] = lo;
-  wq_hi[a][w] = hi;
-}
 int hh = 0, lin = 0;
 advance(hh, lin);
 if (hh < G) {
@@ -322,15 +303,11 @@ while (hh < G) {
   // query range (bsk: where rpb may be read)
   unsigned long long msk[2], bsk[2];
   int rpb_t = 0;  // the tile's part of the rpb index
-  bool mine = true;  // the tile meets this warp's query ranges (uniform over the warp)
   {
     const unsigned long long in = HAS_RPB ? tb_in[ce] : ~0ull;
     int cr[3];
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      cr[a] = tb_cr[a][ce];
-      mine = mine && cr[a] < wq_hi[a][warp] && cr[a] + ((info >> (8 + 8 * a)) & 255) > wq_lo[a][warp];
-    }
+    for (int a = 0; a < 3; ++a) cr[a] = tb_cr[a][ce];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int r = warp * 16 + gid + rr * 8;
@@ -354,87 +331,83 @@ while (hh < G) {
   na_cp_wait_one();
   __syncthreads();
 
-  // a tile outside the warp's rows' query ranges would add exact zeros (p = 0 everywhere): the
-  // warp skips its work and still takes part in every load and barrier
-  if (mine) {
-    const unsigned short* qbuf = reinterpret_cast<const unsigned short*>(Qs + buf * BQ * QS);
-    const unsigned short* obuf = reinterpret_cast<const unsigned short*>(Os + buf * BQ * VS);
-    const float* lbuf = Ls + buf * BQ;
-    const float* dbuf = Ds + buf * BQ;
+  const unsigned short* qbuf = reinterpret_cast<const unsigned short*>(Qs + buf * BQ * QS);
+  const unsigned short* obuf = reinterpret_cast<const unsigned short*>(Os + buf * BQ * VS);
+  const float* lbuf = Ls + buf * BQ;
+  const float* dbuf = Ds + buf * BQ;
 
-    // large head dims take the tile's 64 queries in NHALF parts: S^T, dP^T and P^T of one part live
-    // at a time (the whole tile's spilled at D = 128 beside dK and dV); K and V fragments are read per part
+  // large head dims take the tile's 64 queries in NHALF parts: S^T, dP^T and P^T of one part live
+  // at a time (the whole tile's spilled at D = 128 beside dK and dV); K and V fragments are read per part
 #pragma unroll
-    for (int hf = 0; hf < NHALF; ++hf) {
-      float s[JQ][4], dp[JQ][4];
+  for (int hf = 0; hf < NHALF; ++hf) {
+    float s[JQ][4], dp[JQ][4];
 #pragma unroll
-      for (int j = 0; j < JQ; ++j)
+    for (int j = 0; j < JQ; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = 0.f;
-          dp[j][e] = 0.f;
-        }
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] = 0.f;
+        dp[j][e] = 0.f;
+      }
 #pragma unroll
-      for (int kk = 0; kk < DP / 16; ++kk) {
-        unsigned af[4];
-        na_frag_a<LDSM>(af, ks, QS, warp * 16, kk * 16, lane);
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      unsigned af[4];
+      na_frag_a<LDSM>(af, ks, QS, warp * 16, kk * 16, lane);
 #pragma unroll
-        for (int j = 0; j < JQ; j += 2) {
-          unsigned bf[4];
-          na_frag_b_nk<LDSM>(bf, qbuf, QS, (hf * JQ + j) * 8, kk * 16, lane);
-          na_mma<T>(s[j], af, bf);
-          na_mma<T>(s[j + 1], af, bf + 2);
+      for (int j = 0; j < JQ; j += 2) {
+        unsigned bf[4];
+        na_frag_b_nk<LDSM>(bf, qbuf, QS, (hf * JQ + j) * 8, kk * 16, lane);
+        na_mma<T>(s[j], af, bf);
+        na_mma<T>(s[j + 1], af, bf + 2);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < DVP / 16; ++kk) {
+      unsigned af[4];
+      na_frag_a<LDSM>(af, vs, VS, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int j = 0; j < JQ; j += 2) {
+        unsigned bf[4];
+        na_frag_b_nk<LDSM>(bf, obuf, VS, (hf * JQ + j) * 8, kk * 16, lane);
+        na_mma<T>(dp[j], af, bf);
+        na_mma<T>(dp[j + 1], af, bf + 2);
+      }
+    }
+    // P^T and dS^T as packed A fragments right away (halves the live registers before the two mma loops)
+    unsigned pf[JQ / 2][4], sf[JQ / 2][4];
+#pragma unroll
+    for (int j = 0; j < JQ; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rr = e >> 1;
+        const int bit = (hf * JQ + j) * 8 + (e & 1);  // query column bit - 2 tig
+        const int col = bit + tig * 2;
+        float x = s[j][e] * scale_log2;
+        const bool ok = (HAS_RPB || part) ? ((msk[rr] >> bit) & 1ull) != 0ull : true;
+        if (HAS_RPB && ((bsk[rr] >> bit) & 1ull))
+          x += na_f(rpb_h[rpb_row[rr] + rpb_t + rpb_col[col]]) * NA_LOG2E;
+        const float p = ok ? exp2f(x - lbuf[col]) : 0.f;
+        s[j][e] = p;
+        dp[j][e] = p * (dp[j][e] - dbuf[col]);
+        if (e & 1) {  // A fragment register of (query subtile pair j / 2, rows rr, queries j % 2)
+          pf[j >> 1][(j & 1) * 2 + rr] = NaType<T>::pack2(s[j][e - 1], s[j][e]);
+          sf[j >> 1][(j & 1) * 2 + rr] = NaType<T>::pack2(dp[j][e - 1], dp[j][e]);
         }
       }
 #pragma unroll
-      for (int kk = 0; kk < DVP / 16; ++kk) {
-        unsigned af[4];
-        na_frag_a<LDSM>(af, vs, VS, warp * 16, kk * 16, lane);
+    for (int kk = 0; kk < JQ / 2; ++kk) {
 #pragma unroll
-        for (int j = 0; j < JQ; j += 2) {
-          unsigned bf[4];
-          na_frag_b_nk<LDSM>(bf, obuf, VS, (hf * JQ + j) * 8, kk * 16, lane);
-          na_mma<T>(dp[j], af, bf);
-          na_mma<T>(dp[j + 1], af, bf + 2);
-        }
+      for (int jn = 0; jn < DVP / 8; jn += 2) {
+        unsigned bf[4];
+        na_frag_b_kn<LDSM>(bf, obuf, VS, (hf * JQ / 2 + kk) * 16, jn * 8, lane);
+        na_mma<T>(dv[jn], pf[kk], bf);
+        na_mma<T>(dv[jn + 1], pf[kk], bf + 2);
       }
-      // P^T and dS^T as packed A fragments right away (halves the live registers before the two mma loops)
-      unsigned pf[JQ / 2][4], sf[JQ / 2][4];
 #pragma unroll
-      for (int j = 0; j < JQ; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int rr = e >> 1;
-          const int bit = (hf * JQ + j) * 8 + (e & 1);  // query column bit - 2 tig
-          const int col = bit + tig * 2;
-          float x = s[j][e] * scale_log2;
-          const bool ok = (HAS_RPB || part) ? ((msk[rr] >> bit) & 1ull) != 0ull : true;
-          if (HAS_RPB && ((bsk[rr] >> bit) & 1ull))
-            x += na_f(rpb_h[rpb_row[rr] + rpb_t + rpb_col[col]]) * NA_LOG2E;
-          const float p = ok ? exp2f(x - lbuf[col]) : 0.f;
-          s[j][e] = p;
-          dp[j][e] = p * (dp[j][e] - dbuf[col]);
-          if (e & 1) {  // A fragment register of (query subtile pair j / 2, rows rr, queries j % 2)
-            pf[j >> 1][(j & 1) * 2 + rr] = NaType<T>::pack2(s[j][e - 1], s[j][e]);
-            sf[j >> 1][(j & 1) * 2 + rr] = NaType<T>::pack2(dp[j][e - 1], dp[j][e]);
-          }
-        }
-#pragma unroll
-      for (int kk = 0; kk < JQ / 2; ++kk) {
-#pragma unroll
-        for (int jn = 0; jn < DVP / 8; jn += 2) {
-          unsigned bf[4];
-          na_frag_b_kn<LDSM>(bf, obuf, VS, (hf * JQ / 2 + kk) * 16, jn * 8, lane);
-          na_mma<T>(dv[jn], pf[kk], bf);
-          na_mma<T>(dv[jn + 1], pf[kk], bf + 2);
-        }
-#pragma unroll
-        for (int jn = 0; jn < DP / 8; jn += 2) {
-          unsigned bf[4];
-          na_frag_b_kn<LDSM>(bf, qbuf, QS, (hf * JQ / 2 + kk) * 16, jn * 8, lane);
-          na_mma<T>(dk[jn], sf[kk], bf);
-          na_mma<T>(dk[jn + 1], sf[kk], bf + 2);
-        }
+      for (int jn = 0; jn < DP / 8; jn += 2) {
+        unsigned bf[4];
+        na_frag_b_kn<LDSM>(bf, qbuf, QS, (hf * JQ / 2 + kk) * 16, jn * 8, lane);
+        na_mma<T>(dk[jn], sf[kk], bf);
+        na_mma<T>(dk[jn + 1], sf[kk], bf + 2);
       }
     }
   }

@@ -93,10 +93,6 @@ NA_BLOCK_SHARED int tb_kr[3][NA_TT];               // the tile's first key - kb,
 NA_BLOCK_SHARED long long row_k[BK], row_v[BK];    // elements from the tile's first key to its key u
 NA_BLOCK_SHARED int win_lo[3][BQ], win_hi[3][BQ];  // query row's window per axis, relative to kb
 NA_BLOCK_SHARED int rpb_col[BK];                   // key u's part of the rpb index
-// per warp and axis, the keys its own present rows see, relative to kb: [lo, hi) is the union of
-// their windows (a box of rows has the box of their windows' unions as its key set, so a key tile
-// outside it on any axis is masked out for every row of the warp, which then skips the tile)
-NA_BLOCK_SHARED int wk_lo[3][4], wk_hi[3][4];
 
 auto low_bits = [](int n) -> unsigned long long { return n <= 0 ? 0ull : (n >= 64 ? ~0ull : (1ull << n) - 1ull); };
 // bits u of a key tile whose coordinate along axis a lies in [lo, hi)
@@ -229,20 +225,6 @@ auto load_kv = [&](int e, int buf) {
 };
 
 build(0);  // its first barrier orders the row tables and gsh before any use
-if (tid < 12) {  // the warps' key ranges (ordered before the walk by the barrier ahead of the loop)
-  const int a = tid >> 2, w = tid & 3;
-  int lo = 1 << 30, hi = -(1 << 30);  // no present row: an empty range, every tile skipped
-  for (int i = 0; i < 16; ++i) {
-    const int r = w * 16 + i;
-    const int u[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
-    if (c0[0] + u[0] <= c1[0] && c0[1] + u[1] <= c1[1] && c0[2] + u[2] <= c1[2]) {
-      lo = na_min(lo, win_lo[a][r]);
-      hi = na_max(hi, win_hi[a][r]);
-    }
-  }
-  wk_lo[a][w] = lo;
-  wk_hi[a][w] = hi;
-}
 bool rowok[2];
 int rpb_row[2];  // the row's part of the rpb index, for the key kb
 float lse2[2], dl[2];
@@ -286,14 +268,10 @@ while (cur < ntiles) {
   // per row, bit u: key u of the tile is in the row's window (absent rows: none)
   unsigned long long msk[2];
   int rpb_t = 0;  // the tile's part of the rpb index
-  bool mine = true;  // the tile meets this warp's key ranges (uniform over the warp)
   {
     int kr[3];
 #pragma unroll
-    for (int a = 0; a < 3; ++a) {
-      kr[a] = tb_kr[a][ce];
-      mine = mine && kr[a] < wk_hi[a][warp] && kr[a] + ((info >> (8 + 8 * a)) & 255) > wk_lo[a][warp];
-    }
+    for (int a = 0; a < 3; ++a) kr[a] = tb_kr[a][ce];
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int r = warp * 16 + gid + rr * 8;
@@ -316,76 +294,72 @@ while (cur < ntiles) {
   na_cp_wait_one();
   __syncthreads();
 
-  // a tile outside the warp's rows' windows would add exact zeros (p = 0 everywhere): the warp
-  // skips its work and still takes part in every load and barrier
-  if (mine) {
-    const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
-    const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
+  const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
+  const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
-    float s[8][4], dp[8][4];
+  float s[8][4], dp[8][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+  for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] = 0.f;
-        dp[j][e] = 0.f;
-      }
-#pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-      unsigned af[4];
-      na_frag_a<LDSM>(af, qs, QS, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int j = 0; j < 8; j += 2) {
-        unsigned bf[4];
-        na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
-        na_mma<T>(s[j], af, bf);
-        na_mma<T>(s[j + 1], af, bf + 2);
-      }
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = 0.f;
+      dp[j][e] = 0.f;
     }
 #pragma unroll
-    for (int kk = 0; kk < DVP / 16; ++kk) {
-      unsigned af[4];
-      na_frag_a<LDSM>(af, os, VS, warp * 16, kk * 16, lane);
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    unsigned af[4];
+    na_frag_a<LDSM>(af, qs, QS, warp * 16, kk * 16, lane);
 #pragma unroll
-      for (int j = 0; j < 8; j += 2) {
-        unsigned bf[4];
-        na_frag_b_nk<LDSM>(bf, vbuf, VS, j * 8, kk * 16, lane);
-        na_mma<T>(dp[j], af, bf);
-        na_mma<T>(dp[j + 1], af, bf + 2);
+    for (int j = 0; j < 8; j += 2) {
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
+      na_mma<T>(s[j], af, bf);
+      na_mma<T>(s[j + 1], af, bf + 2);
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < DVP / 16; ++kk) {
+    unsigned af[4];
+    na_frag_a<LDSM>(af, os, VS, warp * 16, kk * 16, lane);
+#pragma unroll
+    for (int j = 0; j < 8; j += 2) {
+      unsigned bf[4];
+      na_frag_b_nk<LDSM>(bf, vbuf, VS, j * 8, kk * 16, lane);
+      na_mma<T>(dp[j], af, bf);
+      na_mma<T>(dp[j + 1], af, bf + 2);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int rr = e >> 1;
+      float x = s[j][e] * scale_log2;
+      // full tiles need no mask: absent rows have zero q and d_out rows, so their dS is 0 (and not stored)
+      const bool ok = (HAS_RPB || part) ? ((msk[rr] >> (j * 8 + (e & 1))) & 1ull) != 0ull : true;
+      int ri = 0;
+      if (HAS_RPB && ok) {
+        ri = rpb_row[rr] + rpb_t + rpb_col[j * 8 + tig * 2 + (e & 1)];
+        x += na_f(rpb_h[ri]) * NA_LOG2E;
       }
+      const float p = ok ? exp2f(x - lse2[rr]) : 0.f;
+      const float ds = p * (dp[j][e] - dl[rr]);
+      if (HAS_RPB && ok) atomicAdd(d_rpb_h + ri, ds);
+      s[j][e] = ds;
     }
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+  for (int kk = 0; kk < 4; ++kk) {
+    unsigned af[4];
+    af[0] = NaType<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+    af[1] = NaType<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+    af[2] = NaType<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    af[3] = NaType<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rr = e >> 1;
-        float x = s[j][e] * scale_log2;
-        // full tiles need no mask: absent rows have zero q and d_out rows, so their dS is 0 (and not stored)
-        const bool ok = (HAS_RPB || part) ? ((msk[rr] >> (j * 8 + (e & 1))) & 1ull) != 0ull : true;
-        int ri = 0;
-        if (HAS_RPB && ok) {
-          ri = rpb_row[rr] + rpb_t + rpb_col[j * 8 + tig * 2 + (e & 1)];
-          x += na_f(rpb_h[ri]) * NA_LOG2E;
-        }
-        const float p = ok ? exp2f(x - lse2[rr]) : 0.f;
-        const float ds = p * (dp[j][e] - dl[rr]);
-        if (HAS_RPB && ok) atomicAdd(d_rpb_h + ri, ds);
-        s[j][e] = ds;
-      }
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      unsigned af[4];
-      af[0] = NaType<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-      af[1] = NaType<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-      af[2] = NaType<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      af[3] = NaType<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int jn = 0; jn < DP / 8; jn += 2) {
-        unsigned bf[4];
-        na_frag_b_kn<LDSM>(bf, kbuf, QS, kk * 16, jn * 8, lane);
-        na_mma<T>(dq[jn], af, bf);
-        na_mma<T>(dq[jn + 1], af, bf + 2);
-      }
+    for (int jn = 0; jn < DP / 8; jn += 2) {
+      unsigned bf[4];
+      na_frag_b_kn<LDSM>(bf, kbuf, QS, kk * 16, jn * 8, lane);
+      na_mma<T>(dq[jn], af, bf);
+      na_mma<T>(dq[jn + 1], af, bf + 2);
     }
   }
   __syncthreads();
