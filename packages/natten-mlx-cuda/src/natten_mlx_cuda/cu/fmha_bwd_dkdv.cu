@@ -34,7 +34,7 @@ constexpr int DCH = D / 8, DVCH = DV / 8;
 #endif
 constexpr int NA_TT = NA_BWD_TABLE;  // tile table entries, one per thread (at most 128)
 static_assert(NA_TT >= 1 && NA_TT <= 128, "one table entry per thread");
-constexpr int NHALF = DP + DVP > 128 ? 2 : 1;  // parts of the query tile per pass (see the loop)
+constexpr int NHALF = DP + DVP > 192 ? 4 : (DP + DVP > 128 ? 2 : 1);  // parts of the query tile per pass (see the loop)
 constexpr int JQ = 8 / NHALF;                   // 8-query subtiles per part
 const int QT[3] = {QT0, QT1, QT2};
 const int KT[3] = {KT0, KT1, KT2};
@@ -44,28 +44,32 @@ const int hk = blockIdx.y, b = blockIdx.z;
 const int G = H / HKV;
 const float scale = scl[0];
 const float scale_log2 = scale * NA_LOG2E;
+// 2^x on the SFU alone (ex2.approx.ftz, relative error ~2^-22, subnormals flushed, 2^-inf = 0): exp2f
+// wraps the same instruction in a range check and two multiplies per element (the emulator takes exp2f)
+auto ex2 = [](float x) -> float {
+#ifdef NA_EMU
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+};
 const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
 
 NaAxis ax[3];
 int g[3], k0[3], k1[3], Lg[3], qb[3], qe[3], nqt[3];
 bool none = false;
 {
-  int rem = blockIdx.x;
-  int tk[3];
-  for (int a = 2; a >= 0; --a) {
-    ax[a] = na_axis(prm, a);
-    const int per = ax[a].d * ax[a].qtiles;
-    tk[a] = rem % per;
-    rem /= per;
-  }
+  for (int a = 0; a < 3; ++a) ax[a] = na_axis(prm, a);
   bool empty = false;
   for (int a = 0; a < 3; ++a) {
-    g[a] = tk[a] / ax[a].qtiles;
-    const int first = na_group_first(ax[a].kvoff, ax[a].d, g[a]);
-    const int end = na_group_end(ax[a].kvoff, ax[a].nk, ax[a].d, g[a]);
-    k0[a] = first + (tk[a] % ax[a].qtiles) * KT[a];
-    empty = empty || k0[a] >= end;
-    k1[a] = na_min(k0[a] + KT[a], end);
+    // the block's key tile over the local key slab: tiling.h's decode (as the query tiles elsewhere)
+    const int u = na_tile_digit(blockIdx.x, ax[1].d * ax[1].qtiles, ax[2].d * ax[2].qtiles, a);
+    g[a] = na_tile_group(u, ax[a].qtiles);
+    k0[a] = na_tile_first(u, ax[a].qtiles, ax[a].kvoff, ax[a].d, KT[a]);
+    k1[a] = na_tile_last(u, ax[a].qtiles, ax[a].kvoff, ax[a].nk, ax[a].d, KT[a]) + 1;
+    empty = empty || k1[a] <= k0[a];
     Lg[a] = na_group_len(ax[a].L, ax[a].d, g[a]);
     qb[a] = na_max(na_query_begin(k0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal), na_group_first(ax[a].qoff, ax[a].d, g[a]));
     qe[a] = na_min(na_query_end(k1[a] - 1, Lg[a], ax[a].K, ax[a].s, ax[a].causal), na_group_end(ax[a].qoff, ax[a].n, ax[a].d, g[a]));
@@ -120,7 +124,12 @@ NA_BLOCK_SHARED long long tb_row[NA_TT];            // query row (token * H) of 
 NA_BLOCK_SHARED unsigned long long tb_in[NA_TT];    // bit u: query u of the tile lies inside the query range
 NA_BLOCK_SHARED int tb_info[NA_TT];                 // class | check bits << 2 | axis a's extent << (8 + 8a)
 NA_BLOCK_SHARED int tb_cr[3][NA_TT];                // the tile's first query - qb, per axis
-NA_BLOCK_SHARED long long row_q[BQ], row_o[BQ], row_l[BQ];  // from the tile's first query to its query u: elements of query, d_out; rows of lse
+NA_BLOCK_SHARED int row_t[BQ];                      // tokens from the tile's first query to its query u
+// per axis a and x in [0, QT[a]]: the tile's queries whose coordinate along a is below x (a query
+// tile's queries in [lo, hi) along a are pm[hi] & ~pm[lo], clamped: two shared loads instead of shifts
+// and selects)
+constexpr int PM1 = QT0 + 1, PM2 = QT0 + QT1 + 2;
+NA_BLOCK_SHARED unsigned long long pm[QT0 + QT1 + QT2 + 3];
 NA_BLOCK_SHARED int qwin_lo[3][BK], qwin_hi[3][BK];  // key row's queries per axis, relative to qb
 NA_BLOCK_SHARED int rpb_col[BQ];                    // query u's part of the rpb index
 
@@ -188,12 +197,13 @@ auto advance = [&](int& hh, int& lin) {
   }
 };
 
+if (tid < QT0 + QT1 + QT2 + 3) {
+  const int a = tid < PM1 ? 0 : (tid < PM2 ? 1 : 2);
+  pm[tid] = axis_bits(a, 0, tid - (a == 0 ? 0 : (a == 1 ? PM1 : PM2)));
+}
 if (tid < BQ) {
   const int u0 = tid / (QT1 * QT2), u1 = (tid / QT2) % QT1, u2 = tid % QT2;
-  const long long off = (((long long)(u0 * ax[0].d) * ax[1].n + u1 * ax[1].d) * ax[2].n + u2 * ax[2].d) * H;
-  row_q[tid] = off * D;
-  row_o[tid] = off * DV;
-  row_l[tid] = off;
+  row_t[tid] = (u0 * ax[0].d * ax[1].n + u1 * ax[1].d) * ax[2].n + u2 * ax[2].d;
   if (HAS_RPB) rpb_col[tid] = -((u0 * (2 * ax[1].K - 1) + u1) * (2 * ax[2].K - 1) + u2);
 } else if (tid < BQ + BK) {
   const int r = tid - BQ;
@@ -214,40 +224,39 @@ if (HAS_RPB)
   }
 
 // query tile (table entry e) of head hh -> buffer buf: each thread copies the same (row, chunk) pairs
-// of every tile. lse and delta go through registers (ll, dd) and are stored by store_ld after the
+// of every tile. Per 16-byte chunk: the row's token offset (shared), one wide multiply-add for the
+// address (a row outside the tile reads its first query, with 0 bytes), the row's bit of `in` at a
+// constant shift. lse and delta go through registers (ll, dd) and are stored by store_ld after the
 // tile in flight has been used, so their loads overlap the current tile's work.
+const unsigned query_tok = H * D * (unsigned)sizeof(T), out_tok = H * DV * (unsigned)sizeof(T);  // bytes per token
+// `chunks` is a null char (*)[CH]: CH (16-byte chunks per row) as a compile-time constant
+auto load_rows = [&](unsigned long long in, const T* g, unsigned tok, T* dst, int stride, auto chunks) {
+  constexpr int CH = (int)sizeof(*chunks);
+  const char* gb = reinterpret_cast<const char*>(g) + (128 % CH == 0 ? tid % CH * 16 : 0);
+  const unsigned long long inr = 128 % CH == 0 ? in >> (tid / CH) : in;
+#pragma unroll
+  for (int m = 0; m < (BQ * CH + 127) / 128; ++m) {
+    const int i = tid + 128 * m;
+    const int r = 128 % CH == 0 ? tid / CH + m * (128 / CH) : i / CH;
+    const int ch = 128 % CH == 0 ? tid % CH : i % CH;
+    if (BQ * CH % 128 == 0 || i < BQ * CH) {
+      const bool ok = ((unsigned)(inr >> (128 % CH == 0 ? m * (128 / CH) : r)) & 1u) != 0u;
+      const unsigned long long off = (unsigned long long)(unsigned)(ok ? row_t[r] : 0) * tok;  // one IMAD.WIDE.U32
+      na_cp_async16(dst + r * stride + ch * 8, gb + off + (128 % CH == 0 ? 0 : ch * 16), ok);
+    }
+  }
+};
 float ll = 0.f, dd = 0.f;
 auto load_q = [&](int e, int hh, int buf) {
   const unsigned long long in = tb_in[e];
   const long long row = tb_row[e] + hk * G + hh;
-  const T* qg = query + row * D;
-  const T* og = d_out + row * DV;
-  T* qd = Qs + buf * BQ * QS;
-  T* od = Os + buf * BQ * VS;
-#pragma unroll
-  for (int m = 0; m < (BQ * DCH + 127) / 128; ++m) {
-    const int i = tid + 128 * m;
-    const int r = 128 % DCH == 0 ? tid / DCH + m * (128 / DCH) : i / DCH;
-    const int ch = 128 % DCH == 0 ? tid % DCH : i % DCH;
-    if (BQ * DCH % 128 == 0 || i < BQ * DCH) {
-      const bool ok = (in >> r) & 1ull;
-      na_cp_async16(qd + r * QS + ch * 8, ok ? (const void*)(qg + row_q[r] + ch * 8) : (const void*)query, ok);
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < (BQ * DVCH + 127) / 128; ++m) {
-    const int i = tid + 128 * m;
-    const int r = 128 % DVCH == 0 ? tid / DVCH + m * (128 / DVCH) : i / DVCH;
-    const int ch = 128 % DVCH == 0 ? tid % DVCH : i % DVCH;
-    if (BQ * DVCH % 128 == 0 || i < BQ * DVCH) {
-      const bool ok = (in >> r) & 1ull;
-      na_cp_async16(od + r * VS + ch * 8, ok ? (const void*)(og + row_o[r] + ch * 8) : (const void*)d_out, ok);
-    }
-  }
+  load_rows(in, query + row * D, query_tok, Qs + buf * BQ * QS, QS, (char(*)[DCH]) nullptr);
+  load_rows(in, d_out + row * DV, out_tok, Os + buf * BQ * VS, VS, (char(*)[DVCH]) nullptr);
   if (tid < BQ) {
     const bool ok = (in >> tid) & 1ull;
-    ll = ok ? lse[row + row_l[tid]] * NA_LOG2E : -NA_NEG_INF;
-    dd = ok ? delta[row + row_l[tid]] : 0.f;
+    const long long q = row + (long long)row_t[tid] * H;
+    ll = ok ? lse[q] * NA_LOG2E : -NA_NEG_INF;
+    dd = ok ? delta[q] : 0.f;
   }
 };
 auto store_ld = [&](int buf) {
@@ -322,7 +331,12 @@ while (hh < G) {
       if (part) {
 #pragma unroll
         for (int a = 0; a < 3; ++a)
-          if (info & (4 << a)) msk[rr] &= axis_bits(a, qwin_lo[a][r] - cr[a], qwin_hi[a][r] - cr[a]);
+          if (info & (4 << a)) {
+            const unsigned long long* p = pm + (a == 0 ? 0 : (a == 1 ? PM1 : PM2));
+            const int lo = na_min(na_max(qwin_lo[a][r] - cr[a], 0), QT[a]);
+            const int hi = na_min(na_max(qwin_hi[a][r] - cr[a], 0), QT[a]);
+            msk[rr] &= p[hi] & ~p[lo];
+          }
       }
       msk[rr] >>= 2 * tig;  // bit j * 8 + i: column j * 8 + 2 tig + i
       bsk[rr] = (msk[rr] & (in >> (2 * tig)));
@@ -392,7 +406,7 @@ while (hh < G) {
         const bool ok = (HAS_RPB || part) ? ((msk[rr] >> bit) & 1ull) != 0ull : true;
         if (HAS_RPB && ((bsk[rr] >> bit) & 1ull))
           x += na_f(rpb_h[rpb_row[rr] + rpb_t + rpb_col[col]]) * NA_LOG2E;
-        const float p = ok ? exp2f(x - lbuf[col]) : 0.f;
+        const float p = ok ? ex2(x - lbuf[col]) : 0.f;
         s[j][e] = p;
         dp[j][e] = p * (dp[j][e] - dbuf[col]);
         if (e & 1) {  // A fragment register of (query subtile pair j / 2, rows rr, queries j % 2)

@@ -39,26 +39,30 @@ const int h = blockIdx.y, b = blockIdx.z;
 const int hk = h / (H / HKV);
 const float scale = scl[0];
 const float scale_log2 = scale * NA_LOG2E;
+// 2^x on the SFU alone (ex2.approx.ftz, relative error ~2^-22, subnormals flushed): exp2f wraps the
+// same instruction in a range check and two multiplies per element (the emulator takes exp2f)
+auto ex2 = [](float x) -> float {
+#ifdef NA_EMU
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+};
 
 NaAxis ax[3];
 int g[3], c0[3], c1[3], Lg[3], kb[3], ke[3], nkt[3];
 {
-  int rem = blockIdx.x;
-  int tq[3];
-  for (int a = 2; a >= 0; --a) {
-    ax[a] = na_axis(prm, a);
-    const int per = ax[a].d * ax[a].qtiles;
-    tq[a] = rem % per;
-    rem /= per;
-  }
+  for (int a = 0; a < 3; ++a) ax[a] = na_axis(prm, a);
   bool empty = false;
   for (int a = 0; a < 3; ++a) {
-    g[a] = tq[a] / ax[a].qtiles;
-    const int first = na_group_first(ax[a].qoff, ax[a].d, g[a]);
-    const int end = na_group_end(ax[a].qoff, ax[a].n, ax[a].d, g[a]);
-    c0[a] = first + (tq[a] % ax[a].qtiles) * QT[a];
-    empty = empty || c0[a] >= end;
-    c1[a] = na_min(c0[a] + QT[a], end) - 1;
+    // the block's query tile: tiling.h's decode, shared with the forward and the Metal kernels
+    const int u = na_tile_digit(blockIdx.x, ax[1].d * ax[1].qtiles, ax[2].d * ax[2].qtiles, a);
+    g[a] = na_tile_group(u, ax[a].qtiles);
+    c0[a] = na_tile_first(u, ax[a].qtiles, ax[a].qoff, ax[a].d, QT[a]);
+    c1[a] = na_tile_last(u, ax[a].qtiles, ax[a].qoff, ax[a].n, ax[a].d, QT[a]);
+    empty = empty || c1[a] < c0[a];
     Lg[a] = na_group_len(ax[a].L, ax[a].d, g[a]);
     kb[a] = na_tile_key_begin(c0[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
     ke[a] = na_tile_key_end(c1[a], Lg[a], ax[a].K, ax[a].s, ax[a].causal);
@@ -97,7 +101,11 @@ NA_BLOCK_SHARED long long tb_row[NA_TT];           // key row (token * HKV + hea
 NA_BLOCK_SHARED unsigned long long tb_in[NA_TT];   // bit u: key u of the tile lies inside the key range
 NA_BLOCK_SHARED int tb_info[NA_TT];                // class | check bits << 2 | axis a's extent << (8 + 8a)
 NA_BLOCK_SHARED int tb_kr[3][NA_TT];               // the tile's first key - kb, per axis
-NA_BLOCK_SHARED long long row_k[BK], row_v[BK];    // elements from the tile's first key to its key u
+NA_BLOCK_SHARED int row_t[BK];                     // tokens from the tile's first key to its key u
+// per axis a and x in [0, KT[a]]: the tile's keys whose coordinate along a is below x (a key tile's
+// keys in [lo, hi) along a are pm[hi] & ~pm[lo], clamped: two shared loads instead of shifts and selects)
+constexpr int PM1 = KT0 + 1, PM2 = KT0 + KT1 + 2;
+NA_BLOCK_SHARED unsigned long long pm[KT0 + KT1 + KT2 + 3];
 NA_BLOCK_SHARED int win_lo[3][BQ], win_hi[3][BQ];  // query row's window per axis, relative to kb
 NA_BLOCK_SHARED int rpb_col[BK];                   // key u's part of the rpb index
 
@@ -154,11 +162,13 @@ auto advance = [&](int lin) -> int {
   return lin;
 };
 
+if (tid < KT0 + KT1 + KT2 + 3) {
+  const int a = tid < PM1 ? 0 : (tid < PM2 ? 1 : 2);
+  pm[tid] = axis_bits(a, 0, tid - (a == 0 ? 0 : (a == 1 ? PM1 : PM2)));
+}
 if (tid < BK) {
   const int u0 = tid / (KT1 * KT2), u1 = (tid / KT2) % KT1, u2 = tid % KT2;
-  const long long off = ((long long)(u0 * ax[0].d) * ax[1].nk + u1 * ax[1].d) * ax[2].nk + u2 * ax[2].d;
-  row_k[tid] = off * HKV * D;
-  row_v[tid] = off * HKV * DV;
+  row_t[tid] = (u0 * ax[0].d * ax[1].nk + u1 * ax[1].d) * ax[2].nk + u2 * ax[2].d;
   if (HAS_RPB) rpb_col[tid] = (u0 * (2 * ax[1].K - 1) + u1) * (2 * ax[2].K - 1) + u2;
 } else if (tid < BK + BQ) {
   const int r = tid - BK;
@@ -201,34 +211,32 @@ for (int i = tid; i < BQ * (DCH + DVCH); i += 128) {
     na_cp_async16(Os + r * VS + ch * 8, ok ? (const void*)(d_out + row * DV + ch * 8) : (const void*)d_out, ok);
 }
 
-// key tile (table entry e) -> buffer buf: each thread copies the same (row, chunk) pairs of every tile
+// key tile (table entry e) -> buffer buf: each thread copies the same (row, chunk) pairs of every tile.
+// Per 16-byte chunk: the row's token offset (shared), one wide multiply-add for the address (a row
+// outside the tile reads its first key, with 0 bytes), the row's bit of `in` at a constant shift.
+const unsigned key_tok = HKV * D * (unsigned)sizeof(T), value_tok = HKV * DV * (unsigned)sizeof(T);  // bytes per token
+// `chunks` is a null char (*)[CH]: CH (16-byte chunks per row) as a compile-time constant
+auto load_rows = [&](unsigned long long in, const T* g, unsigned tok, T* dst, int stride, auto chunks) {
+  constexpr int CH = (int)sizeof(*chunks);
+  const char* gb = reinterpret_cast<const char*>(g) + (128 % CH == 0 ? tid % CH * 16 : 0);
+  const unsigned long long inr = 128 % CH == 0 ? in >> (tid / CH) : in;
+#pragma unroll
+  for (int m = 0; m < (BK * CH + 127) / 128; ++m) {
+    const int i = tid + 128 * m;
+    const int r = 128 % CH == 0 ? tid / CH + m * (128 / CH) : i / CH;
+    const int ch = 128 % CH == 0 ? tid % CH : i % CH;
+    if (BK * CH % 128 == 0 || i < BK * CH) {
+      const bool ok = ((unsigned)(inr >> (128 % CH == 0 ? m * (128 / CH) : r)) & 1u) != 0u;
+      const unsigned long long off = (unsigned long long)(unsigned)(ok ? row_t[r] : 0) * tok;  // one IMAD.WIDE.U32
+      na_cp_async16(dst + r * stride + ch * 8, gb + off + (128 % CH == 0 ? 0 : ch * 16), ok);
+    }
+  }
+};
 auto load_kv = [&](int e, int buf) {
   const unsigned long long in = tb_in[e];
   const long long row = tb_row[e];
-  const T* kg = key + row * D;
-  const T* vg = value + row * DV;
-  T* kd = Ks + buf * BK * QS;
-  T* vd = Vs + buf * BK * VS;
-#pragma unroll
-  for (int m = 0; m < (BK * DCH + 127) / 128; ++m) {
-    const int i = tid + 128 * m;
-    const int r = 128 % DCH == 0 ? tid / DCH + m * (128 / DCH) : i / DCH;
-    const int ch = 128 % DCH == 0 ? tid % DCH : i % DCH;
-    if (BK * DCH % 128 == 0 || i < BK * DCH) {
-      const bool ok = (in >> r) & 1ull;
-      na_cp_async16(kd + r * QS + ch * 8, ok ? (const void*)(kg + row_k[r] + ch * 8) : (const void*)key, ok);
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < (BK * DVCH + 127) / 128; ++m) {
-    const int i = tid + 128 * m;
-    const int r = 128 % DVCH == 0 ? tid / DVCH + m * (128 / DVCH) : i / DVCH;
-    const int ch = 128 % DVCH == 0 ? tid % DVCH : i % DVCH;
-    if (BK * DVCH % 128 == 0 || i < BK * DVCH) {
-      const bool ok = (in >> r) & 1ull;
-      na_cp_async16(vd + r * VS + ch * 8, ok ? (const void*)(vg + row_v[r] + ch * 8) : (const void*)value, ok);
-    }
-  }
+  load_rows(in, key + row * D, key_tok, Ks + buf * BK * QS, QS, (char(*)[DCH]) nullptr);
+  load_rows(in, value + row * DV, value_tok, Vs + buf * BK * VS, VS, (char(*)[DVCH]) nullptr);
 };
 
 build(0);  // its first barrier orders the row tables and gsh before any use
@@ -287,7 +295,12 @@ while (cur < ntiles) {
 #pragma unroll
         for (int a = 0; a < 3; ++a)
           if (info & (4 << a))
-            msk[rr] &= axis_bits(a, win_lo[a][r] - kr[a], na_min(win_hi[a][r] - kr[a], (info >> (8 + 8 * a)) & 255));
+          {
+            const unsigned long long* p = pm + (a == 0 ? 0 : (a == 1 ? PM1 : PM2));
+            const int lo = na_min(na_max(win_lo[a][r] - kr[a], 0), KT[a]);
+            const int hi = na_max(na_min(win_hi[a][r] - kr[a], (info >> (8 + 8 * a)) & 255), 0);  // extents <= KT[a]
+            msk[rr] &= p[hi] & ~p[lo];
+          }
       }
       msk[rr] >>= 2 * tig;  // bit j * 8 + i: column j * 8 + 2 tig + i
     }
@@ -349,7 +362,7 @@ while (cur < ntiles) {
         ri = rpb_row[rr] + rpb_t + rpb_col[j * 8 + tig * 2 + (e & 1)];
         x += na_f(rpb_h[ri]) * NA_LOG2E;
       }
-      const float p = ok ? exp2f(x - lse2[rr]) : 0.f;
+      const float p = ok ? ex2(x - lse2[rr]) : 0.f;
       const float ds = p * (dp[j][e] - dl[rr]);
       if (HAS_RPB && ok) atomicAdd(d_rpb_h + ri, ds);
       s[j][e] = ds;
