@@ -104,29 +104,29 @@ def test_plain_shared_loads_same_result():
     assert max(errs.values()) < TOL["float16"], errs
 
 
+@pytest.mark.parametrize("m_tiles,stages", [(1, 2), (2, 2), (1, 3)])
 @pytest.mark.parametrize("na_dim,tile", [(1, (128,)), (2, (16, 8)), (3, (8, 4, 4))])
-def test_128_query_forward(na_dim, tile):
-    """The forward with 128-query tiles (8 warps of 16 rows), partial tiles on every axis, stride,
-    dilation, rpb (1D, 2D) or causal (3D); the backward takes its default 64-tiles."""
+def test_128_query_forward(na_dim, tile, m_tiles, stages):
+    """The forward with 128-query tiles (8 warps of 16 rows, or 4 warps of 32 rows), partial tiles on
+    every axis, stride, dilation, rpb (1D, 2D) or causal (3D); the backward takes its default 64-tiles."""
     shape = {1: (150,), 2: (19, 13), 3: (9, 7, 6)}[na_dim]
     K = {1: (9,), 2: (5, 4), 3: (3, 4, 3)}[na_dim]
     cfg = dict(na_dim=na_dim, shape=shape, B=1, H=2, Hkv=1, D=16, Dv=8, E=0, K=K, s=(1,) * (na_dim - 1) + (2,),
                d=(2,) + (1,) * (na_dim - 1), c=(False,) * (na_dim - 1) + (na_dim == 3,), rpb=na_dim != 3, scale=None)
-    errs = run_and_compare(BACKEND.configure(tile=tile), cfg, "float16", np.random.default_rng(na_dim),
-                           check_backward=na_dim == 2)
+    errs = run_and_compare(BACKEND.configure(tile=tile, m_tiles=m_tiles, stages=stages), cfg, "float16", np.random.default_rng(na_dim),
+                           check_backward=na_dim == 2 and m_tiles == 1)
     assert max(errs.values()) < TOL["float16"], errs
 
 
-@pytest.mark.parametrize("tile", [None, (16, 8)])
-def test_key_tile_list_in_chunks(monkeypatch, tile):
+@pytest.mark.parametrize("stages", [2, 3])
+def test_key_tile_list_in_chunks(monkeypatch, stages):
     """The forward lists its key tiles in shared memory in chunks of plan.FWD_MAXT; a walk longer
-    than one chunk (here 3 tiles per chunk: the pipelined walk drains and restarts at each chunk)
-    gives the same result, with 4 and 8 warps."""
+    than one chunk (here 3 tiles per chunk) gives the same result, with 2 or 3 key-tile slots."""
     from natten_mlx_cuda import plan
 
     cfg = dict(na_dim=2, shape=(12, 16), B=1, H=1, Hkv=1, D=16, Dv=16, E=0, K=(7, 7), s=(1, 1), d=(1, 2),
                c=(False, False), rpb=True, scale=None)
     monkeypatch.setattr(plan, "FWD_MAXT", 3)
-    errs = run_and_compare(BACKEND.configure(tile=tile, key_tile=(4, 16)), cfg, "bfloat16", np.random.default_rng(3),
+    errs = run_and_compare(BACKEND.configure(key_tile=(4, 16), m_tiles=2, stages=stages), cfg, "bfloat16", np.random.default_rng(3),
                            check_backward=False)
     assert max(errs.values()) < TOL["bfloat16"], errs

@@ -63,11 +63,12 @@ def test_simple_sweep(cfg, dtype, seed):
     assert not bad, (errs, TOL[dtype])
 
 
-@pytest.mark.parametrize("tile", [(8, 8), (2, 32), (16, 4), (1, 64), (16, 8), (4, 32), (128, 1)])
-def test_tiles(tile):
+@pytest.mark.parametrize("tile,m_tiles", [((8, 8), 1), ((2, 32), 1), ((16, 4), 1), ((1, 64), 1), ((16, 8), 1), ((4, 32), 2),
+                                          ((8, 8), 2), ((16, 8), 2)])
+def test_tiles(tile, m_tiles):
     cfg = dict(na_dim=2, shape=(37, 29), B=2, H=4, Hkv=2, D=64, Dv=64, E=0, K=(9, 6), s=(2, 1), d=(2, 3),
                c=(False, True), rpb=False, scale=None)
-    errs = run_and_compare(BACKEND.configure(tile=tile, key_tile=(4, 16)), cfg, "float16",
+    errs = run_and_compare(BACKEND.configure(tile=tile, key_tile=(4, 16), m_tiles=m_tiles), cfg, "float16",
                            np.random.default_rng(3))
     assert max(errs.values()) < TOL["float16"], errs
 

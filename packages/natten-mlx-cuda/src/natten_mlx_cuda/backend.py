@@ -18,7 +18,7 @@ from .source import BODIES, Variant, body, header
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int32": mx.int32}
 _NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix")
+OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages")
 KERNELS = ("auto", "fmha", "simple")
 MAX_GRID_YZ = 65535
 MAX_THREADS = 2**31 - 1
@@ -68,7 +68,9 @@ class CudaBackend:
     plan.fitted_tiles, which computes the fewest (query, key) pairs; with a tile alone, the rank's box
     in the forward and the query tile in the backward), ``kernel`` ("auto",
     "fmha" or "simple": which kernels; "fmha" refuses problems it cannot serve), ``ldmatrix``
-    (True: the tensor-core kernels read B fragments through ldmatrix; False: through plain shared loads).
+    (True: the tensor-core kernels read B fragments through ldmatrix; False: through plain shared loads),
+    ``m_tiles`` (1 or 2: m-tiles of 16 query rows per warp in the forward; 2 halves its shared-memory reads per mma),
+    ``stages`` (2 or 3: key-tile slots of the forward's cp.async ring).
     """
 
     name = "cuda"
@@ -78,7 +80,9 @@ class CudaBackend:
     description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16)"
 
     def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True,
-                 ldmatrix: bool = True):
+                 ldmatrix: bool = True, m_tiles=None, stages=None):
+        self.m_tiles = m_tiles
+        self.stages = stages
         self.tile = tile
         self.key_tile = key_tile
         self.kernel = kernel
@@ -98,6 +102,12 @@ class CudaBackend:
         ldmatrix = options.get("ldmatrix", self.ldmatrix)
         if not isinstance(ldmatrix, bool):
             raise TypeError(f"cuda backend: ldmatrix={ldmatrix!r} must be a bool")
+        m_tiles = options.get("m_tiles", self.m_tiles)
+        if m_tiles is not None and (isinstance(m_tiles, bool) or m_tiles not in (1, 2)):
+            raise ValueError(f"cuda backend: m_tiles={m_tiles!r} must be 1 or 2 (16-row m-tiles per warp in the forward)")
+        stages = options.get("stages", self.stages)
+        if stages is not None and (isinstance(stages, bool) or stages not in (2, 3)):
+            raise ValueError(f"cuda backend: stages={stages!r} must be 2 or 3 (key-tile slots of the forward's load ring)")
         for what in ("tile", "key_tile"):
             t = options.get(what)
             if t is not None:
@@ -107,15 +117,15 @@ class CudaBackend:
         new = (
             tuple(options["tile"]) if options.get("tile") is not None else self.tile,
             tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
-            kernel, ldmatrix,
+            kernel, ldmatrix, m_tiles, stages,
         )
-        if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix):
+        if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix, self.m_tiles, self.stages):
             return self
         # the same options give the same object, so calls share the core's cached functions
         if new not in self._configured:
             self._configured[new] = CudaBackend(
                 tile=new[0], key_tile=new[1], kernel=kernel, runner=self._runner,
-                require_device=self._require_device, ldmatrix=ldmatrix,
+                require_device=self._require_device, ldmatrix=ldmatrix, m_tiles=m_tiles, stages=stages,
             )
         return self._configured[new]
 
@@ -180,7 +190,8 @@ class CudaBackend:
         extra = additional_keys is not None
         out_dtype = "float32" if extra else dtype
         qt, kt = self._tiles(geo, forward=True)
-        launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix)
+        launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix,
+                              self.m_tiles, self.stages)
         out, lse = self._runner(launch, [
             query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
             value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),

@@ -27,6 +27,8 @@ THREADS = 128
 # 30.9 / 115 / 0.48 with 128-query tiles of 8 warps: two blocks of 4 warps per SM wait on their own
 # barriers, and the 128-row tiles' union of windows is wider)
 FWD_TILES = (64, 128)
+FWD_STAGES = 2  # key-tile slots in the forward's cp.async ring (2 or 3)
+FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2; 2 measured slower: G2 46.8 ms against 35.4)
 # the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
 # walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
 FWD_GEO = 36
@@ -209,7 +211,7 @@ def _r16(x: int) -> int:
 
 
 def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None,
-            ldsm: bool = True) -> Launch:
+            ldsm: bool = True, m_tiles: int | None = None, stages: int | None = None) -> Launch:
     """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32."""
     outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
     if not fast:
@@ -219,9 +221,10 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
     fit_q, fit_k = fitted_tiles(geo)
     qt = tile or fit_q
     kt = key_tile or (fit_k if tile is None else default_tile(geo))
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
+    mt = m_tiles or FWD_MT
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages)
     prm = params(geo, qt)
-    threads = qt[0] * qt[1] * qt[2] * 2  # 16 rows per warp
+    threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
     return Launch(v, (_blocks(prm) * threads, geo.H, geo.B), (threads, 1, 1), outs, None, prm)
 
 
@@ -291,7 +294,10 @@ def compile_variants() -> list:
     for j, qt in enumerate(((1, 1, 128), (1, 16, 8), (8, 4, 4))):  # 128-query tiles, every rank
         d, dv = dims[j]
         out.append(_fmha_variant(FAST_DTYPES[j % 2], FAST_DTYPES[j % 2], d, dv, qt, tiles[j][1], j == 1))  # 8 warps
-        out.append(_fmha_variant(FAST_DTYPES[j % 2], "float32", dv, d, qt, tiles[j][1], j != 1))
+        out.append(_fmha_variant(FAST_DTYPES[j % 2], "float32", dv, d, qt, tiles[j][1], j != 1, mt=2))  # 4 warps x 32 rows
+    out.append(_fmha_variant("float16", "float16", 128, 128, (1, 8, 8), (1, 8, 8), True, mt=2))  # 2 warps x 32 rows
+    out.append(_fmha_variant("bfloat16", "bfloat16", 128, 64, (1, 16, 8), (1, 8, 8), False, stages=3))  # 3 slots
+    out.append(_fmha_variant("float16", "float32", 32, 32, (2, 4, 8), (4, 4, 4), True, mt=2, stages=3))
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
@@ -332,8 +338,8 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
-    stages = 2  # slots of the K and V rings
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None) -> Variant:
+    stages = stages or FWD_STAGES
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
     # the column masks (3 x 65 64-bit words), the block geometry, the row windows, the key-tile list and
@@ -343,6 +349,6 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
-         ("NW", bq // 16), ("MAXT", FWD_MAXT)),
+         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", FWD_MAXT), ("STAGES", stages)),
         (bq * (dp + 8) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2 + tables,
     )

@@ -1,28 +1,27 @@
 // Fused neighborhood attention forward on the tensor cores (float16/bfloat16), flash-attention style.
 // One block of NW warps per (query tile, head, batch). The query tile is a box of QT0 x QT1 x QT2 =
-// 16 NW in-group coordinates of one dilation group per axis (tiling.h); the union of its windows is
-// one key range per axis, walked in key tiles of KT0 x KT1 x KT2 = 64 keys through two-slot rings of
-// K and V in shared memory, filled by cp.async. Each warp owns 16 query rows: S = Q K^T and O += P V
-// through mma.sync m16n8k16, the online softmax (base 2) in registers, S of the next tile computed
-// while the softmax of the current one runs. Per-element masks only on key tiles that tiling.h
-// classes PARTIAL (or that the key range truncates); SKIP tiles are never loaded.
+// 16 MT NW in-group coordinates of one dilation group per axis (tiling.h); the union of its windows is
+// one key range per axis, walked in key tiles of KT0 x KT1 x KT2 = 64 keys, in a ring of STAGES shared
+// memory slots filled through cp.async (STAGES - 1 tiles in flight while one is computed). Each warp owns 16 MT query rows (MT = 2 halves the shared-memory reads
+// per mma: each K or V fragment serves both m-tiles, as in FlashAttention-2): S = Q K^T and O += P V through mma.sync
+// m16n8k16, the online softmax (base 2) in registers. Per-element masks only on key tiles that
+// tiling.h classes PARTIAL (or that the key range truncates); SKIP tiles are never loaded.
 //
 // The per-tile bookkeeping is done once per block, not once per tile and thread: the block's
 // geometry, each query row's window and the list of key tiles (class, extents, first token) are
 // built cooperatively into shared memory before the walk (in chunks of MAXT tiles), so the loop
-// spends its instructions on the mma, the softmax and the loads (measured with ncu on the H200: the
-// kernels were issue-bound; see NOTES.md).
+// spends its instructions on the mma, the softmax and the loads. (Measured on the H200: the kernels
+// were issue-bound, with ~100 registers of per-block geometry live across the loop.)
 //
 // Inputs query [B, N, H, D], key [B, NK, HKV, D], value [B, NK, HKV, DV], rpb [H, prod(2K-1)] (one
 // dummy element without HAS_RPB), prm, scl. Outputs out [B, N, H, DV] (OT), lse [B, N, H] float32.
 // Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB, LDSM
-// (B fragments through ldmatrix), NW (warps: 4 or 8), MAXT (key tiles listed per chunk of the walk).
-constexpr int MT = 1;      // m-tiles of 16 rows per warp (the arrays keep the index)
-constexpr int STAGES = 2;  // slots per ring
+// (B fragments through ldmatrix), NW (warps: 4 or 8), MT (m-tiles of 16 query rows per warp: 1 or 2),
+// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots).
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
-static_assert(BQ == 16 * NW && BK == 64, "query tiles of 16 rows per warp, key tiles of 64 keys");
+static_assert(BQ == 16 * MT * NW && BK == 64, "query tiles of 16 MT rows per warp, key tiles of 64 keys");
 constexpr int QS = DP + 8;   // shared row stride (elements) of Q and K: 16 bytes of padding against bank conflicts
 constexpr int VS = DVP + 8;  // same for V
 constexpr int DCH = D / 8, DVCH = DV / 8;  // 16-byte chunks per row
@@ -159,29 +158,24 @@ const T* kbase = key + ((long long)b * NK * HKV + hk) * D;
 const T* vbase = value + ((long long)b * NK * HKV + hk) * DV;
 // The tile's key rows: row r is token tok + koff[r] when its coordinates are inside the tile's extents
 // (bit r of ok_rows; no test for tiles with full extents). Each thread copies chunk ch of rows r,
-// r + NT / DCH, ...: compile-time steps, so rows and chunks fold into constants (SASS: ~36
-// instructions per 16-byte chunk before, with division, a 3-axis decode and 64-bit multiplies).
-// load_part copies the keys (is_v false) or the values of listed tile i into ring slot `slot`.
-auto load_part = [&](int i, int slot, bool is_v) {
-  const int tok = tl[5 * i], meta = tl[5 * i + 4];
-  const bool check = (meta & NA_FWD_SHORT) != 0;
-  const unsigned long long ok_rows =
-      check ? pm[(meta >> 5) & 127] & pm[(BK + 1) + ((meta >> 12) & 127)] & pm[2 * (BK + 1) + ((meta >> 19) & 127)] : ~0ull;
-  if (!is_v) {
-    T* dst = Ks + slot * BK * QS;
-    #pragma unroll
-    for (int it = 0; it < (BK * DCH + NT - 1) / NT; ++it) {
-      const int i2 = tid + it * NT;
-      if ((BK * DCH) % NT == 0 || i2 < BK * DCH) {
-        const int r = i2 / DCH, ch = i2 % DCH;
-        const bool ok = !check || ((ok_rows >> r) & 1ull);
-        // a token index and a row pitch are non-negative ints: one 32 x 32 -> 64-bit multiply
-        const unsigned tk = ok ? (unsigned)(tok + koff[r]) : 0u;
-        na_cp_async16(dst + r * QS + ch * 8, kbase + (unsigned long long)tk * dchpitch + ch * 8, ok);
-      }
+// r + NT / DCH, ...: compile-time steps, so rows and chunks fold into constants, and when K and V rows
+// have as many chunks one token index serves both copies (SASS: ~36 instructions per 16-byte chunk
+// before, with division, a 3-axis decode and 64-bit multiplies per chunk).
+auto load_rows = [&](int tok, T* kd, T* vd, bool check, unsigned long long ok_rows) {
+  constexpr bool SAME = DCH == DVCH;
+  #pragma unroll
+  for (int it = 0; it < (BK * DCH + NT - 1) / NT; ++it) {
+    const int i2 = tid + it * NT;
+    if ((BK * DCH) % NT == 0 || i2 < BK * DCH) {
+      const int r = i2 / DCH, ch = i2 % DCH;
+      const bool ok = !check || ((ok_rows >> r) & 1ull);
+      // a token index and a row pitch are non-negative ints: one 32 x 32 -> 64-bit multiply
+      const unsigned tk = ok ? (unsigned)(tok + koff[r]) : 0u;
+      na_cp_async16(kd + r * QS + ch * 8, kbase + (unsigned long long)tk * dchpitch + ch * 8, ok);
+      if (SAME) na_cp_async16(vd + r * VS + ch * 8, vbase + (unsigned long long)tk * dvchpitch + ch * 8, ok);
     }
-  } else {
-    T* dst = Vs + slot * BK * VS;
+  }
+  if (!SAME)
     #pragma unroll
     for (int it = 0; it < (BK * DVCH + NT - 1) / NT; ++it) {
       const int i2 = tid + it * NT;
@@ -189,10 +183,19 @@ auto load_part = [&](int i, int slot, bool is_v) {
         const int r = i2 / DVCH, ch = i2 % DVCH;
         const bool ok = !check || ((ok_rows >> r) & 1ull);
         const unsigned tk = ok ? (unsigned)(tok + koff[r]) : 0u;
-        na_cp_async16(dst + r * VS + ch * 8, vbase + (unsigned long long)tk * dvchpitch + ch * 8, ok);
+        na_cp_async16(vd + r * VS + ch * 8, vbase + (unsigned long long)tk * dvchpitch + ch * 8, ok);
       }
     }
-  }
+};
+auto load_kv = [&](int i, int buf) {
+  T* kd = Ks + buf * BK * QS;
+  T* vd = Vs + buf * BK * VS;
+  const int tok = tl[5 * i], meta = tl[5 * i + 4];
+  if (meta & NA_FWD_SHORT)
+    load_rows(tok, kd, vd, true,
+              pm[(meta >> 5) & 127] & pm[(BK + 1) + ((meta >> 12) & 127)] & pm[2 * (BK + 1) + ((meta >> 19) & 127)]);
+  else
+    load_rows(tok, kd, vd, false, 0ull);
 };
 
 __syncthreads();  // the row table
@@ -205,202 +208,234 @@ for (int i = tid; i < BQ * DCH; i += NT) {
 }
 na_cp_commit();
 
-// this thread's query rows: the warp holds rows warp * 16 + gid (+ 8)
+// this thread's query rows: m-tile mt of the warp holds rows (warp * MT + mt) * 16 + gid (+ 8)
 int r_own[MT][2];
-r_own[0][0] = warp * 16 + gid;
-r_own[0][1] = r_own[0][0] + 8;
-unsigned qf[DP / 16][4];  // Q as A fragments, read once
+#pragma unroll
+for (int mt = 0; mt < MT; ++mt) {
+  r_own[mt][0] = (warp * MT + mt) * 16 + gid;
+  r_own[mt][1] = r_own[mt][0] + 8;
+}
+// Q as A fragments in registers when they fit beside two m-tiles' accumulators; else read from
+// shared memory per k step (each one then serves 8 mma)
+constexpr bool QREG = MT == 1 || DP <= 64;
+unsigned qf[QREG ? MT : 1][QREG ? DP / 16 : 1][4];
 float o[MT][DVP / 8][4];
 #pragma unroll
-for (int jn = 0; jn < DVP / 8; ++jn)
+for (int mt = 0; mt < MT; ++mt)
   #pragma unroll
-  for (int e = 0; e < 4; ++e) o[0][jn][e] = 0.f;
+  for (int jn = 0; jn < DVP / 8; ++jn)
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) o[mt][jn][e] = 0.f;
 float mrow[MT][2], lrow[MT][2];
 #pragma unroll
-for (int rr = 0; rr < 2; ++rr) {
-  mrow[0][rr] = NA_NEG_INF;
-  lrow[0][rr] = 0.f;
-}
+for (int mt = 0; mt < MT; ++mt)
+  #pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    mrow[mt][rr] = NA_NEG_INF;
+    lrow[mt][rr] = 0.f;
+  }
 const int R = prm[NA_P_RPB];
 const int K0 = prm[8 + 5], K1 = prm[18 + 5], K2 = prm[28 + 5];  // rpb indexing
 const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
-const unsigned short* kring = reinterpret_cast<const unsigned short*>(Ks);
-const unsigned short* vring = reinterpret_cast<const unsigned short*>(Vs);
-// without rpb the scores stay raw (masked ones -inf): with a positive scale the row max commutes
-// with it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
-const bool raw = !HAS_RPB && scale_log2 > 0.f;
-
-// S = Q K^T of one key tile; k outermost: the 8 accumulators of a k step are independent
-auto qk = [&](const unsigned short* kbuf, float (&sx)[8][4]) {
-  #pragma unroll
-  for (int j = 0; j < 8; ++j)
-    #pragma unroll
-    for (int e = 0; e < 4; ++e) sx[j][e] = 0.f;
-  #pragma unroll
-  for (int kk = 0; kk < DP / 16; ++kk)
-    #pragma unroll
-    for (int j = 0; j < 8; j += 2) {
-      unsigned bf[4];
-      na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
-      na_mma<T>(sx[j], qf[kk], bf);
-      na_mma<T>(sx[j + 1], qf[kk], bf + 2);
-    }
-};
-
-// masks (PARTIAL tiles), rpb, the online softmax and O += P V of listed tile t from V slot vbuf
-auto softmax_pv = [&](int t, float (&sx)[8][4], const unsigned short* vbuf) {
-  const int meta = tl[5 * t + 4];
-  const int cls = meta & 3, chk = (meta >> 2) & 7;
-  const int k0[3] = {tl[5 * t + 1], tl[5 * t + 2], tl[5 * t + 3]};
-  if (HAS_RPB || cls == NA_TILE_PARTIAL) {
-    // per row, the tile's valid columns as bits (pm), shifted so that bit 8 j + e is this
-    // thread's column j * 8 + 2 tig + e; only the checked axes cost anything
-    unsigned vb[2][2];
-    #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      unsigned long long m = ~0ull;
-      if (cls == NA_TILE_PARTIAL)
-        #pragma unroll
-        for (int a = 0; a < 3; ++a)
-          if (chk & (1 << a)) {
-            const int ext = (meta >> (5 + 7 * a)) & 127;
-            const int lo = na_min(na_max(rows[8 * r_own[0][rr] + a] - k0[a], 0), KT[a]);
-            const int hi = na_min(na_max(na_min(rows[8 * r_own[0][rr] + 3 + a], k0[a] + ext) - k0[a], 0), KT[a]);
-            m &= pm[(BK + 1) * a + hi] & ~pm[(BK + 1) * a + lo];
-          }
-      m >>= 2 * tig;
-      vb[rr][0] = (unsigned)m;
-      vb[rr][1] = (unsigned)(m >> 32);
-    }
-    #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rr = e >> 1;
-        float x = raw ? sx[j][e] : sx[j][e] * scale_log2;
-        const int col = j * 8 + tig * 2 + (e & 1);
-        const bool ok = (vb[rr][j >> 2] >> (8 * (j & 3) + (e & 1))) & 1u;
-        if (!ok) {
-          x = NA_NEG_INF;
-        } else if (HAS_RPB) {
-          const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
-          const int r = r_own[0][rr];
-          const int uq[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
-          const int kc[3] = {k0[0] + u[0] - c0[0] - uq[0], k0[1] + u[1] - c0[1] - uq[1], k0[2] + u[2] - c0[2] - uq[2]};
-          const int ri = ((kc[0] + K0 - 1) * (2 * K1 - 1) + (kc[1] + K1 - 1)) * (2 * K2 - 1) + (kc[2] + K2 - 1);
-          // absent rows have no window: their index may leave the table, so they read entry 0
-          x += na_f(rpb[(long long)h * R + (rows[8 * r + 6] ? ri : 0)]) * NA_LOG2E;
-        }
-        sx[j][e] = x;
-      }
-  } else if (!raw) {
-    #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) sx[j][e] *= scale_log2;
-  }
-  float alpha[2];
-  #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float mx = NA_NEG_INF;
-    #pragma unroll
-    for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(sx[j][2 * rr], sx[j][2 * rr + 1]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    if (raw) mx *= scale_log2;
-    const float mnew = fmaxf(mrow[0][rr], mx);
-    const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
-    alpha[rr] = mnew == mrow[0][rr] ? 1.f : na_exp2(mrow[0][rr] - muse);
-    mrow[0][rr] = mnew;
-    float sum = 0.f;
-    const float sc = raw ? scale_log2 : 1.f;
-    #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float p = na_exp2(fmaf(sx[j][2 * rr + e], sc, -muse));
-        sx[j][2 * rr + e] = p;
-        sum += p;
-      }
-    lrow[0][rr] = lrow[0][rr] * alpha[rr] + sum;
-  }
-  // the running max of most rows stops moving after a few tiles: rescale the accumulators only
-  // when the max of some row of the warp moved (else every alpha is 1)
-  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
-    #pragma unroll
-    for (int jn = 0; jn < DVP / 8; ++jn) {
-      o[0][jn][0] *= alpha[0];
-      o[0][jn][1] *= alpha[0];
-      o[0][jn][2] *= alpha[1];
-      o[0][jn][3] *= alpha[1];
-    }
-  #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    unsigned pf[4];
-    pf[0] = NaType<T>::pack2(sx[2 * kk][0], sx[2 * kk][1]);
-    pf[1] = NaType<T>::pack2(sx[2 * kk][2], sx[2 * kk][3]);
-    pf[2] = NaType<T>::pack2(sx[2 * kk + 1][0], sx[2 * kk + 1][1]);
-    pf[3] = NaType<T>::pack2(sx[2 * kk + 1][2], sx[2 * kk + 1][3]);
-    #pragma unroll
-    for (int jn = 0; jn < DVP / 8; jn += 2) {
-      unsigned bf[4];
-      na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
-      na_mma<T>(o[0][jn], pf, bf);
-      na_mma<T>(o[0][jn + 1], pf, bf + 2);
-    }
-  }
-};
-
-// The walk, software-pipelined across key tiles (as FlashAttention-3 does across warpgroups): each
-// iteration computes S of the next tile on the tensor cores while the softmax of the current one runs
-// on the other pipes, then O += P V of the current one. K and V have rings of two slots each, offset by
-// one tile: the walk's j-th tile has its K in slot j % 2 and its V in slot j % 2; iteration j reads K of
-// tile j + 1 and V of tile j, and refills the slots that iteration j - 1 read (K of tile j, V of tile
-// j - 1) with K of tile j + 2 and V of tile j + 1, after the one barrier that ends their use.
 bool have_q = false;
+int buf = 0;  // ring slot of the tile computed next
+// tiles in flight beyond the current one (STAGES - 2 of them), cn when none
+int ahead[STAGES > 2 ? STAGES - 2 : 1];
+
 for (int cs = 0; cs < ntiles; cs += MAXT) {
   const int cn = na_min(MAXT, ntiles - cs);
-  __syncthreads();  // nobody reads the previous chunk's list or the rings any more
+  __syncthreads();  // nobody reads the previous chunk's list any more
   build(cs, cn);
   __syncthreads();
   int cur = next_tile(0, cn);
-  int nx = cur < cn ? next_tile(cur + 1, cn) : cn;
-  if (cur < cn) {
-    load_part(cur, 0, false);
-    load_part(cur, 0, true);
-  }
-  if (nx < cn) load_part(nx, 1, false);
+  if (cur < cn) load_kv(cur, buf);
   na_cp_commit();
-  na_cp_wait_all();
-  __syncthreads();
-  if (!have_q) {  // Q's copies were committed first: complete too
+  {
+    int t = cur;
 #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) na_frag_a<LDSM>(qf[kk], qs, QS, warp * 16, kk * 16, lane);
+    for (int st = 0; st < STAGES - 2; ++st) {
+      t = t < cn ? next_tile(t + 1, cn) : cn;
+      ahead[st] = t;
+      if (t < cn) load_kv(t, (buf + 1 + st) % STAGES);
+      na_cp_commit();
+    }
+  }
+  if (!have_q) {
+    na_cp_wait_all();
+    __syncthreads();
+    if (QREG) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk)
+          na_frag_a<LDSM>(qf[QREG ? mt : 0][QREG ? kk : 0], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
+    }
     have_q = true;
   }
-  if (cur >= cn) continue;
-  float s[8][4], sn[8][4];
-  qk(kring, s);
-  for (int j = 0; cur < cn; ++j) {
-    const int slot = j & 1;
-    na_cp_wait_all();  // the previous iteration's loads: K of tile j + 1, V of tile j
+  while (cur < cn) {
+    // One barrier per tile: once the current tile's copies are complete (every group but the newest
+    // STAGES - 2) and every warp is past the barrier, every warp has finished the previous tile, so
+    // its slot takes the next load; the compute of this tile hides that load.
+    na_cp_wait<STAGES - 2>();
     __syncthreads();
-    const int nx2 = nx < cn ? next_tile(nx + 1, cn) : cn;
-    if (nx2 < cn) load_part(nx2, slot, false);
-    if (nx < cn) load_part(nx, slot ^ 1, true);
+    const int last = STAGES > 2 ? ahead[STAGES > 2 ? STAGES - 3 : 0] : cur;
+    const int issue = last < cn ? next_tile(last + 1, cn) : cn;
+    if (issue < cn) load_kv(issue, (buf + STAGES - 1) % STAGES);
     na_cp_commit();
-    if (nx < cn) qk(kring + (slot ^ 1) * BK * QS, sn);
-    softmax_pv(cur, s, vring + slot * BK * VS);
+
+    const int meta = tl[5 * cur + 4];
+    const int cls = meta & 3, chk = (meta >> 2) & 7;
+    const int k0[3] = {tl[5 * cur + 1], tl[5 * cur + 2], tl[5 * cur + 3]};
+    const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
+    const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
+
+    float s[MT][8][4];
     #pragma unroll
-    for (int j2 = 0; j2 < 8; ++j2)
+    for (int mt = 0; mt < MT; ++mt)
       #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j2][e] = sn[j2][e];
-    cur = nx;
-    nx = nx2;
+      for (int j = 0; j < 8; ++j)
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+    // k outermost: the 8 MT accumulators of a k step are independent, so consecutive mma never wait
+    // on each other; each B fragment read from shared memory serves MT m-tiles
+    #pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      unsigned af[QREG ? 1 : MT][4];
+      if (!QREG)
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) na_frag_a<LDSM>(af[QREG ? 0 : mt], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
+      #pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        unsigned bf[4];
+        na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const unsigned* a = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : af[QREG ? 0 : mt];
+          na_mma<T>(s[mt][j], a, bf);
+          na_mma<T>(s[mt][j + 1], a, bf + 2);
+        }
+      }
+    }
+    // without rpb the scores stay raw (masked ones -inf): with a positive scale the row max commutes
+    // with it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
+    const bool raw = !HAS_RPB && scale_log2 > 0.f;
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (HAS_RPB || cls == NA_TILE_PARTIAL) {
+        // per row, the tile's valid columns as bits (pm), shifted so that bit 8 j + e is this
+        // thread's column j * 8 + 2 tig + e; only the checked axes cost anything
+        unsigned vb[2][2];
+        #pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          unsigned long long m = ~0ull;
+          if (cls == NA_TILE_PARTIAL)
+            #pragma unroll
+            for (int a = 0; a < 3; ++a)
+              if (chk & (1 << a)) {
+                const int ext = (meta >> (5 + 7 * a)) & 127;
+                const int lo = na_min(na_max(rows[8 * r_own[mt][rr] + a] - k0[a], 0), KT[a]);
+                const int hi = na_min(na_max(na_min(rows[8 * r_own[mt][rr] + 3 + a], k0[a] + ext) - k0[a], 0), KT[a]);
+                m &= pm[(BK + 1) * a + hi] & ~pm[(BK + 1) * a + lo];
+              }
+          m >>= 2 * tig;
+          vb[rr][0] = (unsigned)m;
+          vb[rr][1] = (unsigned)(m >> 32);
+        }
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1;
+            float x = raw ? s[mt][j][e] : s[mt][j][e] * scale_log2;
+            const int col = j * 8 + tig * 2 + (e & 1);
+            const bool ok = (vb[rr][j >> 2] >> (8 * (j & 3) + (e & 1))) & 1u;
+            if (!ok) {
+              x = NA_NEG_INF;
+            } else if (HAS_RPB) {
+              const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
+              const int r = r_own[mt][rr];
+              const int uq[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
+              const int kc[3] = {k0[0] + u[0] - c0[0] - uq[0], k0[1] + u[1] - c0[1] - uq[1], k0[2] + u[2] - c0[2] - uq[2]};
+              const int ri = ((kc[0] + K0 - 1) * (2 * K1 - 1) + (kc[1] + K1 - 1)) * (2 * K2 - 1) + (kc[2] + K2 - 1);
+              // absent rows have no window: their index may leave the table, so they read entry 0
+              x += na_f(rpb[(long long)h * R + (rows[8 * r + 6] ? ri : 0)]) * NA_LOG2E;
+            }
+            s[mt][j][e] = x;
+          }
+      } else if (!raw) {
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
+      }
+      float alpha[2];
+      #pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = NA_NEG_INF;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        if (raw) mx *= scale_log2;
+        const float mnew = fmaxf(mrow[mt][rr], mx);
+        const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
+        alpha[rr] = mnew == mrow[mt][rr] ? 1.f : na_exp2(mrow[mt][rr] - muse);
+        mrow[mt][rr] = mnew;
+        float sum = 0.f;
+        const float sc = raw ? scale_log2 : 1.f;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = na_exp2(fmaf(s[mt][j][2 * rr + e], sc, -muse));
+            s[mt][j][2 * rr + e] = p;
+            sum += p;
+          }
+        lrow[mt][rr] = lrow[mt][rr] * alpha[rr] + sum;
+      }
+      // the running max of most rows stops moving after a few tiles: rescale the accumulators only
+      // when the max of some row of the warp moved (else every alpha is 1)
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+        #pragma unroll
+        for (int jn = 0; jn < DVP / 8; ++jn) {
+          o[mt][jn][0] *= alpha[0];
+          o[mt][jn][1] *= alpha[0];
+          o[mt][jn][2] *= alpha[1];
+          o[mt][jn][3] *= alpha[1];
+        }
+    }
+    #pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      unsigned pf[MT][4];
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pf[mt][0] = NaType<T>::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        pf[mt][1] = NaType<T>::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        pf[mt][2] = NaType<T>::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        pf[mt][3] = NaType<T>::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+      #pragma unroll
+      for (int jn = 0; jn < DVP / 8; jn += 2) {
+        unsigned bf[4];
+        na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          na_mma<T>(o[mt][jn], pf[mt], bf);
+          na_mma<T>(o[mt][jn + 1], pf[mt], bf + 2);
+        }
+      }
+    }
+    const int nxt = STAGES > 2 ? ahead[0] : issue;
+#pragma unroll
+    for (int st = 0; st + 1 < STAGES - 2; ++st) ahead[st] = ahead[st + 1];
+    if (STAGES > 2) ahead[STAGES > 2 ? STAGES - 3 : 0] = issue;
+    cur = nxt;
+    buf = buf + 1 == STAGES ? 0 : buf + 1;
   }
 }
 
 #pragma unroll
+
 for (int mt = 0; mt < MT; ++mt)
   #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
