@@ -44,17 +44,6 @@ const int hk = blockIdx.y, b = blockIdx.z;
 const int G = H / HKV;
 const float scale = scl[0];
 const float scale_log2 = scale * NA_LOG2E;
-// 2^x on the SFU alone (ex2.approx.ftz, relative error ~2^-22, subnormals flushed, 2^-inf = 0): exp2f
-// wraps the same instruction in a range check and two multiplies per element (the emulator takes exp2f)
-auto ex2 = [](float x) -> float {
-#ifdef NA_EMU
-  return exp2f(x);
-#else
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-#endif
-};
 const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
 
 NaAxis ax[3];
@@ -406,7 +395,7 @@ while (hh < G) {
         const bool ok = (HAS_RPB || part) ? ((msk[rr] >> bit) & 1ull) != 0ull : true;
         if (HAS_RPB && ((bsk[rr] >> bit) & 1ull))
           x += na_f(rpb_h[rpb_row[rr] + rpb_t + rpb_col[col]]) * NA_LOG2E;
-        const float p = ok ? ex2(x - lbuf[col]) : 0.f;
+        const float p = ok ? na_exp2(x - lbuf[col]) : 0.f;
         s[j][e] = p;
         dp[j][e] = p * (dp[j][e] - dbuf[col]);
         if (e & 1) {  // A fragment register of (query subtile pair j / 2, rows rr, queries j % 2)

@@ -39,17 +39,6 @@ const int h = blockIdx.y, b = blockIdx.z;
 const int hk = h / (H / HKV);
 const float scale = scl[0];
 const float scale_log2 = scale * NA_LOG2E;
-// 2^x on the SFU alone (ex2.approx.ftz, relative error ~2^-22, subnormals flushed): exp2f wraps the
-// same instruction in a range check and two multiplies per element (the emulator takes exp2f)
-auto ex2 = [](float x) -> float {
-#ifdef NA_EMU
-  return exp2f(x);
-#else
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-#endif
-};
 
 NaAxis ax[3];
 int g[3], c0[3], c1[3], Lg[3], kb[3], ke[3], nkt[3];
@@ -362,7 +351,7 @@ while (cur < ntiles) {
         ri = rpb_row[rr] + rpb_t + rpb_col[j * 8 + tig * 2 + (e & 1)];
         x += na_f(rpb_h[ri]) * NA_LOG2E;
       }
-      const float p = ok ? ex2(x - lse2[rr]) : 0.f;
+      const float p = ok ? na_exp2(x - lse2[rr]) : 0.f;
       const float ds = p * (dp[j][e] - dl[rr]);
       if (HAS_RPB && ok) atomicAdd(d_rpb_h + ri, ds);
       s[j][e] = ds;
