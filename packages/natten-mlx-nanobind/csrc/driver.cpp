@@ -591,6 +591,14 @@ void pack_rows(const Geo& g, const TileGeo& tg, int64_t width, const float* x, c
   std::memset(X + tg.Ncol * width, 0, sizeof(float) * width * (tg.NP - tg.Ncol));
 }
 
+// Heads-last rows read 8 tokens at a time are H * D floats apart: the next block's rows are pages
+// away, where hardware prefetchers do not follow, so the transposes stalled on their loads (perf:
+// most of transpose8's samples on the source loads). Each caller asks for the rows it reads next.
+inline void prefetch_row(const float* p, int64_t w) {
+  for (int64_t c = 0; c < w; c += 16) __builtin_prefetch(p + c);
+  __builtin_prefetch(p + w - 1);
+}
+
 // per slice [rows][cols] -> [cols][rows]
 float* transpose_slices(const float* x, int64_t slices, int64_t rows, int64_t cols) {
   float* t = scratch(static_cast<size_t>(slices * rows * cols));
@@ -650,6 +658,8 @@ float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_
           const int nj = std::min(8, lg - j0);
           const float* srcs[8];
           for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
+          for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
+            prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
           float* d0 = dst + r0 + gstart[g2] + j0;
           if (nj == 8) {
             kt.transpose8(srcs, w, d0, ld);
@@ -729,6 +739,7 @@ void gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
   for (; j + 8 <= j1; j += 8) {
     const float *sk[8], *sv[8];
     for (int i = 0; i < 8; ++i) sk[i] = krow(j + i), sv[i] = vrow(j + i);
+    for (int i = 0; i < 8 && j + 16 + i < j1; ++i) prefetch_row(krow(j + 16 + i), D), prefetch_row(vrow(j + 16 + i), Dv);
     kt.transpose8(sk, D, kl + (j - kmin), ldl);
     kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
   }
@@ -875,6 +886,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
           for (int l0 = 0; l0 < vw; l0 += 8) {
             const float* src[8];
             for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
+            // the next block's queries (past the row's end: the next row's, or an unused line)
+            for (int j = 0; j < 8; ++j) prefetch_row(a.q + ((row0 + (l0 + vw + j) * tstep) + h) * D, D);
             kt.transpose8(src, D, qloc + l0, vw);
           }
           kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb, nrows, nx, lohi, S, oT, lsev);
@@ -1116,6 +1129,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         for (int j = 0; j < 8; ++j) {
           sq[j] = a.q + (row0 + (t + j) * tstep) * D;
           so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+        }
+        for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
+          prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
+          prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
         }
         kt.transpose8(sq, D, xq + t, lds);
         kt.transpose8(so, Dv, xo + t, lds);
