@@ -873,7 +873,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
           for (int i1 = ws1; i1 < we1; ++i1)
             rb[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
                       ep.gstart[g2] + blk.ws + shift;
-        float* S = grow(w.s, static_cast<size_t>(nrows) * nx * vw + vw);
+        float* S = grow(w.s, static_cast<size_t>(nrows * nx + D) * vw + vw);
         float* oT = grow(w.o, Dv * vw + vw);
         float* lsev = oT + Dv * vw;
         float* qloc = grow(w.qp, D * vw + vw);
@@ -887,7 +887,11 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
             const float* src[8];
             for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
             // the next block's queries (past the row's end: the next row's, or an unused line)
-            for (int j = 0; j < 8; ++j) prefetch_row(a.q + ((row0 + (l0 + vw + j) * tstep) + h) * D, D);
+            for (int j = 0; j < 8; ++j) {
+              prefetch_row(a.q + ((row0 + (l0 + vw + j) * tstep) + h) * D, D);
+              // and the lines its outputs go to (written 8 floats at a time, read for ownership)
+              for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(a.out + ((row0 + (l0 + vw + j) * tstep) + h) * Dv + c, 1);
+            }
             kt.transpose8(src, D, qloc + l0, vw);
           }
           kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb, nrows, nx, lohi, S, oT, lsev);
