@@ -695,9 +695,9 @@ void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_
 }
 
 // dst[i * tstride + c] += xT[c * ld + i] for i < n tokens and c < W features: a transposed sum
-// added back to token rows, 8 x 8 blocks at a time
+// added back to token rows, 8 x 8 blocks at a time (add false: stored, dst's old values unread)
 void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t W, int64_t n, float* dst,
-                    int64_t tstride) {
+                    int64_t tstride, bool add = true) {
   float tmp[64];
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -705,6 +705,10 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
     for (; c + 8 <= W; c += 8) {
       const float* src[8];
       for (int j = 0; j < 8; ++j) src[j] = xT + (c + j) * ld + i;
+      if (!add) {
+        kt.transpose8(src, 8, dst + i * tstride + c, tstride);
+        continue;
+      }
       kt.transpose8(src, 8, tmp, 8);
       for (int r = 0; r < 8; ++r) {
         float* d = dst + (i + r) * tstride + c;
@@ -712,10 +716,10 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
       }
     }
     for (; c < W; ++c)
-      for (int r = 0; r < 8; ++r) dst[(i + r) * tstride + c] += xT[c * ld + i + r];
+      for (int r = 0; r < 8; ++r) dst[(i + r) * tstride + c] = (add ? dst[(i + r) * tstride + c] : 0.f) + xT[c * ld + i + r];
   }
   for (; i < n; ++i)
-    for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] += xT[c * ld + i];
+    for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] = (add ? dst[i * tstride + c] : 0.f) + xT[c * ld + i];
 }
 
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
@@ -1087,8 +1091,26 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
   auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
   auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
-  std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
-  std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
+  // one task per slice (splits == 1) with 2D/3D exact rows: the task stores its transposed sums into
+  // dk/dv (every key of the slice) before its tiles add theirs, so dk/dv are not zeroed first and
+  // read back by a separate pass (4 MiB each way at C2)
+  const bool direct = ep.on && !local && splits == 1;
+  auto store_exact_sums = [&](int64_t slice, const float* xk, bool add) {
+    const float* xv = xk + D * ldx;
+    float* dk = dk_of(slice);
+    float* dv = dv_of(slice);
+    // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
+    for (int64_t r0 = 0; r0 < Nk; r0 += L2)
+      for (int g2 = 0; g2 < Dl2; ++g2) {
+        const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
+        add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk, add);
+        add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add);
+      }
+  };
+  if (!direct) {
+    std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
+    std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
+  }
   if (E) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
@@ -1284,6 +1306,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       std::memset(xk, 0, sizeof(float) * xacc_size);
       const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
       for (int64_t idx = r0; idx < r1; ++idx) exact_row(slice, idx, xk);
+      if (direct) store_exact_sums(slice, xk, false);
     }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
@@ -1407,22 +1430,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       }
     });
   }
-  if (ep.on && !local) {
+  if (ep.on && !local && !direct) {
     // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
     parallel_for(slices, [&](int64_t slice) {
-      for (int64_t split = 0; split < splits; ++split) {
-        const float* xk = xacc + (slice * splits + split) * xacc_size;
-        const float* xv = xk + D * ldx;
-        float* dk = dk_of(slice);
-        float* dv = dv_of(slice);
-        // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
-        for (int64_t r0 = 0; r0 < Nk; r0 += L2)
-          for (int g2 = 0; g2 < Dl2; ++g2) {
-            const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
-            add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk);
-            add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv);
-          }
-      }
+      for (int64_t split = 0; split < splits; ++split) store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true);
     });
   }
   if (g.has_rpb) {
