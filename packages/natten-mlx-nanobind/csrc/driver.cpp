@@ -538,7 +538,7 @@ thread_local TileGeo tls_tg;
 // column padA of rows lds apart, with zeros around the run that are written once per geometry (the
 // run's columns are overwritten on every use, the padding never).
 struct ExactBwdWs {
-  std::vector<float> pt, ds, xq, xo, s, dq;
+  std::vector<float> pt, ds, xq, xo, s, dq, lc;
   std::vector<int64_t> rbk, rbq, keyrow;
   int64_t key[6] = {-1, -1, -1, -1, -1, -1};
   void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv) {
@@ -1042,35 +1042,20 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
-  // The exact-window path reads queries, keys, values and output gradients transposed per (batch,
-  // head) with each last-axis dilation group contiguous (as the forward), lse and c = dO.O - dlse in
-  // the same order, and sums key/value gradients per task in that order ([D][ldx] then [Dv][ldx]).
+  // The exact-window path reads keys and values transposed per (batch, head) with each last-axis
+  // dilation group contiguous (as the forward), and sums key/value gradients per task in that order
+  // ([D][ldx] then [Dv][ldx]); queries, output gradients, lse and c = dO.O - dlse are gathered per run.
   // 1D problems transpose keys and values per piece of a row (see fused_forward)
   const bool local = local1d;
   const float *kTx = nullptr, *vTx = nullptr;
-  float *lcT = nullptr, *xacc = nullptr;
+  float* xacc = nullptr;
   const int L2 = g.L[2], Dl2 = g.Dl[2];
-  auto gpos = [&](int64_t n) {
-    const int64_t i2 = n % L2;
-    return n - i2 + ep.gstart[i2 % Dl2] + i2 / Dl2;
-  };
   if (ep.on) {
     if (!local) {
       kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
       vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+      xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
     }
-    lcT = scratch(static_cast<size_t>(g.B * g.H * 2 * ldx));
-    parallel_for(g.B * g.H, [&](int64_t sl) {
-      const int64_t b = sl / g.H, h = sl % g.H;
-      float* lrow = lcT + sl * 2 * ldx;
-      float* crow = lrow + ldx;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t row = (b * N + n) * g.H + h, p = gpos(n);
-        lrow[p] = a.lse[row];
-        crow[p] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - (a.dlse ? a.dlse[row] : 0.f);
-      }
-    });
-    if (!local) xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
   }
   // the tile path's keys, transposed per slice (the exact path's copy when it is the same order)
   int64_t ldk = round_up(Nk, 16) + 16;
@@ -1142,9 +1127,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + ws0 + shift;
     float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
     float* dqT = grow(w.dq, D * vw + vw);
-    const int64_t qcol = qrow + ep.gstart[g2] + u0;
+    // lse of the run's queries at lc[t], c at lc[cap + t]
+    const int64_t cap = round_up(runlen, 8) + vw;
+    float* lc = grow(w.lc, 2 * cap);
     for (int64_t gg = 0; gg < g.G; ++gg) {
-      const int64_t h = hk * g.G + gg, bh = b * g.H + h;
+      const int64_t h = hk * g.G + gg;
       float* xq = w.xq.data() + padA;
       float* xo = w.xo.data() + padA;
       // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
@@ -1159,6 +1146,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
           prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
           prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+          prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
         }
         kt.transpose8(sq, D, xq + t, lds);
         kt.transpose8(so, Dv, xo + t, lds);
@@ -1167,18 +1155,25 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
         for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
       }
+      const float scale = g.scale;  // a local: the compiler cannot tell xq from g
       for (int64_t d = 0; d < D; ++d) {
         float* x = xq + d * lds;
-        for (int i = 0; i < runlen; ++i) x[i] *= g.scale;
+        for (int i = 0; i < runlen; ++i) x[i] *= scale;
       }
-      const float* lrow = lcT + bh * 2 * ldx + qcol;
+      // c = dO.O - dlse here, where the output gradients were just read (no pass of its own)
+      for (int i = 0; i < runlen; ++i) {
+        const int64_t row = row0 + i * tstep;
+        lc[i] = a.lse[row];
+        lc[cap + i] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - (a.dlse ? a.dlse[row] : 0.f);
+      }
+      const float* lrow = lc;
       float* pt = w.pt.data() + padA;
       float* dst = w.ds.data() + padA;
       // blocks of vw queries at t0 = 0, vw, ..., and one ending at the run's end for the rest
       for (int t0 = 0, done = 0; done < runlen;) {
         const int skip = t0 < done ? done - t0 : 0;
         for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
-        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + ldx + t0, w.rbq.data(),
+        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + cap + t0, w.rbq.data(),
                        nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
         for (int l = skip; l < vw; ++l) {
           if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
