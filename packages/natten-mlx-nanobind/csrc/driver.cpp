@@ -716,10 +716,16 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
       }
     }
     for (; c < W; ++c)
-      for (int r = 0; r < 8; ++r) dst[(i + r) * tstride + c] = (add ? dst[(i + r) * tstride + c] : 0.f) + xT[c * ld + i + r];
+      for (int r = 0; r < 8; ++r) {
+        float* d = dst + (i + r) * tstride + c;
+        *d = (add ? *d : 0.f) + xT[c * ld + i + r];
+      }
   }
   for (; i < n; ++i)
-    for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] = (add ? dst[i * tstride + c] : 0.f) + xT[c * ld + i];
+    for (int64_t c = 0; c < W; ++c) {
+      float* d = dst + i * tstride + c;
+      *d = (add ? *d : 0.f) + xT[c * ld + i];
+    }
 }
 
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
@@ -743,7 +749,10 @@ void gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
   for (; j + 8 <= j1; j += 8) {
     const float *sk[8], *sv[8];
     for (int i = 0; i < 8; ++i) sk[i] = krow(j + i), sv[i] = vrow(j + i);
-    for (int i = 0; i < 8 && j + 16 + i < j1; ++i) prefetch_row(krow(j + 16 + i), D), prefetch_row(vrow(j + 16 + i), Dv);
+    for (int i = 0; i < 8 && j + 16 + i < j1; ++i) {
+      prefetch_row(krow(j + 16 + i), D);
+      prefetch_row(vrow(j + 16 + i), Dv);
+    }
     kt.transpose8(sk, D, kl + (j - kmin), ldl);
     kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
   }
@@ -894,7 +903,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
             for (int j = 0; j < 8; ++j) {
               prefetch_row(a.q + ((row0 + (l0 + vw + j) * tstep) + h) * D, D);
               // and the lines its outputs go to (written 8 floats at a time, read for ownership)
-              for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(a.out + ((row0 + (l0 + vw + j) * tstep) + h) * Dv + c, 1);
+              float* o = a.out + ((row0 + (l0 + vw + j) * tstep) + h) * Dv;
+              for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
             }
             kt.transpose8(src, D, qloc + l0, vw);
           }
@@ -1164,7 +1174,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       for (int i = 0; i < runlen; ++i) {
         const int64_t row = row0 + i * tstep;
         lc[i] = a.lse[row];
-        lc[cap + i] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - (a.dlse ? a.dlse[row] : 0.f);
+        const float dl = a.dlse ? a.dlse[row] : 0.f;
+        lc[cap + i] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
       }
       const float* lrow = lc;
       float* pt = w.pt.data() + padA;
@@ -1428,7 +1439,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   if (ep.on && !local && !direct) {
     // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
     parallel_for(slices, [&](int64_t slice) {
-      for (int64_t split = 0; split < splits; ++split) store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true);
+      for (int64_t split = 0; split < splits; ++split)
+        store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true);
     });
   }
   if (g.has_rpb) {
