@@ -345,19 +345,33 @@ Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
   static const int cand[] = {1, 2, 4, 8, 16, 32, 64};
   double best = 1e300;
   int bt[3] = {1, 1, 1};
+  // along the last axis, tiles cover what the exact path leaves: with it on, segments at the borders
+  // (3 queries at K = 7), so a tile's extent there is the longest segment, not the group length (the
+  // plan chose its other extents for tiles 8 long that then held 3 queries; C4's backward tiles cost
+  // ~20% less per query with them chosen for the real extent)
+  int len[3] = {max_group_len(g, 0), max_group_len(g, 1), max_group_len(g, 2)};
+  if (ep && ep->on) {
+    int seg = 1;
+    for (const std::vector<char>& f : ep->fast)
+      for (size_t c = 0, run = 0; c < f.size(); ++c) {
+        run = f[c] ? 0 : run + 1;
+        seg = std::max(seg, static_cast<int>(run));
+      }
+    len[2] = std::min(len[2], seg);
+  }
   for (int t0 : cand) {
-    if (t0 > 1 && t0 >= 2 * max_group_len(g, 0)) break;
+    if (t0 > 1 && t0 >= 2 * len[0]) break;
     for (int t1 : cand) {
-      if (t1 > 1 && t1 >= 2 * max_group_len(g, 1)) break;
+      if (t1 > 1 && t1 >= 2 * len[1]) break;
       for (int t2 : cand) {
-        if (t2 > 1 && t2 >= 2 * max_group_len(g, 2)) break;
+        if (t2 > 1 && t2 >= 2 * len[2]) break;
         int t[3] = {t0, t1, t2};
         double T = 1, box = 1;
         for (int a = 0; a < 3; ++a) {
-          int lg = max_group_len(g, a);
+          const int lg = len[a];
           int tt = std::min(t[a], lg);
           T *= tt;
-          box *= std::min(tt + g.K[a] - 1, lg);
+          box *= std::min(tt + g.K[a] - 1, max_group_len(g, a));
         }
         double M = T * g.G;
         double np = static_cast<double>(round_up(static_cast<int64_t>(box) + g.E, vw));
@@ -538,7 +552,7 @@ thread_local TileGeo tls_tg;
 // column padA of rows lds apart, with zeros around the run that are written once per geometry (the
 // run's columns are overwritten on every use, the padding never).
 struct ExactBwdWs {
-  std::vector<float> pt, ds, xq, xo, s, dq;
+  std::vector<float> pt, ds, xq, xo, s, dq, lc;
   std::vector<int64_t> rbk, rbq, keyrow;
   int64_t key[6] = {-1, -1, -1, -1, -1, -1};
   void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv) {
@@ -589,6 +603,14 @@ void pack_rows(const Geo& g, const TileGeo& tg, int64_t width, const float* x, c
   }
   if (g.E) std::memcpy(X + tg.Nbox * width, ex, sizeof(float) * width * g.E);
   std::memset(X + tg.Ncol * width, 0, sizeof(float) * width * (tg.NP - tg.Ncol));
+}
+
+// Heads-last rows read 8 tokens at a time are H * D floats apart: the next block's rows are pages
+// away, where hardware prefetchers do not follow, so the transposes stalled on their loads (perf:
+// most of transpose8's samples on the source loads). Each caller asks for the rows it reads next.
+inline void prefetch_row(const float* p, int64_t w) {
+  for (int64_t c = 0; c < w; c += 16) __builtin_prefetch(p + c);
+  __builtin_prefetch(p + w - 1);
 }
 
 // per slice [rows][cols] -> [cols][rows]
@@ -650,6 +672,8 @@ float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_
           const int nj = std::min(8, lg - j0);
           const float* srcs[8];
           for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
+          for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
+            prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
           float* d0 = dst + r0 + gstart[g2] + j0;
           if (nj == 8) {
             kt.transpose8(srcs, w, d0, ld);
@@ -685,9 +709,9 @@ void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_
 }
 
 // dst[i * tstride + c] += xT[c * ld + i] for i < n tokens and c < W features: a transposed sum
-// added back to token rows, 8 x 8 blocks at a time
+// added back to token rows, 8 x 8 blocks at a time (add false: stored, dst's old values unread)
 void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t W, int64_t n, float* dst,
-                    int64_t tstride) {
+                    int64_t tstride, bool add = true) {
   float tmp[64];
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -695,6 +719,10 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
     for (; c + 8 <= W; c += 8) {
       const float* src[8];
       for (int j = 0; j < 8; ++j) src[j] = xT + (c + j) * ld + i;
+      if (!add) {
+        kt.transpose8(src, 8, dst + i * tstride + c, tstride);
+        continue;
+      }
       kt.transpose8(src, 8, tmp, 8);
       for (int r = 0; r < 8; ++r) {
         float* d = dst + (i + r) * tstride + c;
@@ -702,10 +730,16 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
       }
     }
     for (; c < W; ++c)
-      for (int r = 0; r < 8; ++r) dst[(i + r) * tstride + c] += xT[c * ld + i + r];
+      for (int r = 0; r < 8; ++r) {
+        float* d = dst + (i + r) * tstride + c;
+        *d = (add ? *d : 0.f) + xT[c * ld + i + r];
+      }
   }
   for (; i < n; ++i)
-    for (int64_t c = 0; c < W; ++c) dst[i * tstride + c] += xT[c * ld + i];
+    for (int64_t c = 0; c < W; ++c) {
+      float* d = dst + i * tstride + c;
+      *d = (add ? *d : 0.f) + xT[c * ld + i];
+    }
 }
 
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
@@ -729,6 +763,10 @@ void gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
   for (; j + 8 <= j1; j += 8) {
     const float *sk[8], *sv[8];
     for (int i = 0; i < 8; ++i) sk[i] = krow(j + i), sv[i] = vrow(j + i);
+    for (int i = 0; i < 8 && j + 16 + i < j1; ++i) {
+      prefetch_row(krow(j + 16 + i), D);
+      prefetch_row(vrow(j + 16 + i), Dv);
+    }
     kt.transpose8(sk, D, kl + (j - kmin), ldl);
     kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
   }
@@ -862,7 +900,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
           for (int i1 = ws1; i1 < we1; ++i1)
             rb[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
                       ep.gstart[g2] + blk.ws + shift;
-        float* S = grow(w.s, static_cast<size_t>(nrows) * nx * vw + vw);
+        float* S = grow(w.s, static_cast<size_t>(nrows * nx + D) * vw + vw);
         float* oT = grow(w.o, Dv * vw + vw);
         float* lsev = oT + Dv * vw;
         float* qloc = grow(w.qp, D * vw + vw);
@@ -875,6 +913,13 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
           for (int l0 = 0; l0 < vw; l0 += 8) {
             const float* src[8];
             for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
+            // the next block's queries (past the row's end: the next row's, or an unused line)
+            for (int j = 0; j < 8; ++j) {
+              prefetch_row(a.q + ((row0 + (l0 + vw + j) * tstep) + h) * D, D);
+              // and the lines its outputs go to (written 8 floats at a time, read for ownership)
+              float* o = a.out + ((row0 + (l0 + vw + j) * tstep) + h) * Dv;
+              for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
+            }
             kt.transpose8(src, D, qloc + l0, vw);
           }
           kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb, nrows, nx, lohi, S, oT, lsev);
@@ -1021,35 +1066,20 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
-  // The exact-window path reads queries, keys, values and output gradients transposed per (batch,
-  // head) with each last-axis dilation group contiguous (as the forward), lse and c = dO.O - dlse in
-  // the same order, and sums key/value gradients per task in that order ([D][ldx] then [Dv][ldx]).
+  // The exact-window path reads keys and values transposed per (batch, head) with each last-axis
+  // dilation group contiguous (as the forward), and sums key/value gradients per task in that order
+  // ([D][ldx] then [Dv][ldx]); queries, output gradients, lse and c = dO.O - dlse are gathered per run.
   // 1D problems transpose keys and values per piece of a row (see fused_forward)
   const bool local = local1d;
   const float *kTx = nullptr, *vTx = nullptr;
-  float *lcT = nullptr, *xacc = nullptr;
+  float* xacc = nullptr;
   const int L2 = g.L[2], Dl2 = g.Dl[2];
-  auto gpos = [&](int64_t n) {
-    const int64_t i2 = n % L2;
-    return n - i2 + ep.gstart[i2 % Dl2] + i2 / Dl2;
-  };
   if (ep.on) {
     if (!local) {
       kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
       vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+      xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
     }
-    lcT = scratch(static_cast<size_t>(g.B * g.H * 2 * ldx));
-    parallel_for(g.B * g.H, [&](int64_t sl) {
-      const int64_t b = sl / g.H, h = sl % g.H;
-      float* lrow = lcT + sl * 2 * ldx;
-      float* crow = lrow + ldx;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t row = (b * N + n) * g.H + h, p = gpos(n);
-        lrow[p] = a.lse[row];
-        crow[p] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - (a.dlse ? a.dlse[row] : 0.f);
-      }
-    });
-    if (!local) xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
   }
   // the tile path's keys, transposed per slice (the exact path's copy when it is the same order)
   int64_t ldk = round_up(Nk, 16) + 16;
@@ -1070,8 +1100,26 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
   auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
   auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
-  std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
-  std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
+  // one task per slice (splits == 1) with 2D/3D exact rows: the task stores its transposed sums into
+  // dk/dv (every key of the slice) before its tiles add theirs, so dk/dv are not zeroed first and
+  // read back by a separate pass (4 MiB each way at C2)
+  const bool direct = ep.on && !local && splits == 1;
+  auto store_exact_sums = [&](int64_t slice, const float* xk, bool add) {
+    const float* xv = xk + D * ldx;
+    float* dk = dk_of(slice);
+    float* dv = dv_of(slice);
+    // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
+    for (int64_t r0 = 0; r0 < Nk; r0 += L2)
+      for (int g2 = 0; g2 < Dl2; ++g2) {
+        const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
+        add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk, add);
+        add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add);
+      }
+  };
+  if (!direct) {
+    std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
+    std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
+  }
   if (E) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
@@ -1103,9 +1151,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + ws0 + shift;
     float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
     float* dqT = grow(w.dq, D * vw + vw);
-    const int64_t qcol = qrow + ep.gstart[g2] + u0;
+    // lse of the run's queries at lc[t], c at lc[cap + t]
+    const int64_t cap = round_up(runlen, 8) + vw;
+    float* lc = grow(w.lc, 2 * cap);
     for (int64_t gg = 0; gg < g.G; ++gg) {
-      const int64_t h = hk * g.G + gg, bh = b * g.H + h;
+      const int64_t h = hk * g.G + gg;
       float* xq = w.xq.data() + padA;
       float* xo = w.xo.data() + padA;
       // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
@@ -1117,6 +1167,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
           sq[j] = a.q + (row0 + (t + j) * tstep) * D;
           so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
         }
+        for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
+          prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
+          prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+          prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+        }
         kt.transpose8(sq, D, xq + t, lds);
         kt.transpose8(so, Dv, xo + t, lds);
       }
@@ -1124,18 +1179,26 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
         for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
       }
+      const float scale = g.scale;  // a local: the compiler cannot tell xq from g
       for (int64_t d = 0; d < D; ++d) {
         float* x = xq + d * lds;
-        for (int i = 0; i < runlen; ++i) x[i] *= g.scale;
+        for (int i = 0; i < runlen; ++i) x[i] *= scale;
       }
-      const float* lrow = lcT + bh * 2 * ldx + qcol;
+      // c = dO.O - dlse here, where the output gradients were just read (no pass of its own)
+      for (int i = 0; i < runlen; ++i) {
+        const int64_t row = row0 + i * tstep;
+        lc[i] = a.lse[row];
+        const float dl = a.dlse ? a.dlse[row] : 0.f;
+        lc[cap + i] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
+      }
+      const float* lrow = lc;
       float* pt = w.pt.data() + padA;
       float* dst = w.ds.data() + padA;
       // blocks of vw queries at t0 = 0, vw, ..., and one ending at the run's end for the rest
       for (int t0 = 0, done = 0; done < runlen;) {
         const int skip = t0 < done ? done - t0 : 0;
         for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
-        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + ldx + t0, w.rbq.data(),
+        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + cap + t0, w.rbq.data(),
                        nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
         for (int l = skip; l < vw; ++l) {
           if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
@@ -1263,6 +1326,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       std::memset(xk, 0, sizeof(float) * xacc_size);
       const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
       for (int64_t idx = r0; idx < r1; ++idx) exact_row(slice, idx, xk);
+      if (direct) store_exact_sums(slice, xk, false);
     }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
@@ -1386,22 +1450,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       }
     });
   }
-  if (ep.on && !local) {
+  if (ep.on && !local && !direct) {
     // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
     parallel_for(slices, [&](int64_t slice) {
-      for (int64_t split = 0; split < splits; ++split) {
-        const float* xk = xacc + (slice * splits + split) * xacc_size;
-        const float* xv = xk + D * ldx;
-        float* dk = dk_of(slice);
-        float* dv = dv_of(slice);
-        // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
-        for (int64_t r0 = 0; r0 < Nk; r0 += L2)
-          for (int g2 = 0; g2 < Dl2; ++g2) {
-            const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
-            add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk);
-            add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv);
-          }
-      }
+      for (int64_t split = 0; split < splits; ++split)
+        store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true);
     });
   }
   if (g.has_rpb) {

@@ -43,7 +43,7 @@ struct KernelTable {
   // Exact-window forward of vw consecutive queries (one per lane) whose windows along the last axis
   // start at consecutive keys: slot (r, x) of lane l is key rowbase[r] + x + l of kT [D][ldk] and
   // vT [Dv][ldv]; query l is column l of qT [D][ldq] (times scale). Writes oT [Dv][vw] (normalised)
-  // and lse [vw]; s: nrows * nx * vw floats. lohi (null: every slot is in its lane's window): a border
+  // and lse [vw]; s: (nrows * nx + D) * vw floats. lohi (null: every slot is in its lane's window): a border
   // block, whose lane l has slots lohi[l] <= x < lohi[vw + l] (a lane with none is not used).
   void (*exact_fwd)(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                     const float* vT, int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx,

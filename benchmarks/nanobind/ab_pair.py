@@ -1,0 +1,101 @@
+"""Paired A/B of two builds of the nanobind extension in one process, float32, cases C1-C4.
+
+On a shared machine a run's median moves by 2x from minute to minute, so two builds timed one after
+the other compare the machine's load more than the code. This loads both ``_ext`` modules side by
+side (each under its own package name), calls them alternately, and reports per build the min and
+median in ms and the median of the per-pair ratios new/old, which the load moves much less.
+
+    # an old build next to the installed one, e.g. from a commit:
+    git archive <commit> packages/natten-mlx-nanobind packages/natten-mlx-core/src/natten_mlx/include \\
+        | tar -x -C /tmp/old
+    pip install --no-deps --no-build-isolation --target /tmp/old_site /tmp/old/packages/natten-mlx-nanobind
+    python benchmarks/nanobind/ab_pair.py /tmp/old_site/natten_mlx_nanobind --cases C2,C4 --seconds 6
+
+Both builds must be built against the MLX that runs them. NATTEN_MLX_NUM_THREADS applies to both.
+"""
+
+import argparse
+import glob
+import importlib.util
+import os
+import time
+
+import mlx.core as mx
+import numpy as np
+
+CASES = {
+    "C1": dict(spatial=(4096,), kernel=(7,), dilation=(1,)),
+    "C2": dict(spatial=(64, 64), kernel=(7, 7), dilation=(1, 1)),
+    "C3": dict(spatial=(64, 64), kernel=(13, 13), dilation=(2, 2)),
+    "C4": dict(spatial=(16, 32, 32), kernel=(3, 7, 7), dilation=(1, 1, 1)),
+}
+H, D = 4, 32
+
+
+def load_ext(name, folder):
+    """The ``_ext`` module in folder, imported as ``<name>._ext`` (its init function is PyInit__ext)."""
+    paths = glob.glob(os.path.join(folder, "_ext*.so"))
+    if not paths:
+        raise SystemExit(f"no _ext*.so in {folder!r}")
+    spec = importlib.util.spec_from_file_location(name + "._ext", paths[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_call(ext, mode, q, k, v, kw, cot):
+    """fn() evaluating ext's forward (mode "fwd") or forward and all three gradients ("fwdbwd")."""
+    if mode == "fwd":
+        return lambda: mx.eval(ext.fused_forward(q, k, v, **kw)[0])
+
+    def fwdbwd():
+        outs, grads = mx.vjp(lambda a, b, c: ext.fused_forward(a, b, c, **kw)[0], [q, k, v], [cot])
+        mx.eval(outs, grads)
+
+    return fwdbwd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old", help="folder of the old build's natten_mlx_nanobind package")
+    ap.add_argument("new", nargs="?", help="folder of the new build's package (default: the installed one)")
+    ap.add_argument("--cases", default="C1,C2,C3,C4")
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--seconds", type=float, default=4.0, help="per case and mode")
+    args = ap.parse_args()
+    if args.new is None:
+        import natten_mlx_nanobind
+
+        args.new = os.path.dirname(natten_mlx_nanobind.__file__)
+    exts = (load_ext("ab_old", args.old), load_ext("ab_new", args.new))
+    for name in args.cases.split(","):
+        c = CASES[name]
+        nd = len(c["spatial"])
+        rng = np.random.default_rng(0)
+        q, k, v = (mx.array(rng.standard_normal((1, *c["spatial"], H, D)).astype(np.float32)) for _ in range(3))
+        kw = dict(kernel_size=c["kernel"], stride=(1,) * nd, dilation=c["dilation"], is_causal=(False,) * nd)
+        cot = mx.ones_like(q)
+        outs = [ext.fused_forward(q, k, v, **kw)[0] for ext in exts]
+        diff = float(mx.abs(outs[0] - outs[1]).max())
+        for mode in args.modes.split(","):
+            fns = [make_call(ext, mode, q, k, v, kw, cot) for ext in exts]
+            for f in fns:
+                f()
+            ts = [[], []]
+            start = time.perf_counter()
+            while time.perf_counter() - start < args.seconds or len(ts[0]) < 3:
+                for i, f in enumerate(fns):
+                    t = time.perf_counter()
+                    f()
+                    ts[i].append(time.perf_counter() - t)
+            old, new = np.array(ts[0]) * 1e3, np.array(ts[1]) * 1e3
+            print(
+                f"{name} {mode}: old min {old.min():.2f} med {np.median(old):.2f} | new min {new.min():.2f} "
+                f"med {np.median(new):.2f} | new/old paired median {np.median(new / old):.3f} (n={len(old)}) "
+                f"| fwd max |diff| {diff:.2e}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
