@@ -18,18 +18,14 @@ import argparse
 import glob
 import importlib.util
 import os
+import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 
-CASES = {
-    "C1": dict(spatial=(4096,), kernel=(7,), dilation=(1,)),
-    "C2": dict(spatial=(64, 64), kernel=(7, 7), dilation=(1, 1)),
-    "C3": dict(spatial=(64, 64), kernel=(13, 13), dilation=(2, 2)),
-    "C4": dict(spatial=(16, 32, 32), kernel=(3, 7, 7), dilation=(1, 1, 1)),
-}
-H, D = 4, 32
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu import CASES, D, H  # noqa: E402  (the cases of the benchmark this one compares builds on)
 
 
 def load_ext(name, folder):
