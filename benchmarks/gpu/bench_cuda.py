@@ -73,9 +73,26 @@ def timed(fn, sync, target=0.4):
 
 
 # ---- MLX child -----------------------------------------------------------------------------------
-def mlx_child(case: str, impls: list, modes: list) -> None:
+def case_inputs(b, spatial, ks, h, d):
+    """A G case as a fused Problem-like namespace and evaluated float16 inputs: (problem, q, k, v, d_out)."""
     import types
 
+    import mlx.core as mx
+
+    r = len(spatial)
+    keys = mx.random.split(mx.random.key(1), 4)
+    q, k, v, do = (mx.random.normal((b, *spatial, h, d), key=x).astype(mx.float16) for x in keys)
+    mx.eval(q, k, v, do)
+    p = types.SimpleNamespace(
+        op="fused", batch=b, spatial=spatial, heads=h, kv_heads=h, head_dim=d, value_head_dim=d, kernel_size=ks,
+        stride=(1,) * r, dilation=(1,) * r, is_causal=(False,) * r, scale=d**-0.5, dtype=mx.float16, num_extra=0,
+        has_rpb=False, return_lse=False, device="gpu", domain=spatial, query_offset=(0,) * r, kv_spatial=spatial,
+        kv_offset=(0,) * r,
+    )
+    return p, q, k, v, do
+
+
+def mlx_child(case: str, impls: list, modes: list) -> None:
     import mlx.core as mx
     import numpy as np
 
@@ -86,15 +103,7 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
 
     b, spatial, ks, h, d = CASES[case]
     n = math.prod(spatial)
-    keys = mx.random.split(mx.random.key(1), 4)
-    q, k, v, do = (mx.random.normal((b, *spatial, h, d), key=x).astype(mx.float16) for x in keys)
-    mx.eval(q, k, v, do)
-    p = types.SimpleNamespace(
-        op="fused", batch=b, spatial=spatial, heads=h, kv_heads=h, head_dim=d, value_head_dim=d, kernel_size=ks,
-        stride=(1,) * len(spatial), dilation=(1,) * len(spatial), is_causal=(False,) * len(spatial), scale=d**-0.5,
-        dtype=mx.float16, num_extra=0, has_rpb=False, return_lse=False, device="gpu", domain=spatial,
-        query_offset=(0,) * len(spatial), kv_spatial=spatial, kv_offset=(0,) * len(spatial),
-    )
+    p, q, k, v, do = case_inputs(b, spatial, ks, h, d)
     sync = mx.eval
     print(f"mlx {mx.__version__} {mx.cuda.is_available()}", flush=True)
     for impl in impls:

@@ -22,7 +22,7 @@ import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_cuda import CASES  # noqa: E402
+from bench_cuda import CASES, case_inputs  # noqa: E402
 
 
 def main() -> None:
@@ -41,16 +41,7 @@ def main() -> None:
     for kv in args.opt:
         name, val = kv.split("=")
         opts[name] = tuple(int(x) for x in val.split("x")) if "tile" in name else int(val)
-    keys = mx.random.split(mx.random.key(1), 4)
-    q, k, v, do = (mx.random.normal((b, *spatial, h, d), key=x).astype(mx.float16) for x in keys)
-    mx.eval(q, k, v, do)
-    r = len(spatial)
-    p = types.SimpleNamespace(
-        op="fused", batch=b, spatial=spatial, heads=h, kv_heads=h, head_dim=d, value_head_dim=d, kernel_size=ks,
-        stride=(1,) * r, dilation=(1,) * r, is_causal=(False,) * r, scale=d**-0.5, dtype=mx.float16, num_extra=0,
-        has_rpb=False, return_lse=False, device="gpu", domain=spatial, query_offset=(0,) * r, kv_spatial=spatial,
-        kv_offset=(0,) * r,
-    )
+    p, q, k, v, do = case_inputs(b, spatial, ks, h, d)
     be = CudaBackend().configure(**opts)
     out, lse = be.fused_forward(p, q, k, v)
     mx.eval(out, lse)
