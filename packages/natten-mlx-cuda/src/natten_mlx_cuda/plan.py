@@ -8,11 +8,12 @@ row-major flat indices are unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from natten_mlx.geometry import Padded3D, pad3, padded3d
 from natten_mlx.geometry import grid_tiles as query_tiles
+from natten_mlx.windows import axis_starts
 
 from .source import Variant
 
@@ -94,20 +95,6 @@ def default_tile(geo: Geometry, size: int = TILE) -> tuple:
     return tuple(t)
 
 
-def _window_ends(c, Lg: int, K: int, s: int, causal: bool):
-    """window.h's na_window_start / na_window_end over an array of in-group coordinates."""
-    import numpy as np
-
-    c = np.asarray(c, dtype=np.int64)
-    if causal:
-        leader = np.minimum((c // s) * s + s - 1, Lg - 1)
-        return np.maximum(leader - K + 1, 0), c + 1
-    wl, wr = K // 2, K // 2 + K % 2 - 1
-    leader = np.minimum((c // s) * s + s // 2, Lg - 1)
-    start = np.minimum(np.maximum(leader, wl), Lg - 1 - wr) - wl
-    return start, start + K
-
-
 def axis_walk(geo: Geometry, a: int, qt: int, kt: int) -> tuple[int, int]:
     """Along axis ``a``: ``(walked, useful)``. ``walked`` sums, over the query tiles of ``qt``
     coordinates of every dilation group, ``qt`` times the keys of the key tiles of ``kt`` that cover
@@ -116,18 +103,21 @@ def axis_walk(geo: Geometry, a: int, qt: int, kt: int) -> tuple[int, int]:
     useful (query, key) pairs are the products of these over the three axes."""
     import numpy as np
 
-    L, K, s, d, causal = geo.domain[a], geo.K[a], geo.s[a], geo.d[a], geo.causal[a]
-    off, n = geo.qoff[a], geo.spatial[a]
+    d, off, n = geo.d[a], geo.qoff[a], geo.spatial[a]
+    # each local query's window (global start, valid keys), grouped by dilation group in coordinate order
+    start, count = axis_starts(geo.domain[a], geo.K[a], geo.s[a], d, geo.causal[a], off, n)
+    group = np.arange(off, off + n) % d
     walked = useful = 0
     for g in range(d):
-        first = 0 if off <= g else -(-(off - g) // d)
-        end = max(0, -(-(off + n - g) // d))
-        if end <= first:
+        sel = group == g
+        m = int(sel.sum())
+        if m == 0:
             continue
-        ws, we = _window_ends(np.arange(first, end), -(-(L - g) // d), K, s, causal)
+        ws = (start[sel] - g) // d  # in-group coordinates
+        we = ws + count[sel]
         useful += int((we - ws).sum())
         kb = ws[::qt]
-        ke = we[np.minimum(np.arange(qt - 1, end - first + qt - 1, qt), end - first - 1)]
+        ke = we[np.minimum(np.arange(qt - 1, m + qt - 1, qt), m - 1)]
         walked += int((-(-(ke - kb) // kt)).sum()) * kt * qt
     return walked, useful
 
@@ -135,10 +125,10 @@ def axis_walk(geo: Geometry, a: int, qt: int, kt: int) -> tuple[int, int]:
 def _boxes(rank: int, size: int = TILE) -> list:
     """Every tile box of ``size`` tokens (powers of two per axis), padded to 3 axes."""
     import itertools
+    import math
 
     p2 = [1 << i for i in range(size.bit_length()) if 1 << i <= size]
-    out = [t for t in itertools.product(p2, repeat=rank) if t[0] * (t[1] if rank > 1 else 1) * (t[2] if rank > 2 else 1) == size]
-    return [_pad(t, 1) for t in out]
+    return [_pad(t, 1) for t in itertools.product(p2, repeat=rank) if math.prod(t) == size]
 
 
 def fitted_tiles(geo: Geometry) -> tuple:
@@ -150,13 +140,13 @@ def fitted_tiles(geo: Geometry) -> tuple:
     box = default_tile(geo)
     if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
         return box, box
-    return _fit(geo.rank, geo.domain, geo.spatial, geo.qoff, geo.K, geo.s, geo.d, geo.causal, box)
+    # the cache key keeps only what the walk depends on (the window geometry)
+    return _fit(replace(geo, B=1, H=1, HKV=1, D=0, DV=0, E=0, has_rpb=False, scale=1.0, dtype=None), box)
 
 
 @lru_cache(maxsize=256)
-def _fit(rank, domain, spatial, qoff, K, s, d, causal, box) -> tuple:
-    geo = Padded3D(rank=rank, B=1, H=1, HKV=1, D=0, DV=0, E=0, spatial=spatial, kv_spatial=spatial, domain=domain,
-                   qoff=qoff, kvoff=(0, 0, 0), K=K, s=s, d=d, causal=causal, has_rpb=False, scale=1.0, dtype=None)
+def _fit(geo: Geometry, box: tuple) -> tuple:
+    rank = geo.rank
     walks = [{} for _ in range(3)]
 
     def cost(qt, kt):
