@@ -212,35 +212,15 @@ if (HAS_RPB)
     for (int a = 0; a < 3; ++a) rpb_row[rr] = rpb_row[rr] * (2 * ax[a].K - 1) + k0[a] + u[a] - qb[a] + ax[a].K - 1;
   }
 
-// query tile (table entry e) of head hh -> buffer buf: each thread copies the same (row, chunk) pairs
-// of every tile. Per 16-byte chunk: the row's token offset (shared), one wide multiply-add for the
-// address (a row outside the tile reads its first query, with 0 bytes), the row's bit of `in` at a
-// constant shift. lse and delta go through registers (ll, dd) and are stored by store_ld after the
+// query tile (table entry e) of head hh -> buffer buf (na_load_rows, common.cuh). lse and delta go through registers (ll, dd) and are stored by store_ld after the
 // tile in flight has been used, so their loads overlap the current tile's work.
 const unsigned query_tok = H * D * (unsigned)sizeof(T), out_tok = H * DV * (unsigned)sizeof(T);  // bytes per token
-// `chunks` is a null char (*)[CH]: CH (16-byte chunks per row) as a compile-time constant
-auto load_rows = [&](unsigned long long in, const T* g, unsigned tok, T* dst, int stride, auto chunks) {
-  constexpr int CH = (int)sizeof(*chunks);
-  const char* gb = reinterpret_cast<const char*>(g) + (128 % CH == 0 ? tid % CH * 16 : 0);
-  const unsigned long long inr = 128 % CH == 0 ? in >> (tid / CH) : in;
-#pragma unroll
-  for (int m = 0; m < (BQ * CH + 127) / 128; ++m) {
-    const int i = tid + 128 * m;
-    const int r = 128 % CH == 0 ? tid / CH + m * (128 / CH) : i / CH;
-    const int ch = 128 % CH == 0 ? tid % CH : i % CH;
-    if (BQ * CH % 128 == 0 || i < BQ * CH) {
-      const bool ok = ((unsigned)(inr >> (128 % CH == 0 ? m * (128 / CH) : r)) & 1u) != 0u;
-      const unsigned long long off = (unsigned long long)(unsigned)(ok ? row_t[r] : 0) * tok;  // one IMAD.WIDE.U32
-      na_cp_async16(dst + r * stride + ch * 8, gb + off + (128 % CH == 0 ? 0 : ch * 16), ok);
-    }
-  }
-};
 float ll = 0.f, dd = 0.f;
 auto load_q = [&](int e, int hh, int buf) {
   const unsigned long long in = tb_in[e];
   const long long row = tb_row[e] + hk * G + hh;
-  load_rows(in, query + row * D, query_tok, Qs + buf * BQ * QS, QS, (char(*)[DCH]) nullptr);
-  load_rows(in, d_out + row * DV, out_tok, Os + buf * BQ * VS, VS, (char(*)[DVCH]) nullptr);
+  na_load_rows<BQ, DCH>(tid, row_t, in, query + row * D, query_tok, Qs + buf * BQ * QS, QS);
+  na_load_rows<BQ, DVCH>(tid, row_t, in, d_out + row * DV, out_tok, Os + buf * BQ * VS, VS);
   if (tid < BQ) {
     const bool ok = (in >> tid) & 1ull;
     const long long q = row + (long long)row_t[tid] * H;

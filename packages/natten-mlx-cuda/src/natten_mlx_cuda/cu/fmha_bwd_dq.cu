@@ -200,32 +200,13 @@ for (int i = tid; i < BQ * (DCH + DVCH); i += 128) {
     na_cp_async16(Os + r * VS + ch * 8, ok ? (const void*)(d_out + row * DV + ch * 8) : (const void*)d_out, ok);
 }
 
-// key tile (table entry e) -> buffer buf: each thread copies the same (row, chunk) pairs of every tile.
-// Per 16-byte chunk: the row's token offset (shared), one wide multiply-add for the address (a row
-// outside the tile reads its first key, with 0 bytes), the row's bit of `in` at a constant shift.
+// key tile (table entry e) -> buffer buf (na_load_rows, common.cuh)
 const unsigned key_tok = HKV * D * (unsigned)sizeof(T), value_tok = HKV * DV * (unsigned)sizeof(T);  // bytes per token
-// `chunks` is a null char (*)[CH]: CH (16-byte chunks per row) as a compile-time constant
-auto load_rows = [&](unsigned long long in, const T* g, unsigned tok, T* dst, int stride, auto chunks) {
-  constexpr int CH = (int)sizeof(*chunks);
-  const char* gb = reinterpret_cast<const char*>(g) + (128 % CH == 0 ? tid % CH * 16 : 0);
-  const unsigned long long inr = 128 % CH == 0 ? in >> (tid / CH) : in;
-#pragma unroll
-  for (int m = 0; m < (BK * CH + 127) / 128; ++m) {
-    const int i = tid + 128 * m;
-    const int r = 128 % CH == 0 ? tid / CH + m * (128 / CH) : i / CH;
-    const int ch = 128 % CH == 0 ? tid % CH : i % CH;
-    if (BK * CH % 128 == 0 || i < BK * CH) {
-      const bool ok = ((unsigned)(inr >> (128 % CH == 0 ? m * (128 / CH) : r)) & 1u) != 0u;
-      const unsigned long long off = (unsigned long long)(unsigned)(ok ? row_t[r] : 0) * tok;  // one IMAD.WIDE.U32
-      na_cp_async16(dst + r * stride + ch * 8, gb + off + (128 % CH == 0 ? 0 : ch * 16), ok);
-    }
-  }
-};
 auto load_kv = [&](int e, int buf) {
   const unsigned long long in = tb_in[e];
   const long long row = tb_row[e];
-  load_rows(in, key + row * D, key_tok, Ks + buf * BK * QS, QS, (char(*)[DCH]) nullptr);
-  load_rows(in, value + row * DV, value_tok, Vs + buf * BK * VS, VS, (char(*)[DVCH]) nullptr);
+  na_load_rows<BK, DCH>(tid, row_t, in, key + row * D, key_tok, Ks + buf * BK * QS, QS);
+  na_load_rows<BK, DVCH>(tid, row_t, in, value + row * DV, value_tok, Vs + buf * BK * VS, VS);
 };
 
 build(0);  // its first barrier orders the row tables and gsh before any use
