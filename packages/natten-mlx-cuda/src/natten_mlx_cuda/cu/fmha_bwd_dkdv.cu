@@ -119,7 +119,7 @@ NA_BLOCK_SHARED int row_t[BQ];                      // tokens from the tile's fi
 // and selects)
 constexpr int PM1 = QT0 + 1, PM2 = QT0 + QT1 + 2;
 NA_BLOCK_SHARED unsigned long long pm[QT0 + QT1 + QT2 + 3];
-NA_BLOCK_SHARED int qwin_lo[3][BK], qwin_hi[3][BK];  // key row's queries per axis, relative to qb
+NA_BLOCK_SHARED int qwin[2][3][BK];                 // key row's queries [lo, hi) per axis, relative to qb
 NA_BLOCK_SHARED int rpb_col[BQ];                    // query u's part of the rpb index
 
 auto low_bits = [](int n) -> unsigned long long { return n <= 0 ? 0ull : (n >= 64 ? ~0ull : (1ull << n) - 1ull); };
@@ -199,8 +199,8 @@ if (tid < BQ) {
   const int u[3] = {r / (KT1 * KT2), (r / KT2) % KT1, r % KT2};
   for (int a = 0; a < 3; ++a) {
     const int kc = k0[a] + u[a];
-    qwin_lo[a][r] = na_query_begin(kc, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - qb[a];
-    qwin_hi[a][r] = na_query_end(kc, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - qb[a];
+    qwin[0][a][r] = na_query_begin(kc, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - qb[a];
+    qwin[1][a][r] = na_query_end(kc, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - qb[a];
   }
 }
 int rpb_row[2];  // the key row's part of the rpb index, for the query qb
@@ -293,20 +293,23 @@ while (hh < G) {
     int cr[3];
 #pragma unroll
     for (int a = 0; a < 3; ++a) cr[a] = tb_cr[a][ce];
+    msk[0] = msk[1] = ~0ull;
+    if (part) {
+      const int* w = &qwin[0][0][warp * 16 + gid];  // this thread's first key row; the second 8 rows on
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int r = warp * 16 + gid + rr * 8;
-      msk[rr] = ~0ull;
-      if (part) {
+      for (int a = 0; a < 3; ++a)
+        if (info & (4 << a)) {
+          const unsigned long long* p = pm + (a == 0 ? 0 : (a == 1 ? PM1 : PM2));
 #pragma unroll
-        for (int a = 0; a < 3; ++a)
-          if (info & (4 << a)) {
-            const unsigned long long* p = pm + (a == 0 ? 0 : (a == 1 ? PM1 : PM2));
-            const int lo = na_min(na_max(qwin_lo[a][r] - cr[a], 0), QT[a]);
-            const int hi = na_min(na_max(qwin_hi[a][r] - cr[a], 0), QT[a]);
+          for (int rr = 0; rr < 2; ++rr) {
+            const int lo = na_min(na_max(w[a * BK + rr * 8] - cr[a], 0), QT[a]);
+            const int hi = na_min(na_max(w[(3 + a) * BK + rr * 8] - cr[a], 0), QT[a]);
             msk[rr] &= p[hi] & ~p[lo];
           }
-      }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
       msk[rr] >>= 2 * tig;  // bit j * 8 + i: column j * 8 + 2 tig + i
       bsk[rr] = (msk[rr] & (in >> (2 * tig)));
     }

@@ -95,7 +95,7 @@ NA_BLOCK_SHARED int row_t[BK];                     // tokens from the tile's fir
 // keys in [lo, hi) along a are pm[hi] & ~pm[lo], clamped: two shared loads instead of shifts and selects)
 constexpr int PM1 = KT0 + 1, PM2 = KT0 + KT1 + 2;
 NA_BLOCK_SHARED unsigned long long pm[KT0 + KT1 + KT2 + 3];
-NA_BLOCK_SHARED int win_lo[3][BQ], win_hi[3][BQ];  // query row's window per axis, relative to kb
+NA_BLOCK_SHARED int win[2][3][BQ];                 // query row's window [lo, hi) per axis, relative to kb
 NA_BLOCK_SHARED int rpb_col[BK];                   // key u's part of the rpb index
 
 auto low_bits = [](int n) -> unsigned long long { return n <= 0 ? 0ull : (n >= 64 ? ~0ull : (1ull << n) - 1ull); };
@@ -164,8 +164,8 @@ if (tid < BK) {
   const int u[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
   for (int a = 0; a < 3; ++a) {
     const int cq = c0[a] + u[a];
-    win_lo[a][r] = na_window_start(cq, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - kb[a];
-    win_hi[a][r] = na_window_end(cq, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - kb[a];
+    win[0][a][r] = na_window_start(cq, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - kb[a];
+    win[1][a][r] = na_window_end(cq, Lg[a], ax[a].K, ax[a].s, ax[a].causal) - kb[a];
   }
 }
 
@@ -257,23 +257,25 @@ while (cur < ntiles) {
     int kr[3];
 #pragma unroll
     for (int a = 0; a < 3; ++a) kr[a] = tb_kr[a][ce];
+    msk[0] = rowok[0] ? ~0ull : 0ull;
+    msk[1] = rowok[1] ? ~0ull : 0ull;
+    if (part) {
+      const int* w = &win[0][0][warp * 16 + gid];  // this thread's first row; the second 8 rows on
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int r = warp * 16 + gid + rr * 8;
-      msk[rr] = rowok[rr] ? ~0ull : 0ull;
-      if (part) {
+      for (int a = 0; a < 3; ++a)
+        if (info & (4 << a)) {
+          const unsigned long long* p = pm + (a == 0 ? 0 : (a == 1 ? PM1 : PM2));
+          const int ext = (info >> (8 + 8 * a)) & 255;  // <= KT[a]
 #pragma unroll
-        for (int a = 0; a < 3; ++a)
-          if (info & (4 << a))
-          {
-            const unsigned long long* p = pm + (a == 0 ? 0 : (a == 1 ? PM1 : PM2));
-            const int lo = na_min(na_max(win_lo[a][r] - kr[a], 0), KT[a]);
-            const int hi = na_max(na_min(win_hi[a][r] - kr[a], (info >> (8 + 8 * a)) & 255), 0);  // extents <= KT[a]
+          for (int rr = 0; rr < 2; ++rr) {
+            const int lo = na_min(na_max(w[a * BQ + rr * 8] - kr[a], 0), KT[a]);
+            const int hi = na_max(na_min(w[(3 + a) * BQ + rr * 8] - kr[a], ext), 0);
             msk[rr] &= p[hi] & ~p[lo];
           }
-      }
-      msk[rr] >>= 2 * tig;  // bit j * 8 + i: column j * 8 + 2 tig + i
+        }
     }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) msk[rr] >>= 2 * tig;  // bit j * 8 + i: column j * 8 + 2 tig + i
     if (HAS_RPB)
 #pragma unroll
       for (int a = 0; a < 3; ++a) rpb_t = rpb_t * (2 * gsh[a][GK] - 1) + kr[a];
