@@ -177,8 +177,9 @@ NA_FUNC void na_frag_b_kn(unsigned* b, const unsigned short* base, int stride, i
 // bytes after g into dst (row stride in elements), 128 threads, each copying the same (row, chunk)
 // pairs of every tile. Bit r of `in` says whether row r is inside the tile (else 16 zero bytes, read
 // from the tile's first row). Per chunk: the row's token offset (shared), one wide multiply-add for
-// the address (IMAD.WIDE.U32), the row's bit of `in` at a constant shift.
-template <int ROWS, int CH, typename T>
+// the address (IMAD.WIDE.U32), the row's bit of `in` at a constant shift; FULL (a tile inside the
+// range on every axis: in is all ones) drops the row checks.
+template <int ROWS, int CH, bool FULL = false, typename T>
 NA_FUNC void na_load_rows(int tid, const int* row_t, unsigned long long in, const T* g, unsigned tok, T* dst,
                           int stride) {
   const char* gb = reinterpret_cast<const char*>(g) + (128 % CH == 0 ? tid % CH * 16 : 0);
@@ -189,7 +190,7 @@ NA_FUNC void na_load_rows(int tid, const int* row_t, unsigned long long in, cons
     const int r = 128 % CH == 0 ? tid / CH + m * (128 / CH) : i / CH;
     const int ch = 128 % CH == 0 ? tid % CH : i % CH;
     if (ROWS * CH % 128 == 0 || i < ROWS * CH) {
-      const bool ok = ((unsigned)(inr >> (128 % CH == 0 ? m * (128 / CH) : r)) & 1u) != 0u;
+      const bool ok = FULL || ((unsigned)(inr >> (128 % CH == 0 ? m * (128 / CH) : r)) & 1u) != 0u;
       const unsigned long long off = (unsigned long long)(unsigned)(ok ? row_t[r] : 0) * tok;
       na_cp_async16(dst + r * stride + ch * 8, gb + off + (128 % CH == 0 ? 0 : ch * 16), ok);
     }

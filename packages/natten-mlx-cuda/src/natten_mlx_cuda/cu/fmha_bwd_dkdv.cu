@@ -212,15 +212,22 @@ if (HAS_RPB)
     for (int a = 0; a < 3; ++a) rpb_row[rr] = rpb_row[rr] * (2 * ax[a].K - 1) + k0[a] + u[a] - qb[a] + ax[a].K - 1;
   }
 
-// query tile (table entry e) of head hh -> buffer buf (na_load_rows, common.cuh). lse and delta go through registers (ll, dd) and are stored by store_ld after the
-// tile in flight has been used, so their loads overlap the current tile's work.
+// query tile (table entry e) of head hh -> buffer buf (na_load_rows, common.cuh). lse and delta go
+// through registers (ll, dd) and are stored by store_ld after the tile in flight has been used, so their loads overlap the current tile's work.
 const unsigned query_tok = H * D * (unsigned)sizeof(T), out_tok = H * DV * (unsigned)sizeof(T);  // bytes per token
 float ll = 0.f, dd = 0.f;
 auto load_q = [&](int e, int hh, int buf) {
   const unsigned long long in = tb_in[e];
   const long long row = tb_row[e] + hk * G + hh;
-  na_load_rows<BQ, DCH>(tid, row_t, in, query + row * D, query_tok, Qs + buf * BQ * QS, QS);
-  na_load_rows<BQ, DVCH>(tid, row_t, in, d_out + row * DV, out_tok, Os + buf * BQ * VS, VS);
+  // a tile inside the query range on every axis (most of them) takes the loop without row checks
+  // (not with rpb: at D = 128 the second copy of the loop costs spills there)
+  if (!HAS_RPB && in == ~0ull) {
+    na_load_rows<BQ, DCH, true>(tid, row_t, in, query + row * D, query_tok, Qs + buf * BQ * QS, QS);
+    na_load_rows<BQ, DVCH, true>(tid, row_t, in, d_out + row * DV, out_tok, Os + buf * BQ * VS, VS);
+  } else {
+    na_load_rows<BQ, DCH>(tid, row_t, in, query + row * D, query_tok, Qs + buf * BQ * QS, QS);
+    na_load_rows<BQ, DVCH>(tid, row_t, in, d_out + row * DV, out_tok, Os + buf * BQ * VS, VS);
+  }
   if (tid < BQ) {
     const bool ok = (in >> tid) & 1ull;
     const long long q = row + (long long)row_t[tid] * H;
