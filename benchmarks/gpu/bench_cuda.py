@@ -8,7 +8,7 @@ Run from the repository root on the GPU machine:
         [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd]
 
 Impls: ``cuda`` (options as ``cuda:ldmatrix=0``, ``cuda:tile=2x4x8`` or ``cuda:size=128``: the default
-forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp), ``cuda-parts`` (the backward's
+forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp, ``cuda:minb=3``: resident blocks per SM), ``cuda-parts`` (the backward's
 dq and dk/dv kernels timed alone; TFLOP/s of their GEMMs: 3 and 4 of the forward's 2), ``mlx-dense``,
 ``torch-dense``, ``natten-flex``.
 
@@ -123,6 +123,8 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                             opts["m_tiles"] = int(val)
                         elif name == "stages":
                             opts["stages"] = int(val)
+                        elif name == "minb":
+                            opts["min_blocks"] = int(val)
                         else:
                             opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
                     be = CudaBackend().configure(**opts)

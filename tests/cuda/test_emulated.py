@@ -15,6 +15,7 @@ import emu  # noqa: E402
 import oracle  # noqa: E402
 from configs import cfg_id, random_config, random_tensors  # noqa: E402
 from cuda_cases import TOL, make_problem, record, rel_err, run_and_compare, to_mx, to_np  # noqa: E402
+from natten_mlx_cuda import plan, source  # noqa: E402
 from natten_mlx_cuda.backend import CudaBackend  # noqa: E402
 
 BACKEND = CudaBackend(runner=emu.mlx_runner, require_device=False)
@@ -115,6 +116,24 @@ def test_128_query_forward(na_dim, tile, m_tiles, stages):
                d=(2,) + (1,) * (na_dim - 1), c=(False,) * (na_dim - 1) + (na_dim == 3,), rpb=na_dim != 3, scale=None)
     errs = run_and_compare(BACKEND.configure(tile=tile, m_tiles=m_tiles, stages=stages), cfg, "float16", np.random.default_rng(na_dim),
                            check_backward=na_dim == 2 and m_tiles == 1)
+    assert max(errs.values()) < TOL["float16"], errs
+
+
+@pytest.mark.parametrize("na_dim,tile", [(1, (64,)), (2, (8, 8)), (3, (4, 4, 4))])
+def test_q_in_ring_slot(monkeypatch, na_dim, tile):
+    """min_blocks=3: Q lives in the ring's second K slot (read into registers before the first load
+    into that slot) and the key tiles are listed in shorter chunks (here 2 per chunk, so the walk
+    restarts its ring mid-way); partial tiles on every axis, stride, dilation, rpb or causal."""
+    shape = {1: (150,), 2: (19, 13), 3: (9, 7, 6)}[na_dim]
+    K = {1: (9,), 2: (5, 4), 3: (3, 4, 3)}[na_dim]
+    cfg = dict(na_dim=na_dim, shape=shape, B=1, H=2, Hkv=1, D=32, Dv=32, E=0, K=K, s=(1,) * (na_dim - 1) + (2,),
+               d=(2,) + (1,) * (na_dim - 1), c=(False,) * (na_dim - 1) + (na_dim == 3,), rpb=na_dim != 3, scale=None)
+    monkeypatch.setattr(plan, "FWD_MAXT_SMALL", 2)
+    v = plan.forward(plan.geometry(make_problem(cfg, "float16")), "float16", "float16", cfg["rpb"], True,
+                     (1,) * (3 - na_dim) + tile, min_blocks=3).variant
+    assert dict(v.template)["QALIAS"] and v.min_blocks == 3 and "__launch_bounds__" in source.full_source(v)
+    errs = run_and_compare(BACKEND.configure(tile=tile, key_tile=tile, min_blocks=3), cfg, "float16",
+                           np.random.default_rng(na_dim), check_backward=False)
     assert max(errs.values()) < TOL["float16"], errs
 
 

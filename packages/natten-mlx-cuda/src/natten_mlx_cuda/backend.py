@@ -14,22 +14,23 @@ from functools import lru_cache
 import mlx.core as mx
 
 from . import plan
-from .source import BODIES, Variant, body, header
+from .source import BODIES, Variant, body, header_for
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int32": mx.int32}
 _NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages")
+OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages", "min_blocks")
 KERNELS = ("auto", "fmha", "simple")
 MAX_GRID_YZ = 65535
 MAX_THREADS = 2**31 - 1
 
 
 @lru_cache(maxsize=None)
-def _kernel(v_body: str, shared_memory: int):
+def _kernel(v_body: str, shared_memory: int, threads: int = 0, min_blocks: int = 0):
     ins, outs = BODIES[v_body]
     return mx.fast.cuda_kernel(
-        name="natten_" + v_body, input_names=list(ins), output_names=list(outs), source=body(v_body),
-        header=header(), ensure_row_contiguous=True, shared_memory=shared_memory,
+        name="natten_" + v_body + (f"_lb{min_blocks}" if min_blocks else ""), input_names=list(ins),
+        output_names=list(outs), source=body(v_body), header=header_for(threads, min_blocks),
+        ensure_row_contiguous=True, shared_memory=shared_memory,
     )
 
 
@@ -38,7 +39,7 @@ def mlx_runner(launch: plan.Launch, inputs: list) -> list:
     v: Variant = launch.variant
     _, outs = v.arg_dtypes()
     template = [(n, _MX_DTYPES[x] if isinstance(x, str) else x) for n, x in v.template]
-    return _kernel(v.body, v.shared_memory)(
+    return _kernel(v.body, v.shared_memory, v.threads if v.min_blocks else 0, v.min_blocks)(
         inputs=inputs, template=template, grid=launch.grid, threadgroup=launch.threadgroup,
         output_shapes=[tuple(s) for s in launch.output_shapes], output_dtypes=[_MX_DTYPES[d] for _, d in outs],
         init_value=launch.init_value,
@@ -70,7 +71,10 @@ class CudaBackend:
     "fmha" or "simple": which kernels; "fmha" refuses problems it cannot serve), ``ldmatrix``
     (True: the tensor-core kernels read B fragments through ldmatrix; False: through plain shared loads),
     ``m_tiles`` (1 or 2: m-tiles of 16 query rows per warp in the forward; 2 halves its shared-memory reads per mma),
-    ``stages`` (2 or 3: key-tile slots of the forward's cp.async ring).
+    ``stages`` (2 or 3: key-tile slots of the forward's cp.async ring), ``min_blocks`` (0, 2, 3 or 4:
+    resident forward blocks per SM the kernel is compiled for, through __launch_bounds__; 3 also puts Q
+    in a K slot of the ring and lists fewer key tiles per chunk so that three blocks' shared memory fits;
+    0: no bound; default: plan.forward's choice).
     """
 
     name = "cuda"
@@ -80,7 +84,8 @@ class CudaBackend:
     description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16)"
 
     def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True,
-                 ldmatrix: bool = True, m_tiles=None, stages=None):
+                 ldmatrix: bool = True, m_tiles=None, stages=None, min_blocks=None):
+        self.min_blocks = min_blocks
         self.m_tiles = m_tiles
         self.stages = stages
         self.tile = tile
@@ -108,6 +113,9 @@ class CudaBackend:
         stages = options.get("stages", self.stages)
         if stages is not None and (isinstance(stages, bool) or stages not in (2, 3)):
             raise ValueError(f"cuda backend: stages={stages!r} must be 2 or 3 (key-tile slots of the forward's load ring)")
+        min_blocks = options.get("min_blocks", self.min_blocks)
+        if min_blocks is not None and (isinstance(min_blocks, bool) or min_blocks not in (0, 2, 3, 4)):
+            raise ValueError(f"cuda backend: min_blocks={min_blocks!r} must be 0, 2, 3 or 4 (resident forward blocks per SM)")
         for what in ("tile", "key_tile"):
             t = options.get(what)
             if t is not None:
@@ -117,15 +125,16 @@ class CudaBackend:
         new = (
             tuple(options["tile"]) if options.get("tile") is not None else self.tile,
             tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
-            kernel, ldmatrix, m_tiles, stages,
+            kernel, ldmatrix, m_tiles, stages, min_blocks,
         )
-        if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix, self.m_tiles, self.stages):
+        if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix, self.m_tiles, self.stages, self.min_blocks):
             return self
         # the same options give the same object, so calls share the core's cached functions
         if new not in self._configured:
             self._configured[new] = CudaBackend(
                 tile=new[0], key_tile=new[1], kernel=kernel, runner=self._runner,
                 require_device=self._require_device, ldmatrix=ldmatrix, m_tiles=m_tiles, stages=stages,
+                min_blocks=min_blocks,
             )
         return self._configured[new]
 
@@ -191,7 +200,7 @@ class CudaBackend:
         out_dtype = "float32" if extra else dtype
         qt, kt = self._tiles(geo, forward=True)
         launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix,
-                              self.m_tiles, self.stages)
+                              self.m_tiles, self.stages, self.min_blocks)
         out, lse = self._runner(launch, [
             query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
             value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),

@@ -34,6 +34,9 @@ FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2; 2 measured slower: G2 4
 # walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
 FWD_GEO = 36
 FWD_MAXT = 384
+FWD_MAXT_SMALL = 128  # with three blocks per SM: 76.2 KB of shared memory per block at D 128 (3 x (76.2 + 1) <= 228)
+# resident forward blocks per SM the kernel is compiled for (__launch_bounds__); 0: no bound
+FWD_MIN_BLOCKS = 0
 DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 
 
@@ -201,7 +204,8 @@ def _r16(x: int) -> int:
 
 
 def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None,
-            ldsm: bool = True, m_tiles: int | None = None, stages: int | None = None) -> Launch:
+            ldsm: bool = True, m_tiles: int | None = None, stages: int | None = None,
+            min_blocks: int | None = None) -> Launch:
     """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32."""
     outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
     if not fast:
@@ -212,7 +216,8 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
     qt = tile or fit_q
     kt = key_tile or (fit_k if tile is None else default_tile(geo))
     mt = m_tiles or FWD_MT
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages)
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages,
+                      FWD_MIN_BLOCKS if min_blocks is None else min_blocks)
     prm = params(geo, qt)
     threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
     return Launch(v, (_blocks(prm) * threads, geo.H, geo.B), (threads, 1, 1), outs, None, prm)
@@ -288,6 +293,11 @@ def compile_variants() -> list:
     out.append(_fmha_variant("float16", "float16", 128, 128, (1, 8, 8), (1, 8, 8), True, mt=2))  # 2 warps x 32 rows
     out.append(_fmha_variant("bfloat16", "bfloat16", 128, 64, (1, 16, 8), (1, 8, 8), False, stages=3))  # 3 slots
     out.append(_fmha_variant("float16", "float32", 32, 32, (2, 4, 8), (4, 4, 4), True, mt=2, stages=3))
+    # three blocks per SM: Q in a K slot, every rank; a bound without the alias (128-query tiles)
+    out.append(_fmha_variant("float16", "float16", 128, 128, (1, 8, 8), (1, 8, 8), False, min_blocks=3))
+    out.append(_fmha_variant("bfloat16", "float32", 128, 96, (2, 8, 4), (2, 8, 4), True, min_blocks=3))
+    out.append(_fmha_variant("float16", "float16", 64, 64, (1, 1, 64), (1, 1, 64), True, min_blocks=3))
+    out.append(_fmha_variant("float16", "float16", 128, 128, (1, 16, 8), (1, 8, 8), False, min_blocks=2))
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
@@ -328,17 +338,23 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None) -> Variant:
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_blocks=0) -> Variant:
     stages = stages or FWD_STAGES
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
+    # with a bound of 3+ blocks, Q shares the ring (it is read once, into registers) and the tile
+    # list is shorter, so that the blocks' shared memory fits too
+    small = min_blocks >= 3
+    qalias = small and bq == TILE and stages == 2 and (mt == 1 or dp <= 64)
+    maxt = FWD_MAXT_SMALL if small else FWD_MAXT
     # the column masks (3 x 65 64-bit words), the block geometry, the row windows, the key-tile list and
     # the key rows' token offsets (fmha_fwd.cu's shared layout)
-    tables = 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * FWD_MAXT + TILE) * 4
+    tables = 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE) * 4
     return Variant(
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
-         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", FWD_MAXT), ("STAGES", stages)),
-        (bq * (dp + 8) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2 + tables,
+         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias)),
+        ((0 if qalias else bq * (dp + 8)) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2 + tables,
+        min_blocks,
     )

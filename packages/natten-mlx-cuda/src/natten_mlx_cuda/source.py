@@ -71,6 +71,20 @@ def header() -> str:
 
 
 @lru_cache(maxsize=None)
+def header_for(threads: int = 0, min_blocks: int = 0) -> str:
+    """header() plus, with min_blocks, a __global__ that carries __launch_bounds__(threads, min_blocks):
+    mx.fast.cuda_kernel writes the kernel's declaration itself and passes no compiler options, and
+    host_defines.h (included by NVRTC and nvcc alike) defines __global__ as a macro, so redefining it
+    after MLX's includes reaches only the kernel that follows."""
+    if not min_blocks:
+        return header()
+    return header() + (
+        "\n#if !defined(NA_EMU) && defined(__global__)\n#undef __global__\n"
+        f"#define __global__ __location__(global) __launch_bounds__({threads}, {min_blocks})\n#endif\n"
+    )
+
+
+@lru_cache(maxsize=None)
 def body(name: str) -> str:
     return _read(os.path.join(CU_DIR, name + ".cu"))
 
@@ -83,10 +97,19 @@ class Variant:
     body: str
     template: tuple
     shared_memory: int = 0
+    # > 0: the kernel is declared __launch_bounds__(threads, min_blocks), so ptxas keeps its registers
+    # within what that many resident blocks of ``threads`` allow (spilling if it must); a separate
+    # kernel name, since MLX builds one kernel object per name and header
+    min_blocks: int = 0
 
     @property
     def name(self) -> str:
-        return "natten_" + self.body
+        return "natten_" + self.body + (f"_lb{self.min_blocks}" if self.min_blocks else "")
+
+    @property
+    def threads(self) -> int:
+        """Threads per block of the tensor-core forward (NW warps); 128 for the other bodies."""
+        return 32 * dict(self.template).get("NW", 4)
 
     @property
     def kernel_name(self) -> str:
@@ -117,7 +140,7 @@ class Variant:
 def full_source(v: Variant, default_header: str = MLX_DEFAULT_HEADER, kernel_name: str | None = None) -> str:
     """The translation unit MLX builds for ``v`` (mlx/backend/cuda/custom_kernel.cpp, build_kernel)."""
     ins, outs = v.arg_dtypes()
-    text = default_header + header()
+    text = default_header + header_for(v.threads, v.min_blocks)
     text += "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
     text += "__global__ void " + (kernel_name or v.kernel_name) + "(\n"
     for n, dt in ins:

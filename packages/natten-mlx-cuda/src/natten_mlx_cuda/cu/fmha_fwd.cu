@@ -17,7 +17,7 @@
 // dummy element without HAS_RPB), prm, scl. Outputs out [B, N, H, DV] (OT), lse [B, N, H] float32.
 // Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB, LDSM
 // (B fragments through ldmatrix), NW (warps: 4 or 8), MT (m-tiles of 16 query rows per warp: 1 or 2),
-// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots).
+// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots), QALIAS (Q in a K slot).
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
@@ -33,9 +33,13 @@ const int hk = h / (H / HKV);
 const float scale_log2 = scl[0] * NA_LOG2E;
 const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
 
+// QALIAS: Q lives in the second K slot of the ring. Its fragments go to registers before the walk,
+// and the first load into that slot is issued after the walk's first barrier, which every warp passes
+// only once it has read them; a block then needs 17 KB (D 128) less, and three fit on an SM.
+static_assert(!QALIAS || (BQ == BK && STAGES == 2 && (MT == 1 || DP <= 64)), "Q aliases a K slot only when it is read once");
 NA_SHARED_DECL;
-T* Qs = reinterpret_cast<T*>(na_smem);
-T* Ks = Qs + BQ * QS;
+T* Qs = reinterpret_cast<T*>(na_smem) + (QALIAS ? BK * QS : 0);
+T* Ks = reinterpret_cast<T*>(na_smem) + (QALIAS ? 0 : BQ * QS);
 T* Vs = Ks + STAGES * BK * QS;
 // pm[65 a + x]: the key tile's columns (bit c for the tile's key c, row-major, axis 2 fastest) whose
 // coordinate along axis a is below x, for 0 <= x <= KT[a]: the columns with coordinate in [lo, hi) are
@@ -90,7 +94,7 @@ for (int i = tid; i < 3 * (BK + 1); i += NT) {
 {
   // padding columns and the rows of absent tokens stay zero for the whole kernel
   uint4* z = reinterpret_cast<uint4*>(na_smem);
-  const int nz = (int)((BQ * QS + STAGES * BK * QS + STAGES * BK * VS) * sizeof(T) / 16);
+  const int nz = (int)(((QALIAS ? 0 : BQ * QS) + STAGES * BK * QS + STAGES * BK * VS) * sizeof(T) / 16);
   for (int i = tid; i < nz; i += NT) z[i] = make_uint4(0u, 0u, 0u, 0u);
 }
 __syncthreads();
