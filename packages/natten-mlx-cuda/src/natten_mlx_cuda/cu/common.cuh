@@ -173,26 +173,30 @@ NA_FUNC void na_frag_b_kn(unsigned* b, const unsigned short* base, int stride, i
   }
 }
 
-// The backward passes' tile loads: ROWS rows of CH 16-byte chunks from global rows row_t[r] * tok
-// bytes after g into dst (row stride in elements), 128 threads, each copying the same (row, chunk)
-// pairs of every tile. Bit r of `in` says whether row r is inside the tile (else 16 zero bytes, read
-// from the tile's first row). Per chunk: the row's token offset (shared), one wide multiply-add for
-// the address (IMAD.WIDE.U32), the row's bit of `in` at a constant shift; FULL (a tile inside the
-// range on every axis: in is all ones) drops the row checks.
-template <int ROWS, int CH, bool FULL = false, typename T>
+// The tile loads of every tensor-core kernel: ROWS rows of CH 16-byte chunks from global rows
+// row_t[r] * tok bytes after g into dst (row stride in elements), NT threads, each copying the same
+// (row, chunk) pairs of every tile. Bit r of `in` says whether row r is inside the tile (else 16 zero
+// bytes, read from the tile's first row). Per chunk: the row's token offset (shared), one wide
+// multiply-add for the address (IMAD.WIDE.U32), the row's bit of `in` at a constant shift; FULL (a
+// tile inside the range on every axis: in is all ones) drops the row checks. With NT a multiple of
+// CH a thread's rows are tid / CH + m NT / CH: shared and global offsets fold into immediates (SASS
+// of the forward before: ~15 instructions per K/V chunk pair, rows kept in registers per step).
+template <int ROWS, int CH, bool FULL = false, int NT = 128, typename T>
 NA_FUNC void na_load_rows(int tid, const int* row_t, unsigned long long in, const T* g, unsigned tok, T* dst,
                           int stride) {
-  const char* gb = reinterpret_cast<const char*>(g) + (128 % CH == 0 ? tid % CH * 16 : 0);
-  const unsigned long long inr = 128 % CH == 0 ? in >> (tid / CH) : in;
+  constexpr bool FOLD = NT % CH == 0;
+  const unsigned ut = (unsigned)tid;
+  const char* gb = reinterpret_cast<const char*>(g) + (FOLD ? ut % CH * 16 : 0);
+  const unsigned long long inr = FOLD ? in >> (ut / CH) : in;
 #pragma unroll
-  for (int m = 0; m < (ROWS * CH + 127) / 128; ++m) {
-    const int i = tid + 128 * m;
-    const int r = 128 % CH == 0 ? tid / CH + m * (128 / CH) : i / CH;
-    const int ch = 128 % CH == 0 ? tid % CH : i % CH;
-    if (ROWS * CH % 128 == 0 || i < ROWS * CH) {
-      const bool ok = FULL || ((unsigned)(inr >> (128 % CH == 0 ? m * (128 / CH) : r)) & 1u) != 0u;
+  for (int m = 0; m < (ROWS * CH + NT - 1) / NT; ++m) {
+    const unsigned i = ut + NT * m;
+    const unsigned r = FOLD ? ut / CH + m * (NT / CH) : i / CH;
+    const unsigned ch = FOLD ? ut % CH : i % CH;
+    if (ROWS * CH % NT == 0 || i < (unsigned)(ROWS * CH)) {
+      const bool ok = FULL || ((unsigned)(inr >> (FOLD ? m * (NT / CH) : r)) & 1u) != 0u;
       const unsigned long long off = (unsigned long long)(unsigned)(ok ? row_t[r] : 0) * tok;
-      na_cp_async16(dst + r * stride + ch * 8, gb + off + (128 % CH == 0 ? 0 : ch * 16), ok);
+      na_cp_async16(dst + r * stride + ch * 8, gb + off + (FOLD ? 0 : ch * 16), ok);
     }
   }
 }

@@ -157,49 +157,27 @@ auto next_tile = [&](int i, int cn) -> int {
   while (i < cn && (tl[5 * i + 4] & 3) == NA_TILE_SKIP) ++i;
   return i;
 };
-const unsigned dchpitch = (unsigned)(HKV * D), dvchpitch = (unsigned)(HKV * DV);  // elements per token
+const unsigned key_tok = HKV * D * (unsigned)sizeof(T), value_tok = HKV * DV * (unsigned)sizeof(T);  // bytes per token
 const T* kbase = key + ((long long)b * NK * HKV + hk) * D;
 const T* vbase = value + ((long long)b * NK * HKV + hk) * DV;
 // The tile's key rows: row r is token tok + koff[r] when its coordinates are inside the tile's extents
-// (bit r of ok_rows; no test for tiles with full extents). Each thread copies chunk ch of rows r,
-// r + NT / DCH, ...: compile-time steps, so rows and chunks fold into constants, and when K and V rows
-// have as many chunks one token index serves both copies (SASS: ~36 instructions per 16-byte chunk
-// before, with division, a 3-axis decode and 64-bit multiplies per chunk).
-auto load_rows = [&](int tok, T* kd, T* vd, bool check, unsigned long long ok_rows) {
-  constexpr bool SAME = DCH == DVCH;
-  #pragma unroll
-  for (int it = 0; it < (BK * DCH + NT - 1) / NT; ++it) {
-    const int i2 = tid + it * NT;
-    if ((BK * DCH) % NT == 0 || i2 < BK * DCH) {
-      const int r = i2 / DCH, ch = i2 % DCH;
-      const bool ok = !check || ((ok_rows >> r) & 1ull);
-      // a token index and a row pitch are non-negative ints: one 32 x 32 -> 64-bit multiply
-      const unsigned tk = ok ? (unsigned)(tok + koff[r]) : 0u;
-      na_cp_async16(kd + r * QS + ch * 8, kbase + (unsigned long long)tk * dchpitch + ch * 8, ok);
-      if (SAME) na_cp_async16(vd + r * VS + ch * 8, vbase + (unsigned long long)tk * dvchpitch + ch * 8, ok);
-    }
-  }
-  if (!SAME)
-    #pragma unroll
-    for (int it = 0; it < (BK * DVCH + NT - 1) / NT; ++it) {
-      const int i2 = tid + it * NT;
-      if ((BK * DVCH) % NT == 0 || i2 < BK * DVCH) {
-        const int r = i2 / DVCH, ch = i2 % DVCH;
-        const bool ok = !check || ((ok_rows >> r) & 1ull);
-        const unsigned tk = ok ? (unsigned)(tok + koff[r]) : 0u;
-        na_cp_async16(vd + r * VS + ch * 8, vbase + (unsigned long long)tk * dvchpitch + ch * 8, ok);
-      }
-    }
-};
+// (bit r of the mask; no test for tiles with full extents, a meta bit), na_load_rows (common.cuh).
 auto load_kv = [&](int i, int buf) {
   T* kd = Ks + buf * BK * QS;
   T* vd = Vs + buf * BK * VS;
-  const int tok = tl[5 * i], meta = tl[5 * i + 4];
-  if (meta & NA_FWD_SHORT)
-    load_rows(tok, kd, vd, true,
-              pm[(meta >> 5) & 127] & pm[(BK + 1) + ((meta >> 12) & 127)] & pm[2 * (BK + 1) + ((meta >> 19) & 127)]);
-  else
-    load_rows(tok, kd, vd, false, 0ull);
+  const int meta = tl[5 * i + 4];
+  const long long tok = tl[5 * i];
+  const T* kg = kbase + tok * (HKV * D);
+  const T* vg = vbase + tok * (HKV * DV);
+  if (meta & NA_FWD_SHORT) {
+    const unsigned long long in =
+        pm[(meta >> 5) & 127] & pm[(BK + 1) + ((meta >> 12) & 127)] & pm[2 * (BK + 1) + ((meta >> 19) & 127)];
+    na_load_rows<BK, DCH, false, NT>(tid, koff, in, kg, key_tok, kd, QS);
+    na_load_rows<BK, DVCH, false, NT>(tid, koff, in, vg, value_tok, vd, VS);
+  } else {
+    na_load_rows<BK, DCH, true, NT>(tid, koff, ~0ull, kg, key_tok, kd, QS);
+    na_load_rows<BK, DVCH, true, NT>(tid, koff, ~0ull, vg, value_tok, vd, VS);
+  }
 };
 
 __syncthreads();  // the row table
