@@ -35,8 +35,11 @@ FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2; 2 measured slower: G2 4
 FWD_GEO = 36
 FWD_MAXT = 384
 FWD_MAXT_SMALL = 128  # with three blocks per SM: 76.2 KB of shared memory per block at D 128 (3 x (76.2 + 1) <= 228)
-# resident forward blocks per SM the kernel is compiled for (__launch_bounds__); 0: no bound
-FWD_MIN_BLOCKS = 0
+# resident forward blocks per SM the kernel is compiled for (__launch_bounds__) when the caller does not
+# say: three for 64-query tiles without rpb (H200, fp16, D 128, with the loads of e7eb96e: G1-G4 0.207 /
+# 24.3 / 86.2 / 0.459 ms against 0.237 / 27.0 / 97.0 / 0.473 unbound, 173 registers, two blocks per SM);
+# with rpb ptxas spills ~90 bytes at D 128 under the bound, and 128-query tiles cannot have three blocks
+FWD_MIN_BLOCKS = 3
 DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 
 
@@ -216,8 +219,10 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
     qt = tile or fit_q
     kt = key_tile or (fit_k if tile is None else default_tile(geo))
     mt = m_tiles or FWD_MT
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages,
-                      FWD_MIN_BLOCKS if min_blocks is None else min_blocks)
+    if min_blocks is None:
+        bq = qt[0] * qt[1] * qt[2]
+        min_blocks = FWD_MIN_BLOCKS if bq == TILE and not has_rpb and (stages or FWD_STAGES) == 2 else 0
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages, min_blocks)
     prm = params(geo, qt)
     threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
     return Launch(v, (_blocks(prm) * threads, geo.H, geo.B), (threads, 1, 1), outs, None, prm)
