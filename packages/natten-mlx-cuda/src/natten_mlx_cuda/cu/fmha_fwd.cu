@@ -350,44 +350,31 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
           #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
       }
-      // Both rows side by side and the reductions as trees (4 partial maxima and sums per row): the
-      // chains of dependent FMNMX/FADD were a stall of their own at two or three warps per scheduler
-      // (ncu: "wait" 36% of the forward's stall samples)
-      float alpha[2], mx[2], part[2][4];
+      float alpha[2];
       #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
+        float mx = NA_NEG_INF;
         #pragma unroll
-        for (int q = 0; q < 4; ++q)
-          part[rr][q] = fmaxf(fmaxf(s[mt][q][2 * rr], s[mt][q][2 * rr + 1]), fmaxf(s[mt][q + 4][2 * rr], s[mt][q + 4][2 * rr + 1]));
-        mx[rr] = fmaxf(fmaxf(part[rr][0], part[rr][1]), fmaxf(part[rr][2], part[rr][3]));
-      }
-      #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
-      #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
-      const float sc = raw ? scale_log2 : 1.f;
-      float muse[2];
-      #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        if (raw) mx[rr] *= scale_log2;
-        const float mnew = fmaxf(mrow[mt][rr], mx[rr]);
-        muse[rr] = mnew == NA_NEG_INF ? 0.f : mnew;
-        alpha[rr] = mnew == mrow[mt][rr] ? 1.f : na_exp2(mrow[mt][rr] - muse[rr]);
+        for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        if (raw) mx *= scale_log2;
+        const float mnew = fmaxf(mrow[mt][rr], mx);
+        const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
+        alpha[rr] = mnew == mrow[mt][rr] ? 1.f : na_exp2(mrow[mt][rr] - muse);
         mrow[mt][rr] = mnew;
-      }
-      #pragma unroll
-      for (int j = 0; j < 8; ++j)
+        float sum = 0.f;
+        const float sc = raw ? scale_log2 : 1.f;
         #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float p = na_exp2(fmaf(s[mt][j][e], sc, -muse[e >> 1]));
-          s[mt][j][e] = p;
-          // partial sum (j & 1, e & 1) of row e >> 1; the first two columns start it
-          float& acc = part[e >> 1][(j & 1) * 2 + (e & 1)];
-          acc = j < 2 ? p : acc + p;
-        }
-      #pragma unroll
-      for (int rr = 0; rr < 2; ++rr)
-        lrow[mt][rr] = lrow[mt][rr] * alpha[rr] + ((part[rr][0] + part[rr][1]) + (part[rr][2] + part[rr][3]));
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = na_exp2(fmaf(s[mt][j][2 * rr + e], sc, -muse));
+            s[mt][j][2 * rr + e] = p;
+            sum += p;
+          }
+        lrow[mt][rr] = lrow[mt][rr] * alpha[rr] + sum;
+      }
       // the running max of most rows stops moving after a few tiles: rescale the accumulators only
       // when the max of some row of the warp moved (else every alpha is 1)
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
