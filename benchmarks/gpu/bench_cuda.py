@@ -113,9 +113,6 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                 if impl == "cuda" or impl.startswith("cuda:"):
                     # cuda[:option=value[:...]], e.g. cuda:ldmatrix=0 or cuda:tile=2x4x8
                     opts = {}
-                    from natten_mlx_cuda import plan as _plan
-
-                    _plan.FWD_WARP_SKIP = "wskip=1" in impl.split(":")  # a kernel knob, not a backend option
                     for kv in impl.split(":")[1:]:
                         name, val = kv.split("=")
                         if name == "size":  # the default forward tile of this many queries (64 or 128)
@@ -126,8 +123,6 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                             opts["m_tiles"] = int(val)
                         elif name == "stages":
                             opts["stages"] = int(val)
-                        elif name == "wskip":
-                            pass
                         elif name == "minb":
                             opts["min_blocks"] = int(val)
                         else:

@@ -111,15 +111,6 @@ inline float __shfl_xor_sync(unsigned, float v, int m) {
   w.bar.wait();
   return r;
 }
-inline int __shfl_xor_sync(unsigned mask, int v, int m) {
-  float f, r;
-  std::memcpy(&f, &v, 4);
-  r = __shfl_xor_sync(mask, f, m);
-  int o;
-  std::memcpy(&o, &r, 4);
-  return o;
-}
-inline void __syncwarp(unsigned = 0xffffffffu) { na_warp().bar.wait(); }
 inline float na_exp2(float x) { return std::exp2(x); }
 inline int __any_sync(unsigned, int pred) {
   NaWarp& w = na_warp();

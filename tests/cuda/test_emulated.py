@@ -137,23 +137,6 @@ def test_q_in_ring_slot(monkeypatch, na_dim, tile):
     assert max(errs.values()) < TOL["float16"], errs
 
 
-@pytest.mark.parametrize("na_dim,tile,m_tiles", [(1, (64,), 1), (2, (8, 8), 1), (3, (4, 4, 4), 1), (2, (16, 8), 2)])
-def test_warp_skip(monkeypatch, na_dim, tile, m_tiles):
-    """plan.FWD_WARP_SKIP: each warp skips the key tiles that miss the box around its rows' windows
-    (windows small against the tiles, so most warps skip some), with and without three blocks per SM."""
-    shape = {1: (200,), 2: (21, 19), 3: (9, 10, 11)}[na_dim]
-    K = {1: (5,), 2: (3, 5), 3: (3, 3, 2)}[na_dim]
-    cfg = dict(na_dim=na_dim, shape=shape, B=1, H=1, Hkv=1, D=16, Dv=16, E=0, K=K, s=(1,) * na_dim,
-               d=(1,) * (na_dim - 1) + (2,), c=(na_dim == 2,) + (False,) * (na_dim - 1), rpb=na_dim == 1, scale=None)
-    monkeypatch.setattr(plan, "FWD_WARP_SKIP", True)
-    v = plan.forward(plan.geometry(make_problem(cfg, "float16")), "float16", "float16", cfg["rpb"], True,
-                     (1,) * (3 - na_dim) + tile, m_tiles=m_tiles).variant
-    assert dict(v.template)["WSKIP"]
-    errs = run_and_compare(BACKEND.configure(tile=tile, m_tiles=m_tiles), cfg, "float16", np.random.default_rng(7 + na_dim),
-                           check_backward=False)
-    assert max(errs.values()) < TOL["float16"], errs
-
-
 @pytest.mark.parametrize("stages", [2, 3])
 def test_key_tile_list_in_chunks(monkeypatch, stages):
     """The forward lists its key tiles in shared memory in chunks of plan.FWD_MAXT; a walk longer

@@ -40,8 +40,6 @@ FWD_MAXT_SMALL = 128  # with three blocks per SM: 76.2 KB of shared memory per b
 # 24.3 / 86.2 / 0.459 ms against 0.237 / 27.0 / 97.0 / 0.473 unbound, 173 registers, two blocks per SM);
 # with rpb ptxas spills ~90 bytes at D 128 under the bound, and 128-query tiles cannot have three blocks
 FWD_MIN_BLOCKS = 3
-# each warp of the forward skips the key tiles that miss the box around its own rows' windows
-FWD_WARP_SKIP = False
 DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 
 
@@ -345,8 +343,7 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_blocks=0, wskip=None) -> Variant:
-    wskip = FWD_WARP_SKIP if wskip is None else wskip
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_blocks=0) -> Variant:
     stages = stages or FWD_STAGES
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
@@ -357,12 +354,12 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
     maxt = FWD_MAXT_SMALL if small else FWD_MAXT
     # the column masks (3 x 65 64-bit words), the block geometry, the row windows, the key-tile list and
     # the key rows' token offsets (fmha_fwd.cu's shared layout)
-    tables = 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE + 6 * (bq // (16 * mt))) * 4
+    tables = 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE) * 4
     return Variant(
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
-         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias), ("WSKIP", wskip)),
+         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias)),
         ((0 if qalias else bq * (dp + 8)) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2 + tables,
         min_blocks,
     )

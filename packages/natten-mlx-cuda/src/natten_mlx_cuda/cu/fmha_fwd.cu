@@ -17,8 +17,7 @@
 // dummy element without HAS_RPB), prm, scl. Outputs out [B, N, H, DV] (OT), lse [B, N, H] float32.
 // Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB, LDSM
 // (B fragments through ldmatrix), NW (warps: 4 or 8), MT (m-tiles of 16 query rows per warp: 1 or 2),
-// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots), QALIAS (Q in a K slot),
-// WSKIP (each warp skips the tiles its own rows do not see).
+// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots), QALIAS (Q in a K slot).
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
@@ -50,7 +49,6 @@ int* geo = reinterpret_cast<int*>(pm + 3 * (BK + 1));  // NA_FWD_GEO ints: the b
 int* rows = geo + NA_FWD_GEO;                          // 8 ints per query row: ws[3], we[3], present, flat
 int* tl = rows + 8 * BQ;                               // 5 ints per listed key tile: tok, k0[3], meta
 int* koff = tl + 5 * MAXT;                             // per key-tile row: its token offset from the tile's first
-int* wbox = koff + BK;  // WSKIP: 6 ints per warp, the box [lo, hi) per axis around its rows' windows
 // geo layout: per axis a: c0 [a], c1 [3+a], Lg [6+a], kb [9+a], ke [12+a], nkt [15+a], kst [18+a]
 // (flat-index step of one key coordinate), qst [21+a] (same for queries), key and query flat-index
 // bases [24+a] and [27+a], empty [30+a].
@@ -183,24 +181,6 @@ auto load_kv = [&](int i, int buf) {
 };
 
 __syncthreads();  // the row table
-if (WSKIP) {
-  // the bounding box of the windows of this warp's 16 MT rows (absent rows: everything), per axis
-  const int r = warp * MT * 16 + lane % (16 * MT);
-  #pragma unroll
-  for (int a = 0; a < 3; ++a) {
-    int lo = rows[8 * r + a], hi = rows[8 * r + 3 + a];
-    #pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) {
-      lo = na_min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-      hi = na_max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-    }
-    if (lane == 0) {
-      wbox[6 * warp + a] = lo;
-      wbox[6 * warp + 3 + a] = hi;
-    }
-  }
-  __syncwarp();
-}
 // Q tile -> shared
 for (int i = tid; i < BQ * DCH; i += NT) {
   const int r = i / DCH, ch = i % DCH;
@@ -290,17 +270,7 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
     const int k0[3] = {tl[5 * cur + 1], tl[5 * cur + 2], tl[5 * cur + 3]};
     const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
     const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
-    // WSKIP: a warp computes only the tiles that meet the box around its own rows' windows on every
-    // axis (the block loads the union of its warps' tiles; with three blocks per SM the scheduler
-    // fills a skipping warp's time with other blocks' warps)
-    bool mine = true;
-    if (WSKIP)
-      #pragma unroll
-      for (int a = 0; a < 3; ++a) {
-        const int ext = (meta >> (5 + 7 * a)) & 127;
-        mine = mine && k0[a] < wbox[6 * warp + 3 + a] && k0[a] + ext > wbox[6 * warp + a];
-      }
-    if (mine) {
+
     float s[MT][8][4];
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -437,7 +407,6 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
         }
       }
     }
-    }  // mine
     const int nxt = STAGES > 2 ? ahead[0] : issue;
 #pragma unroll
     for (int st = 0; st + 1 < STAGES - 2; ++st) ahead[st] = ahead[st + 1];
