@@ -71,3 +71,30 @@ def test_fitted_tiles():
     assert plan.fitted_tiles(_geo((9, 9, 9), (3, 3, 3))) == ((4, 4, 4), (4, 4, 4))
     # a 1D problem has one box
     assert plan.fitted_tiles(_geo((32768,), (2048,))) == ((1, 1, 64), (1, 1, 64))
+
+
+@pytest.mark.parametrize("d,dv", [(128, 128), (128, 96), (64, 64), (32, 32)])
+def test_three_blocks_fit(d, dv):
+    """The forward's default for 64-query tiles without rpb is three blocks per SM: the kernel's
+    __launch_bounds__ says so, Q shares the ring, and three blocks' shared memory (plus the driver's
+    1 KiB each) fits an H100/H200 SM's 228 KiB. rpb and 128-query tiles keep no bound and their own Q."""
+    import math
+    from dataclasses import replace
+
+    from natten_mlx_cuda import source
+
+    geo = replace(_geo((64, 64), (13, 13)), D=d, DV=dv)
+    tiles = ((1, 8, 8), (1, 8, 8))
+    v = plan.forward(geo, "float16", "float16", False, True, *tiles).variant
+    t = dict(v.template)
+    assert v.min_blocks == 3 and t["QALIAS"] and t["MAXT"] == plan.FWD_MAXT_SMALL
+    assert 3 * (v.shared_memory + 1024) <= 228 * 1024, v.shared_memory
+    assert "__launch_bounds__(128, 3)" in source.full_source(v)
+    for has_rpb, qt in ((True, tiles[0]), (False, (1, 16, 8))):
+        w = plan.forward(geo, "float16", "float16", has_rpb, True, qt, tiles[1]).variant
+        assert w.min_blocks == 0 and not dict(w.template)["QALIAS"] and "__launch_bounds__" not in source.full_source(w)
+        assert w.shared_memory > v.shared_memory
+    # the caller's choice wins over the default
+    u = plan.forward(geo, "float16", "float16", False, True, *tiles, min_blocks=0).variant
+    assert u.min_blocks == 0 and not dict(u.template)["QALIAS"] and math.isclose(u.shared_memory - v.shared_memory,
+                                                                               64 * (plan._r16(d) + 8) * 2 + 4 * 5 * (plan.FWD_MAXT - plan.FWD_MAXT_SMALL))
