@@ -820,7 +820,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   // slices are transposed once up front
   const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
   struct Chunk {
-    int row, b0, b1;  // ep.rows[row], its blocks order[g2][b0, b1)
+    int row, row2, b0, b1;  // ep.rows[row] (and ep.rows[row2] unless -1), their blocks order[g2][b0, b1)
   };
   std::vector<std::vector<int>> order(ep.on ? g.Dl[2] : 0);
   for (size_t g2 = 0; g2 < order.size(); ++g2) {
@@ -832,7 +832,16 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   std::vector<Chunk> chunks;
   for (size_t r = 0; r < ep.rows.size(); ++r) {
     const int n = static_cast<int>(order[ep.rows[r].g[2]].size()), step = local ? 32 : n;
-    for (int b0 = 0; b0 < n; b0 += step) chunks.push_back({static_cast<int>(r), b0, std::min(n, b0 + step)});
+    // 2D/3D: rows next to each other along the second-to-last axis (same group) go in pairs
+    int r2 = -1;
+    if (!local && r + 1 < ep.rows.size()) {
+      const ExactPlan::Row &x = ep.rows[r], &y = ep.rows[r + 1];
+      if (x.g[0] == y.g[0] && x.g[1] == y.g[1] && x.g[2] == y.g[2] && x.c0 == y.c0 && y.c1 == x.c1 + 1)
+        r2 = static_cast<int>(r + 1);
+    }
+    for (int b0 = 0; b0 < n; b0 += step)
+      chunks.push_back({static_cast<int>(r), r2, b0, std::min(n, b0 + step)});
+    if (r2 >= 0) ++r;
   }
   const int64_t nrowsx = static_cast<int64_t>(chunks.size()), per_slice = nrowsx + ntiles;
   // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
@@ -856,18 +865,33 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
     if (idx < nrowsx) {
-      // a row of queries along the last axis (or a chunk of one), vw at a time, exact windows
+      // a row of queries along the last axis (or a chunk of one), vw at a time, exact windows; in
+      // 2D/3D two neighbouring rows at once, whose blocks at the same lanes share most key rows
       const Chunk& ch = chunks[idx];
-      const ExactPlan::Row& row = ep.rows[ch.row];
-      const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+      const int nr = ch.row2 >= 0 ? 2 : 1;
+      const ExactPlan::Row* rws[2] = {&ep.rows[ch.row], nr == 2 ? &ep.rows[ch.row2] : nullptr};
+      const int vw = kt.vw, g0 = rws[0]->g[0], g1 = rws[0]->g[1], g2 = rws[0]->g[2];
       const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
-      const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-      const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-      const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-      const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-      const int nrows = (we0 - ws0) * (we1 - ws1);
       const int64_t L1 = g.L[1], L2 = g.L[2], D = g.D, Dv = g.Dv;
-      int64_t* rb = reinterpret_cast<int64_t*>(grow(w.tr, 2 * static_cast<size_t>(nrows) + 2));
+      const int64_t kwin = static_cast<int64_t>(g.K[0]) * g.K[1];
+      // per row: its window's key row bases (krow), the current block's (rb), at most K0 * K1 each
+      int64_t* ib = reinterpret_cast<int64_t*>(grow(w.tr, 8 * static_cast<size_t>(kwin) + 16));
+      int64_t *krow[2] = {ib, ib + kwin}, *rb[2] = {ib + 2 * kwin, ib + 3 * kwin};
+      int nrows[2] = {0, 0};
+      int64_t qrow[2] = {0, 0};
+      for (int i = 0; i < nr; ++i) {
+        const ExactPlan::Row& row = *rws[i];
+        const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+        const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+        const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+        const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+        for (int i0 = ws0; i0 < we0; ++i0)
+          for (int i1 = ws1; i1 < we1; ++i1)
+            krow[i][nrows[i]++] =
+                ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
+                ep.gstart[g2];
+        qrow[i] = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
+      }
       const float* kslice = local ? nullptr : kTx + slice * ldx * D;
       const float* vslice = local ? nullptr : vTx + slice * ldx * Dv;
       int64_t ldl = ldx, shift = 0;  // row length of kslice/vslice; added to every key row base
@@ -889,64 +913,72 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         // key row bases below are ep.gstart[g2] + blk.ws in the slice; here blk.ws - kmin
         shift = -(ep.gstart[g2] + kmin);
       }
-      const int64_t qrow = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
       for (int oi = ch.b0; oi < ch.b1; ++oi) {
         const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
         const int cb = blk.c, nx = blk.nx;
         const ExactRun& run = ep.runs[g2][blk.run];
         const int* lohi = run.masked ? run.lohi : nullptr;
-        int r = 0;
-        for (int i0 = ws0; i0 < we0; ++i0)
-          for (int i1 = ws1; i1 < we1; ++i1)
-            rb[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
-                      ep.gstart[g2] + blk.ws + shift;
-        float* S = grow(w.s, static_cast<size_t>(nrows * nx + D) * vw + vw);
-        float* oT = grow(w.o, Dv * vw + vw);
-        float* lsev = oT + Dv * vw;
-        float* qloc = grow(w.qp, D * vw + vw);
+        for (int i = 0; i < nr; ++i)
+          for (int r = 0; r < nrows[i]; ++r) rb[i][r] = krow[i][r] + blk.ws + shift;
+        float* S[2] = {grow(w.s, static_cast<size_t>(nrows[0] * nx + 2 * D) * vw + vw),
+                       nr == 2 ? grow(w.p, static_cast<size_t>(nrows[1] * nx) * vw + vw) : nullptr};
+        float* ob = grow(w.o, 2 * (Dv * vw + vw));
+        float* oT[2] = {ob, ob + Dv * vw + vw};
+        float* lsev[2] = {oT[0] + Dv * vw, oT[1] + Dv * vw};
+        float* qb = grow(w.qp, 2 * (D * vw + vw));
+        float* qloc[2] = {qb, qb + D * vw + vw};
         // heads-last rows of the block's first query and of consecutive ones (Dl2 tokens apart)
-        const int64_t row0 = (b * g.N + qrow + static_cast<int64_t>(cb) * g.Dl[2] + g2) * g.H;
+        int64_t row0[2];
+        for (int i = 0; i < nr; ++i) row0[i] = (b * g.N + qrow[i] + static_cast<int64_t>(cb) * g.Dl[2] + g2) * g.H;
         const int64_t tstep = g.Dl[2] * g.H;
         for (int64_t gg = 0; gg < g.G; ++gg) {
           const int64_t h = hk * g.G + gg;
           // the block's queries transposed to [D][vw] here, 8 at a time, rather than all of them up front
-          for (int l0 = 0; l0 < vw; l0 += 8) {
-            const float* src[8];
-            for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
-            // the next block's queries (past the row's end: the next row's, or an unused line)
-            for (int j = 0; j < 8; ++j) {
-              prefetch_row(a.q + ((row0 + (l0 + vw + j) * tstep) + h) * D, D);
-              // and the lines its outputs go to (written 8 floats at a time, read for ownership)
-              float* o = a.out + ((row0 + (l0 + vw + j) * tstep) + h) * Dv;
-              for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
-            }
-            kt.transpose8(src, D, qloc + l0, vw);
-          }
-          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb, nrows, nx, lohi, S, oT, lsev);
-          if (lohi) {
-            for (int l = 0; l < vw; ++l) {
-              if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
-              const int64_t orow = row0 + l * tstep + h;
-              float* dst = a.out + orow * Dv;
-              for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[d * vw + l];
-              a.lse[orow] = lsev[l];
-            }
-            continue;
-          }
-          int64_t d0 = 0;
-          if (blk.skip == 0) {
-            for (; d0 + 8 <= Dv; d0 += 8)
-              for (int l0 = 0; l0 < vw; l0 += 8) {
-                const float* src[8];
-                for (int j = 0; j < 8; ++j) src[j] = oT + (d0 + j) * vw + l0;
-                kt.transpose8(src, 8, a.out + (row0 + l0 * tstep + h) * Dv + d0, tstep * Dv);
+          for (int i = 0; i < nr; ++i)
+            for (int l0 = 0; l0 < vw; l0 += 8) {
+              const float* src[8];
+              for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0[i] + (l0 + j) * tstep) + h) * D;
+              // the next block's queries (past the row's end: the next row's, or an unused line)
+              for (int j = 0; j < 8; ++j) {
+                prefetch_row(a.q + ((row0[i] + (l0 + vw + j) * tstep) + h) * D, D);
+                // and the lines its outputs go to (written 8 floats at a time, read for ownership)
+                float* o = a.out + ((row0[i] + (l0 + vw + j) * tstep) + h) * Dv;
+                for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
               }
-          }
-          for (int l = blk.skip; l < vw; ++l) {
-            const int64_t orow = row0 + l * tstep + h;
-            float* dst = a.out + orow * Dv;
-            for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[d * vw + l];
-            a.lse[orow] = lsev[l];
+              kt.transpose8(src, D, qloc[i] + l0, vw);
+            }
+          if (nr == 2)
+            kt.exact_fwd2(qloc[0], qloc[1], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], rb[1],
+                          nrows[1], nx, lohi, S[0], S[1], oT[0], oT[1], lsev[0], lsev[1]);
+          else
+            kt.exact_fwd(qloc[0], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], nx, lohi, S[0], oT[0],
+                         lsev[0]);
+          for (int i = 0; i < nr; ++i) {
+            if (lohi) {
+              for (int l = 0; l < vw; ++l) {
+                if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
+                const int64_t orow = row0[i] + l * tstep + h;
+                float* dst = a.out + orow * Dv;
+                for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
+                a.lse[orow] = lsev[i][l];
+              }
+              continue;
+            }
+            int64_t d0 = 0;
+            if (blk.skip == 0) {
+              for (; d0 + 8 <= Dv; d0 += 8)
+                for (int l0 = 0; l0 < vw; l0 += 8) {
+                  const float* src[8];
+                  for (int j = 0; j < 8; ++j) src[j] = oT[i] + (d0 + j) * vw + l0;
+                  kt.transpose8(src, 8, a.out + (row0[i] + l0 * tstep + h) * Dv + d0, tstep * Dv);
+                }
+            }
+            for (int l = blk.skip; l < vw; ++l) {
+              const int64_t orow = row0[i] + l * tstep + h;
+              float* dst = a.out + orow * Dv;
+              for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
+              a.lse[orow] = lsev[i][l];
+            }
           }
         }
       }

@@ -58,6 +58,13 @@ struct KernelTable {
                       int64_t lds, float* dqT);
   void (*exact_bwd_kv)(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
                        const int64_t* rowbase, int nrows, int nx, int nk);
+  // exact_fwd of two blocks (A, B) at the same lanes of two query rows, key row bases ra[na] and
+  // rb[nb] (each ascending), one lohi for both: key rows in both windows are read once for both.
+  // qa, qb: [D][ldq]; sa: (na * nx + 2 * D) * vw floats, sb: nb * nx * vw; oa, ob [Dv][vw].
+  void (*exact_fwd2)(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
+                     int64_t ldk, const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na,
+                     const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob,
+                     float* lsea, float* lseb);
 };
 
 const KernelTable* kernels_avx512();
