@@ -565,7 +565,7 @@ struct ExactBwdWs {
     xo.assign(Dv * lds + 16, 0.f);
   }
 };
-thread_local ExactBwdWs tls_xbw[2];
+thread_local ExactBwdWs tls_xbw[4];  // [masked + 2 * row of a pair]
 
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
@@ -1161,112 +1161,147 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
   // Queries u0 + [tb, te) of one run of a row (a border block: all of it) of a slice. Key row r of
   // the row starts at keyrow[r] + shift in ks / vs and in the accumulators xk / xv (rows ld apart).
-  auto exact_run = [&](int64_t slice, const ExactPlan::Row& row, const std::vector<int64_t>& keyrow, int64_t shift,
-                       const ExactRun& run, int tb, int te, const float* ks, const float* vs, int64_t ld, float* xk,
-                       float* xv) {
+  auto exact_run = [&](int64_t slice, int nr, const ExactPlan::Row* const* rws, const std::vector<int64_t>* const* keyrows,
+                       int64_t shift, const ExactRun& run, int tb, int te, const float* ks, const float* vs, int64_t ld,
+                       float* xk, float* xv) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
-    const int vw = kt.vw, g2 = row.g[2], nrows = static_cast<int>(keyrow.size());
+    const int vw = kt.vw, g2 = rws[0]->g[2];
     const int64_t L1 = g.L[1];
-    const int64_t qrow =
-        ((static_cast<int64_t>(row.c0) * g.Dl[0] + row.g[0]) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + row.g[1])) *
-        L2;
     const int u0 = run.u0 + tb, runlen = te - tb, ws0 = run.ws0 + tb;
-    const int nx = run.nx, nk = runlen + nx - 1, nslots = nrows * nx;
+    const int nx = run.nx, nk = runlen + nx - 1;
     // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
     const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
-    // runs and border blocks keep separate buffers (their geometries alternate along a row)
-    ExactBwdWs& w = tls_xbw[run.masked ? 1 : 0];
     const int* lohi = run.masked ? run.lohi : nullptr;
-    w.prepare(nslots, lds, padA, runlen, D, Dv);
-    w.rbk.resize(nrows);
-    w.rbq.resize(nrows);
-    for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + ws0 + shift;
-    float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
-    float* dqT = grow(w.dq, D * vw + vw);
     // lse of the run's queries at lc[t], c at lc[cap + t]
     const int64_t cap = round_up(runlen, 8) + vw;
-    float* lc = grow(w.lc, 2 * cap);
+    // per row: runs and border blocks keep separate buffers (their geometries alternate along a row)
+    ExactBwdWs* ws[2];
+    int nrows[2] = {0, 0};
+    int64_t qrow[2] = {0, 0};
+    float *S[2], *dqT[2], *lc[2];
+    for (int i = 0; i < nr; ++i) {
+      const ExactPlan::Row& row = *rws[i];
+      qrow[i] = ((static_cast<int64_t>(row.c0) * g.Dl[0] + row.g[0]) * L1 +
+                 (static_cast<int64_t>(row.c1) * g.Dl[1] + row.g[1])) *
+                L2;
+      nrows[i] = static_cast<int>(keyrows[i]->size());
+      ExactBwdWs& w = tls_xbw[(run.masked ? 1 : 0) + 2 * i];
+      ws[i] = &w;
+      w.prepare(static_cast<int64_t>(nrows[i]) * nx, lds, padA, runlen, D, Dv);
+      w.rbk.resize(nrows[i]);
+      w.rbq.resize(nrows[i]);
+      for (int r = 0; r < nrows[i]; ++r) w.rbk[r] = (*keyrows[i])[r] + ws0 + shift;
+      S[i] = grow(w.s, 2 * static_cast<size_t>(nrows[i]) * nx * vw + vw);
+      dqT[i] = grow(w.dq, D * vw + vw);
+      lc[i] = grow(w.lc, 2 * cap);
+    }
+    const int64_t tstep = Dl2 * g.H;
     for (int64_t gg = 0; gg < g.G; ++gg) {
       const int64_t h = hk * g.G + gg;
-      float* xq = w.xq.data() + padA;
-      float* xo = w.xo.data() + padA;
-      // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
-      const int64_t row0 = (b * N + qrow + static_cast<int64_t>(u0) * Dl2 + g2) * g.H + h, tstep = Dl2 * g.H;
-      int t = 0;
-      for (; t + 8 <= runlen; t += 8) {
-        const float *sq[8], *so[8];
-        for (int j = 0; j < 8; ++j) {
-          sq[j] = a.q + (row0 + (t + j) * tstep) * D;
-          so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+      float *xq[2], *xo[2], *pt[2], *dst[2];
+      for (int i = 0; i < nr; ++i) {
+        ExactBwdWs& w = *ws[i];
+        xq[i] = w.xq.data() + padA;
+        xo[i] = w.xo.data() + padA;
+        pt[i] = w.pt.data() + padA;
+        dst[i] = w.ds.data() + padA;
+        // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
+        const int64_t row0 = (b * N + qrow[i] + static_cast<int64_t>(u0) * Dl2 + g2) * g.H + h;
+        int t = 0;
+        for (; t + 8 <= runlen; t += 8) {
+          const float *sq[8], *so[8];
+          for (int j = 0; j < 8; ++j) {
+            sq[j] = a.q + (row0 + (t + j) * tstep) * D;
+            so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+          }
+          for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
+            prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
+            prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+            prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+          }
+          kt.transpose8(sq, D, xq[i] + t, lds);
+          kt.transpose8(so, Dv, xo[i] + t, lds);
         }
-        for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
-          prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
-          prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
-          prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+        for (; t < runlen; ++t) {
+          for (int64_t d = 0; d < D; ++d) xq[i][d * lds + t] = a.q[(row0 + t * tstep) * D + d];
+          for (int64_t d = 0; d < Dv; ++d) xo[i][d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
         }
-        kt.transpose8(sq, D, xq + t, lds);
-        kt.transpose8(so, Dv, xo + t, lds);
+        const float scale = g.scale;  // a local: the compiler cannot tell xq from g
+        for (int64_t d = 0; d < D; ++d) {
+          float* x = xq[i] + d * lds;
+          for (int l = 0; l < runlen; ++l) x[l] *= scale;
+        }
+        // c = dO.O - dlse here, where the output gradients were just read (no pass of its own)
+        for (int l = 0; l < runlen; ++l) {
+          const int64_t row = row0 + l * tstep;
+          lc[i][l] = a.lse[row];
+          const float dl = a.dlse ? a.dlse[row] : 0.f;
+          lc[i][cap + l] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
+        }
       }
-      for (; t < runlen; ++t) {
-        for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
-        for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
-      }
-      const float scale = g.scale;  // a local: the compiler cannot tell xq from g
-      for (int64_t d = 0; d < D; ++d) {
-        float* x = xq + d * lds;
-        for (int i = 0; i < runlen; ++i) x[i] *= scale;
-      }
-      // c = dO.O - dlse here, where the output gradients were just read (no pass of its own)
-      for (int i = 0; i < runlen; ++i) {
-        const int64_t row = row0 + i * tstep;
-        lc[i] = a.lse[row];
-        const float dl = a.dlse ? a.dlse[row] : 0.f;
-        lc[cap + i] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
-      }
-      const float* lrow = lc;
-      float* pt = w.pt.data() + padA;
-      float* dst = w.ds.data() + padA;
       // blocks of vw queries at t0 = 0, vw, ..., and one ending at the run's end for the rest
       for (int t0 = 0, done = 0; done < runlen;) {
         const int skip = t0 < done ? done - t0 : 0;
-        for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
-        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + cap + t0, w.rbq.data(),
-                       nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
-        for (int l = skip; l < vw; ++l) {
-          if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
-          const int64_t tok = qrow + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
-          float* out = dq_of(b, h) + tok * tsq;
-          for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
-        }
+        for (int i = 0; i < nr; ++i)
+          for (int r = 0; r < nrows[i]; ++r) ws[i]->rbq[r] = ws[i]->rbk[r] + t0;
+        if (nr == 2)
+          kt.exact_bwd_q2(xq[0] + t0, xq[1] + t0, lds, D, ks, ld, vs, ld, Dv, xo[0] + t0, xo[1] + t0, lds, lc[0] + t0,
+                          lc[1] + t0, lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
+                          nrows[1], nx, lohi, S[0], S[1], pt[0] + t0, pt[1] + t0, dst[0] + t0, dst[1] + t0, lds, dqT[0],
+                          dqT[1]);
+        else
+          kt.exact_bwd_q(xq[0] + t0, lds, D, ks, ld, vs, ld, Dv, xo[0] + t0, lds, lc[0] + t0, lc[0] + cap + t0,
+                         ws[0]->rbq.data(), nrows[0], nx, lohi, S[0], pt[0] + t0, dst[0] + t0, lds, dqT[0]);
+        for (int i = 0; i < nr; ++i)
+          for (int l = skip; l < vw; ++l) {
+            if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
+            const int64_t tok = qrow[i] + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
+            float* out = dq_of(b, h) + tok * tsq;
+            for (int64_t d = 0; d < D; ++d) out[d] = dqT[i][d * vw + l] * g.scale;
+          }
         done = t0 + vw;
         t0 = std::min(done, runlen - vw);
       }
-      kt.exact_bwd_kv(dst, lds, xq, lds, D, xk, ld, w.rbk.data(), nrows, nx, nk);
-      kt.exact_bwd_kv(pt, lds, xo, lds, Dv, xv, ld, w.rbk.data(), nrows, nx, nk);
+      for (int i = 0; i < nr; ++i) {
+        kt.exact_bwd_kv(dst[i], lds, xq[i], lds, D, xk, ld, ws[i]->rbk.data(), nrows[i], nx, nk);
+        kt.exact_bwd_kv(pt[i], lds, xo[i], lds, Dv, xv, ld, ws[i]->rbk.data(), nrows[i], nx, nk);
+      }
     }
   };
-  // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
+  // One row of exact-path queries of a slice (two neighbouring rows when idx2 >= 0, whose blocks at
+  // the same lanes share key/value loads): per run and query head, the query side computes P, dS
   // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
   // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
-  auto exact_row = [&](int64_t slice, int64_t idx, float* xk) {
-    const ExactPlan::Row& row = ep.rows[idx];
-    const int g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+  auto exact_row = [&](int64_t slice, int64_t idx, int64_t idx2, float* xk) {
+    const int nr = idx2 >= 0 ? 2 : 1;
+    const ExactPlan::Row* rws[2] = {&ep.rows[idx], nr == 2 ? &ep.rows[idx2] : nullptr};
+    const std::vector<int64_t>* keyrows[2] = {&tls_xbw[0].keyrow, &tls_xbw[1].keyrow};
+    const int g0 = rws[0]->g[0], g1 = rws[0]->g[1], g2 = rws[0]->g[2];
     const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
-    const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-    const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-    const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-    const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
     const int64_t L1 = g.L[1];
-    std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
-    keyrow.clear();
-    for (int i0 = ws0; i0 < we0; ++i0)
-      for (int i1 = ws1; i1 < we1; ++i1)
-        keyrow.push_back(((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) *
-                             L2 +
-                         ep.gstart[g2]);
+    for (int i = 0; i < nr; ++i) {
+      const ExactPlan::Row& row = *rws[i];
+      const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+      const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+      const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+      const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+      std::vector<int64_t>& keyrow = tls_xbw[i].keyrow;
+      keyrow.clear();
+      for (int i0 = ws0; i0 < we0; ++i0)
+        for (int i1 = ws1; i1 < we1; ++i1)
+          keyrow.push_back(((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) *
+                               L2 +
+                           ep.gstart[g2]);
+    }
     for (const ExactRun& run : ep.runs[g2])
-      exact_run(slice, row, keyrow, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv, ldx,
-                xk, xk + D * ldx);
+      exact_run(slice, nr, rws, keyrows, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv,
+                ldx, xk, xk + D * ldx);
+  };
+  // rows idx and idx + 1 go together when they are neighbours along the second-to-last axis
+  auto pairs_with_next = [&](int64_t idx) {
+    if (idx + 1 >= static_cast<int64_t>(ep.rows.size())) return false;
+    const ExactPlan::Row &x = ep.rows[idx], &y = ep.rows[idx + 1];
+    return x.g[0] == y.g[0] && x.g[1] == y.g[1] && x.g[2] == y.g[2] && x.c0 == y.c0 && y.c1 == x.c1 + 1;
   };
   if (local) {
     // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
@@ -1318,7 +1353,9 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl);
         std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
         keyrow.assign(1, 0);
-        exact_run(slice, row, keyrow, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
+        const ExactPlan::Row* rws[1] = {&row};
+        const std::vector<int64_t>* keyrows[1] = {&keyrow};
+        exact_run(slice, 1, rws, keyrows, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
         // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);
@@ -1357,7 +1394,14 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       float* xk = xacc + task * xacc_size;
       std::memset(xk, 0, sizeof(float) * xacc_size);
       const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
-      for (int64_t idx = r0; idx < r1; ++idx) exact_row(slice, idx, xk);
+      for (int64_t idx = r0; idx < r1; ++idx) {
+        if (idx + 1 < r1 && pairs_with_next(idx)) {
+          exact_row(slice, idx, idx + 1, xk);
+          ++idx;
+        } else {
+          exact_row(slice, idx, -1, xk);
+        }
+      }
       if (direct) store_exact_sums(slice, xk, false);
     }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;

@@ -667,6 +667,69 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
   slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
 }
 
+// P = exp(s - lse) inside the lanes' windows, dS = P * (dP - c): slot j's P and dS to pt + j * lds and
+// dst + j * lds, and dS over s (the weights of dQ)
+inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lohi, const float* lse, const float* c,
+                     float* pt, float* dst, int64_t lds) {
+  const vf lv = load(lse), cv = load(c);
+  const vi lo = lohi ? loadiu(lohi) : vi{}, hi = lohi ? loadiu(lohi + VW) : vi{} + nx;
+  for (int r = 0, j = 0; r < nrows; ++r)
+    for (int x = 0; x < nx; ++x, ++j) {
+      const vi xv = vi{} + x;
+      vf p = vexp(load(s + j * VW) - lv);
+      p = (xv >= lo) & (xv < hi) ? p : vf{};
+      const vf ds = p * (load(dp + j * VW) - cv);
+      store(pt + j * lds, p);
+      store(dst + j * lds, ds);
+      store(s + j * VW, ds);
+    }
+}
+
+// exact_bwd_q of two blocks (A, B) at the same lanes of two query rows (see exact_fwd2): the key and
+// value loads of key rows in both windows serve both blocks. sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw.
+void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
+                  const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
+                  const float* lsea, const float* lseb, const float* ca, const float* cb, const int64_t* ra, int na,
+                  const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, float* pta, float* ptb,
+                  float* dsta, float* dstb, int64_t lds, float* dqa, float* dqb) {
+  float* dpa = sa + static_cast<int64_t>(na) * nx * VW;
+  float* dpb = sb + static_cast<int64_t>(nb) * nx * VW;
+  const int nch = (nx + 4) / 5;
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    for (int c = 0, x0 = 0; c < nch; ++c) {
+      const int len = (nx - x0) / (nch - c);
+      const int64_t oa = (static_cast<int64_t>(i) * nx + x0) * VW, ob = (static_cast<int64_t>(j) * nx + x0) * VW;
+      if (i >= 0 && j >= 0) {
+        scores_chunk2(len, qa, qb, ldq, D, kT + base + x0, ldk, sa + oa, sb + ob);
+        scores_chunk2(len, doa, dob, ldo, Dv, vT + base + x0, ldv, dpa + oa, dpb + ob);
+      } else if (i >= 0) {
+        scores_chunk1(len, qa, ldq, D, kT + base + x0, ldk, sa + oa);
+        scores_chunk1(len, doa, ldo, Dv, vT + base + x0, ldv, dpa + oa);
+      } else {
+        scores_chunk1(len, qb, ldq, D, kT + base + x0, ldk, sb + ob);
+        scores_chunk1(len, dob, ldo, Dv, vT + base + x0, ldv, dpb + ob);
+      }
+      x0 += len;
+    }
+  });
+  bwd_p_ds(sa, dpa, na, nx, lohi, lsea, ca, pta, dsta, lds);
+  bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, cb, ptb, dstb, lds);
+  int64_t c = 0;
+  vf xa[4], xb[4];
+  for (; c + 4 <= D; c += 4) {
+    slot_sum2<4>(sa, sb, kT + c * ldk, ldk, ra, na, rbb, nb, nx, xa, xb);
+    for (int i = 0; i < 4; ++i) {
+      store(dqa + (c + i) * VW, xa[i]);
+      store(dqb + (c + i) * VW, xb[i]);
+    }
+  }
+  for (; c < D; ++c) {
+    slot_sum2<1>(sa, sb, kT + c * ldk, ldk, ra, na, rbb, nb, nx, xa, xb);
+    store(dqa + c * VW, xa[0]);
+    store(dqb + c * VW, xb[0]);
+  }
+}
+
 template <int C>
 inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t ldx, float* acc, int64_t lda, int nx,
                            int kk0) {
@@ -689,9 +752,54 @@ inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t 
 // run's dS (or P) and scaled queries (or output gradients), indexed from the run's first query, with
 // zeros for at least nx - 1 columns before it and nx + vw after its end; whole vectors are written
 // (columns past nk get + 0), so accT needs vw floats of slack.
+// exact_kv_chunk of two key rows (weights w0, w1; accumulators acc0, acc1) at once: the query-side
+// operand x does not depend on the key row, so each of its loads serves both rows (6 loads per 8 FMAs
+// at C = 4 instead of 9 per 8)
+template <int C>
+inline void exact_kv_chunk2(const float* w0, const float* w1, int64_t lds, const float* x, int64_t ldx, float* acc0,
+                            float* acc1, int64_t lda, int nx, int kk0) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    a[c] = load(acc0 + c * lda + kk0);
+    b[c] = load(acc1 + c * lda + kk0);
+  }
+  for (int xx = 0; xx < nx; ++xx) {
+    const int off = kk0 - xx;
+    const vf wa = load(w0 + xx * lds + off), wb = load(w1 + xx * lds + off);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const vf xv = load_reg(x + c * ldx + off);
+      a[c] += wa * xv;
+      b[c] += wb * xv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    store(acc0 + c * lda + kk0, a[c]);
+    store(acc1 + c * lda + kk0, b[c]);
+  }
+}
+
 void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
                   const int64_t* rowbase, int nrows, int nx, int nk) {
-  for (int r = 0; r < nrows; ++r) {
+  int r = 0;
+  // key rows in pairs (distinct rows are >= one axis length apart, so the two rows' vectors of one
+  // kk0 never overlap; the + 0 written past a run may land in another row, read back before it is
+  // written again)
+  for (; r + 2 <= nrows; r += 2) {
+    const float* w0 = w + static_cast<int64_t>(r) * nx * lds;
+    const float* w1 = w0 + static_cast<int64_t>(nx) * lds;
+    float* a0 = accT + rowbase[r];
+    float* a1 = accT + rowbase[r + 1];
+    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+      int64_t c = 0;
+      for (; c + 4 <= W; c += 4)
+        exact_kv_chunk2<4>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
+      for (; c < W; ++c) exact_kv_chunk2<1>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
+    }
+  }
+  for (; r < nrows; ++r) {
     const float* wr = w + static_cast<int64_t>(r) * nx * lds;
     float* ar = accT + rowbase[r];
     for (int kk0 = 0; kk0 < nk; kk0 += VW) {
@@ -754,7 +862,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2};
   return &table;
 }
 

@@ -65,6 +65,13 @@ struct KernelTable {
                      int64_t ldk, const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na,
                      const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob,
                      float* lsea, float* lseb);
+  // exact_bwd_q of two blocks at the same lanes of two query rows (as exact_fwd2): qa/qb [D][ldq], doa/dob
+  // [Dv][ldo], sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw; dqa/dqb [D][vw]
+  void (*exact_bwd_q2)(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
+                       const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
+                       const float* lsea, const float* lseb, const float* ca, const float* cb, const int64_t* ra,
+                       int na, const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* pta,
+                       float* ptb, float* dsta, float* dstb, int64_t lds, float* dqa, float* dqb);
 };
 
 const KernelTable* kernels_avx512();
