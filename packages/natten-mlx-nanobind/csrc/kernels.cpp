@@ -794,8 +794,17 @@ void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int6
     float* a1 = accT + rowbase[r + 1];
     for (int kk0 = 0; kk0 < nk; kk0 += VW) {
       int64_t c = 0;
-      for (; c + 4 <= W; c += 4)
+      for (; c + 4 <= W; c += 4) {
+        // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
+        // follows 2 * W streams), requested a chunk ahead
+        for (int i = 0; i < 4; ++i) {
+          const int64_t cn = c + 4 + i < W ? c + 4 + i : i;
+          const int kn = c + 4 + i < W ? kk0 : kk0 + VW;
+          __builtin_prefetch(a0 + cn * lda + kn + VW - 1, 1);
+          __builtin_prefetch(a1 + cn * lda + kn + VW - 1, 1);
+        }
         exact_kv_chunk2<4>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
+      }
       for (; c < W; ++c) exact_kv_chunk2<1>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
     }
   }
@@ -804,7 +813,14 @@ void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int6
     float* ar = accT + rowbase[r];
     for (int kk0 = 0; kk0 < nk; kk0 += VW) {
       int64_t c = 0;
-      for (; c + 8 <= W; c += 8) exact_kv_chunk<8>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      for (; c + 8 <= W; c += 8) {
+        for (int i = 0; i < 8; ++i) {
+          const int64_t cn = c + 8 + i < W ? c + 8 + i : i;
+          const int kn = c + 8 + i < W ? kk0 : kk0 + VW;
+          __builtin_prefetch(ar + cn * lda + kn + VW - 1, 1);
+        }
+        exact_kv_chunk<8>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      }
       for (; c + 4 <= W; c += 4) exact_kv_chunk<4>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
       for (; c < W; ++c) exact_kv_chunk<1>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
     }
