@@ -594,16 +594,18 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
   // slots of a key row in chunks of at most 5, as even as possible (nx = 7: 4 + 3)
   const int nch = (nx + 4) / 5;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    if (i < 0 || j < 0) {
+      // a row of one window only: up to 8 slots per pass (one query load per feature and pass)
+      const float* q = i >= 0 ? qs : qs + VW;
+      float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * nx * VW : sb + static_cast<int64_t>(j) * nx * VW;
+      for (int x0 = 0; x0 < nx; x0 += 8)
+        scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, q, 2 * VW, D, kT + base + x0, ldk, sr + x0 * VW);
+      return;
+    }
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (nx - x0) / (nch - c);
-      const float* kb = kT + base + x0;
-      if (i >= 0 && j >= 0)
-        scores_chunk2(len, qs, qs + VW, 2 * VW, D, kb, ldk, sa + (static_cast<int64_t>(i) * nx + x0) * VW,
-                      sb + (static_cast<int64_t>(j) * nx + x0) * VW);
-      else if (i >= 0)
-        scores_chunk1(len, qs, 2 * VW, D, kb, ldk, sa + (static_cast<int64_t>(i) * nx + x0) * VW);
-      else
-        scores_chunk1(len, qs + VW, 2 * VW, D, kb, ldk, sb + (static_cast<int64_t>(j) * nx + x0) * VW);
+      scores_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base + x0, ldk, sa + (static_cast<int64_t>(i) * nx + x0) * VW,
+                    sb + (static_cast<int64_t>(j) * nx + x0) * VW);
       x0 += len;
     }
   });
