@@ -428,9 +428,13 @@ Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
         double M = T * g.G;
         double np = static_cast<double>(round_up(static_cast<int64_t>(box) + g.E, vw));
         if (T > 1 && M * np > 65536) continue;  // scores of a tile stay in L2
-        // GEMM rows plus the per-block loads of B, packing the box, the softmax over it, a fixed cost
+        // GEMM rows plus the per-block loads of B, packing the box, the softmax over it, a fixed cost.
+        // Packing (and the backward's sums scattered back) gathers heads-last rows: weighed at 24 per
+        // float, as measured (NATTEN_MLX_TILE sweeps, 2026-12-01: the weight 1.5 chose tiles of 6
+        // queries at C4's backward borders, 2x4x4 ran ~6% faster end to end, 1x8x8 ~10% at C3's, and
+        // with the exact path off 1x4x4 ~17% faster than 1x2x2 at C2); 24 chooses those
         double gemm = (M + 2.0 * std::ceil(M / 6.0)) * np * (g.D + g.Dv);
-        double cost = (gemm + np * (g.D + g.Dv) * 1.5 + M * np * 3.0 + 3000.0) / T;
+        double cost = (gemm + np * (g.D + g.Dv) * 24.0 + M * np * 3.0 + 3000.0) / T;
         if (cost < best) {
           best = cost;
           bt[0] = t0;
