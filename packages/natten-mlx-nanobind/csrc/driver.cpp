@@ -626,12 +626,12 @@ thread_local ExactBwdWs tls_xbw[4];  // [masked + 2 * row of a pair]
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
 void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const float* kT, int64_t ldk,
-                 const float* ekT, float* KT) {
+                 const float* ekT, float* KT, int64_t W) {
   const int64_t rows = tg.Nbox / tg.nk[2], nk2 = tg.nk[2], d2 = g.Dl[2];
   if (d2 == 1) {
-    kt.pack_kt(KT, tg.NP, kT, ldk, tg.rowtok.data(), rows, static_cast<int>(nk2), g.D);
+    kt.pack_kt(KT, tg.NP, kT, ldk, tg.rowtok.data(), rows, static_cast<int>(nk2), W);
   } else {
-    for (int64_t d = 0; d < g.D; ++d) {
+    for (int64_t d = 0; d < W; ++d) {
       float* dst = KT + d * tg.NP;
       const float* src = kT + d * ldk;
       for (int64_t r = 0; r < rows; ++r) {
@@ -641,7 +641,7 @@ void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const f
       }
     }
   }
-  for (int64_t d = 0; d < g.D; ++d) {
+  for (int64_t d = 0; d < W; ++d) {
     float* dst = KT + d * tg.NP;
     for (int64_t e = 0; e < g.E; ++e) dst[tg.Nbox + e] = ekT[d * g.E + e];
     for (int64_t j = tg.Ncol; j < tg.NP; ++j) dst[j] = 0.f;
@@ -1053,7 +1053,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       }
     }
     float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-    pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT);
+    pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
@@ -1172,8 +1172,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // the tile path's keys, transposed per slice (the exact path's copy when it is the same order)
   int64_t ldk = round_up(Nk, 16) + 16;
   const float* kT = nullptr;
+  // and its values transposed the same way (the exact path's copy; else the tiles gather value rows)
+  const float* vT = nullptr;
   if (ep.on && Dl2 == 1 && !local) {
     kT = kTx + ep.front;
+    vT = vTx + ep.front;
     ldk = ldx;
   } else if (ntiles) {
     kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
@@ -1482,13 +1485,17 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         dl[r] = a.dlse ? a.dlse[row] : 0.f;
       }
       float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-      pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT);
+      pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT, D);
       float* Kp = grow(w.kp, NP * D);
       pack_rows_hl(g, tg, b, hk, D, a.k, a.ek, Kp);
-      float* Vp = grow(w.vp, NP * Dv);
-      pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
-      float* VT = grow(w.vt, Dv * NP);
-      transpose(Vp, NP, Dv, Dv, VT, NP);
+      float* VT = grow(w.vt, Dv * NP + 2 * kt.vw);
+      if (vT) {
+        pack_keys_t(kt, g, tg, vT + slice * ldk * Dv, ldk, nullptr, VT, Dv);
+      } else {
+        float* Vp = grow(w.vp, NP * Dv);
+        pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
+        transpose(Vp, NP, Dv, Dv, VT, NP);
+      }
       float* S = grow(w.s, M * NP + kt.vw);
       kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
       float* dP = grow(w.dp, M * NP + kt.vw);
