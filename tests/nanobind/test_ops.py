@@ -227,7 +227,13 @@ def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
     test_fused_forward_backward(cfg, dtype, seed)
     counts = ext.path_counts(True)
     fwd, bwd = counts[:3], counts[3:]
-    assert fwd[0] == bwd[0]  # the same runs
+    assert sum(fwd) == sum(bwd)  # every query once in each pass
+    # the same runs, except that with border blocks a run stops vw queries short of its group's edge
+    # (the edge's border block takes the rest), which the 2D/3D backward (tiles at the borders) does not
+    if exact == "default" and cfg["na_dim"] > 1:
+        assert bwd[0] >= fwd[0]
+    else:
+        assert fwd[0] == bwd[0]
     for run, border, tile in (fwd, bwd):
         if exact in ("default", "all"):
             assert run > 0
@@ -236,7 +242,7 @@ def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
         else:
             assert run == 0 and border == 0 and tile > 0
     if exact == "default" and cfg["na_dim"] > 1:  # 2D/3D backward: tiles at the borders
-        assert bwd[1] == 0 and bwd[2] == fwd[1] + fwd[2]
+        assert bwd[1] == 0 and bwd[0] + bwd[2] == sum(fwd)
     if exact == "all" or (exact == "default" and cfg["na_dim"] == 1):
         assert fwd == bwd
 
@@ -264,8 +270,8 @@ def test_exact_window_border_blocks(na_dim, causal):
         assert run_f > 0 and border_f > 0 and tile_f == 0
         if mode == "all" or na_dim == 1:
             assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
-        else:  # the 2D/3D backward leaves the borders to the tiles
-            assert (run_b, border_b, tile_b) == (run_f, 0, border_f)
+        else:  # the 2D/3D backward leaves the borders to the tiles (and its runs reach closer to them)
+            assert run_b >= run_f and border_b == 0 and run_b + tile_b == run_f + border_f
 
 
 def test_exact_backward_path_off_for_nonfinite_inputs():

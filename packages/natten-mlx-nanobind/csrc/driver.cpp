@@ -5,6 +5,7 @@
 #include "driver.h"
 
 #include <sched.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -132,8 +133,40 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them)
 std::atomic<int64_t> path_count[6];
+// Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
+// strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
+// reads 32 features x 8 key rows of keys and as many of values per block, ~100 distinct 4 KiB pages,
+// more than the L1 TLB holds. Below 1 MiB, plain malloc.
+template <class T>
+struct HugeAlloc {
+  using value_type = T;
+  HugeAlloc() = default;
+  template <class U>
+  HugeAlloc(const HugeAlloc<U>&) {}
+  T* allocate(size_t n) {
+    const size_t bytes = n * sizeof(T), huge = size_t(2) << 20;
+    void* p = nullptr;
+    if (bytes >= (size_t(1) << 20)) {
+      const size_t sz = (bytes + huge - 1) / huge * huge;
+      p = std::aligned_alloc(huge, sz);
+#ifdef MADV_HUGEPAGE
+      if (p) madvise(p, sz, MADV_HUGEPAGE);  // advice only: failure leaves 4 KiB pages
+#endif
+    } else {
+      p = std::malloc(bytes ? bytes : 1);
+    }
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const HugeAlloc<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const HugeAlloc<U>&) const { return false; }
+};
+
 struct Scratch {
-  std::vector<std::vector<float>> bufs;
+  std::vector<std::vector<float, HugeAlloc<float>>> bufs;
   size_t next = 0;
 };
 thread_local Scratch tls_scratch;
@@ -152,7 +185,7 @@ void scratch_reset() {
 float* scratch(size_t n, bool zero) {
   Scratch& s = tls_scratch;
   if (s.next == s.bufs.size()) s.bufs.emplace_back();
-  std::vector<float>& b = s.bufs[s.next++];
+  auto& b = s.bufs[s.next++];
   if (b.size() < n + 16) b.resize(n + 16);  // 16 floats of slack for the padded row helpers
   if (zero) std::memset(b.data(), 0, sizeof(float) * n);
   return b.data();
@@ -265,10 +298,29 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders, bool backward) {
     int c = 0;
     while (c < lg) {
       // a maximal run [u0, u1] of queries whose windows shift by one key per query
-      const int u0 = c;
+      int u0 = c;
       while (c + 1 < lg && ws(c + 1) == ws(c) + 1 && we(c + 1) == we(c) + 1) ++c;
-      const int u1 = c++;
+      int u1 = c++;
       if (u1 - u0 + 1 < vw) continue;
+      // With border blocks, a run that starts (ends) less than vw queries from the group's edge
+      // starts (ends) vw queries in instead: the edge's border block then serves all of its lanes
+      // rather than the few the run leaves, and the run saves a block (C2's rows of 64 queries,
+      // K = 7: 8 blocks of 7 slots and two border blocks of 10 became 6 and two; 18% fewer slots)
+      if (borders && lg >= 2 * vw) {
+        auto block_nx = [&](int cb) {
+          int base = 1 << 30, top = -(1 << 30);
+          for (int l = 0; l < vw; ++l) base = std::min(base, ws(cb + l) - l);
+          for (int l = 0; l < vw; ++l) top = std::max(top, we(cb + l) - l);
+          return top - base;
+        };
+        int t0 = u0, t1 = u1;
+        if (t0 > 0 && t0 < vw && block_nx(0) <= g.K[2] + vw) t0 = vw;
+        if (t1 < lg - 1 && t1 > lg - 1 - vw && block_nx(lg - vw) <= g.K[2] + vw) t1 = lg - 1 - vw;
+        if (t1 - t0 + 1 >= vw) {
+          u0 = t0;
+          u1 = t1;
+        }
+      }
       const int b0 = static_cast<int>(ep.blocks[g2].size()), ri = static_cast<int>(ep.runs[g2].size());
       int next = u0;
       for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next), ri});
@@ -376,9 +428,13 @@ Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
         double M = T * g.G;
         double np = static_cast<double>(round_up(static_cast<int64_t>(box) + g.E, vw));
         if (T > 1 && M * np > 65536) continue;  // scores of a tile stay in L2
-        // GEMM rows plus the per-block loads of B, packing the box, the softmax over it, a fixed cost
+        // GEMM rows plus the per-block loads of B, packing the box, the softmax over it, a fixed cost.
+        // Packing (and the backward's sums scattered back) gathers heads-last rows: weighed at 24 per
+        // float, as measured (NATTEN_MLX_TILE sweeps, 2026-12-01: the weight 1.5 chose tiles of 6
+        // queries at C4's backward borders, 2x4x4 ran ~6% faster end to end, 1x8x8 ~10% at C3's, and
+        // with the exact path off 1x4x4 ~17% faster than 1x2x2 at C2); 24 chooses those
         double gemm = (M + 2.0 * std::ceil(M / 6.0)) * np * (g.D + g.Dv);
-        double cost = (gemm + np * (g.D + g.Dv) * 1.5 + M * np * 3.0 + 3000.0) / T;
+        double cost = (gemm + np * (g.D + g.Dv) * 24.0 + M * np * 3.0 + 3000.0) / T;
         if (cost < best) {
           best = cost;
           bt[0] = t0;
@@ -565,17 +621,17 @@ struct ExactBwdWs {
     xo.assign(Dv * lds + 16, 0.f);
   }
 };
-thread_local ExactBwdWs tls_xbw[2];
+thread_local ExactBwdWs tls_xbw[4];  // [masked + 2 * row of a pair]
 
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
 void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const float* kT, int64_t ldk,
-                 const float* ekT, float* KT) {
+                 const float* ekT, float* KT, int64_t W) {
   const int64_t rows = tg.Nbox / tg.nk[2], nk2 = tg.nk[2], d2 = g.Dl[2];
   if (d2 == 1) {
-    kt.pack_kt(KT, tg.NP, kT, ldk, tg.rowtok.data(), rows, static_cast<int>(nk2), g.D);
+    kt.pack_kt(KT, tg.NP, kT, ldk, tg.rowtok.data(), rows, static_cast<int>(nk2), W);
   } else {
-    for (int64_t d = 0; d < g.D; ++d) {
+    for (int64_t d = 0; d < W; ++d) {
       float* dst = KT + d * tg.NP;
       const float* src = kT + d * ldk;
       for (int64_t r = 0; r < rows; ++r) {
@@ -585,7 +641,7 @@ void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const f
       }
     }
   }
-  for (int64_t d = 0; d < g.D; ++d) {
+  for (int64_t d = 0; d < W; ++d) {
     float* dst = KT + d * tg.NP;
     for (int64_t e = 0; e < g.E; ++e) dst[tg.Nbox + e] = ekT[d * g.E + e];
     for (int64_t j = tg.Ncol; j < tg.NP; ++j) dst[j] = 0.f;
@@ -820,7 +876,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   // slices are transposed once up front
   const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
   struct Chunk {
-    int row, b0, b1;  // ep.rows[row], its blocks order[g2][b0, b1)
+    int row, row2, b0, b1;  // ep.rows[row] (and ep.rows[row2] unless -1), their blocks order[g2][b0, b1)
   };
   std::vector<std::vector<int>> order(ep.on ? g.Dl[2] : 0);
   for (size_t g2 = 0; g2 < order.size(); ++g2) {
@@ -832,7 +888,16 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   std::vector<Chunk> chunks;
   for (size_t r = 0; r < ep.rows.size(); ++r) {
     const int n = static_cast<int>(order[ep.rows[r].g[2]].size()), step = local ? 32 : n;
-    for (int b0 = 0; b0 < n; b0 += step) chunks.push_back({static_cast<int>(r), b0, std::min(n, b0 + step)});
+    // 2D/3D: rows next to each other along the second-to-last axis (same group) go in pairs
+    int r2 = -1;
+    if (!local && r + 1 < ep.rows.size()) {
+      const ExactPlan::Row &x = ep.rows[r], &y = ep.rows[r + 1];
+      if (x.g[0] == y.g[0] && x.g[1] == y.g[1] && x.g[2] == y.g[2] && x.c0 == y.c0 && y.c1 == x.c1 + 1)
+        r2 = static_cast<int>(r + 1);
+    }
+    for (int b0 = 0; b0 < n; b0 += step)
+      chunks.push_back({static_cast<int>(r), r2, b0, std::min(n, b0 + step)});
+    if (r2 >= 0) ++r;
   }
   const int64_t nrowsx = static_cast<int64_t>(chunks.size()), per_slice = nrowsx + ntiles;
   // transposed rows one cache line longer than a multiple of 16 floats: rows n floats apart with n a
@@ -856,18 +921,33 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
     if (idx < nrowsx) {
-      // a row of queries along the last axis (or a chunk of one), vw at a time, exact windows
+      // a row of queries along the last axis (or a chunk of one), vw at a time, exact windows; in
+      // 2D/3D two neighbouring rows at once, whose blocks at the same lanes share most key rows
       const Chunk& ch = chunks[idx];
-      const ExactPlan::Row& row = ep.rows[ch.row];
-      const int vw = kt.vw, g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+      const int nr = ch.row2 >= 0 ? 2 : 1;
+      const ExactPlan::Row* rws[2] = {&ep.rows[ch.row], nr == 2 ? &ep.rows[ch.row2] : nullptr};
+      const int vw = kt.vw, g0 = rws[0]->g[0], g1 = rws[0]->g[1], g2 = rws[0]->g[2];
       const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
-      const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-      const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-      const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-      const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-      const int nrows = (we0 - ws0) * (we1 - ws1);
       const int64_t L1 = g.L[1], L2 = g.L[2], D = g.D, Dv = g.Dv;
-      int64_t* rb = reinterpret_cast<int64_t*>(grow(w.tr, 2 * static_cast<size_t>(nrows) + 2));
+      const int64_t kwin = static_cast<int64_t>(g.K[0]) * g.K[1];
+      // per row: its window's key row bases (krow), the current block's (rb), at most K0 * K1 each
+      int64_t* ib = reinterpret_cast<int64_t*>(grow(w.tr, 8 * static_cast<size_t>(kwin) + 16));
+      int64_t *krow[2] = {ib, ib + kwin}, *rb[2] = {ib + 2 * kwin, ib + 3 * kwin};
+      int nrows[2] = {0, 0};
+      int64_t qrow[2] = {0, 0};
+      for (int i = 0; i < nr; ++i) {
+        const ExactPlan::Row& row = *rws[i];
+        const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+        const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+        const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+        const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+        for (int i0 = ws0; i0 < we0; ++i0)
+          for (int i1 = ws1; i1 < we1; ++i1)
+            krow[i][nrows[i]++] =
+                ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
+                ep.gstart[g2];
+        qrow[i] = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
+      }
       const float* kslice = local ? nullptr : kTx + slice * ldx * D;
       const float* vslice = local ? nullptr : vTx + slice * ldx * Dv;
       int64_t ldl = ldx, shift = 0;  // row length of kslice/vslice; added to every key row base
@@ -889,64 +969,72 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         // key row bases below are ep.gstart[g2] + blk.ws in the slice; here blk.ws - kmin
         shift = -(ep.gstart[g2] + kmin);
       }
-      const int64_t qrow = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
       for (int oi = ch.b0; oi < ch.b1; ++oi) {
         const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
         const int cb = blk.c, nx = blk.nx;
         const ExactRun& run = ep.runs[g2][blk.run];
         const int* lohi = run.masked ? run.lohi : nullptr;
-        int r = 0;
-        for (int i0 = ws0; i0 < we0; ++i0)
-          for (int i1 = ws1; i1 < we1; ++i1)
-            rb[r++] = ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
-                      ep.gstart[g2] + blk.ws + shift;
-        float* S = grow(w.s, static_cast<size_t>(nrows * nx + D) * vw + vw);
-        float* oT = grow(w.o, Dv * vw + vw);
-        float* lsev = oT + Dv * vw;
-        float* qloc = grow(w.qp, D * vw + vw);
+        for (int i = 0; i < nr; ++i)
+          for (int r = 0; r < nrows[i]; ++r) rb[i][r] = krow[i][r] + blk.ws + shift;
+        float* S[2] = {grow(w.s, static_cast<size_t>(nrows[0] * nx + 2 * D) * vw + vw),
+                       nr == 2 ? grow(w.p, static_cast<size_t>(nrows[1] * nx) * vw + vw) : nullptr};
+        float* ob = grow(w.o, 2 * (Dv * vw + vw));
+        float* oT[2] = {ob, ob + Dv * vw + vw};
+        float* lsev[2] = {oT[0] + Dv * vw, oT[1] + Dv * vw};
+        float* qb = grow(w.qp, 2 * (D * vw + vw));
+        float* qloc[2] = {qb, qb + D * vw + vw};
         // heads-last rows of the block's first query and of consecutive ones (Dl2 tokens apart)
-        const int64_t row0 = (b * g.N + qrow + static_cast<int64_t>(cb) * g.Dl[2] + g2) * g.H;
+        int64_t row0[2];
+        for (int i = 0; i < nr; ++i) row0[i] = (b * g.N + qrow[i] + static_cast<int64_t>(cb) * g.Dl[2] + g2) * g.H;
         const int64_t tstep = g.Dl[2] * g.H;
         for (int64_t gg = 0; gg < g.G; ++gg) {
           const int64_t h = hk * g.G + gg;
           // the block's queries transposed to [D][vw] here, 8 at a time, rather than all of them up front
-          for (int l0 = 0; l0 < vw; l0 += 8) {
-            const float* src[8];
-            for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0 + (l0 + j) * tstep) + h) * D;
-            // the next block's queries (past the row's end: the next row's, or an unused line)
-            for (int j = 0; j < 8; ++j) {
-              prefetch_row(a.q + ((row0 + (l0 + vw + j) * tstep) + h) * D, D);
-              // and the lines its outputs go to (written 8 floats at a time, read for ownership)
-              float* o = a.out + ((row0 + (l0 + vw + j) * tstep) + h) * Dv;
-              for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
-            }
-            kt.transpose8(src, D, qloc + l0, vw);
-          }
-          kt.exact_fwd(qloc, vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb, nrows, nx, lohi, S, oT, lsev);
-          if (lohi) {
-            for (int l = 0; l < vw; ++l) {
-              if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
-              const int64_t orow = row0 + l * tstep + h;
-              float* dst = a.out + orow * Dv;
-              for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[d * vw + l];
-              a.lse[orow] = lsev[l];
-            }
-            continue;
-          }
-          int64_t d0 = 0;
-          if (blk.skip == 0) {
-            for (; d0 + 8 <= Dv; d0 += 8)
-              for (int l0 = 0; l0 < vw; l0 += 8) {
-                const float* src[8];
-                for (int j = 0; j < 8; ++j) src[j] = oT + (d0 + j) * vw + l0;
-                kt.transpose8(src, 8, a.out + (row0 + l0 * tstep + h) * Dv + d0, tstep * Dv);
+          for (int i = 0; i < nr; ++i)
+            for (int l0 = 0; l0 < vw; l0 += 8) {
+              const float* src[8];
+              for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0[i] + (l0 + j) * tstep) + h) * D;
+              // the next block's queries (past the row's end: the next row's, or an unused line)
+              for (int j = 0; j < 8; ++j) {
+                prefetch_row(a.q + ((row0[i] + (l0 + vw + j) * tstep) + h) * D, D);
+                // and the lines its outputs go to (written 8 floats at a time, read for ownership)
+                float* o = a.out + ((row0[i] + (l0 + vw + j) * tstep) + h) * Dv;
+                for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
               }
-          }
-          for (int l = blk.skip; l < vw; ++l) {
-            const int64_t orow = row0 + l * tstep + h;
-            float* dst = a.out + orow * Dv;
-            for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[d * vw + l];
-            a.lse[orow] = lsev[l];
+              kt.transpose8(src, D, qloc[i] + l0, vw);
+            }
+          if (nr == 2)
+            kt.exact_fwd2(qloc[0], qloc[1], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], rb[1],
+                          nrows[1], nx, lohi, S[0], S[1], oT[0], oT[1], lsev[0], lsev[1]);
+          else
+            kt.exact_fwd(qloc[0], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], nx, lohi, S[0], oT[0],
+                         lsev[0]);
+          for (int i = 0; i < nr; ++i) {
+            if (lohi) {
+              for (int l = 0; l < vw; ++l) {
+                if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
+                const int64_t orow = row0[i] + l * tstep + h;
+                float* dst = a.out + orow * Dv;
+                for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
+                a.lse[orow] = lsev[i][l];
+              }
+              continue;
+            }
+            int64_t d0 = 0;
+            if (blk.skip == 0) {
+              for (; d0 + 8 <= Dv; d0 += 8)
+                for (int l0 = 0; l0 < vw; l0 += 8) {
+                  const float* src[8];
+                  for (int j = 0; j < 8; ++j) src[j] = oT[i] + (d0 + j) * vw + l0;
+                  kt.transpose8(src, 8, a.out + (row0[i] + l0 * tstep + h) * Dv + d0, tstep * Dv);
+                }
+            }
+            for (int l = blk.skip; l < vw; ++l) {
+              const int64_t orow = row0[i] + l * tstep + h;
+              float* dst = a.out + orow * Dv;
+              for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
+              a.lse[orow] = lsev[i][l];
+            }
           }
         }
       }
@@ -965,7 +1053,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       }
     }
     float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-    pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT);
+    pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
@@ -1084,8 +1172,11 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // the tile path's keys, transposed per slice (the exact path's copy when it is the same order)
   int64_t ldk = round_up(Nk, 16) + 16;
   const float* kT = nullptr;
+  // and its values transposed the same way (the exact path's copy; else the tiles gather value rows)
+  const float* vT = nullptr;
   if (ep.on && Dl2 == 1 && !local) {
     kT = kTx + ep.front;
+    vT = vTx + ep.front;
     ldk = ldx;
   } else if (ntiles) {
     kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
@@ -1129,112 +1220,147 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
   // Queries u0 + [tb, te) of one run of a row (a border block: all of it) of a slice. Key row r of
   // the row starts at keyrow[r] + shift in ks / vs and in the accumulators xk / xv (rows ld apart).
-  auto exact_run = [&](int64_t slice, const ExactPlan::Row& row, const std::vector<int64_t>& keyrow, int64_t shift,
-                       const ExactRun& run, int tb, int te, const float* ks, const float* vs, int64_t ld, float* xk,
-                       float* xv) {
+  auto exact_run = [&](int64_t slice, int nr, const ExactPlan::Row* const* rws, const std::vector<int64_t>* const* keyrows,
+                       int64_t shift, const ExactRun& run, int tb, int te, const float* ks, const float* vs, int64_t ld,
+                       float* xk, float* xv) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
-    const int vw = kt.vw, g2 = row.g[2], nrows = static_cast<int>(keyrow.size());
+    const int vw = kt.vw, g2 = rws[0]->g[2];
     const int64_t L1 = g.L[1];
-    const int64_t qrow =
-        ((static_cast<int64_t>(row.c0) * g.Dl[0] + row.g[0]) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + row.g[1])) *
-        L2;
     const int u0 = run.u0 + tb, runlen = te - tb, ws0 = run.ws0 + tb;
-    const int nx = run.nx, nk = runlen + nx - 1, nslots = nrows * nx;
+    const int nx = run.nx, nk = runlen + nx - 1;
     // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
     const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
-    // runs and border blocks keep separate buffers (their geometries alternate along a row)
-    ExactBwdWs& w = tls_xbw[run.masked ? 1 : 0];
     const int* lohi = run.masked ? run.lohi : nullptr;
-    w.prepare(nslots, lds, padA, runlen, D, Dv);
-    w.rbk.resize(nrows);
-    w.rbq.resize(nrows);
-    for (int i = 0; i < nrows; ++i) w.rbk[i] = keyrow[i] + ws0 + shift;
-    float* S = grow(w.s, 2 * static_cast<size_t>(nslots) * vw + vw);
-    float* dqT = grow(w.dq, D * vw + vw);
     // lse of the run's queries at lc[t], c at lc[cap + t]
     const int64_t cap = round_up(runlen, 8) + vw;
-    float* lc = grow(w.lc, 2 * cap);
+    // per row: runs and border blocks keep separate buffers (their geometries alternate along a row)
+    ExactBwdWs* ws[2];
+    int nrows[2] = {0, 0};
+    int64_t qrow[2] = {0, 0};
+    float *S[2], *dqT[2], *lc[2];
+    for (int i = 0; i < nr; ++i) {
+      const ExactPlan::Row& row = *rws[i];
+      qrow[i] = ((static_cast<int64_t>(row.c0) * g.Dl[0] + row.g[0]) * L1 +
+                 (static_cast<int64_t>(row.c1) * g.Dl[1] + row.g[1])) *
+                L2;
+      nrows[i] = static_cast<int>(keyrows[i]->size());
+      ExactBwdWs& w = tls_xbw[(run.masked ? 1 : 0) + 2 * i];
+      ws[i] = &w;
+      w.prepare(static_cast<int64_t>(nrows[i]) * nx, lds, padA, runlen, D, Dv);
+      w.rbk.resize(nrows[i]);
+      w.rbq.resize(nrows[i]);
+      for (int r = 0; r < nrows[i]; ++r) w.rbk[r] = (*keyrows[i])[r] + ws0 + shift;
+      S[i] = grow(w.s, 2 * static_cast<size_t>(nrows[i]) * nx * vw + vw);
+      dqT[i] = grow(w.dq, D * vw + vw);
+      lc[i] = grow(w.lc, 2 * cap);
+    }
+    const int64_t tstep = Dl2 * g.H;
     for (int64_t gg = 0; gg < g.G; ++gg) {
       const int64_t h = hk * g.G + gg;
-      float* xq = w.xq.data() + padA;
-      float* xo = w.xo.data() + padA;
-      // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
-      const int64_t row0 = (b * N + qrow + static_cast<int64_t>(u0) * Dl2 + g2) * g.H + h, tstep = Dl2 * g.H;
-      int t = 0;
-      for (; t + 8 <= runlen; t += 8) {
-        const float *sq[8], *so[8];
-        for (int j = 0; j < 8; ++j) {
-          sq[j] = a.q + (row0 + (t + j) * tstep) * D;
-          so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+      float *xq[2], *xo[2], *pt[2], *dst[2];
+      for (int i = 0; i < nr; ++i) {
+        ExactBwdWs& w = *ws[i];
+        xq[i] = w.xq.data() + padA;
+        xo[i] = w.xo.data() + padA;
+        pt[i] = w.pt.data() + padA;
+        dst[i] = w.ds.data() + padA;
+        // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
+        const int64_t row0 = (b * N + qrow[i] + static_cast<int64_t>(u0) * Dl2 + g2) * g.H + h;
+        int t = 0;
+        for (; t + 8 <= runlen; t += 8) {
+          const float *sq[8], *so[8];
+          for (int j = 0; j < 8; ++j) {
+            sq[j] = a.q + (row0 + (t + j) * tstep) * D;
+            so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+          }
+          for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
+            prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
+            prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+            prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+          }
+          kt.transpose8(sq, D, xq[i] + t, lds);
+          kt.transpose8(so, Dv, xo[i] + t, lds);
         }
-        for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
-          prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
-          prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
-          prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+        for (; t < runlen; ++t) {
+          for (int64_t d = 0; d < D; ++d) xq[i][d * lds + t] = a.q[(row0 + t * tstep) * D + d];
+          for (int64_t d = 0; d < Dv; ++d) xo[i][d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
         }
-        kt.transpose8(sq, D, xq + t, lds);
-        kt.transpose8(so, Dv, xo + t, lds);
+        const float scale = g.scale;  // a local: the compiler cannot tell xq from g
+        for (int64_t d = 0; d < D; ++d) {
+          float* x = xq[i] + d * lds;
+          for (int l = 0; l < runlen; ++l) x[l] *= scale;
+        }
+        // c = dO.O - dlse here, where the output gradients were just read (no pass of its own)
+        for (int l = 0; l < runlen; ++l) {
+          const int64_t row = row0 + l * tstep;
+          lc[i][l] = a.lse[row];
+          const float dl = a.dlse ? a.dlse[row] : 0.f;
+          lc[i][cap + l] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
+        }
       }
-      for (; t < runlen; ++t) {
-        for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
-        for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
-      }
-      const float scale = g.scale;  // a local: the compiler cannot tell xq from g
-      for (int64_t d = 0; d < D; ++d) {
-        float* x = xq + d * lds;
-        for (int i = 0; i < runlen; ++i) x[i] *= scale;
-      }
-      // c = dO.O - dlse here, where the output gradients were just read (no pass of its own)
-      for (int i = 0; i < runlen; ++i) {
-        const int64_t row = row0 + i * tstep;
-        lc[i] = a.lse[row];
-        const float dl = a.dlse ? a.dlse[row] : 0.f;
-        lc[cap + i] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
-      }
-      const float* lrow = lc;
-      float* pt = w.pt.data() + padA;
-      float* dst = w.ds.data() + padA;
       // blocks of vw queries at t0 = 0, vw, ..., and one ending at the run's end for the rest
       for (int t0 = 0, done = 0; done < runlen;) {
         const int skip = t0 < done ? done - t0 : 0;
-        for (int i = 0; i < nrows; ++i) w.rbq[i] = w.rbk[i] + t0;
-        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lrow + t0, lrow + cap + t0, w.rbq.data(),
-                       nrows, nx, lohi, S, pt + t0, dst + t0, lds, dqT);
-        for (int l = skip; l < vw; ++l) {
-          if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
-          const int64_t tok = qrow + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
-          float* out = dq_of(b, h) + tok * tsq;
-          for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
-        }
+        for (int i = 0; i < nr; ++i)
+          for (int r = 0; r < nrows[i]; ++r) ws[i]->rbq[r] = ws[i]->rbk[r] + t0;
+        if (nr == 2)
+          kt.exact_bwd_q2(xq[0] + t0, xq[1] + t0, lds, D, ks, ld, vs, ld, Dv, xo[0] + t0, xo[1] + t0, lds, lc[0] + t0,
+                          lc[1] + t0, lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
+                          nrows[1], nx, lohi, S[0], S[1], pt[0] + t0, pt[1] + t0, dst[0] + t0, dst[1] + t0, lds, dqT[0],
+                          dqT[1]);
+        else
+          kt.exact_bwd_q(xq[0] + t0, lds, D, ks, ld, vs, ld, Dv, xo[0] + t0, lds, lc[0] + t0, lc[0] + cap + t0,
+                         ws[0]->rbq.data(), nrows[0], nx, lohi, S[0], pt[0] + t0, dst[0] + t0, lds, dqT[0]);
+        for (int i = 0; i < nr; ++i)
+          for (int l = skip; l < vw; ++l) {
+            if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
+            const int64_t tok = qrow[i] + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
+            float* out = dq_of(b, h) + tok * tsq;
+            for (int64_t d = 0; d < D; ++d) out[d] = dqT[i][d * vw + l] * g.scale;
+          }
         done = t0 + vw;
         t0 = std::min(done, runlen - vw);
       }
-      kt.exact_bwd_kv(dst, lds, xq, lds, D, xk, ld, w.rbk.data(), nrows, nx, nk);
-      kt.exact_bwd_kv(pt, lds, xo, lds, Dv, xv, ld, w.rbk.data(), nrows, nx, nk);
+      for (int i = 0; i < nr; ++i) {
+        kt.exact_bwd_kv(dst[i], lds, xq[i], lds, D, xk, ld, ws[i]->rbk.data(), nrows[i], nx, nk);
+        kt.exact_bwd_kv(pt[i], lds, xo[i], lds, Dv, xv, ld, ws[i]->rbk.data(), nrows[i], nx, nk);
+      }
     }
   };
-  // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
+  // One row of exact-path queries of a slice (two neighbouring rows when idx2 >= 0, whose blocks at
+  // the same lanes share key/value loads): per run and query head, the query side computes P, dS
   // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
   // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
-  auto exact_row = [&](int64_t slice, int64_t idx, float* xk) {
-    const ExactPlan::Row& row = ep.rows[idx];
-    const int g0 = row.g[0], g1 = row.g[1], g2 = row.g[2];
+  auto exact_row = [&](int64_t slice, int64_t idx, int64_t idx2, float* xk) {
+    const int nr = idx2 >= 0 ? 2 : 1;
+    const ExactPlan::Row* rws[2] = {&ep.rows[idx], nr == 2 ? &ep.rows[idx2] : nullptr};
+    const std::vector<int64_t>* keyrows[2] = {&tls_xbw[0].keyrow, &tls_xbw[1].keyrow};
+    const int g0 = rws[0]->g[0], g1 = rws[0]->g[1], g2 = rws[0]->g[2];
     const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
-    const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-    const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-    const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-    const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
     const int64_t L1 = g.L[1];
-    std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
-    keyrow.clear();
-    for (int i0 = ws0; i0 < we0; ++i0)
-      for (int i1 = ws1; i1 < we1; ++i1)
-        keyrow.push_back(((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) *
-                             L2 +
-                         ep.gstart[g2]);
+    for (int i = 0; i < nr; ++i) {
+      const ExactPlan::Row& row = *rws[i];
+      const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+      const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+      const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+      const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+      std::vector<int64_t>& keyrow = tls_xbw[i].keyrow;
+      keyrow.clear();
+      for (int i0 = ws0; i0 < we0; ++i0)
+        for (int i1 = ws1; i1 < we1; ++i1)
+          keyrow.push_back(((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) *
+                               L2 +
+                           ep.gstart[g2]);
+    }
     for (const ExactRun& run : ep.runs[g2])
-      exact_run(slice, row, keyrow, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv, ldx,
-                xk, xk + D * ldx);
+      exact_run(slice, nr, rws, keyrows, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv,
+                ldx, xk, xk + D * ldx);
+  };
+  // rows idx and idx + 1 go together when they are neighbours along the second-to-last axis
+  auto pairs_with_next = [&](int64_t idx) {
+    if (idx + 1 >= static_cast<int64_t>(ep.rows.size())) return false;
+    const ExactPlan::Row &x = ep.rows[idx], &y = ep.rows[idx + 1];
+    return x.g[0] == y.g[0] && x.g[1] == y.g[1] && x.g[2] == y.g[2] && x.c0 == y.c0 && y.c1 == x.c1 + 1;
   };
   if (local) {
     // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
@@ -1286,7 +1412,9 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl);
         std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
         keyrow.assign(1, 0);
-        exact_run(slice, row, keyrow, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
+        const ExactPlan::Row* rws[1] = {&row};
+        const std::vector<int64_t>* keyrows[1] = {&keyrow};
+        exact_run(slice, 1, rws, keyrows, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
         // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);
@@ -1325,7 +1453,14 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       float* xk = xacc + task * xacc_size;
       std::memset(xk, 0, sizeof(float) * xacc_size);
       const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
-      for (int64_t idx = r0; idx < r1; ++idx) exact_row(slice, idx, xk);
+      for (int64_t idx = r0; idx < r1; ++idx) {
+        if (idx + 1 < r1 && pairs_with_next(idx)) {
+          exact_row(slice, idx, idx + 1, xk);
+          ++idx;
+        } else {
+          exact_row(slice, idx, -1, xk);
+        }
+      }
       if (direct) store_exact_sums(slice, xk, false);
     }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
@@ -1350,13 +1485,17 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         dl[r] = a.dlse ? a.dlse[row] : 0.f;
       }
       float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-      pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT);
+      pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT, D);
       float* Kp = grow(w.kp, NP * D);
       pack_rows_hl(g, tg, b, hk, D, a.k, a.ek, Kp);
-      float* Vp = grow(w.vp, NP * Dv);
-      pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
-      float* VT = grow(w.vt, Dv * NP);
-      transpose(Vp, NP, Dv, Dv, VT, NP);
+      float* VT = grow(w.vt, Dv * NP + 2 * kt.vw);
+      if (vT) {
+        pack_keys_t(kt, g, tg, vT + slice * ldk * Dv, ldk, nullptr, VT, Dv);
+      } else {
+        float* Vp = grow(w.vp, NP * Dv);
+        pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
+        transpose(Vp, NP, Dv, Dv, VT, NP);
+      }
       float* S = grow(w.s, M * NP + kt.vw);
       kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
       float* dP = grow(w.dp, M * NP + kt.vw);

@@ -32,6 +32,15 @@ typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
 inline vf load(const float* p) { return *reinterpret_cast<const vfu*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
 inline vf splat(float x) { return vf{} + x; }
+// a load kept in a register: GCC folds a load into each FMA that uses it (one memory operand per
+// FMA), which undoes any sharing of one load between FMAs; the empty asm makes the value opaque
+inline vf load_reg(const float* p) {
+  vf v = load(p);
+#if defined(NA_VARIANT_avx512) || defined(NA_VARIANT_avx2)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
 inline float hsum(vf v) {
   float s = 0.f;
   for (int i = 0; i < VW; ++i) s += v[i];
@@ -426,6 +435,200 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
   }
 }
+// Two blocks of the same vw lanes along the last axis in two query rows (2D/3D: neighbours along the
+// second-to-last axis), whose windows mostly cover the same key rows: a key row in both windows is
+// read once per feature for both blocks, so the score and P.V loops issue ~0.75 loads per FMA instead
+// of ~1.1 (one block alone is bound by the load ports, not by the FMAs). Key row bases ascend in both
+// lists; fn(i, j, base) walks their union, i (j) the row's index in A (B) or -1.
+template <class F>
+inline void for_union(const int64_t* ra, int na, const int64_t* rbb, int nb, F&& fn) {
+  int i = 0, j = 0;
+  while (i < na || j < nb) {
+    if (j >= nb || (i < na && ra[i] < rbb[j])) {
+      fn(i, -1, ra[i]);
+      ++i;
+    } else if (i >= na || rbb[j] < ra[i]) {
+      fn(-1, j, rbb[j]);
+      ++j;
+    } else {
+      fn(i, j, ra[i]);
+      ++i;
+      ++j;
+    }
+  }
+}
+
+// scores of slots x < NX of one key row for both blocks (queries already scaled)
+template <int NX>
+inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
+                              float* sa, float* sb) {
+  vf a[NX], b[NX];
+#pragma GCC unroll 8
+  for (int x = 0; x < NX; ++x) a[x] = b[x] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qav = load(qa + d * ldq), qbv = load(qb + d * ldq);
+    const float* kr = kb + d * ldk;
+#pragma GCC unroll 8
+    for (int x = 0; x < NX; ++x) {
+      const vf k = load_reg(kr + x);
+      a[x] += qav * k;
+      b[x] += qbv * k;
+    }
+  }
+#pragma GCC unroll 8
+  for (int x = 0; x < NX; ++x) {
+    store(sa + x * VW, a[x]);
+    store(sb + x * VW, b[x]);
+  }
+}
+
+// slots [x0, x0 + n) of one key row, n <= 5 (at most 10 accumulators, two queries and a key in registers)
+inline void scores_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb,
+                          int64_t ldk, float* sa, float* sb) {
+  switch (n) {
+#define NA_CASE(X) \
+  case X: exact_scores_run2<X>(qa, qb, ldq, D, kb, ldk, sa, sb); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5)
+#undef NA_CASE
+    default: break;
+  }
+}
+inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s) {
+  switch (n) {
+#define NA_CASE(X) \
+  case X: exact_scores_run<X>(q, ldq, D, kb, ldk, s); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+    default: break;
+  }
+}
+
+// Masks a border block's slots, then turns scores into exp(s - m) in place; returns the lanes' sums, m in *mo
+inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo) {
+  const int n = nrows * nx;
+  if (lohi) {
+    const vi lo = loadiu(lohi), hi = loadiu(lohi + VW);
+    for (int r = 0; r < nrows; ++r)
+      for (int x = 0; x < nx; ++x) {
+        float* sp = s + (static_cast<int64_t>(r) * nx + x) * VW;
+        const vi xv = vi{} + x;
+        store(sp, (xv >= lo) & (xv < hi) ? load(sp) : splat(-INFINITY));
+      }
+  }
+  vf m = splat(-INFINITY);
+  for (int j = 0; j < n; ++j) {
+    vf v = load(s + j * VW);
+    m = v > m ? v : m;
+  }
+  // only NaN (or -inf) scores: let them through exp, as the tile path does
+  m = m == splat(-INFINITY) ? vf{} : m;
+  vf sum = vf{};
+  for (int j = 0; j < n; ++j) {
+    vf p = vexp(load(s + j * VW) - m);
+    sum += p;
+    store(s + j * VW, p);
+  }
+  *mo = m;
+  return sum;
+}
+
+inline void lane_lse(vf m, vf sum, float* lse) {
+  // a lane's sum is >= 1 (its max contributes exp(0)) unless it is NaN or the lane is unused (0)
+  const vi normal = (sum >= 1.f) & (sum < INFINITY);
+  bool all = true;
+  for (int l = 0; l < VW; ++l) all = all && normal[l];
+  if (all) {
+    store(lse, m + vlog(sum));
+  } else {
+    for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
+  }
+}
+
+// slot_sum of C features for both blocks over the union of their key rows: wa/wb their weights
+template <int C>
+inline void slot_sum2(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
+                      const int64_t* rbb, int nb, int nx, vf* oa, vf* ob) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = b[c] = vf{};
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    const float* s0 = src + base;
+    if (i >= 0 && j >= 0) {
+      const float* pa = wa + static_cast<int64_t>(i) * nx * VW;
+      const float* pb = wb + static_cast<int64_t>(j) * nx * VW;
+      for (int x = 0; x < nx; ++x) {
+        const vf p = load(pa + x * VW), q = load(pb + x * VW);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          const vf v = load_reg(s0 + c * ld + x);
+          a[c] += p * v;
+          b[c] += q * v;
+        }
+      }
+    } else {
+      const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * nx * VW : wb + static_cast<int64_t>(j) * nx * VW;
+      vf* acc = i >= 0 ? a : b;
+      for (int x = 0; x < nx; ++x) {
+        const vf p = load(pw + x * VW);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[c] += p * load(s0 + c * ld + x);
+      }
+    }
+  });
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    oa[c] = a[c];
+    ob[c] = b[c];
+  }
+}
+
+void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
+                const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
+                const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
+  // the queries scaled once, side by side ([D][2][VW]) in the scratch after A's scores
+  float* qs = sa + static_cast<int64_t>(na) * nx * VW;
+  for (int64_t d = 0; d < D; ++d) {
+    store(qs + 2 * d * VW, load(qa + d * ldq) * scale);
+    store(qs + (2 * d + 1) * VW, load(qb + d * ldq) * scale);
+  }
+  // slots of a key row in chunks of at most 5, as even as possible (nx = 7: 4 + 3)
+  const int nch = (nx + 4) / 5;
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    if (i < 0 || j < 0) {
+      // a row of one window only: up to 8 slots per pass (one query load per feature and pass)
+      const float* q = i >= 0 ? qs : qs + VW;
+      float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * nx * VW : sb + static_cast<int64_t>(j) * nx * VW;
+      for (int x0 = 0; x0 < nx; x0 += 8)
+        scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, q, 2 * VW, D, kT + base + x0, ldk, sr + x0 * VW);
+      return;
+    }
+    for (int c = 0, x0 = 0; c < nch; ++c) {
+      const int len = (nx - x0) / (nch - c);
+      scores_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base + x0, ldk, sa + (static_cast<int64_t>(i) * nx + x0) * VW,
+                    sb + (static_cast<int64_t>(j) * nx + x0) * VW);
+      x0 += len;
+    }
+  });
+  vf ma, mb;
+  const vf suma = lane_softmax(sa, na, nx, lohi, &ma), sumb = lane_softmax(sb, nb, nx, lohi, &mb);
+  const vf inva = 1.f / suma, invb = 1.f / sumb;
+  int64_t c = 0;
+  vf xa[4], xb[4];
+  for (; c + 4 <= Dv; c += 4) {
+    slot_sum2<4>(sa, sb, vT + c * ldv, ldv, ra, na, rbb, nb, nx, xa, xb);
+    for (int i = 0; i < 4; ++i) {
+      store(oa + (c + i) * VW, xa[i] * inva);
+      store(ob + (c + i) * VW, xb[i] * invb);
+    }
+  }
+  for (; c < Dv; ++c) {
+    slot_sum2<1>(sa, sb, vT + c * ldv, ldv, ra, na, rbb, nb, nx, xa, xb);
+    store(oa + c * VW, xa[0] * inva);
+    store(ob + c * VW, xb[0] * invb);
+  }
+  lane_lse(ma, suma, lsea);
+  lane_lse(mb, sumb, lseb);
+}
 // Backward of the exact-window path, query side: vw consecutive queries (one per lane), slot (r, x)
 // of lane l is key rowbase[r] + x + l. qs/dO: the lanes' (scaled) queries and output gradients as
 // columns of [D][ldq] / [Dv][ldo]. Recomputes P = exp(s - lse), dS = P * (dP - c) with
@@ -466,6 +669,69 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
   slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
 }
 
+// P = exp(s - lse) inside the lanes' windows, dS = P * (dP - c): slot j's P and dS to pt + j * lds and
+// dst + j * lds, and dS over s (the weights of dQ)
+inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lohi, const float* lse, const float* c,
+                     float* pt, float* dst, int64_t lds) {
+  const vf lv = load(lse), cv = load(c);
+  const vi lo = lohi ? loadiu(lohi) : vi{}, hi = lohi ? loadiu(lohi + VW) : vi{} + nx;
+  for (int r = 0, j = 0; r < nrows; ++r)
+    for (int x = 0; x < nx; ++x, ++j) {
+      const vi xv = vi{} + x;
+      vf p = vexp(load(s + j * VW) - lv);
+      p = (xv >= lo) & (xv < hi) ? p : vf{};
+      const vf ds = p * (load(dp + j * VW) - cv);
+      store(pt + j * lds, p);
+      store(dst + j * lds, ds);
+      store(s + j * VW, ds);
+    }
+}
+
+// exact_bwd_q of two blocks (A, B) at the same lanes of two query rows (see exact_fwd2): the key and
+// value loads of key rows in both windows serve both blocks. sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw.
+void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
+                  const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
+                  const float* lsea, const float* lseb, const float* ca, const float* cb, const int64_t* ra, int na,
+                  const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, float* pta, float* ptb,
+                  float* dsta, float* dstb, int64_t lds, float* dqa, float* dqb) {
+  float* dpa = sa + static_cast<int64_t>(na) * nx * VW;
+  float* dpb = sb + static_cast<int64_t>(nb) * nx * VW;
+  const int nch = (nx + 4) / 5;
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    for (int c = 0, x0 = 0; c < nch; ++c) {
+      const int len = (nx - x0) / (nch - c);
+      const int64_t oa = (static_cast<int64_t>(i) * nx + x0) * VW, ob = (static_cast<int64_t>(j) * nx + x0) * VW;
+      if (i >= 0 && j >= 0) {
+        scores_chunk2(len, qa, qb, ldq, D, kT + base + x0, ldk, sa + oa, sb + ob);
+        scores_chunk2(len, doa, dob, ldo, Dv, vT + base + x0, ldv, dpa + oa, dpb + ob);
+      } else if (i >= 0) {
+        scores_chunk1(len, qa, ldq, D, kT + base + x0, ldk, sa + oa);
+        scores_chunk1(len, doa, ldo, Dv, vT + base + x0, ldv, dpa + oa);
+      } else {
+        scores_chunk1(len, qb, ldq, D, kT + base + x0, ldk, sb + ob);
+        scores_chunk1(len, dob, ldo, Dv, vT + base + x0, ldv, dpb + ob);
+      }
+      x0 += len;
+    }
+  });
+  bwd_p_ds(sa, dpa, na, nx, lohi, lsea, ca, pta, dsta, lds);
+  bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, cb, ptb, dstb, lds);
+  int64_t c = 0;
+  vf xa[4], xb[4];
+  for (; c + 4 <= D; c += 4) {
+    slot_sum2<4>(sa, sb, kT + c * ldk, ldk, ra, na, rbb, nb, nx, xa, xb);
+    for (int i = 0; i < 4; ++i) {
+      store(dqa + (c + i) * VW, xa[i]);
+      store(dqb + (c + i) * VW, xb[i]);
+    }
+  }
+  for (; c < D; ++c) {
+    slot_sum2<1>(sa, sb, kT + c * ldk, ldk, ra, na, rbb, nb, nx, xa, xb);
+    store(dqa + c * VW, xa[0]);
+    store(dqb + c * VW, xb[0]);
+  }
+}
+
 template <int C>
 inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t ldx, float* acc, int64_t lda, int nx,
                            int kk0) {
@@ -488,14 +754,75 @@ inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t 
 // run's dS (or P) and scaled queries (or output gradients), indexed from the run's first query, with
 // zeros for at least nx - 1 columns before it and nx + vw after its end; whole vectors are written
 // (columns past nk get + 0), so accT needs vw floats of slack.
+// exact_kv_chunk of two key rows (weights w0, w1; accumulators acc0, acc1) at once: the query-side
+// operand x does not depend on the key row, so each of its loads serves both rows (6 loads per 8 FMAs
+// at C = 4 instead of 9 per 8)
+template <int C>
+inline void exact_kv_chunk2(const float* w0, const float* w1, int64_t lds, const float* x, int64_t ldx, float* acc0,
+                            float* acc1, int64_t lda, int nx, int kk0) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    a[c] = load(acc0 + c * lda + kk0);
+    b[c] = load(acc1 + c * lda + kk0);
+  }
+  for (int xx = 0; xx < nx; ++xx) {
+    const int off = kk0 - xx;
+    const vf wa = load(w0 + xx * lds + off), wb = load(w1 + xx * lds + off);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const vf xv = load_reg(x + c * ldx + off);
+      a[c] += wa * xv;
+      b[c] += wb * xv;
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    store(acc0 + c * lda + kk0, a[c]);
+    store(acc1 + c * lda + kk0, b[c]);
+  }
+}
+
 void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
                   const int64_t* rowbase, int nrows, int nx, int nk) {
-  for (int r = 0; r < nrows; ++r) {
+  int r = 0;
+  // key rows in pairs (distinct rows are >= one axis length apart, so the two rows' vectors of one
+  // kk0 never overlap; the + 0 written past a run may land in another row, read back before it is
+  // written again)
+  for (; r + 2 <= nrows; r += 2) {
+    const float* w0 = w + static_cast<int64_t>(r) * nx * lds;
+    const float* w1 = w0 + static_cast<int64_t>(nx) * lds;
+    float* a0 = accT + rowbase[r];
+    float* a1 = accT + rowbase[r + 1];
+    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+      int64_t c = 0;
+      for (; c + 4 <= W; c += 4) {
+        // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
+        // follows 2 * W streams), requested a chunk ahead
+        for (int i = 0; i < 4; ++i) {
+          const int64_t cn = c + 4 + i < W ? c + 4 + i : i;
+          const int kn = c + 4 + i < W ? kk0 : kk0 + VW;
+          __builtin_prefetch(a0 + cn * lda + kn + VW - 1, 1);
+          __builtin_prefetch(a1 + cn * lda + kn + VW - 1, 1);
+        }
+        exact_kv_chunk2<4>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
+      }
+      for (; c < W; ++c) exact_kv_chunk2<1>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
+    }
+  }
+  for (; r < nrows; ++r) {
     const float* wr = w + static_cast<int64_t>(r) * nx * lds;
     float* ar = accT + rowbase[r];
     for (int kk0 = 0; kk0 < nk; kk0 += VW) {
       int64_t c = 0;
-      for (; c + 8 <= W; c += 8) exact_kv_chunk<8>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      for (; c + 8 <= W; c += 8) {
+        for (int i = 0; i < 8; ++i) {
+          const int64_t cn = c + 8 + i < W ? c + 8 + i : i;
+          const int kn = c + 8 + i < W ? kk0 : kk0 + VW;
+          __builtin_prefetch(ar + cn * lda + kn + VW - 1, 1);
+        }
+        exact_kv_chunk<8>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
+      }
       for (; c + 4 <= W; c += 4) exact_kv_chunk<4>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
       for (; c < W; ++c) exact_kv_chunk<1>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
     }
@@ -553,7 +880,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2};
   return &table;
 }
 

@@ -58,6 +58,20 @@ struct KernelTable {
                       int64_t lds, float* dqT);
   void (*exact_bwd_kv)(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
                        const int64_t* rowbase, int nrows, int nx, int nk);
+  // exact_fwd of two blocks (A, B) at the same lanes of two query rows, key row bases ra[na] and
+  // rb[nb] (each ascending), one lohi for both: key rows in both windows are read once for both.
+  // qa, qb: [D][ldq]; sa: (na * nx + 2 * D) * vw floats, sb: nb * nx * vw; oa, ob [Dv][vw].
+  void (*exact_fwd2)(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
+                     int64_t ldk, const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na,
+                     const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob,
+                     float* lsea, float* lseb);
+  // exact_bwd_q of two blocks at the same lanes of two query rows (as exact_fwd2): qa/qb [D][ldq], doa/dob
+  // [Dv][ldo], sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw; dqa/dqb [D][vw]
+  void (*exact_bwd_q2)(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
+                       const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
+                       const float* lsea, const float* lseb, const float* ca, const float* cb, const int64_t* ra,
+                       int na, const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* pta,
+                       float* ptb, float* dsta, float* dstb, int64_t lds, float* dqa, float* dqb);
 };
 
 const KernelTable* kernels_avx512();
