@@ -250,7 +250,35 @@ struct ExactPlan {
     int g[3], c0, c1;
   };
   std::vector<Row> rows;
+  // 2D/3D: rows r and r + 1 are neighbours along the second-to-last axis (same group), whose blocks
+  // at the same lanes share most key rows and go in pairs
+  bool pairs_with_next(size_t r) const {
+    if (r + 1 >= rows.size()) return false;
+    const Row &x = rows[r], &y = rows[r + 1];
+    return x.g[0] == y.g[0] && x.g[1] == y.g[1] && x.g[2] == y.g[2] && x.c0 == y.c0 && y.c1 == x.c1 + 1;
+  }
 };
+
+// 2D/3D: the flat index of token (c0, c1, 0) of groups g0, g1 along the first two axes (its row along
+// the last axis starts there)
+inline int64_t row_token(const Geo& g, int g0, int g1, int c0, int c1) {
+  return ((static_cast<int64_t>(c0) * g.Dl[0] + g0) * g.L[1] + (static_cast<int64_t>(c1) * g.Dl[1] + g1)) * g.L[2];
+}
+
+// 2D/3D: the key rows of an exact-plan row's window in ascending order, fn(base) with base the index
+// of the key row's first token in the permuted layout (its last-axis group starts at ep.gstart)
+template <class F>
+void for_window_key_rows(const Geo& g, const ExactPlan& ep, const ExactPlan::Row& row, F&& fn) {
+  const int g0 = row.g[0], g1 = row.g[1];
+  const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
+  const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+  const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+  const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+  const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+  for (int i0 = ws0; i0 < we0; ++i0)
+    for (int i1 = ws1; i1 < we1; ++i1)
+      fn(row_token(g, g0, g1, i0, i1) + ep.gstart[row.g[2]]);
+}
 
 // NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
 // queries to the tile path, =all uses border blocks in the backward too (tests run every path on the
@@ -888,13 +916,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   std::vector<Chunk> chunks;
   for (size_t r = 0; r < ep.rows.size(); ++r) {
     const int n = static_cast<int>(order[ep.rows[r].g[2]].size()), step = local ? 32 : n;
-    // 2D/3D: rows next to each other along the second-to-last axis (same group) go in pairs
-    int r2 = -1;
-    if (!local && r + 1 < ep.rows.size()) {
-      const ExactPlan::Row &x = ep.rows[r], &y = ep.rows[r + 1];
-      if (x.g[0] == y.g[0] && x.g[1] == y.g[1] && x.g[2] == y.g[2] && x.c0 == y.c0 && y.c1 == x.c1 + 1)
-        r2 = static_cast<int>(r + 1);
-    }
+    const int r2 = !local && ep.pairs_with_next(r) ? static_cast<int>(r + 1) : -1;
     for (int b0 = 0; b0 < n; b0 += step)
       chunks.push_back({static_cast<int>(r), r2, b0, std::min(n, b0 + step)});
     if (r2 >= 0) ++r;
@@ -927,8 +949,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       const int nr = ch.row2 >= 0 ? 2 : 1;
       const ExactPlan::Row* rws[2] = {&ep.rows[ch.row], nr == 2 ? &ep.rows[ch.row2] : nullptr};
       const int vw = kt.vw, g0 = rws[0]->g[0], g1 = rws[0]->g[1], g2 = rws[0]->g[2];
-      const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
-      const int64_t L1 = g.L[1], L2 = g.L[2], D = g.D, Dv = g.Dv;
+      const int64_t D = g.D, Dv = g.Dv;
       const int64_t kwin = static_cast<int64_t>(g.K[0]) * g.K[1];
       // per row: its window's key row bases (krow), the current block's (rb), at most K0 * K1 each
       int64_t* ib = reinterpret_cast<int64_t*>(grow(w.tr, 8 * static_cast<size_t>(kwin) + 16));
@@ -936,17 +957,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       int nrows[2] = {0, 0};
       int64_t qrow[2] = {0, 0};
       for (int i = 0; i < nr; ++i) {
-        const ExactPlan::Row& row = *rws[i];
-        const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-        const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-        const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-        const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-        for (int i0 = ws0; i0 < we0; ++i0)
-          for (int i1 = ws1; i1 < we1; ++i1)
-            krow[i][nrows[i]++] =
-                ((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) * L2 +
-                ep.gstart[g2];
-        qrow[i] = ((static_cast<int64_t>(row.c0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(row.c1) * g.Dl[1] + g1)) * L2;
+        for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { krow[i][nrows[i]++] = base; });
+        qrow[i] = row_token(g, g0, g1, rws[i]->c0, rws[i]->c1);
       }
       const float* kslice = local ? nullptr : kTx + slice * ldx * D;
       const float* vslice = local ? nullptr : vTx + slice * ldx * Dv;
@@ -1225,7 +1237,6 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
                        float* xk, float* xv) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
     const int vw = kt.vw, g2 = rws[0]->g[2];
-    const int64_t L1 = g.L[1];
     const int u0 = run.u0 + tb, runlen = te - tb, ws0 = run.ws0 + tb;
     const int nx = run.nx, nk = runlen + nx - 1;
     // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
@@ -1240,9 +1251,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     float *S[2], *dqT[2], *lc[2];
     for (int i = 0; i < nr; ++i) {
       const ExactPlan::Row& row = *rws[i];
-      qrow[i] = ((static_cast<int64_t>(row.c0) * g.Dl[0] + row.g[0]) * L1 +
-                 (static_cast<int64_t>(row.c1) * g.Dl[1] + row.g[1])) *
-                L2;
+      qrow[i] = row_token(g, row.g[0], row.g[1], row.c0, row.c1);
       nrows[i] = static_cast<int>(keyrows[i]->size());
       ExactBwdWs& w = tls_xbw[(run.masked ? 1 : 0) + 2 * i];
       ws[i] = &w;
@@ -1335,32 +1344,15 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     const int nr = idx2 >= 0 ? 2 : 1;
     const ExactPlan::Row* rws[2] = {&ep.rows[idx], nr == 2 ? &ep.rows[idx2] : nullptr};
     const std::vector<int64_t>* keyrows[2] = {&tls_xbw[0].keyrow, &tls_xbw[1].keyrow};
-    const int g0 = rws[0]->g[0], g1 = rws[0]->g[1], g2 = rws[0]->g[2];
-    const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
-    const int64_t L1 = g.L[1];
+    const int g2 = rws[0]->g[2];
     for (int i = 0; i < nr; ++i) {
-      const ExactPlan::Row& row = *rws[i];
-      const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-      const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-      const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-      const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
       std::vector<int64_t>& keyrow = tls_xbw[i].keyrow;
       keyrow.clear();
-      for (int i0 = ws0; i0 < we0; ++i0)
-        for (int i1 = ws1; i1 < we1; ++i1)
-          keyrow.push_back(((static_cast<int64_t>(i0) * g.Dl[0] + g0) * L1 + (static_cast<int64_t>(i1) * g.Dl[1] + g1)) *
-                               L2 +
-                           ep.gstart[g2]);
+      for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { keyrow.push_back(base); });
     }
     for (const ExactRun& run : ep.runs[g2])
       exact_run(slice, nr, rws, keyrows, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv,
                 ldx, xk, xk + D * ldx);
-  };
-  // rows idx and idx + 1 go together when they are neighbours along the second-to-last axis
-  auto pairs_with_next = [&](int64_t idx) {
-    if (idx + 1 >= static_cast<int64_t>(ep.rows.size())) return false;
-    const ExactPlan::Row &x = ep.rows[idx], &y = ep.rows[idx + 1];
-    return x.g[0] == y.g[0] && x.g[1] == y.g[1] && x.g[2] == y.g[2] && x.c0 == y.c0 && y.c1 == x.c1 + 1;
   };
   if (local) {
     // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
@@ -1454,7 +1446,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       std::memset(xk, 0, sizeof(float) * xacc_size);
       const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
       for (int64_t idx = r0; idx < r1; ++idx) {
-        if (idx + 1 < r1 && pairs_with_next(idx)) {
+        if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
           exact_row(slice, idx, idx + 1, xk);
           ++idx;
         } else {

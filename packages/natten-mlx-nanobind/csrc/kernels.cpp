@@ -374,31 +374,19 @@ inline void slot_sums(const float* w, const float* src, int64_t ld, int64_t W, c
   }
 }
 
-void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk, const float* vT,
-               int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* oT,
-               float* lse) {
-  const int n = nrows * nx;
-  if (scale != 1.f) {
-    // the queries scaled once into the scratch after the scores, not once per key row below
-    float* qs = s + static_cast<int64_t>(n) * VW;
-    for (int64_t d = 0; d < D; ++d) store(qs + d * VW, load(qT + d * ldq) * scale);
-    qT = qs;
-    ldq = VW;
-    scale = 1.f;
-  }
-  for (int r = 0; r < nrows; ++r) {
-    for (int x0 = 0; x0 < nx; x0 += 8) {
-      const float* kb = kT + rowbase[r] + x0;
-      float* sr = s + (static_cast<int64_t>(r) * nx + x0) * VW;
-      switch (nx - x0 < 8 ? nx - x0 : 8) {
+inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s) {
+  switch (n) {
 #define NA_CASE(X) \
-  case X: exact_scores_run<X>(qT, ldq, D, kb, ldk, sr); break;
-        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+  case X: exact_scores_run<X>(q, ldq, D, kb, ldk, s); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
-        default: break;
-      }
-    }
+    default: break;
   }
+}
+
+// Masks a border block's slots, then turns scores into exp(s - m) in place; returns the lanes' sums, m in *mo
+inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo) {
+  const int n = nrows * nx;
   if (lohi) {
     // a border block: slot x of lane l is in its window when lo[l] <= x < hi[l]
     const vi lo = loadiu(lohi), hi = loadiu(lohi + VW);
@@ -422,10 +410,13 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     sum += p;
     store(s + j * VW, p);
   }
-  const vf inv = 1.f / sum;
-  slot_sums(s, vT, ldv, Dv, rowbase, nrows, nx, inv, oT);
+  *mo = m;
+  return sum;
+}
+
+inline void lane_lse(vf m, vf sum, float* lse) {
   // a lane's sum is >= 1 (its max contributes exp(0)) unless it is NaN or the lane is unused (0);
-  // one vector log instead of vw calls of std::log (which was ~5% of this kernel at K = 7)
+  // one vector log instead of vw calls of std::log (which was ~5% of exact_fwd at K = 7)
   const vi normal = (sum >= 1.f) & (sum < INFINITY);
   bool all = true;
   for (int l = 0; l < VW; ++l) all = all && normal[l];
@@ -435,6 +426,29 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
   }
 }
+
+void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk, const float* vT,
+               int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* oT,
+               float* lse) {
+  const int n = nrows * nx;
+  if (scale != 1.f) {
+    // the queries scaled once into the scratch after the scores, not once per key row below
+    float* qs = s + static_cast<int64_t>(n) * VW;
+    for (int64_t d = 0; d < D; ++d) store(qs + d * VW, load(qT + d * ldq) * scale);
+    qT = qs;
+    ldq = VW;
+    scale = 1.f;
+  }
+  for (int r = 0; r < nrows; ++r)
+    for (int x0 = 0; x0 < nx; x0 += 8)
+      scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, qT, ldq, D, kT + rowbase[r] + x0, ldk,
+                    s + (static_cast<int64_t>(r) * nx + x0) * VW);
+  vf m;
+  const vf sum = lane_softmax(s, nrows, nx, lohi, &m);
+  slot_sums(s, vT, ldv, Dv, rowbase, nrows, nx, 1.f / sum, oT);
+  lane_lse(m, sum, lse);
+}
+
 // Two blocks of the same vw lanes along the last axis in two query rows (2D/3D: neighbours along the
 // second-to-last axis), whose windows mostly cover the same key rows: a key row in both windows is
 // read once per feature for both blocks, so the score and P.V loops issue ~0.75 loads per FMA instead
@@ -493,57 +507,6 @@ inline void scores_chunk2(int n, const float* qa, const float* qb, int64_t ldq, 
     default: break;
   }
 }
-inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s) {
-  switch (n) {
-#define NA_CASE(X) \
-  case X: exact_scores_run<X>(q, ldq, D, kb, ldk, s); break;
-    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
-#undef NA_CASE
-    default: break;
-  }
-}
-
-// Masks a border block's slots, then turns scores into exp(s - m) in place; returns the lanes' sums, m in *mo
-inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo) {
-  const int n = nrows * nx;
-  if (lohi) {
-    const vi lo = loadiu(lohi), hi = loadiu(lohi + VW);
-    for (int r = 0; r < nrows; ++r)
-      for (int x = 0; x < nx; ++x) {
-        float* sp = s + (static_cast<int64_t>(r) * nx + x) * VW;
-        const vi xv = vi{} + x;
-        store(sp, (xv >= lo) & (xv < hi) ? load(sp) : splat(-INFINITY));
-      }
-  }
-  vf m = splat(-INFINITY);
-  for (int j = 0; j < n; ++j) {
-    vf v = load(s + j * VW);
-    m = v > m ? v : m;
-  }
-  // only NaN (or -inf) scores: let them through exp, as the tile path does
-  m = m == splat(-INFINITY) ? vf{} : m;
-  vf sum = vf{};
-  for (int j = 0; j < n; ++j) {
-    vf p = vexp(load(s + j * VW) - m);
-    sum += p;
-    store(s + j * VW, p);
-  }
-  *mo = m;
-  return sum;
-}
-
-inline void lane_lse(vf m, vf sum, float* lse) {
-  // a lane's sum is >= 1 (its max contributes exp(0)) unless it is NaN or the lane is unused (0)
-  const vi normal = (sum >= 1.f) & (sum < INFINITY);
-  bool all = true;
-  for (int l = 0; l < VW; ++l) all = all && normal[l];
-  if (all) {
-    store(lse, m + vlog(sum));
-  } else {
-    for (int l = 0; l < VW; ++l) lse[l] = m[l] + std::log(sum[l]);
-  }
-}
-
 // slot_sum of C features for both blocks over the union of their key rows: wa/wb their weights
 template <int C>
 inline void slot_sum2(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
