@@ -5,12 +5,13 @@
 Run from the repository root on the GPU machine:
 
     source .device/setup.sh && python3 benchmarks/gpu/bench_cuda.py [--cases G1,G2,G3,G4] [--modes fwd,fwdbwd]
-        [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd]
+        [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd] [--rpb]
 
 Impls: ``cuda`` (options as ``cuda:ldmatrix=0``, ``cuda:tile=2x4x8`` or ``cuda:size=128``: the default
 forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp, ``cuda:minb=3``: resident blocks per SM), ``cuda-parts`` (the backward's
 dq and dk/dv kernels timed alone; TFLOP/s of their GEMMs: 3 and 4 of the forward's 2), ``mlx-dense``,
-``torch-dense``, ``natten-flex``.
+``torch-dense``, ``natten-flex``. ``--rpb``: the cuda rows with a relative positional bias (random, float16;
+the G cases have none; rows tagged ``+rpb``, the forward's check adds the bias).
 
 Cases (batch, spatial, window, heads, head dim): G1 1D 32768 window 2048, 1 head, D=128; G2 2D 256x256
 window 80x80, 24 heads, D=128; G3 3D 30x48x80 window 18x24x24, 24 heads, D=128; G4 2D 56x56 window
@@ -92,7 +93,7 @@ def case_inputs(b, spatial, ks, h, d):
     return p, q, k, v, do
 
 
-def mlx_child(case: str, impls: list, modes: list) -> None:
+def mlx_child(case: str, impls: list, modes: list, with_rpb: bool = False) -> None:
     import mlx.core as mx
     import numpy as np
 
@@ -104,11 +105,16 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
     b, spatial, ks, h, d = CASES[case]
     n = math.prod(spatial)
     p, q, k, v, do = case_inputs(b, spatial, ks, h, d)
+    rpb = None
+    if with_rpb:
+        p.has_rpb = True
+        rpb = (0.5 * mx.random.normal((h, *(2 * x - 1 for x in ks)), key=mx.random.key(7))).astype(mx.float16)
+        mx.eval(rpb)
     sync = mx.eval
     print(f"mlx {mx.__version__} {mx.cuda.is_available()}", flush=True)
     for impl in impls:
         for mode in modes:
-            row = dict(case=case, impl=impl, mode=mode)
+            row = dict(case=case, impl=impl + ("+rpb" if with_rpb and impl.startswith("cuda") else ""), mode=mode)
             try:
                 if impl == "cuda" or impl.startswith("cuda:"):
                     # cuda[:option=value[:...]], e.g. cuda:ldmatrix=0 or cuda:tile=2x4x8
@@ -130,7 +136,7 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                     be = CudaBackend().configure(**opts)
                     if mode == "fwd":
                         def fn():
-                            return be.fused_forward(p, q, k, v)
+                            return be.fused_forward(p, q, k, v, rpb=rpb)
                         out, lse = fn()
                         mx.eval(out, lse)
                         rng = np.random.default_rng(0)
@@ -138,15 +144,18 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                         err = 0.0
                         for i in rows:
                             coords = np.unravel_index(i, spatial)
-                            sl = []
+                            sl, bias = [], [slice(None)]
                             for a, c in enumerate(coords):
                                 _, st, en = oracle.axis_window(int(c), spatial[a], ks[a], 1, 1, False)
                                 sl.append(slice(st, en + 1))
+                                bias.append(slice(st - int(c) + ks[a] - 1, en - int(c) + ks[a]))
                             bi = 0
                             kk = np.array(k[(bi, *sl)].astype(mx.float32)).reshape(-1, h, d).astype(np.float64)
                             vv = np.array(v[(bi, *sl)].astype(mx.float32)).reshape(-1, h, d).astype(np.float64)
                             qq = np.array(q[(bi, *coords)].astype(mx.float32)).astype(np.float64)
                             s = np.einsum("hd,khd->hk", qq, kk) * d**-0.5
+                            if rpb is not None:
+                                s = s + np.array(rpb[tuple(bias)].astype(mx.float32)).reshape(h, -1)
                             pr = np.exp(s - s.max(-1, keepdims=True))
                             pr /= pr.sum(-1, keepdims=True)
                             ref = np.einsum("hk,khd->hd", pr, vv)
@@ -158,8 +167,8 @@ def mlx_child(case: str, impls: list, modes: list) -> None:
                         from types import SimpleNamespace
 
                         def fn():
-                            out, lse = be.fused_forward(p, q, k, v)
-                            rec = SimpleNamespace(problem=p, inputs={"query": q, "key": k, "value": v}, out=out, lse=lse,
+                            out, lse = be.fused_forward(p, q, k, v, rpb=rpb)
+                            rec = SimpleNamespace(problem=p, inputs={"query": q, "key": k, "value": v, "rpb": rpb}, out=out, lse=lse,
                                                   d_out=do, d_lse=None)
                             g = be.fused_backward(rec)
                             return [g["query"], g["key"], g["value"]]
@@ -310,11 +319,12 @@ def main() -> int:
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--impls", default="cuda,mlx-dense,torch-dense,natten-flex")
     ap.add_argument("--flex-bwd", action="store_true")
+    ap.add_argument("--rpb", action="store_true")
     ap.add_argument("--timeout", type=float, default=240)
     a = ap.parse_args()
     cases, modes, impls = a.cases.split(","), a.modes.split(","), a.impls.split(",")
     if a.child == "mlx":
-        mlx_child(cases[0], impls, modes)
+        mlx_child(cases[0], impls, modes, a.rpb)
         return 0
     if a.child == "torch":
         torch_child(cases[0], impls, modes, a.flex_bwd)
@@ -325,7 +335,7 @@ def main() -> int:
     for case in cases:
         common = ["--modes", a.modes, "--cases", case]
         if mlx_impls:
-            rows += run_child(["--child", "mlx", "--impls", ",".join(mlx_impls), *common], a.timeout)
+            rows += run_child(["--child", "mlx", "--impls", ",".join(mlx_impls), *common] + (["--rpb"] if a.rpb else []), a.timeout)
         if torch_impls:
             rows += run_child(["--child", "torch", "--impls", ",".join(torch_impls), *common] + (["--flex-bwd"] if a.flex_bwd else []), a.timeout)
     md = table(rows)

@@ -137,6 +137,25 @@ def test_q_in_ring_slot(monkeypatch, na_dim, tile):
     assert max(errs.values()) < TOL["float16"], errs
 
 
+@pytest.mark.parametrize("na_dim,tile", [(2, (16, 8)), (3, (2, 8, 8))])
+def test_two_blocks_of_32_row_warps(monkeypatch, na_dim, tile):
+    """The default layout of large problems (plan.forward_tiles): 128-query tiles of 4 warps x 32 rows,
+    two blocks per SM; at D 128 the key tiles are listed in the short chunks (here 2 per chunk) so that
+    two blocks fit. Partial tiles on every axis, stride, dilation, rpb (2D) or causal (3D)."""
+    shape = {2: (19, 13), 3: (6, 9, 10)}[na_dim]
+    K = {2: (5, 4), 3: (3, 4, 3)}[na_dim]
+    cfg = dict(na_dim=na_dim, shape=shape, B=1, H=2, Hkv=1, D=128, Dv=128, E=0, K=K, s=(1,) * (na_dim - 1) + (2,),
+               d=(2,) + (1,) * (na_dim - 1), c=(False,) * (na_dim - 1) + (na_dim == 3,), rpb=na_dim == 2, scale=None)
+    monkeypatch.setattr(plan, "FWD_MAXT_SMALL", 2)
+    v = plan.forward(plan.geometry(make_problem(cfg, "float16")), "float16", "float16", cfg["rpb"], True,
+                     (1,) * (3 - na_dim) + tile, m_tiles=2).variant
+    t = dict(v.template)
+    assert t["MT"] == 2 and t["NW"] == 4 and t["MAXT"] == 2 and v.min_blocks == 2 and not t["QALIAS"]
+    errs = run_and_compare(BACKEND.configure(tile=tile, m_tiles=2), cfg, "float16", np.random.default_rng(na_dim),
+                           check_backward=False)
+    assert max(errs.values()) < TOL["float16"], errs
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 def test_key_tile_list_in_chunks(monkeypatch, stages):
     """The forward lists its key tiles in shared memory in chunks of plan.FWD_MAXT; a walk longer

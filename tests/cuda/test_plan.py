@@ -98,3 +98,42 @@ def test_three_blocks_fit(d, dv):
     u = plan.forward(geo, "float16", "float16", False, True, *tiles, min_blocks=0).variant
     assert u.min_blocks == 0 and not dict(u.template)["QALIAS"] and math.isclose(u.shared_memory - v.shared_memory,
                                                                                64 * (plan._r16(d) + 8) * 2 + 4 * 5 * (plan.FWD_MAXT - plan.FWD_MAXT_SMALL))
+
+
+def test_forward_layout_by_walk():
+    """The forward's default layout: 128-query tiles of 4 warps x 32 rows (two blocks per SM, whose shared
+    memory fits an SM's 228 KiB) where their larger union of windows costs less than FWD_MT2_COST per
+    pair, else 64-query tiles of 16-row warps (three blocks); small problems and rpb keep 64-query tiles."""
+    from dataclasses import replace
+
+    from natten_mlx_cuda import source
+
+    def layout(geo, **kw):
+        v = plan.forward(geo, "float16", "float16", kw.pop("rpb", False), True, **kw).variant
+        t = dict(v.template)
+        return (t["QT0"], t["QT1"], t["QT2"]), t["MT"], t["NW"], v
+
+    for spatial, K in (((256, 256), (80, 80)), ((30, 48, 80), (18, 24, 24))):
+        geo = replace(_geo(spatial, K, H=24), D=128, DV=128)
+        q128, _, c128 = plan._fitted(geo, 128)
+        c64 = plan._fitted(geo, 64)[2]
+        assert plan.FWD_MT2_COST * c128 < c64 < c128
+        for rpb in (False, True):
+            qt, mt, nw, v = layout(geo, rpb=rpb, m_tiles=None if not rpb else 2)
+            assert (qt, mt, nw, v.min_blocks) == (q128, 2, 4, 2)
+            assert 2 * (v.shared_memory + 1024) <= 228 * 1024 and dict(v.template)["MAXT"] == plan.FWD_MAXT_SMALL
+            assert "__launch_bounds__(128, 2)" in source.full_source(v)
+        # with rpb (unless asked) 16-row warps, unbound
+        qt, mt, nw, v = layout(geo, rpb=True)
+        assert (qt, mt, nw, v.min_blocks) == (plan.fitted_tiles(geo)[0], 1, 4, 0)
+        # the caller's m_tiles picks the layout; a caller's tile keeps 16-row warps
+        assert layout(geo, m_tiles=1)[1:3] == (1, 4)
+        assert layout(geo, tile=q128)[1:3] == (1, 8)
+    # small windows: the 128-query tiles' halo costs more than their layout saves (G4: 1.54x the pairs)
+    g4 = replace(_geo((56, 56), (7, 7), B=64, H=4), D=32, DV=32)
+    assert plan._fitted(g4, 128)[2] * plan.FWD_MT2_COST > plan._fitted(g4, 64)[2]
+    assert layout(g4)[1:3] == (1, 4) and layout(g4)[3].min_blocks == 3
+    # small problems: the 64-query box whatever the walk says; m_tiles=2 takes the 128-query box
+    small = _geo((20, 20), (10, 10))
+    assert layout(small)[:3] == ((1, 8, 8), 1, 4)
+    assert layout(small, m_tiles=2)[:3] == (plan.default_tile(small, 128), 2, 4)

@@ -70,11 +70,14 @@ class CudaBackend:
     in the forward and the query tile in the backward), ``kernel`` ("auto",
     "fmha" or "simple": which kernels; "fmha" refuses problems it cannot serve), ``ldmatrix``
     (True: the tensor-core kernels read B fragments through ldmatrix; False: through plain shared loads),
-    ``m_tiles`` (1 or 2: m-tiles of 16 query rows per warp in the forward; 2 halves its shared-memory reads per mma),
+    ``m_tiles`` (1 or 2: m-tiles of 16 query rows per warp in the forward; 2 halves its shared-memory reads per mma;
+    default: plan.forward_tiles, 2 with 128-query tiles for large problems without rpb whose windows are wide
+    enough that the tiles' larger union of windows pays),
     ``stages`` (2 or 3: key-tile slots of the forward's cp.async ring), ``min_blocks`` (0, 2, 3 or 4:
     resident forward blocks per SM the kernel is compiled for, through __launch_bounds__; 3 also puts Q
     in a K slot of the ring and lists fewer key tiles per chunk so that three blocks' shared memory fits;
-    0: no bound; default: plan.forward's choice, 3 for 64-query tiles without rpb).
+    0: no bound; default: plan.forward's choice, 3 for 64-query tiles without rpb, 2 for 128-query tiles
+    of 32-row warps).
     """
 
     name = "cuda"

@@ -29,11 +29,21 @@ THREADS = 128
 # barriers, and the 128-row tiles' union of windows is wider)
 FWD_TILES = (64, 128)
 FWD_STAGES = 2  # key-tile slots in the forward's cp.async ring (2 or 3)
-FWD_MT = 1  # m-tiles of 16 query rows per warp (1 or 2; 2 measured slower: G2 46.8 ms against 35.4)
+FWD_MT = 1  # m-tiles of 16 query rows per warp with a caller's query tile (1 or 2)
+# The default forward layouts (plan.forward_tiles): 64-query tiles of 4 warps x 16 rows, three blocks per SM,
+# or 128-query tiles of 4 warps x 32 rows (m_tiles 2: each K/V fragment read from shared memory serves
+# two mma, as in FlashAttention-2), two blocks per SM. The second costs about this much per computed
+# (query, key) pair against the first (H200, fp16, session 6: G2 21.4 against 24.2 ms at 1.065x the pairs,
+# G3 81.2 against 86.2 at 1.107x, G4 0.67 against 0.48 at 1.69x: 0.83-0.85), so it serves when its
+# tiles' larger union of windows costs less than that
+FWD_MT2_COST = 0.85
+FWD_MT2_MIN_BLOCKS = 2  # 254 registers at D 128 (no spill), 113 KB of shared memory with the short tile list
 # the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
 # walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
 FWD_GEO = 36
 FWD_MAXT = 384
+SM_SMEM = 228 * 1024  # shared memory per SM (H100/H200), and what the driver reserves per resident block
+BLOCK_SMEM_RESERVED = 1024
 FWD_MAXT_SMALL = 128  # with three blocks per SM: 76.2 KB of shared memory per block at D 128 (3 x (76.2 + 1) <= 228)
 # resident forward blocks per SM the kernel is compiled for (__launch_bounds__) when the caller does not
 # say: three for 64-query tiles without rpb (H200, fp16, D 128, with the loads of e7eb96e: G1-G4 0.207 /
@@ -137,21 +147,27 @@ def _boxes(rank: int, size: int = TILE) -> list:
     return [_pad(t, 1) for t in itertools.product(p2, repeat=rank) if math.prod(t) == size]
 
 
-def fitted_tiles(geo: Geometry) -> tuple:
-    """``(query tile, key tile)`` of 64 tokens each (padded to 3 axes) that compute the fewest (query,
-    key) pairs for this geometry (:func:`axis_walk`; the kernels' time follows the pairs each block
-    computes, measured on the H200: G3 89.7 ms with the fitted 8x8x1 / 2x4x8 against 93.0 with 4x4x4
-    boxes). Small problems (fewer than FIT_TILE_ROWS query rows) keep the rank's box: each tile shape
-    is one more NVRTC compilation. Ties keep the box."""
-    box = default_tile(geo)
-    if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
-        return box, box
+def fitted_tiles(geo: Geometry, size: int = TILE) -> tuple:
+    """``(query tile, key tile)``: query tiles of ``size`` tokens (64 or 128), key tiles of 64 (padded to 3
+    axes), that compute the fewest (query, key) pairs for this geometry (:func:`axis_walk`; the kernels'
+    time follows the pairs each block computes, measured on the H200: G3 89.7 ms with the fitted 8x8x1 /
+    2x4x8 against 93.0 with 4x4x4 boxes). Small problems (fewer than FIT_TILE_ROWS query rows) keep the
+    rank's box: each tile shape is one more NVRTC compilation. Ties keep the box."""
+    return _fitted(geo, size)[:2]
+
+
+def _fitted(geo: Geometry, size: int) -> tuple:
+    """``(query tile, key tile, computed pairs per batch x head)`` of :func:`fitted_tiles`."""
+    box = default_tile(geo, size)
     # the cache key keeps only what the walk depends on (the window geometry)
-    return _fit(replace(geo, B=1, H=1, HKV=1, D=0, DV=0, E=0, has_rpb=False, scale=1.0, dtype=None), box)
+    key = replace(geo, B=1, H=1, HKV=1, D=0, DV=0, E=0, has_rpb=False, scale=1.0, dtype=None)
+    if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
+        return box, default_tile(geo), _fit(key, box, size, False)[2]
+    return _fit(key, box, size, True)
 
 
 @lru_cache(maxsize=256)
-def _fit(geo: Geometry, box: tuple) -> tuple:
+def _fit(geo: Geometry, box: tuple, size: int, search: bool) -> tuple:
     rank = geo.rank
     walks = [{} for _ in range(3)]
 
@@ -163,13 +179,30 @@ def _fit(geo: Geometry, box: tuple) -> tuple:
             total *= walks[a][qt[a], kt[a]]
         return total
 
-    best, best_cost = (box, box), cost(box, box)
-    for qt in _boxes(rank):
-        for kt in _boxes(rank):
-            c = cost(qt, kt)
-            if c < best_cost * 0.995:
-                best, best_cost = (qt, kt), c
-    return best
+    kbox = default_tile(geo)
+    best, best_cost = (box, kbox), cost(box, kbox)
+    if search:
+        for qt in _boxes(rank, size):
+            for kt in _boxes(rank):
+                c = cost(qt, kt)
+                if c < best_cost * 0.995:
+                    best, best_cost = (qt, kt), c
+    return (*best, best_cost)
+
+
+def forward_tiles(geo: Geometry, m_tiles: int | None = None, has_rpb: bool = False) -> tuple:
+    """The forward's ``(query tile, key tile, m-tiles per warp)`` when the caller gives no tile: the fitted
+    64-query tiles of 4 warps x 16 rows, or, without rpb, the fitted 128-query tiles of 4 warps x 32 rows
+    (``m_tiles`` 2) when those compute fewer pairs once weighted by FWD_MT2_COST (the rank's boxes for
+    small problems). With rpb the 32-row warps spill (124 bytes at D 128) and were slower (H200: G2 42.9
+    against 37.1 ms, G3 144 against 130). ``m_tiles`` given: that layout's fitted tiles."""
+    q64, k64, c64 = _fitted(geo, TILE)
+    if m_tiles == 1 or (m_tiles is None and (has_rpb or geo.B * geo.N * geo.H < FIT_TILE_ROWS)):
+        return q64, k64, 1
+    q128, k128, c128 = _fitted(geo, 2 * TILE)
+    if m_tiles == 2 or FWD_MT2_COST * c128 < c64:
+        return q128, k128, 2
+    return q64, k64, 1
 
 
 def simple_dim(geo: Geometry) -> int:
@@ -215,13 +248,20 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
         v = Variant("simple_fwd", (("T", dtype), ("OT", out_dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
         total = geo.B * geo.N * geo.H
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
-    fit_q, fit_k = fitted_tiles(geo)
-    qt = tile or fit_q
-    kt = key_tile or (fit_k if tile is None else default_tile(geo))
-    mt = m_tiles or FWD_MT
+    if tile is None:
+        qt, kt, mt = forward_tiles(geo, m_tiles, has_rpb)
+        kt = key_tile or kt
+    else:
+        qt, kt, mt = tile, key_tile or default_tile(geo), m_tiles or FWD_MT
     if min_blocks is None:
         bq = qt[0] * qt[1] * qt[2]
-        min_blocks = FWD_MIN_BLOCKS if bq == TILE and not has_rpb and (stages or FWD_STAGES) == 2 else 0
+        two = (stages or FWD_STAGES) == 2
+        if bq == TILE and mt == 1 and not has_rpb and two:
+            min_blocks = FWD_MIN_BLOCKS
+        elif bq == 2 * TILE and mt == 2 and two:
+            min_blocks = FWD_MT2_MIN_BLOCKS
+        else:
+            min_blocks = 0
     v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages, min_blocks)
     prm = params(geo, qt)
     threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
@@ -303,6 +343,10 @@ def compile_variants() -> list:
     out.append(_fmha_variant("bfloat16", "float32", 128, 96, (2, 8, 4), (2, 8, 4), True, min_blocks=3))
     out.append(_fmha_variant("float16", "float16", 64, 64, (1, 1, 64), (1, 1, 64), True, min_blocks=3))
     out.append(_fmha_variant("float16", "float16", 128, 128, (1, 16, 8), (1, 8, 8), False, min_blocks=2))
+    # the default of large problems: 128-query tiles of 4 warps x 32 rows, two blocks per SM (short tile list at D 128)
+    out.append(_fmha_variant("float16", "float16", 128, 128, (1, 16, 8), (1, 8, 8), False, mt=2, min_blocks=2))
+    out.append(_fmha_variant("bfloat16", "float32", 128, 128, (2, 8, 8), (2, 4, 8), True, mt=2, min_blocks=2))
+    out.append(_fmha_variant("float16", "float16", 64, 64, (1, 1, 128), (1, 1, 64), False, mt=2, min_blocks=2))
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
@@ -351,15 +395,23 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
     # list is shorter, so that the blocks' shared memory fits too
     small = min_blocks >= 3
     qalias = small and bq == TILE and stages == 2 and (mt == 1 or dp <= 64)
-    maxt = FWD_MAXT_SMALL if small else FWD_MAXT
+
     # the column masks (3 x 65 64-bit words), the block geometry, the row windows, the key-tile list and
     # the key rows' token offsets (fmha_fwd.cu's shared layout)
-    tables = 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE) * 4
+    def tables(maxt):
+        return 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE) * 4
+
+    tiles = ((0 if qalias else bq * (dp + 8)) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2
+    # the shorter tile list also when it lets the bound's blocks fit (128-query tiles of 4 warps x 32
+    # rows at D 128: 118.2 KB, two need 113 KB or less)
+    if min_blocks >= 2 and tiles + tables(FWD_MAXT) > SM_SMEM // min_blocks - BLOCK_SMEM_RESERVED:
+        small = True
+    maxt = FWD_MAXT_SMALL if small else FWD_MAXT
     return Variant(
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
          ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias)),
-        ((0 if qalias else bq * (dp + 8)) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2 + tables,
+        tiles + tables(maxt),
         min_blocks,
     )
