@@ -50,6 +50,20 @@ def test_backend_against_oracle(cfg, dtype, seed):
     assert not bad, (errs, TOL[dtype])
 
 
+@pytest.mark.parametrize("limit", [0, 1024])
+def test_rpb_grad_summed_in_shared_memory_or_not(monkeypatch, limit):
+    """The dq pass sums d_rpb per block in shared memory for small tables (plan.BWD_SRPB entries) and
+    adds it once per entry, else adds every element's share to the output directly: both give the
+    oracle's gradients (2D, even kernel, stride, dilation, GQA; rpb excludes causal)."""
+    cfg = dict(na_dim=2, shape=(11, 10), B=1, H=2, Hkv=1, D=16, Dv=16, E=0, K=(4, 3), s=(1, 2), d=(2, 1),
+               c=(False, False), rpb=True, scale=None)
+    monkeypatch.setattr(plan, "BWD_SRPB", limit)
+    geo = plan.geometry(make_problem(cfg, "float16"))
+    assert dict(plan.backward_dq(geo, "float16", True, True).variant.template)["SRPB"] == (limit > 0)
+    errs = run_and_compare(BACKEND, cfg, "float16", np.random.default_rng(8))
+    assert "d_rpb" in errs and max(errs.values()) < TOL["float16"], errs
+
+
 def test_tile_override_same_result():
     rng = np.random.default_rng(7)
     cfg = random_config(rng, 2, 12, head_dims=(16,), allow_extra=False)

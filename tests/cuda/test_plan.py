@@ -75,9 +75,9 @@ def test_fitted_tiles():
 
 @pytest.mark.parametrize("d,dv", [(128, 128), (128, 96), (64, 64), (32, 32)])
 def test_three_blocks_fit(d, dv):
-    """The forward's default for 64-query tiles without rpb is three blocks per SM: the kernel's
-    __launch_bounds__ says so, Q shares the ring, and three blocks' shared memory (plus the driver's
-    1 KiB each) fits an H100/H200 SM's 228 KiB. rpb and 128-query tiles keep no bound and their own Q."""
+    """The forward's default for 64-query tiles is three blocks per SM: the kernel's __launch_bounds__
+    says so, Q shares the ring, and three blocks' shared memory (plus the driver's 1 KiB each) fits an
+    H100/H200 SM's 228 KiB, with or without rpb. 128-query tiles of 16-row warps keep no bound and their own Q."""
     import math
     from dataclasses import replace
 
@@ -90,10 +90,13 @@ def test_three_blocks_fit(d, dv):
     assert v.min_blocks == 3 and t["QALIAS"] and t["MAXT"] == plan.FWD_MAXT_SMALL
     assert 3 * (v.shared_memory + 1024) <= 228 * 1024, v.shared_memory
     assert "__launch_bounds__(128, 3)" in source.full_source(v)
-    for has_rpb, qt in ((True, tiles[0]), (False, (1, 16, 8))):
-        w = plan.forward(geo, "float16", "float16", has_rpb, True, qt, tiles[1]).variant
-        assert w.min_blocks == 0 and not dict(w.template)["QALIAS"] and "__launch_bounds__" not in source.full_source(w)
-        assert w.shared_memory > v.shared_memory
+    # with rpb too (one more int per key-tile column)
+    w = plan.forward(geo, "float16", "float16", True, True, *tiles).variant
+    assert w.min_blocks == 3 and dict(w.template)["QALIAS"] and 3 * (w.shared_memory + 1024) <= 228 * 1024
+    assert w.shared_memory == v.shared_memory + 64 * 4
+    w = plan.forward(geo, "float16", "float16", False, True, (1, 16, 8), tiles[1]).variant
+    assert w.min_blocks == 0 and not dict(w.template)["QALIAS"] and "__launch_bounds__" not in source.full_source(w)
+    assert w.shared_memory > v.shared_memory
     # the caller's choice wins over the default
     u = plan.forward(geo, "float16", "float16", False, True, *tiles, min_blocks=0).variant
     assert u.min_blocks == 0 and not dict(u.template)["QALIAS"] and math.isclose(u.shared_memory - v.shared_memory,
@@ -123,9 +126,9 @@ def test_forward_layout_by_walk():
             assert (qt, mt, nw, v.min_blocks) == (q128, 2, 4, 2)
             assert 2 * (v.shared_memory + 1024) <= 228 * 1024 and dict(v.template)["MAXT"] == plan.FWD_MAXT_SMALL
             assert "__launch_bounds__(128, 2)" in source.full_source(v)
-        # with rpb (unless asked) 16-row warps, unbound
+        # with rpb (unless asked) 16-row warps, three blocks per SM
         qt, mt, nw, v = layout(geo, rpb=True)
-        assert (qt, mt, nw, v.min_blocks) == (plan.fitted_tiles(geo)[0], 1, 4, 0)
+        assert (qt, mt, nw, v.min_blocks) == (plan.fitted_tiles(geo)[0], 1, 4, 3)
         # the caller's m_tiles picks the layout; a caller's tile keeps 16-row warps
         assert layout(geo, m_tiles=1)[1:3] == (1, 4)
         assert layout(geo, tile=q128)[1:3] == (1, 8)

@@ -46,9 +46,10 @@ SM_SMEM = 228 * 1024  # shared memory per SM (H100/H200), and what the driver re
 BLOCK_SMEM_RESERVED = 1024
 FWD_MAXT_SMALL = 128  # with three blocks per SM: 76.2 KB of shared memory per block at D 128 (3 x (76.2 + 1) <= 228)
 # resident forward blocks per SM the kernel is compiled for (__launch_bounds__) when the caller does not
-# say: three for 64-query tiles without rpb (H200, fp16, D 128, with the loads of e7eb96e: G1-G4 0.207 /
-# 24.3 / 86.2 / 0.459 ms against 0.237 / 27.0 / 97.0 / 0.473 unbound, 173 registers, two blocks per SM);
-# with rpb ptxas spills ~90 bytes at D 128 under the bound, and 128-query tiles cannot have three blocks
+# say: three for 64-query tiles (H200, fp16, D 128, with the loads of e7eb96e: G1-G4 0.207 / 24.3 / 86.2 /
+# 0.459 ms against 0.237 / 27.0 / 97.0 / 0.473 unbound, 173 registers, two blocks per SM; with rpb, since
+# its index is three added parts (session 6: 172 registers unbound, a 16-byte spill bound): G2 31.7 against
+# 34.0 ms unbound, G3 113 against 120); 128-query tiles of 16-row warps cannot have three blocks
 FWD_MIN_BLOCKS = 3
 DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 
@@ -256,7 +257,7 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
     if min_blocks is None:
         bq = qt[0] * qt[1] * qt[2]
         two = (stages or FWD_STAGES) == 2
-        if bq == TILE and mt == 1 and not has_rpb and two:
+        if bq == TILE and mt == 1 and two:
             min_blocks = FWD_MIN_BLOCKS
         elif bq == 2 * TILE and mt == 2 and two:
             min_blocks = FWD_MT2_MIN_BLOCKS
@@ -290,7 +291,7 @@ def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, ti
     outs = ((geo.B, geo.N, geo.H, geo.D), (geo.H, geo.rpb_size) if has_rpb else (1,))
     if fast:
         qt, kt = _bwd_tiles(geo, tile, key_tile)
-        v = _fmha_bwd_variant("fmha_bwd_dq", dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm)
+        v = _fmha_bwd_variant("fmha_bwd_dq", dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, geo.rpb_size)
         prm = params(geo, qt)
         return Launch(v, (_blocks(prm) * THREADS, geo.H, geo.B), (THREADS, 1, 1), outs, 0.0, prm)
     v = Variant("simple_dq", (("T", dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
@@ -350,6 +351,7 @@ def compile_variants() -> list:
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
+    out.append(_fmha_bwd_variant("fmha_bwd_dq", "bfloat16", 32, 32, qt, kt, True, True, 169))  # d_rpb in shared memory
     out.append(_fmha_bwd_variant("fmha_bwd_dkdv", "bfloat16", 64, 64, qt, kt, False, False))
     simple_dims = list(SIMPLE_DIMS)
     for i, (dt, rpb) in enumerate(itertools.product(("float32", "float16", "bfloat16"), (False, True))):
@@ -375,14 +377,31 @@ def _with_static_tables(dynamic: int) -> int:
     return dynamic
 
 
-def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True) -> Variant:
+# d_rpb of the dq pass summed per block in shared memory (fmha_bwd_dq.cu's SRPB) for tables of at most
+# this many entries per head (2D windows up to 16 x 16, 3D up to 5 x 5 x 5), where the space does not
+# cost a resident block
+BWD_SRPB = 1024
+
+
+def _smem_blocks(dynamic: int) -> int:
+    """Resident backward blocks per SM that shared memory allows (its static tables and the driver's
+    reserve included), at most the two that the kernels' registers allow."""
+    return min(2, SM_SMEM // (dynamic + BWD_STATIC_SMEM + BLOCK_SMEM_RESERVED))
+
+
+def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True, rpb_size=0) -> Variant:
     dp, dvp = _r16(d), _r16(dv)
     smem = (TILE * (dp + 8) * 3 + TILE * (dvp + 8) * 3) * 2 + (4 * TILE * 4 if body == "fmha_bwd_dkdv" else 0)
+    extra = ()
+    if body == "fmha_bwd_dq":
+        srpb = rpb and 0 < rpb_size <= BWD_SRPB and _smem_blocks(smem + 4 * BWD_SRPB) == _smem_blocks(smem)
+        smem += 4 * BWD_SRPB if srpb else 0
+        extra = (("SRPB", srpb),)
     smem = _with_static_tables(smem)
     return Variant(
         body,
         (("T", dt), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]), ("QT2", qt[2]),
-         ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm)),
+         ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm)) + extra,
         smem,
     )
 
@@ -398,8 +417,8 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
 
     # the column masks (3 x 65 64-bit words), the block geometry, the row windows, the key-tile list and
     # the key rows' token offsets (fmha_fwd.cu's shared layout)
-    def tables(maxt):
-        return 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE) * 4
+    def tables(maxt):  # with rpb, one more int per key-tile column (its part of the rpb index)
+        return 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE + (TILE if rpb else 0)) * 4
 
     tiles = ((0 if qalias else bq * (dp + 8)) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2
     # the shorter tile list also when it lets the bound's blocks fit (128-query tiles of 4 warps x 32

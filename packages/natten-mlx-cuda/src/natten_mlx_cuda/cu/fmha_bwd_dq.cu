@@ -5,7 +5,10 @@
 // Inputs query [B, N, H, D], key [B, NK, HKV, D], value [B, NK, HKV, DV], d_out [B, N, H, DV],
 // lse and delta [B, N, H] float32 (delta = rowsum(d_out * out) - d_lse), rpb, prm, scl.
 // Outputs d_query [B, N, H, D] float32 (scaled), d_rpb [H, prod(2K-1)] float32 (zero-initialised).
-// Template: T, D, DV, DP, DVP, QT0..2, KT0..2, HAS_RPB, LDSM (B fragments through ldmatrix).
+// Template: T, D, DV, DP, DVP, QT0..2, KT0..2, HAS_RPB, LDSM (B fragments through ldmatrix), SRPB
+// (d_rpb is summed per block in shared memory after the tiles, plan.BWD_SRPB floats at most, and added
+// to the output once per entry at the end: with small tables every block's atomics otherwise meet on
+// the same few hundred addresses in L2).
 //
 // The walk's geometry lives in shared memory, not in the loop: the key tiles' classes, check bits,
 // extents and first key rows are tabulated once per block (one tile per thread, up to NA_TT tiles a
@@ -72,10 +75,13 @@ T* Os = Qs + BQ * QS;  // d_out tile
 T* Ks = Os + BQ * VS;
 T* Vs = Ks + 2 * BK * QS;
 const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+float* srpb = reinterpret_cast<float*>(Vs + 2 * BK * VS);  // SRPB: prm[NA_P_RPB] floats
 {
   uint4* z = reinterpret_cast<uint4*>(na_smem);
   const int nz = (int)((BQ * QS + BQ * VS + 2 * BK * QS + 2 * BK * VS) * sizeof(T) / 16);
   for (int i = tid; i < nz; i += 128) z[i] = make_uint4(0u, 0u, 0u, 0u);
+  if (SRPB)
+    for (int i = tid; i < prm[NA_P_RPB]; i += 128) srpb[i] = 0.f;
 }
 __syncthreads();
 
@@ -342,7 +348,7 @@ while (cur < ntiles) {
       }
       const float p = ok ? na_exp2(x - lse2[rr]) : 0.f;
       const float ds = p * (dp[j][e] - dl[rr]);
-      if (HAS_RPB && ok) atomicAdd(d_rpb_h + ri, ds);
+      if (HAS_RPB && ok) atomicAdd((SRPB ? srpb : d_rpb_h) + ri, ds);
       s[j][e] = ds;
     }
 #pragma unroll
@@ -364,6 +370,11 @@ while (cur < ntiles) {
   cur = nxt;
   buf ^= 1;
 }
+if (SRPB)  // the walk's last barrier orders every shared sum before these reads
+  for (int i = tid; i < R; i += 128) {
+    const float v = srpb[i];
+    if (v != 0.f) atomicAdd(d_rpb_h + i, v);
+  }
 
 for (int rr = 0; rr < 2; ++rr) {
   bool ok;

@@ -49,6 +49,7 @@ int* geo = reinterpret_cast<int*>(pm + 3 * (BK + 1));  // NA_FWD_GEO ints: the b
 int* rows = geo + NA_FWD_GEO;                          // 8 ints per query row: ws[3], we[3], present, flat
 int* tl = rows + 8 * BQ;                               // 5 ints per listed key tile: tok, k0[3], meta
 int* koff = tl + 5 * MAXT;                             // per key-tile row: its token offset from the tile's first
+int* rct = koff + BK;  // HAS_RPB: per key-tile column, its part of the rpb index (row-major over 2K - 1 per axis)
 // geo layout: per axis a: c0 [a], c1 [3+a], Lg [6+a], kb [9+a], ke [12+a], nkt [15+a], kst [18+a]
 // (flat-index step of one key coordinate), qst [21+a] (same for queries), key and query flat-index
 // bases [24+a] and [27+a], empty [30+a].
@@ -101,8 +102,10 @@ __syncthreads();
 if (geo[30] | geo[31] | geo[32]) return;  // the same for the whole block
 
 const int c0[3] = {geo[0], geo[1], geo[2]};
-for (int r = tid; r < BK; r += NT)
+for (int r = tid; r < BK; r += NT) {
   koff[r] = (r / (KT1 * KT2)) * geo[18] + ((r / KT2) % KT1) * geo[19] + (r % KT2) * geo[20];
+  if (HAS_RPB) rct[r] = ((r / (KT1 * KT2)) * (2 * prm[18 + 5] - 1) + (r / KT2) % KT1) * (2 * prm[28 + 5] - 1) + r % KT2;
+}
 const int nkt1 = geo[16], nkt2 = geo[17];
 const int ntiles = geo[15] * nkt1 * nkt2;
 
@@ -216,8 +219,21 @@ for (int mt = 0; mt < MT; ++mt)
     mrow[mt][rr] = NA_NEG_INF;
     lrow[mt][rr] = 0.f;
   }
-const int R = prm[NA_P_RPB];
-const int K0 = prm[8 + 5], K1 = prm[18 + 5], K2 = prm[28 + 5];  // rpb indexing
+// rpb: entry (kc - qc + K - 1) per axis, row-major over 2K - 1 per axis, is rct[column] + the row's part
+// (rq, fixed for the block) + the tile's part (its first key); linear in the per-axis terms, so the three
+// parts add. Absent rows (never stored) have no window: their index is clamped into the table.
+const unsigned Rm1 = (unsigned)prm[NA_P_RPB] - 1u;
+const int M1 = 2 * prm[18 + 5] - 1, M2 = 2 * prm[28 + 5] - 1;
+const T* rpbh = rpb + (long long)h * prm[NA_P_RPB];
+int rq[MT][2];
+#pragma unroll
+for (int mt = 0; mt < MT; ++mt)
+  #pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = r_own[mt][rr];
+    const int uq[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
+    rq[mt][rr] = ((prm[8 + 5] - 1 - c0[0] - uq[0]) * M1 + prm[18 + 5] - 1 - c0[1] - uq[1]) * M2 + prm[28 + 5] - 1 - c0[2] - uq[2];
+  }
 const unsigned short* qs = reinterpret_cast<const unsigned short*>(Qs);
 bool have_q = false;
 int buf = 0;  // ring slot of the tile computed next
@@ -268,6 +284,7 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
     const int meta = tl[5 * cur + 4];
     const int cls = meta & 3, chk = (meta >> 2) & 7;
     const int k0[3] = {tl[5 * cur + 1], tl[5 * cur + 2], tl[5 * cur + 3]};
+    const int rt = HAS_RPB ? (k0[0] * M1 + k0[1]) * M2 + k0[2] : 0;  // the tile's part of the rpb index
     const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
     const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
@@ -334,13 +351,8 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
             if (!ok) {
               x = NA_NEG_INF;
             } else if (HAS_RPB) {
-              const int u[3] = {col / (KT1 * KT2), (col / KT2) % KT1, col % KT2};
-              const int r = r_own[mt][rr];
-              const int uq[3] = {r / (QT1 * QT2), (r / QT2) % QT1, r % QT2};
-              const int kc[3] = {k0[0] + u[0] - c0[0] - uq[0], k0[1] + u[1] - c0[1] - uq[1], k0[2] + u[2] - c0[2] - uq[2]};
-              const int ri = ((kc[0] + K0 - 1) * (2 * K1 - 1) + (kc[1] + K1 - 1)) * (2 * K2 - 1) + (kc[2] + K2 - 1);
-              // absent rows have no window: their index may leave the table, so they read entry 0
-              x += na_f(rpb[(long long)h * R + (rows[8 * r + 6] ? ri : 0)]) * NA_LOG2E;
+              const unsigned ri = (unsigned)(rt + rq[mt][rr] + rct[col]);
+              x += na_f(rpbh[ri < Rm1 ? ri : Rm1]) * NA_LOG2E;
             }
             s[mt][j][e] = x;
           }
