@@ -125,6 +125,6 @@ def test_plan_covers_g_cases():
     p = types.SimpleNamespace(spatial=(256, 256), batch=1, heads=24, kv_heads=24, head_dim=128, value_head_dim=128,
                               kernel_size=(80, 80), stride=(1, 1), dilation=(1, 1), is_causal=(False, False), scale=0.1)
     launch = plan.forward(plan.geometry(p), "float16", "float16", False, True)
-    size = 64  # 8x8 query tiles (plan.fitted_tiles), 4 warps of 16 rows
+    size = 128  # 16x8 query tiles (plan.forward_tiles), 4 warps of 32 rows
     assert launch.variant.body == "fmha_fwd" and launch.grid == (65536 // size * launch.threadgroup[0], 24, 1)
-    assert launch.threadgroup[0] == 2 * size
+    assert launch.threadgroup[0] == 128 and dict(launch.variant.template)["MT"] == 2
