@@ -867,6 +867,23 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
     }
 }
 
+// A block's results xT [W][vw] (lane l: a query) to token rows dst + l * tstride, lanes [skip, vw),
+// of a border block (lohi) only those it serves (all of them, at a group's edges, go as one transpose)
+void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int skip, const int* lohi, float* dst,
+                 int64_t tstride) {
+  bool all = true;
+  for (int l = 0; lohi && l < vw; ++l) all = all && lohi[l] < lohi[vw + l];
+  if (all) {
+    add_transposed(kt, xT + skip, vw, W, vw - skip, dst + skip * tstride, tstride, false);
+    return;
+  }
+  for (int l = skip; l < vw; ++l) {
+    if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
+    float* d = dst + l * tstride;
+    for (int64_t c = 0; c < W; ++c) d[c] = xT[c * vw + l];
+  }
+}
+
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
 // rows of Hkv heads) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
 // time; the columns of coordinates outside [0, lg) are zero
@@ -1063,31 +1080,9 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
             kt.exact_fwd(qloc[0], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], nx, lohi, S[0], oT[0],
                          lsev[0]);
           for (int i = 0; i < nr; ++i) {
-            if (lohi) {
-              for (int l = 0; l < vw; ++l) {
-                if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
-                const int64_t orow = row0[i] + l * tstep + h;
-                float* dst = a.out + orow * Dv;
-                for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
-                a.lse[orow] = lsev[i][l];
-              }
-              continue;
-            }
-            int64_t d0 = 0;
-            if (blk.skip == 0) {
-              for (; d0 + 8 <= Dv; d0 += 8)
-                for (int l0 = 0; l0 < vw; l0 += 8) {
-                  const float* src[8];
-                  for (int j = 0; j < 8; ++j) src[j] = oT[i] + (d0 + j) * vw + l0;
-                  kt.transpose8(src, 8, a.out + (row0[i] + l0 * tstep + h) * Dv + d0, tstep * Dv);
-                }
-            }
-            for (int l = blk.skip; l < vw; ++l) {
-              const int64_t orow = row0[i] + l * tstep + h;
-              float* dst = a.out + orow * Dv;
-              for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
-              a.lse[orow] = lsev[i][l];
-            }
+            store_lanes(kt, oT[i], Dv, vw, blk.skip, lohi, a.out + (row0[i] + h) * Dv, tstep * Dv);
+            for (int l = blk.skip; l < vw; ++l)
+              if (!lohi || lohi[l] < lohi[vw + l]) a.lse[row0[i] + l * tstep + h] = lsev[i][l];
           }
         }
       }
@@ -1308,13 +1303,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   };
   // dq of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
   // token tok0 + l * Dl2
-  auto store_dq = [&](int64_t b, int64_t h, int64_t tok0, int skip, const int* lohi, const float* dqT) {
-    const int vw = kt.vw;
-    for (int l = skip; l < vw; ++l) {
-      if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
-      float* out = dq_of(b, h) + (tok0 + static_cast<int64_t>(l) * Dl2) * tsq;
-      for (int64_t d = 0; d < D; ++d) out[d] = dqT[d * vw + l] * g.scale;
-    }
+  auto store_dq = [&](int64_t b, int64_t h, int64_t tok0, int skip, const int* lohi, float* dqT) {
+    const float scale = g.scale;
+    for (int64_t i = 0; i < D * kt.vw; ++i) dqT[i] *= scale;
+    store_lanes(kt, dqT, D, kt.vw, skip, lohi, dq_of(b, h) + tok0 * tsq, Dl2 * tsq);
   };
   // blocks of vw queries of a run of n: fn(t0, skip) at t0 = 0, vw, ..., and one ending at the run's
   // end for the rest (its lanes before skip were served by the previous block)
