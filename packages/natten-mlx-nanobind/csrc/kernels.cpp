@@ -694,48 +694,67 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
   }
 }
 
-template <int C>
-inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t ldx, float* acc, int64_t lda, int nx,
-                           int kk0) {
-  vf a[C];
+// The key side's sums for R key rows at once (weights w[i], accumulators acc[i]) over C features:
+// acc[i][c * lda + kk0 + l] += sum_xx w[i][xx * lds + kk0 - xx + l] * x[c * ldx + kk0 - xx + l]. The
+// query-side operand x does not depend on the key row, so each of its loads serves all R rows
+// (R = 3, C = 4: 7 loads per 12 FMAs; R = 1: 9 per 8)
+template <int R, int C>
+inline void exact_kv_chunk(const float* const* w, int64_t lds, const float* x, int64_t ldx, float* const* acc,
+                           int64_t lda, int nx, int kk0) {
+  vf a[R][C];
 #pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) a[c] = load(acc + c * lda + kk0);
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[i][c] = load(acc[i] + c * lda + kk0);
   for (int xx = 0; xx < nx; ++xx) {
     const int off = kk0 - xx;
-    const vf wv = load(w + xx * lds + off);
+    vf wv[R];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) a[c] += wv * load(x + c * ldx + off);
-  }
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) store(acc + c * lda + kk0, a[c]);
-}
-
-// exact_kv_chunk of two key rows (weights w0, w1; accumulators acc0, acc1) at once: the query-side
-// operand x does not depend on the key row, so each of its loads serves both rows (6 loads per 8 FMAs
-// at C = 4 instead of 9 per 8)
-template <int C>
-inline void exact_kv_chunk2(const float* w0, const float* w1, int64_t lds, const float* x, int64_t ldx, float* acc0,
-                            float* acc1, int64_t lda, int nx, int kk0) {
-  vf a[C], b[C];
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) {
-    a[c] = load(acc0 + c * lda + kk0);
-    b[c] = load(acc1 + c * lda + kk0);
-  }
-  for (int xx = 0; xx < nx; ++xx) {
-    const int off = kk0 - xx;
-    const vf wa = load(w0 + xx * lds + off), wb = load(w1 + xx * lds + off);
+    for (int i = 0; i < R; ++i) wv[i] = load(w[i] + xx * lds + off);
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      const vf xv = load_reg(x + c * ldx + off);
-      a[c] += wa * xv;
-      b[c] += wb * xv;
+      const vf xv = R > 1 ? load_reg(x + c * ldx + off) : load(x + c * ldx + off);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) a[i][c] += wv[i] * xv;
     }
   }
 #pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) {
-    store(acc0 + c * lda + kk0, a[c]);
-    store(acc1 + c * lda + kk0, b[c]);
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) store(acc[i] + c * lda + kk0, a[i][c]);
+}
+
+// exact_bwd_kv's sums for key rows r0 + [0, R), C features at a time (then one at a time)
+template <int R, int C>
+inline void exact_kv_rows(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W,
+                          float* accT, int64_t lda, const int64_t* rowbase, int r0, int nx, int nk, const int* vr) {
+  float* ar[R];
+  for (int i = 0; i < R; ++i) ar[i] = accT + rowbase[r0 + i];
+  for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+    // key vector v's slots [lo, hi) as slots [0, hi - lo) of shifted operands
+    const int lo = vr ? vr[2 * (kk0 / VW)] : 0, n = vr ? vr[2 * (kk0 / VW) + 1] - lo : nx;
+    if (n <= 0) continue;
+    const float* wr[R];
+    for (int i = 0; i < R; ++i) wr[i] = w + (r0 + i) * ldr + lo * (lds - 1);
+    const float* xs = x - lo;
+    int64_t c = 0;
+    for (; c + C <= W; c += C) {
+      // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
+      // follows R * W streams), requested a chunk ahead
+      for (int j = 0; j < C; ++j) {
+        const int64_t cn = c + C + j < W ? c + C + j : j;
+        const int kn = c + C + j < W ? kk0 : kk0 + VW;
+        for (int i = 0; i < R; ++i) __builtin_prefetch(ar[i] + cn * lda + kn + VW - 1, 1);
+      }
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      exact_kv_chunk<R, C>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
+    }
+    for (; c < W; ++c) {
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      exact_kv_chunk<R, 1>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
+    }
   }
 }
 
@@ -745,67 +764,15 @@ inline void exact_kv_chunk2(const float* w0, const float* w1, int64_t lds, const
 // (kk in [v * vw, (v + 1) * vw): the slots that vector's queries use). w and x are dS (or P) and the
 // scaled queries (or output gradients), with zeros wherever a slot is outside its query's window;
 // whole vectors are written (columns past nk get + 0), so accT needs vw floats of slack.
+// Key rows go in threes (distinct rows are >= one axis length apart, so their vectors of one kk0
+// never overlap; the + 0 written past a run may land in another row, read back before it is written
+// again).
 void exact_bwd_kv(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
                   int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
-  // vector v's slots [lo, hi) as slots [0, hi - lo) of shifted operands
-  auto range = [&](int kk0, int* lo) {
-    if (!vr) {
-      *lo = 0;
-      return nx;
-    }
-    *lo = vr[2 * (kk0 / VW)];
-    return vr[2 * (kk0 / VW) + 1] - *lo;
-  };
   int r = 0;
-  // key rows in pairs (distinct rows are >= one axis length apart, so the two rows' vectors of one
-  // kk0 never overlap; the + 0 written past a run may land in another row, read back before it is
-  // written again)
-  for (; r + 2 <= nrows; r += 2) {
-    float* a0 = accT + rowbase[r];
-    float* a1 = accT + rowbase[r + 1];
-    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
-      int lo;
-      const int n = range(kk0, &lo);
-      if (n <= 0) continue;
-      const float* w0 = w + r * ldr + lo * (lds - 1);
-      const float* w1 = w0 + ldr;
-      const float* xs = x - lo;
-      int64_t c = 0;
-      for (; c + 4 <= W; c += 4) {
-        // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
-        // follows 2 * W streams), requested a chunk ahead
-        for (int i = 0; i < 4; ++i) {
-          const int64_t cn = c + 4 + i < W ? c + 4 + i : i;
-          const int kn = c + 4 + i < W ? kk0 : kk0 + VW;
-          __builtin_prefetch(a0 + cn * lda + kn + VW - 1, 1);
-          __builtin_prefetch(a1 + cn * lda + kn + VW - 1, 1);
-        }
-        exact_kv_chunk2<4>(w0, w1, lds, xs + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, n, kk0);
-      }
-      for (; c < W; ++c) exact_kv_chunk2<1>(w0, w1, lds, xs + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, n, kk0);
-    }
-  }
-  for (; r < nrows; ++r) {
-    float* ar = accT + rowbase[r];
-    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
-      int lo;
-      const int n = range(kk0, &lo);
-      if (n <= 0) continue;
-      const float* wr = w + r * ldr + lo * (lds - 1);
-      const float* xs = x - lo;
-      int64_t c = 0;
-      for (; c + 8 <= W; c += 8) {
-        for (int i = 0; i < 8; ++i) {
-          const int64_t cn = c + 8 + i < W ? c + 8 + i : i;
-          const int kn = c + 8 + i < W ? kk0 : kk0 + VW;
-          __builtin_prefetch(ar + cn * lda + kn + VW - 1, 1);
-        }
-        exact_kv_chunk<8>(wr, lds, xs + c * ldx, ldx, ar + c * lda, lda, n, kk0);
-      }
-      for (; c + 4 <= W; c += 4) exact_kv_chunk<4>(wr, lds, xs + c * ldx, ldx, ar + c * lda, lda, n, kk0);
-      for (; c < W; ++c) exact_kv_chunk<1>(wr, lds, xs + c * ldx, ldx, ar + c * lda, lda, n, kk0);
-    }
-  }
+  for (; r + 3 <= nrows; r += 3) exact_kv_rows<3, 4>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r + 2 <= nrows; r += 2) exact_kv_rows<2, 4>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r < nrows; ++r) exact_kv_rows<1, 8>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
 }
 
 // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
