@@ -212,66 +212,46 @@ def _exact_configs(seed, count):
 EXACT = _exact_configs(314, 18)
 
 
-@pytest.mark.parametrize("exact", ["default", "all", "runs", "off"])
+@pytest.mark.parametrize("exact", ["default", "runs", "off"])
 @pytest.mark.parametrize("cfg,dtype,seed", EXACT, ids=[f"exact-{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in EXACT])
 def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
     """The oracle sweep on problems the exact-window forward and backward serve, through each mix of
-    paths: runs, border blocks forward and tiles at the backward's borders (NATTEN_MLX_EXACT unset);
-    border blocks in the backward too (=all); runs with tiles at every border (=runs); tiles only
-    (=0). The path counters must show that those paths, and only those, ran."""
+    paths: runs and border blocks (NATTEN_MLX_EXACT unset); runs with tiles at every border (=runs);
+    tiles only (=0). The path counters must show that those paths, and only those, ran, and the same
+    in the forward and the backward."""
     if exact == "default":
         monkeypatch.delenv("NATTEN_MLX_EXACT", raising=False)
     else:
-        monkeypatch.setenv("NATTEN_MLX_EXACT", {"all": "all", "runs": "runs", "off": "0"}[exact])
+        monkeypatch.setenv("NATTEN_MLX_EXACT", {"runs": "runs", "off": "0"}[exact])
     ext.path_counts(True)
     test_fused_forward_backward(cfg, dtype, seed)
     counts = ext.path_counts(True)
     fwd, bwd = counts[:3], counts[3:]
-    assert sum(fwd) == sum(bwd)  # every query once in each pass
-    # the same runs, except that with border blocks a run stops vw queries short of its group's edge
-    # (the edge's border block takes the rest), which the 2D/3D backward (tiles at the borders) does not
-    if exact == "default" and cfg["na_dim"] > 1:
-        assert bwd[0] >= fwd[0]
+    assert fwd == bwd
+    run, border, tile = fwd
+    if exact == "default":
+        assert run > 0
+    elif exact == "runs":
+        assert run > 0 and border == 0 and tile > 0
     else:
-        assert fwd[0] == bwd[0]
-    for run, border, tile in (fwd, bwd):
-        if exact in ("default", "all"):
-            assert run > 0
-        elif exact == "runs":
-            assert run > 0 and border == 0 and tile > 0
-        else:
-            assert run == 0 and border == 0 and tile > 0
-    if exact == "default" and cfg["na_dim"] > 1:  # 2D/3D backward: tiles at the borders
-        assert bwd[1] == 0 and bwd[0] + bwd[2] == sum(fwd)
-    if exact == "all" or (exact == "default" and cfg["na_dim"] == 1):
-        assert fwd == bwd
+        assert run == 0 and border == 0 and tile > 0
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("na_dim", [1, 2])
+@pytest.mark.parametrize("na_dim", [1, 2, 3])
 def test_exact_window_border_blocks(na_dim, causal):
     """Border blocks (masked vectors of queries next to a run) serve every query the runs leave, so
-    no tile runs: forward and 1D backward by default, every backward with NATTEN_MLX_EXACT=all;
-    against the oracle."""
-    L = (40,) if na_dim == 1 else (6, 30)
-    K = (5,) if na_dim == 1 else (3, 5)
+    no tile runs, forward and backward; against the oracle."""
+    L = {1: (40,), 2: (6, 30), 3: (3, 4, 21)}[na_dim]
+    K = {1: (5,), 2: (3, 5), 3: (2, 3, 7)}[na_dim]
     cfg = dict(na_dim=na_dim, shape=L, B=1, H=2, Hkv=1, D=8, Dv=4, E=0, K=K, s=(1,) * na_dim, d=(1,) * na_dim,
                c=(causal,) * na_dim, rpb=False, scale=None)
     cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
-    for mode in ("default", "all"):
-        if mode == "all":
-            os.environ["NATTEN_MLX_EXACT"] = "all"
-        try:
-            ext.path_counts(True)
-            test_fused_forward_backward(cfg, mx.float32, 11)
-            run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
-        finally:
-            os.environ.pop("NATTEN_MLX_EXACT", None)
-        assert run_f > 0 and border_f > 0 and tile_f == 0
-        if mode == "all" or na_dim == 1:
-            assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
-        else:  # the 2D/3D backward leaves the borders to the tiles (and its runs reach closer to them)
-            assert run_b >= run_f and border_b == 0 and run_b + tile_b == run_f + border_f
+    ext.path_counts(True)
+    test_fused_forward_backward(cfg, mx.float32, 11)
+    run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
+    assert run_f > 0 and border_f > 0 and tile_f == 0
+    assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
 
 
 def test_exact_backward_path_off_for_nonfinite_inputs():
@@ -303,15 +283,11 @@ def test_exact_window_long_1d(dilation, causal, stride):
     cfg = dict(na_dim=1, shape=(L,), B=2, H=2, Hkv=2, D=16, Dv=8, E=0, K=(7,), s=(stride,), d=(dilation,),
                c=(causal,), rpb=False, scale=None)
     cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
-    os.environ["NATTEN_MLX_EXACT"] = "all"  # border blocks in the backward too
-    try:
-        for rep in range(3):
-            ext.path_counts(True)
-            test_fused_forward_backward(cfg, mx.float32, 3 + rep)
-            counts = ext.path_counts(True)
-            assert counts[:3] == counts[3:]
-            run_f, border_f, tile_f = counts[:3]
-            assert border_f > 0 and tile_f == 0
-            assert (run_f > 0) == (stride == 1)
-    finally:
-        os.environ.pop("NATTEN_MLX_EXACT", None)
+    for rep in range(3):
+        ext.path_counts(True)
+        test_fused_forward_backward(cfg, mx.float32, 3 + rep)
+        counts = ext.path_counts(True)
+        assert counts[:3] == counts[3:]
+        run_f, border_f, tile_f = counts[:3]
+        assert border_f > 0 and tile_f == 0
+        assert (run_f > 0) == (stride == 1)

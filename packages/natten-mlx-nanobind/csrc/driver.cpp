@@ -281,31 +281,23 @@ void for_window_key_rows(const Geo& g, const ExactPlan& ep, const ExactPlan::Row
 }
 
 // NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
-// queries to the tile path, =all uses border blocks in the backward too (tests run every path on the
-// same problem); read on every call so that a test can flip it between calls. 0: off, 1: runs only,
-// 2 (default): border blocks in the forward, and in the backward of 1D problems only; 3: border
-// blocks forward and backward.
-// The backward's border blocks cost more than tiles: a block spans up to K + vw slots for the few
-// queries it serves, and the backward's key side pays for every slot of it twice more.
+// queries to the tile path (tests run every path on the same problem); read on every call so that a
+// test can flip it between calls. 0: off, 1: runs only, 2 (default; also "all"): border blocks too.
 int exact_mode() {
   const char* env = std::getenv("NATTEN_MLX_EXACT");
   if (!env) return 2;
   if (std::strcmp(env, "0") == 0) return 0;
   if (std::strcmp(env, "runs") == 0) return 1;
-  if (std::strcmp(env, "all") == 0) return 3;
   return 2;
 }
 
 // borders: serve the queries next to the runs with masked blocks too (needs finite values: a masked
 // slot's weight is 0, and 0 * inf is not)
-ExactPlan make_exact_plan(const Geo& g, int vw, bool borders, bool backward) {
+ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
   ExactPlan ep;
   const int mode = exact_mode();
   if (g.E || g.has_rpb || mode == 0) return ep;
-  // 1D backward pieces transpose their own keys, and border blocks spare the tile path its
-  // whole-slice copy of the keys for a handful of queries: there they pay
-  const bool one_d = g.L[0] == 1 && g.L[1] == 1;
-  borders = borders && (mode == 3 || (mode == 2 && (!backward || one_d)));
+  borders = borders && mode == 2;
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
@@ -417,6 +409,51 @@ void count_paths(int which, const Geo& g, const ExactPlan& ep) {
   path_count[3 * which].fetch_add(fast - border);
   path_count[3 * which + 1].fetch_add(border);
   path_count[3 * which + 2].fetch_add(all - fast);
+}
+
+// The 2D/3D exact backward takes a row's runs and border blocks together, with P and dS indexed by
+// d = key - query (group coordinates along the last axis): slot x of a block whose first query c has
+// window start ws (lane l: key ws + l + x) is d = ws - c + x, for runs and border blocks alike. Per
+// last-axis group: the d its blocks' slots span, [dlo, dhi), and per vector v of keys (v * vw +
+// [0, vw)) the d - dlo, [vr[2v], vr[2v + 1]), of the in-window slots that reach those keys (the key
+// side's sums for them; empty: lo == hi).
+struct RowSlots {
+  int dlo = 0, dhi = 0;
+  std::vector<int> vr;
+};
+
+std::vector<RowSlots> row_slots(const Geo& g, const ExactPlan& ep, int vw) {
+  std::vector<RowSlots> out(ep.blocks.size());
+  for (size_t g2 = 0; g2 < ep.blocks.size(); ++g2) {
+    if (ep.blocks[g2].empty()) continue;
+    RowSlots& rs = out[g2];
+    rs.dlo = 1 << 30;
+    rs.dhi = -(1 << 30);
+    for (const ExactBlock& blk : ep.blocks[g2]) {
+      rs.dlo = std::min(rs.dlo, blk.ws - blk.c);
+      rs.dhi = std::max(rs.dhi, blk.ws - blk.c + blk.nx);
+    }
+    const int lg = na_group_len(g.L[2], g.Dl[2], static_cast<int>(g2)), nvec = (lg + vw - 1) / vw;
+    std::vector<int> lo(nvec, 1 << 30), hi(nvec, -(1 << 30));
+    for (const ExactBlock& blk : ep.blocks[g2]) {
+      const ExactRun& run = ep.runs[g2][blk.run];
+      const int d0 = blk.ws - blk.c;
+      for (int l = 0; l < vw; ++l) {
+        const int x0 = run.masked ? run.lohi[l] : 0, x1 = run.masked ? run.lohi[vw + l] : blk.nx;
+        for (int x = x0; x < x1; ++x) {
+          const int v = (blk.c + l + d0 + x) / vw;  // the key, within [0, lg) for an in-window slot
+          lo[v] = std::min(lo[v], d0 + x - rs.dlo);
+          hi[v] = std::max(hi[v], d0 + x - rs.dlo + 1);
+        }
+      }
+    }
+    rs.vr.resize(2 * nvec);
+    for (int v = 0; v < nvec; ++v) {
+      rs.vr[2 * v] = lo[v] <= hi[v] ? lo[v] : 0;
+      rs.vr[2 * v + 1] = lo[v] <= hi[v] ? hi[v] : 0;
+    }
+  }
+  return out;
 }
 
 Plan make_plan(const Geo& g, int vw, const ExactPlan* ep = nullptr) {
@@ -635,21 +672,25 @@ thread_local TileGeo tls_tg;
 // The exact backward's per-thread buffers. P, dS and the run's queries / output gradients live at
 // column padA of rows lds apart, with zeros around the run that are written once per geometry (the
 // run's columns are overwritten on every use, the padding never).
+// call: the backward call's number; zeros written once per call, as the blocks that write a buffer's
+// columns (and leave the rest zero) may differ between calls of the same geometry.
 struct ExactBwdWs {
   std::vector<float> pt, ds, xq, xo, s, dq, lc;
-  std::vector<int64_t> rbk, rbq, keyrow;
-  int64_t key[6] = {-1, -1, -1, -1, -1, -1};
-  void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv) {
-    const int64_t k[6] = {nslots, lds, padA, runlen, D, Dv};
-    if (std::equal(k, k + 6, key)) return;
-    std::copy(k, k + 6, key);
+  std::vector<int64_t> rbq, keyrow;
+  int64_t key[7] = {-1, -1, -1, -1, -1, -1, -1};
+  void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv, int64_t call) {
+    const int64_t k[7] = {nslots, lds, padA, runlen, D, Dv, call};
+    if (std::equal(k, k + 7, key)) return;
+    std::copy(k, k + 7, key);
     pt.assign(nslots * lds + 16, 0.f);
     ds.assign(nslots * lds + 16, 0.f);
     xq.assign(D * lds + 16, 0.f);
     xo.assign(Dv * lds + 16, 0.f);
   }
 };
-thread_local ExactBwdWs tls_xbw[4];  // [masked + 2 * row of a pair]
+// 1D: [0] runs, [1] border blocks (their geometries alternate along a row); 2D/3D: [0], [2] the rows of a pair
+thread_local ExactBwdWs tls_xbw[3];
+std::atomic<int64_t> bwd_calls{0};
 
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
 // ekT [D][E]); zero columns up to NP. Box rows along the last axis are runs of nk2 keys Dl2 apart.
@@ -826,6 +867,23 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
     }
 }
 
+// A block's results xT [W][vw] (lane l: a query) to token rows dst + l * tstride, lanes [skip, vw),
+// of a border block (lohi) only those it serves (all of them, at a group's edges, go as one transpose)
+void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int skip, const int* lohi, float* dst,
+                 int64_t tstride) {
+  bool all = true;
+  for (int l = 0; lohi && l < vw; ++l) all = all && lohi[l] < lohi[vw + l];
+  if (all) {
+    add_transposed(kt, xT + skip, vw, W, vw - skip, dst + skip * tstride, tstride, false);
+    return;
+  }
+  for (int l = skip; l < vw; ++l) {
+    if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
+    float* d = dst + l * tstride;
+    for (int64_t c = 0; c < W; ++c) d[c] = xT[c * vw + l];
+  }
+}
+
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
 // rows of Hkv heads) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
 // time; the columns of coordinates outside [0, lg) are zero
@@ -894,7 +952,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   // when every value is finite, tiles skip their own check, and border blocks may run
   const bool v_finite = all_finite_par(kt, a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
                         (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
-  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite, false);
+  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite);
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(0, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
@@ -1022,31 +1080,9 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
             kt.exact_fwd(qloc[0], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], nx, lohi, S[0], oT[0],
                          lsev[0]);
           for (int i = 0; i < nr; ++i) {
-            if (lohi) {
-              for (int l = 0; l < vw; ++l) {
-                if (lohi[l] >= lohi[vw + l]) continue;  // another block's query
-                const int64_t orow = row0[i] + l * tstep + h;
-                float* dst = a.out + orow * Dv;
-                for (int64_t d = 0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
-                a.lse[orow] = lsev[i][l];
-              }
-              continue;
-            }
-            int64_t d0 = 0;
-            if (blk.skip == 0) {
-              for (; d0 + 8 <= Dv; d0 += 8)
-                for (int l0 = 0; l0 < vw; l0 += 8) {
-                  const float* src[8];
-                  for (int j = 0; j < 8; ++j) src[j] = oT[i] + (d0 + j) * vw + l0;
-                  kt.transpose8(src, 8, a.out + (row0[i] + l0 * tstep + h) * Dv + d0, tstep * Dv);
-                }
-            }
-            for (int l = blk.skip; l < vw; ++l) {
-              const int64_t orow = row0[i] + l * tstep + h;
-              float* dst = a.out + orow * Dv;
-              for (int64_t d = d0; d < Dv; ++d) dst[d] = oT[i][d * vw + l];
-              a.lse[orow] = lsev[i][l];
-            }
+            store_lanes(kt, oT[i], Dv, vw, blk.skip, lohi, a.out + (row0[i] + h) * Dv, tstep * Dv);
+            for (int l = blk.skip; l < vw; ++l)
+              if (!lohi || lohi[l] < lohi[vw + l]) a.lse[row0[i] + l * tstep + h] = lsev[i][l];
           }
         }
       }
@@ -1141,7 +1177,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
                        (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) && all_finite_par(kt, a.q, g.B * N * g.H * D) &&
                        all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
   const bool v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
-  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite, true) : ExactPlan{};
+  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite) : ExactPlan{};
   Plan plan = make_plan(g, kt.vw, &ep);
   count_paths(1, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
@@ -1154,6 +1190,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   const int64_t over = ep.on ? 2 : 4;
   // (1D exact rows run in their own waves, see `local` below)
   const bool local1d = ep.on && g.L[0] == 1 && g.L[1] == 1;
+  const std::vector<RowSlots> rslots = ep.on && !local1d ? row_slots(g, ep, kt.vw) : std::vector<RowSlots>{};
+  const int64_t call = bwd_calls.fetch_add(1);
   int64_t splits = std::min<int64_t>(ntiles + (local1d ? 0 : nrowsx), (over * nthr + slices - 1) / slices);
   const int64_t ldx = ep.ld;  // see make_exact_plan
   const int64_t xacc_size = ep.on && !local1d ? (D + Dv) * ldx + 16 : 0;
@@ -1227,132 +1265,172 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     std::memset(a.dek, 0, sizeof(float) * g.B * g.Hkv * E * D);
     std::memset(a.dev, 0, sizeof(float) * g.B * g.Hkv * E * Dv);
   }
-  // One row of exact-path queries of a slice: per run and query head, the query side computes P, dS
-  // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
-  // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
-  // Queries u0 + [tb, te) of one run of a row (a border block: all of it) of a slice. Key row r of
-  // the row starts at keyrow[r] + shift in ks / vs and in the accumulators xk / xv (rows ld apart).
-  auto exact_run = [&](int64_t slice, int nr, const ExactPlan::Row* const* rws, const std::vector<int64_t>* const* keyrows,
-                       int64_t shift, const ExactRun& run, int tb, int te, const float* ks, const float* vs, int64_t ld,
-                       float* xk, float* xv) {
+  const int64_t tstep = Dl2 * g.H;  // heads-last rows of consecutive queries of a last-axis group
+  // queries t in [0, n) of one head at heads-last rows row0 + t * tstep: the scaled queries and the
+  // output gradients transposed into xq [D][lds] / xo [Dv][lds] at column t, lse at lc[t] and
+  // c = dO.O - dlse at lc[cap + t] (computed here, where the output gradients were just read)
+  auto load_queries = [&](int64_t row0, int n, float* xq, float* xo, int64_t lds, float* lc, int64_t cap) {
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+      const float *sq[8], *so[8];
+      for (int j = 0; j < 8; ++j) {
+        sq[j] = a.q + (row0 + (t + j) * tstep) * D;
+        so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
+      }
+      for (int j = 0; j < 8 && t + 16 + j < n; ++j) {
+        prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
+        prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+        prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
+      }
+      kt.transpose8(sq, D, xq + t, lds);
+      kt.transpose8(so, Dv, xo + t, lds);
+    }
+    for (; t < n; ++t) {
+      for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
+      for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
+    }
+    const float scale = g.scale;  // a local: the compiler cannot tell xq from g
+    for (int64_t d = 0; d < D; ++d) {
+      float* x = xq + d * lds;
+      for (int l = 0; l < n; ++l) x[l] *= scale;
+    }
+    for (int l = 0; l < n; ++l) {
+      const int64_t row = row0 + l * tstep;
+      lc[l] = a.lse[row];
+      const float dl = a.dlse ? a.dlse[row] : 0.f;
+      lc[cap + l] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
+    }
+  };
+  // dq of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
+  // token tok0 + l * Dl2
+  auto store_dq = [&](int64_t b, int64_t h, int64_t tok0, int skip, const int* lohi, float* dqT) {
+    const float scale = g.scale;
+    for (int64_t i = 0; i < D * kt.vw; ++i) dqT[i] *= scale;
+    store_lanes(kt, dqT, D, kt.vw, skip, lohi, dq_of(b, h) + tok0 * tsq, Dl2 * tsq);
+  };
+  // blocks of vw queries of a run of n: fn(t0, skip) at t0 = 0, vw, ..., and one ending at the run's
+  // end for the rest (its lanes before skip were served by the previous block)
+  auto for_blocks = [&](int n, auto&& fn) {
+    for (int t0 = 0, done = 0; done < n;) {
+      fn(t0, t0 < done ? done - t0 : 0);
+      done = t0 + kt.vw;
+      t0 = std::min(done, n - kt.vw);
+    }
+  };
+  // 1D: queries u0 + [tb, te) of one run of a row (a border block: all of it) of a slice. Per query
+  // head, the query side computes P, dS and dQ block by block and leaves P and dS of the queries in
+  // zero-padded buffers; the key side then sums dK = dS^T q and dV = P^T dO over their keys from them,
+  // one key per lane. The row's key row starts at shift in ks / vs and in the accumulators xk / xv
+  // (rows ld apart).
+  auto exact_run = [&](int64_t slice, const ExactPlan::Row& row, int64_t shift, const ExactRun& run, int tb, int te,
+                       const float* ks, const float* vs, int64_t ld, float* xk, float* xv) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
-    const int vw = kt.vw, g2 = rws[0]->g[2];
+    const int vw = kt.vw, g2 = row.g[2];
     const int u0 = run.u0 + tb, runlen = te - tb, ws0 = run.ws0 + tb;
     const int nx = run.nx, nk = runlen + nx - 1;
     // zeros before the run (>= nx - 1 columns) and after it (>= nx + vw): the key side reads there
     const int64_t padA = round_up(nx, 8), lds = round_up(padA + runlen + nx + vw, 8);
     const int* lohi = run.masked ? run.lohi : nullptr;
-    // lse of the run's queries at lc[t], c at lc[cap + t]
     const int64_t cap = round_up(runlen, 8) + vw;
-    // per row: runs and border blocks keep separate buffers (their geometries alternate along a row)
+    // runs and border blocks keep separate buffers (their geometries alternate along a row)
+    ExactBwdWs& w = tls_xbw[run.masked ? 1 : 0];
+    w.prepare(nx, lds, padA, runlen, D, Dv, call);
+    const int64_t rbk = ws0 + shift;
+    float* S = grow(w.s, 2 * static_cast<size_t>(nx) * vw + vw);
+    float* dqT = grow(w.dq, D * vw + vw);
+    float* lc = grow(w.lc, 2 * cap);
+    float *xq = w.xq.data() + padA, *xo = w.xo.data() + padA, *pt = w.pt.data() + padA, *dst = w.ds.data() + padA;
+    const int64_t tok0 = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + static_cast<int64_t>(u0) * Dl2 + g2;
+    for (int64_t gg = 0; gg < g.G; ++gg) {
+      const int64_t h = hk * g.G + gg;
+      load_queries((b * N + tok0) * g.H + h, runlen, xq, xo, lds, lc, cap);
+      for_blocks(runlen, [&](int t0, int skip) {
+        const int64_t rbq = rbk + t0;
+        const SlotOut so{pt + t0, dst + t0, lds, nx * lds, false};
+        kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lc + t0, lc + cap + t0, &rbq, 1, nx, lohi, S,
+                       so, dqT);
+        store_dq(b, h, tok0 + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT);
+      });
+      kt.exact_bwd_kv(dst, lds, nx * lds, xq, lds, D, xk, ld, &rbk, 1, nx, nk, nullptr);
+      kt.exact_bwd_kv(pt, lds, nx * lds, xo, lds, Dv, xv, ld, &rbk, 1, nx, nk, nullptr);
+    }
+  };
+  // 2D/3D: one row of exact-path queries of a slice (two neighbouring rows when idx2 >= 0, whose
+  // blocks at the same lanes share key/value loads), runs and border blocks together. Per query head,
+  // the row's queries and output gradients are transposed once; the query side computes P, dS and dQ
+  // block by block into buffers indexed [key row][d = key - query][query] (rs says which d), and the
+  // key side sums dK = dS^T q and dV = P^T dO over every key of the row's key rows, one key per lane,
+  // each vector of keys over the d its queries use: no key is visited per run edge or per border
+  // block (a border block's slots span K + vw keys; summed on their own they cost more than tiles).
+  auto exact_row = [&](int64_t slice, int64_t idx, int64_t idx2, float* xk) {
+    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
+    const int nr = idx2 >= 0 ? 2 : 1, vw = kt.vw;
+    const ExactPlan::Row* rws[2] = {&ep.rows[idx], nr == 2 ? &ep.rows[idx2] : nullptr};
+    const int g2 = rws[0]->g[2], lg = na_group_len(L2, Dl2, g2);
+    const RowSlots& rs = rslots[g2];
+    const int nd = rs.dhi - rs.dlo, nvec = (lg + vw - 1) / vw;
+    // query t at column padA + t; the key side reads t in [1 - dhi, nvec * vw - dlo), zeros outside [0, lg)
+    const int64_t padA = round_up(std::max(rs.dhi, 1), 8);
+    const int64_t lds = round_up(padA + nvec * vw + std::max(-rs.dlo, 0) + vw, 8), ldr = nd * lds;
+    const int64_t cap = round_up(lg, 8) + vw;
+    const float* ks = kTx + slice * ldx * D;
+    const float* vs = vTx + slice * ldx * Dv;
     ExactBwdWs* ws[2];
     int nrows[2] = {0, 0};
-    int64_t qrow[2] = {0, 0};
+    int64_t tok0[2] = {0, 0};
     float *S[2], *dqT[2], *lc[2];
     for (int i = 0; i < nr; ++i) {
       const ExactPlan::Row& row = *rws[i];
-      qrow[i] = row_token(g, row.g[0], row.g[1], row.c0, row.c1);
-      nrows[i] = static_cast<int>(keyrows[i]->size());
-      ExactBwdWs& w = tls_xbw[(run.masked ? 1 : 0) + 2 * i];
+      ExactBwdWs& w = tls_xbw[2 * i];
       ws[i] = &w;
-      w.prepare(static_cast<int64_t>(nrows[i]) * nx, lds, padA, runlen, D, Dv);
-      w.rbk.resize(nrows[i]);
+      w.keyrow.clear();
+      for_window_key_rows(g, ep, row, [&](int64_t base) { w.keyrow.push_back(base); });
+      nrows[i] = static_cast<int>(w.keyrow.size());
+      w.prepare(static_cast<int64_t>(nrows[i]) * nd, lds, padA, lg, D, Dv, call);
       w.rbq.resize(nrows[i]);
-      for (int r = 0; r < nrows[i]; ++r) w.rbk[r] = (*keyrows[i])[r] + ws0 + shift;
-      S[i] = grow(w.s, 2 * static_cast<size_t>(nrows[i]) * nx * vw + vw);
+      tok0[i] = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
+      S[i] = grow(w.s, 2 * static_cast<size_t>(nrows[i]) * nd * vw + vw);
       dqT[i] = grow(w.dq, D * vw + vw);
       lc[i] = grow(w.lc, 2 * cap);
     }
-    const int64_t tstep = Dl2 * g.H;
     for (int64_t gg = 0; gg < g.G; ++gg) {
       const int64_t h = hk * g.G + gg;
-      float *xq[2], *xo[2], *pt[2], *dst[2];
+      for (int i = 0; i < nr; ++i)
+        load_queries((b * N + tok0[i]) * g.H + h, lg, ws[i]->xq.data() + padA, ws[i]->xo.data() + padA, lds, lc[i], cap);
+      for (const ExactRun& run : ep.runs[g2]) {
+        const int* lohi = run.masked ? run.lohi : nullptr;
+        // slot x of query t of this run is d = ws0 - u0 + x
+        const int64_t drow = (run.ws0 - run.u0 - rs.dlo) * lds + padA;
+        for_blocks(run.u1 - run.u0 + 1, [&](int tb, int skip) {
+          const int t0 = run.u0 + tb;
+          SlotOut so[2];
+          const float *xq[2], *xo[2];
+          for (int i = 0; i < nr; ++i) {
+            ExactBwdWs& w = *ws[i];
+            for (int r = 0; r < nrows[i]; ++r) w.rbq[r] = w.keyrow[r] + run.ws0 + tb;
+            so[i] = {w.pt.data() + drow + t0, w.ds.data() + drow + t0, lds, ldr, true};
+            xq[i] = w.xq.data() + padA + t0;
+            xo[i] = w.xo.data() + padA + t0;
+          }
+          if (nr == 2)
+            kt.exact_bwd_q2(xq[0], xq[1], lds, D, ks, ldx, vs, ldx, Dv, xo[0], xo[1], lds, lc[0] + t0, lc[1] + t0,
+                            lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
+                            nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1]);
+          else
+            kt.exact_bwd_q(xq[0], lds, D, ks, ldx, vs, ldx, Dv, xo[0], lds, lc[0] + t0, lc[0] + cap + t0,
+                           ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0]);
+          for (int i = 0; i < nr; ++i) store_dq(b, h, tok0[i] + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT[i]);
+        });
+      }
       for (int i = 0; i < nr; ++i) {
         ExactBwdWs& w = *ws[i];
-        xq[i] = w.xq.data() + padA;
-        xo[i] = w.xo.data() + padA;
-        pt[i] = w.pt.data() + padA;
-        dst[i] = w.ds.data() + padA;
-        // the run's queries (scaled) and output gradients, transposed from heads-last rows 8 at a time
-        const int64_t row0 = (b * N + qrow[i] + static_cast<int64_t>(u0) * Dl2 + g2) * g.H + h;
-        int t = 0;
-        for (; t + 8 <= runlen; t += 8) {
-          const float *sq[8], *so[8];
-          for (int j = 0; j < 8; ++j) {
-            sq[j] = a.q + (row0 + (t + j) * tstep) * D;
-            so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
-          }
-          for (int j = 0; j < 8 && t + 16 + j < runlen; ++j) {
-            prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
-            prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
-            prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
-          }
-          kt.transpose8(sq, D, xq[i] + t, lds);
-          kt.transpose8(so, Dv, xo[i] + t, lds);
-        }
-        for (; t < runlen; ++t) {
-          for (int64_t d = 0; d < D; ++d) xq[i][d * lds + t] = a.q[(row0 + t * tstep) * D + d];
-          for (int64_t d = 0; d < Dv; ++d) xo[i][d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
-        }
-        const float scale = g.scale;  // a local: the compiler cannot tell xq from g
-        for (int64_t d = 0; d < D; ++d) {
-          float* x = xq[i] + d * lds;
-          for (int l = 0; l < runlen; ++l) x[l] *= scale;
-        }
-        // c = dO.O - dlse here, where the output gradients were just read (no pass of its own)
-        for (int l = 0; l < runlen; ++l) {
-          const int64_t row = row0 + l * tstep;
-          lc[i][l] = a.lse[row];
-          const float dl = a.dlse ? a.dlse[row] : 0.f;
-          lc[i][cap + l] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
-        }
-      }
-      // blocks of vw queries at t0 = 0, vw, ..., and one ending at the run's end for the rest
-      for (int t0 = 0, done = 0; done < runlen;) {
-        const int skip = t0 < done ? done - t0 : 0;
-        for (int i = 0; i < nr; ++i)
-          for (int r = 0; r < nrows[i]; ++r) ws[i]->rbq[r] = ws[i]->rbk[r] + t0;
-        if (nr == 2)
-          kt.exact_bwd_q2(xq[0] + t0, xq[1] + t0, lds, D, ks, ld, vs, ld, Dv, xo[0] + t0, xo[1] + t0, lds, lc[0] + t0,
-                          lc[1] + t0, lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
-                          nrows[1], nx, lohi, S[0], S[1], pt[0] + t0, pt[1] + t0, dst[0] + t0, dst[1] + t0, lds, dqT[0],
-                          dqT[1]);
-        else
-          kt.exact_bwd_q(xq[0] + t0, lds, D, ks, ld, vs, ld, Dv, xo[0] + t0, lds, lc[0] + t0, lc[0] + cap + t0,
-                         ws[0]->rbq.data(), nrows[0], nx, lohi, S[0], pt[0] + t0, dst[0] + t0, lds, dqT[0]);
-        for (int i = 0; i < nr; ++i)
-          for (int l = skip; l < vw; ++l) {
-            if (lohi && lohi[l] >= lohi[vw + l]) continue;  // another block's query
-            const int64_t tok = qrow[i] + static_cast<int64_t>(u0 + t0 + l) * Dl2 + g2;
-            float* out = dq_of(b, h) + tok * tsq;
-            for (int64_t d = 0; d < D; ++d) out[d] = dqT[i][d * vw + l] * g.scale;
-          }
-        done = t0 + vw;
-        t0 = std::min(done, runlen - vw);
-      }
-      for (int i = 0; i < nr; ++i) {
-        kt.exact_bwd_kv(dst[i], lds, xq[i], lds, D, xk, ld, ws[i]->rbk.data(), nrows[i], nx, nk);
-        kt.exact_bwd_kv(pt[i], lds, xo[i], lds, Dv, xv, ld, ws[i]->rbk.data(), nrows[i], nx, nk);
+        const int64_t o = padA - rs.dlo;  // d = dlo at row 0, query 0 at column padA
+        kt.exact_bwd_kv(w.ds.data() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[i], nd,
+                        nvec * vw, rs.vr.data());
+        kt.exact_bwd_kv(w.pt.data() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldx, ldx, w.keyrow.data(),
+                        nrows[i], nd, nvec * vw, rs.vr.data());
       }
     }
-  };
-  // One row of exact-path queries of a slice (two neighbouring rows when idx2 >= 0, whose blocks at
-  // the same lanes share key/value loads): per run and query head, the query side computes P, dS
-  // and dQ block by block and leaves P and dS of the whole run in zero-padded buffers; the key side
-  // then sums dK = dS^T q and dV = P^T dO over the run's keys from them, one key per lane.
-  auto exact_row = [&](int64_t slice, int64_t idx, int64_t idx2, float* xk) {
-    const int nr = idx2 >= 0 ? 2 : 1;
-    const ExactPlan::Row* rws[2] = {&ep.rows[idx], nr == 2 ? &ep.rows[idx2] : nullptr};
-    const std::vector<int64_t>* keyrows[2] = {&tls_xbw[0].keyrow, &tls_xbw[1].keyrow};
-    const int g2 = rws[0]->g[2];
-    for (int i = 0; i < nr; ++i) {
-      std::vector<int64_t>& keyrow = tls_xbw[i].keyrow;
-      keyrow.clear();
-      for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { keyrow.push_back(base); });
-    }
-    for (const ExactRun& run : ep.runs[g2])
-      exact_run(slice, nr, rws, keyrows, 0, run, 0, run.u1 - run.u0 + 1, kTx + slice * ldx * D, vTx + slice * ldx * Dv,
-                ldx, xk, xk + D * ldx);
   };
   if (local) {
     // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
@@ -1402,11 +1480,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         float* al = grow(w.dkb, (D + Dv) * ldl + 16);
         std::memset(al, 0, sizeof(float) * (D + Dv) * ldl);
         gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl);
-        std::vector<int64_t>& keyrow = tls_xbw[0].keyrow;
-        keyrow.assign(1, 0);
-        const ExactPlan::Row* rws[1] = {&row};
-        const std::vector<int64_t>* keyrows[1] = {&keyrow};
-        exact_run(slice, 1, rws, keyrows, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
+        exact_run(slice, row, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
         // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);

@@ -592,14 +592,42 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
   lane_lse(ma, suma, lsea);
   lane_lse(mb, sumb, lseb);
 }
+// P = exp(s - lse) inside the lanes' windows, dS = P * (dP - c): slot x of key row r to o.pt / o.dst +
+// r * o.ldr + x * o.lds, and dS over s (the weights of dQ)
+inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lohi, const float* lse, const float* c,
+                     const SlotOut& o) {
+  const vf lv = load(lse), cv = load(c);
+  const vi lo = lohi ? loadiu(lohi) : vi{}, hi = lohi ? loadiu(lohi + VW) : vi{} + nx;
+  // lanes whose query another block serves: left as they are when o.own
+  const bool blend = o.own && lohi;
+  const vi keep = lo >= hi;
+  for (int r = 0, j = 0; r < nrows; ++r)
+    for (int x = 0; x < nx; ++x, ++j) {
+      const vi xv = vi{} + x;
+      vf p = vexp(load(s + j * VW) - lv);
+      p = (xv >= lo) & (xv < hi) ? p : vf{};
+      const vf ds = p * (load(dp + j * VW) - cv);
+      float* pp = o.pt + r * o.ldr + x * o.lds;
+      float* dd = o.dst + r * o.ldr + x * o.lds;
+      if (blend) {
+        store(pp, keep ? load(pp) : p);
+        store(dd, keep ? load(dd) : ds);
+      } else {
+        store(pp, p);
+        store(dd, ds);
+      }
+      store(s + j * VW, ds);
+    }
+}
+
 // Backward of the exact-window path, query side: vw consecutive queries (one per lane), slot (r, x)
 // of lane l is key rowbase[r] + x + l. qs/dO: the lanes' (scaled) queries and output gradients as
 // columns of [D][ldq] / [Dv][ldo]. Recomputes P = exp(s - lse), dS = P * (dP - c) with
-// dP = dO . v; writes slot j's P and dS vectors to pt + j * lds and dst + j * lds, and
-// dqT [D][vw] = sum over slots of dS * k (not yet times scale); s: nrows * nx * vw floats.
+// dP = dO . v; writes P and dS to o (see bwd_p_ds), and dqT [D][vw] = sum over slots of dS * k
+// (not yet times scale); s: 2 * nrows * nx * vw floats.
 void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
                  int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* c, const int64_t* rowbase,
-                 int nrows, int nx, const int* lohi, float* s, float* pt, float* dst, int64_t lds, float* dqT) {
+                 int nrows, int nx, const int* lohi, float* s, const SlotOut& o, float* dqT) {
   const int n = nrows * nx;
   float* dp = s + static_cast<int64_t>(n) * VW;
   for (int r = 0; r < nrows; ++r) {
@@ -617,37 +645,8 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
       }
     }
   }
-  const vf lv = load(lse), cv = load(c);
-  const vi lo = lohi ? loadiu(lohi) : vi{}, hi = lohi ? loadiu(lohi + VW) : vi{} + nx;
-  for (int r = 0, j = 0; r < nrows; ++r)
-    for (int x = 0; x < nx; ++x, ++j) {
-      const vi xv = vi{} + x;
-      vf p = vexp(load(s + j * VW) - lv);
-      p = (xv >= lo) & (xv < hi) ? p : vf{};
-      const vf ds = p * (load(dp + j * VW) - cv);
-      store(pt + j * lds, p);
-      store(dst + j * lds, ds);
-      store(s + j * VW, ds);
-    }
+  bwd_p_ds(s, dp, nrows, nx, lohi, lse, c, o);
   slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
-}
-
-// P = exp(s - lse) inside the lanes' windows, dS = P * (dP - c): slot j's P and dS to pt + j * lds and
-// dst + j * lds, and dS over s (the weights of dQ)
-inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lohi, const float* lse, const float* c,
-                     float* pt, float* dst, int64_t lds) {
-  const vf lv = load(lse), cv = load(c);
-  const vi lo = lohi ? loadiu(lohi) : vi{}, hi = lohi ? loadiu(lohi + VW) : vi{} + nx;
-  for (int r = 0, j = 0; r < nrows; ++r)
-    for (int x = 0; x < nx; ++x, ++j) {
-      const vi xv = vi{} + x;
-      vf p = vexp(load(s + j * VW) - lv);
-      p = (xv >= lo) & (xv < hi) ? p : vf{};
-      const vf ds = p * (load(dp + j * VW) - cv);
-      store(pt + j * lds, p);
-      store(dst + j * lds, ds);
-      store(s + j * VW, ds);
-    }
 }
 
 // exact_bwd_q of two blocks (A, B) at the same lanes of two query rows (see exact_fwd2): the key and
@@ -655,8 +654,8 @@ inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lo
 void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
                   const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                   const float* lsea, const float* lseb, const float* ca, const float* cb, const int64_t* ra, int na,
-                  const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, float* pta, float* ptb,
-                  float* dsta, float* dstb, int64_t lds, float* dqa, float* dqb) {
+                  const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, const SlotOut& outa,
+                  const SlotOut& outb, float* dqa, float* dqb) {
   float* dpa = sa + static_cast<int64_t>(na) * nx * VW;
   float* dpb = sb + static_cast<int64_t>(nb) * nx * VW;
   const int nch = (nx + 4) / 5;
@@ -677,8 +676,8 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
       x0 += len;
     }
   });
-  bwd_p_ds(sa, dpa, na, nx, lohi, lsea, ca, pta, dsta, lds);
-  bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, cb, ptb, dstb, lds);
+  bwd_p_ds(sa, dpa, na, nx, lohi, lsea, ca, outa);
+  bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, cb, outb);
   int64_t c = 0;
   vf xa[4], xb[4];
   for (; c + 4 <= D; c += 4) {
@@ -695,101 +694,85 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
   }
 }
 
-template <int C>
-inline void exact_kv_chunk(const float* w, int64_t lds, const float* x, int64_t ldx, float* acc, int64_t lda, int nx,
-                           int kk0) {
-  vf a[C];
+// The key side's sums for R key rows at once (weights w[i], accumulators acc[i]) over C features:
+// acc[i][c * lda + kk0 + l] += sum_xx w[i][xx * lds + kk0 - xx + l] * x[c * ldx + kk0 - xx + l]. The
+// query-side operand x does not depend on the key row, so each of its loads serves all R rows
+// (R = 3, C = 4: 7 loads per 12 FMAs; R = 1: 9 per 8)
+template <int R, int C>
+inline void exact_kv_chunk(const float* const* w, int64_t lds, const float* x, int64_t ldx, float* const* acc,
+                           int64_t lda, int nx, int kk0) {
+  vf a[R][C];
 #pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) a[c] = load(acc + c * lda + kk0);
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[i][c] = load(acc[i] + c * lda + kk0);
   for (int xx = 0; xx < nx; ++xx) {
     const int off = kk0 - xx;
-    const vf wv = load(w + xx * lds + off);
+    vf wv[R];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) a[c] += wv * load(x + c * ldx + off);
-  }
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) store(acc + c * lda + kk0, a[c]);
-}
-
-// Backward of the exact-window path, key side, for one run of queries t in [0, runlen) whose slot
-// (r, x) is key t + x of key row r: accT[c][rowbase[r] + kk] += sum_x w[r * nx + x][kk - x] * x[c][kk - x]
-// for kk in [0, nk) (nk = runlen + nx - 1) and c < W. w ([nslots][lds]) and x ([W][ldx]) are the
-// run's dS (or P) and scaled queries (or output gradients), indexed from the run's first query, with
-// zeros for at least nx - 1 columns before it and nx + vw after its end; whole vectors are written
-// (columns past nk get + 0), so accT needs vw floats of slack.
-// exact_kv_chunk of two key rows (weights w0, w1; accumulators acc0, acc1) at once: the query-side
-// operand x does not depend on the key row, so each of its loads serves both rows (6 loads per 8 FMAs
-// at C = 4 instead of 9 per 8)
-template <int C>
-inline void exact_kv_chunk2(const float* w0, const float* w1, int64_t lds, const float* x, int64_t ldx, float* acc0,
-                            float* acc1, int64_t lda, int nx, int kk0) {
-  vf a[C], b[C];
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) {
-    a[c] = load(acc0 + c * lda + kk0);
-    b[c] = load(acc1 + c * lda + kk0);
-  }
-  for (int xx = 0; xx < nx; ++xx) {
-    const int off = kk0 - xx;
-    const vf wa = load(w0 + xx * lds + off), wb = load(w1 + xx * lds + off);
+    for (int i = 0; i < R; ++i) wv[i] = load(w[i] + xx * lds + off);
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-      const vf xv = load_reg(x + c * ldx + off);
-      a[c] += wa * xv;
-      b[c] += wb * xv;
+      const vf xv = R > 1 ? load_reg(x + c * ldx + off) : load(x + c * ldx + off);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) a[i][c] += wv[i] * xv;
     }
   }
 #pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) {
-    store(acc0 + c * lda + kk0, a[c]);
-    store(acc1 + c * lda + kk0, b[c]);
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) store(acc[i] + c * lda + kk0, a[i][c]);
+}
+
+// exact_bwd_kv's sums for key rows r0 + [0, R), C features at a time (then one at a time)
+template <int R, int C>
+inline void exact_kv_rows(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W,
+                          float* accT, int64_t lda, const int64_t* rowbase, int r0, int nx, int nk, const int* vr) {
+  float* ar[R];
+  for (int i = 0; i < R; ++i) ar[i] = accT + rowbase[r0 + i];
+  for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+    // key vector v's slots [lo, hi) as slots [0, hi - lo) of shifted operands
+    const int lo = vr ? vr[2 * (kk0 / VW)] : 0, n = vr ? vr[2 * (kk0 / VW) + 1] - lo : nx;
+    if (n <= 0) continue;
+    const float* wr[R];
+    for (int i = 0; i < R; ++i) wr[i] = w + (r0 + i) * ldr + lo * (lds - 1);
+    const float* xs = x - lo;
+    int64_t c = 0;
+    for (; c + C <= W; c += C) {
+      // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
+      // follows R * W streams), requested a chunk ahead
+      for (int j = 0; j < C; ++j) {
+        const int64_t cn = c + C + j < W ? c + C + j : j;
+        const int kn = c + C + j < W ? kk0 : kk0 + VW;
+        for (int i = 0; i < R; ++i) __builtin_prefetch(ar[i] + cn * lda + kn + VW - 1, 1);
+      }
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      exact_kv_chunk<R, C>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
+    }
+    for (; c < W; ++c) {
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      exact_kv_chunk<R, 1>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
+    }
   }
 }
 
-void exact_bwd_kv(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
-                  const int64_t* rowbase, int nrows, int nx, int nk) {
+// Backward of the exact-window path, key side, for queries t whose slot (r, x) is key t + x of key row
+// r: accT[c][rowbase[r] + kk] += sum_x w[r * ldr + x * lds + kk - x] * x[c * ldx + kk - x] for kk in
+// [0, nk) and c < W, x in [0, nx), or, with vr, x in [vr[2v], vr[2v + 1]) for the keys of vector v
+// (kk in [v * vw, (v + 1) * vw): the slots that vector's queries use). w and x are dS (or P) and the
+// scaled queries (or output gradients), with zeros wherever a slot is outside its query's window;
+// whole vectors are written (columns past nk get + 0), so accT needs vw floats of slack.
+// Key rows go in threes (distinct rows are >= one axis length apart, so their vectors of one kk0
+// never overlap; the + 0 written past a run may land in another row, read back before it is written
+// again).
+void exact_bwd_kv(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
+                  int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
   int r = 0;
-  // key rows in pairs (distinct rows are >= one axis length apart, so the two rows' vectors of one
-  // kk0 never overlap; the + 0 written past a run may land in another row, read back before it is
-  // written again)
-  for (; r + 2 <= nrows; r += 2) {
-    const float* w0 = w + static_cast<int64_t>(r) * nx * lds;
-    const float* w1 = w0 + static_cast<int64_t>(nx) * lds;
-    float* a0 = accT + rowbase[r];
-    float* a1 = accT + rowbase[r + 1];
-    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
-      int64_t c = 0;
-      for (; c + 4 <= W; c += 4) {
-        // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
-        // follows 2 * W streams), requested a chunk ahead
-        for (int i = 0; i < 4; ++i) {
-          const int64_t cn = c + 4 + i < W ? c + 4 + i : i;
-          const int kn = c + 4 + i < W ? kk0 : kk0 + VW;
-          __builtin_prefetch(a0 + cn * lda + kn + VW - 1, 1);
-          __builtin_prefetch(a1 + cn * lda + kn + VW - 1, 1);
-        }
-        exact_kv_chunk2<4>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
-      }
-      for (; c < W; ++c) exact_kv_chunk2<1>(w0, w1, lds, x + c * ldx, ldx, a0 + c * lda, a1 + c * lda, lda, nx, kk0);
-    }
-  }
-  for (; r < nrows; ++r) {
-    const float* wr = w + static_cast<int64_t>(r) * nx * lds;
-    float* ar = accT + rowbase[r];
-    for (int kk0 = 0; kk0 < nk; kk0 += VW) {
-      int64_t c = 0;
-      for (; c + 8 <= W; c += 8) {
-        for (int i = 0; i < 8; ++i) {
-          const int64_t cn = c + 8 + i < W ? c + 8 + i : i;
-          const int kn = c + 8 + i < W ? kk0 : kk0 + VW;
-          __builtin_prefetch(ar + cn * lda + kn + VW - 1, 1);
-        }
-        exact_kv_chunk<8>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
-      }
-      for (; c + 4 <= W; c += 4) exact_kv_chunk<4>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
-      for (; c < W; ++c) exact_kv_chunk<1>(wr, lds, x + c * ldx, ldx, ar + c * lda, lda, nx, kk0);
-    }
-  }
+  for (; r + 3 <= nrows; r += 3) exact_kv_rows<3, 4>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r + 2 <= nrows; r += 2) exact_kv_rows<2, 4>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r < nrows; ++r) exact_kv_rows<1, 8>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
 }
 
 // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w

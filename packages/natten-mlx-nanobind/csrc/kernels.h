@@ -7,6 +7,16 @@
 
 namespace na {
 
+// Where the exact backward's query side leaves P and dS of a block: slot x of key row r at pt / dst +
+// r * ldr + x * lds (lane l at + l). own: a border block stores only the lanes it serves (its other
+// lanes belong to other blocks writing the same buffer); otherwise every lane is stored (zero outside
+// the lanes' windows).
+struct SlotOut {
+  float *pt, *dst;
+  int64_t lds, ldr;
+  bool own;
+};
+
 struct KernelTable {
   const char* name;
   int vw;  // floats per vector register; callers pad the N of gemm to a multiple of it for speed
@@ -51,13 +61,14 @@ struct KernelTable {
   // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
   void (*transpose8)(const float* const* src, int64_t w, float* dst, int64_t ld);
   // Backward of the exact-window path (kernels.cpp says how): the query side (P, dS and dQ of vw
-  // consecutive queries; s: 2 * nrows * nx * vw floats) and the key side (dK or dV of a run's keys).
+  // consecutive queries, P and dS to a SlotOut; s: 2 * nrows * nx * vw floats) and the key side (dK or dV
+  // of the keys the queries' slots reach).
   void (*exact_bwd_q)(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT,
                       int64_t ldv, int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* c,
-                      const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* pt, float* dst,
-                      int64_t lds, float* dqT);
-  void (*exact_bwd_kv)(const float* w, int64_t lds, const float* x, int64_t ldx, int64_t W, float* accT, int64_t lda,
-                       const int64_t* rowbase, int nrows, int nx, int nk);
+                      const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, const SlotOut& o,
+                      float* dqT);
+  void (*exact_bwd_kv)(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
+                       int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr);
   // exact_fwd of two blocks (A, B) at the same lanes of two query rows, key row bases ra[na] and
   // rb[nb] (each ascending), one lohi for both: key rows in both windows are read once for both.
   // qa, qb: [D][ldq]; sa: (na * nx + 2 * D) * vw floats, sb: nb * nx * vw; oa, ob [Dv][vw].
@@ -66,12 +77,12 @@ struct KernelTable {
                      const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob,
                      float* lsea, float* lseb);
   // exact_bwd_q of two blocks at the same lanes of two query rows (as exact_fwd2): qa/qb [D][ldq], doa/dob
-  // [Dv][ldo], sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw; dqa/dqb [D][vw]
+  // [Dv][ldo], sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw; P and dS to outa/outb; dqa/dqb [D][vw]
   void (*exact_bwd_q2)(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
                        const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                        const float* lsea, const float* lseb, const float* ca, const float* cb, const int64_t* ra,
-                       int na, const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* pta,
-                       float* ptb, float* dsta, float* dstb, int64_t lds, float* dqa, float* dqb);
+                       int na, const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb,
+                       const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb);
 };
 
 const KernelTable* kernels_avx512();
