@@ -545,6 +545,25 @@ inline void slot_sum2(const float* wa, const float* wb, const float* src, int64_
   }
 }
 
+// slot_sums of both blocks: oa / ob [W][vw] = their slot_sum2 times mula / mulb, 4 features at a time
+inline void slot_sums2(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
+                       int na, const int64_t* rbb, int nb, int nx, vf mula, vf mulb, float* oa, float* ob) {
+  int64_t c = 0;
+  vf xa[4], xb[4];
+  for (; c + 4 <= W; c += 4) {
+    slot_sum2<4>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, nx, xa, xb);
+    for (int i = 0; i < 4; ++i) {
+      store(oa + (c + i) * VW, xa[i] * mula);
+      store(ob + (c + i) * VW, xb[i] * mulb);
+    }
+  }
+  for (; c < W; ++c) {
+    slot_sum2<1>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, nx, xa, xb);
+    store(oa + c * VW, xa[0] * mula);
+    store(ob + c * VW, xb[0] * mulb);
+  }
+}
+
 void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                 const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
                 const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
@@ -574,21 +593,7 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
   });
   vf ma, mb;
   const vf suma = lane_softmax(sa, na, nx, lohi, &ma), sumb = lane_softmax(sb, nb, nx, lohi, &mb);
-  const vf inva = 1.f / suma, invb = 1.f / sumb;
-  int64_t c = 0;
-  vf xa[4], xb[4];
-  for (; c + 4 <= Dv; c += 4) {
-    slot_sum2<4>(sa, sb, vT + c * ldv, ldv, ra, na, rbb, nb, nx, xa, xb);
-    for (int i = 0; i < 4; ++i) {
-      store(oa + (c + i) * VW, xa[i] * inva);
-      store(ob + (c + i) * VW, xb[i] * invb);
-    }
-  }
-  for (; c < Dv; ++c) {
-    slot_sum2<1>(sa, sb, vT + c * ldv, ldv, ra, na, rbb, nb, nx, xa, xb);
-    store(oa + c * VW, xa[0] * inva);
-    store(ob + c * VW, xb[0] * invb);
-  }
+  slot_sums2(sa, sb, vT, ldv, Dv, ra, na, rbb, nb, nx, 1.f / suma, 1.f / sumb, oa, ob);
   lane_lse(ma, suma, lsea);
   lane_lse(mb, sumb, lseb);
 }
@@ -678,20 +683,7 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
   });
   bwd_p_ds(sa, dpa, na, nx, lohi, lsea, ca, outa);
   bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, cb, outb);
-  int64_t c = 0;
-  vf xa[4], xb[4];
-  for (; c + 4 <= D; c += 4) {
-    slot_sum2<4>(sa, sb, kT + c * ldk, ldk, ra, na, rbb, nb, nx, xa, xb);
-    for (int i = 0; i < 4; ++i) {
-      store(dqa + (c + i) * VW, xa[i]);
-      store(dqb + (c + i) * VW, xb[i]);
-    }
-  }
-  for (; c < D; ++c) {
-    slot_sum2<1>(sa, sb, kT + c * ldk, ldk, ra, na, rbb, nb, nx, xa, xb);
-    store(dqa + c * VW, xa[0]);
-    store(dqb + c * VW, xb[0]);
-  }
+  slot_sums2(sa, sb, kT, ldk, D, ra, na, rbb, nb, nx, splat(1.f), splat(1.f), dqa, dqb);
 }
 
 // The key side's sums for R key rows at once (weights w[i], accumulators acc[i]) over C features:
