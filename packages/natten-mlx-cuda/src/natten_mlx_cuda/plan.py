@@ -195,8 +195,9 @@ def forward_tiles(geo: Geometry, m_tiles: int | None = None, has_rpb: bool = Fal
     """The forward's ``(query tile, key tile, m-tiles per warp)`` when the caller gives no tile: the fitted
     64-query tiles of 4 warps x 16 rows, or, without rpb, the fitted 128-query tiles of 4 warps x 32 rows
     (``m_tiles`` 2) when those compute fewer pairs once weighted by FWD_MT2_COST (the rank's boxes for
-    small problems). With rpb the 32-row warps spill (124 bytes at D 128) and were slower (H200: G2 42.9
-    against 37.1 ms, G3 144 against 130). ``m_tiles`` given: that layout's fitted tiles."""
+    small problems). With rpb the 32-row warps were slower (H200, session 6, after rpb's index became three
+    added parts: G2 32.3 against 31.7 ms with three blocks of 16-row warps, G3 117 against 113, G4 0.87
+    against 0.60). ``m_tiles`` given: that layout's fitted tiles."""
     q64, k64, c64 = _fitted(geo, TILE)
     if m_tiles == 1 or (m_tiles is None and (has_rpb or geo.B * geo.N * geo.H < FIT_TILE_ROWS)):
         return q64, k64, 1
