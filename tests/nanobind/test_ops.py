@@ -7,7 +7,6 @@ Gradients are the primitive's own vjp (mx.vjp through the op), with random cotan
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import numpy as np
 import oracle
