@@ -8,14 +8,15 @@ Run from the repository root on the GPU machine:
         [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd] [--rpb]
 
 Impls: ``cuda`` (options as ``cuda:ldmatrix=0``, ``cuda:tile=2x4x8`` or ``cuda:size=128``: the default
-forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp, ``cuda:minb=3``: resident blocks per SM), ``cuda-parts`` (the backward's
+forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp, ``cuda:minb=3``: resident blocks per SM, ``cuda:splits=3``: blocks per query tile's walk), ``cuda-parts`` (the backward's
 dq and dk/dv kernels timed alone; TFLOP/s of their GEMMs: 3 and 4 of the forward's 2), ``mlx-dense``,
 ``torch-dense``, ``natten-flex``. ``--rpb``: the cuda rows with a relative positional bias (random, float16;
 the G cases have none; rows tagged ``+rpb``, the forward's check adds the bias).
 
 Cases (batch, spatial, window, heads, head dim): G1 1D 32768 window 2048, 1 head, D=128; G2 2D 256x256
 window 80x80, 24 heads, D=128; G3 3D 30x48x80 window 18x24x24, 24 heads, D=128; G4 2D 56x56 window
-7x7, 4 heads, D=32, batch 64. One child process per (case, library) so that an out-of-memory or a
+7x7, 4 heads, D=32, batch 64; S1 (1D 8192 window 2048, one head: the forward splits its walks) and D1
+(1D 32768 window 32768: dense attention on these kernels) are not the issue's. One child process per (case, library) so that an out-of-memory or a
 crash loses only that child's rows. Times are per call: median over 5 groups of calls, each group
 queued back to back and synchronised once (so launch gaps are hidden as in a model), after warm-up.
 TFLOP/s counts useful neighborhood FLOPs (4 B N H K D forward; 3.5x that forward+backward) for
@@ -42,6 +43,10 @@ CASES = {
     "G2": (1, (256, 256), (80, 80), 24, 128),
     "G3": (1, (30, 48, 80), (18, 24, 24), 24, 128),
     "G4": (64, (56, 56), (7, 7), 4, 32),
+    # not the issue's: S1 a grid that fills a quarter of the H200's block slots (the forward splits its walks),
+    # D1 G1's sequence with a window of all of it (dense attention on this tier's kernels, against MLX's SDPA)
+    "S1": (1, (8192,), (2048,), 1, 128),
+    "D1": (1, (32768,), (32768,), 1, 128),
 }
 
 
@@ -131,6 +136,8 @@ def mlx_child(case: str, impls: list, modes: list, with_rpb: bool = False) -> No
                             opts["stages"] = int(val)
                         elif name == "minb":
                             opts["min_blocks"] = int(val)
+                        elif name == "splits":
+                            opts["splits"] = int(val)
                         else:
                             opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
                     be = CudaBackend().configure(**opts)

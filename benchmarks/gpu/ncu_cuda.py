@@ -40,7 +40,7 @@ def main() -> None:
     opts = {}
     for kv in args.opt:
         name, val = kv.split("=")
-        opts[name] = tuple(int(x) for x in val.split("x")) if "tile" in name else int(val)
+        opts[name] = tuple(int(x) for x in val.split("x")) if name in ("tile", "key_tile") else int(val)
     p, q, k, v, do = case_inputs(b, spatial, ks, h, d)
     be = CudaBackend().configure(**opts)
     out, lse = be.fused_forward(p, q, k, v)

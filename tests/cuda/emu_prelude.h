@@ -33,6 +33,7 @@ struct __nv_bfloat16 { uint16_t x; };
 struct __nv_bfloat162 { __nv_bfloat16 a, b; };
 struct uint4 { unsigned x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+struct alignas(16) float4 { float x, y, z, w; };
 
 inline float na_half_bits_to_float(uint16_t h) {
   unsigned s = (h >> 15) & 1, e = (h >> 10) & 31, m = h & 1023;

@@ -182,3 +182,28 @@ def test_key_tile_list_in_chunks(monkeypatch, stages):
     errs = run_and_compare(BACKEND.configure(key_tile=(4, 16), m_tiles=2, stages=stages), cfg, "bfloat16", np.random.default_rng(3),
                            check_backward=False)
     assert max(errs.values()) < TOL["bfloat16"], errs
+
+
+@pytest.mark.parametrize("na_dim,splits", [(1, 3), (2, 2), (3, 4)])
+def test_split_walk(na_dim, splits):
+    """splits: each query tile's walk of key tiles is shared by several blocks whose float32 parts the
+    backend merges by their lse. With causal axes, dilation and stride some parts miss a row's whole
+    window (they write 0 and lse -inf) and, with more parts than a tile has key tiles, some parts are
+    empty; extra keys merge after the parts; rpb (2D); float16 and bfloat16; forward and backward."""
+    cfg = {
+        1: dict(na_dim=1, shape=(150,), B=1, H=2, Hkv=1, D=16, Dv=8, E=0, K=(33,), s=(2,), d=(2,), c=(True,),
+                rpb=False, scale=None),
+        2: dict(na_dim=2, shape=(11, 10), B=1, H=2, Hkv=2, D=16, Dv=16, E=3, K=(5, 4), s=(1, 2), d=(2, 1),
+                c=(False, False), rpb=True, scale=None),
+        3: dict(na_dim=3, shape=(6, 5, 6), B=1, H=1, Hkv=1, D=8, Dv=8, E=0, K=(3, 2, 3), s=(1, 1, 2), d=(2, 1, 1),
+                c=(True, False, False), rpb=False, scale=0.4),
+    }[na_dim]
+    dtype = "bfloat16" if na_dim == 3 else "float16"
+    tile = kt = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}[na_dim]
+    launch = plan.forward(plan.geometry(make_problem(cfg, dtype)), dtype, dtype, cfg["rpb"], True,
+                          (1,) * (3 - na_dim) + tile, (1,) * (3 - na_dim) + kt, splits=splits)
+    assert launch.splits == splits and dict(launch.variant.template)["SPLIT"] == splits
+    assert launch.output_shapes[0][0] == splits and dict(launch.variant.template)["OT"] == "float32"
+    errs = run_and_compare(BACKEND.configure(tile=tile, key_tile=kt, splits=splits), cfg, dtype,
+                           np.random.default_rng(10 + na_dim))
+    assert max(errs.values()) < TOL[dtype], errs

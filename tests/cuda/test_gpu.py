@@ -128,3 +128,19 @@ def test_plan_covers_g_cases():
     size = 128  # 16x8 query tiles (plan.forward_tiles), 4 warps of 32 rows
     assert launch.variant.body == "fmha_fwd" and launch.grid == (65536 // size * launch.threadgroup[0], 24, 1)
     assert launch.threadgroup[0] == 128 and dict(launch.variant.template)["MT"] == 2
+
+
+@pytest.mark.parametrize("dtype,kw,causal,extra", [("float16", dict(splits=2), False, 0), ("bfloat16", dict(splits=3), True, 2),
+                                                   ("float16", dict(splits=4, m_tiles=2), False, 0)])
+def test_split_walk(dtype, kw, causal, extra):
+    """Query tiles' walks split over blocks (the backend's splits option; float32 parts merged by their lse
+    in merge_parts.cu): one kv head of 2048 tokens, window 1024, with causal windows (some parts miss a
+    row's window), extra keys, 32-row warps."""
+    cfg = dict(na_dim=1, shape=(2048,), B=1, H=2, Hkv=1, D=64, Dv=64, E=extra, K=(1024,), s=(1,), d=(1,), c=(causal,),
+               rpb=False, scale=None)
+    from cuda_cases import make_problem
+
+    launch = plan.forward(plan.geometry(make_problem(cfg, dtype)), dtype, dtype, False, True, **kw)
+    assert launch.splits == kw["splits"]
+    errs = run_and_compare(BACKEND.configure(**kw), cfg, dtype, np.random.default_rng(7))
+    assert max(errs.values()) < TOL[dtype], errs

@@ -140,3 +140,53 @@ def test_forward_layout_by_walk():
     small = _geo((20, 20), (10, 10))
     assert layout(small)[:3] == ((1, 8, 8), 1, 4)
     assert layout(small, m_tiles=2)[:3] == (plan.default_tile(small, 128), 2, 4)
+
+
+def test_forward_splits(monkeypatch):
+    """The default never splits walks (plan.SPLIT_FILL 0: whole calls measured slower); with SPLIT_FILL > 0,
+    grids of fewer blocks than that share of the GPU's slots split into the fewest parts that fill them,
+    SPLIT_MIN_TILES key tiles or more each; the caller's count always wins. G1 (one head of 32768 tokens)
+    takes 128-query tiles of 32-row warps: 256 blocks for 264 slots."""
+    from dataclasses import replace
+
+    def launch(spatial, K, H=1, **kw):
+        geo = replace(_geo(spatial, K, H=H), D=128, DV=128)
+        return plan.forward(geo, "float16", "float16", False, True, **kw)
+
+    g1 = launch((32768,), (2048,))
+    assert g1.splits == 1 and dict(g1.variant.template)["MT"] == 2 and g1.grid == (256 * 128, 1, 1)
+    # half the sequence: 128 blocks of 128 queries would fill half the slots, so 64-query tiles (256 / 396)
+    half = launch((16384,), (2048,))
+    assert (half.splits, dict(half.variant.template)["MT"]) == (1, 1)
+    assert launch((8192,), (2048,)).splits == 1
+    # the caller's count
+    q = launch((8192,), (2048,), splits=4)
+    assert q.splits == 4 and q.grid[1] == 4 and q.output_shapes == ((4, 1, 8192, 1, 128), (4, 1, 8192, 1))
+    assert dict(q.variant.template)["OT"] == "float32" and dict(q.variant.template)["SPLIT"] == 4
+    assert launch((32768,), (2048,), splits=5).splits == 5
+    monkeypatch.setattr(plan, "SPLIT_FILL", 0.5)
+    # a quarter: 128 64-query tiles for 396 slots -> 4 parts of 33 / 4 key tiles (>= 8 each)
+    assert launch((8192,), (2048,)).splits == 4
+    # the parts' length bounds the count: window 1024 -> 17 key tiles, 2 parts
+    assert launch((8192,), (1024,)).splits == 2
+    # short walks are never split; neither are grids with enough blocks (8 heads), nor G1-G4
+    assert launch((8192,), (129,)).splits == 1
+    assert launch((8192,), (2048,), H=8).splits == 1
+    assert launch((8192,), (2048,), splits=1).splits == 1
+    for spatial, K, B, H in (((32768,), (2048,), 1, 1), ((256, 256), (80, 80), 1, 24), ((30, 48, 80), (18, 24, 24), 1, 24),
+                             ((56, 56), (7, 7), 64, 4)):
+        assert plan.forward(replace(_geo(spatial, K, B=B, H=H), D=128, DV=128), "float16", "float16", False, True).splits == 1
+
+
+def test_plans_cached_per_tuning_constants(monkeypatch):
+    """Launch plans are cached per arguments and per the module's tuning constants: changing one re-plans."""
+    from dataclasses import replace
+
+    geo = replace(_geo((8192,), (2048,)), D=128, DV=128)
+    a = plan.forward(geo, "float16", "float16", False, True)
+    assert plan.forward(geo, "float16", "float16", False, True) is a
+    monkeypatch.setattr(plan, "SPLIT_FILL", 0.5)
+    b = plan.forward(geo, "float16", "float16", False, True)
+    assert (a.splits, b.splits) == (1, 4)
+    # other arguments, another plan
+    assert plan.forward(geo, "float16", "float16", False, True, splits=2).splits == 2

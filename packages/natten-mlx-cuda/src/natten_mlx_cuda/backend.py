@@ -18,7 +18,7 @@ from .source import BODIES, Variant, body, header_for
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int32": mx.int32}
 _NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages", "min_blocks")
+OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages", "min_blocks", "splits")
 KERNELS = ("auto", "fmha", "simple")
 MAX_GRID_YZ = 65535
 MAX_THREADS = 2**31 - 1
@@ -77,7 +77,9 @@ class CudaBackend:
     resident forward blocks per SM the kernel is compiled for, through __launch_bounds__; 3 also puts Q
     in a K slot of the ring and lists fewer key tiles per chunk so that three blocks' shared memory fits;
     0: no bound; default: plan.forward's choice, 3 for 64-query tiles without rpb, 2 for 128-query tiles
-    of 32-row warps).
+    of 32-row warps), ``splits`` (1 to plan.MAX_SPLITS: blocks that share each query tile's walk of key
+    tiles in the tensor-core forward, merged by their lse; default 1: measured slower on whole calls, see
+    plan.SPLIT_FILL).
     """
 
     name = "cuda"
@@ -87,8 +89,9 @@ class CudaBackend:
     description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16)"
 
     def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True,
-                 ldmatrix: bool = True, m_tiles=None, stages=None, min_blocks=None):
+                 ldmatrix: bool = True, m_tiles=None, stages=None, min_blocks=None, splits=None):
         self.min_blocks = min_blocks
+        self.splits = splits
         self.m_tiles = m_tiles
         self.stages = stages
         self.tile = tile
@@ -119,6 +122,9 @@ class CudaBackend:
         min_blocks = options.get("min_blocks", self.min_blocks)
         if min_blocks is not None and (isinstance(min_blocks, bool) or min_blocks not in (0, 2, 3, 4)):
             raise ValueError(f"cuda backend: min_blocks={min_blocks!r} must be 0, 2, 3 or 4 (resident forward blocks per SM)")
+        splits = options.get("splits", self.splits)
+        if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= plan.MAX_SPLITS):
+            raise ValueError(f"cuda backend: splits={splits!r} must be an int from 1 to {plan.MAX_SPLITS} (blocks per query tile's walk)")
         for what in ("tile", "key_tile"):
             t = options.get(what)
             if t is not None:
@@ -128,16 +134,17 @@ class CudaBackend:
         new = (
             tuple(options["tile"]) if options.get("tile") is not None else self.tile,
             tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
-            kernel, ldmatrix, m_tiles, stages, min_blocks,
+            kernel, ldmatrix, m_tiles, stages, min_blocks, splits,
         )
-        if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix, self.m_tiles, self.stages, self.min_blocks):
+        if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix, self.m_tiles, self.stages, self.min_blocks,
+                   self.splits):
             return self
         # the same options give the same object, so calls share the core's cached functions
         if new not in self._configured:
             self._configured[new] = CudaBackend(
                 tile=new[0], key_tile=new[1], kernel=kernel, runner=self._runner,
                 require_device=self._require_device, ldmatrix=ldmatrix, m_tiles=m_tiles, stages=stages,
-                min_blocks=min_blocks,
+                min_blocks=min_blocks, splits=splits,
             )
         return self._configured[new]
 
@@ -203,13 +210,19 @@ class CudaBackend:
         out_dtype = "float32" if extra else dtype
         qt, kt = self._tiles(geo, forward=True)
         launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix,
-                              self.m_tiles, self.stages, self.min_blocks)
+                              self.m_tiles, self.stages, self.min_blocks, self.splits)
         out, lse = self._runner(launch, [
             query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
             value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),
             _int_block(launch.prm), _scale(geo.scale),
         ])
         spatial = tuple(problem.spatial)
+        if launch.splits > 1:
+            rows = geo.B * geo.N * geo.H
+            l_m = plan.merge(launch.splits, rows, geo.DV, out_dtype)
+            out, lse = self._runner(l_m, [out.reshape(launch.splits, rows, geo.DV), lse.reshape(launch.splits, rows),
+                                          _int_block(l_m.prm)])
+            out, lse = out.reshape(geo.B, geo.N, geo.H, geo.DV), lse.reshape(geo.B, geo.N, geo.H)
         if extra:
             out, lse = _merge_extra(geo, query, out, lse, additional_keys, additional_values)
             out = out.astype(problem.dtype)

@@ -38,6 +38,7 @@ FWD_MT = 1  # m-tiles of 16 query rows per warp with a caller's query tile (1 or
 # tiles' larger union of windows costs less than that
 FWD_MT2_COST = 0.85
 FWD_MT2_MIN_BLOCKS = 2  # 254 registers at D 128 (no spill), 113 KB of shared memory with the short tile list
+MT2_FILL = 0.9  # below FIT_TILE_ROWS query rows, 128-query tiles need this share of the slots (G1: 256 / 264)
 # the forward's shared tables: common.cuh's NA_FWD_GEO ints, and MAXT key tiles per chunk of the
 # walk (a template argument; 6x7x7 = 294 tiles of G3 fit in one chunk)
 FWD_GEO = 36
@@ -52,6 +53,22 @@ FWD_MAXT_SMALL = 128  # with three blocks per SM: 76.2 KB of shared memory per b
 # 34.0 ms unbound, G3 113 against 120); 128-query tiles of 16-row warps cannot have three blocks
 FWD_MIN_BLOCKS = 3
 DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+# SMs of the H100/H200 (SXM), which MLX does not report: the forward's layout and splits count the grid's
+# waves of resident blocks with it (a GPU with fewer SMs only sees its waves rounded differently)
+SMS = 132
+# Splitting each query tile's walk over several blocks (fmha_fwd's SPLIT; float32 parts merged by their
+# lse in merge_parts.cu). Measured on the H200 (fp16, D 128, session 7): the kernel alone gains (G1, one
+# head of 32768 tokens, window 2048, ncu at base clocks: 64-query tiles 308 us unsplit for 512 blocks on
+# 132 x 3 slots, 266 / 266 / 289 us in 2 / 3 / 4 parts; 128-query tiles of 32-row warps, which G1 now
+# takes, 197 us unsplit), but whole calls lose: G1 0.379 ms in 3 parts against 0.216 unsplit, and even a
+# grid that fills a quarter of the slots (S1: 8192 tokens, window 2048, 128 blocks) 0.186 ms in 4 parts
+# against 0.094. The loss is outside the kernels and grows with the parts' bytes (not profiled yet). So
+# the default never splits (SPLIT_FILL 0); the backend's ``splits`` option does. With SPLIT_FILL > 0,
+# grids of fewer blocks than that share of the slots split into the fewest parts that fill them, each of
+# SPLIT_MIN_TILES key tiles or more.
+MAX_SPLITS = 8
+SPLIT_MIN_TILES = 8
+SPLIT_FILL = 0.0
 
 
 # the 3-axis-padded geometry of a call is the core's, shared with the Metal tier
@@ -160,8 +177,7 @@ def fitted_tiles(geo: Geometry, size: int = TILE) -> tuple:
 def _fitted(geo: Geometry, size: int) -> tuple:
     """``(query tile, key tile, computed pairs per batch x head)`` of :func:`fitted_tiles`."""
     box = default_tile(geo, size)
-    # the cache key keeps only what the walk depends on (the window geometry)
-    key = replace(geo, B=1, H=1, HKV=1, D=0, DV=0, E=0, has_rpb=False, scale=1.0, dtype=None)
+    key = _walk_key(geo)
     if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
         return box, default_tile(geo), _fit(key, box, size, False)[2]
     return _fit(key, box, size, True)
@@ -199,12 +215,19 @@ def forward_tiles(geo: Geometry, m_tiles: int | None = None, has_rpb: bool = Fal
     added parts: G2 32.3 against 31.7 ms with three blocks of 16-row warps, G3 117 against 113, G4 0.87
     against 0.60). ``m_tiles`` given: that layout's fitted tiles."""
     q64, k64, c64 = _fitted(geo, TILE)
-    if m_tiles == 1 or (m_tiles is None and (has_rpb or geo.B * geo.N * geo.H < FIT_TILE_ROWS)):
+    if m_tiles == 1 or (m_tiles is None and has_rpb):
         return q64, k64, 1
     q128, k128, c128 = _fitted(geo, 2 * TILE)
-    if m_tiles == 2 or FWD_MT2_COST * c128 < c64:
+    if m_tiles == 2:
         return q128, k128, 2
-    return q64, k64, 1
+    if FWD_MT2_COST * c128 >= c64:
+        return q64, k64, 1
+    # few query rows: the 128-query tiles only where their grid still fills the GPU's slots
+    # (G1: 256 blocks for 132 x 2, 197 us against 308 for 64-query tiles, kernels alone)
+    if geo.B * geo.N * geo.H < FIT_TILE_ROWS:
+        if _blocks(params(geo, q128)) * geo.B * geo.H < MT2_FILL * SMS * FWD_MT2_MIN_BLOCKS:
+            return q64, k64, 1
+    return q128, k128, 2
 
 
 def simple_dim(geo: Geometry) -> int:
@@ -231,6 +254,7 @@ class Launch:
     output_shapes: tuple
     init_value: float | None
     prm: tuple
+    splits: int = 1  # blocks per query tile; out and lse then have a leading axis of this size (float32)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -241,10 +265,35 @@ def _r16(x: int) -> int:
     return _ceil(x, 16) * 16
 
 
+def _planned(fn):
+    """Caches a launch plan per call arguments and the module's tuning constants (tests and studies
+    change those): planning a call costs ~50 us of Python (walks, fits, parameter blocks), a small
+    kernel's launch as much."""
+    import functools
+
+    cached = functools.lru_cache(maxsize=1024)(lambda consts, args, kw: fn(*args, **dict(kw)))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        g = globals()
+        key = (tuple(g[n] for n in _TUNING), args, tuple(sorted(kw.items())))
+        try:
+            hash(key)
+        except TypeError:  # an unhashable argument: planned afresh (and refused there if it matters)
+            return fn(*args, **kw)
+        return cached(*key)
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
+@_planned
 def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None,
             ldsm: bool = True, m_tiles: int | None = None, stages: int | None = None,
-            min_blocks: int | None = None) -> Launch:
-    """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32."""
+            min_blocks: int | None = None, splits: int | None = None) -> Launch:
+    """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32; with ``splits`` > 1
+    (given, or forward_splits' choice) out [splits, B, N, H, DV] float32 and lse [splits, B, N, H], the
+    parts of each query tile's walk, for the caller to merge by their lse."""
     outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
     if not fast:
         v = Variant("simple_fwd", (("T", dtype), ("OT", out_dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
@@ -264,10 +313,51 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
             min_blocks = FWD_MT2_MIN_BLOCKS
         else:
             min_blocks = 0
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages, min_blocks)
     prm = params(geo, qt)
+    if splits is None:
+        splits = forward_splits(geo, qt, kt, _blocks(prm), min_blocks or 1)
+    if splits > 1:
+        out_dtype = "float32"
+        outs = ((splits,) + outs[0], (splits,) + outs[1])
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages, min_blocks, splits)
     threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
-    return Launch(v, (_blocks(prm) * threads, geo.H, geo.B), (threads, 1, 1), outs, None, prm)
+    return Launch(v, (_blocks(prm) * threads, geo.H * splits, geo.B), (threads, 1, 1), outs, None, prm, splits)
+
+
+@_planned
+def merge(splits: int, rows: int, dv: int, out_dtype: str) -> Launch:
+    """The merge of a split forward's parts (merge_parts.cu): parts [splits, rows, dv] and their lse
+    [splits, rows] float32 -> out [rows, dv] (out_dtype), lse [rows] float32; one thread per 4 columns."""
+    v = Variant("merge_parts", (("OT", out_dtype), ("S", splits), ("DV", dv)))
+    total = rows * (dv // 4)
+    return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), ((rows, dv), (rows,)), None, (rows,))
+
+
+def forward_splits(geo: Geometry, qt: tuple, kt: tuple, tiles: int, per_sm: int) -> int:
+    """Parts per query tile's walk (1: no split) for a grid of ``tiles`` query tiles per (batch, head) at
+    ``per_sm`` resident blocks per SM: for grids of fewer blocks than SPLIT_FILL of the GPU's slots, the
+    fewest parts that fill them, each of SPLIT_MIN_TILES key tiles or more (see SPLIT_FILL)."""
+    blocks, slots = tiles * geo.H * geo.B, SMS * per_sm
+    if blocks >= SPLIT_FILL * slots:
+        return 1
+    walk = _walk_pairs(_walk_key(geo), qt, kt) / (tiles * qt[0] * qt[1] * qt[2] * TILE)  # key tiles per tile
+    s = 1
+    while s < MAX_SPLITS and blocks * s < slots and walk >= (s + 1) * SPLIT_MIN_TILES and geo.H * (s + 1) <= 65535:
+        s += 1
+    return s
+
+
+def _walk_key(geo: Geometry) -> Geometry:
+    """The geometry with only what a walk depends on (the windows), as a cache key."""
+    return replace(geo, B=1, H=1, HKV=1, D=0, DV=0, E=0, has_rpb=False, scale=1.0, dtype=None)
+
+
+@lru_cache(maxsize=256)
+def _walk_pairs(key: Geometry, qt: tuple, kt: tuple) -> int:
+    total = 1
+    for a in range(3):
+        total *= axis_walk(key, a, qt[a], kt[a])[0]
+    return total
 
 
 def _blocks(prm) -> int:
@@ -286,6 +376,7 @@ def _bwd_tiles(geo: Geometry, tile, key_tile) -> tuple:
     return qt, key_tile or qt
 
 
+@_planned
 def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None,
                 ldsm: bool = True) -> Launch:
     """dq [B, N, H, D] float32 and d_rpb [H, R] float32 (zero-initialised, atomics)."""
@@ -300,6 +391,7 @@ def backward_dq(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, ti
     return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, 0.0, params(geo))
 
 
+@_planned
 def backward_dkdv(geo: Geometry, dtype: str, has_rpb: bool, fast: bool = False, tile=None, key_tile=None,
                   ldsm: bool = True) -> Launch:
     """dk [B, NK, HKV, D], dv [B, NK, HKV, DV], float32."""
@@ -349,6 +441,11 @@ def compile_variants() -> list:
     out.append(_fmha_variant("float16", "float16", 128, 128, (1, 16, 8), (1, 8, 8), False, mt=2, min_blocks=2))
     out.append(_fmha_variant("bfloat16", "float32", 128, 128, (2, 8, 8), (2, 4, 8), True, mt=2, min_blocks=2))
     out.append(_fmha_variant("float16", "float16", 64, 64, (1, 1, 128), (1, 1, 64), False, mt=2, min_blocks=2))
+    # a query tile's walk split over blocks (float32 parts): 1D three blocks per SM, 2D 32-row warps with rpb
+    out.append(_fmha_variant("float16", "float32", 128, 128, (1, 1, 64), (1, 1, 64), False, min_blocks=3, splits=3))
+    out.append(_fmha_variant("bfloat16", "float32", 64, 64, (1, 16, 8), (1, 8, 8), True, mt=2, min_blocks=2, splits=2))
+    for i, ot in enumerate(("float32", "float16", "bfloat16")):  # the parts' merge
+        out.append(Variant("merge_parts", (("OT", ot), ("S", 2 + 3 * i), ("DV", (128, 64, 96)[i]))))
     qt, kt = tiles[1]  # B fragments through plain shared loads (ldmatrix=False)
     out.append(_fmha_variant("bfloat16", "bfloat16", 64, 64, qt, kt, True, False))
     out.append(_fmha_bwd_variant("fmha_bwd_dq", "float16", 64, 64, qt, kt, True, False))
@@ -407,7 +504,7 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True, rpb_size=0) -> Va
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_blocks=0) -> Variant:
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_blocks=0, splits=1) -> Variant:
     stages = stages or FWD_STAGES
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
@@ -431,7 +528,12 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
         "fmha_fwd",
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
-         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias)),
+         ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias),
+         ("SPLIT", splits)),
         tiles + tables(maxt),
         min_blocks,
     )
+
+
+# the module's constants that plans depend on (every hashable upper-case global), for _planned's cache
+_TUNING = tuple(n for n, v in list(globals().items()) if n.isupper() and not n.startswith("_") and isinstance(v, (int, float, str, tuple)))

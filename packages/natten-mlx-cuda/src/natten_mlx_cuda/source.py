@@ -36,8 +36,9 @@ BODIES = {
     "simple_dkdv": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_key", "d_value")),
     "fmha_bwd_dq": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_query", "d_rpb")),
     "fmha_bwd_dkdv": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_key", "d_value")),
+    "merge_parts": (("parts", "parts_lse", "rows"), ("out", "lse")),
 }
-FIXED_DTYPES = {"prm": "int32", "scl": "float32", "lse": "float32", "delta": "float32", "d_rpb": "float32",
+FIXED_DTYPES = {"parts": "float32", "parts_lse": "float32", "rows": "int32", "prm": "int32", "scl": "float32", "lse": "float32", "delta": "float32", "d_rpb": "float32",
                 "d_query": "float32", "d_key": "float32", "d_value": "float32"}
 
 

@@ -17,7 +17,10 @@
 // dummy element without HAS_RPB), prm, scl. Outputs out [B, N, H, DV] (OT), lse [B, N, H] float32.
 // Template: T, OT, D, DV (multiples of 8), DP, DVP (padded to 16), QT0..2, KT0..2, HAS_RPB, LDSM
 // (B fragments through ldmatrix), NW (warps: 4 or 8), MT (m-tiles of 16 query rows per warp: 1 or 2),
-// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots), QALIAS (Q in a K slot).
+// MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots), QALIAS (Q in a K slot),
+// SPLIT (blocks per query tile: block y = h SPLIT + sp walks the sp-th of SPLIT equal parts of the tile
+// list and writes its own normalised out and lse, OT float32, to out[sp] [B, N, H, DV] and lse[sp]; the
+// caller merges the parts by their lse. A part whose keys miss a row's window writes 0 and -inf.)
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
@@ -28,7 +31,7 @@ constexpr int DCH = D / 8, DVCH = DV / 8;  // 16-byte chunks per row
 const int KT[3] = {KT0, KT1, KT2};
 
 const int H = prm[NA_P_H], HKV = prm[NA_P_HKV], N = prm[NA_P_N], NK = prm[NA_P_NK];
-const int h = blockIdx.y, b = blockIdx.z;
+const int h = SPLIT > 1 ? blockIdx.y / SPLIT : blockIdx.y, b = blockIdx.z;
 const int hk = h / (H / HKV);
 const float scale_log2 = scl[0] * NA_LOG2E;
 const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
@@ -240,8 +243,12 @@ int buf = 0;  // ring slot of the tile computed next
 // tiles in flight beyond the current one (STAGES - 2 of them), cn when none
 int ahead[STAGES > 2 ? STAGES - 2 : 1];
 
-for (int cs = 0; cs < ntiles; cs += MAXT) {
-  const int cn = na_min(MAXT, ntiles - cs);
+// this block's part of the walk (all of it without SPLIT)
+const int sp = SPLIT > 1 ? blockIdx.y % SPLIT : 0;
+const int t_lo = SPLIT > 1 ? (int)((long long)ntiles * sp / SPLIT) : 0;
+const int t_hi = SPLIT > 1 ? (int)((long long)ntiles * (sp + 1) / SPLIT) : ntiles;
+for (int cs = t_lo; cs < t_hi; cs += MAXT) {
+  const int cn = na_min(MAXT, t_hi - cs);
   __syncthreads();  // nobody reads the previous chunk's list any more
   build(cs, cn);
   __syncthreads();
@@ -428,8 +435,9 @@ for (int cs = 0; cs < ntiles; cs += MAXT) {
   }
 }
 
+if (SPLIT > 1 && !have_q) na_cp_wait_all();  // an empty part: Q's copy is still in flight
+const long long part = SPLIT > 1 ? (long long)sp * gridDim.z * N * H : 0;  // out[sp], lse[sp]
 #pragma unroll
-
 for (int mt = 0; mt < MT; ++mt)
   #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -438,8 +446,10 @@ for (int mt = 0; mt < MT; ++mt)
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int r = r_own[mt][rr];
     if (!rows[8 * r + 6]) continue;
-    const long long qrow = ((long long)b * N + rows[8 * r + 7]) * H + h;
-    const float inv = 1.f / l;
+    const long long qrow = part + ((long long)b * N + rows[8 * r + 7]) * H + h;
+    // only a part of a SPLIT walk can miss a row's whole window: its share is 0 with weight exp(-inf)
+    const bool none = SPLIT > 1 && l == 0.f;
+    const float inv = none ? 0.f : 1.f / l;
     #pragma unroll
     for (int jn = 0; jn < DVP / 8; ++jn) {
       const int col = jn * 8 + tig * 2;
@@ -448,5 +458,5 @@ for (int mt = 0; mt < MT; ++mt)
         out[qrow * DV + col + 1] = NaType<OT>::from_float(o[mt][jn][2 * rr + 1] * inv);
       }
     }
-    if (tig == 0) lse[qrow] = (mrow[mt][rr] + log2f(l)) * NA_LN2;
+    if (tig == 0) lse[qrow] = none ? NA_NEG_INF : (mrow[mt][rr] + log2f(l)) * NA_LN2;
   }
