@@ -57,3 +57,20 @@ def test_nvcc_compiles(body, tmp_path):
     # every variant's entry point made it into the object
     for n in names:
         assert n in res.stderr, n
+
+
+def test_wgmma_probe_compiles_for_sm90a(tmp_path):
+    """benchmarks/gpu/wgmma_probe.py (warpgroup MMA layouts, for the GPU): its variants pass ptxas for
+    sm_90a, the target MLX asks NVRTC for on Hopper (benchmarks/gpu/arch_probe.py)."""
+    import importlib.util
+
+    path = os.path.join(HERE, "..", "..", "benchmarks", "gpu", "wgmma_probe.py")
+    spec = importlib.util.spec_from_file_location("wgmma_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    probe.emit(str(tmp_path))
+    for i in range(len(probe.VARIANTS)):
+        cu = tmp_path / f"probe{i}.cu"
+        res = subprocess.run([NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-c", str(cu), "-o",
+                              str(tmp_path / f"probe{i}.o")], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-4000:]

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Warpgroup MMA (``wgmma.mma_async``, sm_90a) inside ``mx.fast.cuda_kernel``: which shared-memory
+layouts and descriptor encodings give the right product, before a forward kernel is built on them.
+
+One warpgroup (128 threads) computes a 64 x 64 x 16 float16 product with float32 accumulators, the two
+shapes an attention forward needs:
+
+- ``S = Q K^T`` (A = Q [64 rows, 16 k] and B = K [64 keys, 16 k], both K-major in shared memory);
+- ``O = P V`` (A = P from registers in mma.sync's A-fragment layout, B = V [16 keys, 64 columns],
+  N-major in shared memory, read through the descriptor's transpose bit).
+
+Shared memory holds the operands as no-swizzle "core matrices" (8 rows of 16 contiguous bytes, 128
+bytes each); the descriptor's two byte offsets (LBO, SBO) give the distances between core matrices
+along the leading and the strided dimension. The PTX ISA's wording of which is which differs between
+K-major and MN-major operands, so each case is run under both assignments (and the transposed layout
+of V under both); the script prints every variant's largest error against NumPy. Expect exactly one
+variant of each case near 1e-3 and the others wrong.
+
+    source .device/setup.sh && python3 benchmarks/gpu/wgmma_probe.py
+
+``--emit DIR`` writes each variant as a .cu file (with a stand-in signature) for
+``nvcc -arch=sm_90a -c`` here, without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+# element (r, k) of a K-major 64 x 16 operand -> byte offset: core matrix (r / 8, k / 8), then 16 bytes
+# per row and 2 per element inside it. Core matrices adjacent along k are STEP_K bytes apart, along r STEP_R.
+STEP_K, STEP_R = 128, 256
+# V [16 keys, 64 columns], N-major: core matrix (n / 8, k / 8) holds 8 keys (rows) of 8 contiguous columns.
+V_STEP_N, V_STEP_K = 128, 1024
+
+COMMON = r"""
+  __shared__ __align__(128) unsigned short sa[64 * 16];
+  __shared__ __align__(128) unsigned short sb[64 * 16];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned short* ga = reinterpret_cast<const unsigned short*>(a);
+  const unsigned short* gb = reinterpret_cast<const unsigned short*>(b);
+"""
+
+DESC = r"""
+  auto desc = [](const void* p, unsigned lbo, unsigned sbo) -> unsigned long long {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+    return (unsigned long long)((addr >> 4) & 0x3FFF) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+           ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32);  // base offset 0, no swizzle (bits 62-63 = 0)
+  };
+"""
+
+WGMMA_SS = r"""
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, TRANSB;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db));
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+"""
+
+WGMMA_RS = r"""
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, TRANSB;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "l"(db));
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+"""
+
+# the accumulators: warp w holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) (+ 1), as mma.sync's
+STORE = r"""
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * warp + lane / 4 + 8 * (e >> 1), col = 8 * j + 2 * (lane % 4) + (e & 1);
+      out[row * 64 + col] = d[4 * j + e];
+    }
+"""
+
+
+def qk_body(lbo: int, sbo: int) -> str:
+    """S = A B^T, A = a [64, 16] and B = b [64, 16] (row-major, K contiguous), both K-major."""
+    return COMMON + DESC + f"""
+  for (int i = tid; i < 64 * 16; i += 128) {{
+    const int r = i / 16, k = i % 16;
+    const int off = ((r / 8) * {STEP_R} + (k / 8) * {STEP_K} + (r % 8) * 16 + (k % 8) * 2) / 2;
+    sa[off] = ga[i];
+    sb[off] = gb[i];
+  }}
+  asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");
+  __syncthreads();
+  const unsigned long long da = desc(sa, {lbo}, {sbo}), db = desc(sb, {lbo}, {sbo});
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+""" + WGMMA_SS.replace("TRANSB", "0") + STORE
+
+
+def pv_body(lbo: int, sbo: int) -> str:
+    """O = P V: P = a [64, 16] from registers (mma.sync m16n8k16's A fragments of warp w's 16 rows),
+    V = b [16, 64] (row-major: N contiguous), N-major in shared memory, transpose bit set."""
+    return COMMON + DESC + f"""
+  for (int i = tid; i < 16 * 64; i += 128) {{
+    const int k = i / 64, n = i % 64;
+    const int off = ((n / 8) * {V_STEP_N} + (k / 8) * {V_STEP_K} + (k % 8) * 16 + (n % 8) * 2) / 2;
+    sb[off] = gb[i];
+  }}
+  asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");
+  __syncthreads();
+  // A fragment: {{(r, c), (r, c + 1)}}, {{(r + 8, c), ...}}, {{(r, c + 8), ...}}, {{(r + 8, c + 8), ...}},
+  // r = 16 w + lane / 4, c = 2 (lane % 4)
+  unsigned af[4];
+  {{
+    const int r = 16 * warp + lane / 4, c = 2 * (lane % 4);
+    const int rr[4] = {{r, r + 8, r, r + 8}}, cc[4] = {{c, c, c + 8, c + 8}};
+    for (int q = 0; q < 4; ++q)
+      af[q] = (unsigned)ga[rr[q] * 16 + cc[q]] | ((unsigned)ga[rr[q] * 16 + cc[q] + 1] << 16);
+  }}
+  const unsigned long long db = desc(sb, {lbo}, {sbo});
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+""" + WGMMA_RS.replace("TRANSB", "1") + STORE
+
+
+VARIANTS = {
+    # name: (body, what it tests)
+    "qk lbo=K sbo=R": (qk_body(STEP_K, STEP_R), "S = Q K^T, LBO = distance along k"),
+    "qk lbo=R sbo=K": (qk_body(STEP_R, STEP_K), "S = Q K^T, LBO = distance along rows"),
+    "pv lbo=N sbo=K": (pv_body(V_STEP_N, V_STEP_K), "O = P V (P in registers), LBO = distance along n"),
+    "pv lbo=K sbo=N": (pv_body(V_STEP_K, V_STEP_N), "O = P V (P in registers), LBO = distance along k"),
+}
+
+
+def emit(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    for i, (name, (body, _)) in enumerate(VARIANTS.items()):
+        src = ("#include <cuda_fp16.h>\n#include <cstdint>\n"
+               f"extern \"C\" __global__ void probe{i}(const __half* a, const __half* b, float* out) {{\n"
+               + body + "\n}\n")
+        with open(os.path.join(folder, f"probe{i}.cu"), "w") as f:
+            f.write(src)
+        print(folder, f"probe{i}.cu", name)
+
+
+def run() -> None:
+    import mlx.core as mx
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 16)).astype(np.float16)
+    b_qk = rng.standard_normal((64, 16)).astype(np.float16)
+    b_pv = rng.standard_normal((16, 64)).astype(np.float16)
+    ref = {"qk": a.astype(np.float64) @ b_qk.astype(np.float64).T, "pv": a.astype(np.float64) @ b_pv.astype(np.float64)}
+    for i, (name, (body, what)) in enumerate(VARIANTS.items()):
+        kind = name[:2]
+        b = b_qk if kind == "qk" else b_pv
+        k = mx.fast.cuda_kernel(name=f"natten_wgmma_probe{i}", input_names=["a", "b"], output_names=["out"], source=body)
+        try:
+            (o,) = k(inputs=[mx.array(a), mx.array(b)], grid=(128, 1, 1), threadgroup=(128, 1, 1),
+                     output_shapes=[(64, 64)], output_dtypes=[mx.float32], init_value=float("nan"))
+            err = float(np.nanmax(np.abs(np.array(o) - ref[kind]))) if np.isfinite(np.array(o)).all() else float("nan")
+            print(f"{name:16s} max |err| {err:.3e}   ({what})")
+        except Exception as exc:  # a wrong encoding may fault; the others still run
+            print(f"{name:16s} error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--emit", help="write the variants as .cu files into this folder and stop")
+    args = ap.parse_args()
+    emit(args.emit) if args.emit else run()
