@@ -773,52 +773,53 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
   return t;
 }
 
-// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), where along the
-// last axis (length L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation
-// group contiguous; gstart[0] == front); the padding before and after the tokens is zeroed
+// Slice (b, h) of heads-last x [B][n][hx][w] into dst [w][ld], rows [rb, re) along the first two axes
+// (a row: L2 tokens along the last axis), where token i2 of a row moves to gstart[i2 % Dl2] + i2 / Dl2
+// (each dilation group contiguous)
+void transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, int64_t h, int64_t n, int64_t hx,
+                            int64_t w, int L2, int Dl2, const int64_t* gstart, int64_t ld, float* __restrict dst,
+                            int64_t rb, int64_t re) {
+  // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
+  // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
+  for (int64_t r0 = rb * L2; r0 < re * L2; r0 += L2)
+    for (int g2 = 0; g2 < Dl2; ++g2) {
+      const int lg = na_group_len(L2, Dl2, g2);
+      for (int j0 = 0; j0 < lg; j0 += 8) {
+        const int nj = std::min(8, lg - j0);
+        const float* srcs[8];
+        for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
+        for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
+          prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
+        float* d0 = dst + r0 + gstart[g2] + j0;
+        if (nj == 8) {
+          kt.transpose8(srcs, w, d0, ld);
+          continue;
+        }
+        for (int64_t c = 0; c < w; ++c)
+          for (int j = 0; j < nj; ++j) d0[c * ld + j] = srcs[j][c];
+      }
+    }
+}
+
+// the padding before (front) and after the n tokens of every row of a slice [w][ld] is zero (border
+// blocks read there; 0 * finite weight is 0)
+void zero_slice_padding(float* dst, int64_t w, int64_t n, int64_t ld, int64_t front) {
+  for (int64_t c = 0; c < w; ++c) {
+    std::memset(dst + c * ld, 0, sizeof(float) * front);
+    std::memset(dst + c * ld + front + n, 0, sizeof(float) * (ld - front - n));
+  }
+}
+
+// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), tokens permuted
+// as transpose_rows_grouped says (gstart[0] == front); the padding before and after them is zeroed
 float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
                                     const int64_t* gstart, int64_t ld, int64_t front) {
   const KernelTable& kt = select_kernels();
   float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
-    const int64_t b = sl / hx, h = sl % hx;
-    float* __restrict dst = t + sl * ld * w;
-    // the padding of every row is zero (border blocks read there; 0 * finite weight is 0)
-    for (int64_t c = 0; c < w; ++c) {
-      std::memset(dst + c * ld, 0, sizeof(float) * front);
-      std::memset(dst + c * ld + front + n, 0, sizeof(float) * (ld - front - n));
-    }
-    // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
-    // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
-    for (int64_t r0 = 0; r0 < n; r0 += L2)
-      for (int g2 = 0; g2 < Dl2; ++g2) {
-        const int lg = na_group_len(L2, Dl2, g2);
-        for (int j0 = 0; j0 < lg; j0 += 8) {
-          const int nj = std::min(8, lg - j0);
-          const float* srcs[8];
-          for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
-          for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
-            prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
-          float* d0 = dst + r0 + gstart[g2] + j0;
-          if (nj == 8) {
-            kt.transpose8(srcs, w, d0, ld);
-            continue;
-          }
-          for (int64_t c0 = 0; c0 < w; c0 += 8) {
-            const int nc = static_cast<int>(std::min<int64_t>(8, w - c0));
-            if (nj == 8 && nc == 8) {
-              float tmp[8][8];
-              for (int j = 0; j < 8; ++j)
-                for (int c = 0; c < 8; ++c) tmp[c][j] = srcs[j][c0 + c];
-              for (int c = 0; c < 8; ++c)
-                for (int j = 0; j < 8; ++j) d0[(c0 + c) * ld + j] = tmp[c][j];
-            } else {
-              for (int c = 0; c < nc; ++c)
-                for (int j = 0; j < nj; ++j) d0[(c0 + c) * ld + j] = srcs[j][c0 + c];
-            }
-          }
-        }
-      }
+    float* dst = t + sl * ld * w;
+    zero_slice_padding(dst, w, n, ld, front);
+    transpose_rows_grouped(kt, x, sl / hx, sl % hx, n, hx, w, L2, Dl2, gstart, ld, dst, 0, n / L2);
   });
   return t;
 }
@@ -987,8 +988,35 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   const float* kT = (ntiles && !(ep.on && g.Dl[2] == 1 && !local))
                         ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
                         : nullptr;
+  // Streamed (2D, no tiles, at least two slices per thread): one task per slice transposes its key
+  // and value rows just before the first row pair whose window reaches them, so the kernels read them
+  // from L1/L2 a moment after they were written; transposing whole slices up front left them in L3
+  // (C2: 4 MiB of transposed keys and values), read back by the kernels and rewritten on every call.
+  // Paired, C2 0.92 at one thread and at two. Not in 3D: a window's rows span K0 planes (C4: ~1 MiB of
+  // transposed rows between a row's first and last use, more than L2 holds), and there the coarser
+  // tasks (a slice each, against a row pair each) only cost balance (C4 0.99 at one thread, 1.00-1.06
+  // at two).
+  const bool streamed =
+      ep.on && !local && g.L[0] == 1 && ntiles == 0 && slices >= 2 * int64_t(num_threads());
   const float *kTx = nullptr, *vTx = nullptr;
-  if (ep.on && !local) {
+  float *kTs = nullptr, *vTs = nullptr;
+  std::vector<int64_t> need;  // streamed: rows along the first two axes transposed before chunk i
+  if (streamed) {
+    kTs = scratch(static_cast<size_t>(slices * ldx * g.D));
+    vTs = scratch(static_cast<size_t>(slices * ldx * g.Dv));
+    kTx = kTs;
+    vTx = vTs;
+    need.resize(chunks.size());
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      int64_t top = 0;
+      for (int rr : {chunks[i].row, chunks[i].row2}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) { top = std::max(top, (base - ep.gstart[row.g[2]]) / g.L[2] + 1); });
+      }
+      need[i] = top;
+    }
+  } else if (ep.on && !local) {
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     // the permutation is the identity without dilation along the last axis
@@ -996,7 +1024,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  parallel_for(slices * per_slice, [&](int64_t item) {
+  auto item_fn = [&](int64_t item) {
     const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
@@ -1163,6 +1191,30 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       const float* src = O + r * Dv;
       for (int64_t d = 0; d < Dv; ++d) dst[d] = src[d] * inv[r];
       a.lse[row] = mrow[r];
+    }
+  };
+  if (!streamed) {
+    parallel_for(slices * per_slice, [&](int64_t item) { item_fn(item); });
+    return;
+  }
+  parallel_for(slices, [&](int64_t slice) {
+    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv, rows = g.Nk / g.L[2];
+    float* ks = kTs + slice * ldx * g.D;
+    float* vs = vTs + slice * ldx * g.Dv;
+    zero_slice_padding(ks, g.D, g.Nk, ldx, ep.front);
+    zero_slice_padding(vs, g.Dv, g.Nk, ldx, ep.front);
+    // border blocks read up to K2 + 4 vw tokens past their group's last key (ep.ld's slack): those of
+    // the rows after it must be transposed already (finite), so the transposes run that far ahead
+    const int64_t ahead = (g.K[2] + 4 * kt.vw + g.L[2] - 1) / g.L[2];
+    int64_t done = 0;
+    for (int64_t i = 0; i < nrowsx; ++i) {
+      const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
+      if (upto > done) {
+        transpose_rows_grouped(kt, a.k, b, hk, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ks, done, upto);
+        transpose_rows_grouped(kt, a.v, b, hk, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, vs, done, upto);
+        done = upto;
+      }
+      item_fn(slice * per_slice + i);
     }
   });
 }
