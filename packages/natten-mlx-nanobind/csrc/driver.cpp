@@ -775,10 +775,11 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
 
 // Slice (b, h) of heads-last x [B][n][hx][w] into dst [w][ld], rows [rb, re) along the first two axes
 // (a row: L2 tokens along the last axis), where token i2 of a row moves to gstart[i2 % Dl2] + i2 / Dl2
-// (each dilation group contiguous)
-void transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, int64_t h, int64_t n, int64_t hx,
+// (each dilation group contiguous). check: returns whether every value is finite (else true).
+bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, int64_t h, int64_t n, int64_t hx,
                             int64_t w, int L2, int Dl2, const int64_t* gstart, int64_t ld, float* __restrict dst,
-                            int64_t rb, int64_t re) {
+                            int64_t rb, int64_t re, bool check = false) {
+  bool fin = true;
   // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
   // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
   for (int64_t r0 = rb * L2; r0 < re * L2; r0 += L2)
@@ -792,13 +793,19 @@ void transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, in
           prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
         float* d0 = dst + r0 + gstart[g2] + j0;
         if (nj == 8) {
-          kt.transpose8(srcs, w, d0, ld);
+          if (check)
+            fin = kt.transpose8_finite(srcs, w, d0, ld) && fin;
+          else
+            kt.transpose8(srcs, w, d0, ld);
           continue;
         }
         for (int64_t c = 0; c < w; ++c)
           for (int j = 0; j < nj; ++j) d0[c * ld + j] = srcs[j][c];
+        if (check)
+          for (int j = 0; j < nj; ++j) fin = kt.all_finite(srcs[j], w) && fin;
       }
     }
+  return fin;
 }
 
 // the padding before (front) and after the n tokens of every row of a slice [w][ld] is zero (border
@@ -811,15 +818,18 @@ void zero_slice_padding(float* dst, int64_t w, int64_t n, int64_t ld, int64_t fr
 }
 
 // heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), tokens permuted
-// as transpose_rows_grouped says (gstart[0] == front); the padding before and after them is zeroed
+// as transpose_rows_grouped says (gstart[0] == front); the padding before and after them is zeroed.
+// finite (may be null): cleared when any value is inf or NaN.
 float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
-                                    const int64_t* gstart, int64_t ld, int64_t front) {
+                                    const int64_t* gstart, int64_t ld, int64_t front,
+                                    std::atomic<bool>* finite = nullptr) {
   const KernelTable& kt = select_kernels();
   float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
     float* dst = t + sl * ld * w;
     zero_slice_padding(dst, w, n, ld, front);
-    transpose_rows_grouped(kt, x, sl / hx, sl % hx, n, hx, w, L2, Dl2, gstart, ld, dst, 0, n / L2);
+    if (!transpose_rows_grouped(kt, x, sl / hx, sl % hx, n, hx, w, L2, Dl2, gstart, ld, dst, 0, n / L2, finite))
+      finite->store(false, std::memory_order_relaxed);
   });
   return t;
 }
@@ -887,8 +897,8 @@ void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int 
 
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
 // rows of Hkv heads) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
-// time; the columns of coordinates outside [0, lg) are zero
-void gather_keys_transposed(const KernelTable& kt, const float* k, const float* v, int64_t D, int64_t Dv,
+// time; the columns of coordinates outside [0, lg) are zero. Returns whether every value copied is finite.
+bool gather_keys_transposed(const KernelTable& kt, const float* k, const float* v, int64_t D, int64_t Dv,
                             int64_t Hkv, int64_t hk, int64_t tok0, int64_t dl, int kmin, int kmax, int lg,
                             float* kl, float* vl, int64_t ldl) {
   const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
@@ -900,6 +910,7 @@ void gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
     std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
     std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
   }
+  bool fin = true;
   auto krow = [&](int j) { return k + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * D; };
   auto vrow = [&](int j) { return v + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * Dv; };
   int j = j0;
@@ -911,12 +922,14 @@ void gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
       prefetch_row(vrow(j + 16 + i), Dv);
     }
     kt.transpose8(sk, D, kl + (j - kmin), ldl);
-    kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
+    fin = kt.transpose8_finite(sv, Dv, vl + (j - kmin), ldl) && fin;
   }
   for (; j < j1; ++j) {
     for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = krow(j)[d];
     for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = vrow(j)[d];
+    fin = kt.all_finite(vrow(j), Dv) && fin;
   }
+  return fin;
 }
 
 // kt.all_finite over the pool (a pass over whole inputs: memory-bound, so every core helps)
@@ -948,14 +961,18 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float*
 }  // namespace
 
 // ---------------------------------------------------------------- fused forward
-void fused_forward(const Geo& g, const FwdArgs& a) {
+namespace {
+// One pass of the forward. borders: border blocks are planned as if every value were finite (a masked
+// slot's weight is 0, and 0 * inf is not), which the exact path checks where it transposes the values
+// anyway (a separate pass over them cost 3-5% of C1/C2's forward); false when a value it read was not
+// finite and border blocks ran, so that the caller runs the forward again without them.
+bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const KernelTable& kt = select_kernels();
-  // when every value is finite, tiles skip their own check, and border blocks may run
-  const bool v_finite = all_finite_par(kt, a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
-                        (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
-  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite);
+  const ExactPlan ep = make_exact_plan(g, kt.vw, borders);
   Plan plan = make_plan(g, kt.vw, &ep);
-  count_paths(0, g, ep);
+  // cleared by a transpose of values that met inf or NaN (tiles check their own packed values)
+  std::atomic<bool> v_ok{true};
+  const bool check = borders && ep.nborder > 0;
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   // 1D problems (one row per dilation group): rows are cut into chunks of blocks whose keys and
   // values each chunk transposes into its thread's own buffer (they stay in cache, and no copy of the
@@ -1018,7 +1035,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     }
   } else if (ep.on && !local) {
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
-    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
+    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
+                                       check ? &v_ok : nullptr);
     // the permutation is the identity without dilation along the last axis
     if (!kT) kT = kTx + ep.front, ldk = ldx;
   }
@@ -1061,7 +1079,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         ldl = round_up(kmax - kmin, 8) + 8;
         float* kl = grow(w.kp, D * ldl + 16);
         float* vl = grow(w.vp, Dv * ldl + 16);
-        gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * g.Nk + g2, g.Dl[2], kmin, kmax, lg, kl, vl, ldl);
+        if (!gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * g.Nk + g2, g.Dl[2], kmin, kmax, lg, kl, vl, ldl))
+          v_ok.store(false, std::memory_order_relaxed);
         kslice = kl;
         vslice = vl;
         // key row bases below are ep.gstart[g2] + blk.ws in the slice; here blk.ws - kmin
@@ -1169,7 +1188,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     }
     float* Vp = grow(w.vp, NP * Dv);
     pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
-    if (v_finite || kt.all_finite(Vp, tg.Ncol * Dv)) {
+    if (kt.all_finite(Vp, tg.Ncol * Dv)) {
       kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
     } else {
       // an inf/NaN value outside a query's window must not reach it through a zero weight
@@ -1193,11 +1212,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       a.lse[row] = mrow[r];
     }
   };
-  if (!streamed) {
-    parallel_for(slices * per_slice, [&](int64_t item) { item_fn(item); });
-    return;
-  }
-  parallel_for(slices, [&](int64_t slice) {
+  if (!streamed) parallel_for(slices * per_slice, [&](int64_t item) { item_fn(item); });
+  else parallel_for(slices, [&](int64_t slice) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv, rows = g.Nk / g.L[2];
     float* ks = kTs + slice * ldx * g.D;
     float* vs = vTs + slice * ldx * g.Dv;
@@ -1211,12 +1227,22 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
       if (upto > done) {
         transpose_rows_grouped(kt, a.k, b, hk, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ks, done, upto);
-        transpose_rows_grouped(kt, a.v, b, hk, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, vs, done, upto);
+        if (!transpose_rows_grouped(kt, a.v, b, hk, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, vs, done,
+                                    upto, check))
+          v_ok.store(false, std::memory_order_relaxed);
         done = upto;
       }
       item_fn(slice * per_slice + i);
     }
   });
+  if (check && !v_ok.load()) return false;
+  count_paths(0, g, ep);
+  return true;
+}
+}  // namespace
+
+void fused_forward(const Geo& g, const FwdArgs& a) {
+  if (!forward_pass(g, a, true)) forward_pass(g, a, false);
 }
 
 // ---------------------------------------------------------------- fused backward
