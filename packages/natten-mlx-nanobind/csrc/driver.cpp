@@ -17,6 +17,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -974,10 +975,41 @@ namespace {
 // slot's weight is 0, and 0 * inf is not), which the exact path checks where it transposes the values
 // anyway (a separate pass over them cost 3-5% of C1/C2's forward); false when a value it read was not
 // finite and border blocks ran, so that the caller runs the forward again without them.
+// The forward's plans of the last geometry this thread planned, per value of borders: making them again
+// on every call cost ~2% of C1's forward at one thread, before the pool's threads start.
+struct CachedPlans {
+  bool valid = false;
+  std::vector<int64_t> key;
+  std::string env;
+  ExactPlan ep;
+  Plan plan;
+};
+thread_local CachedPlans tls_fwd_plans[2];
+
 bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const KernelTable& kt = select_kernels();
-  const ExactPlan ep = make_exact_plan(g, kt.vw, borders);
-  Plan plan = make_plan(g, kt.vw, &ep);
+  std::vector<int64_t> key;
+  for (int x = 0; x < 3; ++x)
+    key.insert(key.end(), {g.L[x], g.K[x], g.S[x], g.Dl[x], g.C[x], g.Lk[x], g.dom[x], g.qoff[x], g.koff[x], g.R[x]});
+  key.insert(key.end(), {g.N, g.Nk, g.B, g.H, g.Hkv, g.G, g.D, g.Dv, g.E, g.Rtot, g.Kt, g.has_rpb, kt.vw});
+  // the plans also follow these (tests flip them between calls)
+  std::string env;
+  for (const char* name : {"NATTEN_MLX_EXACT", "NATTEN_MLX_TILE"}) {
+    const char* v = std::getenv(name);
+    env += v ? v : "\x01";
+    env += '\x02';
+  }
+  CachedPlans& cp = tls_fwd_plans[borders ? 1 : 0];
+  if (!cp.valid || cp.key != key || cp.env != env) {
+    cp.valid = false;
+    cp.ep = make_exact_plan(g, kt.vw, borders);
+    cp.plan = make_plan(g, kt.vw, &cp.ep);
+    cp.key = std::move(key);
+    cp.env = std::move(env);
+    cp.valid = true;
+  }
+  const ExactPlan& ep = cp.ep;
+  const Plan& plan = cp.plan;
   // cleared by a transpose of values that met inf or NaN (tiles check their own packed values)
   std::atomic<bool> v_ok{true};
   const bool check = borders && ep.nborder > 0;
