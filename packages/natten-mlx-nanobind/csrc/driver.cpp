@@ -1058,6 +1058,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const float *kTx = nullptr, *vTx = nullptr;
   float *kTs = nullptr, *vTs = nullptr;
   std::vector<int64_t> need;  // streamed: rows along the first two axes transposed before chunk i
+  std::vector<int64_t> seq;   // streamed: the chunks in the order a task serves them
   if (streamed) {
     kTs = scratch(static_cast<size_t>(slices * ldx * g.D));
     vTs = scratch(static_cast<size_t>(slices * ldx * g.Dv));
@@ -1073,6 +1074,13 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       }
       need[i] = top;
     }
+    // by the last key row they read: with dilation along the second axis the plan lists each dilation
+    // group's rows in turn, whose windows interleave in memory (C3: a window's 13 key rows are 26
+    // rows apart), so in plan order the first group's rows would transpose every row long before the
+    // other groups read them; in this order all groups follow the transposes' front together
+    seq.resize(chunks.size());
+    for (size_t i = 0; i < seq.size(); ++i) seq[i] = static_cast<int64_t>(i);
+    std::stable_sort(seq.begin(), seq.end(), [&](int64_t x, int64_t y) { return need[x] < need[y]; });
   } else if (ep.on && !local) {
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
@@ -1263,7 +1271,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     // the rows after it must be transposed already (finite), so the transposes run that far ahead
     const int64_t ahead = (g.K[2] + 4 * kt.vw + g.L[2] - 1) / g.L[2];
     int64_t done = 0;
-    for (int64_t i = 0; i < nrowsx; ++i) {
+    for (const int64_t i : seq) {
       const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
       if (upto > done) {
         transpose_rows_grouped(kt, a.k, b, hk, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ks, done, upto);
