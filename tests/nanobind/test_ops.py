@@ -289,3 +289,64 @@ def test_exact_window_long_1d(dilation, causal, stride):
         run_f, border_f, tile_f = counts[:3]
         assert border_f > 0 and tile_f == 0
         assert (run_f > 0) == (stride == 1)
+
+
+@pytest.mark.parametrize(
+    "shape,K,d,c",
+    [((12, 40), (5, 7), (1, 1), (False, False)), ((9, 21), (3, 9), (1, 1), (False, True)),
+     ((14, 26), (7, 5), (2, 2), (True, False)), ((20, 12), (9, 3), (1, 1), (False, False))],
+)
+def test_exact_2d_streamed_transposes(shape, K, d, c):
+    """2D with at least two slices per thread (B * Hkv = 8): one task per slice transposes key and
+    value rows just ahead of the row pairs that read them, and border blocks read past a row's end
+    into the next rows (short rows: several of them). A first call whose values hold inf leaves
+    inf in the reused buffers; the finite calls after it must never read a row not yet transposed.
+    Against the oracle, forward and backward."""
+    cfg = dict(na_dim=2, shape=shape, B=2, H=8, Hkv=4, D=8, Dv=12, E=0, K=K, s=(1, 1), d=d, c=c, rpb=False, scale=None)
+    cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    v_inf = np.full((2, *shape, 4, 12), np.inf, np.float32)
+    q0 = mx.zeros((2, *shape, 8, 8))
+    mx.eval(ext.fused_forward(q0, mx.zeros((2, *shape, 4, 8)), mx.array(v_inf), None, None, None, **_window(cfg))[0])
+    for rep in range(3):
+        ext.path_counts(True)
+        test_fused_forward_backward(cfg, mx.float32, 40 + rep)
+        run_f, border_f, tile_f = ext.path_counts(True)[:3]
+        assert run_f > 0 and tile_f == 0
+
+
+@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), (2, 1, 1), (2, 2, 2)])
+def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv):
+    """The forward plans border blocks before it has looked at the values and checks them where it
+    transposes them; an inf value next to a border (inside border blocks' reads) sends it round again
+    without border blocks (tiles at the borders). Rows whose windows miss the inf token equal the
+    oracle's with that token zeroed; the path counters count the second round only. 2D with B * Hkv = 4
+    streams its transposes (two slices per thread), with 1 it transposes whole slices."""
+    rng = np.random.default_rng(17)
+    shape, K = {1: ((40,), (5,)), 2: ((6, 40), (3, 5))}[na_dim]
+    H = 2 * Hkv
+    q = rng.standard_normal((B, *shape, H, 8))
+    k = rng.standard_normal((B, *shape, Hkv, 8))
+    v = rng.standard_normal((B, *shape, Hkv, 4))
+    bad = (2,) * (na_dim - 1) + (1,)
+    v_inf = v.copy()
+    v_inf[(0, *bad, 0, 0)] = np.inf
+    kw = dict(kernel_size=list(K), stride=[1] * na_dim, dilation=[1] * na_dim, is_causal=[False] * na_dim, scale=None)
+    ext.path_counts(True)
+    out = ext.fused_forward(_mx(q, mx.float32), _mx(k, mx.float32), _mx(v_inf, mx.float32), None, None, None, **kw)[0]
+    got = _np(out)
+    run_f, border_f, tile_f = ext.path_counts(True)[:3]
+    assert border_f == 0 and tile_f > 0 and run_f + tile_f == B * H * int(np.prod(shape))
+    v_zero = v.copy()
+    v_zero[(0, *bad, 0)] = 0.0
+    want, _ = oracle.na_forward(q, k, v_zero, kernel_size=K, stride=(1,) * na_dim, dilation=(1,) * na_dim,
+                                is_causal=(False,) * na_dim)
+    sees = np.ones(shape, bool)
+    for a in range(na_dim):
+        windows = [oracle.axis_window(i, shape[a], K[a], 1, 1, False) for i in range(shape[a])]
+        holds = np.array([first <= bad[a] <= last for _, first, last in windows])
+        sees &= holds.reshape([-1 if x == a else 1 for x in range(na_dim)])
+    assert sees.any() and not sees.all()
+    assert np.all(np.isfinite(got[0][~sees])), "inf leaked outside its windows"
+    _close(got[0][~sees], want[0][~sees], mx.float32, "rows that never see the inf token")
+    if B > 1:
+        _close(got[1:], want[1:], mx.float32, "other batch entries")

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -62,14 +63,19 @@ class Pool {
       ctx_ = ctx;
       total_ = n;
       next_.store(0);
-      pending_ = static_cast<int>(workers_.size());
+      active_ = 0;
+      closed_ = false;
       error_ = nullptr;
       ++generation_;
     }
     cv_.notify_all();
     work();
+    // Every item is taken: close the job to workers not in it yet and wait only for those in it. A
+    // worker still waking up (tens of microseconds on a busy machine, ~25 us per call on small
+    // problems when the caller waited for every worker) skips the closed job.
     std::unique_lock<std::mutex> lk(m_);
-    done_.wait(lk, [this] { return pending_ == 0; });
+    closed_ = true;
+    done_.wait(lk, [this] { return active_ == 0; });
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -92,10 +98,12 @@ class Pool {
       std::unique_lock<std::mutex> lk(m_);
       cv_.wait(lk, [&] { return generation_ != seen; });
       seen = generation_;
+      if (closed_) continue;
+      ++active_;
       lk.unlock();
       work();
       lk.lock();
-      if (--pending_ == 0) done_.notify_all();
+      if (--active_ == 0 && closed_) done_.notify_all();
     }
   }
 
@@ -107,7 +115,8 @@ class Pool {
   void* ctx_ = nullptr;
   int64_t total_ = 0;
   std::atomic<int64_t> next_{0};
-  int pending_ = 0;
+  int active_ = 0;     // workers inside the current job
+  bool closed_ = true;  // the caller took its last item: no worker joins any more
   uint64_t generation_ = 0;
   std::exception_ptr error_;
 };
@@ -773,52 +782,63 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
   return t;
 }
 
-// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), where along the
-// last axis (length L2, dilation Dl2) token i2 moves to gstart[i2 % Dl2] + i2 / Dl2 (each dilation
-// group contiguous; gstart[0] == front); the padding before and after the tokens is zeroed
+// Slice (b, h) of heads-last x [B][n][hx][w] into dst [w][ld], rows [rb, re) along the first two axes
+// (a row: L2 tokens along the last axis), where token i2 of a row moves to gstart[i2 % Dl2] + i2 / Dl2
+// (each dilation group contiguous). check: returns whether every value is finite (else true).
+bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, int64_t h, int64_t n, int64_t hx,
+                            int64_t w, int L2, int Dl2, const int64_t* gstart, int64_t ld, float* __restrict dst,
+                            int64_t rb, int64_t re, bool check = false) {
+  bool fin = true;
+  // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
+  // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
+  for (int64_t r0 = rb * L2; r0 < re * L2; r0 += L2)
+    for (int g2 = 0; g2 < Dl2; ++g2) {
+      const int lg = na_group_len(L2, Dl2, g2);
+      for (int j0 = 0; j0 < lg; j0 += 8) {
+        const int nj = std::min(8, lg - j0);
+        const float* srcs[8];
+        for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
+        for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
+          prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
+        float* d0 = dst + r0 + gstart[g2] + j0;
+        if (nj == 8) {
+          if (check)
+            fin = kt.transpose8_finite(srcs, w, d0, ld) && fin;
+          else
+            kt.transpose8(srcs, w, d0, ld);
+          continue;
+        }
+        for (int64_t c = 0; c < w; ++c)
+          for (int j = 0; j < nj; ++j) d0[c * ld + j] = srcs[j][c];
+        if (check)
+          for (int j = 0; j < nj; ++j) fin = kt.all_finite(srcs[j], w) && fin;
+      }
+    }
+  return fin;
+}
+
+// the padding before (front) and after the n tokens of every row of a slice [w][ld] is zero (border
+// blocks read there; 0 * finite weight is 0)
+void zero_slice_padding(float* dst, int64_t w, int64_t n, int64_t ld, int64_t front) {
+  for (int64_t c = 0; c < w; ++c) {
+    std::memset(dst + c * ld, 0, sizeof(float) * front);
+    std::memset(dst + c * ld + front + n, 0, sizeof(float) * (ld - front - n));
+  }
+}
+
+// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), tokens permuted
+// as transpose_rows_grouped says (gstart[0] == front); the padding before and after them is zeroed.
+// finite (may be null): cleared when any value is inf or NaN.
 float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
-                                    const int64_t* gstart, int64_t ld, int64_t front) {
+                                    const int64_t* gstart, int64_t ld, int64_t front,
+                                    std::atomic<bool>* finite = nullptr) {
   const KernelTable& kt = select_kernels();
   float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
-    const int64_t b = sl / hx, h = sl % hx;
-    float* __restrict dst = t + sl * ld * w;
-    // the padding of every row is zero (border blocks read there; 0 * finite weight is 0)
-    for (int64_t c = 0; c < w; ++c) {
-      std::memset(dst + c * ld, 0, sizeof(float) * front);
-      std::memset(dst + c * ld + front + n, 0, sizeof(float) * (ld - front - n));
-    }
-    // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
-    // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
-    for (int64_t r0 = 0; r0 < n; r0 += L2)
-      for (int g2 = 0; g2 < Dl2; ++g2) {
-        const int lg = na_group_len(L2, Dl2, g2);
-        for (int j0 = 0; j0 < lg; j0 += 8) {
-          const int nj = std::min(8, lg - j0);
-          const float* srcs[8];
-          for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
-          for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
-            prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
-          float* d0 = dst + r0 + gstart[g2] + j0;
-          if (nj == 8) {
-            kt.transpose8(srcs, w, d0, ld);
-            continue;
-          }
-          for (int64_t c0 = 0; c0 < w; c0 += 8) {
-            const int nc = static_cast<int>(std::min<int64_t>(8, w - c0));
-            if (nj == 8 && nc == 8) {
-              float tmp[8][8];
-              for (int j = 0; j < 8; ++j)
-                for (int c = 0; c < 8; ++c) tmp[c][j] = srcs[j][c0 + c];
-              for (int c = 0; c < 8; ++c)
-                for (int j = 0; j < 8; ++j) d0[(c0 + c) * ld + j] = tmp[c][j];
-            } else {
-              for (int c = 0; c < nc; ++c)
-                for (int j = 0; j < nj; ++j) d0[(c0 + c) * ld + j] = srcs[j][c0 + c];
-            }
-          }
-        }
-      }
+    float* dst = t + sl * ld * w;
+    zero_slice_padding(dst, w, n, ld, front);
+    if (!transpose_rows_grouped(kt, x, sl / hx, sl % hx, n, hx, w, L2, Dl2, gstart, ld, dst, 0, n / L2, finite))
+      finite->store(false, std::memory_order_relaxed);
   });
   return t;
 }
@@ -886,8 +906,8 @@ void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int 
 
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
 // rows of Hkv heads) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
-// time; the columns of coordinates outside [0, lg) are zero
-void gather_keys_transposed(const KernelTable& kt, const float* k, const float* v, int64_t D, int64_t Dv,
+// time; the columns of coordinates outside [0, lg) are zero. Returns whether every value copied is finite.
+bool gather_keys_transposed(const KernelTable& kt, const float* k, const float* v, int64_t D, int64_t Dv,
                             int64_t Hkv, int64_t hk, int64_t tok0, int64_t dl, int kmin, int kmax, int lg,
                             float* kl, float* vl, int64_t ldl) {
   const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
@@ -899,6 +919,7 @@ void gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
     std::fill(vl + d * ldl, vl + d * ldl + (j0 - kmin), 0.f);
     std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
   }
+  bool fin = true;
   auto krow = [&](int j) { return k + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * D; };
   auto vrow = [&](int j) { return v + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * Dv; };
   int j = j0;
@@ -910,12 +931,14 @@ void gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
       prefetch_row(vrow(j + 16 + i), Dv);
     }
     kt.transpose8(sk, D, kl + (j - kmin), ldl);
-    kt.transpose8(sv, Dv, vl + (j - kmin), ldl);
+    fin = kt.transpose8_finite(sv, Dv, vl + (j - kmin), ldl) && fin;
   }
   for (; j < j1; ++j) {
     for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = krow(j)[d];
     for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = vrow(j)[d];
+    fin = kt.all_finite(vrow(j), Dv) && fin;
   }
+  return fin;
 }
 
 // kt.all_finite over the pool (a pass over whole inputs: memory-bound, so every core helps)
@@ -947,14 +970,49 @@ void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float*
 }  // namespace
 
 // ---------------------------------------------------------------- fused forward
-void fused_forward(const Geo& g, const FwdArgs& a) {
+namespace {
+// One pass of the forward. borders: border blocks are planned as if every value were finite (a masked
+// slot's weight is 0, and 0 * inf is not), which the exact path checks where it transposes the values
+// anyway (a separate pass over them cost 3-5% of C1/C2's forward); false when a value it read was not
+// finite and border blocks ran, so that the caller runs the forward again without them.
+// The forward's plans of the last geometry this thread planned, per value of borders: making them again
+// on every call cost ~2% of C1's forward at one thread, before the pool's threads start.
+struct CachedPlans {
+  bool valid = false;
+  std::vector<int64_t> key;
+  std::string env;
+  ExactPlan ep;
+  Plan plan;
+};
+thread_local CachedPlans tls_fwd_plans[2];
+
+bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const KernelTable& kt = select_kernels();
-  // when every value is finite, tiles skip their own check, and border blocks may run
-  const bool v_finite = all_finite_par(kt, a.v, g.B * g.Nk * g.Hkv * g.Dv) &&
-                        (!g.E || kt.all_finite(a.ev, g.B * g.E * g.Hkv * g.Dv));
-  const ExactPlan ep = make_exact_plan(g, kt.vw, v_finite);
-  Plan plan = make_plan(g, kt.vw, &ep);
-  count_paths(0, g, ep);
+  std::vector<int64_t> key;
+  for (int x = 0; x < 3; ++x)
+    key.insert(key.end(), {g.L[x], g.K[x], g.S[x], g.Dl[x], g.C[x], g.Lk[x], g.dom[x], g.qoff[x], g.koff[x], g.R[x]});
+  key.insert(key.end(), {g.N, g.Nk, g.B, g.H, g.Hkv, g.G, g.D, g.Dv, g.E, g.Rtot, g.Kt, g.has_rpb, kt.vw});
+  // the plans also follow these (tests flip them between calls)
+  std::string env;
+  for (const char* name : {"NATTEN_MLX_EXACT", "NATTEN_MLX_TILE"}) {
+    const char* v = std::getenv(name);
+    env += v ? v : "\x01";
+    env += '\x02';
+  }
+  CachedPlans& cp = tls_fwd_plans[borders ? 1 : 0];
+  if (!cp.valid || cp.key != key || cp.env != env) {
+    cp.valid = false;
+    cp.ep = make_exact_plan(g, kt.vw, borders);
+    cp.plan = make_plan(g, kt.vw, &cp.ep);
+    cp.key = std::move(key);
+    cp.env = std::move(env);
+    cp.valid = true;
+  }
+  const ExactPlan& ep = cp.ep;
+  const Plan& plan = cp.plan;
+  // cleared by a transpose of values that met inf or NaN (tiles check their own packed values)
+  std::atomic<bool> v_ok{true};
+  const bool check = borders && ep.nborder > 0;
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   // 1D problems (one row per dilation group): rows are cut into chunks of blocks whose keys and
   // values each chunk transposes into its thread's own buffer (they stay in cache, and no copy of the
@@ -987,16 +1045,52 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
   const float* kT = (ntiles && !(ep.on && g.Dl[2] == 1 && !local))
                         ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
                         : nullptr;
+  // Streamed (2D, no tiles, at least two slices per thread): one task per slice transposes its key
+  // and value rows just before the first row pair whose window reaches them, so the kernels read them
+  // from L1/L2 a moment after they were written; transposing whole slices up front left them in L3
+  // (C2: 4 MiB of transposed keys and values), read back by the kernels and rewritten on every call.
+  // Paired, C2 0.92 at one thread and at two. Not in 3D: a window's rows span K0 planes (C4: ~1 MiB of
+  // transposed rows between a row's first and last use, more than L2 holds), and there the coarser
+  // tasks (a slice each, against a row pair each) only cost balance (C4 0.99 at one thread, 1.00-1.06
+  // at two).
+  const bool streamed =
+      ep.on && !local && g.L[0] == 1 && ntiles == 0 && slices >= 2 * int64_t(num_threads());
   const float *kTx = nullptr, *vTx = nullptr;
-  if (ep.on && !local) {
+  float *kTs = nullptr, *vTs = nullptr;
+  std::vector<int64_t> need;  // streamed: rows along the first two axes transposed before chunk i
+  std::vector<int64_t> seq;   // streamed: the chunks in the order a task serves them
+  if (streamed) {
+    kTs = scratch(static_cast<size_t>(slices * ldx * g.D));
+    vTs = scratch(static_cast<size_t>(slices * ldx * g.Dv));
+    kTx = kTs;
+    vTx = vTs;
+    need.resize(chunks.size());
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      int64_t top = 0;
+      for (int rr : {chunks[i].row, chunks[i].row2}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) { top = std::max(top, (base - ep.gstart[row.g[2]]) / g.L[2] + 1); });
+      }
+      need[i] = top;
+    }
+    // by the last key row they read: with dilation along the second axis the plan lists each dilation
+    // group's rows in turn, whose windows interleave in memory (C3: a window's 13 key rows are 26
+    // rows apart), so in plan order the first group's rows would transpose every row long before the
+    // other groups read them; in this order all groups follow the transposes' front together
+    seq.resize(chunks.size());
+    for (size_t i = 0; i < seq.size(); ++i) seq[i] = static_cast<int64_t>(i);
+    std::stable_sort(seq.begin(), seq.end(), [&](int64_t x, int64_t y) { return need[x] < need[y]; });
+  } else if (ep.on && !local) {
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
-    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
+    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
+                                       check ? &v_ok : nullptr);
     // the permutation is the identity without dilation along the last axis
     if (!kT) kT = kTx + ep.front, ldk = ldx;
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  parallel_for(slices * per_slice, [&](int64_t item) {
+  auto item_fn = [&](int64_t item) {
     const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
@@ -1033,7 +1127,8 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
         ldl = round_up(kmax - kmin, 8) + 8;
         float* kl = grow(w.kp, D * ldl + 16);
         float* vl = grow(w.vp, Dv * ldl + 16);
-        gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * g.Nk + g2, g.Dl[2], kmin, kmax, lg, kl, vl, ldl);
+        if (!gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * g.Nk + g2, g.Dl[2], kmin, kmax, lg, kl, vl, ldl))
+          v_ok.store(false, std::memory_order_relaxed);
         kslice = kl;
         vslice = vl;
         // key row bases below are ep.gstart[g2] + blk.ws in the slice; here blk.ws - kmin
@@ -1141,7 +1236,7 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
     }
     float* Vp = grow(w.vp, NP * Dv);
     pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
-    if (v_finite || kt.all_finite(Vp, tg.Ncol * Dv)) {
+    if (kt.all_finite(Vp, tg.Ncol * Dv)) {
       kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
     } else {
       // an inf/NaN value outside a query's window must not reach it through a zero weight
@@ -1164,7 +1259,38 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
       for (int64_t d = 0; d < Dv; ++d) dst[d] = src[d] * inv[r];
       a.lse[row] = mrow[r];
     }
+  };
+  if (!streamed) parallel_for(slices * per_slice, [&](int64_t item) { item_fn(item); });
+  else parallel_for(slices, [&](int64_t slice) {
+    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv, rows = g.Nk / g.L[2];
+    float* ks = kTs + slice * ldx * g.D;
+    float* vs = vTs + slice * ldx * g.Dv;
+    zero_slice_padding(ks, g.D, g.Nk, ldx, ep.front);
+    zero_slice_padding(vs, g.Dv, g.Nk, ldx, ep.front);
+    // border blocks read up to K2 + 4 vw tokens past their group's last key (ep.ld's slack): those of
+    // the rows after it must be transposed already (finite), so the transposes run that far ahead
+    const int64_t ahead = (g.K[2] + 4 * kt.vw + g.L[2] - 1) / g.L[2];
+    int64_t done = 0;
+    for (const int64_t i : seq) {
+      const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
+      if (upto > done) {
+        transpose_rows_grouped(kt, a.k, b, hk, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ks, done, upto);
+        if (!transpose_rows_grouped(kt, a.v, b, hk, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, vs, done,
+                                    upto, check))
+          v_ok.store(false, std::memory_order_relaxed);
+        done = upto;
+      }
+      item_fn(slice * per_slice + i);
+    }
   });
+  if (check && !v_ok.load()) return false;
+  count_paths(0, g, ep);
+  return true;
+}
+}  // namespace
+
+void fused_forward(const Geo& g, const FwdArgs& a) {
+  if (!forward_pass(g, a, true)) forward_pass(g, a, false);
 }
 
 // ---------------------------------------------------------------- fused backward

@@ -773,8 +773,11 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
-void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
+// CHECK: also returns whether every value read is finite (x * 0 is 0 for finite x, NaN otherwise)
+template <bool CHECK>
+inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;
+  v8 fin{};
 #if defined(__clang__)
 #define NA_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -783,6 +786,8 @@ void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
   for (; c0 + 8 <= w; c0 += 8) {
     v8 r[8];
     for (int j = 0; j < 8; ++j) r[j] = *reinterpret_cast<const v8u*>(src[j] + c0);
+    if (CHECK)
+      for (int j = 0; j < 8; ++j) fin += r[j] * 0.f;
     v8 t[8], u[8];
     for (int j = 0; j < 8; j += 2) {
       t[j] = NA_SHUF(r[j], r[j + 1], 0, 8, 1, 9, 4, 12, 5, 13);
@@ -801,8 +806,20 @@ void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) {
   }
 #undef NA_SHUF
 
+  float tail = 0.f;
   for (; c0 < w; ++c0)
-    for (int j = 0; j < 8; ++j) dst[c0 * ld + j] = src[j][c0];
+    for (int j = 0; j < 8; ++j) {
+      dst[c0 * ld + j] = src[j][c0];
+      if (CHECK) tail += src[j][c0] * 0.f;
+    }
+  if (!CHECK) return true;
+  for (int i = 0; i < 8; ++i) tail += fin[i];
+  return tail == 0.f;
+}
+
+void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) { transpose8_impl<false>(src, w, dst, ld); }
+bool transpose8_finite(const float* const* src, int64_t w, float* dst, int64_t ld) {
+  return transpose8_impl<true>(src, w, dst, ld);
 }
 
 }  // namespace
@@ -818,7 +835,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite};
   return &table;
 }
 

@@ -83,6 +83,8 @@ struct KernelTable {
                        const float* lsea, const float* lseb, const float* ca, const float* cb, const int64_t* ra,
                        int na, const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb,
                        const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb);
+  // transpose8 that also returns false when any value it read is inf or NaN
+  bool (*transpose8_finite)(const float* const* src, int64_t w, float* dst, int64_t ld);
 };
 
 const KernelTable* kernels_avx512();
