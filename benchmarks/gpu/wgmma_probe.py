@@ -51,41 +51,28 @@ DESC = r"""
   };
 """
 
-WGMMA_SS = r"""
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+def _wgmma(a_operand: str, inputs: str, trans: str) -> str:
+    """One m64n64k16 wgmma (float16 in, float32 accumulators d[32], added to: scale-d true) between the
+    fence and the wait. ``a_operand``: the A operand and the immediates after scale-d, as PTX text."""
+    dregs = ", ".join(f"%{i}" for i in range(32))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(32))
+    return f"""
+  asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, TRANSB;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db));
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {{{dregs}}}, {a_operand}, {trans};\\n"
+      "}}\\n"
+      : {outs}
+      : {inputs});
+  asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\\n" ::: "memory");
 """
 
-WGMMA_RS = r"""
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1, TRANSB;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "l"(db));
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-"""
+
+# A and B from shared memory (descriptors da, db): imm-scale-a 1, imm-scale-b 1, imm-trans-a 0, imm-trans-b
+WGMMA_SS = _wgmma("%32, %33, p, 1, 1, 0", '"l"(da), "l"(db)', "TRANSB")
+# A from registers (af[4], mma.sync's A fragment of the warp's 16 rows), B by descriptor db
+WGMMA_RS = _wgmma("{%32, %33, %34, %35}, %36, p, 1, 1", '"r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "l"(db)', "TRANSB")
 
 # the accumulators: warp w holds rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) (+ 1), as mma.sync's
 STORE = r"""
