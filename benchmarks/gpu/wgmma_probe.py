@@ -14,7 +14,8 @@ bytes each); the descriptor's two byte offsets (LBO, SBO) give the distances bet
 along the leading and the strided dimension. The PTX ISA's wording of which is which differs between
 K-major and MN-major operands, so each case is run under both assignments (and the transposed layout
 of V under both); the script prints every variant's largest error against NumPy. Expect exactly one
-variant of each case near 1e-3 and the others wrong.
+variant of each case near 1e-3 and the others wrong. A fifth variant computes S over 64 features in the
+128-byte swizzled layout a fast kernel would use (one 128-byte row per token, descriptor advanced per k step).
 
     source .device/setup.sh && python3 benchmarks/gpu/wgmma_probe.py
 
@@ -127,18 +128,48 @@ def pv_body(lbo: int, sbo: int) -> str:
 """ + WGMMA_RS.replace("TRANSB", "1") + STORE
 
 
+def qk_sw128_body(sbo: int) -> str:
+    """S = A B^T over 64 features (4 k steps): A = a [64, 64], B = b [64, 64], K-major with the 128-byte
+    swizzle (the layout of a fast kernel: one 128-byte row per token, its eight 16-byte chunks permuted by
+    the row's index mod 8: chunk c of row r at (c ^ r % 8); 8-row atoms of 1024 bytes, SBO apart). The
+    descriptor's start advances 32 bytes per k step; LBO is unused with this swizzle (16 by convention)."""
+    return r"""
+  __shared__ __align__(1024) unsigned short sa[64 * 64];
+  __shared__ __align__(1024) unsigned short sb[64 * 64];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const unsigned short* ga = reinterpret_cast<const unsigned short*>(a);
+  const unsigned short* gb = reinterpret_cast<const unsigned short*>(b);
+""" + DESC + f"""
+  auto desc_sw = [&](const void* p) -> unsigned long long {{ return desc(p, 16, {sbo}) | (1ull << 62); }};
+  for (int i = tid; i < 64 * 64; i += 128) {{
+    const int r = i / 64, k = i % 64;
+    const int off = ((r / 8) * 1024 + (r % 8) * 128 + (((k / 8) ^ (r % 8)) * 16) + (k % 8) * 2) / 2;
+    sa[off] = ga[i];
+    sb[off] = gb[i];
+  }}
+  asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");
+  __syncthreads();
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  for (int kk = 0; kk < 4; ++kk) {{
+    const unsigned long long da = desc_sw(reinterpret_cast<const char*>(sa) + 32 * kk);
+    const unsigned long long db = desc_sw(reinterpret_cast<const char*>(sb) + 32 * kk);
+""" + WGMMA_SS.replace("TRANSB", "0") + "  }\n" + STORE
+
+
 VARIANTS = {
-    # name: (body, what it tests)
-    "qk lbo=K sbo=R": (qk_body(STEP_K, STEP_R), "S = Q K^T, LBO = distance along k"),
-    "qk lbo=R sbo=K": (qk_body(STEP_R, STEP_K), "S = Q K^T, LBO = distance along rows"),
-    "pv lbo=N sbo=K": (pv_body(V_STEP_N, V_STEP_K), "O = P V (P in registers), LBO = distance along n"),
-    "pv lbo=K sbo=N": (pv_body(V_STEP_K, V_STEP_N), "O = P V (P in registers), LBO = distance along k"),
+    # name: (body, what it tests, A's shape, B's shape, "abT" or "ab")
+    "qk lbo=K sbo=R": (qk_body(STEP_K, STEP_R), "S = Q K^T, LBO = distance along k", (64, 16), (64, 16), "abT"),
+    "qk lbo=R sbo=K": (qk_body(STEP_R, STEP_K), "S = Q K^T, LBO = distance along rows", (64, 16), (64, 16), "abT"),
+    "pv lbo=N sbo=K": (pv_body(V_STEP_N, V_STEP_K), "O = P V (P in registers), LBO = distance along n", (64, 16), (16, 64), "ab"),
+    "pv lbo=K sbo=N": (pv_body(V_STEP_K, V_STEP_N), "O = P V (P in registers), LBO = distance along k", (64, 16), (16, 64), "ab"),
+    "qk sw128 d64": (qk_sw128_body(1024), "S = Q K^T over 64 features, 128-byte swizzle, SBO 1024", (64, 64), (64, 64), "abT"),
 }
 
 
 def emit(folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
-    for i, (name, (body, _)) in enumerate(VARIANTS.items()):
+    for i, (name, (body, *_)) in enumerate(VARIANTS.items()):
         src = ("#include <cuda_fp16.h>\n#include <cstdint>\n"
                f"extern \"C\" __global__ void probe{i}(const __half* a, const __half* b, float* out) {{\n"
                + body + "\n}\n")
@@ -151,18 +182,16 @@ def run() -> None:
     import mlx.core as mx
 
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((64, 16)).astype(np.float16)
-    b_qk = rng.standard_normal((64, 16)).astype(np.float16)
-    b_pv = rng.standard_normal((16, 64)).astype(np.float16)
-    ref = {"qk": a.astype(np.float64) @ b_qk.astype(np.float64).T, "pv": a.astype(np.float64) @ b_pv.astype(np.float64)}
-    for i, (name, (body, what)) in enumerate(VARIANTS.items()):
-        kind = name[:2]
-        b = b_qk if kind == "qk" else b_pv
+    for i, (name, (body, what, a_shape, b_shape, op)) in enumerate(VARIANTS.items()):
+        a = rng.standard_normal(a_shape).astype(np.float16)
+        b = rng.standard_normal(b_shape).astype(np.float16)
+        b64 = b.astype(np.float64)
+        ref = a.astype(np.float64) @ (b64.T if op == "abT" else b64)
         k = mx.fast.cuda_kernel(name=f"natten_wgmma_probe{i}", input_names=["a", "b"], output_names=["out"], source=body)
         try:
             (o,) = k(inputs=[mx.array(a), mx.array(b)], grid=(128, 1, 1), threadgroup=(128, 1, 1),
                      output_shapes=[(64, 64)], output_dtypes=[mx.float32], init_value=float("nan"))
-            err = float(np.nanmax(np.abs(np.array(o) - ref[kind]))) if np.isfinite(np.array(o)).all() else float("nan")
+            err = float(np.nanmax(np.abs(np.array(o) - ref))) if np.isfinite(np.array(o)).all() else float("nan")
             print(f"{name:16s} max |err| {err:.3e}   ({what})")
         except Exception as exc:  # a wrong encoding may fault; the others still run
             print(f"{name:16s} error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
