@@ -108,6 +108,10 @@ def test_selection_reasons():
     assert "multiples of 8" in fmha.supports(make_problem(dict(cfg, D=12, Dv=12), "float16"))
     assert "float32" in fmha.supports(make_problem(cfg, "float32"))
     assert "tile=(64,) has 1 entries" in real.configure(tile=(64,)).supports(make_problem(cfg, "float16"))
+    # the forward's grid y is heads x splits
+    assert real.configure(splits=8).supports(make_problem(dict(cfg, H=8191, Hkv=1), "float16")) is None
+    assert "heads 8192 x splits=8 exceed the grid limit 65535" in real.configure(splits=8).supports(
+        make_problem(dict(cfg, H=8192, Hkv=1), "float16"))
     assert real.configure(tile=(8, 8)) is real.configure(tile=(8, 8))
     with pytest.raises(TypeError, match="unknown option.*strategy"):
         real.configure(strategy="gather")

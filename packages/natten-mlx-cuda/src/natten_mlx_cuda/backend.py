@@ -20,7 +20,7 @@ _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloa
 _NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
 OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages", "min_blocks", "splits")
 KERNELS = ("auto", "fmha", "simple")
-MAX_GRID_YZ = 65535
+MAX_GRID_YZ = plan.MAX_GRID_YZ
 MAX_THREADS = 2**31 - 1
 
 
@@ -189,6 +189,8 @@ class CudaBackend:
             return f"head dims D={geo.D}, Dv={geo.DV} exceed {plan.MAX_DIM}"
         if geo.B > MAX_GRID_YZ or geo.H > MAX_GRID_YZ:
             return f"batch {geo.B} or heads {geo.H} exceed the grid limit {MAX_GRID_YZ}"
+        if self.splits and geo.H * self.splits > MAX_GRID_YZ:
+            return f"heads {geo.H} x splits={self.splits} exceed the grid limit {MAX_GRID_YZ} (the forward's grid y)"
         if max(geo.B * geo.N * geo.H, geo.B * geo.NK * geo.HKV) + plan.THREADS > MAX_THREADS:
             return f"{geo.B * geo.N * geo.H} (batch x tokens x heads) exceeds the grid limit of 2^31 threads"
         if self.tile is not None and len(self.tile) != geo.rank:

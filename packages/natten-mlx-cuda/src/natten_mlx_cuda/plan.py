@@ -56,6 +56,7 @@ DEFAULT_TILES = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 # SMs of the H100/H200 (SXM), which MLX does not report: the forward's layout and splits count the grid's
 # waves of resident blocks with it (a GPU with fewer SMs only sees its waves rounded differently)
 SMS = 132
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents (the forward's y: heads x splits)
 # Splitting each query tile's walk over several blocks (fmha_fwd's SPLIT; float32 parts merged by their
 # lse in merge_parts.cu). Measured on the H200 (fp16, D 128, session 7): the kernel alone gains (G1, one
 # head of 32768 tokens, window 2048, ncu at base clocks: 64-query tiles 308 us unsplit for 512 blocks on
@@ -342,7 +343,7 @@ def forward_splits(geo: Geometry, qt: tuple, kt: tuple, tiles: int, per_sm: int)
         return 1
     walk = _walk_pairs(_walk_key(geo), qt, kt) / (tiles * qt[0] * qt[1] * qt[2] * TILE)  # key tiles per tile
     s = 1
-    while s < MAX_SPLITS and blocks * s < slots and walk >= (s + 1) * SPLIT_MIN_TILES and geo.H * (s + 1) <= 65535:
+    while s < MAX_SPLITS and blocks * s < slots and walk >= (s + 1) * SPLIT_MIN_TILES and geo.H * (s + 1) <= MAX_GRID_YZ:
         s += 1
     return s
 

@@ -38,8 +38,9 @@ BODIES = {
     "fmha_bwd_dkdv": (T_IN + ("d_out", "lse", "delta", "rpb", "prm", "scl"), ("d_key", "d_value")),
     "merge_parts": (("parts", "parts_lse", "rows"), ("out", "lse")),
 }
-FIXED_DTYPES = {"parts": "float32", "parts_lse": "float32", "rows": "int32", "prm": "int32", "scl": "float32", "lse": "float32", "delta": "float32", "d_rpb": "float32",
-                "d_query": "float32", "d_key": "float32", "d_value": "float32"}
+FIXED_DTYPES = {"prm": "int32", "scl": "float32", "lse": "float32", "delta": "float32", "d_rpb": "float32",
+                "d_query": "float32", "d_key": "float32", "d_value": "float32",
+                "parts": "float32", "parts_lse": "float32", "rows": "int32"}
 
 
 def _core_include_dir() -> str:
