@@ -19,6 +19,12 @@ variant of each case near 1e-3 and the others wrong. A fifth variant computes S 
 
     source .device/setup.sh && python3 benchmarks/gpu/wgmma_probe.py
 
+On the lent H200 (MLX 0.32.4, 2026-12-02), max |err| against NumPy: ``qk lbo=K sbo=R`` 1.2e-6 (right),
+``qk lbo=R sbo=K`` 23.7 (wrong), ``pv lbo=N sbo=K`` illegal memory access (it reads 8 x 1024 bytes along n),
+``pv lbo=K sbo=N`` 9.5e-7 (right), ``qk sw128 d64`` 4.7e-6 (right). So without swizzle LBO is the distance
+between core matrices along k and SBO along the rows (K-major) or the columns (N-major, transpose bit
+set), as CUTLASS's GMMA descriptor comments have it; A from registers takes mma.sync's A fragments.
+
 ``--emit DIR`` writes each variant as a .cu file (with a stand-in signature) for
 ``nvcc -arch=sm_90a -c`` here, without a GPU.
 """
@@ -178,11 +184,22 @@ def emit(folder: str) -> None:
         print(folder, f"probe{i}.cu", name)
 
 
-def run() -> None:
+def run(only: int | None = None) -> None:
+    """Each variant in a process of its own (``--only i``): a wrong encoding can fault, and a fault poisons
+    the CUDA context for every later launch of its process."""
+    if only is None:
+        import subprocess
+        import sys
+
+        for i in range(len(VARIANTS)):
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--only", str(i)], check=False)
+        return
     import mlx.core as mx
 
     rng = np.random.default_rng(0)
     for i, (name, (body, what, a_shape, b_shape, op)) in enumerate(VARIANTS.items()):
+        if i != only:
+            continue
         a = rng.standard_normal(a_shape).astype(np.float16)
         b = rng.standard_normal(b_shape).astype(np.float16)
         b64 = b.astype(np.float64)
@@ -192,13 +209,14 @@ def run() -> None:
             (o,) = k(inputs=[mx.array(a), mx.array(b)], grid=(128, 1, 1), threadgroup=(128, 1, 1),
                      output_shapes=[(64, 64)], output_dtypes=[mx.float32], init_value=float("nan"))
             err = float(np.nanmax(np.abs(np.array(o) - ref))) if np.isfinite(np.array(o)).all() else float("nan")
-            print(f"{name:16s} max |err| {err:.3e}   ({what})")
-        except Exception as exc:  # a wrong encoding may fault; the others still run
-            print(f"{name:16s} error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            print(f"{name:16s} max |err| {err:.3e}   ({what})", flush=True)
+        except Exception as exc:  # a wrong encoding may fault
+            print(f"{name:16s} error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--emit", help="write the variants as .cu files into this folder and stop")
+    ap.add_argument("--only", type=int, default=None, help="run this variant alone (in this process)")
     args = ap.parse_args()
-    emit(args.emit) if args.emit else run()
+    emit(args.emit) if args.emit else run(args.only)
