@@ -1332,7 +1332,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
   // The exact-window path reads keys and values transposed per (batch, head) with each last-axis
   // dilation group contiguous (as the forward), and sums key/value gradients per task in that order
-  // ([D][ldx] then [Dv][ldx]); queries, output gradients, lse and c = dO.O - dlse are gathered per run.
+  // ([D][ldx] then [Dv][ldx]); queries, output gradients, lse and dlse are gathered per run.
   // 1D problems transpose keys and values per piece of a row (see fused_forward)
   const bool local = local1d;
   const float *kTx = nullptr, *vTx = nullptr;
@@ -1393,8 +1393,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   }
   const int64_t tstep = Dl2 * g.H;  // heads-last rows of consecutive queries of a last-axis group
   // queries t in [0, n) of one head at heads-last rows row0 + t * tstep: the scaled queries and the
-  // output gradients transposed into xq [D][lds] / xo [Dv][lds] at column t, lse at lc[t] and
-  // c = dO.O - dlse at lc[cap + t] (computed here, where the output gradients were just read)
+  // output gradients transposed into xq [D][lds] / xo [Dv][lds] at column t, lse at lc[t] and dlse
+  // at lc[cap + t] (the kernels compute c = dO.O - dlse from P and dP: the outputs are not read)
   auto load_queries = [&](int64_t row0, int n, float* xq, float* xo, int64_t lds, float* lc, int64_t cap) {
     int t = 0;
     for (; t + 8 <= n; t += 8) {
@@ -1406,7 +1406,6 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       for (int j = 0; j < 8 && t + 16 + j < n; ++j) {
         prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
         prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
-        prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
       }
       kt.transpose8(sq, D, xq + t, lds);
       kt.transpose8(so, Dv, xo + t, lds);
@@ -1423,8 +1422,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     for (int l = 0; l < n; ++l) {
       const int64_t row = row0 + l * tstep;
       lc[l] = a.lse[row];
-      const float dl = a.dlse ? a.dlse[row] : 0.f;
-      lc[cap + l] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
+      lc[cap + l] = a.dlse ? a.dlse[row] : 0.f;
     }
   };
   // dq of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
