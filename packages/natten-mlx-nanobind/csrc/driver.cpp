@@ -1338,8 +1338,45 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   const float *kTx = nullptr, *vTx = nullptr;
   float* xacc = nullptr;
   const int L2 = g.L[2], Dl2 = g.Dl[2];
+  // Streamed (2D, no tiles, one task per slice, at least two slices per thread), as the forward's:
+  // a task transposes its slice's key and value rows just before the first row pair whose window
+  // reaches them, so the query and key sides read them from L1/L2 instead of from L3 after a
+  // whole-slice pass up front. units: the row pairs in the order served, need: the key rows along
+  // the first two axes each one reads.
+  const bool streamed = ep.on && !local && g.L[0] == 1 && ntiles == 0 && splits == 1 && slices >= 2 * int64_t(nthr);
+  float *kTs = nullptr, *vTs = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> units;
+  std::vector<int64_t> need;
+  if (streamed) {
+    for (int64_t idx = 0; idx < nrowsx; ++idx) {
+      const bool pair = idx + 1 < nrowsx && ep.pairs_with_next(static_cast<size_t>(idx));
+      units.emplace_back(idx, pair ? idx + 1 : -1);
+      if (pair) ++idx;
+    }
+    std::vector<int64_t> top(units.size());
+    for (size_t i = 0; i < units.size(); ++i)
+      for (int64_t rr : {units[i].first, units[i].second}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) { top[i] = std::max(top[i], (base - ep.gstart[row.g[2]]) / L2 + 1); });
+      }
+    // by the last key row they read (the forward's order: with dilation along the second axis the
+    // plan lists each group's rows in turn, whose windows interleave in memory)
+    std::vector<size_t> ord(units.size());
+    for (size_t i = 0; i < ord.size(); ++i) ord[i] = i;
+    std::stable_sort(ord.begin(), ord.end(), [&](size_t x, size_t y) { return top[x] < top[y]; });
+    std::vector<std::pair<int64_t, int64_t>> sorted;
+    for (size_t i : ord) sorted.push_back(units[i]), need.push_back(top[i]);
+    units.swap(sorted);
+  }
   if (ep.on) {
-    if (!local) {
+    if (streamed) {
+      kTs = scratch(static_cast<size_t>(slices * ldx * D));
+      vTs = scratch(static_cast<size_t>(slices * ldx * Dv));
+      kTx = kTs;
+      vTx = vTs;
+      xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
+    } else if (!local) {
       kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
       vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
       xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
@@ -1642,7 +1679,25 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     if (ep.on && !local) {
       float* xk = xacc + task * xacc_size;
       std::memset(xk, 0, sizeof(float) * xacc_size);
-      const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
+      if (streamed) {
+        float* ks = kTs + slice * ldx * D;
+        float* vs = vTs + slice * ldx * Dv;
+        zero_slice_padding(ks, D, Nk, ldx, ep.front);
+        zero_slice_padding(vs, Dv, Nk, ldx, ep.front);
+        // border blocks read up to K2 + 4 vw tokens past their group's last key (see the forward)
+        const int64_t rows = Nk / L2, ahead = (g.K[2] + 4 * kt.vw + L2 - 1) / L2;
+        int64_t done = 0;
+        for (size_t i = 0; i < units.size(); ++i) {
+          const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
+          if (upto > done) {
+            transpose_rows_grouped(kt, a.k, b, hk, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ks, done, upto);
+            transpose_rows_grouped(kt, a.v, b, hk, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, vs, done, upto);
+            done = upto;
+          }
+          exact_row(slice, units[i].first, units[i].second, xk);
+        }
+      }
+      const int64_t r0 = streamed ? 0 : nrowsx * split / splits, r1 = streamed ? 0 : nrowsx * (split + 1) / splits;
       for (int64_t idx = r0; idx < r1; ++idx) {
         if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
           exact_row(slice, idx, idx + 1, xk);
