@@ -398,3 +398,30 @@ def test_backward_nonfinite_input_found_where_transposed(na_dim, B, Hkv, where):
         _close(flat(got)[ok], flat(ref)[ok], mx.float32, f"inf {where}: {name} the inf cannot reach")
         if B > 1:
             _close(got[1:], ref[1:], mx.float32, f"inf {where}: {name} of other batch entries")
+
+
+@pytest.mark.parametrize("L,K,d,c,mode", [(23, 3, 3, False, "all"), (29, 3, 4, True, "all"), (300, 5, 1, True, "runs"),
+                                         (300, 4, 2, False, "runs")])
+def test_1d_backward_keys_pieces_do_not_write(L, K, d, c, mode, monkeypatch):
+    """1D keys that no exact-path piece writes (groups shorter than a vector, or border queries left
+    to tiles): the pieces store their sums where they write first instead of adding to zeroed
+    gradients, and zero the other keys before the tiles add theirs. Buffers MLX hands out again
+    (filled with 7s here first) must not show through. Against the oracle, twice."""
+    monkeypatch.setenv("NATTEN_MLX_EXACT", mode)
+    rng = np.random.default_rng(29)
+    H = 2
+    q, k, v, dout = (rng.standard_normal((1, L, H, 8)) for _ in range(4))
+    kw = dict(kernel_size=[K], stride=[1], dilation=[d], is_causal=[c], scale=None)
+    f = lambda a, b, cc: ext.fused_forward(a, b, cc, None, None, None, **kw)[0]
+    want = oracle.na_backward(q, k, v, kernel_size=(K,), stride=(1,), dilation=(d,), is_causal=(c,), dout=dout)
+    for _ in range(2):
+        junk = [mx.full(q.shape, 7.0) for _ in range(4)]
+        mx.eval(junk)
+        del junk
+        ext.path_counts(True)
+        _, grads = mx.vjp(f, [_mx(x, mx.float32) for x in (q, k, v)], [_mx(dout, mx.float32)])
+        mx.eval(grads)
+        run_b, border_b, tile_b = ext.path_counts(True)[3:]
+        assert run_b + border_b > 0 and tile_b > 0
+        for name, got in zip("qkv", grads):
+            _close(_np(got), want[name], mx.float32, f"d{name}")

@@ -1446,7 +1446,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add);
       }
   };
-  if (!direct) {
+  // (1D: the pieces store their sums where they write first, below, and zero the keys none writes)
+  if (!direct && !local) {
     std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
     std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
   }
@@ -1659,7 +1660,36 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         waves[wv].push_back(u);
       }
     }
-    for (const std::vector<Unit>& wave : waves) {
+    // per row: the first wave whose pieces write each key of its group (-1: none). Those pieces store
+    // their sums there (nothing was written before them; later waves and tiles add), so dk/dv are
+    // neither zeroed up front nor read back by the first writer; the keys no piece writes are zeroed.
+    std::vector<std::vector<int>> first(ep.rows.size());
+    for (size_t r = 0; r < ep.rows.size(); ++r) first[r].assign(na_group_len(g.L[2], Dl2, ep.rows[r].g[2]), -1);
+    for (size_t wv = 0; wv < waves.size(); ++wv)
+      for (const Unit& u : waves[wv]) {
+        std::vector<int>& fw = first[u.row];
+        for (int j = std::max(u.klo, 0); j < std::min<int>(u.khi, static_cast<int>(fw.size())); ++j)
+          if (fw[j] < 0) fw[j] = static_cast<int>(wv);
+      }
+    {
+      std::vector<int64_t> unwritten;  // tokens
+      for (int g2 = 0; g2 < Dl2; ++g2) {
+        const std::vector<int>* fw = nullptr;
+        for (size_t r = 0; r < ep.rows.size(); ++r)
+          if (ep.rows[r].g[2] == g2) fw = &first[r];
+        const int lg = na_group_len(g.L[2], Dl2, g2);
+        for (int j = 0; j < lg; ++j)
+          if (!fw || (*fw)[j] < 0) unwritten.push_back(static_cast<int64_t>(j) * Dl2 + g2);
+      }
+      if (!unwritten.empty())
+        for (int64_t slice = 0; slice < slices; ++slice)
+          for (const int64_t n : unwritten) {
+            std::memset(dk_of(slice) + n * tsk, 0, sizeof(float) * D);
+            std::memset(dv_of(slice) + n * tsv, 0, sizeof(float) * Dv);
+          }
+    }
+    for (size_t wv = 0; wv < waves.size(); ++wv) {
+      const std::vector<Unit>& wave = waves[wv];
       const int64_t nu = static_cast<int64_t>(wave.size());
       parallel_for(slices * nu, [&](int64_t item) {
         // piece-major: the heads of one piece run one after another (and on both threads at once), so
@@ -1691,10 +1721,16 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         // only the keys its slots reach (past them the buffers hold zeros that another wave's
         // piece must not see written back over its sums)
         const int a0 = std::max(u.klo, 0), a1 = std::min(u.khi, lg);
-        if (a1 > a0) {
-          const int64_t n0 = static_cast<int64_t>(a0) * Dl2 + g2;
-          add_transposed(kt, al + (a0 - kmin), ldl, D, a1 - a0, dk + n0 * tsk, Dl2 * tsk);
-          add_transposed(kt, av + (a0 - kmin), ldl, Dv, a1 - a0, dv + n0 * tsv, Dl2 * tsv);
+        const std::vector<int>& fw = first[u.row];
+        for (int s0 = a0; s0 < a1;) {
+          // keys [s0, s1) this piece writes first (stored) or after an earlier wave (added)
+          const bool store = fw[s0] == static_cast<int>(wv);
+          int s1 = s0 + 1;
+          while (s1 < a1 && (fw[s1] == static_cast<int>(wv)) == store) ++s1;
+          const int64_t n0 = static_cast<int64_t>(s0) * Dl2 + g2;
+          add_transposed(kt, al + (s0 - kmin), ldl, D, s1 - s0, dk + n0 * tsk, Dl2 * tsk, !store);
+          add_transposed(kt, av + (s0 - kmin), ldl, Dv, s1 - s0, dv + n0 * tsv, Dl2 * tsv, !store);
+          s0 = s1;
         }
       });
     }
