@@ -40,13 +40,25 @@ def load_ext(name, folder):
 
 
 def make_call(ext, mode, q, k, v, kw, cot):
-    """fn() evaluating ext's forward (mode "fwd") or forward and all three gradients ("fwdbwd")."""
+    """fn() -> seconds: ext's forward (mode "fwd"), forward and all three gradients ("fwdbwd"), or
+    the backward alone ("bwd": the forward's outputs evaluated first, untimed)."""
     if mode == "fwd":
-        return lambda: mx.eval(ext.fused_forward(q, k, v, **kw)[0])
+
+        def fwd():
+            t = time.perf_counter()
+            mx.eval(ext.fused_forward(q, k, v, **kw)[0])
+            return time.perf_counter() - t
+
+        return fwd
 
     def fwdbwd():
+        t = time.perf_counter()
         outs, grads = mx.vjp(lambda a, b, c: ext.fused_forward(a, b, c, **kw)[0], [q, k, v], [cot])
-        mx.eval(outs, grads)
+        if mode == "bwd":
+            mx.eval(outs)
+            t = time.perf_counter()
+        mx.eval(grads)
+        return time.perf_counter() - t
 
     return fwdbwd
 
@@ -56,7 +68,7 @@ def main():
     ap.add_argument("old", help="folder of the old build's natten_mlx_nanobind package")
     ap.add_argument("new", nargs="?", help="folder of the new build's package (default: the installed one)")
     ap.add_argument("--cases", default="C1,C2,C3,C4")
-    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--modes", default="fwd,fwdbwd", help="of fwd, fwdbwd, bwd (the backward alone)")
     ap.add_argument("--seconds", type=float, default=4.0, help="per case and mode")
     args = ap.parse_args()
     if args.new is None:
@@ -81,9 +93,7 @@ def main():
             start = time.perf_counter()
             while time.perf_counter() - start < args.seconds or len(ts[0]) < 3:
                 for i, f in enumerate(fns):
-                    t = time.perf_counter()
-                    f()
-                    ts[i].append(time.perf_counter() - t)
+                    ts[i].append(f())
             old, new = np.array(ts[0]) * 1e3, np.array(ts[1]) * 1e3
             print(
                 f"{name} {mode}: old min {old.min():.2f} med {np.median(old):.2f} | new min {new.min():.2f} "

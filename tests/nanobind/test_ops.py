@@ -350,3 +350,78 @@ def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv):
     _close(got[0][~sees], want[0][~sees], mx.float32, "rows that never see the inf token")
     if B > 1:
         _close(got[1:], want[1:], mx.float32, "other batch entries")
+
+
+@pytest.mark.parametrize("where", ["query", "key", "value", "dout"])
+@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), (2, 1, 1), (2, 2, 2), (3, 1, 1)])
+def test_backward_nonfinite_input_found_where_transposed(na_dim, B, Hkv, where):
+    """The backward plans the exact path (border blocks too) before it has looked at its inputs and
+    checks them where it transposes them; an inf query, key or output gradient sends it round again
+    on the tile path, an inf value without border blocks (the path counters count the second round
+    only; without the check the exact path's counters would be non-zero). Gradients the inf cannot
+    reach equal the oracle's on the clean inputs. 1D: keys gathered per piece; 2D with B * Hkv = 4:
+    streamed transposes (two slices per thread); 2D with 1 and 3D: whole slices."""
+    rng = np.random.default_rng(23)
+    shape, K = {1: ((40,), (5,)), 2: ((6, 40), (3, 5)), 3: ((4, 5, 24), (3, 3, 5))}[na_dim]
+    H = 2 * Hkv
+    q = rng.standard_normal((B, *shape, H, 8))
+    k = rng.standard_normal((B, *shape, Hkv, 8))
+    v = rng.standard_normal((B, *shape, Hkv, 4))
+    dout = rng.standard_normal((B, *shape, H, 4))
+    tok = (2,) * (na_dim - 1) + (17,)
+    x = {"query": q, "key": k, "value": v, "dout": dout}[where].copy()
+    x[(0, *tok, 0, 1)] = np.inf
+    args = {"query": q, "key": k, "value": v, "dout": dout}
+    args[where] = x
+    kw = dict(kernel_size=list(K), stride=[1] * na_dim, dilation=[1] * na_dim, is_causal=[False] * na_dim, scale=None)
+    f = lambda a, b, c: ext.fused_forward(a, b, c, None, None, None, **kw)[0]
+    mx.eval(f(*(_mx(args[n], mx.float32) for n in ("query", "key", "value"))))
+    ext.path_counts(True)
+    _, grads = mx.vjp(f, [_mx(args[n], mx.float32) for n in ("query", "key", "value")], [_mx(args["dout"], mx.float32)])
+    dq, dk, dv = (_np(g) for g in grads)
+    run_b, border_b, tile_b = ext.path_counts(True)[3:]
+    if where == "value":
+        assert border_b == 0 and run_b > 0, "an inf value must turn the backward's border blocks off"
+    else:
+        assert run_b == 0 and border_b == 0 and tile_b == B * H * int(np.prod(shape)), f"inf {where}: exact path ran"
+    want = oracle.na_backward(q, k, v, kernel_size=K, stride=(1,) * na_dim, dilation=(1,) * na_dim,
+                              is_causal=(False,) * na_dim, dout=dout)
+    mask = oracle.na_mask(shape, K)  # [query, key], row-major tokens
+    t = int(np.ravel_multi_index(tok, shape))
+    # queries the inf reaches (its own token, or those whose windows hold it), and their windows' keys
+    hit_q = mask[:, t] if where in ("key", "value") else np.eye(mask.shape[0], dtype=bool)[t]
+    hit_k = mask[hit_q].any(0)
+    flat = lambda g: g[0].reshape(-1, *g.shape[-2:])
+    for name, got, ok in (("dq", dq, ~hit_q), ("dk", dk, ~hit_k), ("dv", dv, ~hit_k)):
+        ref = {"dq": want["q"], "dk": want["k"], "dv": want["v"]}[name]
+        assert ok.sum() > 10
+        _close(flat(got)[ok], flat(ref)[ok], mx.float32, f"inf {where}: {name} the inf cannot reach")
+        if B > 1:
+            _close(got[1:], ref[1:], mx.float32, f"inf {where}: {name} of other batch entries")
+
+
+@pytest.mark.parametrize("L,K,d,c,mode", [(23, 3, 3, False, "all"), (29, 3, 4, True, "all"), (300, 5, 1, True, "runs"),
+                                         (300, 4, 2, False, "runs")])
+def test_1d_backward_keys_pieces_do_not_write(L, K, d, c, mode, monkeypatch):
+    """1D keys that no exact-path piece writes (groups shorter than a vector, or border queries left
+    to tiles): the pieces store their sums where they write first instead of adding to zeroed
+    gradients, and zero the other keys before the tiles add theirs. Buffers MLX hands out again
+    (filled with 7s here first) must not show through. Against the oracle, twice."""
+    monkeypatch.setenv("NATTEN_MLX_EXACT", mode)
+    rng = np.random.default_rng(29)
+    H = 2
+    q, k, v, dout = (rng.standard_normal((1, L, H, 8)) for _ in range(4))
+    kw = dict(kernel_size=[K], stride=[1], dilation=[d], is_causal=[c], scale=None)
+    f = lambda a, b, cc: ext.fused_forward(a, b, cc, None, None, None, **kw)[0]
+    want = oracle.na_backward(q, k, v, kernel_size=(K,), stride=(1,), dilation=(d,), is_causal=(c,), dout=dout)
+    for _ in range(2):
+        junk = [mx.full(q.shape, 7.0) for _ in range(4)]
+        mx.eval(junk)
+        del junk
+        ext.path_counts(True)
+        _, grads = mx.vjp(f, [_mx(x, mx.float32) for x in (q, k, v)], [_mx(dout, mx.float32)])
+        mx.eval(grads)
+        run_b, border_b, tile_b = ext.path_counts(True)[3:]
+        assert run_b + border_b > 0 and tile_b > 0
+        for name, got in zip("qkv", grads):
+            _close(_np(got), want[name], mx.float32, f"d{name}")

@@ -906,10 +906,11 @@ void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int 
 
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
 // rows of Hkv heads) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
-// time; the columns of coordinates outside [0, lg) are zero. Returns whether every value copied is finite.
+// time; the columns of coordinates outside [0, lg) are zero. Returns whether every value copied is finite
+// (check_keys: and every key).
 bool gather_keys_transposed(const KernelTable& kt, const float* k, const float* v, int64_t D, int64_t Dv,
                             int64_t Hkv, int64_t hk, int64_t tok0, int64_t dl, int kmin, int kmax, int lg,
-                            float* kl, float* vl, int64_t ldl) {
+                            float* kl, float* vl, int64_t ldl, bool check_keys = false) {
   const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
   for (int64_t d = 0; d < D; ++d) {
     std::fill(kl + d * ldl, kl + d * ldl + (j0 - kmin), 0.f);
@@ -930,13 +931,16 @@ bool gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
       prefetch_row(krow(j + 16 + i), D);
       prefetch_row(vrow(j + 16 + i), Dv);
     }
-    kt.transpose8(sk, D, kl + (j - kmin), ldl);
+    if (check_keys)
+      fin = kt.transpose8_finite(sk, D, kl + (j - kmin), ldl) && fin;
+    else
+      kt.transpose8(sk, D, kl + (j - kmin), ldl);
     fin = kt.transpose8_finite(sv, Dv, vl + (j - kmin), ldl) && fin;
   }
   for (; j < j1; ++j) {
     for (int64_t d = 0; d < D; ++d) kl[d * ldl + (j - kmin)] = krow(j)[d];
     for (int64_t d = 0; d < Dv; ++d) vl[d * ldl + (j - kmin)] = vrow(j)[d];
-    fin = kt.all_finite(vrow(j), Dv) && fin;
+    fin = kt.all_finite(vrow(j), Dv) && (!check_keys || kt.all_finite(krow(j), D)) && fin;
   }
   return fin;
 }
@@ -1260,7 +1264,13 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       a.lse[row] = mrow[r];
     }
   };
-  if (!streamed) parallel_for(slices * per_slice, [&](int64_t item) { item_fn(item); });
+  // 1D: chunk-major, the heads of one chunk one after another and on both threads at once, so the
+  // heads-last rows they share are read from memory once while in cache (paired C1 0.92); 2D/3D keep
+  // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
+  if (!streamed)
+    parallel_for(slices * per_slice, [&](int64_t it) {
+      item_fn(local ? (it % slices) * per_slice + it / slices : it);
+    });
   else parallel_for(slices, [&](int64_t slice) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv, rows = g.Nk / g.L[2];
     float* ks = kTs + slice * ldx * g.D;
@@ -1294,18 +1304,32 @@ void fused_forward(const Geo& g, const FwdArgs& a) {
 }
 
 // ---------------------------------------------------------------- fused backward
-void fused_backward(const Geo& g, const BwdArgs& a) {
+namespace {
+// One pass of the backward. The exact-window path (which multiplies zeros into its padding instead of
+// masking) needs finite keys, queries and output gradients, and its border blocks finite values.
+// optimistic: plans as if they were, and checks them where the exact path transposes them anyway
+// (separate passes over k, q, dO and v cost 1-5% of C1-C4's forward+backward; tiles check their own
+// operands); false when one was not finite (or the exact path does not serve the problem), so that
+// the caller runs the pass again with the checks up front.
+bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const KernelTable& kt = select_kernels();
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
-  // when keys, queries and output gradients are all finite, tiles skip their own check, and the
-  // exact-window path (which multiplies zeros into its padding instead of masking) may run
-  const bool all_fin = all_finite_par(kt, a.k, g.B * Nk * g.Hkv * D) &&
-                       (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) && all_finite_par(kt, a.q, g.B * N * g.H * D) &&
-                       all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
-  const bool v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
-  const ExactPlan ep = all_fin ? make_exact_plan(g, kt.vw, v_finite) : ExactPlan{};
+  // known_fin: keys, queries and output gradients are known to be finite (tiles skip their own check)
+  bool known_fin = false, v_finite = true;
+  ExactPlan ep;
+  if (optimistic) {
+    ep = make_exact_plan(g, kt.vw, true);
+    if (!ep.on) return false;
+  } else {
+    known_fin = all_finite_par(kt, a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
+                all_finite_par(kt, a.q, g.B * N * g.H * D) && all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
+    v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
+    if (known_fin) ep = make_exact_plan(g, kt.vw, v_finite);
+  }
+  // optimistic: cleared by a transpose that met inf or NaN
+  std::atomic<bool> ok{true};
+  auto fail = [&] { ok.store(false, std::memory_order_relaxed); };
   Plan plan = make_plan(g, kt.vw, &ep);
-  count_paths(1, g, ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t nrowsx = static_cast<int64_t>(ep.rows.size());
   const int nthr = num_threads();
@@ -1332,16 +1356,55 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
   // The exact-window path reads keys and values transposed per (batch, head) with each last-axis
   // dilation group contiguous (as the forward), and sums key/value gradients per task in that order
-  // ([D][ldx] then [Dv][ldx]); queries, output gradients, lse and c = dO.O - dlse are gathered per run.
+  // ([D][ldx] then [Dv][ldx]); queries, output gradients, lse and dlse are gathered per run.
   // 1D problems transpose keys and values per piece of a row (see fused_forward)
   const bool local = local1d;
   const float *kTx = nullptr, *vTx = nullptr;
   float* xacc = nullptr;
   const int L2 = g.L[2], Dl2 = g.Dl[2];
+  // Streamed (2D, no tiles, one task per slice, at least two slices per thread), as the forward's:
+  // a task transposes its slice's key and value rows just before the first row pair whose window
+  // reaches them, so the query and key sides read them from L1/L2 instead of from L3 after a
+  // whole-slice pass up front. units: the row pairs in the order served, need: the key rows along
+  // the first two axes each one reads.
+  const bool streamed = ep.on && !local && g.L[0] == 1 && ntiles == 0 && splits == 1 && slices >= 2 * int64_t(nthr);
+  float *kTs = nullptr, *vTs = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> units;
+  std::vector<int64_t> need;
+  if (streamed) {
+    for (int64_t idx = 0; idx < nrowsx; ++idx) {
+      const bool pair = idx + 1 < nrowsx && ep.pairs_with_next(static_cast<size_t>(idx));
+      units.emplace_back(idx, pair ? idx + 1 : -1);
+      if (pair) ++idx;
+    }
+    std::vector<int64_t> top(units.size());
+    for (size_t i = 0; i < units.size(); ++i)
+      for (int64_t rr : {units[i].first, units[i].second}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) { top[i] = std::max(top[i], (base - ep.gstart[row.g[2]]) / L2 + 1); });
+      }
+    // by the last key row they read (the forward's order: with dilation along the second axis the
+    // plan lists each group's rows in turn, whose windows interleave in memory)
+    std::vector<size_t> ord(units.size());
+    for (size_t i = 0; i < ord.size(); ++i) ord[i] = i;
+    std::stable_sort(ord.begin(), ord.end(), [&](size_t x, size_t y) { return top[x] < top[y]; });
+    std::vector<std::pair<int64_t, int64_t>> sorted;
+    for (size_t i : ord) sorted.push_back(units[i]), need.push_back(top[i]);
+    units.swap(sorted);
+  }
   if (ep.on) {
-    if (!local) {
-      kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front);
-      vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front);
+    if (streamed) {
+      kTs = scratch(static_cast<size_t>(slices * ldx * D));
+      vTs = scratch(static_cast<size_t>(slices * ldx * Dv));
+      kTx = kTs;
+      vTx = vTs;
+      xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
+    } else if (!local) {
+      kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front,
+                                         optimistic ? &ok : nullptr);
+      vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front,
+                                         optimistic ? &ok : nullptr);
       xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
     }
   }
@@ -1383,7 +1446,8 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add);
       }
   };
-  if (!direct) {
+  // (1D: the pieces store their sums where they write first, below, and zero the keys none writes)
+  if (!direct && !local) {
     std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
     std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
   }
@@ -1393,9 +1457,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
   }
   const int64_t tstep = Dl2 * g.H;  // heads-last rows of consecutive queries of a last-axis group
   // queries t in [0, n) of one head at heads-last rows row0 + t * tstep: the scaled queries and the
-  // output gradients transposed into xq [D][lds] / xo [Dv][lds] at column t, lse at lc[t] and
-  // c = dO.O - dlse at lc[cap + t] (computed here, where the output gradients were just read)
+  // output gradients transposed into xq [D][lds] / xo [Dv][lds] at column t, lse at lc[t] and dlse
+  // at lc[cap + t] (the kernels compute c = dO.O - dlse from P and dP: the outputs are not read)
   auto load_queries = [&](int64_t row0, int n, float* xq, float* xo, int64_t lds, float* lc, int64_t cap) {
+    bool fin = true;
     int t = 0;
     for (; t + 8 <= n; t += 8) {
       const float *sq[8], *so[8];
@@ -1406,15 +1471,22 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       for (int j = 0; j < 8 && t + 16 + j < n; ++j) {
         prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
         prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
-        prefetch_row(a.out + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
       }
-      kt.transpose8(sq, D, xq + t, lds);
-      kt.transpose8(so, Dv, xo + t, lds);
+      if (optimistic) {
+        fin = kt.transpose8_finite(sq, D, xq + t, lds) && fin;
+        fin = kt.transpose8_finite(so, Dv, xo + t, lds) && fin;
+      } else {
+        kt.transpose8(sq, D, xq + t, lds);
+        kt.transpose8(so, Dv, xo + t, lds);
+      }
     }
     for (; t < n; ++t) {
       for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
       for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
+      if (optimistic)
+        fin = kt.all_finite(a.q + (row0 + t * tstep) * D, D) && kt.all_finite(a.dout + (row0 + t * tstep) * Dv, Dv) && fin;
     }
+    if (!fin) fail();
     const float scale = g.scale;  // a local: the compiler cannot tell xq from g
     for (int64_t d = 0; d < D; ++d) {
       float* x = xq + d * lds;
@@ -1423,8 +1495,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     for (int l = 0; l < n; ++l) {
       const int64_t row = row0 + l * tstep;
       lc[l] = a.lse[row];
-      const float dl = a.dlse ? a.dlse[row] : 0.f;
-      lc[cap + l] = kt.dot(a.dout + row * Dv, a.out + row * Dv, static_cast<int>(Dv)) - dl;
+      lc[cap + l] = a.dlse ? a.dlse[row] : 0.f;
     }
   };
   // dq of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
@@ -1589,11 +1660,44 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         waves[wv].push_back(u);
       }
     }
-    for (const std::vector<Unit>& wave : waves) {
+    // per row: the first wave whose pieces write each key of its group (-1: none). Those pieces store
+    // their sums there (nothing was written before them; later waves and tiles add), so dk/dv are
+    // neither zeroed up front nor read back by the first writer; the keys no piece writes are zeroed.
+    std::vector<std::vector<int>> first(ep.rows.size());
+    for (size_t r = 0; r < ep.rows.size(); ++r) first[r].assign(na_group_len(g.L[2], Dl2, ep.rows[r].g[2]), -1);
+    for (size_t wv = 0; wv < waves.size(); ++wv)
+      for (const Unit& u : waves[wv]) {
+        std::vector<int>& fw = first[u.row];
+        for (int j = std::max(u.klo, 0); j < std::min<int>(u.khi, static_cast<int>(fw.size())); ++j)
+          if (fw[j] < 0) fw[j] = static_cast<int>(wv);
+      }
+    {
+      std::vector<int64_t> unwritten;  // tokens
+      for (int g2 = 0; g2 < Dl2; ++g2) {
+        const std::vector<int>* fw = nullptr;
+        for (size_t r = 0; r < ep.rows.size(); ++r)
+          if (ep.rows[r].g[2] == g2) fw = &first[r];
+        const int lg = na_group_len(g.L[2], Dl2, g2);
+        for (int j = 0; j < lg; ++j)
+          if (!fw || (*fw)[j] < 0) unwritten.push_back(static_cast<int64_t>(j) * Dl2 + g2);
+      }
+      if (!unwritten.empty())
+        for (int64_t slice = 0; slice < slices; ++slice)
+          for (const int64_t n : unwritten) {
+            std::memset(dk_of(slice) + n * tsk, 0, sizeof(float) * D);
+            std::memset(dv_of(slice) + n * tsv, 0, sizeof(float) * Dv);
+          }
+    }
+    for (size_t wv = 0; wv < waves.size(); ++wv) {
+      const std::vector<Unit>& wave = waves[wv];
       const int64_t nu = static_cast<int64_t>(wave.size());
       parallel_for(slices * nu, [&](int64_t item) {
-        const int64_t slice = item / nu, b = slice / g.Hkv, hk = slice % g.Hkv;
-        const Unit& u = wave[item % nu];
+        // piece-major: the heads of one piece run one after another (and on both threads at once), so
+        // the heads-last rows they share (H * D floats per token; a head's part straddles cache lines,
+        // MLX's buffers being 8 bytes off a line) are read from memory once while they are still in
+        // cache, not once per head a whole pass apart (paired C1 fwd+bwd 0.91)
+        const int64_t slice = item % slices, b = slice / g.Hkv, hk = slice % g.Hkv;
+        const Unit& u = wave[item / slices];
         const ExactPlan::Row& row = ep.rows[u.row];
         const ExactRun& run = ep.runs[row.g[2]][u.run];
         const int g2 = row.g[2], lg = na_group_len(g.L[2], Dl2, g2), vw = kt.vw;
@@ -1605,7 +1709,10 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         float* vl = grow(w.vp, Dv * ldl + 16);
         float* al = grow(w.dkb, (D + Dv) * ldl + 16);
         std::memset(al, 0, sizeof(float) * (D + Dv) * ldl);
-        gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl);
+        if (!gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl,
+                                    optimistic) &&
+            optimistic)
+          fail();
         exact_run(slice, row, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
         // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
         float* dk = dk_of(slice);
@@ -1614,10 +1721,16 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
         // only the keys its slots reach (past them the buffers hold zeros that another wave's
         // piece must not see written back over its sums)
         const int a0 = std::max(u.klo, 0), a1 = std::min(u.khi, lg);
-        if (a1 > a0) {
-          const int64_t n0 = static_cast<int64_t>(a0) * Dl2 + g2;
-          add_transposed(kt, al + (a0 - kmin), ldl, D, a1 - a0, dk + n0 * tsk, Dl2 * tsk);
-          add_transposed(kt, av + (a0 - kmin), ldl, Dv, a1 - a0, dv + n0 * tsv, Dl2 * tsv);
+        const std::vector<int>& fw = first[u.row];
+        for (int s0 = a0; s0 < a1;) {
+          // keys [s0, s1) this piece writes first (stored) or after an earlier wave (added)
+          const bool store = fw[s0] == static_cast<int>(wv);
+          int s1 = s0 + 1;
+          while (s1 < a1 && (fw[s1] == static_cast<int>(wv)) == store) ++s1;
+          const int64_t n0 = static_cast<int64_t>(s0) * Dl2 + g2;
+          add_transposed(kt, al + (s0 - kmin), ldl, D, s1 - s0, dk + n0 * tsk, Dl2 * tsk, !store);
+          add_transposed(kt, av + (s0 - kmin), ldl, Dv, s1 - s0, dv + n0 * tsv, Dl2 * tsv, !store);
+          s0 = s1;
         }
       });
     }
@@ -1644,7 +1757,28 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
     if (ep.on && !local) {
       float* xk = xacc + task * xacc_size;
       std::memset(xk, 0, sizeof(float) * xacc_size);
-      const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
+      if (streamed) {
+        float* ks = kTs + slice * ldx * D;
+        float* vs = vTs + slice * ldx * Dv;
+        zero_slice_padding(ks, D, Nk, ldx, ep.front);
+        zero_slice_padding(vs, Dv, Nk, ldx, ep.front);
+        // border blocks read up to K2 + 4 vw tokens past their group's last key (see the forward)
+        const int64_t rows = Nk / L2, ahead = (g.K[2] + 4 * kt.vw + L2 - 1) / L2;
+        int64_t done = 0;
+        for (size_t i = 0; i < units.size(); ++i) {
+          const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
+          if (upto > done) {
+            if (!transpose_rows_grouped(kt, a.k, b, hk, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ks, done, upto,
+                                        optimistic) ||
+                !transpose_rows_grouped(kt, a.v, b, hk, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, vs, done, upto,
+                                        optimistic))
+              fail();
+            done = upto;
+          }
+          exact_row(slice, units[i].first, units[i].second, xk);
+        }
+      }
+      const int64_t r0 = streamed ? 0 : nrowsx * split / splits, r1 = streamed ? 0 : nrowsx * (split + 1) / splits;
       for (int64_t idx = r0; idx < r1; ++idx) {
         if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
           exact_row(slice, idx, idx + 1, xk);
@@ -1724,7 +1858,7 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
       float* dQ = grow(w.o, M * D);
       float* dKb = grow(w.dkb, tg.Ncol * D);
       float* dVb = grow(w.dvb, tg.Ncol * Dv);
-      const bool finite = all_fin || (kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) &&
+      const bool finite = known_fin || (kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) &&
                                                   kt.all_finite(dO, M * Dv));
       if (finite) {
         kt.gemm(static_cast<int>(M), static_cast<int>(D), static_cast<int>(NP), dS, NP, Kp, D, dQ, D, false);
@@ -1797,6 +1931,14 @@ void fused_backward(const Geo& g, const BwdArgs& a) {
                 static_cast<int>(g.Rtot));
     }
   }
+  if (!ok.load()) return false;
+  count_paths(1, g, ep);
+  return true;
+}
+}  // namespace
+
+void fused_backward(const Geo& g, const BwdArgs& a) {
+  if (!backward_pass(g, a, true)) backward_pass(g, a, false);
 }
 
 // ---------------------------------------------------------------- split ops (per-slot loops)
