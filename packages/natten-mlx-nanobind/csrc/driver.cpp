@@ -826,6 +826,63 @@ void zero_slice_padding(float* dst, int64_t w, int64_t n, int64_t ld, int64_t fr
   }
 }
 
+// The streamed exact path (2D, forward and backward): a task transposes its slice's key and value rows
+// just before the first row pair whose window reaches them. key_rows_needed: the key rows along the first
+// two axes that exact-plan rows r and r2 (< 0: none) read, as the last one + 1.
+int64_t key_rows_needed(const Geo& g, const ExactPlan& ep, int64_t r, int64_t r2) {
+  int64_t top = 0;
+  for (const int64_t rr : {r, r2}) {
+    if (rr < 0) continue;
+    const ExactPlan::Row& row = ep.rows[rr];
+    for_window_key_rows(g, ep, row, [&](int64_t base) { top = std::max(top, (base - ep.gstart[row.g[2]]) / g.L[2] + 1); });
+  }
+  return top;
+}
+
+// The units in the order of the key rows they need (stable): with dilation along the second axis the
+// plan lists each dilation group's rows in turn, whose windows interleave in memory (C3: a window's 13
+// key rows are 26 rows apart), so in plan order the first group's rows would transpose every row long
+// before the other groups read them; in this order all groups follow the transposes' front together.
+std::vector<int64_t> order_by_need(const std::vector<int64_t>& need) {
+  std::vector<int64_t> seq(need.size());
+  for (size_t i = 0; i < seq.size(); ++i) seq[i] = static_cast<int64_t>(i);
+  std::stable_sort(seq.begin(), seq.end(), [&](int64_t x, int64_t y) { return need[x] < need[y]; });
+  return seq;
+}
+
+// One task's streamed slice (b, h) of keys k and values v into ks [D][ld] / vs [Dv][ld] (padding zeroed
+// here); advance(need) transposes the rows up to need + ahead. Border blocks read up to K2 + 4 vw tokens
+// past their group's last key (ep.ld's slack): those of the rows after it must be transposed already
+// (finite), so the transposes run that far ahead. advance returns false when a value it checked (keys
+// with check_k, values with check_v) was not finite.
+struct SliceStream {
+  const KernelTable& kt;
+  const Geo& g;
+  const ExactPlan& ep;
+  const float *k, *v;
+  int64_t b, h, ld;
+  float *ks, *vs;
+  bool check_k, check_v;
+  int64_t rows, ahead, done = 0;
+  SliceStream(const KernelTable& kt_, const Geo& g_, const ExactPlan& ep_, const float* k_, const float* v_, int64_t b_,
+              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_)
+      : kt(kt_), g(g_), ep(ep_), k(k_), v(v_), b(b_), h(h_), ld(ld_), ks(ks_), vs(vs_), check_k(check_k_),
+        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead((g_.K[2] + 4 * kt_.vw + g_.L[2] - 1) / g_.L[2]) {
+    zero_slice_padding(ks, g.D, g.Nk, ld, ep.front);
+    zero_slice_padding(vs, g.Dv, g.Nk, ld, ep.front);
+  }
+  bool advance(int64_t need) {
+    const int64_t upto = std::min(rows, std::max(need + ahead, done));
+    if (upto <= done) return true;
+    const bool fk = transpose_rows_grouped(kt, k, b, h, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ld, ks,
+                                           done, upto, check_k);
+    const bool fv = transpose_rows_grouped(kt, v, b, h, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ld, vs,
+                                           done, upto, check_v);
+    done = upto;
+    return fk && fv;
+  }
+};
+
 // heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), tokens permuted
 // as transpose_rows_grouped says (gstart[0] == front); the padding before and after them is zeroed.
 // finite (may be null): cleared when any value is inf or NaN.
@@ -1069,22 +1126,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     kTx = kTs;
     vTx = vTs;
     need.resize(chunks.size());
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      int64_t top = 0;
-      for (int rr : {chunks[i].row, chunks[i].row2}) {
-        if (rr < 0) continue;
-        const ExactPlan::Row& row = ep.rows[rr];
-        for_window_key_rows(g, ep, row, [&](int64_t base) { top = std::max(top, (base - ep.gstart[row.g[2]]) / g.L[2] + 1); });
-      }
-      need[i] = top;
-    }
-    // by the last key row they read: with dilation along the second axis the plan lists each dilation
-    // group's rows in turn, whose windows interleave in memory (C3: a window's 13 key rows are 26
-    // rows apart), so in plan order the first group's rows would transpose every row long before the
-    // other groups read them; in this order all groups follow the transposes' front together
-    seq.resize(chunks.size());
-    for (size_t i = 0; i < seq.size(); ++i) seq[i] = static_cast<int64_t>(i);
-    std::stable_sort(seq.begin(), seq.end(), [&](int64_t x, int64_t y) { return need[x] < need[y]; });
+    for (size_t i = 0; i < chunks.size(); ++i) need[i] = key_rows_needed(g, ep, chunks[i].row, chunks[i].row2);
+    seq = order_by_need(need);
   } else if (ep.on && !local) {
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
@@ -1272,24 +1315,10 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       item_fn(local ? (it % slices) * per_slice + it / slices : it);
     });
   else parallel_for(slices, [&](int64_t slice) {
-    const int64_t b = slice / g.Hkv, hk = slice % g.Hkv, rows = g.Nk / g.L[2];
-    float* ks = kTs + slice * ldx * g.D;
-    float* vs = vTs + slice * ldx * g.Dv;
-    zero_slice_padding(ks, g.D, g.Nk, ldx, ep.front);
-    zero_slice_padding(vs, g.Dv, g.Nk, ldx, ep.front);
-    // border blocks read up to K2 + 4 vw tokens past their group's last key (ep.ld's slack): those of
-    // the rows after it must be transposed already (finite), so the transposes run that far ahead
-    const int64_t ahead = (g.K[2] + 4 * kt.vw + g.L[2] - 1) / g.L[2];
-    int64_t done = 0;
+    SliceStream st(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * g.D,
+                   vTs + slice * ldx * g.Dv, false, check);
     for (const int64_t i : seq) {
-      const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
-      if (upto > done) {
-        transpose_rows_grouped(kt, a.k, b, hk, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ks, done, upto);
-        if (!transpose_rows_grouped(kt, a.v, b, hk, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, vs, done,
-                                    upto, check))
-          v_ok.store(false, std::memory_order_relaxed);
-        done = upto;
-      }
+      if (!st.advance(need[i])) v_ok.store(false, std::memory_order_relaxed);
       item_fn(slice * per_slice + i);
     }
   });
@@ -1378,19 +1407,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       if (pair) ++idx;
     }
     std::vector<int64_t> top(units.size());
-    for (size_t i = 0; i < units.size(); ++i)
-      for (int64_t rr : {units[i].first, units[i].second}) {
-        if (rr < 0) continue;
-        const ExactPlan::Row& row = ep.rows[rr];
-        for_window_key_rows(g, ep, row, [&](int64_t base) { top[i] = std::max(top[i], (base - ep.gstart[row.g[2]]) / L2 + 1); });
-      }
-    // by the last key row they read (the forward's order: with dilation along the second axis the
-    // plan lists each group's rows in turn, whose windows interleave in memory)
-    std::vector<size_t> ord(units.size());
-    for (size_t i = 0; i < ord.size(); ++i) ord[i] = i;
-    std::stable_sort(ord.begin(), ord.end(), [&](size_t x, size_t y) { return top[x] < top[y]; });
+    for (size_t i = 0; i < units.size(); ++i) top[i] = key_rows_needed(g, ep, units[i].first, units[i].second);
     std::vector<std::pair<int64_t, int64_t>> sorted;
-    for (size_t i : ord) sorted.push_back(units[i]), need.push_back(top[i]);
+    for (const int64_t i : order_by_need(top)) sorted.push_back(units[i]), need.push_back(top[i]);
     units.swap(sorted);
   }
   if (ep.on) {
@@ -1758,23 +1777,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       float* xk = xacc + task * xacc_size;
       std::memset(xk, 0, sizeof(float) * xacc_size);
       if (streamed) {
-        float* ks = kTs + slice * ldx * D;
-        float* vs = vTs + slice * ldx * Dv;
-        zero_slice_padding(ks, D, Nk, ldx, ep.front);
-        zero_slice_padding(vs, Dv, Nk, ldx, ep.front);
-        // border blocks read up to K2 + 4 vw tokens past their group's last key (see the forward)
-        const int64_t rows = Nk / L2, ahead = (g.K[2] + 4 * kt.vw + L2 - 1) / L2;
-        int64_t done = 0;
+        SliceStream st(kt, g, ep, a.k, a.v, b, hk, ldx, kTs + slice * ldx * D, vTs + slice * ldx * Dv, optimistic,
+                       optimistic);
         for (size_t i = 0; i < units.size(); ++i) {
-          const int64_t upto = std::min(rows, std::max(need[i] + ahead, done));
-          if (upto > done) {
-            if (!transpose_rows_grouped(kt, a.k, b, hk, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ks, done, upto,
-                                        optimistic) ||
-                !transpose_rows_grouped(kt, a.v, b, hk, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, vs, done, upto,
-                                        optimistic))
-              fail();
-            done = upto;
-          }
+          if (!st.advance(need[i])) fail();
           exact_row(slice, units[i].first, units[i].second, xk);
         }
       }
