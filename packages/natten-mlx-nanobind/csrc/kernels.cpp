@@ -5,6 +5,10 @@
 
 #include "kernels.h"
 
+#if defined(NA_VARIANT_avx2)
+#include <immintrin.h>
+#endif
+
 #if defined(NA_VARIANT_avx512)
 #define NA_VW 16
 #define NA_MR 8
@@ -792,6 +796,98 @@ typedef int v8i __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
 // CHECK: also returns whether every value read is finite (x * 0 is 0 for finite x, NaN otherwise)
+
+// Lane x of the result: the sum of a[x]'s lanes (VW dot products finished at once).
+inline vf reduce_lanes(const vf* a) {
+#if defined(NA_VARIANT_avx2)
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return vf(_mm256_permute2f128_ps(u0, u1, 0x20)) + vf(_mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  vf r;
+  for (int x = 0; x < VW; ++x) r[x] = hsum(a[x]);
+  return r;
+#endif
+}
+
+// scores of one row against VW rows at once: out[x] = q . rows[x] over D features
+inline vf row_dots(const float* q, const float* const* rows, int64_t D) {
+  vf a[VW];
+#pragma GCC unroll 16
+  for (int x = 0; x < VW; ++x) a[x] = vf{};
+  int64_t d = 0;
+  for (; d + VW <= D; d += VW) {
+    const vf qv = load(q + d);
+#pragma GCC unroll 16
+    for (int x = 0; x < VW; ++x) a[x] += qv * load(rows[x] + d);
+  }
+  for (; d < D; ++d)
+    for (int x = 0; x < VW; ++x) a[x][0] += q[d] * rows[x][d];
+  return reduce_lanes(a);
+}
+
+// Backward of one query of one head in the inputs' own heads-last rows (1D; features across the
+// vector, slots across the lanes after a reduction): no transposes in or out. Its n keys/values are
+// rows k + x * kstep / v + x * vstep (x < n). Recomputes S = scale q.k,
+// P = exp(S - lse), dP = dO.v, c = sum P dP - dlse, dS = P (dP - c); writes dq = scale sum dS k and
+// adds scale dS q / P dO to the key / value accumulators acc + ((r0 + x) & rmask) * rw (dK at
+// [0, D), dV at [D, D + Dv)). zeros: max(D, Dv) zeros (the padding lanes' rows); s: 2 * round_up(n,
+// VW) floats. Only in-window pairs are multiplied: inf/NaN inputs reach exactly where the definition
+// takes them.
+void row_bwd(const float* q, const float* dO, const float* k, int64_t kstep, const float* v, int64_t vstep, int n,
+             int64_t D, int64_t Dv, float scale, float lse, float dlse, const float* zeros, float* s, float* dq,
+             float* acc, int64_t rw, int rmask, int r0) {
+  const int nb = (n + VW - 1) / VW;
+  float* dp = s + nb * VW;
+  vf cs{};
+  for (int b = 0; b < nb; ++b) {
+    const float* kr[VW];
+    const float* vr[VW];
+#pragma GCC unroll 16
+    for (int x = 0; x < VW; ++x) {
+      const int j = b * VW + x;
+      kr[x] = j < n ? k + j * kstep : zeros;
+      vr[x] = j < n ? v + j * vstep : zeros;
+    }
+    const vi valid = lanes() < (n - b * VW);
+    const vf sv = row_dots(q, kr, D), dpv = row_dots(dO, vr, Dv);
+    vf p = vexp(sv * scale - lse);
+    p = valid ? p : vf{};
+    store(s + b * VW, p);
+    store(dp + b * VW, dpv);
+    cs += p * dpv;
+  }
+  const float c = hsum(cs) - dlse;
+  for (int b = 0; b < nb; ++b) store(dp + b * VW, load(s + b * VW) * (load(dp + b * VW) - c));
+  int64_t d = 0;
+  for (; d + VW <= D; d += VW) {
+    vf a0{}, a1{};
+    int x = 0;
+    for (; x + 2 <= n; x += 2) {
+      a0 += dp[x] * load(k + x * kstep + d);
+      a1 += dp[x + 1] * load(k + (x + 1) * kstep + d);
+    }
+    if (x < n) a0 += dp[x] * load(k + x * kstep + d);
+    store(dq + d, (a0 + a1) * scale);
+  }
+  for (; d < D; ++d) {
+    float a0 = 0.f;
+    for (int x = 0; x < n; ++x) a0 += dp[x] * k[x * kstep + d];
+    dq[d] = a0 * scale;
+  }
+  for (int x = 0; x < n; ++x) {
+    float* ak = acc + static_cast<int64_t>((r0 + x) & rmask) * rw;
+    float* av = ak + D;
+    const float w = dp[x] * scale, p = s[x];
+    int64_t e = 0;
+    for (; e + VW <= D; e += VW) store(ak + e, load(ak + e) + w * load(q + e));
+    for (; e < D; ++e) ak[e] += w * q[e];
+    for (e = 0; e + VW <= Dv; e += VW) store(av + e, load(av + e) + p * load(dO + e));
+    for (; e < Dv; ++e) av[e] += p * dO[e];
+  }
+}
+
 template <bool CHECK>
 inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;
@@ -853,7 +949,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd};
   return &table;
 }
 

@@ -85,6 +85,10 @@ struct KernelTable {
                        const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb);
   // transpose8 that also returns false when any value it read is inf or NaN
   bool (*transpose8_finite)(const float* const* src, int64_t w, float* dst, int64_t ld);
+  // 1D backward of one query of one head straight from/to heads-last rows (kernels.cpp says how)
+  void (*row_bwd)(const float* q, const float* dO, const float* k, int64_t kstep, const float* v, int64_t vstep, int n,
+                  int64_t D, int64_t Dv, float scale, float lse, float dlse, const float* zeros, float* s, float* dq,
+                  float* acc, int64_t rw, int rmask, int r0);
 };
 
 const KernelTable* kernels_avx512();
