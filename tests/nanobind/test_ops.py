@@ -330,13 +330,19 @@ def test_exact_2d_streamed_transposes(shape, K, d, c):
         assert run_f > 0 and tile_f == 0
 
 
-@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), (2, 1, 1), (2, 2, 2)])
-def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv):
+@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), ("1-rows", 1, 1), (2, 1, 1), (2, 2, 2)])
+def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv, monkeypatch):
     """The forward plans border blocks before it has looked at the values and checks them where it
     transposes them; an inf value next to a border (inside border blocks' reads) sends it round again
     without border blocks (tiles at the borders). Rows whose windows miss the inf token equal the
     oracle's with that token zeroed; the path counters count the second round only. 2D with B * Hkv = 4
-    streams its transposes (two slices per thread), with 1 it transposes whole slices."""
+    streams its transposes (two slices per thread), with 1 it transposes whole slices. 1D on heads-last
+    rows ("1-rows", the default; plain 1D runs with NATTEN_MLX_ROW1D=0) multiplies only in-window
+    pairs: its border blocks serve the inf value in the first round."""
+    rows = na_dim == "1-rows"
+    na_dim = 1 if rows else na_dim
+    if na_dim == 1 and not rows:
+        monkeypatch.setenv("NATTEN_MLX_ROW1D", "0")
     rng = np.random.default_rng(17)
     shape, K = {1: ((40,), (5,)), 2: ((6, 40), (3, 5))}[na_dim]
     H = 2 * Hkv
@@ -351,7 +357,10 @@ def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv):
     out = ext.fused_forward(_mx(q, mx.float32), _mx(k, mx.float32), _mx(v_inf, mx.float32), None, None, None, **kw)[0]
     got = _np(out)
     run_f, border_f, tile_f = ext.path_counts(True)[:3]
-    assert border_f == 0 and tile_f > 0 and run_f + tile_f == B * H * int(np.prod(shape))
+    if rows:
+        assert border_f > 0 and tile_f == 0 and run_f + border_f == B * H * int(np.prod(shape))
+    else:
+        assert border_f == 0 and tile_f > 0 and run_f + tile_f == B * H * int(np.prod(shape))
     v_zero = v.copy()
     v_zero[(0, *bad, 0)] = 0.0
     want, _ = oracle.na_forward(q, k, v_zero, kernel_size=K, stride=(1,) * na_dim, dilation=(1,) * na_dim,

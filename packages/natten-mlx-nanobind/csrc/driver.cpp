@@ -1087,6 +1087,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // whole slice is written and read back); in 2D/3D every key row serves many query rows, so the
   // slices are transposed once up front
   const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
+  // (row_chunk below; multiplies only in-window pairs, so it needs no finite values)
+  const bool rows1d = local && row1d_mode();
   struct Chunk {
     int row, row2, b0, b1;  // ep.rows[row] (and ep.rows[row2] unless -1), their blocks order[g2][b0, b1)
   };
@@ -1314,10 +1316,47 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       a.lse[row] = mrow[r];
     }
   };
+  // 1D on heads-last rows (kt.row_fwd, as the backward's row_bwd): a chunk's queries one at a time,
+  // every head of a token together, straight from q, k, v into out and lse: no transposes, and the
+  // threads write different tokens' lines
+  auto row_chunk = [&](int64_t b, const Chunk& ch) {
+    const int vw = kt.vw, g2 = ep.rows[ch.row].g[2];
+    const int64_t D = g.D, Dv = g.Dv, Hkv = g.Hkv, Dl2 = g.Dl[2];
+    Workspace& w = tls_ws;
+    float* zeros = grow(w.kp, static_cast<size_t>(D));
+    std::memset(zeros, 0, sizeof(float) * D);
+    const int64_t kstep = Dl2 * Hkv * D, vstep = Dl2 * Hkv * Dv;
+    const float* kg = a.k + (b * g.Nk + g2) * Hkv * D;
+    const float* vg = a.v + (b * g.Nk + g2) * Hkv * Dv;
+    const int64_t tok0 = row_token(g, ep.rows[ch.row].g[0], ep.rows[ch.row].g[1], ep.rows[ch.row].c0,
+                                   ep.rows[ch.row].c1) + g2;
+    for (int oi = ch.b0; oi < ch.b1; ++oi) {
+      const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
+      const ExactRun& run = ep.runs[g2][blk.run];
+      const int* lohi = run.masked ? run.lohi : nullptr;
+      float* s = grow(w.s, static_cast<size_t>(round_up(blk.nx, vw) + vw));
+      for (int l = blk.skip; l < vw; ++l) {
+        if (lohi && lohi[l] >= lohi[vw + l]) continue;
+        const int ws = blk.ws + l + (lohi ? lohi[l] : 0), n = lohi ? lohi[vw + l] - lohi[l] : blk.nx;
+        const int64_t tok = tok0 + static_cast<int64_t>(blk.c + l) * Dl2;
+        for (int64_t h = 0; h < g.H; ++h) {
+          const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
+          kt.row_fwd(a.q + r * D, kg + ws * kstep + hk * D, kstep, vg + ws * vstep + hk * Dv, vstep, n, D, Dv, g.scale,
+                     zeros, s, a.out + r * Dv, a.lse + r);
+        }
+      }
+    }
+  };
   // 1D: chunk-major, the heads of one chunk one after another and on both threads at once, so the
   // heads-last rows they share are read from memory once while in cache (paired C1 0.92); 2D/3D keep
   // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
-  if (!streamed)
+  if (rows1d)
+    parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
+      if (it < g.B * nrowsx) return row_chunk(it % g.B, chunks[it / g.B]);
+      it -= g.B * nrowsx;
+      item_fn((it / ntiles) * per_slice + nrowsx + it % ntiles);
+    });
+  else if (!streamed)
     parallel_for(slices * per_slice, [&](int64_t it) {
       item_fn(local ? (it % slices) * per_slice + it / slices : it);
     });

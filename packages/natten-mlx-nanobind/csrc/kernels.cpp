@@ -811,6 +811,26 @@ inline vf reduce_lanes(const vf* a) {
 #endif
 }
 
+// every lane: the max / the sum of v's lanes (three shuffle steps instead of a chain of VW scalar ops)
+inline vf bcast_max(vf v) {
+#if defined(NA_VARIANT_avx2)
+  __m256 t = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  t = _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
+  return _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
+#else
+  return splat(hmax(v));
+#endif
+}
+inline vf bcast_sum(vf v) {
+#if defined(NA_VARIANT_avx2)
+  __m256 t = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  t = _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
+  return _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
+#else
+  return splat(hsum(v));
+#endif
+}
+
 // scores of one row against VW rows at once: out[x] = q . rows[x] over D features
 inline vf row_dots(const float* q, const float* const* rows, int64_t D) {
   vf a[VW];
@@ -858,7 +878,7 @@ void row_bwd(const float* q, const float* dO, const float* k, int64_t kstep, con
     store(dp + b * VW, dpv);
     cs += p * dpv;
   }
-  const float c = hsum(cs) - dlse;
+  const vf c = bcast_sum(cs) - dlse;
   for (int b = 0; b < nb; ++b) store(dp + b * VW, load(s + b * VW) * (load(dp + b * VW) - c));
   int64_t d = 0;
   for (; d + VW <= D; d += VW) {
@@ -886,6 +906,55 @@ void row_bwd(const float* q, const float* dO, const float* k, int64_t kstep, con
     for (e = 0; e + VW <= Dv; e += VW) store(av + e, load(av + e) + p * load(dO + e));
     for (; e < Dv; ++e) av[e] += p * dO[e];
   }
+}
+
+
+// Forward of one query of one head in the inputs' own heads-last rows (1D; as row_bwd): S = scale
+// q.k over its n keys k + x * kstep, P = softmax(S), out = P . v (rows v + x * vstep), lse. s:
+// round_up(n, VW) floats.
+void row_fwd(const float* q, const float* k, int64_t kstep, const float* v, int64_t vstep, int n, int64_t D,
+             int64_t Dv, float scale, const float* zeros, float* s, float* out, float* lse) {
+  const int nb = (n + VW - 1) / VW;
+  vf mv = splat(-INFINITY);
+  for (int b = 0; b < nb; ++b) {
+    const float* kr[VW];
+#pragma GCC unroll 16
+    for (int x = 0; x < VW; ++x) {
+      const int j = b * VW + x;
+      kr[x] = j < n ? k + j * kstep : zeros;
+    }
+    vf sv = row_dots(q, kr, D) * scale;
+    sv = lanes() < (n - b * VW) ? sv : splat(-INFINITY);
+    store(s + b * VW, sv);
+    mv = sv > mv ? sv : mv;
+  }
+  vf m = bcast_max(mv);
+  m = m == -INFINITY ? vf{} : m;  // only NaN scores: let the NaN through exp
+  vf sum{};
+  for (int b = 0; b < nb; ++b) {
+    const vf p = vexp(load(s + b * VW) - m);
+    store(s + b * VW, p);
+    sum += p;
+  }
+  const vf tot = bcast_sum(sum), inv = 1.f / tot;
+  int64_t d = 0;
+  for (; d + VW <= Dv; d += VW) {
+    vf a0{}, a1{};
+    int x = 0;
+    for (; x + 2 <= n; x += 2) {
+      a0 += s[x] * load(v + x * vstep + d);
+      a1 += s[x + 1] * load(v + (x + 1) * vstep + d);
+    }
+    if (x < n) a0 += s[x] * load(v + x * vstep + d);
+    store(out + d, (a0 + a1) * inv);
+  }
+  for (; d < Dv; ++d) {
+    float a0 = 0.f;
+    for (int x = 0; x < n; ++x) a0 += s[x] * v[x * vstep + d];
+    out[d] = a0 * inv[0];
+  }
+  // the sum is >= 1 (the max contributes exp(0)) unless NaN
+  *lse = tot[0] >= 1.f && tot[0] < INFINITY ? (m + vlog(tot))[0] : m[0] + std::log(tot[0]);
 }
 
 template <bool CHECK>
@@ -949,7 +1018,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd};
   return &table;
 }
 

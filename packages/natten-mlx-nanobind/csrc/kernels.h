@@ -89,6 +89,9 @@ struct KernelTable {
   void (*row_bwd)(const float* q, const float* dO, const float* k, int64_t kstep, const float* v, int64_t vstep, int n,
                   int64_t D, int64_t Dv, float scale, float lse, float dlse, const float* zeros, float* s, float* dq,
                   float* acc, int64_t rw, int rmask, int r0);
+  // its forward (out, lse) of one query of one head
+  void (*row_fwd)(const float* q, const float* k, int64_t kstep, const float* v, int64_t vstep, int n, int64_t D,
+                  int64_t Dv, float scale, const float* zeros, float* s, float* out, float* lse);
 };
 
 const KernelTable* kernels_avx512();
