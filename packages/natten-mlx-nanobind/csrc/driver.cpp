@@ -300,8 +300,9 @@ int exact_mode() {
   return 2;
 }
 
-// NATTEN_MLX_ROW1D=0 sends the 1D backward's exact path through transposed copies (the seventh
-// pass's kernels) instead of kt.row_bwd on the heads-last rows; read on every call (tests run both)
+// NATTEN_MLX_ROW1D=0 sends the 1D exact path (forward and backward) through transposed copies (the
+// seventh pass's kernels) instead of kt.row_fwd / kt.row_bwd on the heads-last rows; read on every
+// call (tests run both)
 bool row1d_mode() {
   const char* env = std::getenv("NATTEN_MLX_ROW1D");
   return !env || std::strcmp(env, "0") != 0;
@@ -591,6 +592,7 @@ struct Workspace {
   std::vector<float> qp, kt, kp, vp, vt, s, p, dp, ds, tr, o, dob, dkb, dvb;
 };
 thread_local Workspace tls_ws;
+thread_local std::vector<RowQuery> tls_rowq;
 
 // Everything one tile needs to know about its queries and keys.
 struct TileGeo {
@@ -1330,20 +1332,23 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     const float* vg = a.v + (b * g.Nk + g2) * Hkv * Dv;
     const int64_t tok0 = row_token(g, ep.rows[ch.row].g[0], ep.rows[ch.row].g[1], ep.rows[ch.row].c0,
                                    ep.rows[ch.row].c1) + g2;
+    std::vector<RowQuery>& rq = tls_rowq;
+    rq.resize(g.H);
     for (int oi = ch.b0; oi < ch.b1; ++oi) {
       const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
       const ExactRun& run = ep.runs[g2][blk.run];
       const int* lohi = run.masked ? run.lohi : nullptr;
-      float* s = grow(w.s, static_cast<size_t>(round_up(blk.nx, vw) + vw));
+      float* s = grow(w.s, static_cast<size_t>(2 * (round_up(blk.nx, vw) + vw)));
       for (int l = blk.skip; l < vw; ++l) {
         if (lohi && lohi[l] >= lohi[vw + l]) continue;
         const int ws = blk.ws + l + (lohi ? lohi[l] : 0), n = lohi ? lohi[vw + l] - lohi[l] : blk.nx;
         const int64_t tok = tok0 + static_cast<int64_t>(blk.c + l) * Dl2;
         for (int64_t h = 0; h < g.H; ++h) {
           const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
-          kt.row_fwd(a.q + r * D, kg + ws * kstep + hk * D, kstep, vg + ws * vstep + hk * Dv, vstep, n, D, Dv, g.scale,
-                     zeros, s, a.out + r * Dv, a.lse + r);
+          rq[h] = {a.q + r * D, nullptr, kg + ws * kstep + hk * D, vg + ws * vstep + hk * Dv, 0.f, 0.f, a.out + r * Dv,
+                   a.lse + r};
         }
+        kt.row_fwd(rq.data(), static_cast<int>(g.H), kstep, vstep, n, D, Dv, g.scale, zeros, s);
       }
     }
   };
@@ -1695,8 +1700,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     }
   };
   if (local) {
-    // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
-    // its own buffers and its own key/value gradient sums, added to dk/dv at the end. Pieces whose
+    // 1D: runs cut into pieces of about 128 queries (256 with NATTEN_MLX_ROW1D=0), each with its own
+    // key/value gradient sums (a ring of rows, or transposed copies of its keys and values and sums in
+    // their order), stored or added to dk/dv as below. Pieces whose
     // keys overlap (neighbours; strided border blocks, several deep) must not add at the same time:
     // per row, a piece goes to the first wave whose pieces so far all end before its keys begin.
     // (see row_piece below)

@@ -909,52 +909,92 @@ void row_bwd(const float* q, const float* dO, const float* k, int64_t kstep, con
 }
 
 
-// Forward of one query of one head in the inputs' own heads-last rows (1D; as row_bwd): S = scale
-// q.k over its n keys k + x * kstep, P = softmax(S), out = P . v (rows v + x * vstep), lse. s:
-// round_up(n, VW) floats.
-void row_fwd(const float* q, const float* k, int64_t kstep, const float* v, int64_t vstep, int n, int64_t D,
-             int64_t Dv, float scale, const float* zeros, float* s, float* out, float* lse) {
+// Forward of queries in the inputs' own heads-last rows (1D; as row_bwd, two at a time): S = scale
+// q.k over the n keys k + x * kstep, P = softmax(S), out = P . v (rows v + x * vstep), lse. s:
+// 2 * round_up(n, VW) floats.
+template <int NQ>
+inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
+                      const float* zeros, float* s) {
   const int nb = (n + VW - 1) / VW;
-  vf mv = splat(-INFINITY);
+  float* ps[NQ];
+  vf mv[NQ];
+#pragma GCC unroll 2
+  for (int i = 0; i < NQ; ++i) {
+    ps[i] = s + i * nb * VW;
+    mv[i] = splat(-INFINITY);
+  }
   for (int b = 0; b < nb; ++b) {
-    const float* kr[VW];
+    const vi valid = lanes() < (n - b * VW);
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) {
+      const float* kr[VW];
 #pragma GCC unroll 16
-    for (int x = 0; x < VW; ++x) {
-      const int j = b * VW + x;
-      kr[x] = j < n ? k + j * kstep : zeros;
+      for (int x = 0; x < VW; ++x) {
+        const int j = b * VW + x;
+        kr[x] = j < n ? qs[i].k + j * kstep : zeros;
+      }
+      vf sv = row_dots(qs[i].q, kr, D) * scale;
+      sv = valid ? sv : splat(-INFINITY);
+      store(ps[i] + b * VW, sv);
+      mv[i] = sv > mv[i] ? sv : mv[i];
     }
-    vf sv = row_dots(q, kr, D) * scale;
-    sv = lanes() < (n - b * VW) ? sv : splat(-INFINITY);
-    store(s + b * VW, sv);
-    mv = sv > mv ? sv : mv;
   }
-  vf m = bcast_max(mv);
-  m = m == -INFINITY ? vf{} : m;  // only NaN scores: let the NaN through exp
-  vf sum{};
-  for (int b = 0; b < nb; ++b) {
-    const vf p = vexp(load(s + b * VW) - m);
-    store(s + b * VW, p);
-    sum += p;
+  vf m[NQ], sum[NQ];
+#pragma GCC unroll 2
+  for (int i = 0; i < NQ; ++i) {
+    m[i] = bcast_max(mv[i]);
+    m[i] = m[i] == -INFINITY ? vf{} : m[i];  // only NaN scores: let the NaN through exp
+    sum[i] = vf{};
   }
-  const vf tot = bcast_sum(sum), inv = 1.f / tot;
+  for (int b = 0; b < nb; ++b)
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) {
+      const vf p = vexp(load(ps[i] + b * VW) - m[i]);
+      store(ps[i] + b * VW, p);
+      sum[i] += p;
+    }
+  vf tot[NQ], inv[NQ];
+#pragma GCC unroll 2
+  for (int i = 0; i < NQ; ++i) {
+    tot[i] = bcast_sum(sum[i]);
+    inv[i] = 1.f / tot[i];
+  }
   int64_t d = 0;
   for (; d + VW <= Dv; d += VW) {
-    vf a0{}, a1{};
+    vf a0[NQ], a1[NQ];
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) a0[i] = a1[i] = vf{};
     int x = 0;
-    for (; x + 2 <= n; x += 2) {
-      a0 += s[x] * load(v + x * vstep + d);
-      a1 += s[x + 1] * load(v + (x + 1) * vstep + d);
+    for (; x + 2 <= n; x += 2)
+#pragma GCC unroll 2
+      for (int i = 0; i < NQ; ++i) {
+        a0[i] += ps[i][x] * load(qs[i].v + x * vstep + d);
+        a1[i] += ps[i][x + 1] * load(qs[i].v + (x + 1) * vstep + d);
+      }
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) {
+      if (x < n) a0[i] += ps[i][x] * load(qs[i].v + x * vstep + d);
+      store(qs[i].dq + d, (a0[i] + a1[i]) * inv[i]);
     }
-    if (x < n) a0 += s[x] * load(v + x * vstep + d);
-    store(out + d, (a0 + a1) * inv);
   }
-  for (; d < Dv; ++d) {
-    float a0 = 0.f;
-    for (int x = 0; x < n; ++x) a0 += s[x] * v[x * vstep + d];
-    out[d] = a0 * inv[0];
-  }
+  for (; d < Dv; ++d)
+    for (int i = 0; i < NQ; ++i) {
+      float a0 = 0.f;
+      for (int x = 0; x < n; ++x) a0 += ps[i][x] * qs[i].v[x * vstep + d];
+      qs[i].dq[d] = a0 * inv[i][0];
+    }
   // the sum is >= 1 (the max contributes exp(0)) unless NaN
-  *lse = tot[0] >= 1.f && tot[0] < INFINITY ? (m + vlog(tot))[0] : m[0] + std::log(tot[0]);
+  for (int i = 0; i < NQ; ++i) {
+    const float t = tot[i][0];
+    *qs[i].acc = t >= 1.f && t < INFINITY ? (m[i] + vlog(tot[i]))[0] : m[i][0] + std::log(t);
+  }
+}
+
+void row_fwd(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
+             const float* zeros, float* s) {
+  int i = 0;
+  for (; i + 2 <= nq; i += 2) row_fwd_n<2>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
+  if (i < nq) row_fwd_n<1>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
 }
 
 template <bool CHECK>

@@ -17,6 +17,15 @@ struct SlotOut {
   bool own;
 };
 
+// One query of the 1D row kernels: its heads-last query and output-gradient rows, its first key and
+// value rows, lse and its gradient, where dq goes (the forward: out) and its key/value accumulators
+// (the forward: where lse goes).
+struct RowQuery {
+  const float *q, *dO, *k, *v;
+  float lse, dlse;
+  float *dq, *acc;
+};
+
 struct KernelTable {
   const char* name;
   int vw;  // floats per vector register; callers pad the N of gemm to a multiple of it for speed
@@ -89,9 +98,9 @@ struct KernelTable {
   void (*row_bwd)(const float* q, const float* dO, const float* k, int64_t kstep, const float* v, int64_t vstep, int n,
                   int64_t D, int64_t Dv, float scale, float lse, float dlse, const float* zeros, float* s, float* dq,
                   float* acc, int64_t rw, int rmask, int r0);
-  // its forward (out, lse) of one query of one head
-  void (*row_fwd)(const float* q, const float* k, int64_t kstep, const float* v, int64_t vstep, int n, int64_t D,
-                  int64_t Dv, float scale, const float* zeros, float* s, float* out, float* lse);
+  // its forward of nq queries (RowQuery: out to dq, lse to *acc)
+  void (*row_fwd)(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
+                  const float* zeros, float* s);
 };
 
 const KernelTable* kernels_avx512();
