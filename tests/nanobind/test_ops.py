@@ -252,9 +252,14 @@ def test_exact_window_border_blocks(na_dim, causal):
     assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
 
 
-def test_exact_backward_path_off_for_nonfinite_inputs():
+@pytest.mark.parametrize("rows", [False, True])
+def test_exact_backward_path_off_for_nonfinite_inputs(rows, monkeypatch):
     """A non-finite query keeps the backward on the tile path (the exact path multiplies zeros into
-    its padding, which inf would turn into NaN)."""
+    its padding, which inf would turn into NaN) when the 1D exact path runs on transposed copies
+    (NATTEN_MLX_ROW1D=0); on the heads-last rows (the default) it multiplies only in-window pairs and
+    keeps serving, and the queries the inf cannot reach get the oracle's gradients."""
+    if not rows:
+        monkeypatch.setenv("NATTEN_MLX_ROW1D", "0")
     rng = np.random.default_rng(8)
     L, K = 48, 5
     q, k, v = (rng.standard_normal((1, L, 2, 8)) for _ in range(3))
@@ -266,9 +271,20 @@ def test_exact_backward_path_off_for_nonfinite_inputs():
     assert ext.path_counts(True)[3] > 0
     q_inf = q.copy()
     q_inf[0, 30, 1, 0] = np.inf
-    mx.eval(mx.vjp(f, [_mx(q_inf, mx.float32), km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1])
+    grads = mx.vjp(f, [_mx(q_inf, mx.float32), km, vm], [mx.ones((1, L, 2, 8)), mx.zeros((1, L, 2))])[1]
+    mx.eval(grads)
     counts = ext.path_counts(True)
-    assert counts[3] == 0 and counts[4] == 0
+    if not rows:
+        assert counts[3] == 0 and counts[4] == 0
+        return
+    assert counts[3] > 0 and counts[4] > 0 and counts[5] == 0
+    want = oracle.na_backward(q, k, v, kernel_size=(K,), stride=(1,), dilation=(1,), is_causal=(False,),
+                              dout=np.ones((1, L, 2, 8)))
+    dq = _np(grads[0])
+    ok = np.ones(L, bool)
+    ok[30] = False
+    _close(dq[0, ok], want["q"][0, ok], mx.float32, "dq of queries other than the inf one")
+    _close(dq[0, 30, 0], want["q"][0, 30, 0], mx.float32, "dq of the inf query's other head")
 
 
 @pytest.mark.parametrize("dilation,causal,stride", [(1, False, 1), (3, False, 1), (2, True, 1), (1, False, 3), (2, False, 2)])
@@ -314,13 +330,19 @@ def test_exact_2d_streamed_transposes(shape, K, d, c):
         assert run_f > 0 and tile_f == 0
 
 
-@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), (2, 1, 1), (2, 2, 2)])
-def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv):
+@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), ("1-rows", 1, 1), (2, 1, 1), (2, 2, 2)])
+def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv, monkeypatch):
     """The forward plans border blocks before it has looked at the values and checks them where it
     transposes them; an inf value next to a border (inside border blocks' reads) sends it round again
     without border blocks (tiles at the borders). Rows whose windows miss the inf token equal the
     oracle's with that token zeroed; the path counters count the second round only. 2D with B * Hkv = 4
-    streams its transposes (two slices per thread), with 1 it transposes whole slices."""
+    streams its transposes (two slices per thread), with 1 it transposes whole slices. 1D on heads-last
+    rows ("1-rows", the default; plain 1D runs with NATTEN_MLX_ROW1D=0) multiplies only in-window
+    pairs: its border blocks serve the inf value in the first round."""
+    rows = na_dim == "1-rows"
+    na_dim = 1 if rows else na_dim
+    if na_dim == 1 and not rows:
+        monkeypatch.setenv("NATTEN_MLX_ROW1D", "0")
     rng = np.random.default_rng(17)
     shape, K = {1: ((40,), (5,)), 2: ((6, 40), (3, 5))}[na_dim]
     H = 2 * Hkv
@@ -335,7 +357,10 @@ def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv):
     out = ext.fused_forward(_mx(q, mx.float32), _mx(k, mx.float32), _mx(v_inf, mx.float32), None, None, None, **kw)[0]
     got = _np(out)
     run_f, border_f, tile_f = ext.path_counts(True)[:3]
-    assert border_f == 0 and tile_f > 0 and run_f + tile_f == B * H * int(np.prod(shape))
+    if rows:
+        assert border_f > 0 and tile_f == 0 and run_f + border_f == B * H * int(np.prod(shape))
+    else:
+        assert border_f == 0 and tile_f > 0 and run_f + tile_f == B * H * int(np.prod(shape))
     v_zero = v.copy()
     v_zero[(0, *bad, 0)] = 0.0
     want, _ = oracle.na_forward(q, k, v_zero, kernel_size=K, stride=(1,) * na_dim, dilation=(1,) * na_dim,
@@ -353,14 +378,20 @@ def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv):
 
 
 @pytest.mark.parametrize("where", ["query", "key", "value", "dout"])
-@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), (2, 1, 1), (2, 2, 2), (3, 1, 1)])
-def test_backward_nonfinite_input_found_where_transposed(na_dim, B, Hkv, where):
+@pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), ("1-rows", 1, 1), (2, 1, 1), (2, 2, 2), (3, 1, 1)])
+def test_backward_nonfinite_input_found_where_transposed(na_dim, B, Hkv, where, monkeypatch):
     """The backward plans the exact path (border blocks too) before it has looked at its inputs and
     checks them where it transposes them; an inf query, key or output gradient sends it round again
     on the tile path, an inf value without border blocks (the path counters count the second round
     only; without the check the exact path's counters would be non-zero). Gradients the inf cannot
     reach equal the oracle's on the clean inputs. 1D: keys gathered per piece; 2D with B * Hkv = 4:
-    streamed transposes (two slices per thread); 2D with 1 and 3D: whole slices."""
+    streamed transposes (two slices per thread); 2D with 1 and 3D: whole slices. 1D on heads-last
+    rows ("1-rows", the default; the plain 1D case runs with NATTEN_MLX_ROW1D=0): only in-window
+    pairs are multiplied, so the exact path serves every input in one round."""
+    rows = na_dim == "1-rows"
+    na_dim = 1 if rows else na_dim
+    if na_dim == 1 and not rows:
+        monkeypatch.setenv("NATTEN_MLX_ROW1D", "0")
     rng = np.random.default_rng(23)
     shape, K = {1: ((40,), (5,)), 2: ((6, 40), (3, 5)), 3: ((4, 5, 24), (3, 3, 5))}[na_dim]
     H = 2 * Hkv
@@ -380,7 +411,9 @@ def test_backward_nonfinite_input_found_where_transposed(na_dim, B, Hkv, where):
     _, grads = mx.vjp(f, [_mx(args[n], mx.float32) for n in ("query", "key", "value")], [_mx(args["dout"], mx.float32)])
     dq, dk, dv = (_np(g) for g in grads)
     run_b, border_b, tile_b = ext.path_counts(True)[3:]
-    if where == "value":
+    if rows:
+        assert run_b > 0 and border_b > 0 and tile_b == 0, f"inf {where}: the 1D row path went round again"
+    elif where == "value":
         assert border_b == 0 and run_b > 0, "an inf value must turn the backward's border blocks off"
     else:
         assert run_b == 0 and border_b == 0 and tile_b == B * H * int(np.prod(shape)), f"inf {where}: exact path ran"
@@ -425,3 +458,24 @@ def test_1d_backward_keys_pieces_do_not_write(L, K, d, c, mode, monkeypatch):
         assert run_b + border_b > 0 and tile_b > 0
         for name, got in zip("qkv", grads):
             _close(_np(got), want[name], mx.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("rows", [True, False])
+@pytest.mark.parametrize(
+    "L,K,s,d,c,H,Hkv,D,Dv,B",
+    [(1100, 7, 1, 1, False, 4, 4, 32, 32, 1), (1300, 9, 1, 2, True, 4, 2, 16, 24, 2), (900, 6, 3, 1, False, 3, 1, 5, 11, 1),
+     (1000, 13, 1, 3, False, 2, 2, 40, 8, 2), (700, 4, 2, 2, True, 2, 1, 32, 32, 1)],
+)
+def test_1d_backward_rows(L, K, s, d, c, H, Hkv, D, Dv, B, rows, monkeypatch):
+    """The 1D backward on heads-last rows (kt.row_bwd; many pieces in two waves, key gradients left
+    through rings of rows) and on transposed copies (NATTEN_MLX_ROW1D=0), against the oracle: long rows,
+    GQA, D and Dv that do and do not fill whole vectors, dilation, causal, stride, lse cotangents."""
+    if not rows:
+        monkeypatch.setenv("NATTEN_MLX_ROW1D", "0")
+    cfg = dict(na_dim=1, shape=(L,), B=B, H=H, Hkv=Hkv, D=D, Dv=Dv, E=0, K=(K,), s=(s,), d=(d,), c=(c,), rpb=False,
+               scale=None)
+    cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    ext.path_counts(True)
+    test_fused_forward_backward(cfg, mx.float32, L + K)
+    counts = ext.path_counts(True)
+    assert counts[3] + counts[4] > 0 and counts[:3] == counts[3:]

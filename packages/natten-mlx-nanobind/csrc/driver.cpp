@@ -300,6 +300,14 @@ int exact_mode() {
   return 2;
 }
 
+// NATTEN_MLX_ROW1D=0 sends the 1D exact path (forward and backward) through transposed copies (the
+// seventh pass's kernels) instead of kt.row_fwd / kt.row_bwd on the heads-last rows; read on every
+// call (tests run both)
+bool row1d_mode() {
+  const char* env = std::getenv("NATTEN_MLX_ROW1D");
+  return !env || std::strcmp(env, "0") != 0;
+}
+
 // borders: serve the queries next to the runs with masked blocks too (needs finite values: a masked
 // slot's weight is 0, and 0 * inf is not)
 ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
@@ -584,6 +592,7 @@ struct Workspace {
   std::vector<float> qp, kt, kp, vp, vt, s, p, dp, ds, tr, o, dob, dkb, dvb;
 };
 thread_local Workspace tls_ws;
+thread_local std::vector<RowQuery> tls_rowq;
 
 // Everything one tile needs to know about its queries and keys.
 struct TileGeo {
@@ -1080,6 +1089,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // whole slice is written and read back); in 2D/3D every key row serves many query rows, so the
   // slices are transposed once up front
   const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
+  // (row_chunk below; multiplies only in-window pairs, so it needs no finite values)
+  const bool rows1d = local && row1d_mode();
   struct Chunk {
     int row, row2, b0, b1;  // ep.rows[row] (and ep.rows[row2] unless -1), their blocks order[g2][b0, b1)
   };
@@ -1307,10 +1318,50 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       a.lse[row] = mrow[r];
     }
   };
+  // 1D on heads-last rows (kt.row_fwd, as the backward's row_bwd): a chunk's queries one at a time,
+  // every head of a token together, straight from q, k, v into out and lse: no transposes, and the
+  // threads write different tokens' lines
+  auto row_chunk = [&](int64_t b, const Chunk& ch) {
+    const int vw = kt.vw, g2 = ep.rows[ch.row].g[2];
+    const int64_t D = g.D, Dv = g.Dv, Hkv = g.Hkv, Dl2 = g.Dl[2];
+    Workspace& w = tls_ws;
+    float* zeros = grow(w.kp, static_cast<size_t>(D));
+    std::memset(zeros, 0, sizeof(float) * D);
+    const int64_t kstep = Dl2 * Hkv * D, vstep = Dl2 * Hkv * Dv;
+    const float* kg = a.k + (b * g.Nk + g2) * Hkv * D;
+    const float* vg = a.v + (b * g.Nk + g2) * Hkv * Dv;
+    const int64_t tok0 = row_token(g, ep.rows[ch.row].g[0], ep.rows[ch.row].g[1], ep.rows[ch.row].c0,
+                                   ep.rows[ch.row].c1) + g2;
+    std::vector<RowQuery>& rq = tls_rowq;
+    rq.resize(g.H);
+    for (int oi = ch.b0; oi < ch.b1; ++oi) {
+      const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
+      const ExactRun& run = ep.runs[g2][blk.run];
+      const int* lohi = run.masked ? run.lohi : nullptr;
+      float* s = grow(w.s, static_cast<size_t>(2 * (round_up(blk.nx, vw) + vw)));
+      for (int l = blk.skip; l < vw; ++l) {
+        if (lohi && lohi[l] >= lohi[vw + l]) continue;
+        const int ws = blk.ws + l + (lohi ? lohi[l] : 0), n = lohi ? lohi[vw + l] - lohi[l] : blk.nx;
+        const int64_t tok = tok0 + static_cast<int64_t>(blk.c + l) * Dl2;
+        for (int64_t h = 0; h < g.H; ++h) {
+          const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
+          rq[h] = {a.q + r * D, nullptr, kg + ws * kstep + hk * D, vg + ws * vstep + hk * Dv, 0.f, 0.f, a.out + r * Dv,
+                   a.lse + r};
+        }
+        kt.row_fwd(rq.data(), static_cast<int>(g.H), kstep, vstep, n, D, Dv, g.scale, zeros, s);
+      }
+    }
+  };
   // 1D: chunk-major, the heads of one chunk one after another and on both threads at once, so the
   // heads-last rows they share are read from memory once while in cache (paired C1 0.92); 2D/3D keep
   // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
-  if (!streamed)
+  if (rows1d)
+    parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
+      if (it < g.B * nrowsx) return row_chunk(it % g.B, chunks[it / g.B]);
+      it -= g.B * nrowsx;
+      item_fn((it / ntiles) * per_slice + nrowsx + it % ntiles);
+    });
+  else if (!streamed)
     parallel_for(slices * per_slice, [&](int64_t it) {
       item_fn(local ? (it % slices) * per_slice + it / slices : it);
     });
@@ -1649,10 +1700,15 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     }
   };
   if (local) {
-    // 1D: runs cut into pieces of about 256 queries, each with its keys and values transposed into
-    // its own buffers and its own key/value gradient sums, added to dk/dv at the end. Pieces whose
+    // 1D: runs cut into pieces of about 128 queries (256 with NATTEN_MLX_ROW1D=0), each with its own
+    // key/value gradient sums (a ring of rows, or transposed copies of its keys and values and sums in
+    // their order), stored or added to dk/dv as below. Pieces whose
     // keys overlap (neighbours; strided border blocks, several deep) must not add at the same time:
     // per row, a piece goes to the first wave whose pieces so far all end before its keys begin.
+    // (see row_piece below)
+    const bool rows1d = row1d_mode();
+    // (no per-piece transposes on rows: smaller pieces balance the waves better)
+    const int piece_len = rows1d ? 128 : 256;
     struct Unit {
       int row, run, tb, te, klo, khi;  // keys [klo, khi) of the group get its sums
     };
@@ -1662,7 +1718,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       std::vector<Unit> row_units;
       for (size_t ri = 0; ri < ep.runs[g2].size(); ++ri) {
         const ExactRun& run = ep.runs[g2][ri];
-        const int len = run.u1 - run.u0 + 1, pieces = run.masked ? 1 : (len + 255) / 256;
+        const int len = run.u1 - run.u0 + 1, pieces = run.masked ? 1 : (len + piece_len - 1) / piece_len;
         for (int p = 0; p < pieces; ++p) {
           const int tb = len * p / pieces, te = len * (p + 1) / pieces;
           row_units.push_back({static_cast<int>(r), static_cast<int>(ri), tb, te, run.ws0 + tb, run.ws0 + te + run.nx - 1});
@@ -1707,9 +1763,90 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
             std::memset(dv_of(slice) + n * tsv, 0, sizeof(float) * Dv);
           }
     }
+    // The pieces' queries one at a time in the inputs' own heads-last rows (kt.row_bwd): the transposes of q, dO, k, v in and of dq, dk, dv out were ~45% of
+    // C1's backward. A piece's key/value gradient sums live in a ring of rows (keys leave it, stored or
+    // added as above, once the windows have moved past them), so they stay in L1.
+    auto row_piece = [&](int64_t b, const Unit& u, int wv) {
+      const ExactPlan::Row& row = ep.rows[u.row];
+      const ExactRun& run = ep.runs[row.g[2]][u.run];
+      const std::vector<int>& fw = first[u.row];
+      const int g2 = row.g[2], lg = na_group_len(g.L[2], Dl2, g2), vw = kt.vw;
+      const int64_t Hkv = g.Hkv;
+      // live keys: a run's current window (nx), or all of a border block's (at most nx + vw - 1)
+      int R = 8;
+      while (R < run.nx + vw + 1) R <<= 1;
+      // one ring per kv head, rows of [D | Dv] sums
+      const int64_t rw = D + Dv, rs = R * rw;
+      Workspace& w = tls_ws;
+      float* ring = grow(w.dkb, static_cast<size_t>(Hkv * rs));
+      float* zeros = grow(w.kp, static_cast<size_t>(std::max(D, Dv)));
+      std::memset(zeros, 0, sizeof(float) * std::max(D, Dv));
+      float* s = grow(w.s, static_cast<size_t>(2 * (round_up(run.nx, vw) + vw)));
+      const int64_t kstep = Dl2 * tsk, vstep = Dl2 * tsv;
+      // group coordinate j of kv head hk at kg + j * kstep + hk * D (values likewise)
+      const float* kg = a.k + (b * Nk + g2) * Hkv * D;
+      const float* vg = a.v + (b * Nk + g2) * Hkv * Dv;
+      float* dkg = a.dk + (b * Nk + g2) * Hkv * D;
+      float* dvg = a.dv + (b * Nk + g2) * Hkv * Dv;
+      const int64_t tok0 = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
+      const int a0 = std::max(u.klo, 0), a1 = std::min(u.khi, lg);
+      int lo = a0, hi = a0;  // the rings hold keys [lo, hi)
+      auto flush = [&](int upto) {
+        for (; lo < upto; ++lo) {
+          const bool store = fw[lo] == wv;
+          for (int64_t hk = 0; hk < Hkv; ++hk) {
+            const float* r = ring + hk * rs + static_cast<int64_t>(lo & (R - 1)) * rw;
+            float* dk = dkg + lo * kstep + hk * D;
+            float* dv = dvg + lo * vstep + hk * Dv;
+            if (store) {
+              std::memcpy(dk, r, sizeof(float) * D);
+              std::memcpy(dv, r + D, sizeof(float) * Dv);
+            } else {
+              kt.axpy(dk, 1.f, r, static_cast<int>(D));
+              kt.axpy(dv, 1.f, r + D, static_cast<int>(Dv));
+            }
+          }
+        }
+      };
+      auto enter = [&](int upto) {
+        for (; hi < upto; ++hi)
+          for (int64_t hk = 0; hk < Hkv; ++hk)
+            std::memset(ring + hk * rs + static_cast<int64_t>(hi & (R - 1)) * rw, 0, sizeof(float) * rw);
+      };
+      // query c (group coordinate) of every head, keys [ws, ws + n)
+      auto query = [&](int c, int ws, int n) {
+        enter(ws + n);
+        const int64_t tok = tok0 + static_cast<int64_t>(c) * Dl2;
+        for (int64_t h = 0; h < g.H; ++h) {
+          const int64_t hk = h / g.G, r = (b * N + tok) * g.H + h;
+          kt.row_bwd(a.q + r * D, a.dout + r * Dv, kg + ws * kstep + hk * D, kstep, vg + ws * vstep + hk * Dv, vstep,
+                     n, D, Dv, g.scale, a.lse[r], a.dlse ? a.dlse[r] : 0.f, zeros, s, a.dq + r * D, ring + hk * rs, rw,
+                     R - 1, ws);
+        }
+      };
+      if (!run.masked) {
+        for (int t = u.tb; t < u.te; ++t) {
+          flush(run.ws0 + t);
+          query(run.u0 + t, run.ws0 + t, run.nx);
+        }
+      } else {
+        for (int l = 0; l < vw; ++l)
+          if (run.lohi[l] < run.lohi[vw + l])
+            query(run.u0 + l, run.ws0 + l + run.lohi[l], run.lohi[vw + l] - run.lohi[l]);
+      }
+      // every key of [a0, a1) is this piece's to store or add (zeros where no window of it reached)
+      enter(a1);
+      flush(a1);
+    };
     for (size_t wv = 0; wv < waves.size(); ++wv) {
       const std::vector<Unit>& wave = waves[wv];
       const int64_t nu = static_cast<int64_t>(wave.size());
+      if (rows1d) {
+        // piece-major, every head of a token together: the threads work on different tokens, so no
+        // two write the same lines of dq, dk, dv (heads-last rows of different heads share lines)
+        parallel_for(g.B * nu, [&](int64_t item) { row_piece(item % g.B, wave[item / g.B], static_cast<int>(wv)); });
+        continue;
+      }
       parallel_for(slices * nu, [&](int64_t item) {
         // piece-major: the heads of one piece run one after another (and on both threads at once), so
         // the heads-last rows they share (H * D floats per token; a head's part straddles cache lines,

@@ -5,6 +5,10 @@
 
 #include "kernels.h"
 
+#if defined(NA_VARIANT_avx2)
+#include <immintrin.h>
+#endif
+
 #if defined(NA_VARIANT_avx512)
 #define NA_VW 16
 #define NA_MR 8
@@ -792,6 +796,207 @@ typedef int v8i __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
 // CHECK: also returns whether every value read is finite (x * 0 is 0 for finite x, NaN otherwise)
+
+// Lane x of the result: the sum of a[x]'s lanes (VW dot products finished at once).
+inline vf reduce_lanes(const vf* a) {
+#if defined(NA_VARIANT_avx2)
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return vf(_mm256_permute2f128_ps(u0, u1, 0x20)) + vf(_mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  vf r;
+  for (int x = 0; x < VW; ++x) r[x] = hsum(a[x]);
+  return r;
+#endif
+}
+
+// every lane: the max / the sum of v's lanes (three shuffle steps instead of a chain of VW scalar ops)
+inline vf bcast_max(vf v) {
+#if defined(NA_VARIANT_avx2)
+  __m256 t = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  t = _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
+  return _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
+#else
+  return splat(hmax(v));
+#endif
+}
+inline vf bcast_sum(vf v) {
+#if defined(NA_VARIANT_avx2)
+  __m256 t = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  t = _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
+  return _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
+#else
+  return splat(hsum(v));
+#endif
+}
+
+// scores of one row against VW rows at once: out[x] = q . rows[x] over D features
+inline vf row_dots(const float* q, const float* const* rows, int64_t D) {
+  vf a[VW];
+#pragma GCC unroll 16
+  for (int x = 0; x < VW; ++x) a[x] = vf{};
+  int64_t d = 0;
+  for (; d + VW <= D; d += VW) {
+    const vf qv = load(q + d);
+#pragma GCC unroll 16
+    for (int x = 0; x < VW; ++x) a[x] += qv * load(rows[x] + d);
+  }
+  for (; d < D; ++d)
+    for (int x = 0; x < VW; ++x) a[x][0] += q[d] * rows[x][d];
+  return reduce_lanes(a);
+}
+
+// Backward of one query of one head in the inputs' own heads-last rows (1D; features across the
+// vector, slots across the lanes after a reduction): no transposes in or out. Its n keys/values are
+// rows k + x * kstep / v + x * vstep (x < n). Recomputes S = scale q.k,
+// P = exp(S - lse), dP = dO.v, c = sum P dP - dlse, dS = P (dP - c); writes dq = scale sum dS k and
+// adds scale dS q / P dO to the key / value accumulators acc + ((r0 + x) & rmask) * rw (dK at
+// [0, D), dV at [D, D + Dv)). zeros: max(D, Dv) zeros (the padding lanes' rows); s: 2 * round_up(n,
+// VW) floats. Only in-window pairs are multiplied: inf/NaN inputs reach exactly where the definition
+// takes them.
+void row_bwd(const float* q, const float* dO, const float* k, int64_t kstep, const float* v, int64_t vstep, int n,
+             int64_t D, int64_t Dv, float scale, float lse, float dlse, const float* zeros, float* s, float* dq,
+             float* acc, int64_t rw, int rmask, int r0) {
+  const int nb = (n + VW - 1) / VW;
+  float* dp = s + nb * VW;
+  vf cs{};
+  for (int b = 0; b < nb; ++b) {
+    const float* kr[VW];
+    const float* vr[VW];
+#pragma GCC unroll 16
+    for (int x = 0; x < VW; ++x) {
+      const int j = b * VW + x;
+      kr[x] = j < n ? k + j * kstep : zeros;
+      vr[x] = j < n ? v + j * vstep : zeros;
+    }
+    const vi valid = lanes() < (n - b * VW);
+    const vf sv = row_dots(q, kr, D), dpv = row_dots(dO, vr, Dv);
+    vf p = vexp(sv * scale - lse);
+    p = valid ? p : vf{};
+    store(s + b * VW, p);
+    store(dp + b * VW, dpv);
+    cs += p * dpv;
+  }
+  const vf c = bcast_sum(cs) - dlse;
+  for (int b = 0; b < nb; ++b) store(dp + b * VW, load(s + b * VW) * (load(dp + b * VW) - c));
+  int64_t d = 0;
+  for (; d + VW <= D; d += VW) {
+    vf a0{}, a1{};
+    int x = 0;
+    for (; x + 2 <= n; x += 2) {
+      a0 += dp[x] * load(k + x * kstep + d);
+      a1 += dp[x + 1] * load(k + (x + 1) * kstep + d);
+    }
+    if (x < n) a0 += dp[x] * load(k + x * kstep + d);
+    store(dq + d, (a0 + a1) * scale);
+  }
+  for (; d < D; ++d) {
+    float a0 = 0.f;
+    for (int x = 0; x < n; ++x) a0 += dp[x] * k[x * kstep + d];
+    dq[d] = a0 * scale;
+  }
+  for (int x = 0; x < n; ++x) {
+    float* ak = acc + static_cast<int64_t>((r0 + x) & rmask) * rw;
+    float* av = ak + D;
+    const float w = dp[x] * scale, p = s[x];
+    int64_t e = 0;
+    for (; e + VW <= D; e += VW) store(ak + e, load(ak + e) + w * load(q + e));
+    for (; e < D; ++e) ak[e] += w * q[e];
+    for (e = 0; e + VW <= Dv; e += VW) store(av + e, load(av + e) + p * load(dO + e));
+    for (; e < Dv; ++e) av[e] += p * dO[e];
+  }
+}
+
+
+// Forward of queries in the inputs' own heads-last rows (1D; as row_bwd, two at a time): S = scale
+// q.k over the n keys k + x * kstep, P = softmax(S), out = P . v (rows v + x * vstep), lse. s:
+// 2 * round_up(n, VW) floats.
+template <int NQ>
+inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
+                      const float* zeros, float* s) {
+  const int nb = (n + VW - 1) / VW;
+  float* ps[NQ];
+  vf mv[NQ];
+#pragma GCC unroll 2
+  for (int i = 0; i < NQ; ++i) {
+    ps[i] = s + i * nb * VW;
+    mv[i] = splat(-INFINITY);
+  }
+  for (int b = 0; b < nb; ++b) {
+    const vi valid = lanes() < (n - b * VW);
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) {
+      const float* kr[VW];
+#pragma GCC unroll 16
+      for (int x = 0; x < VW; ++x) {
+        const int j = b * VW + x;
+        kr[x] = j < n ? qs[i].k + j * kstep : zeros;
+      }
+      vf sv = row_dots(qs[i].q, kr, D) * scale;
+      sv = valid ? sv : splat(-INFINITY);
+      store(ps[i] + b * VW, sv);
+      mv[i] = sv > mv[i] ? sv : mv[i];
+    }
+  }
+  vf m[NQ], sum[NQ];
+#pragma GCC unroll 2
+  for (int i = 0; i < NQ; ++i) {
+    m[i] = bcast_max(mv[i]);
+    m[i] = m[i] == -INFINITY ? vf{} : m[i];  // only NaN scores: let the NaN through exp
+    sum[i] = vf{};
+  }
+  for (int b = 0; b < nb; ++b)
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) {
+      const vf p = vexp(load(ps[i] + b * VW) - m[i]);
+      store(ps[i] + b * VW, p);
+      sum[i] += p;
+    }
+  vf tot[NQ], inv[NQ];
+#pragma GCC unroll 2
+  for (int i = 0; i < NQ; ++i) {
+    tot[i] = bcast_sum(sum[i]);
+    inv[i] = 1.f / tot[i];
+  }
+  int64_t d = 0;
+  for (; d + VW <= Dv; d += VW) {
+    vf a0[NQ], a1[NQ];
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) a0[i] = a1[i] = vf{};
+    int x = 0;
+    for (; x + 2 <= n; x += 2)
+#pragma GCC unroll 2
+      for (int i = 0; i < NQ; ++i) {
+        a0[i] += ps[i][x] * load(qs[i].v + x * vstep + d);
+        a1[i] += ps[i][x + 1] * load(qs[i].v + (x + 1) * vstep + d);
+      }
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i) {
+      if (x < n) a0[i] += ps[i][x] * load(qs[i].v + x * vstep + d);
+      store(qs[i].dq + d, (a0[i] + a1[i]) * inv[i]);
+    }
+  }
+  for (; d < Dv; ++d)
+    for (int i = 0; i < NQ; ++i) {
+      float a0 = 0.f;
+      for (int x = 0; x < n; ++x) a0 += ps[i][x] * qs[i].v[x * vstep + d];
+      qs[i].dq[d] = a0 * inv[i][0];
+    }
+  // the sum is >= 1 (the max contributes exp(0)) unless NaN
+  for (int i = 0; i < NQ; ++i) {
+    const float t = tot[i][0];
+    *qs[i].acc = t >= 1.f && t < INFINITY ? (m[i] + vlog(tot[i]))[0] : m[i][0] + std::log(t);
+  }
+}
+
+void row_fwd(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
+             const float* zeros, float* s) {
+  int i = 0;
+  for (; i + 2 <= nq; i += 2) row_fwd_n<2>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
+  if (i < nq) row_fwd_n<1>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
+}
+
 template <bool CHECK>
 inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;
@@ -853,7 +1058,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd};
   return &table;
 }
 

@@ -17,6 +17,15 @@ struct SlotOut {
   bool own;
 };
 
+// One query of the 1D row kernels: its heads-last query and output-gradient rows, its first key and
+// value rows, lse and its gradient, where dq goes (the forward: out) and its key/value accumulators
+// (the forward: where lse goes).
+struct RowQuery {
+  const float *q, *dO, *k, *v;
+  float lse, dlse;
+  float *dq, *acc;
+};
+
 struct KernelTable {
   const char* name;
   int vw;  // floats per vector register; callers pad the N of gemm to a multiple of it for speed
@@ -85,6 +94,13 @@ struct KernelTable {
                        const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb);
   // transpose8 that also returns false when any value it read is inf or NaN
   bool (*transpose8_finite)(const float* const* src, int64_t w, float* dst, int64_t ld);
+  // 1D backward of one query of one head straight from/to heads-last rows (kernels.cpp says how)
+  void (*row_bwd)(const float* q, const float* dO, const float* k, int64_t kstep, const float* v, int64_t vstep, int n,
+                  int64_t D, int64_t Dv, float scale, float lse, float dlse, const float* zeros, float* s, float* dq,
+                  float* acc, int64_t rw, int rmask, int r0);
+  // its forward of nq queries (RowQuery: out to dq, lse to *acc)
+  void (*row_fwd)(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
+                  const float* zeros, float* s);
 };
 
 const KernelTable* kernels_avx512();
