@@ -31,6 +31,7 @@ GEOS = [
     ((10, 44), (3, 5), (1, 1), (1, 2), (False, True), 1, 2, 1, 16, 8),
     ((11, 50), (4, 6), (2, 3), (1, 1), (False, False), 1, 2, 2, 8, 8),
     ((5, 300), (3, 7), (1, 1), (1, 1), (False, False), 1, 2, 2, 32, 32),
+    ((6, 60), (3, 7), (1, 1), (1, 1), (False, False), 1, 3, 3, 32, 35),
     ((6, 7, 40), (3, 3, 5), (1, 1, 1), (1, 2, 1), (False, True, False), 1, 4, 2, 8, 16),
     ((7, 6, 36), (3, 4, 7), (1, 2, 1), (2, 1, 2), (True, False, False), 2, 1, 1, 16, 8),
 ]
@@ -74,7 +75,7 @@ def test_row2d_forward_against_oracle(geo, row2d, dtype, monkeypatch):
         assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g}"
 
 
-@pytest.mark.parametrize("geo", [GEOS[1], GEOS[3], GEOS[6]], ids=[_ids(g) for g in (GEOS[1], GEOS[3], GEOS[6])])
+@pytest.mark.parametrize("geo", [GEOS[1], GEOS[3], GEOS[7]], ids=[_ids(g) for g in (GEOS[1], GEOS[3], GEOS[7])])
 def test_row2d_equals_default_path(geo, monkeypatch):
     """Both paths serve the same queries and agree to float32 rounding (different summation order)."""
     monkeypatch.setenv("NATTEN_MLX_ROW2D", "1")
@@ -112,3 +113,16 @@ def test_row2d_inf_value_stays_in_its_windows(monkeypatch):
     assert np.all(np.isfinite(out[0][~sees]))
     assert not np.any(np.isfinite(out[0][sees][..., 0]))
     assert np.abs(out[0][~sees] - want[0][~sees]).max() <= 2e-5 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("Dv", [32, 35, 40, 72])
+def test_1d_rows_forward_value_widths(Dv):
+    """1D on heads-last rows (kt.row_fwd) with value widths that take row_fwd's P.V in passes of four
+    vectors, then single vectors, then single floats (8 or 16 floats to a vector), and an odd head
+    count (the single-query tail), against the oracle."""
+    geo = ((260,), (7,), (1,), (1,), (False,), 1, 3, 3, 32, Dv)
+    (q, k, v, kw), out, lse, counts = _run(geo, mx.float32, 21)
+    assert counts[0] + counts[1] > 0
+    want_out, want_lse = oracle.na_forward(q, k, v, kernel_size=(7,), stride=(1,), dilation=(1,), is_causal=(False,))
+    assert np.abs(out - want_out).max() <= 2e-5 * max(1.0, np.abs(want_out).max())
+    assert np.abs(lse - want_lse).max() <= 2e-5 * max(1.0, np.abs(want_lse).max())
