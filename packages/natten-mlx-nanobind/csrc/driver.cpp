@@ -308,6 +308,14 @@ bool row1d_mode() {
   return !env || std::strcmp(env, "0") != 0;
 }
 
+// NATTEN_MLX_ROW2D=1 serves the 2D/3D exact path's forward from the heads-last rows too (kt.row_fwd_g:
+// a query's window is its K0 (x K1) last-axis segments, gathered as offsets), instead of the
+// transposed slices and exact_fwd2; read on every call (tests run both)
+bool row2d_mode() {
+  const char* env = std::getenv("NATTEN_MLX_ROW2D");
+  return env && std::strcmp(env, "1") == 0;
+}
+
 // borders: serve the queries next to the runs with masked blocks too (needs finite values: a masked
 // slot's weight is 0, and 0 * inf is not)
 ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
@@ -593,6 +601,7 @@ struct Workspace {
 };
 thread_local Workspace tls_ws;
 thread_local std::vector<RowQuery> tls_rowq;
+thread_local std::vector<int64_t> tls_seg, tls_off;  // row_chunk_nd's key rows and offsets
 
 // Everything one tile needs to know about its queries and keys.
 struct TileGeo {
@@ -1091,6 +1100,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
   // (row_chunk below; multiplies only in-window pairs, so it needs no finite values)
   const bool rows1d = local && row1d_mode();
+  const bool rowsnd = ep.on && !local && row2d_mode();
   struct Chunk {
     int row, row2, b0, b1;  // ep.rows[row] (and ep.rows[row2] unless -1), their blocks order[g2][b0, b1)
   };
@@ -1114,7 +1124,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // multiple of 1024 would all fall in the same few L1 sets (the exact path reads D of them at once)
   const int64_t ldx = ep.ld;
   int64_t ldk = round_up(g.Nk, 16) + 16;
-  const float* kT = (ntiles && !(ep.on && g.Dl[2] == 1 && !local))
+  const float* kT = (ntiles && (rowsnd || !(ep.on && g.Dl[2] == 1 && !local)))
                         ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
                         : nullptr;
   // Streamed (2D, no tiles, at least two slices per thread): one task per slice transposes its key
@@ -1126,7 +1136,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // tasks (a slice each, against a row pair each) only cost balance (C4 0.99 at one thread, 1.00-1.06
   // at two).
   const bool streamed =
-      ep.on && !local && g.L[0] == 1 && ntiles == 0 && slices >= 2 * int64_t(num_threads());
+      ep.on && !local && !rowsnd && g.L[0] == 1 && ntiles == 0 && slices >= 2 * int64_t(num_threads());
   const float *kTx = nullptr, *vTx = nullptr;
   float *kTs = nullptr, *vTs = nullptr;
   std::vector<int64_t> need;  // streamed: rows along the first two axes transposed before chunk i
@@ -1139,7 +1149,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     need.resize(chunks.size());
     for (size_t i = 0; i < chunks.size(); ++i) need[i] = key_rows_needed(g, ep, chunks[i].row, chunks[i].row2);
     seq = order_by_need(need);
-  } else if (ep.on && !local) {
+  } else if (ep.on && !local && !rowsnd) {
     kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
     vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
                                        check ? &v_ok : nullptr);
@@ -1352,10 +1362,65 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       }
     }
   };
+  // 2D/3D on heads-last rows (NATTEN_MLX_ROW2D=1): as row_chunk, a query's window being the K0 (x K1)
+  // key rows of its exact-plan row, each a segment of n keys along the last axis (Dl2 tokens apart)
+  auto row_chunk_nd = [&](int64_t b, const Chunk& ch) {
+    const int vw = kt.vw;
+    const int64_t D = g.D, Dv = g.Dv, Hkv = g.Hkv, Dl2 = g.Dl[2];
+    Workspace& w = tls_ws;
+    float* zeros = grow(w.kp, static_cast<size_t>(D));
+    std::memset(zeros, 0, sizeof(float) * D);
+    const float* kb = a.k + b * g.Nk * Hkv * D;
+    const float* vb = a.v + b * g.Nk * Hkv * Dv;
+    std::vector<RowQuery>& rq = tls_rowq;
+    rq.resize(g.H);
+    std::vector<int64_t>& seg = tls_seg;
+    std::vector<int64_t>& off = tls_off;
+    for (int ri : {ch.row, ch.row2}) {
+      if (ri < 0) continue;
+      const ExactPlan::Row& row = ep.rows[ri];
+      const int g2 = row.g[2];
+      seg.clear();
+      // the token of each key row's (group coordinate 0) key
+      for_window_key_rows(g, ep, row, [&](int64_t base) { seg.push_back(base - ep.gstart[g2] + g2); });
+      const int nseg = static_cast<int>(seg.size());
+      const int64_t tok0 = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
+      for (int oi = ch.b0; oi < ch.b1; ++oi) {
+        const ExactBlock& blk = ep.blocks[g2][order[g2][oi]];
+        const ExactRun& run = ep.runs[g2][blk.run];
+        const int* lohi = run.masked ? run.lohi : nullptr;
+        const int nmax = nseg * blk.nx;
+        float* s = grow(w.s, static_cast<size_t>(2 * (round_up(nmax, vw) + vw)));
+        off.resize(static_cast<size_t>(nmax));
+        int64_t* koff = off.data();
+        for (int l = blk.skip; l < vw; ++l) {
+          if (lohi && lohi[l] >= lohi[vw + l]) continue;
+          const int ws = blk.ws + l + (lohi ? lohi[l] : 0), n = lohi ? lohi[vw + l] - lohi[l] : blk.nx;
+          int j = 0;
+          for (int r = 0; r < nseg; ++r)
+            for (int x = 0; x < n; ++x, ++j) koff[j] = seg[r] + (ws + x) * Dl2;
+          const int64_t tok = tok0 + static_cast<int64_t>(blk.c + l) * Dl2;
+          // every head of the query in one call (two heads at a time along the whole row, to keep fewer
+          // key lines in L1, was slower: paired C2 1.05, C4 1.08, that build second)
+          for (int64_t h = 0; h < g.H; ++h) {
+            const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
+            rq[h] = {a.q + r * D, nullptr, kb + hk * D, vb + hk * Dv, 0.f, 0.f, a.out + r * Dv, a.lse + r};
+          }
+          kt.row_fwd_g(rq.data(), static_cast<int>(g.H), koff, Hkv * D, Hkv * Dv, j, D, Dv, g.scale, zeros, s);
+        }
+      }
+    }
+  };
+  if (rowsnd)
+    parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
+      if (it < g.B * nrowsx) return row_chunk_nd(it % g.B, chunks[it / g.B]);
+      it -= g.B * nrowsx;
+      item_fn((it / ntiles) * per_slice + nrowsx + it % ntiles);
+    });
   // 1D: chunk-major, the heads of one chunk one after another and on both threads at once, so the
   // heads-last rows they share are read from memory once while in cache (paired C1 0.92); 2D/3D keep
   // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
-  if (rows1d)
+  else if (rows1d)
     parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
       if (it < g.B * nrowsx) return row_chunk(it % g.B, chunks[it / g.B]);
       it -= g.B * nrowsx;

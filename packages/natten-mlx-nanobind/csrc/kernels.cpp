@@ -911,10 +911,11 @@ void row_bwd(const float* q, const float* dO, const float* k, int64_t kstep, con
 
 // Forward of queries in the inputs' own heads-last rows (1D; as row_bwd, two at a time): S = scale
 // q.k over the n keys k + x * kstep, P = softmax(S), out = P . v (rows v + x * vstep), lse. s:
-// 2 * round_up(n, VW) floats.
-template <int NQ>
+// 2 * round_up(n, VW) floats. G (2D/3D): key/value x at k + koff[x] * kstep / v + koff[x] * vstep
+// instead (koff: token offsets of a window of several last-axis segments, gathered by the caller).
+template <int NQ, bool G = false>
 inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
-                      const float* zeros, float* s) {
+                      const float* zeros, float* s, const int64_t* koff = nullptr) {
   const int nb = (n + VW - 1) / VW;
   float* ps[NQ];
   vf mv[NQ];
@@ -931,7 +932,7 @@ inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, i
 #pragma GCC unroll 16
       for (int x = 0; x < VW; ++x) {
         const int j = b * VW + x;
-        kr[x] = j < n ? qs[i].k + j * kstep : zeros;
+        kr[x] = j < n ? qs[i].k + (G ? koff[j] : j) * kstep : zeros;
       }
       vf sv = row_dots(qs[i].q, kr, D) * scale;
       sv = valid ? sv : splat(-INFINITY);
@@ -960,6 +961,27 @@ inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, i
     inv[i] = 1.f / tot[i];
   }
   int64_t d = 0;
+  // four value vectors per pass over the slots: with two queries, eight independent sums (the loop
+  // below keeps two per query, and waited on the FMA latency)
+  for (; d + 4 * VW <= Dv; d += 4 * VW) {
+    vf acc[NQ][4];
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc[i][u] = vf{};
+    for (int x = 0; x < n; ++x)
+#pragma GCC unroll 2
+      for (int i = 0; i < NQ; ++i) {
+        const vf p = splat(ps[i][x]);
+        const float* vr = qs[i].v + (G ? koff[x] : x) * vstep + d;
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) acc[i][u] += p * load(vr + u * VW);
+      }
+#pragma GCC unroll 2
+    for (int i = 0; i < NQ; ++i)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) store(qs[i].dq + d + u * VW, acc[i][u] * inv[i]);
+  }
   for (; d + VW <= Dv; d += VW) {
     vf a0[NQ], a1[NQ];
 #pragma GCC unroll 2
@@ -968,19 +990,19 @@ inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, i
     for (; x + 2 <= n; x += 2)
 #pragma GCC unroll 2
       for (int i = 0; i < NQ; ++i) {
-        a0[i] += ps[i][x] * load(qs[i].v + x * vstep + d);
-        a1[i] += ps[i][x + 1] * load(qs[i].v + (x + 1) * vstep + d);
+        a0[i] += ps[i][x] * load(qs[i].v + (G ? koff[x] : x) * vstep + d);
+        a1[i] += ps[i][x + 1] * load(qs[i].v + (G ? koff[x + 1] : x + 1) * vstep + d);
       }
 #pragma GCC unroll 2
     for (int i = 0; i < NQ; ++i) {
-      if (x < n) a0[i] += ps[i][x] * load(qs[i].v + x * vstep + d);
+      if (x < n) a0[i] += ps[i][x] * load(qs[i].v + (G ? koff[x] : x) * vstep + d);
       store(qs[i].dq + d, (a0[i] + a1[i]) * inv[i]);
     }
   }
   for (; d < Dv; ++d)
     for (int i = 0; i < NQ; ++i) {
       float a0 = 0.f;
-      for (int x = 0; x < n; ++x) a0 += ps[i][x] * qs[i].v[x * vstep + d];
+      for (int x = 0; x < n; ++x) a0 += ps[i][x] * qs[i].v[(G ? koff[x] : x) * vstep + d];
       qs[i].dq[d] = a0 * inv[i][0];
     }
   // the sum is >= 1 (the max contributes exp(0)) unless NaN
@@ -995,6 +1017,13 @@ void row_fwd(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, in
   int i = 0;
   for (; i + 2 <= nq; i += 2) row_fwd_n<2>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
   if (i < nq) row_fwd_n<1>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
+}
+
+void row_fwd_g(const RowQuery* qs, int nq, const int64_t* koff, int64_t kstep, int64_t vstep, int n, int64_t D,
+               int64_t Dv, float scale, const float* zeros, float* s) {
+  int i = 0;
+  for (; i + 2 <= nq; i += 2) row_fwd_n<2, true>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s, koff);
+  if (i < nq) row_fwd_n<1, true>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s, koff);
 }
 
 template <bool CHECK>
@@ -1058,7 +1087,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g};
   return &table;
 }
 

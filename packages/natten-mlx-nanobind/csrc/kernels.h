@@ -101,6 +101,10 @@ struct KernelTable {
   // its forward of nq queries (RowQuery: out to dq, lse to *acc)
   void (*row_fwd)(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
                   const float* zeros, float* s);
+  // row_fwd over n keys/values at k + koff[x] * kstep / v + koff[x] * vstep (2D/3D windows: several
+  // last-axis segments, koff their tokens)
+  void (*row_fwd_g)(const RowQuery* qs, int nq, const int64_t* koff, int64_t kstep, int64_t vstep, int n, int64_t D,
+                    int64_t Dv, float scale, const float* zeros, float* s);
 };
 
 const KernelTable* kernels_avx512();
