@@ -1355,7 +1355,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         const int64_t tok = tok0 + static_cast<int64_t>(blk.c + l) * Dl2;
         for (int64_t h = 0; h < g.H; ++h) {
           const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
-          rq[h] = {a.q + r * D, nullptr, kg + ws * kstep + hk * D, vg + ws * vstep + hk * Dv, 0.f, 0.f, a.out + r * Dv,
+          rq[h] = {a.q + r * D, kg + ws * kstep + hk * D, vg + ws * vstep + hk * Dv, a.out + r * Dv,
                    a.lse + r};
         }
         kt.row_fwd(rq.data(), static_cast<int>(g.H), kstep, vstep, n, D, Dv, g.scale, zeros, s);
@@ -1404,7 +1404,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
           // key lines in L1, was slower: paired C2 1.05, C4 1.08, that build second)
           for (int64_t h = 0; h < g.H; ++h) {
             const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
-            rq[h] = {a.q + r * D, nullptr, kb + hk * D, vb + hk * Dv, 0.f, 0.f, a.out + r * Dv, a.lse + r};
+            rq[h] = {a.q + r * D, kb + hk * D, vb + hk * Dv, a.out + r * Dv, a.lse + r};
           }
           kt.row_fwd_g(rq.data(), static_cast<int>(g.H), koff, Hkv * D, Hkv * Dv, j, D, Dv, g.scale, zeros, s);
         }

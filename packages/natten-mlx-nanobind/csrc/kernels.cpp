@@ -795,7 +795,6 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 
-// CHECK: also returns whether every value read is finite (x * 0 is 0 for finite x, NaN otherwise)
 
 // Lane x of the result: the sum of a[x]'s lanes (VW dot products finished at once).
 inline vf reduce_lanes(const vf* a) {
@@ -980,7 +979,7 @@ inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, i
 #pragma GCC unroll 2
     for (int i = 0; i < NQ; ++i)
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) store(qs[i].dq + d + u * VW, acc[i][u] * inv[i]);
+      for (int u = 0; u < 4; ++u) store(qs[i].out + d + u * VW, acc[i][u] * inv[i]);
   }
   for (; d + VW <= Dv; d += VW) {
     vf a0[NQ], a1[NQ];
@@ -996,19 +995,19 @@ inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, i
 #pragma GCC unroll 2
     for (int i = 0; i < NQ; ++i) {
       if (x < n) a0[i] += ps[i][x] * load(qs[i].v + (G ? koff[x] : x) * vstep + d);
-      store(qs[i].dq + d, (a0[i] + a1[i]) * inv[i]);
+      store(qs[i].out + d, (a0[i] + a1[i]) * inv[i]);
     }
   }
   for (; d < Dv; ++d)
     for (int i = 0; i < NQ; ++i) {
       float a0 = 0.f;
       for (int x = 0; x < n; ++x) a0 += ps[i][x] * qs[i].v[(G ? koff[x] : x) * vstep + d];
-      qs[i].dq[d] = a0 * inv[i][0];
+      qs[i].out[d] = a0 * inv[i][0];
     }
   // the sum is >= 1 (the max contributes exp(0)) unless NaN
   for (int i = 0; i < NQ; ++i) {
     const float t = tot[i][0];
-    *qs[i].acc = t >= 1.f && t < INFINITY ? (m[i] + vlog(tot[i]))[0] : m[i][0] + std::log(t);
+    *qs[i].lse = t >= 1.f && t < INFINITY ? (m[i] + vlog(tot[i]))[0] : m[i][0] + std::log(t);
   }
 }
 
@@ -1026,6 +1025,7 @@ void row_fwd_g(const RowQuery* qs, int nq, const int64_t* koff, int64_t kstep, i
   if (i < nq) row_fwd_n<1, true>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s, koff);
 }
 
+// CHECK: also returns whether every value read is finite (x * 0 is 0 for finite x, NaN otherwise)
 template <bool CHECK>
 inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;

@@ -20,10 +20,11 @@ struct SlotOut {
 // One query of the 1D row kernels: its heads-last query and output-gradient rows, its first key and
 // value rows, lse and its gradient, where dq goes (the forward: out) and its key/value accumulators
 // (the forward: where lse goes).
+// One query of one head for the row forwards: its row, its first key/value rows, where its output
+// row and its lse go
 struct RowQuery {
-  const float *q, *dO, *k, *v;
-  float lse, dlse;
-  float *dq, *acc;
+  const float *q, *k, *v;
+  float *out, *lse;
 };
 
 struct KernelTable {
@@ -98,7 +99,7 @@ struct KernelTable {
   void (*row_bwd)(const float* q, const float* dO, const float* k, int64_t kstep, const float* v, int64_t vstep, int n,
                   int64_t D, int64_t Dv, float scale, float lse, float dlse, const float* zeros, float* s, float* dq,
                   float* acc, int64_t rw, int rmask, int r0);
-  // its forward of nq queries (RowQuery: out to dq, lse to *acc)
+  // its forward of nq queries (RowQuery: output row to out, lse to *lse)
   void (*row_fwd)(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
                   const float* zeros, float* s);
   // row_fwd over n keys/values at k + koff[x] * kstep / v + koff[x] * vstep (2D/3D windows: several
