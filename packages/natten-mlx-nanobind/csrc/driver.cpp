@@ -1411,21 +1411,17 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       }
     }
   };
-  if (rowsnd)
+  // on rows (1D, or 2D/3D with NATTEN_MLX_ROW2D=1): the exact plan's chunks per batch, then the tiles
+  if (rows1d || rowsnd)
     parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
-      if (it < g.B * nrowsx) return row_chunk_nd(it % g.B, chunks[it / g.B]);
+      if (it < g.B * nrowsx)
+        return rows1d ? row_chunk(it % g.B, chunks[it / g.B]) : row_chunk_nd(it % g.B, chunks[it / g.B]);
       it -= g.B * nrowsx;
       item_fn((it / ntiles) * per_slice + nrowsx + it % ntiles);
     });
   // 1D: chunk-major, the heads of one chunk one after another and on both threads at once, so the
   // heads-last rows they share are read from memory once while in cache (paired C1 0.92); 2D/3D keep
   // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
-  else if (rows1d)
-    parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
-      if (it < g.B * nrowsx) return row_chunk(it % g.B, chunks[it / g.B]);
-      it -= g.B * nrowsx;
-      item_fn((it / ntiles) * per_slice + nrowsx + it % ntiles);
-    });
   else if (!streamed)
     parallel_for(slices * per_slice, [&](int64_t it) {
       item_fn(local ? (it % slices) * per_slice + it / slices : it);
