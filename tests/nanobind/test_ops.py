@@ -17,6 +17,18 @@ nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
     pytest.skip(nb.UNAVAILABLE, allow_module_level=True)
 ext = nb.extension()
+# floats per vector of the kernel table the extension chose (ext.simd(); NATTEN_MLX_SIMD forces one): 16 for
+# AVX-512, 8 for AVX2, NEON and the baseline. The exact path serves blocks of VW queries along the last axis,
+# so which queries reach its runs, its border blocks or the tiles depends on it (test_vector_width checks it).
+VW = 16 if ext.simd() == "avx512" else 8
+
+
+def _last(n, d=1):
+    """A last-axis length chosen for vw 8, at the table's width: d * (VW - 8) longer, so that each of the d
+    dilation groups is VW - 8 longer, and so are its runs of windows that shift by one key per query: a
+    group, a run and the border queries beside it relate to a vector as they do at vw 8 (a run at least
+    a vector long stays one, a group one query short of a vector stays one)."""
+    return n + d * (VW - 8)
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # relative to the largest reference magnitude; float32 arithmetic throughout, inputs/outputs rounded
@@ -235,12 +247,32 @@ def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
         assert run == 0 and border == 0 and tile > 0
 
 
+@pytest.mark.parametrize("rows", [True, False])
+def test_vector_width(rows, monkeypatch):
+    """VW, which the shapes of the path tests below are derived from, is the chosen table's width: along
+    a 1D row of L queries with K = 3, queries 1 .. L - 2 have windows that shift by one key per query,
+    one run of L - 2 queries, which the runs-only path (NATTEN_MLX_EXACT=runs) serves exactly when it is
+    at least a vector long. On heads-last rows (the default) and on transposed copies."""
+    monkeypatch.setenv("NATTEN_MLX_EXACT", "runs")
+    if not rows:
+        monkeypatch.setenv("NATTEN_MLX_ROW1D", "0")
+    kw = dict(kernel_size=[3], stride=[1], dilation=[1], is_causal=[False], scale=None)
+    for L, served in ((VW + 2, True), (VW + 1, False)):
+        q = mx.ones((1, L, 2, 8))
+        ext.path_counts(True)
+        mx.eval(ext.fused_forward(q, q, q, None, None, None, **kw)[0])
+        run_f, border_f, tile_f = ext.path_counts(True)[:3]
+        assert (run_f, border_f, tile_f) == ((2 * (L - 2), 0, 4) if served else (0, 0, 2 * L)), f"L = {L}, vw {VW}"
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("na_dim", [1, 2, 3])
 def test_exact_window_border_blocks(na_dim, causal):
     """Border blocks (masked vectors of queries next to a run) serve every query the runs leave, so
-    no tile runs, forward and backward; against the oracle."""
+    no tile runs, forward and backward; against the oracle. The last axis is VW - 8 longer than the
+    length given for vw 8 (_last): a run at least a vector long, border queries at both of its ends."""
     L = {1: (40,), 2: (6, 30), 3: (3, 4, 21)}[na_dim]
+    L = L[:-1] + (_last(L[-1]),)
     K = {1: (5,), 2: (3, 5), 3: (2, 3, 7)}[na_dim]
     cfg = dict(na_dim=na_dim, shape=L, B=1, H=2, Hkv=1, D=8, Dv=4, E=0, K=K, s=(1,) * na_dim, d=(1,) * na_dim,
                c=(causal,) * na_dim, rpb=False, scale=None)
@@ -318,6 +350,7 @@ def test_exact_2d_streamed_transposes(shape, K, d, c):
     into the next rows (short rows: several of them). A first call whose values hold inf leaves
     inf in the reused buffers; the finite calls after it must never read a row not yet transposed.
     Against the oracle, forward and backward."""
+    shape = (shape[0], _last(shape[1], d[1]))  # short rows at either vector width
     cfg = dict(na_dim=2, shape=shape, B=2, H=8, Hkv=4, D=8, Dv=12, E=0, K=K, s=(1, 1), d=d, c=c, rpb=False, scale=None)
     cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
     v_inf = np.full((2, *shape, 4, 12), np.inf, np.float32)
@@ -439,8 +472,10 @@ def test_1d_backward_keys_pieces_do_not_write(L, K, d, c, mode, monkeypatch):
     """1D keys that no exact-path piece writes (groups shorter than a vector, or border queries left
     to tiles): the pieces store their sums where they write first instead of adding to zeroed
     gradients, and zero the other keys before the tiles add theirs. Buffers MLX hands out again
-    (filled with 7s here first) must not show through. Against the oracle, twice."""
+    (filled with 7s here first) must not show through. Against the oracle, twice. L is for vw 8 (23 and
+    d = 3: groups of 8, 8 and 7 queries); at vector width VW the groups are VW - 8 longer."""
     monkeypatch.setenv("NATTEN_MLX_EXACT", mode)
+    L = _last(L, d)
     rng = np.random.default_rng(29)
     H = 2
     q, k, v, dout = (rng.standard_normal((1, L, H, 8)) for _ in range(4))
