@@ -8,7 +8,8 @@ Run from the repository root on the GPU machine:
         [--impls cuda,mlx-dense,torch-dense,natten-flex] [--flex-bwd] [--rpb]
 
 Impls: ``cuda`` (options as ``cuda:ldmatrix=0``, ``cuda:tile=2x4x8`` or ``cuda:size=128``: the default
-forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp, ``cuda:minb=3``: resident blocks per SM, ``cuda:splits=3``: blocks per query tile's walk), ``cuda-parts`` (the backward's
+forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp, ``cuda:minb=3``: resident blocks per SM, ``cuda:splits=3``: blocks per query tile's walk,
+``cuda:wgmma=0``: the forward's products by mma.sync instead of warpgroup MMA), ``cuda-parts`` (the backward's
 dq and dk/dv kernels timed alone; TFLOP/s of their GEMMs: 3 and 4 of the forward's 2), ``mlx-dense``,
 ``torch-dense``, ``natten-flex``. ``--rpb``: the cuda rows with a relative positional bias (random, float16;
 the G cases have none; rows tagged ``+rpb``, the forward's check adds the bias).
@@ -47,6 +48,8 @@ CASES = {
     # D1 G1's sequence with a window of all of it (dense attention on this tier's kernels, against MLX's SDPA)
     "S1": (1, (8192,), (2048,), 1, 128),
     "D1": (1, (32768,), (32768,), 1, 128),
+    # W2: a 1D stand-in of G2's per-query work (6400 keys, 24 heads) for the warpgroup probe (wgmma_attn.py)
+    "W2": (1, (65536,), (6400,), 24, 128),
 }
 
 
@@ -138,6 +141,8 @@ def mlx_child(case: str, impls: list, modes: list, with_rpb: bool = False) -> No
                             opts["min_blocks"] = int(val)
                         elif name == "splits":
                             opts["splits"] = int(val)
+                        elif name == "wgmma":
+                            opts["wgmma"] = val != "0"
                         else:
                             opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
                     be = CudaBackend().configure(**opts)

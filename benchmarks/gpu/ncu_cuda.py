@@ -29,7 +29,8 @@ def main() -> None:
     a = argparse.ArgumentParser()
     a.add_argument("--case", default="G2", choices=sorted(CASES))
     a.add_argument("--heads", type=int, default=None, help="override the case's heads")
-    a.add_argument("--opt", action="append", default=[], help="backend option name=AxB or name=int")
+    a.add_argument("--opt", action="append", default=[], help="backend option name=AxB or name=int (wgmma=0/1)")
+    a.add_argument("--fwd-only", action="store_true", help="the forward alone (one launch)")
     args = a.parse_args()
 
     import mlx.core as mx
@@ -40,11 +41,19 @@ def main() -> None:
     opts = {}
     for kv in args.opt:
         name, val = kv.split("=")
-        opts[name] = tuple(int(x) for x in val.split("x")) if name in ("tile", "key_tile") else int(val)
+        if name in ("tile", "key_tile"):
+            opts[name] = tuple(int(x) for x in val.split("x"))
+        elif name in ("wgmma", "ldmatrix"):
+            opts[name] = val != "0"
+        else:
+            opts[name] = int(val)
     p, q, k, v, do = case_inputs(b, spatial, ks, h, d)
     be = CudaBackend().configure(**opts)
     out, lse = be.fused_forward(p, q, k, v)
     mx.eval(out, lse)
+    if args.fwd_only:
+        print("done", args.case, h, opts)
+        return
     rec = types.SimpleNamespace(problem=p, inputs={"query": q, "key": k, "value": v}, out=out, lse=lse, d_out=do,
                                 d_lse=None)
     g = be.fused_backward(rec)

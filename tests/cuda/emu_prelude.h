@@ -184,6 +184,58 @@ inline void na_cp_wait_one() {}
 template <int N> inline void na_cp_wait() {}
 #define NA_SHARED_DECL unsigned char* na_smem = na_block->smem.data()
 
+// ---- warpgroup MMA (common.cuh's na_wg_*): computed at issue (commit, wait and fences do nothing;
+// the kernels wait before reading the accumulators, so issue-time results are what they read). Shared
+// addresses are offsets into the block's shared memory; the 128-byte swizzle is applied to them as the
+// hardware applies it to shared addresses (bits 4-6 ^= bits 7-9).
+inline unsigned na_smem_addr(const void* p) { return (unsigned)((const unsigned char*)p - na_block->smem.data()); }
+inline void na_wg_fence() {}
+inline void na_wg_commit() {}
+template <int N> inline void na_wg_wait() {}
+inline void na_fence_proxy_async() {}
+inline void na_wg_pin(float&) {}
+template <typename T> inline float na_wg_elem(unsigned addr) {
+  addr ^= ((addr >> 7) & 7u) << 4;
+  uint16_t bits;
+  std::memcpy(&bits, na_block->smem.data() + addr, 2);
+  return na_emu_elem<T>((unsigned)bits, 0);
+}
+// K-major operand: element (row, k) of the k step starting at start (row groups of 8 SBO = 1024 apart)
+template <typename T> inline float na_wg_kmajor(unsigned start, int row, int k) {
+  return na_wg_elem<T>(start + (row >> 3) * 1024u + (row & 7) * 128u + (k >> 3) * 16u + (k & 7) * 2u);
+}
+template <typename T> inline void na_wg_ss(float* d, const void* a, const void* b, int acc) {
+  const unsigned sa = na_smem_addr(a), sb = na_smem_addr(b);
+  const int lane = threadIdx.x & 31, w4 = (threadIdx.x >> 5) & 3, gid = lane / 4, tig = lane % 4;
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w4 + gid + 8 * (e >> 1), col = 8 * j + 2 * tig + (e & 1);
+      float sum = acc ? d[4 * j + e] : 0.f;
+      for (int k = 0; k < 16; ++k) sum += na_wg_kmajor<T>(sa, row, k) * na_wg_kmajor<T>(sb, col, k);
+      d[4 * j + e] = sum;
+    }
+}
+template <typename T> inline void na_wg_rs(float* d, const unsigned* a, const void* b, int acc) {
+  NaWarp& w = na_warp();
+  const int lane = threadIdx.x & 31, gid = lane / 4, tig = lane % 4;
+  for (int r = 0; r < 4; ++r) { w.a[lane][2 * r] = na_emu_elem<T>(a[r], 0); w.a[lane][2 * r + 1] = na_emu_elem<T>(a[r], 1); }
+  w.bar.wait();
+  auto A = [&](int row, int k) { int ln = (row % 8) * 4 + (k % 8) / 2; int reg = (k >= 8 ? 2 : 0) + (row >= 8 ? 1 : 0); return w.a[ln][reg * 2 + k % 2]; };
+  const unsigned sb = na_smem_addr(b);
+  float out[32];
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = gid + 8 * (e >> 1), col = 8 * j + 2 * tig + (e & 1);
+      float sum = acc ? d[4 * j + e] : 0.f;
+      // MN-major B: one 128-byte row of 64 columns per k, 8-k groups 1024 bytes apart
+      for (int k = 0; k < 16; ++k)
+        sum += A(row, k) * na_wg_elem<T>(sb + (k >> 3) * 1024u + (k & 7) * 128u + (col >> 3) * 16u + (col & 7) * 2u);
+      out[4 * j + e] = sum;
+    }
+  w.bar.wait();
+  for (int i = 0; i < 32; ++i) d[i] = out[i];
+}
+
 // namespace cg = cooperative_groups in MLX's wrapper
 namespace cooperative_groups {}
 

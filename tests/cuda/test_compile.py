@@ -74,3 +74,23 @@ def test_wgmma_probe_compiles_for_sm90a(tmp_path):
         res = subprocess.run([NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-c", str(cu), "-o",
                               str(tmp_path / f"probe{i}.o")], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr[-4000:]
+
+
+def test_wgmma_forward_variants_compile_for_sm90a(tmp_path):
+    """fmha_fwd's WG variants (plan.wgmma_variants) through ptxas for sm_90a, the target MLX asks NVRTC
+    for on Hopper: they compile, and ptxas does not serialise their wgmma (a warning that halves the
+    tensor-core rate: e.g. an accumulator written between wgmma issue and wait, or wgmma in divergent code)."""
+    variants = plan.wgmma_variants()
+    assert all(dict(v.template)["WG"] for v in variants)
+    text = "\n".join(source.full_source(v) for v in variants)
+    cu = tmp_path / "fmha_fwd_wg.cu"
+    cu.write_text(text)
+    res = subprocess.run(
+        [NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-c", "-I", os.path.join(HERE, "stub"),
+         "-Xptxas", "-v", str(cu), "-o", str(tmp_path / "fmha_fwd_wg.o")],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    for v in variants:
+        assert v.kernel_name in res.stderr, v.kernel_name
+    assert "serializ" not in res.stderr.lower(), res.stderr[-4000:]

@@ -28,6 +28,8 @@ def poisoned_runner(launch, inputs):
     if launch.init_value is None:
         launch = dataclasses.replace(launch, init_value=float("nan"))
     LAUNCHES.append(launch.variant.body)
+    if launch.variant.body == "fmha_fwd" and dict(launch.variant.template)["WG"]:
+        LAUNCHES.append("fmha_fwd[WG]")
     return mlx_runner(launch, inputs)
 
 
@@ -54,6 +56,48 @@ def test_fmha_sweep(cfg, dtype, seed):
     assert "fmha_fwd" in LAUNCHES
     bad = {k: v for k, v in errs.items() if not v < TOL[dtype]}
     assert not bad, (errs, TOL[dtype])
+
+
+def _wg_configs(count, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        na_dim = 1 + i % 3
+        cfg = random_config(rng, na_dim, MAX_LEN[na_dim], head_dims=(64, 128))
+        dtype = ("float16", "bfloat16")[(i // 3) % 2]
+        out.append(pytest.param(cfg, dtype, seed * 1000 + i, id=f"{dtype}-{cfg_id(cfg)}"))
+    return out
+
+
+@pytest.mark.parametrize("cfg,dtype,seed", _wg_configs(12, 5))
+def test_wgmma_sweep(cfg, dtype, seed):
+    """The forward by warpgroup MMA (the default on sm_90a for head dims 64/128), forward and backward,
+    with every parameter (Dv != D, extra keys, rpb, GQA, causal, stride, dilation)."""
+    from natten_mlx_cuda.backend import device_wgmma_reason
+
+    assert device_wgmma_reason() is None or not plan.WGMMA, device_wgmma_reason()
+    LAUNCHES.clear()
+    errs = run_and_compare(BACKEND, cfg, dtype, np.random.default_rng(seed))
+    assert "fmha_fwd[WG]" in LAUNCHES, LAUNCHES
+    bad = {k: v for k, v in errs.items() if not v < TOL[dtype]}
+    assert not bad, (errs, TOL[dtype])
+
+
+def test_wgmma_matches_mma_sync():
+    """G2's shape on 2 heads: the warpgroup forward and the mma.sync forward agree (same inputs)."""
+    from cuda_cases import make_problem
+
+    cfg = dict(na_dim=2, shape=(256, 256), B=1, H=2, Hkv=2, D=128, Dv=128, E=0, K=(80, 80), s=(1, 1), d=(1, 1),
+               c=(False, False), rpb=False, scale=None)
+    p = make_problem(cfg, "float16")
+    q, k, v = (mx.random.normal((1, 256, 256, 2, 128), key=mx.random.key(i)).astype(mx.float16) for i in range(3))
+    LAUNCHES.clear()
+    o1, l1 = BACKEND.configure(wgmma=True).fused_forward(p, q, k, v)
+    o2, l2 = BACKEND.configure(wgmma=False).fused_forward(p, q, k, v)
+    mx.eval(o1, l1, o2, l2)
+    assert LAUNCHES.count("fmha_fwd[WG]") == 1
+    assert mx.abs(o1.astype(mx.float32) - o2.astype(mx.float32)).max().item() < 2e-3
+    assert mx.abs(l1 - l2).max().item() < 1e-3
 
 
 @pytest.mark.parametrize("cfg,dtype,seed", _configs(9, 2, (3, 8), ("float32", "float16", "bfloat16")))

@@ -18,7 +18,7 @@ from .source import BODIES, Variant, body, header_for
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16, "int32": mx.int32}
 _NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
-OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages", "min_blocks", "splits")
+OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages", "min_blocks", "splits", "wgmma")
 KERNELS = ("auto", "fmha", "simple")
 MAX_GRID_YZ = plan.MAX_GRID_YZ
 MAX_THREADS = 2**31 - 1
@@ -56,6 +56,30 @@ def _scale(scale: float) -> mx.array:
     return mx.array([scale], dtype=mx.float32)
 
 
+_ARCH_PROBE = """
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  flag[0] = 1;
+#else
+  flag[0] = 0;
+#endif
+"""
+
+
+@lru_cache(maxsize=None)
+def device_wgmma_reason() -> str | None:
+    """Why this process's GPU cannot run the warpgroup-MMA forward (None when it can): MLX's NVRTC
+    builds for the arch-specific sm_90a target on compute capability 9.0 only, which wgmma needs. Asked
+    once, by a one-thread kernel that reports whether that target's feature macro is defined."""
+    try:
+        k = mx.fast.cuda_kernel(name="natten_arch_probe", input_names=["x"], output_names=["flag"], source=_ARCH_PROBE)
+        (flag,) = k(inputs=[mx.zeros((1,), dtype=mx.int32)], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                    output_shapes=[(1,)], output_dtypes=[mx.int32])
+        ok = int(flag.item()) == 1
+    except Exception as exc:  # no CUDA device, or NVRTC refused the probe
+        return f"the architecture probe failed ({type(exc).__name__}: {exc})"
+    return None if ok else "the GPU is not compiled for sm_90a (wgmma is Hopper's; MLX targets sm_90a on compute capability 9.0)"
+
+
 def _device_type() -> str:
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
 
@@ -79,7 +103,9 @@ class CudaBackend:
     0: no bound; default: plan.forward's choice, 3 for 64-query tiles without rpb, 2 for 128-query tiles
     of 32-row warps), ``splits`` (1 to plan.MAX_SPLITS: blocks that share each query tile's walk of key
     tiles in the tensor-core forward, merged by their lse; default 1: measured slower on whole calls, see
-    plan.SPLIT_FILL).
+    plan.SPLIT_FILL), ``wgmma`` (None: the forward's products by warpgroup MMA where plan.WGMMA, the
+    device (sm_90a) and the problem (plan.wgmma_reason) allow; True: the same, and a problem or device it
+    cannot serve is refused in ``supports``; False: mma.sync only).
     """
 
     name = "cuda"
@@ -89,7 +115,8 @@ class CudaBackend:
     description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16)"
 
     def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True,
-                 ldmatrix: bool = True, m_tiles=None, stages=None, min_blocks=None, splits=None):
+                 ldmatrix: bool = True, m_tiles=None, stages=None, min_blocks=None, splits=None, wgmma=None):
+        self.wgmma = wgmma
         self.min_blocks = min_blocks
         self.splits = splits
         self.m_tiles = m_tiles
@@ -125,6 +152,9 @@ class CudaBackend:
         splits = options.get("splits", self.splits)
         if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= plan.MAX_SPLITS):
             raise ValueError(f"cuda backend: splits={splits!r} must be an int from 1 to {plan.MAX_SPLITS} (blocks per query tile's walk)")
+        wgmma = options.get("wgmma", self.wgmma)
+        if wgmma is not None and not isinstance(wgmma, bool):
+            raise TypeError(f"cuda backend: wgmma={wgmma!r} must be None, True or False (the forward's warpgroup MMA)")
         for what in ("tile", "key_tile"):
             t = options.get(what)
             if t is not None:
@@ -134,17 +164,17 @@ class CudaBackend:
         new = (
             tuple(options["tile"]) if options.get("tile") is not None else self.tile,
             tuple(options["key_tile"]) if options.get("key_tile") is not None else self.key_tile,
-            kernel, ldmatrix, m_tiles, stages, min_blocks, splits,
+            kernel, ldmatrix, m_tiles, stages, min_blocks, splits, wgmma,
         )
         if new == (self.tile, self.key_tile, self.kernel, self.ldmatrix, self.m_tiles, self.stages, self.min_blocks,
-                   self.splits):
+                   self.splits, self.wgmma):
             return self
         # the same options give the same object, so calls share the core's cached functions
         if new not in self._configured:
             self._configured[new] = CudaBackend(
                 tile=new[0], key_tile=new[1], kernel=kernel, runner=self._runner,
                 require_device=self._require_device, ldmatrix=ldmatrix, m_tiles=m_tiles, stages=stages,
-                min_blocks=min_blocks, splits=splits,
+                min_blocks=min_blocks, splits=splits, wgmma=wgmma,
             )
         return self._configured[new]
 
@@ -175,6 +205,15 @@ class CudaBackend:
             return False
         return plan.fast_reason(geo, dtype) is None
 
+    def _wgmma(self, geo: plan.Geometry, dtype: str) -> bool:
+        """Whether the forward's products go through warpgroup MMA for this problem."""
+        if self.wgmma is False or (self.wgmma is None and not plan.WGMMA) or self.kernel == "simple":
+            return False
+        if plan.wgmma_reason(geo, dtype) is not None:
+            return False
+        # the CPU emulator (tests) runs the WG bodies too
+        return not self._require_device or device_wgmma_reason() is None
+
     def supports(self, problem) -> str | None:
         device = getattr(problem, "device", None) or _device_type()
         if self._require_device and device != "gpu":
@@ -201,6 +240,12 @@ class CudaBackend:
             why = plan.fast_reason(geo, dtype)
             if why is not None:
                 return f"kernel='fmha' was asked for, but {why}"
+        if self.wgmma:
+            why = plan.wgmma_reason(geo, dtype) or (device_wgmma_reason() if self._require_device else None)
+            if why is not None:
+                return f"wgmma=True was asked for, but {why}"
+            if self.m_tiles == 2:
+                return "wgmma=True was asked for with m_tiles=2 (warpgroup MMA takes 16-row warps)"
         return None
 
     # -- forward ----------------------------------------------------------------------------------
@@ -212,7 +257,7 @@ class CudaBackend:
         out_dtype = "float32" if extra else dtype
         qt, kt = self._tiles(geo, forward=True)
         launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix,
-                              self.m_tiles, self.stages, self.min_blocks, self.splits)
+                              self.m_tiles, self.stages, self.min_blocks, self.splits, self._wgmma(geo, dtype))
         out, lse = self._runner(launch, [
             query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
             value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),

@@ -70,6 +70,17 @@ MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents (the forward's y
 MAX_SPLITS = 8
 SPLIT_MIN_TILES = 8
 SPLIT_FILL = 0.0
+# The forward's products by warpgroup MMA (fmha_fwd's WG; sm_90a, so Hopper only): 128-query tiles of two
+# warpgroups (8 warps of 16 rows), Q, K and V in 128-byte-swizzled shared tiles, two blocks per SM (128
+# registers, ~110 KB of shared memory at D 128). Standalone (benchmarks/gpu/wgmma_attn.py, H200, session
+# 10) this structure ran dense attention at 438 TFLOP/s and a 6400-key 1D window at 429, against 318 and
+# 301 for the mma.sync kernels in the same run. Served where head dims are 64 or 128 (whole 128-byte
+# panels) and the device compiles sm_90a code; WGMMA False turns the default off (the backend option
+# ``wgmma`` overrides it per call).
+WGMMA = True
+WG_DIMS = (64, 128)
+WG_MIN_BLOCKS = 2
+WG_ALIGN = 1024  # the swizzled tiles' alignment: the kernel aligns its shared base, this is the slack
 
 
 # the 3-axis-padded geometry of a call is the core's, shared with the Metal tier
@@ -247,6 +258,17 @@ def fast_reason(geo: Geometry, dtype: str) -> str | None:
     return None
 
 
+def wgmma_reason(geo: Geometry, dtype: str) -> str | None:
+    """Why the warpgroup-MMA forward cannot serve this problem (None when it can; the device is the
+    backend's question)."""
+    why = fast_reason(geo, dtype)
+    if why is not None:
+        return why
+    if geo.D not in WG_DIMS or geo.DV not in WG_DIMS:
+        return f"head dims D={geo.D}, Dv={geo.DV} are not both in {WG_DIMS} (whole 128-byte panels)"
+    return None
+
+
 @dataclass(frozen=True)
 class Launch:
     variant: Variant
@@ -291,20 +313,30 @@ def _planned(fn):
 @_planned
 def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool, tile=None, key_tile=None,
             ldsm: bool = True, m_tiles: int | None = None, stages: int | None = None,
-            min_blocks: int | None = None, splits: int | None = None) -> Launch:
+            min_blocks: int | None = None, splits: int | None = None, wgmma: bool = False) -> Launch:
     """Forward launch: outputs out [B, N, H, DV] (out_dtype), lse [B, N, H] float32; with ``splits`` > 1
     (given, or forward_splits' choice) out [splits, B, N, H, DV] float32 and lse [splits, B, N, H], the
-    parts of each query tile's walk, for the caller to merge by their lse."""
+    parts of each query tile's walk, for the caller to merge by their lse. ``wgmma``: the products by
+    warpgroup MMA where wgmma_reason allows and the layout is 16-row warps in whole warpgroups (the caller
+    has checked the device)."""
     outs = ((geo.B, geo.N, geo.H, geo.DV), (geo.B, geo.N, geo.H))
     if not fast:
         v = Variant("simple_fwd", (("T", dtype), ("OT", out_dtype), ("DMAX", simple_dim(geo)), ("HAS_RPB", has_rpb)))
         total = geo.B * geo.N * geo.H
         return Launch(v, (_ceil(total, THREADS) * THREADS, 1, 1), (THREADS, 1, 1), outs, None, params(geo))
+    wg = wgmma and wgmma_reason(geo, dtype) is None and m_tiles in (None, 1)
     if tile is None:
-        qt, kt, mt = forward_tiles(geo, m_tiles, has_rpb)
+        if wg:
+            qt, kt, _ = _fitted(geo, 2 * TILE)
+            mt = 1
+        else:
+            qt, kt, mt = forward_tiles(geo, m_tiles, has_rpb)
         kt = key_tile or kt
     else:
         qt, kt, mt = tile, key_tile or default_tile(geo), m_tiles or FWD_MT
+    wg = wg and mt == 1
+    if wg and min_blocks is None:
+        min_blocks = WG_MIN_BLOCKS if (stages or FWD_STAGES) == 2 else 0
     if min_blocks is None:
         bq = qt[0] * qt[1] * qt[2]
         two = (stages or FWD_STAGES) == 2
@@ -320,7 +352,7 @@ def forward(geo: Geometry, dtype: str, out_dtype: str, has_rpb: bool, fast: bool
     if splits > 1:
         out_dtype = "float32"
         outs = ((splits,) + outs[0], (splits,) + outs[1])
-    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages, min_blocks, splits)
+    v = _fmha_variant(dtype, out_dtype, geo.D, geo.DV, qt, kt, has_rpb, ldsm, mt, stages, min_blocks, splits, wg)
     threads = qt[0] * qt[1] * qt[2] * 2 // mt  # 16 rows per m-tile, MT m-tiles per warp
     return Launch(v, (_blocks(prm) * threads, geo.H * splits, geo.B), (threads, 1, 1), outs, None, prm, splits)
 
@@ -461,6 +493,21 @@ def compile_variants() -> list:
     return out
 
 
+def wgmma_variants() -> list:
+    """The warpgroup-MMA forward variants the CI compile check builds for sm_90a (their wgmma bodies
+    only exist there): both dtypes, head dims 64/128 and D != Dv, ranks 1-3, rpb, float32 out, a split
+    walk, one warpgroup (64-query tiles) and the default two (128)."""
+    return [
+        _fmha_variant("float16", "float16", 128, 128, (1, 16, 8), (1, 8, 8), False, min_blocks=WG_MIN_BLOCKS, wg=True),
+        _fmha_variant("bfloat16", "bfloat16", 128, 128, (1, 1, 128), (1, 1, 64), False, min_blocks=WG_MIN_BLOCKS, wg=True),
+        _fmha_variant("float16", "float32", 64, 128, (2, 8, 8), (4, 4, 4), True, min_blocks=WG_MIN_BLOCKS, wg=True),
+        _fmha_variant("bfloat16", "float32", 128, 64, (1, 16, 8), (1, 8, 8), True, min_blocks=WG_MIN_BLOCKS, wg=True,
+                      splits=2),
+        _fmha_variant("float16", "float16", 64, 64, (1, 8, 8), (1, 8, 8), False, wg=True),
+        _fmha_variant("float16", "float16", 128, 128, (1, 1, 128), (1, 1, 64), False, stages=3, wg=True),
+    ]
+
+
 # The backward bodies' static __shared__ tile tables (ptxas: 6.8-7.6 KB) count against the 48 KB a
 # block may use without opting in to more, and MLX opts in (cuFuncSetAttribute of the dynamic size)
 # only for dynamic requests above 48000 bytes: a request that fits alone but not beside the tables
@@ -505,21 +552,23 @@ def _fmha_bwd_variant(body, dt, d, dv, qt, kt, rpb, ldsm=True, rpb_size=0) -> Va
     )
 
 
-def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_blocks=0, splits=1) -> Variant:
+def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_blocks=0, splits=1, wg=False) -> Variant:
     stages = stages or FWD_STAGES
     dp, dvp = _r16(d), _r16(dv)
     bq = qt[0] * qt[1] * qt[2]
     # with a bound of 3+ blocks, Q shares the ring (it is read once, into registers) and the tile
     # list is shorter, so that the blocks' shared memory fits too
     small = min_blocks >= 3
-    qalias = small and bq == TILE and stages == 2 and (mt == 1 or dp <= 64)
+    qalias = small and bq == TILE and stages == 2 and (mt == 1 or dp <= 64) and not wg
 
     # the column masks (3 x 65 64-bit words), the block geometry, the row windows, the key-tile list and
     # the key rows' token offsets (fmha_fwd.cu's shared layout)
     def tables(maxt):  # with rpb, one more int per key-tile column (its part of the rpb index)
         return 3 * (TILE + 1) * 8 + (FWD_GEO + 8 * bq + 5 * maxt + TILE + (TILE if rpb else 0)) * 4
 
-    tiles = ((0 if qalias else bq * (dp + 8)) + stages * TILE * (dp + 8) + stages * TILE * (dvp + 8)) * 2
+    pad = 0 if wg else 8  # WG: swizzled tiles without padding, aligned in the kernel
+    tiles = ((0 if qalias else bq * (dp + pad)) + stages * TILE * (dp + pad) + stages * TILE * (dvp + pad)) * 2
+    tiles += WG_ALIGN if wg else 0
     # the shorter tile list also when it lets the bound's blocks fit (128-query tiles of 4 warps x 32
     # rows at D 128: 118.2 KB, two need 113 KB or less)
     if min_blocks >= 2 and tiles + tables(FWD_MAXT) > SM_SMEM // min_blocks - BLOCK_SMEM_RESERVED:
@@ -530,7 +579,7 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
          ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias),
-         ("SPLIT", splits)),
+         ("SPLIT", splits), ("WG", wg)),
         tiles + tables(maxt),
         min_blocks,
     )

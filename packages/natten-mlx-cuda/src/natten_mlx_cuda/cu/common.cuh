@@ -173,15 +173,24 @@ NA_FUNC void na_frag_b_kn(unsigned* b, const unsigned short* base, int stride, i
   }
 }
 
+// Tiles for wgmma live in shared memory in the 128-byte swizzle: a tile of R rows (R a multiple of 8)
+// and C 16-bit columns (C a multiple of 64) is C / 64 panels of R rows x 128 bytes; the 16-byte chunk c
+// (columns 8 c .. 8 c + 7 of the panel) of row r sits at chunk c ^ (r % 8) of its row; panels and tiles
+// start 1024-byte aligned. na_sw_off gives the element offset of (row r, 16-byte chunk ch of the whole
+// row) in such a tile.
+template <int R>
+NA_FUNC int na_sw_off(int r, int ch) { return (ch >> 3) * R * 64 + r * 64 + (((ch & 7) ^ (r & 7)) << 3); }
+
 // The tile loads of every tensor-core kernel: ROWS rows of CH 16-byte chunks from global rows
 // row_t[r] * tok bytes after g into dst (row stride in elements), NT threads, each copying the same
 // (row, chunk) pairs of every tile. Bit r of `in` says whether row r is inside the tile (else 16 zero
 // bytes, read from the tile's first row). Per chunk: the row's token offset (shared), one wide
 // multiply-add for the address (IMAD.WIDE.U32), the row's bit of `in` at a constant shift; FULL (a
-// tile inside the range on every axis: in is all ones) drops the row checks. With NT a multiple of
+// tile inside the range on every axis: in is all ones) drops the row checks. SWZ: dst is a swizzled
+// tile of ROWS rows (na_sw_off; stride unused). With NT a multiple of
 // CH a thread's rows are tid / CH + m NT / CH: shared and global offsets fold into immediates (SASS
 // of the forward before: ~15 instructions per K/V chunk pair, rows kept in registers per step).
-template <int ROWS, int CH, bool FULL = false, int NT = 128, typename T>
+template <int ROWS, int CH, bool FULL = false, int NT = 128, bool SWZ = false, typename T>
 NA_FUNC void na_load_rows(int tid, const int* row_t, unsigned long long in, const T* g, unsigned tok, T* dst,
                           int stride) {
   constexpr bool FOLD = NT % CH == 0;
@@ -196,9 +205,109 @@ NA_FUNC void na_load_rows(int tid, const int* row_t, unsigned long long in, cons
     if (ROWS * CH % NT == 0 || i < (unsigned)(ROWS * CH)) {
       const bool ok = FULL || ((unsigned)(inr >> (FOLD ? m * (NT / CH) : r)) & 1u) != 0u;
       const unsigned long long off = (unsigned long long)(unsigned)(ok ? row_t[r] : 0) * tok;
-      na_cp_async16(dst + r * stride + ch * 8, gb + off + (FOLD ? 0 : ch * 16), ok);
+      na_cp_async16(dst + (SWZ ? na_sw_off<ROWS>((int)r, (int)ch) : (int)(r * stride + ch * 8)), gb + off + (FOLD ? 0 : ch * 16), ok);
     }
   }
 }
+
+// ---- warpgroup MMA (sm_90a wgmma; fmha_fwd's WG) ----
+// Tiles for wgmma: see na_sw_off (above na_load_rows).
+#ifndef NA_EMU
+// wgmma needs the arch-specific target (MLX asks NVRTC for sm_90a on compute capability 9.0); elsewhere
+// the WG bodies trap, and plan.py never launches them (plan.wgmma_reason)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NA_HAVE_WGMMA 1
+#endif
+NA_FUNC unsigned na_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// A matrix descriptor: start address, LBO and SBO in 16-byte units, base offset 0, 128-byte swizzle
+NA_FUNC unsigned long long na_wg_desc(const void* p, unsigned lbo, unsigned sbo) {
+  const unsigned addr = na_smem_addr(p);
+  return (unsigned long long)((addr >> 4) & 0x3FFF) | ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+         ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+#ifdef NA_HAVE_WGMMA
+NA_FUNC void na_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+NA_FUNC void na_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> NA_FUNC void na_wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// generic-proxy writes (cp.async, stores) made visible to the async proxy that wgmma reads through
+NA_FUNC void na_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#else
+NA_FUNC void na_wg_fence() { __trap(); }
+NA_FUNC void na_wg_commit() { __trap(); }
+template <int N> NA_FUNC void na_wg_wait() { __trap(); }
+NA_FUNC void na_fence_proxy_async() { __trap(); }
+#endif
+// keeps the compiler from moving a register's reads or writes across a wgmma issue or wait
+NA_FUNC void na_wg_pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+// D[64 x 64] (+)= A[64 x 16] B[64 x 16]^T (acc == 0: D = A B^T), float accumulators: the 64 rows of
+// the warpgroup (warp w % 4: rows 16 (w % 4) + lane / 4 (+ 8), columns 8 j + 2 (lane % 4) (+ 1) in
+// d[4 j + e], as mma.sync's fragments). A and B K-major in swizzled tiles: a and b point at the k
+// step's first column of row 0 (a panel's start + 32 bytes per k step); 8-row groups 1024 bytes apart.
+template <typename T> NA_FUNC void na_wg_ss(float* d, const void* a, const void* b, int acc);
+// D[64 x 64] (+)= A[64 x 16] B[16 x 64]: A from registers (mma.sync's A fragments of the warp's 16
+// rows), B MN-major in a swizzled tile (one 128-byte row per k: the k step's 16 rows of a V panel); b
+// points at the k step's first row, 8-row groups 1024 bytes apart.
+template <typename T> NA_FUNC void na_wg_rs(float* d, const unsigned* a, const void* b, int acc);
+template <> NA_FUNC void na_wg_ss<__half>(float* d, const void* a, const void* b, int acc) {
+#ifdef NA_HAVE_WGMMA
+  const unsigned long long da = na_wg_desc(a, 16u, 1024u), db = na_wg_desc(b, 16u, 1024u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(acc));
+#else
+  __trap();
+#endif
+}
+template <> NA_FUNC void na_wg_ss<__nv_bfloat16>(float* d, const void* a, const void* b, int acc) {
+#ifdef NA_HAVE_WGMMA
+  const unsigned long long da = na_wg_desc(a, 16u, 1024u), db = na_wg_desc(b, 16u, 1024u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(acc));
+#else
+  __trap();
+#endif
+}
+template <> NA_FUNC void na_wg_rs<__half>(float* d, const unsigned* a, const void* b, int acc) {
+#ifdef NA_HAVE_WGMMA
+  const unsigned long long db = na_wg_desc(b, 1024u, 1024u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+#else
+  __trap();
+#endif
+}
+template <> NA_FUNC void na_wg_rs<__nv_bfloat16>(float* d, const unsigned* a, const void* b, int acc) {
+#ifdef NA_HAVE_WGMMA
+  const unsigned long long db = na_wg_desc(b, 1024u, 1024u);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+#else
+  __trap();
+#endif
+}
+#endif
 
 #endif  // NATTEN_MLX_CUDA_COMMON

@@ -20,13 +20,24 @@
 // MAXT (key tiles listed per chunk of the walk), STAGES (2 or 3 key-tile slots), QALIAS (Q in a K slot),
 // SPLIT (blocks per query tile: block y = h SPLIT + sp walks the sp-th of SPLIT equal parts of the tile
 // list and writes its own normalised out and lse, OT float32, to out[sp] [B, N, H, DV] and lse[sp]; the
-// caller merges the parts by their lse. A part whose keys miss a row's window writes 0 and -inf.)
+// caller merges the parts by their lse. A part whose keys miss a row's window writes 0 and -inf.),
+// WG (the products by warpgroup MMA, sm_90a only: see below).
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
 static_assert(BQ == 16 * MT * NW && BK == 64, "query tiles of 16 MT rows per warp, key tiles of 64 keys");
-constexpr int QS = DP + 8;   // shared row stride (elements) of Q and K: 16 bytes of padding against bank conflicts
-constexpr int VS = DVP + 8;  // same for V
+// WG: S = Q K^T and O += P V by wgmma (sm_90a) instead of mma.sync: NW / 4 warpgroups of 64 query rows
+// (warp w keeps the rows and accumulator layout it has with mma.sync, so the masks, the softmax and the
+// epilogue are shared), Q, K and V in 128-byte-swizzled shared tiles (common.cuh na_sw_off) that wgmma
+// reads through descriptors; S takes both operands from shared memory, P V takes P from registers.
+// wgmma is asynchronous: each product is committed and waited for before its accumulators are read, and
+// cp.async's writes are fenced to the async proxy before the barrier that publishes a tile. Standalone,
+// this structure ran dense attention at 438 TFLOP/s on the H200 against 318 for the mma.sync path
+// (benchmarks/gpu/wgmma_attn.py, session 10).
+static_assert(!WG || (MT == 1 && NW % 4 == 0 && D == DP && DV == DVP && DP % 64 == 0 && DVP % 64 == 0 && !QALIAS),
+              "WG: 16-row warps in whole warpgroups, head dims multiples of 64, Q not in a K slot");
+constexpr int QS = WG ? DP : DP + 8;    // shared row stride (elements) of Q and K: 16 bytes of padding against bank conflicts
+constexpr int VS = WG ? DVP : DVP + 8;  // same for V (WG: swizzled tiles, no padding)
 constexpr int DCH = D / 8, DVCH = DV / 8;  // 16-byte chunks per row
 const int KT[3] = {KT0, KT1, KT2};
 
@@ -41,8 +52,10 @@ const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gid = lane >> 2, 
 // only once it has read them; a block then needs 17 KB (D 128) less, and three fit on an SM.
 static_assert(!QALIAS || (BQ == BK && STAGES == 2 && (MT == 1 || DP <= 64)), "Q aliases a K slot only when it is read once");
 NA_SHARED_DECL;
-T* Qs = reinterpret_cast<T*>(na_smem) + (QALIAS ? BK * QS : 0);
-T* Ks = reinterpret_cast<T*>(na_smem) + (QALIAS ? 0 : BQ * QS);
+// WG: the tiles start 1024-byte aligned (the swizzle's 8-row groups); plan.py adds the slack
+unsigned char* const sm0 = na_smem + (WG ? ((1024u - (na_smem_addr(na_smem) & 1023u)) & 1023u) : 0u);
+T* Qs = reinterpret_cast<T*>(sm0) + (QALIAS ? BK * QS : 0);
+T* Ks = reinterpret_cast<T*>(sm0) + (QALIAS ? 0 : BQ * QS);
 T* Vs = Ks + STAGES * BK * QS;
 // pm[65 a + x]: the key tile's columns (bit c for the tile's key c, row-major, axis 2 fastest) whose
 // coordinate along axis a is below x, for 0 <= x <= KT[a]: the columns with coordinate in [lo, hi) are
@@ -97,7 +110,7 @@ for (int i = tid; i < 3 * (BK + 1); i += NT) {
 }
 {
   // padding columns and the rows of absent tokens stay zero for the whole kernel
-  uint4* z = reinterpret_cast<uint4*>(na_smem);
+  uint4* z = reinterpret_cast<uint4*>(sm0);
   const int nz = (int)(((QALIAS ? 0 : BQ * QS) + STAGES * BK * QS + STAGES * BK * VS) * sizeof(T) / 16);
   for (int i = tid; i < nz; i += NT) z[i] = make_uint4(0u, 0u, 0u, 0u);
 }
@@ -178,11 +191,11 @@ auto load_kv = [&](int i, int buf) {
   if (meta & NA_FWD_SHORT) {
     const unsigned long long in =
         pm[(meta >> 5) & 127] & pm[(BK + 1) + ((meta >> 12) & 127)] & pm[2 * (BK + 1) + ((meta >> 19) & 127)];
-    na_load_rows<BK, DCH, false, NT>(tid, koff, in, kg, key_tok, kd, QS);
-    na_load_rows<BK, DVCH, false, NT>(tid, koff, in, vg, value_tok, vd, VS);
+    na_load_rows<BK, DCH, false, NT, WG>(tid, koff, in, kg, key_tok, kd, QS);
+    na_load_rows<BK, DVCH, false, NT, WG>(tid, koff, in, vg, value_tok, vd, VS);
   } else {
-    na_load_rows<BK, DCH, true, NT>(tid, koff, ~0ull, kg, key_tok, kd, QS);
-    na_load_rows<BK, DVCH, true, NT>(tid, koff, ~0ull, vg, value_tok, vd, VS);
+    na_load_rows<BK, DCH, true, NT, WG>(tid, koff, ~0ull, kg, key_tok, kd, QS);
+    na_load_rows<BK, DVCH, true, NT, WG>(tid, koff, ~0ull, vg, value_tok, vd, VS);
   }
 };
 
@@ -192,7 +205,7 @@ for (int i = tid; i < BQ * DCH; i += NT) {
   const int r = i / DCH, ch = i % DCH;
   const bool ok = rows[8 * r + 6] != 0;
   const long long row = ((long long)b * N + rows[8 * r + 7]) * H + h;
-  na_cp_async16(Qs + r * QS + ch * 8, ok ? (const void*)(query + row * D + ch * 8) : (const void*)query, ok);
+  na_cp_async16(Qs + (WG ? na_sw_off<BQ>(r, ch) : r * QS + ch * 8), ok ? (const void*)(query + row * D + ch * 8) : (const void*)query, ok);
 }
 na_cp_commit();
 
@@ -205,7 +218,7 @@ for (int mt = 0; mt < MT; ++mt) {
 }
 // Q as A fragments in registers when they fit beside two m-tiles' accumulators; else read from
 // shared memory per k step (each one then serves 8 mma)
-constexpr bool QREG = MT == 1 || DP <= 64;
+constexpr bool QREG = !WG && (MT == 1 || DP <= 64);
 unsigned qf[QREG ? MT : 1][QREG ? DP / 16 : 1][4];
 float o[MT][DVP / 8][4];
 #pragma unroll
@@ -267,6 +280,7 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
   }
   if (!have_q) {
     na_cp_wait_all();
+    if (WG) na_fence_proxy_async();
     __syncthreads();
     if (QREG) {
 #pragma unroll
@@ -282,6 +296,7 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
     // STAGES - 2) and every warp is past the barrier, every warp has finished the previous tile, so
     // its slot takes the next load; the compute of this tile hides that load.
     na_cp_wait<STAGES - 2>();
+    if (WG) na_fence_proxy_async();
     __syncthreads();
     const int last = STAGES > 2 ? ahead[STAGES > 2 ? STAGES - 3 : 0] : cur;
     const int issue = last < cn ? next_tile(last + 1, cn) : cn;
@@ -296,6 +311,21 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
     const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
     float s[MT][8][4];
+    if (WG) {
+      // this warpgroup's 64 rows x the tile's 64 keys; Q's panel kk / 4 from the warpgroup's first row
+      float* sd = &s[0][0][0];
+      #pragma unroll
+      for (int i = 0; i < 32; ++i) na_wg_pin(sd[i]);
+      na_wg_fence();
+      #pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk)
+        na_wg_ss<T>(sd, qs + (kk >> 2) * BQ * 64 + (warp >> 2) * 64 * 64 + (kk & 3) * 16,
+                    kbuf + (kk >> 2) * BK * 64 + (kk & 3) * 16, kk);
+      na_wg_commit();
+      na_wg_wait<0>();
+      #pragma unroll
+      for (int i = 0; i < 32; ++i) na_wg_pin(sd[i]);
+    } else {
     #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
       #pragma unroll
@@ -321,6 +351,7 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
           na_mma<T>(s[mt][j + 1], a, bf + 2);
         }
       }
+    }
     }
     // without rpb the scores stay raw (masked ones -inf): with a positive scale the row max commutes
     // with it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
@@ -405,8 +436,32 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
           o[mt][jn][3] *= alpha[1];
         }
     }
+    if (WG) {
+      // P packed first: wgmma.fence must separate the writes of its A registers from the products
+      unsigned pw[4][4];
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        pw[kk][0] = NaType<T>::pack2(s[0][2 * kk][0], s[0][2 * kk][1]);
+        pw[kk][1] = NaType<T>::pack2(s[0][2 * kk][2], s[0][2 * kk][3]);
+        pw[kk][2] = NaType<T>::pack2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
+        pw[kk][3] = NaType<T>::pack2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
+      }
+      float* const od = &o[0][0][0];
+      #pragma unroll
+      for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
+      na_wg_fence();
+      // keys 16 kk .. 16 kk + 15 of each 64-column V panel into that panel's 32 accumulators
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        #pragma unroll
+        for (int p = 0; p < DVP / 64; ++p) na_wg_rs<T>(od + 32 * p, pw[kk], vbuf + p * BK * 64 + kk * 16 * 64, 1);
+      na_wg_commit();
+      na_wg_wait<0>();
+      #pragma unroll
+      for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
+    }
     #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < (WG ? 0 : 4); ++kk) {
       unsigned pf[MT][4];
       #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
