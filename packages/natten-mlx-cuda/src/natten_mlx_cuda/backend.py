@@ -112,7 +112,7 @@ class CudaBackend:
     priority = 300
     differentiation = "backward"
     distribution = "natten-mlx-cuda"
-    description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16)"
+    description = "fused kernels through mx.fast.cuda_kernel (tensor cores for float16/bfloat16; warpgroup MMA on Hopper)"
 
     def __init__(self, tile=None, key_tile=None, kernel: str = "auto", runner=None, require_device: bool = True,
                  ldmatrix: bool = True, m_tiles=None, stages=None, min_blocks=None, splits=None, wgmma=None):
