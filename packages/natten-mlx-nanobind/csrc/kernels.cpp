@@ -500,13 +500,25 @@ inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int
   }
 }
 
-// slots [x0, x0 + n) of one key row, n <= 5 (at most 10 accumulators, two queries and a key in registers)
+// Widest chunks of the pair kernels: slots per score chunk (two accumulators each, plus two queries and
+// a key in registers) and features per P.V / dS.K pass (two accumulators each, plus two weights and a
+// value): 16 vector registers (AVX2, NEON) hold 5 slots / 4 features, AVX-512's 32 hold 8 / 8, which
+// loads each query (weight) vector once per 8 slots (features) instead of 5 (4)
+#if defined(NA_VARIANT_avx512)
+constexpr int PAIR_SLOTS = 8, PAIR_FEATURES = 8;
+#else
+constexpr int PAIR_SLOTS = 5, PAIR_FEATURES = 4;
+#endif
+// slots [x0, x0 + n) of one key row, n <= PAIR_SLOTS
 inline void scores_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb,
                           int64_t ldk, float* sa, float* sb) {
   switch (n) {
 #define NA_CASE(X) \
   case X: exact_scores_run2<X>(qa, qb, ldq, D, kb, ldk, sa, sb); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5)
+#if defined(NA_VARIANT_avx512)
+    NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#endif
 #undef NA_CASE
     default: break;
   }
@@ -549,11 +561,19 @@ inline void slot_sum2(const float* wa, const float* wb, const float* src, int64_
   }
 }
 
-// slot_sums of both blocks: oa / ob [W][vw] = their slot_sum2 times mula / mulb, 4 features at a time
+// slot_sums of both blocks: oa / ob [W][vw] = their slot_sum2 times mula / mulb, PAIR_FEATURES features
+// at a time, then 4, then single ones
 inline void slot_sums2(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
                        int na, const int64_t* rbb, int nb, int nx, vf mula, vf mulb, float* oa, float* ob) {
   int64_t c = 0;
-  vf xa[4], xb[4];
+  vf xa[PAIR_FEATURES], xb[PAIR_FEATURES];
+  for (; PAIR_FEATURES > 4 && c + PAIR_FEATURES <= W; c += PAIR_FEATURES) {
+    slot_sum2<PAIR_FEATURES>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, nx, xa, xb);
+    for (int i = 0; i < PAIR_FEATURES; ++i) {
+      store(oa + (c + i) * VW, xa[i] * mula);
+      store(ob + (c + i) * VW, xb[i] * mulb);
+    }
+  }
   for (; c + 4 <= W; c += 4) {
     slot_sum2<4>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, nx, xa, xb);
     for (int i = 0; i < 4; ++i) {
@@ -577,8 +597,8 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
     store(qs + 2 * d * VW, load(qa + d * ldq) * scale);
     store(qs + (2 * d + 1) * VW, load(qb + d * ldq) * scale);
   }
-  // slots of a key row in chunks of at most 5, as even as possible (nx = 7: 4 + 3)
-  const int nch = (nx + 4) / 5;
+  // slots of a key row in chunks of at most PAIR_SLOTS, as even as possible (nx = 7, AVX2: 4 + 3)
+  const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     if (i < 0 || j < 0) {
       // a row of one window only: up to 8 slots per pass (one query load per feature and pass)
@@ -685,7 +705,7 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
                   const SlotOut& outb, float* dqa, float* dqb) {
   float* dpa = sa + static_cast<int64_t>(na) * nx * VW;
   float* dpb = sb + static_cast<int64_t>(nb) * nx * VW;
-  const int nch = (nx + 4) / 5;
+  const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (nx - x0) / (nch - c);
