@@ -5,7 +5,7 @@
 
 #include "kernels.h"
 
-#if defined(NA_VARIANT_avx2)
+#if defined(NA_VARIANT_avx2) || defined(NA_VARIANT_avx512)
 #include <immintrin.h>
 #endif
 
@@ -59,6 +59,25 @@ inline float hmax(vf v) {
 // exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf coefficients),
 // relative error ~2e-7. Below -87.3 the result is 0; NaN stays NaN.
 inline vf vexp(vf x) {
+#if defined(NA_VARIANT_avx512)
+  // the same steps with AVX-512's rounding (vrndscaleps) and 2^n scaling (vscalefps) instead of the
+  // clamps, the magic-number rounding and the exponent arithmetic (the same n and polynomial: the
+  // same results wherever the result is normal); below -87.3 (-inf included) the lane is zeroed
+  // lanes not below -87.3 (NaN included: it stays NaN); min returns its second operand for a NaN
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  const vf xn = vf(_mm512_min_ps(_mm512_set1_ps(88.72283f), x));
+  const vf n = vf(_mm512_roundscale_ps(__m512(xn * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  vf r = xn - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  return vf(_mm512_maskz_scalef_ps(keep, __m512(p), __m512(n)));
+#else
   const vf lo = splat(-87.33654f), hi = splat(88.72283f);
   vi under = x < lo;
   x = x > hi ? hi : x;
@@ -79,6 +98,7 @@ inline vf vexp(vf x) {
   vf scale = (vf)((ni + 127) << 23);
   vf y = p * scale;
   return (vf)((vi)y & ~under);
+#endif
 }
 // natural log of normal positive x (Cephes' logf: frexp, then a degree-8 polynomial on
 // [sqrt(1/2) - 1, sqrt(2) - 1]), relative error ~1e-7; callers keep zero, inf and NaN away from it
