@@ -17,18 +17,10 @@ nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
     pytest.skip(nb.UNAVAILABLE, allow_module_level=True)
 ext = nb.extension()
-# floats per vector of the kernel table the extension chose (ext.simd(); NATTEN_MLX_SIMD forces one): 16 for
-# AVX-512, 8 for AVX2, NEON and the baseline. The exact path serves blocks of VW queries along the last axis,
-# so which queries reach its runs, its border blocks or the tiles depends on it (test_vector_width checks it).
+# queries per vector of the kernels this machine runs (NATTEN_MLX_SIMD may force another table): the
+# exact path's blocks are VW queries long, so which queries its runs, border blocks and tiles serve
+# depends on it; tests of those paths size their rows by it
 VW = 16 if ext.simd() == "avx512" else 8
-
-
-def _last(n, d=1):
-    """A last-axis length chosen for vw 8, at the table's width: d * (VW - 8) longer, so that each of the d
-    dilation groups is VW - 8 longer, and so are its runs of windows that shift by one key per query: a
-    group, a run and the border queries beside it relate to a vector as they do at vw 8 (a run at least
-    a vector long stays one, a group one query short of a vector stays one)."""
-    return n + d * (VW - 8)
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 # relative to the largest reference magnitude; float32 arithmetic throughout, inputs/outputs rounded
@@ -240,7 +232,7 @@ def test_exact_window_paths(cfg, dtype, seed, exact, monkeypatch):
     assert fwd == bwd
     run, border, tile = fwd
     if exact == "default":
-        assert run > 0
+        assert run + border > 0
     elif exact == "runs":
         assert run > 0 and border == 0 and tile > 0
     else:
@@ -269,10 +261,9 @@ def test_vector_width(rows, monkeypatch):
 @pytest.mark.parametrize("na_dim", [1, 2, 3])
 def test_exact_window_border_blocks(na_dim, causal):
     """Border blocks (masked vectors of queries next to a run) serve every query the runs leave, so
-    no tile runs, forward and backward; against the oracle. The last axis is VW - 8 longer than the
-    length given for vw 8 (_last): a run at least a vector long, border queries at both of its ends."""
-    L = {1: (40,), 2: (6, 30), 3: (3, 4, 21)}[na_dim]
-    L = L[:-1] + (_last(L[-1]),)
+    no tile runs, forward and backward; against the oracle."""
+    # rows long enough for a run to keep whole blocks once the edges' border blocks take its ends
+    L = {1: (5 * VW,), 2: (6, 4 * VW - 2), 3: (3, 4, 3 * VW + 3)}[na_dim]
     K = {1: (5,), 2: (3, 5), 3: (2, 3, 7)}[na_dim]
     cfg = dict(na_dim=na_dim, shape=L, B=1, H=2, Hkv=1, D=8, Dv=4, E=0, K=K, s=(1,) * na_dim, d=(1,) * na_dim,
                c=(causal,) * na_dim, rpb=False, scale=None)
@@ -282,6 +273,67 @@ def test_exact_window_border_blocks(na_dim, causal):
     run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
     assert run_f > 0 and border_f > 0 and tile_f == 0
     assert (run_b, border_b, tile_b) == (run_f, border_f, tile_f)
+
+
+BORDER_ALONE = [
+    # rows of 2 VW queries at K = 7 (C4's rows on AVX-512): a run there keeps one block and a tail,
+    # border blocks serving 3 queries at each end; two border blocks serve the row instead
+    (1, (2 * VW,), (7,), (1,), (False,)),
+    (2, (5, 2 * VW), (3, 7), (1, 1), (False, False)),
+    (3, (3, 4, 2 * VW), (2, 3, 7), (1, 1, 1), (False, True, False)),
+    # dilation 2 (groups of 2 VW); causal along the first axis (along the last, a causal window's
+    # border block spans K slots, as a run's blocks do: the run stays)
+    (2, (4, 4 * VW), (3, 7), (1, 2), (False, False)),
+    (2, (6, 2 * VW), (3, 7), (1, 1), (True, False)),
+    # 2 VW + 3 queries at K = 5: three border blocks, the last overlapping the middle one's lanes
+    (2, (4, 2 * VW + 3), (3, 5), (1, 1), (False, False)),
+]
+
+
+@pytest.mark.parametrize("inf", [None, "value", "key"])
+@pytest.mark.parametrize("na_dim,shape,K,d,c", BORDER_ALONE, ids=[f"{x[0]}d-{x[1]}-k{x[2]}-d{x[3]}-c{x[4]}" for x in BORDER_ALONE])
+def test_border_blocks_alone(na_dim, shape, K, d, c, inf):
+    """Rows where border blocks alone compute fewer slots than a run with border blocks at its ends
+    are served by border blocks only (no run, no tile), forward and backward, against the oracle. An
+    inf value or key (inside the blocks' reads of a neighbour's keys) reaches only the windows that
+    hold it: the rows whose windows miss it equal the oracle's with that token zeroed (forward), and
+    so do the gradients it cannot reach (backward)."""
+    rng = np.random.default_rng(31)
+    B, H, Hkv, Dk, Dv = 1, 4, 2, 8, 12
+    q = rng.standard_normal((B, *shape, H, Dk))
+    k = rng.standard_normal((B, *shape, Hkv, Dk))
+    v = rng.standard_normal((B, *shape, Hkv, Dv))
+    dout = rng.standard_normal((B, *shape, H, Dv))
+    kw = dict(kernel_size=list(K), stride=[1] * na_dim, dilation=list(d), is_causal=list(c), scale=None)
+    ok = dict(kernel_size=K, stride=(1,) * na_dim, dilation=d, is_causal=c)
+    tok = tuple(x // 2 for x in shape[:-1]) + (VW + 1,)
+    if inf is not None:
+        x = {"value": v, "key": k}[inf]
+        x[(0, *tok, 1, 0)] = np.inf
+    f = lambda a, b, cc: ext.fused_forward(a, b, cc, None, None, None, **kw)[0]
+    ext.path_counts(True)
+    out, grads = mx.vjp(f, [_mx(x, mx.float32) for x in (q, k, v)], [_mx(dout, mx.float32)])
+    mx.eval(out, grads)
+    run_f, border_f, tile_f, run_b, border_b, tile_b = ext.path_counts(True)
+    n = B * H * int(np.prod(shape))
+    if inf is None:
+        assert (run_f, border_f, tile_f) == (0, n, 0) and (run_b, border_b, tile_b) == (0, n, 0)
+    qc, kc, vc = q.copy(), k.copy(), v.copy()
+    if inf is not None:
+        {"value": vc, "key": kc}[inf][(0, *tok, 1)] = 0.0
+    want_out, _ = oracle.na_forward(qc, kc, vc, **ok)
+    want = oracle.na_backward(qc, kc, vc, dout=dout, **ok)
+    mask = oracle.na_mask(shape, K, 1, d, c)
+    t = int(np.ravel_multi_index(tok, shape))
+    hit_q = mask[:, t] if inf is not None else np.zeros(mask.shape[0], bool)  # queries whose windows hold it
+    hit_k = mask[hit_q].any(0)  # keys in those windows (their gradients see it)
+    flat = lambda x: x[0].reshape(-1, *x.shape[-2:])
+    assert (~hit_q).sum() >= 4
+    got_out = flat(_np(out[0]))
+    assert np.all(np.isfinite(got_out[~hit_q])), "inf leaked outside its windows"
+    _close(got_out[~hit_q], flat(want_out)[~hit_q], mx.float32, "out of rows that never see the inf")
+    for name, g, sel in (("q", grads[0], ~hit_q), ("k", grads[1], ~hit_k), ("v", grads[2], ~hit_k)):
+        _close(flat(_np(g))[sel], flat(want[name])[sel], mx.float32, f"d{name} the inf cannot reach")
 
 
 @pytest.mark.parametrize("rows", [False, True])
@@ -350,7 +402,7 @@ def test_exact_2d_streamed_transposes(shape, K, d, c):
     into the next rows (short rows: several of them). A first call whose values hold inf leaves
     inf in the reused buffers; the finite calls after it must never read a row not yet transposed.
     Against the oracle, forward and backward."""
-    shape = (shape[0], _last(shape[1], d[1]))  # short rows at either vector width
+    shape = (shape[0], shape[1] * VW // 8)  # rows as long in vectors as with 8 queries per vector
     cfg = dict(na_dim=2, shape=shape, B=2, H=8, Hkv=4, D=8, Dv=12, E=0, K=K, s=(1, 1), d=d, c=c, rpb=False, scale=None)
     cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
     v_inf = np.full((2, *shape, 4, 12), np.inf, np.float32)
@@ -360,7 +412,7 @@ def test_exact_2d_streamed_transposes(shape, K, d, c):
         ext.path_counts(True)
         test_fused_forward_backward(cfg, mx.float32, 40 + rep)
         run_f, border_f, tile_f = ext.path_counts(True)[:3]
-        assert run_f > 0 and tile_f == 0
+        assert run_f + border_f > 0 and tile_f == 0
 
 
 @pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), ("1-rows", 1, 1), (2, 1, 1), (2, 2, 2)])
@@ -445,7 +497,7 @@ def test_backward_nonfinite_input_found_where_transposed(na_dim, B, Hkv, where, 
     dq, dk, dv = (_np(g) for g in grads)
     run_b, border_b, tile_b = ext.path_counts(True)[3:]
     if rows:
-        assert run_b > 0 and border_b > 0 and tile_b == 0, f"inf {where}: the 1D row path went round again"
+        assert border_b > 0 and tile_b == 0, f"inf {where}: the 1D row path went round again"
     elif where == "value":
         assert border_b == 0 and run_b > 0, "an inf value must turn the backward's border blocks off"
     else:
@@ -466,16 +518,14 @@ def test_backward_nonfinite_input_found_where_transposed(na_dim, B, Hkv, where, 
             _close(got[1:], ref[1:], mx.float32, f"inf {where}: {name} of other batch entries")
 
 
-@pytest.mark.parametrize("L,K,d,c,mode", [(23, 3, 3, False, "all"), (29, 3, 4, True, "all"), (300, 5, 1, True, "runs"),
-                                         (300, 4, 2, False, "runs")])
+@pytest.mark.parametrize("L,K,d,c,mode", [(3 * VW - 1, 3, 3, False, "all"), (4 * VW - 3, 3, 4, True, "all"),
+                                         (300, 5, 1, True, "runs"), (300, 4, 2, False, "runs")])
 def test_1d_backward_keys_pieces_do_not_write(L, K, d, c, mode, monkeypatch):
     """1D keys that no exact-path piece writes (groups shorter than a vector, or border queries left
     to tiles): the pieces store their sums where they write first instead of adding to zeroed
     gradients, and zero the other keys before the tiles add theirs. Buffers MLX hands out again
-    (filled with 7s here first) must not show through. Against the oracle, twice. L is for vw 8 (23 and
-    d = 3: groups of 8, 8 and 7 queries); at vector width VW the groups are VW - 8 longer."""
+    (filled with 7s here first) must not show through. Against the oracle, twice."""
     monkeypatch.setenv("NATTEN_MLX_EXACT", mode)
-    L = _last(L, d)
     rng = np.random.default_rng(29)
     H = 2
     q, k, v, dout = (rng.standard_normal((1, L, H, 8)) for _ in range(4))

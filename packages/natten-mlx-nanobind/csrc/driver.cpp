@@ -337,72 +337,102 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
     const int lg = na_group_len(g.L[2], Dl2, g2);
     ep.gstart[g2] = off;
     off += lg;
-    ep.fast[g2].assign(lg, 0);
     auto ws = [&](int c) { return na_window_start(c, lg, g.K[2], g.S[2], g.C[2]); };
     auto we = [&](int c) { return na_window_end(c, lg, g.K[2], g.S[2], g.C[2]); };
-    int c = 0;
-    while (c < lg) {
-      // a maximal run [u0, u1] of queries whose windows shift by one key per query
-      int u0 = c;
-      while (c + 1 < lg && ws(c + 1) == ws(c) + 1 && we(c + 1) == we(c) + 1) ++c;
-      int u1 = c++;
-      if (u1 - u0 + 1 < vw) continue;
-      // With border blocks, a run that starts (ends) less than vw queries from the group's edge
-      // starts (ends) vw queries in instead: the edge's border block then serves all of its lanes
-      // rather than the few the run leaves, and the run saves a block (C2's rows of 64 queries,
-      // K = 7: 8 blocks of 7 slots and two border blocks of 10 became 6 and two; 18% fewer slots)
-      if (borders && lg >= 2 * vw) {
-        auto block_nx = [&](int cb) {
-          int base = 1 << 30, top = -(1 << 30);
-          for (int l = 0; l < vw; ++l) base = std::min(base, ws(cb + l) - l);
-          for (int l = 0; l < vw; ++l) top = std::max(top, we(cb + l) - l);
-          return top - base;
-        };
-        int t0 = u0, t1 = u1;
-        if (t0 > 0 && t0 < vw && block_nx(0) <= g.K[2] + vw) t0 = vw;
-        if (t1 < lg - 1 && t1 > lg - 1 - vw && block_nx(lg - vw) <= g.K[2] + vw) t1 = lg - 1 - vw;
-        if (t1 - t0 + 1 >= vw) {
-          u0 = t0;
-          u1 = t1;
-        }
-      }
-      const int b0 = static_cast<int>(ep.blocks[g2].size()), ri = static_cast<int>(ep.runs[g2].size());
-      int next = u0;
-      for (; next + vw <= u1 + 1; next += vw) ep.blocks[g2].push_back({next, 0, ws(next), we(next) - ws(next), ri});
-      // the run's tail: one block ending at u1 that writes only the lanes not written yet
-      if (next <= u1) {
-        const int cb = u1 - vw + 1;
-        ep.blocks[g2].push_back({cb, next - cb, ws(cb), we(cb) - ws(cb), ri});
-      }
-      ExactRun run{u0, u1, ws(u0), we(u0) - ws(u0), b0, static_cast<int>(ep.blocks[g2].size()), false, {}};
-      ep.runs[g2].push_back(run);
-      for (int x = u0; x <= u1; ++x) ep.fast[g2][x] = 1;
-      any = true;
-    }
-    if (!borders || lg < vw) continue;
-    // the remaining queries, in masked blocks of vw consecutive queries, when a block's slots stay
-    // within K + vw (more would cost more than the tile path)
-    for (int c = 0; c < lg; ++c) {
-      if (ep.fast[g2][c]) continue;
-      const int cb = std::min(c, lg - vw);
+    // the slots a block of vw queries from cb spans (its lanes' windows relative to its lane 0)
+    auto block_span = [&](int cb, int* base_out) {
       int base = 1 << 30, top = -(1 << 30);
       for (int l = 0; l < vw; ++l) base = std::min(base, ws(cb + l) - l);
       for (int l = 0; l < vw; ++l) top = std::max(top, we(cb + l) - l);
-      const int nx = top - base;
-      if (nx > g.K[2] + vw) continue;
-      ExactRun run{cb, cb + vw - 1, base, nx, 0, 0, true, {}};
-      for (int l = 0; l < vw; ++l) {
-        if (ep.fast[g2][cb + l]) continue;  // served by a run or an earlier border block
-        run.lohi[l] = ws(cb + l) - l - base;
-        run.lohi[vw + l] = we(cb + l) - l - base;
-        ep.fast[g2][cb + l] = 1;
+      if (base_out) *base_out = base;
+      return top - base;
+    };
+    // The group's blocks: runs (use_runs) and border blocks, or border blocks only. Returns the slots
+    // its blocks compute (the kernels' work), or -1 when a query the runs would serve is left over.
+    auto build = [&](bool use_runs, std::vector<ExactBlock>& blocks, std::vector<ExactRun>& runs,
+                     std::vector<char>& fast) -> int64_t {
+      blocks.clear();
+      runs.clear();
+      fast.assign(lg, 0);
+      int64_t cost = 0;
+      int c = 0;
+      while (use_runs && c < lg) {
+        // a maximal run [u0, u1] of queries whose windows shift by one key per query
+        int u0 = c;
+        while (c + 1 < lg && ws(c + 1) == ws(c) + 1 && we(c + 1) == we(c) + 1) ++c;
+        int u1 = c++;
+        if (u1 - u0 + 1 < vw) continue;
+        // With border blocks, a run that starts (ends) less than vw queries from the group's edge
+        // starts (ends) vw queries in instead: the edge's border block then serves all of its lanes
+        // rather than the few the run leaves, and the run saves a block (C2's rows of 64 queries,
+        // K = 7: 8 blocks of 7 slots and two border blocks of 10 became 6 and two; 18% fewer slots)
+        if (borders && lg >= 2 * vw) {
+          int t0 = u0, t1 = u1;
+          if (t0 > 0 && t0 < vw && block_span(0, nullptr) <= g.K[2] + vw) t0 = vw;
+          if (t1 < lg - 1 && t1 > lg - 1 - vw && block_span(lg - vw, nullptr) <= g.K[2] + vw) t1 = lg - 1 - vw;
+          if (t1 - t0 + 1 >= vw) {
+            u0 = t0;
+            u1 = t1;
+          }
+        }
+        const int b0 = static_cast<int>(blocks.size()), ri = static_cast<int>(runs.size());
+        int next = u0;
+        for (; next + vw <= u1 + 1; next += vw) blocks.push_back({next, 0, ws(next), we(next) - ws(next), ri});
+        // the run's tail: one block ending at u1 that writes only the lanes not written yet
+        if (next <= u1) {
+          const int cb = u1 - vw + 1;
+          blocks.push_back({cb, next - cb, ws(cb), we(cb) - ws(cb), ri});
+        }
+        for (int i = b0; i < static_cast<int>(blocks.size()); ++i) cost += blocks[i].nx;
+        ExactRun run{u0, u1, ws(u0), we(u0) - ws(u0), b0, static_cast<int>(blocks.size()), false, {}};
+        runs.push_back(run);
+        for (int x = u0; x <= u1; ++x) fast[x] = 1;
       }
-      run.b0 = static_cast<int>(ep.blocks[g2].size());
-      run.b1 = run.b0 + 1;
-      ep.blocks[g2].push_back({cb, 0, base, nx, static_cast<int>(ep.runs[g2].size())});
-      ep.runs[g2].push_back(run);
-      any = true;
+      if (!borders || lg < vw) return use_runs ? cost : -1;
+      // the remaining queries, in masked blocks of vw consecutive queries, when a block's slots stay
+      // within K + vw (more would cost more than the tile path)
+      for (int c = 0; c < lg; ++c) {
+        if (fast[c]) continue;
+        const int cb = std::min(c, lg - vw);
+        int base;
+        const int nx = block_span(cb, &base);
+        if (nx > g.K[2] + vw) {
+          if (!use_runs) return -1;
+          continue;
+        }
+        ExactRun run{cb, cb + vw - 1, base, nx, 0, 0, true, {}};
+        for (int l = 0; l < vw; ++l) {
+          if (fast[cb + l]) continue;  // served by a run or an earlier border block
+          run.lohi[l] = ws(cb + l) - l - base;
+          run.lohi[vw + l] = we(cb + l) - l - base;
+          fast[cb + l] = 1;
+        }
+        run.b0 = static_cast<int>(blocks.size());
+        run.b1 = run.b0 + 1;
+        blocks.push_back({cb, 0, base, nx, static_cast<int>(runs.size())});
+        runs.push_back(run);
+        cost += nx;
+      }
+      return cost;
+    };
+    const int64_t with_runs = build(true, ep.blocks[g2], ep.runs[g2], ep.fast[g2]);
+    // Border blocks alone, where they compute fewer slots: a group too short for a run to keep a
+    // whole block once its ends go to the edges' border blocks (2 vw > lg - K + 1) keeps the run's
+    // first block and its tail, and border blocks for the few queries at each end (AVX-512, vw = 16,
+    // C4's rows of 32 at K = 7: 7 + 7 + 10 + 10 slots, each border block serving 3 queries), where two
+    // border blocks serve all of them (10 + 10)
+    if (borders && lg >= vw && with_runs > 0) {
+      std::vector<ExactBlock> blocks;
+      std::vector<ExactRun> runs;
+      std::vector<char> fast;
+      const int64_t alone = build(false, blocks, runs, fast);
+      if (alone >= 0 && alone < with_runs) {
+        ep.blocks[g2] = std::move(blocks);
+        ep.runs[g2] = std::move(runs);
+        ep.fast[g2] = std::move(fast);
+      }
     }
+    for (char f : ep.fast[g2]) any = any || f;
   }
   // rows: front padding, the tokens, then room for the border blocks' reads and the key side's
   // whole-vector writes past a run; never a multiple of 1024 floats (the same L1 sets for every row)

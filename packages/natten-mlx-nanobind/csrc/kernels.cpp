@@ -5,7 +5,7 @@
 
 #include "kernels.h"
 
-#if defined(NA_VARIANT_avx2)
+#if defined(NA_VARIANT_avx2) || defined(NA_VARIANT_avx512)
 #include <immintrin.h>
 #endif
 
@@ -59,6 +59,25 @@ inline float hmax(vf v) {
 // exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf coefficients),
 // relative error ~2e-7. Below -87.3 the result is 0; NaN stays NaN.
 inline vf vexp(vf x) {
+#if defined(NA_VARIANT_avx512)
+  // the same steps with AVX-512's rounding (vrndscaleps) and 2^n scaling (vscalefps) instead of the
+  // clamps, the magic-number rounding and the exponent arithmetic (the same n and polynomial: the
+  // same results wherever the result is normal); below -87.3 (-inf included) the lane is zeroed
+  // lanes not below -87.3 (NaN included: it stays NaN); min returns its second operand for a NaN
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  const vf xn = vf(_mm512_min_ps(_mm512_set1_ps(88.72283f), x));
+  const vf n = vf(_mm512_roundscale_ps(__m512(xn * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  vf r = xn - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * r * r + r + 1.0f;
+  return vf(_mm512_maskz_scalef_ps(keep, __m512(p), __m512(n)));
+#else
   const vf lo = splat(-87.33654f), hi = splat(88.72283f);
   vi under = x < lo;
   x = x > hi ? hi : x;
@@ -79,6 +98,7 @@ inline vf vexp(vf x) {
   vf scale = (vf)((ni + 127) << 23);
   vf y = p * scale;
   return (vf)((vi)y & ~under);
+#endif
 }
 // natural log of normal positive x (Cephes' logf: frexp, then a degree-8 polynomial on
 // [sqrt(1/2) - 1, sqrt(2) - 1]), relative error ~1e-7; callers keep zero, inf and NaN away from it
@@ -500,13 +520,25 @@ inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int
   }
 }
 
-// slots [x0, x0 + n) of one key row, n <= 5 (at most 10 accumulators, two queries and a key in registers)
+// Widest chunks of the pair kernels: slots per score chunk (two accumulators each, plus two queries and
+// a key in registers) and features per P.V / dS.K pass (two accumulators each, plus two weights and a
+// value): 16 vector registers (AVX2, NEON) hold 5 slots / 4 features, AVX-512's 32 hold 8 / 8, which
+// loads each query (weight) vector once per 8 slots (features) instead of 5 (4)
+#if defined(NA_VARIANT_avx512)
+constexpr int PAIR_SLOTS = 8, PAIR_FEATURES = 8;
+#else
+constexpr int PAIR_SLOTS = 5, PAIR_FEATURES = 4;
+#endif
+// slots [x0, x0 + n) of one key row, n <= PAIR_SLOTS
 inline void scores_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb,
                           int64_t ldk, float* sa, float* sb) {
   switch (n) {
 #define NA_CASE(X) \
   case X: exact_scores_run2<X>(qa, qb, ldq, D, kb, ldk, sa, sb); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5)
+#if defined(NA_VARIANT_avx512)
+    NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#endif
 #undef NA_CASE
     default: break;
   }
@@ -549,11 +581,19 @@ inline void slot_sum2(const float* wa, const float* wb, const float* src, int64_
   }
 }
 
-// slot_sums of both blocks: oa / ob [W][vw] = their slot_sum2 times mula / mulb, 4 features at a time
+// slot_sums of both blocks: oa / ob [W][vw] = their slot_sum2 times mula / mulb, PAIR_FEATURES features
+// at a time, then 4, then single ones
 inline void slot_sums2(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
                        int na, const int64_t* rbb, int nb, int nx, vf mula, vf mulb, float* oa, float* ob) {
   int64_t c = 0;
-  vf xa[4], xb[4];
+  vf xa[PAIR_FEATURES], xb[PAIR_FEATURES];
+  for (; PAIR_FEATURES > 4 && c + PAIR_FEATURES <= W; c += PAIR_FEATURES) {
+    slot_sum2<PAIR_FEATURES>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, nx, xa, xb);
+    for (int i = 0; i < PAIR_FEATURES; ++i) {
+      store(oa + (c + i) * VW, xa[i] * mula);
+      store(ob + (c + i) * VW, xb[i] * mulb);
+    }
+  }
   for (; c + 4 <= W; c += 4) {
     slot_sum2<4>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, nx, xa, xb);
     for (int i = 0; i < 4; ++i) {
@@ -577,8 +617,8 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
     store(qs + 2 * d * VW, load(qa + d * ldq) * scale);
     store(qs + (2 * d + 1) * VW, load(qb + d * ldq) * scale);
   }
-  // slots of a key row in chunks of at most 5, as even as possible (nx = 7: 4 + 3)
-  const int nch = (nx + 4) / 5;
+  // slots of a key row in chunks of at most PAIR_SLOTS, as even as possible (nx = 7, AVX2: 4 + 3)
+  const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     if (i < 0 || j < 0) {
       // a row of one window only: up to 8 slots per pass (one query load per feature and pass)
@@ -685,7 +725,7 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
                   const SlotOut& outb, float* dqa, float* dqb) {
   float* dpa = sa + static_cast<int64_t>(na) * nx * VW;
   float* dpb = sb + static_cast<int64_t>(nb) * nx * VW;
-  const int nch = (nx + 4) / 5;
+  const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (nx - x0) / (nch - c);
