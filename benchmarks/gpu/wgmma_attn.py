@@ -163,20 +163,8 @@ BODY = r"""
   const int full_lo = WIN ? min(max(q0 + BM - 1 - KW / 2, 0), N - KW) : 0;
   const int full_hi = WIN ? min(max(q0 - KW / 2, 0), N - KW) + KW : N;
 
-  for (int t = t0; t < t1; ++t) {
-    const int st = (t - t0) & 1;
-    if (t + 1 < t1) {
-      load_kv(t + 1, st ^ 1);
-      cp_commit();
-      cp_wait<1>();
-    } else {
-      cp_wait<0>();
-    }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-    const unsigned kst = sK0 + st * BN * 256, vst = sV0 + st * BN * 256;
-
-    // S = Q K^T (this warpgroup's 64 rows)
+  // S = Q K^T of this warpgroup's 64 rows against the K tile at kst (issued and committed, not waited)
+  auto issue_s = [&](unsigned kst) {
 #pragma unroll
     for (int i = 0; i < SN; ++i) wg_pin(s[i]);
     wg_fence();
@@ -187,11 +175,26 @@ BODY = r"""
       wg_s(s, wg_desc(qa, 16, 1024), wg_desc(ka, 16, 1024), kk);
     }
     wg_commit();
-    wg_wait<0>();
+  };
+  // O += P V for the packed P in pa and the V tile at vst (issued and committed, not waited)
+  auto issue_pv = [&](const unsigned (*pa)[2], unsigned vst) {
 #pragma unroll
-    for (int i = 0; i < SN; ++i) wg_pin(s[i]);
-
-    // mask (window tiles that straddle a border), online softmax in the log2 domain
+    for (int p = 0; p < 2; ++p)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) wg_pin(o[p][i]);
+    wg_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const unsigned a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+#pragma unroll
+      for (int p = 0; p < 2; ++p)
+        wg_pv(o[p], a, wg_desc(vst + p * BN * 128 + kk * 2048, BN * 128, 1024), 1);
+    }
+    wg_commit();
+  };
+  // tile t's scores in s -> P packed into pa (mask on tiles that straddle a window border, online softmax
+  // in the log2 domain); m moves to the new maxima; returns the old accumulators' factors and P's row sums
+  auto softmax = [&](int t, unsigned (*pa)[2], float& al0, float& al1, float& ps0, float& ps1) {
     const int kb = t * BN;
     const bool masked = WIN && (kb < full_lo || kb + BN > full_hi);
     float mx0 = m0, mx1 = m1;
@@ -213,10 +216,10 @@ BODY = r"""
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
     const float b0 = mx0 == -INFINITY ? 0.f : mx0, b1 = mx1 == -INFINITY ? 0.f : mx1;
-    const float al0 = wg_exp2(m0 - b0), al1 = wg_exp2(m1 - b1);
+    al0 = wg_exp2(m0 - b0);
+    al1 = wg_exp2(m1 - b1);
     m0 = mx0; m1 = mx1;
-    float ps0 = 0.f, ps1 = 0.f;
-    unsigned pa[BN / 8][2];  // packed P: [8-column group j][row r0, row r1]
+    ps0 = 0.f; ps1 = 0.f;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
       const float p0 = wg_exp2(s[4 * j] - b0), p1 = wg_exp2(s[4 * j + 1] - b0);
@@ -225,6 +228,8 @@ BODY = r"""
       pa[j][0] = wg_pack(p0, p1);
       pa[j][1] = wg_pack(p2, p3);
     }
+  };
+  auto rescale = [&](float al0, float al1, float ps0, float ps1) {
     l0 = l0 * al0 + ps0;
     l1 = l1 * al1 + ps1;
 #pragma unroll
@@ -234,27 +239,95 @@ BODY = r"""
         o[p][4 * j] *= al0; o[p][4 * j + 1] *= al0;
         o[p][4 * j + 2] *= al1; o[p][4 * j + 3] *= al1;
       }
+  };
+  auto pin_o = [&] {
+#pragma unroll
+    for (int p = 0; p < 2; ++p)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) wg_pin(o[p][i]);
+  };
+  unsigned pa[BN / 8][2];  // packed P: [8-column group j][row r0, row r1]
+  float al0, al1, ps0, ps1;
 
-    // O += P V
+  if (!PIPE) {
+    // tile t: wait for its K/V (tile t + 1's in flight), S, softmax, rescale, P V, wait
+    for (int t = t0; t < t1; ++t) {
+      const int st = (t - t0) & 1;
+      if (t + 1 < t1) {
+        load_kv(t + 1, st ^ 1);
+        cp_commit();
+        cp_wait<1>();
+      } else {
+        cp_wait<0>();
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();
+      issue_s(sK0 + st * BN * 256);
+      wg_wait<0>();
 #pragma unroll
-    for (int p = 0; p < 2; ++p)
-#pragma unroll
-      for (int i = 0; i < 32; ++i) wg_pin(o[p][i]);
-    wg_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const unsigned a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
-#pragma unroll
-      for (int p = 0; p < 2; ++p)
-        wg_pv(o[p], a, wg_desc(vst + p * BN * 128 + kk * 2048, BN * 128, 1024), 1);
+      for (int i = 0; i < SN; ++i) wg_pin(s[i]);
+      softmax(t, pa, al0, al1, ps0, ps1);
+      rescale(al0, al1, ps0, ps1);
+      issue_pv(pa, sV0 + st * BN * 256);
+      wg_wait<0>();
+      pin_o();
+      __syncthreads();  // every warpgroup is done with this stage before it is loaded again
     }
-    wg_commit();
+  } else {
+    // FlashAttention-3's overlap inside a warpgroup: S of tile t and P V of tile t - 1 are in flight
+    // together; the softmax of tile t runs while P V works. K and V have rings of their own: iteration j
+    // loads K of tile t + 1 and V of tile t (one commit group), and needs K of t and V of t - 1, both from
+    // the previous group. NOT YET RUN ON A GPU (written in session 10 after the device time was spent).
+    auto load_k = [&](int t, int st) {
+#pragma unroll
+      for (int i = tid; i < BN * 16; i += NT) {
+        const int r = i >> 4, ch = i & 15;
+        cp16(sK0 + st * BN * 256 + sw(r, ch, BN), kh + (size_t)(t * BN + r) * tok + ch * 8);
+      }
+    };
+    auto load_v = [&](int t, int st) {
+#pragma unroll
+      for (int i = tid; i < BN * 16; i += NT) {
+        const int r = i >> 4, ch = i & 15;
+        cp16(sV0 + st * BN * 256 + sw(r, ch, BN), vh + (size_t)(t * BN + r) * tok + ch * 8);
+      }
+    };
+    for (int t = t0; t < t1; ++t) {
+      const int j = t - t0;
+      cp_wait<0>();
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      __syncthreads();  // K of t and V of t - 1 landed; every warpgroup is done with the slots loaded next
+      if (t + 1 < t1) load_k(t + 1, (j + 1) & 1);
+      if (j > 0) load_v(t, j & 1);  // the first tile's V came with its K (load_kv above)
+      cp_commit();
+      issue_s(sK0 + (j & 1) * BN * 256);
+      if (j > 0) {
+        issue_pv(pa, sV0 + ((j - 1) & 1) * BN * 256);
+        wg_wait<1>();  // S of tile t
+      } else {
+        wg_wait<0>();
+      }
+#pragma unroll
+      for (int i = 0; i < SN; ++i) wg_pin(s[i]);
+      float al0n, al1n, ps0n, ps1n;
+      unsigned pn[BN / 8][2];
+      softmax(t, pn, al0n, al1n, ps0n, ps1n);
+      wg_wait<0>();  // P V of tile t - 1: O and pa are free again
+      pin_o();
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        asm volatile("" : "+r"(pa[i][0]), "+r"(pa[i][1])::"memory");  // pa live until the product read it
+        pa[i][0] = pn[i][0];
+        pa[i][1] = pn[i][1];
+      }
+      rescale(al0n, al1n, ps0n, ps1n);
+    }
+    cp_wait<0>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    issue_pv(pa, sV0 + ((t1 - 1 - t0) & 1) * BN * 256);
     wg_wait<0>();
-#pragma unroll
-    for (int p = 0; p < 2; ++p)
-#pragma unroll
-      for (int i = 0; i < 32; ++i) wg_pin(o[p][i]);
-    __syncthreads();  // every warpgroup is done with this stage before it is loaded again
+    pin_o();
   }
 
   l0 += __shfl_xor_sync(0xffffffff, l0, 1);
@@ -282,36 +355,36 @@ def smem_bytes(nwg: int, bn: int) -> int:
     return 64 * nwg * 256 + 4 * bn * 256 + 1024
 
 
-def full_source(nwg: int, bn: int, win: bool, minb: int = 1, name: str = "wg_attn") -> str:
+def full_source(nwg: int, bn: int, win: bool, minb: int = 1, pipe: bool = False, name: str = "wg_attn") -> str:
     """The translation unit for nvcc (a stand-in of what cuda_kernel builds)."""
     return (
         "#include <cuda_fp16.h>\n#include <cstdint>\n#include <cmath>\n" + header(bn)
         + f"extern \"C\" __global__ void __launch_bounds__({128 * nwg}, {minb}) {name}(const __half* q, const __half* k, "
         "const __half* v, const int* prm, const float* scl, __half* out, float* lse) {\n"
-        + f"  constexpr int NWG = {nwg}, BN = {bn};\n  constexpr bool WIN = {'true' if win else 'false'};\n"
+        + f"  constexpr int NWG = {nwg}, BN = {bn};\n  constexpr bool WIN = {'true' if win else 'false'}, PIPE = {'true' if pipe else 'false'};\n"
         + BODY + "}\n"
     )
 
 
-def _kernel(nwg: int, bn: int, win: bool, minb: int):
+def _kernel(nwg: int, bn: int, win: bool, minb: int, pipe: bool):
     import mlx.core as mx
 
     return mx.fast.cuda_kernel(
-        name=f"wg_attn_{nwg}_{bn}_{int(win)}_{minb}", input_names=["q", "k", "v", "prm", "scl"],
+        name=f"wg_attn_{nwg}_{bn}_{int(win)}_{minb}_{int(pipe)}", input_names=["q", "k", "v", "prm", "scl"],
         output_names=["out", "lse"], source=f"  constexpr int NWG = {nwg}, BN = {bn};\n"
-        f"  constexpr bool WIN = {'true' if win else 'false'};\n" + BODY,
+        f"  constexpr bool WIN = {'true' if win else 'false'}, PIPE = {'true' if pipe else 'false'};\n" + BODY,
         header=header(bn) + f"\n#undef __global__\n#define __global__ __location__(global) __launch_bounds__({128 * nwg}, {minb})\n",
         ensure_row_contiguous=True, shared_memory=smem_bytes(nwg, bn))
 
 
-def attn(q, k, v, window: int, nwg: int, bn: int, minb: int = 1):
+def attn(q, k, v, window: int, nwg: int, bn: int, minb: int = 1, pipe: bool = False):
     import mlx.core as mx
 
     n, h, d = q.shape
     assert d == 128 and n % (64 * nwg) == 0 and n % bn == 0
     prm = mx.array([n, h, window], dtype=mx.int32)
     scl = mx.array([math.log2(math.e) / math.sqrt(d)], dtype=mx.float32)
-    out, lse = _kernel(nwg, bn, window > 0, minb)(
+    out, lse = _kernel(nwg, bn, window > 0, minb, pipe)(
         inputs=[q, k, v, prm, scl], grid=(n // (64 * nwg) * 128 * nwg, h, 1), threadgroup=(128 * nwg, 1, 1),
         output_shapes=[q.shape, (h, n)], output_dtypes=[mx.float16, mx.float32])
     return out, lse
@@ -336,20 +409,20 @@ def reference(q, k, v, window: int, rows):
     return np.stack(outs), np.stack(lses, axis=1)
 
 
-def check(nwg: int, bn: int, minb: int) -> None:
+def check(nwg: int, bn: int, minb: int, pipe: bool) -> None:
     import mlx.core as mx
 
     rng = np.random.default_rng(nwg * 1000 + bn)
     for n, h, window in ((1024, 2, 0), (2048, 3, 384), (1024, 1, 1000), (4096, 2, 130)):
         q, k, v = (rng.standard_normal((n, h, 128)).astype(np.float16) for _ in range(3))
-        out, lse = attn(mx.array(q), mx.array(k), mx.array(v), window, nwg, bn, minb)
+        out, lse = attn(mx.array(q), mx.array(k), mx.array(v), window, nwg, bn, minb, pipe)
         mx.eval(out, lse)
         rows = sorted(set(rng.integers(0, n, 96).tolist()) | {0, n - 1, n // 2})
         ro, rl = reference(q, k, v, window, rows)
         eo = float(np.abs(np.array(out)[rows].astype(np.float64) - ro).max())
         el = float(np.abs(np.array(lse)[:, rows] - rl).max())
         ok = eo < 2e-2 and el < 2e-2 and np.isfinite(np.array(out)).all()
-        print(TAG + json.dumps(dict(kind="check", nwg=nwg, bn=bn, minb=minb, n=n, h=h, window=window, out_err=eo, lse_err=el,
+        print(TAG + json.dumps(dict(kind="check", nwg=nwg, bn=bn, minb=minb, pipe=pipe, n=n, h=h, window=window, out_err=eo, lse_err=el,
                                     ok=bool(ok))), flush=True)
 
 
@@ -371,16 +444,16 @@ def _time(fn, reps: int = 20, groups: int = 5) -> float:
 CASES = {"D1": (32768, 1, 0), "G1": (32768, 1, 2048), "D8": (8192, 16, 0), "W2": (65536, 24, 6400)}
 
 
-def bench(nwg: int, bn: int, minb: int, cases: list[str]) -> None:
+def bench(nwg: int, bn: int, minb: int, pipe: bool, cases: list[str]) -> None:
     import mlx.core as mx
 
     mx.random.seed(0)
     for c in cases:
         n, h, window = CASES[c]
         q, k, v = (mx.random.normal((n, h, 128)).astype(mx.float16) for _ in range(3))
-        ms = _time(lambda: attn(q, k, v, window, nwg, bn, minb)[0]) * 1e3
+        ms = _time(lambda: attn(q, k, v, window, nwg, bn, minb, pipe)[0]) * 1e3
         f = 4.0 * n * h * (window or n) * 128
-        print(TAG + json.dumps(dict(kind="time", impl=f"wgmma nwg={nwg} bn={bn} minb={minb}", case=c, ms=ms, tflops=f / ms / 1e9)),
+        print(TAG + json.dumps(dict(kind="time", impl=f"wgmma nwg={nwg} bn={bn} minb={minb} pipe={int(pipe)}", case=c, ms=ms, tflops=f / ms / 1e9)),
               flush=True)
 
 
@@ -397,14 +470,16 @@ def bench_dense(cases: list[str]) -> None:
                                     note="all keys; TFLOP/s counts the case's window")), flush=True)
 
 
-# (consumer warpgroups, key tile, resident blocks the registers are bounded for)
-CONFIGS = [(2, 64, 1), (2, 64, 2), (2, 128, 1), (1, 64, 2), (3, 64, 1)]
+# (consumer warpgroups, key tile, resident blocks the registers are bounded for, overlap of S and P V inside a
+# warpgroup). Session 10 ran the first five (RESULTS.md, with this file as of commit ac1957e); the overlap
+# (the last two: 144 registers, so one block per SM; bounded to 128 ptxas serialises its wgmma) is not yet run.
+CONFIGS = [(2, 64, 1, 0), (2, 64, 2, 0), (2, 128, 1, 0), (1, 64, 2, 0), (3, 64, 1, 0), (2, 64, 1, 1), (3, 64, 1, 1)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--emit", help="write each configuration's .cu into this folder and stop")
-    ap.add_argument("--child", help="nwg,bn,minb: run that configuration in this process")
+    ap.add_argument("--child", help="nwg,bn,minb,pipe: run that configuration in this process")
     ap.add_argument("--configs", default=",".join("x".join(map(str, c)) for c in CONFIGS))
     ap.add_argument("--cases", default="D1,G1,D8,W2")
     args = ap.parse_args()
@@ -412,20 +487,20 @@ def main() -> None:
     cases = args.cases.split(",")
     if args.emit:
         os.makedirs(args.emit, exist_ok=True)
-        for nwg, bn, minb in configs:
+        for nwg, bn, minb, pipe in configs:
             for win in (False, True):
-                path = os.path.join(args.emit, f"wg_{nwg}_{bn}_{int(win)}_{minb}.cu")
+                path = os.path.join(args.emit, f"wg_{nwg}_{bn}_{int(win)}_{minb}_{pipe}.cu")
                 with open(path, "w") as f:
-                    f.write(full_source(nwg, bn, win, minb))
+                    f.write(full_source(nwg, bn, win, minb, bool(pipe)))
                 print(path)
         return
     if args.child:
         if args.child == "dense":
             bench_dense(cases)
             return
-        nwg, bn, minb = (int(x) for x in args.child.split(","))
-        check(nwg, bn, minb)
-        bench(nwg, bn, minb, cases)
+        nwg, bn, minb, pipe = (int(x) for x in args.child.split(","))
+        check(nwg, bn, minb, bool(pipe))
+        bench(nwg, bn, minb, bool(pipe), cases)
         return
     rows = []
     for child in ["dense"] + [",".join(map(str, c)) for c in configs]:
