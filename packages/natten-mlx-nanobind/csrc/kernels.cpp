@@ -1117,7 +1117,8 @@ bool transpose8_finite(const float* const* src, int64_t w, float* dst, int64_t l
 }  // namespace
 
 const KernelTable* NA_TABLE() {
-  static const KernelTable table = {
+  static const KernelTable table = [] {
+    KernelTable t = {
 #if defined(NA_VARIANT_avx512)
       "avx512",
 #elif defined(NA_VARIANT_avx2)
@@ -1128,6 +1129,18 @@ const KernelTable* NA_TABLE() {
       "baseline",
 #endif
       VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g};
+#if defined(NA_VARIANT_avx512)
+    // The row kernels (1D on heads-last rows) take the AVX2 table's 8-wide versions: a query's K
+    // slots go across the lanes after a lane reduction, and at C1's K = 7 a 16-wide block is more
+    // than half padding while its 16-vector reductions and broadcasts cost twice the 8-wide ones
+    // (benchmarks/RESULTS.md, eleventh pass: C1 forward ~2.3x faster with these on AVX-512).
+    const KernelTable* k8 = kernels_avx2();
+    t.row_bwd = k8->row_bwd;
+    t.row_fwd = k8->row_fwd;
+    t.row_fwd_g = k8->row_fwd_g;
+#endif
+    return t;
+  }();
   return &table;
 }
 
