@@ -1276,11 +1276,11 @@ const KernelTable* NA_TABLE() {
 #endif
       VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g};
 #if defined(NA_VARIANT_avx512)
-    // The row kernels (1D on heads-last rows) take the AVX2 table's 8-wide versions: a query's K
-    // slots go across the lanes after a lane reduction, and at C1's K = 7 a 16-wide block is more
-    // than half padding while its 16-vector reductions and broadcasts cost twice the 8-wide ones
-    // (benchmarks/RESULTS.md, eleventh pass: C1 forward ~2.3x faster with these on AVX-512).
-    // (row_fwd: windows of up to 8 keys two queries to a 16-lane vector, row_fwd_pair16)
+    // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
+    // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more
+    // than half padding, and at this width reduce_lanes / bcast_max / bcast_sum are scalar loops
+    // (benchmarks/RESULTS.md, eleventh pass: C1 fwd+bwd ~2x faster with these). row_fwd here serves
+    // windows of up to 8 keys two queries to a vector (row_fwd_pair16), longer ones by the AVX2 kernel.
     const KernelTable* k8 = kernels_avx2();
     t.row_bwd = k8->row_bwd;
     t.row_fwd_g = k8->row_fwd_g;
