@@ -1863,9 +1863,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       const std::vector<int>& fw = first[u.row];
       const int g2 = row.g[2], lg = na_group_len(g.L[2], Dl2, g2), vw = kt.vw;
       const int64_t Hkv = g.Hkv;
-      // live keys: a run's current window (nx), or all of a border block's (at most nx + vw - 1)
+      // live keys: a run's current window (nx; a piece's last keys end with its last window), or all
+      // of a border block's (at most nx + vw - 1)
       int R = 8;
-      while (R < run.nx + vw + 1) R <<= 1;
+      while (R < run.nx + (run.masked ? vw : 0) + 1) R <<= 1;
       // one ring per kv head, rows of [D | Dv] sums
       const int64_t rw = D + Dv, rs = R * rw;
       Workspace& w = tls_ws;

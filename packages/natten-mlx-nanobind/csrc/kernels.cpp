@@ -1051,8 +1051,154 @@ inline void row_fwd_n(const RowQuery* qs, int64_t kstep, int64_t vstep, int n, i
   }
 }
 
+#if defined(NA_VARIANT_avx512)
+// Two queries of at most 8 keys each in one 16-lane vector (query A's slots in lanes 0-7, B's in
+// 8-15): the 8-wide row forward's work for two queries in one pass of 512-bit instructions.
+// Lane x of the result: the sum of a[x]'s lanes (four levels of block/lane shuffles and adds, then
+// one permute back into slot order).
+inline vf reduce_lanes16(const vf* a) {
+  __m512 c[8], e[4], f[2];
+  for (int i = 0; i < 8; ++i)  // c[i]: a[i]'s partial sums in blocks 0-1, a[i + 8]'s in blocks 2-3
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 8], 0x44), _mm512_shuffle_f32x4(a[i], a[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)  // e[i]'s blocks: a[i], a[i + 8], a[i + 4], a[i + 12]
+    e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[i], c[i + 4], 0x88), _mm512_shuffle_f32x4(c[i], c[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)  // f[i]: pairs of lanes per block, e[i]'s then e[i + 2]'s
+    f[i] = _mm512_add_ps(_mm512_shuffle_ps(e[i], e[i + 2], 0x44), _mm512_shuffle_ps(e[i], e[i + 2], 0xEE));
+  // lanes of h: a[0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15]
+  const __m512 h = _mm512_add_ps(_mm512_shuffle_ps(f[0], f[1], 0x88), _mm512_shuffle_ps(f[0], f[1], 0xDD));
+  return vf(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15), h));
+}
+// every lane: the max / the sum of the 8 lanes of its half
+inline vf half_max(vf v) {
+  __m512 t = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+  t = _mm512_max_ps(t, _mm512_shuffle_ps(t, t, 0x4E));
+  return vf(_mm512_max_ps(t, _mm512_shuffle_ps(t, t, 0xB1)));
+}
+inline vf half_sum(vf v) {
+  __m512 t = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xB1));
+  t = _mm512_add_ps(t, _mm512_shuffle_ps(t, t, 0x4E));
+  return vf(_mm512_add_ps(t, _mm512_shuffle_ps(t, t, 0xB1)));
+}
+// features d .. d + w (w < VW) as a vector, the rest zero
+inline vf load_part(const float* p, int w) { return vf(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << w) - 1), p)); }
+
+// row_fwd_n<2> for n <= 8 (a and b may be the same query): S for both queries from 16 dot products
+// finished by one reduction, one softmax over both halves, P.V of both in one pass of 2 x 2 vectors
+// per feature block (even and odd slots summed apart: eight independent sums)
+inline void row_fwd_pair16(const RowQuery& qa, const RowQuery& qb, int64_t kstep, int64_t vstep, int n, int64_t D,
+                           int64_t Dv, float scale, const float* zeros, float* s) {
+  const float* kr[VW];
+#pragma GCC unroll 8
+  for (int x = 0; x < 8; ++x) {
+    kr[x] = x < n ? qa.k + x * kstep : zeros;
+    kr[8 + x] = x < n ? qb.k + x * kstep : zeros;
+  }
+  vf a[VW];
+#pragma GCC unroll 16
+  for (int x = 0; x < VW; ++x) a[x] = vf{};
+  int64_t d = 0;
+  for (; d + VW <= D; d += VW) {
+    const vf va = load(qa.q + d), vb = load(qb.q + d);
+#pragma GCC unroll 8
+    for (int x = 0; x < 8; ++x) {
+      a[x] += va * load(kr[x] + d);
+      a[8 + x] += vb * load(kr[8 + x] + d);
+    }
+  }
+  if (d < D) {
+    const int w = static_cast<int>(D - d);
+    const vf va = load_part(qa.q + d, w), vb = load_part(qb.q + d, w);
+#pragma GCC unroll 8
+    for (int x = 0; x < 8; ++x) {
+      a[x] += va * load_part(kr[x] + d, w);
+      a[8 + x] += vb * load_part(kr[8 + x] + d, w);
+    }
+  }
+  const vf ninf = splat(-INFINITY);
+  vf sv = reduce_lanes16(a) * scale;
+  sv = (lanes() & 7) < n ? sv : ninf;
+  vf m = half_max(sv > ninf ? sv : ninf);  // NaN scores left out of the max, as row_fwd_n
+  m = m == ninf ? vf{} : m;                // only NaN scores: let the NaN through exp
+  const vf p = vexp(sv - m);
+  store(s, p);
+  const vf tot = half_sum(p), inv = 1.f / tot;
+  const float ia = inv[0], ib = inv[8];
+  const float* va = qa.v;
+  const float* vb = qb.v;
+  d = 0;
+  for (; d + 2 * VW <= Dv; d += 2 * VW) {
+    vf e0{}, e1{}, f0{}, f1{}, g0{}, g1{}, h0{}, h1{};  // A even/odd, B even/odd; two vectors each
+    int x = 0;
+    for (; x + 2 <= n; x += 2) {
+      const vf pa0 = splat(s[x]), pa1 = splat(s[x + 1]), pb0 = splat(s[8 + x]), pb1 = splat(s[9 + x]);
+      const float* a0 = va + x * vstep + d;
+      const float* a1 = a0 + vstep;
+      const float* b0 = vb + x * vstep + d;
+      const float* b1 = b0 + vstep;
+      e0 += pa0 * load(a0);
+      e1 += pa0 * load(a0 + VW);
+      f0 += pa1 * load(a1);
+      f1 += pa1 * load(a1 + VW);
+      g0 += pb0 * load(b0);
+      g1 += pb0 * load(b0 + VW);
+      h0 += pb1 * load(b1);
+      h1 += pb1 * load(b1 + VW);
+    }
+    if (x < n) {
+      const vf pa0 = splat(s[x]), pb0 = splat(s[8 + x]);
+      const float* a0 = va + x * vstep + d;
+      const float* b0 = vb + x * vstep + d;
+      e0 += pa0 * load(a0);
+      e1 += pa0 * load(a0 + VW);
+      g0 += pb0 * load(b0);
+      g1 += pb0 * load(b0 + VW);
+    }
+    store(qa.out + d, (e0 + f0) * ia);
+    store(qa.out + d + VW, (e1 + f1) * ia);
+    store(qb.out + d, (g0 + h0) * ib);
+    store(qb.out + d + VW, (g1 + h1) * ib);
+  }
+  // the last one or two blocks of features, the last one partial when Dv is not a multiple of VW
+  for (; d < Dv; d += VW) {
+    const int w = Dv - d < VW ? static_cast<int>(Dv - d) : VW;
+    const __mmask16 mk = static_cast<__mmask16>((1u << w) - 1);
+    vf e0{}, f0{}, g0{}, h0{};
+    int x = 0;
+    for (; x + 2 <= n; x += 2) {
+      e0 += splat(s[x]) * vf(_mm512_maskz_loadu_ps(mk, va + x * vstep + d));
+      f0 += splat(s[x + 1]) * vf(_mm512_maskz_loadu_ps(mk, va + (x + 1) * vstep + d));
+      g0 += splat(s[8 + x]) * vf(_mm512_maskz_loadu_ps(mk, vb + x * vstep + d));
+      h0 += splat(s[9 + x]) * vf(_mm512_maskz_loadu_ps(mk, vb + (x + 1) * vstep + d));
+    }
+    if (x < n) {
+      e0 += splat(s[x]) * vf(_mm512_maskz_loadu_ps(mk, va + x * vstep + d));
+      g0 += splat(s[8 + x]) * vf(_mm512_maskz_loadu_ps(mk, vb + x * vstep + d));
+    }
+    _mm512_mask_storeu_ps(qa.out + d, mk, __m512((e0 + f0) * ia));
+    _mm512_mask_storeu_ps(qb.out + d, mk, __m512((g0 + h0) * ib));
+  }
+  // the sum is >= 1 (the max contributes exp(0)) unless NaN
+  const vf lv = m + vlog(tot);
+  const float ta = tot[0], tb = tot[8];
+  *qa.lse = ta >= 1.f && ta < INFINITY ? lv[0] : m[0] + std::log(ta);
+  *qb.lse = tb >= 1.f && tb < INFINITY ? lv[8] : m[8] + std::log(tb);
+}
+#endif
+
 void row_fwd(const RowQuery* qs, int nq, int64_t kstep, int64_t vstep, int n, int64_t D, int64_t Dv, float scale,
              const float* zeros, float* s) {
+#if defined(NA_VARIANT_avx512)
+  // windows of up to 8 keys: two queries to a vector; longer ones: the AVX2 table's 8-wide kernel
+  // (16 slots to a block would be mostly padding at small K and cost 16-vector reductions)
+  if (n <= 8) {
+    int i = 0;
+    for (; i + 2 <= nq; i += 2) row_fwd_pair16(qs[i], qs[i + 1], kstep, vstep, n, D, Dv, scale, zeros, s);
+    if (i < nq) row_fwd_pair16(qs[i], qs[i], kstep, vstep, n, D, Dv, scale, zeros, s);
+  } else {
+    kernels_avx2()->row_fwd(qs, nq, kstep, vstep, n, D, Dv, scale, zeros, s);
+  }
+  return;
+#endif
   int i = 0;
   for (; i + 2 <= nq; i += 2) row_fwd_n<2>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
   if (i < nq) row_fwd_n<1>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s);
@@ -1117,7 +1263,8 @@ bool transpose8_finite(const float* const* src, int64_t w, float* dst, int64_t l
 }  // namespace
 
 const KernelTable* NA_TABLE() {
-  static const KernelTable table = {
+  static const KernelTable table = [] {
+    KernelTable t = {
 #if defined(NA_VARIANT_avx512)
       "avx512",
 #elif defined(NA_VARIANT_avx2)
@@ -1128,6 +1275,18 @@ const KernelTable* NA_TABLE() {
       "baseline",
 #endif
       VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g};
+#if defined(NA_VARIANT_avx512)
+    // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
+    // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more
+    // than half padding, and at this width reduce_lanes / bcast_max / bcast_sum are scalar loops
+    // (benchmarks/RESULTS.md, eleventh pass: C1 fwd+bwd ~2x faster with these). row_fwd here serves
+    // windows of up to 8 keys two queries to a vector (row_fwd_pair16), longer ones by the AVX2 kernel.
+    const KernelTable* k8 = kernels_avx2();
+    t.row_bwd = k8->row_bwd;
+    t.row_fwd_g = k8->row_fwd_g;
+#endif
+    return t;
+  }();
   return &table;
 }
 
