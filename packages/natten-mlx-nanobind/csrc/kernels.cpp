@@ -56,6 +56,20 @@ inline float hmax(vf v) {
   return m;
 }
 
+// exp(x) / 2^n for n = round(x log2 e): the reduced argument r = x - n ln 2 (in two parts) and the
+// polynomial of vexp below
+inline vf vexp_poly(vf x, vf n) {
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  return p * r * r + r + 1.0f;
+}
+
 // exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes' expf coefficients),
 // relative error ~2e-7. Below -87.3 the result is 0; NaN stays NaN.
 inline vf vexp(vf x) {
@@ -67,15 +81,7 @@ inline vf vexp(vf x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
   const vf xn = vf(_mm512_min_ps(_mm512_set1_ps(88.72283f), x));
   const vf n = vf(_mm512_roundscale_ps(__m512(xn * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  vf r = xn - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500E-4f);
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
+  const vf p = vexp_poly(xn, n);
   return vf(_mm512_maskz_scalef_ps(keep, __m512(p), __m512(n)));
 #else
   const vf lo = splat(-87.33654f), hi = splat(88.72283f);
@@ -86,15 +92,7 @@ inline vf vexp(vf x) {
   vf t = x * 1.44269504088896341f + magic;
   vf n = t - magic;
   vi ni = (vi)t - (vi)splat(magic);
-  vf r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vf p = splat(1.9875691500E-4f);
-  p = p * r + 1.3981999507E-3f;
-  p = p * r + 8.3334519073E-3f;
-  p = p * r + 4.1665795894E-2f;
-  p = p * r + 1.6666665459E-1f;
-  p = p * r + 5.0000001201E-1f;
-  p = p * r * r + r + 1.0f;
+  const vf p = vexp_poly(x, n);
   vf scale = (vf)((ni + 127) << 23);
   vf y = p * scale;
   return (vf)((vi)y & ~under);
