@@ -326,32 +326,32 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
       #pragma unroll
       for (int i = 0; i < 32; ++i) na_wg_pin(sd[i]);
     } else {
-    #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
       #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
-    // k outermost: the 8 MT accumulators of a k step are independent, so consecutive mma never wait
-    // on each other; each B fragment read from shared memory serves MT m-tiles
-    #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-      unsigned af[QREG ? 1 : MT][4];
-      if (!QREG)
-        #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) na_frag_a<LDSM>(af[QREG ? 0 : mt], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+      // k outermost: the 8 MT accumulators of a k step are independent, so consecutive mma never wait
+      // on each other; each B fragment read from shared memory serves MT m-tiles
       #pragma unroll
-      for (int j = 0; j < 8; j += 2) {
-        unsigned bf[4];
-        na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        unsigned af[QREG ? 1 : MT][4];
+        if (!QREG)
+          #pragma unroll
+          for (int mt = 0; mt < MT; ++mt) na_frag_a<LDSM>(af[QREG ? 0 : mt], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
         #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const unsigned* a = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : af[QREG ? 0 : mt];
-          na_mma<T>(s[mt][j], a, bf);
-          na_mma<T>(s[mt][j + 1], a, bf + 2);
+        for (int j = 0; j < 8; j += 2) {
+          unsigned bf[4];
+          na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
+          #pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const unsigned* a = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : af[QREG ? 0 : mt];
+            na_mma<T>(s[mt][j], a, bf);
+            na_mma<T>(s[mt][j + 1], a, bf + 2);
+          }
         }
       }
-    }
     }
     // without rpb the scores stay raw (masked ones -inf): with a positive scale the row max commutes
     // with it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
@@ -436,16 +436,18 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
           o[mt][jn][3] *= alpha[1];
         }
     }
+    // P of m-tile mt, keys 16 kk .. 16 kk + 15, as mma's A fragment (wgmma's register A operand too)
+    auto pack_p = [&](unsigned* a, int mt, int kk) {
+      a[0] = NaType<T>::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+      a[1] = NaType<T>::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+      a[2] = NaType<T>::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+      a[3] = NaType<T>::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+    };
     if (WG) {
       // P packed first: wgmma.fence must separate the writes of its A registers from the products
       unsigned pw[4][4];
       #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        pw[kk][0] = NaType<T>::pack2(s[0][2 * kk][0], s[0][2 * kk][1]);
-        pw[kk][1] = NaType<T>::pack2(s[0][2 * kk][2], s[0][2 * kk][3]);
-        pw[kk][2] = NaType<T>::pack2(s[0][2 * kk + 1][0], s[0][2 * kk + 1][1]);
-        pw[kk][3] = NaType<T>::pack2(s[0][2 * kk + 1][2], s[0][2 * kk + 1][3]);
-      }
+      for (int kk = 0; kk < 4; ++kk) pack_p(pw[kk], 0, kk);
       float* const od = &o[0][0][0];
       #pragma unroll
       for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
@@ -459,25 +461,21 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
       na_wg_wait<0>();
       #pragma unroll
       for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
-    }
-    #pragma unroll
-    for (int kk = 0; kk < (WG ? 0 : 4); ++kk) {
-      unsigned pf[MT][4];
+    } else {
       #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        pf[mt][0] = NaType<T>::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pf[mt][1] = NaType<T>::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pf[mt][2] = NaType<T>::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pf[mt][3] = NaType<T>::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
-      #pragma unroll
-      for (int jn = 0; jn < DVP / 8; jn += 2) {
-        unsigned bf[4];
-        na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
+      for (int kk = 0; kk < 4; ++kk) {
+        unsigned pf[MT][4];
         #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          na_mma<T>(o[mt][jn], pf[mt], bf);
-          na_mma<T>(o[mt][jn + 1], pf[mt], bf + 2);
+        for (int mt = 0; mt < MT; ++mt) pack_p(pf[mt], mt, kk);
+        #pragma unroll
+        for (int jn = 0; jn < DVP / 8; jn += 2) {
+          unsigned bf[4];
+          na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
+          #pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            na_mma<T>(o[mt][jn], pf[mt], bf);
+            na_mma<T>(o[mt][jn + 1], pf[mt], bf + 2);
+          }
         }
       }
     }
