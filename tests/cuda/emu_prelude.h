@@ -134,14 +134,23 @@ template <typename T> inline float na_emu_elem(unsigned reg, int i);
 template <> inline float na_emu_elem<__half>(unsigned reg, int i) { return na_half_bits_to_float((uint16_t)(reg >> (16 * i))); }
 template <> inline float na_emu_elem<__nv_bfloat16>(unsigned reg, int i) { return na_bf16_bits_to_float((uint16_t)(reg >> (16 * i))); }
 
+// A operand fragments (mma.sync's, also wgmma's register operand) through the warp's buffer: each lane
+// puts its four registers, then any lane reads element (row, k) of the warp's 16 x 16 A
+template <typename T> inline void na_emu_put_a(NaWarp& w, int lane, const unsigned* a) {
+  for (int r = 0; r < 4; ++r) { w.a[lane][2 * r] = na_emu_elem<T>(a[r], 0); w.a[lane][2 * r + 1] = na_emu_elem<T>(a[r], 1); }
+}
+inline float na_emu_a(const NaWarp& w, int row, int k) {
+  const int ln = (row % 8) * 4 + (k % 8) / 2, reg = (k >= 8 ? 2 : 0) + (row >= 8 ? 1 : 0);
+  return w.a[ln][reg * 2 + k % 2];
+}
 // mma.sync.m16n8k16.row.col with float accumulators, fragment layout as in common.cuh
 template <typename T> inline void na_mma(float* c, const unsigned* a, const unsigned* b) {
   NaWarp& w = na_warp();
   int lane = threadIdx.x & 31;
-  for (int r = 0; r < 4; ++r) { w.a[lane][2 * r] = na_emu_elem<T>(a[r], 0); w.a[lane][2 * r + 1] = na_emu_elem<T>(a[r], 1); }
+  na_emu_put_a<T>(w, lane, a);
   for (int r = 0; r < 2; ++r) { w.b[lane][2 * r] = na_emu_elem<T>(b[r], 0); w.b[lane][2 * r + 1] = na_emu_elem<T>(b[r], 1); }
   w.bar.wait();
-  auto A = [&](int row, int k) { int ln = (row % 8) * 4 + (k % 8) / 2; int reg = (k >= 8 ? 2 : 0) + (row >= 8 ? 1 : 0); return w.a[ln][reg * 2 + k % 2]; };
+  auto A = [&](int row, int k) { return na_emu_a(w, row, k); };
   auto Bm = [&](int k, int n) { int ln = n * 4 + (k % 8) / 2; int reg = k >= 8 ? 1 : 0; return w.b[ln][reg * 2 + k % 2]; };
   int gid = lane / 4, tig = lane % 4;
   float out[4];
@@ -218,9 +227,9 @@ template <typename T> inline void na_wg_ss(float* d, const void* a, const void* 
 template <typename T> inline void na_wg_rs(float* d, const unsigned* a, const void* b, int acc) {
   NaWarp& w = na_warp();
   const int lane = threadIdx.x & 31, gid = lane / 4, tig = lane % 4;
-  for (int r = 0; r < 4; ++r) { w.a[lane][2 * r] = na_emu_elem<T>(a[r], 0); w.a[lane][2 * r + 1] = na_emu_elem<T>(a[r], 1); }
+  na_emu_put_a<T>(w, lane, a);
   w.bar.wait();
-  auto A = [&](int row, int k) { int ln = (row % 8) * 4 + (k % 8) / 2; int reg = (k >= 8 ? 2 : 0) + (row >= 8 ? 1 : 0); return w.a[ln][reg * 2 + k % 2]; };
+  auto A = [&](int row, int k) { return na_emu_a(w, row, k); };
   const unsigned sb = na_smem_addr(b);
   float out[32];
   for (int j = 0; j < 8; ++j)
