@@ -38,13 +38,9 @@ CASES = [
 
 
 def _wg_variant(backend, cfg, dtype):
-    p = make_problem(cfg, dtype)
-    geo = plan.geometry(p)
-    qt, kt = backend._tiles(geo, forward=True)
-    launch = plan.forward(geo, dtype, "float32" if cfg["E"] else dtype, cfg["rpb"], backend._fast(geo, dtype), qt, kt,
-                          backend.ldmatrix, backend.m_tiles, backend.stages, backend.min_blocks, backend.splits,
-                          backend._wgmma(geo, dtype))
-    return dict(launch.variant.template)
+    """The template of the forward variant the backend launches for cfg (its own launch plan)."""
+    geo = plan.geometry(make_problem(cfg, dtype))
+    return dict(backend._forward_launch(geo, dtype, "float32" if cfg["E"] else dtype, cfg["rpb"]).variant.template)
 
 
 @pytest.mark.parametrize("cfg,dtype,bwd", CASES, ids=[f"{c['na_dim']}d-D{c['D']}-Dv{c['Dv']}-{d}" for c, d, _ in CASES])

@@ -255,9 +255,7 @@ class CudaBackend:
         dtype = _NAMES[problem.dtype]
         extra = additional_keys is not None
         out_dtype = "float32" if extra else dtype
-        qt, kt = self._tiles(geo, forward=True)
-        launch = plan.forward(geo, dtype, out_dtype, rpb is not None, self._fast(geo, dtype), qt, kt, self.ldmatrix,
-                              self.m_tiles, self.stages, self.min_blocks, self.splits, self._wgmma(geo, dtype))
+        launch = self._forward_launch(geo, dtype, out_dtype, rpb is not None)
         out, lse = self._runner(launch, [
             query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
             value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),
@@ -274,6 +272,12 @@ class CudaBackend:
             out, lse = _merge_extra(geo, query, out, lse, additional_keys, additional_values)
             out = out.astype(problem.dtype)
         return out.reshape(geo.B, *spatial, geo.H, geo.DV), lse.reshape(geo.B, *spatial, geo.H)
+
+    def _forward_launch(self, geo: plan.Geometry, dtype: str, out_dtype: str, has_rpb: bool) -> plan.Launch:
+        """The forward's launch plan under this backend's options (fused_forward runs it)."""
+        qt, kt = self._tiles(geo, forward=True)
+        return plan.forward(geo, dtype, out_dtype, has_rpb, self._fast(geo, dtype), qt, kt, self.ldmatrix,
+                            self.m_tiles, self.stages, self.min_blocks, self.splits, self._wgmma(geo, dtype))
 
     @staticmethod
     def _rpb(rpb, geo, dtype):
