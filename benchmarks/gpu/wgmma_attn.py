@@ -40,6 +40,9 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cuda import timed  # noqa: E402  (the tier benchmark's timing: median of 5 groups of queued calls)
+
 TAG = "@@ROW "
 
 
@@ -426,21 +429,6 @@ def check(nwg: int, bn: int, minb: int, pipe: bool) -> None:
                                     ok=bool(ok))), flush=True)
 
 
-def _time(fn, reps: int = 20, groups: int = 5) -> float:
-    import time
-
-    import mlx.core as mx
-
-    for _ in range(3):
-        mx.eval(fn())
-    ts = []
-    for _ in range(groups):
-        t = time.perf_counter()
-        mx.eval([fn() for _ in range(reps)])
-        ts.append((time.perf_counter() - t) / reps)
-    return sorted(ts)[len(ts) // 2]
-
-
 CASES = {"D1": (32768, 1, 0), "G1": (32768, 1, 2048), "D8": (8192, 16, 0), "W2": (65536, 24, 6400)}
 
 
@@ -451,7 +439,7 @@ def bench(nwg: int, bn: int, minb: int, pipe: bool, cases: list[str]) -> None:
     for c in cases:
         n, h, window = CASES[c]
         q, k, v = (mx.random.normal((n, h, 128)).astype(mx.float16) for _ in range(3))
-        ms = _time(lambda: attn(q, k, v, window, nwg, bn, minb, pipe)[0]) * 1e3
+        ms, _ = timed(lambda: attn(q, k, v, window, nwg, bn, minb, pipe)[0], mx.eval)
         f = 4.0 * n * h * (window or n) * 128
         print(TAG + json.dumps(dict(kind="time", impl=f"wgmma nwg={nwg} bn={bn} minb={minb} pipe={int(pipe)}", case=c, ms=ms, tflops=f / ms / 1e9)),
               flush=True)
@@ -464,7 +452,7 @@ def bench_dense(cases: list[str]) -> None:
     for c in cases:
         n, h, window = CASES[c]
         q, k, v = (mx.random.normal((1, h, n, 128)).astype(mx.float16) for _ in range(3))
-        ms = _time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(128))) * 1e3
+        ms, _ = timed(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(128)), mx.eval)
         f = 4.0 * n * h * (window or n) * 128
         print(TAG + json.dumps(dict(kind="time", impl="mlx-sdpa dense", case=c, ms=ms, tflops=f / ms / 1e9,
                                     note="all keys; TFLOP/s counts the case's window")), flush=True)
