@@ -76,8 +76,8 @@ inline vf vexp(vf x) {
 #if defined(NA_VARIANT_avx512)
   // the same steps with AVX-512's rounding (vrndscaleps) and 2^n scaling (vscalefps) instead of the
   // clamps, the magic-number rounding and the exponent arithmetic (the same n and polynomial: the
-  // same results wherever the result is normal); below -87.3 (-inf included) the lane is zeroed
-  // lanes not below -87.3 (NaN included: it stays NaN); min returns its second operand for a NaN
+  // same results wherever the result is normal). `keep` holds the lanes not below -87.3 (NaN included:
+  // it stays NaN, and min returns its second operand for a NaN); the others (-inf included) are zeroed
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
   const vf xn = vf(_mm512_min_ps(_mm512_set1_ps(88.72283f), x));
   const vf n = vf(_mm512_roundscale_ps(__m512(xn * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
