@@ -249,7 +249,21 @@ class Padded3D:
 def padded3d(problem) -> Padded3D:
     """The :class:`Padded3D` of a :class:`~natten_mlx.problem.Problem` (whole-domain or sub-domain).
     Objects with the Problem's field names serve too; absent sub-domain fields mean a whole domain,
-    absent ``num_extra``/``has_rpb`` none, an absent ``dtype`` None (planning needs no dtype)."""
+    absent ``num_extra``/``has_rpb`` none, an absent ``dtype`` None (planning needs no dtype).
+    Cached per problem where the problem is hashable (a frozen Problem; both are immutable): a compiled
+    tier asks for it on every call, and building it is ~10 us of Python."""
+    try:
+        return _padded3d_cached(problem)
+    except TypeError:  # an unhashable stand-in (e.g. a SimpleNamespace): built afresh
+        return _padded3d(problem)
+
+
+@lru_cache(maxsize=1024)
+def _padded3d_cached(problem) -> Padded3D:
+    return _padded3d(problem)
+
+
+def _padded3d(problem) -> Padded3D:
     p = problem
     rank = len(p.spatial)
     spatial = tuple(p.spatial)

@@ -9,7 +9,7 @@ CPU emulator in tests/cuda.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import mlx.core as mx
 
@@ -22,6 +22,7 @@ OPTIONS = ("tile", "key_tile", "kernel", "ldmatrix", "m_tiles", "stages", "min_b
 KERNELS = ("auto", "fmha", "simple")
 MAX_GRID_YZ = plan.MAX_GRID_YZ
 MAX_THREADS = 2**31 - 1
+_MISS = object()
 
 
 @lru_cache(maxsize=None)
@@ -36,14 +37,31 @@ def _kernel(v_body: str, shared_memory: int, threads: int = 0, min_blocks: int =
 
 def mlx_runner(launch: plan.Launch, inputs: list) -> list:
     """Run a launch through mx.fast.cuda_kernel (compiled by NVRTC at first use, cached by MLX)."""
+    return mlx_bound(launch)(inputs)
+
+
+def mlx_bound(launch: plan.Launch):
+    """``inputs -> outputs`` of a launch, with the kernel object and the call's keywords resolved now."""
     v: Variant = launch.variant
     _, outs = v.arg_dtypes()
     template = [(n, _MX_DTYPES[x] if isinstance(x, str) else x) for n, x in v.template]
-    return _kernel(v.body, v.shared_memory, v.threads if v.min_blocks else 0, v.min_blocks)(
-        inputs=inputs, template=template, grid=launch.grid, threadgroup=launch.threadgroup,
-        output_shapes=[tuple(s) for s in launch.output_shapes], output_dtypes=[_MX_DTYPES[d] for _, d in outs],
-        init_value=launch.init_value,
+    kernel = _kernel(v.body, v.shared_memory, v.threads if v.min_blocks else 0, v.min_blocks)
+    return partial(
+        _call_kernel, kernel, dict(
+            template=template, grid=launch.grid, threadgroup=launch.threadgroup,
+            output_shapes=[tuple(s) for s in launch.output_shapes], output_dtypes=[_MX_DTYPES[d] for _, d in outs],
+            init_value=launch.init_value,
+        ),
     )
+
+
+def _call_kernel(kernel, kw: dict, inputs: list) -> list:
+    return kernel(inputs=inputs, **kw)
+
+
+def _shaped(x, shape: tuple):
+    """x viewed as shape (no reshape node when it already has it)."""
+    return x if x.shape == shape else x.reshape(shape)
 
 
 @lru_cache(maxsize=256)
@@ -126,6 +144,8 @@ class CudaBackend:
         self.kernel = kernel
         self.ldmatrix = ldmatrix
         self._configured: dict = {}
+        self._fwd_cache: dict = {}
+        self._supports_cache: dict = {}
         self._runner = runner or mlx_runner
         # tests run the CPU emulator through the whole backend; then no CUDA device is needed
         self._require_device = require_device
@@ -215,6 +235,22 @@ class CudaBackend:
         return not self._require_device or device_wgmma_reason() is None
 
     def supports(self, problem) -> str | None:
+        # cached per problem (with its device) and plan's tuning constants: the dispatcher asks on every call
+        if not getattr(problem, "device", None):
+            return self._supports(problem)
+        try:
+            ck = (problem, plan.tuning_key())
+            hit = self._supports_cache.get(ck, _MISS)
+        except TypeError:  # an unhashable stand-in
+            return self._supports(problem)
+        if hit is _MISS:
+            hit = self._supports(problem)
+            if len(self._supports_cache) >= 1024:
+                self._supports_cache.clear()
+            self._supports_cache[ck] = hit
+        return hit
+
+    def _supports(self, problem) -> str | None:
         device = getattr(problem, "device", None) or _device_type()
         if self._require_device and device != "gpu":
             return f"serves GPU streams only (this call runs on the {device})"
@@ -251,27 +287,55 @@ class CudaBackend:
     # -- forward ----------------------------------------------------------------------------------
     def fused_forward(self, problem, query, key, value, additional_keys=None, additional_values=None, rpb=None):
         """``(out [B, *spatial, H, Dv] problem.dtype, lse [B, *spatial, H] float32)``."""
-        geo = plan.geometry(problem)
-        dtype = _NAMES[problem.dtype]
         extra = additional_keys is not None
-        out_dtype = "float32" if extra else dtype
-        launch = self._forward_launch(geo, dtype, out_dtype, rpb is not None)
-        out, lse = self._runner(launch, [
-            query.reshape(geo.B, geo.N, geo.H, geo.D), key.reshape(geo.B, geo.NK, geo.HKV, geo.D),
-            value.reshape(geo.B, geo.NK, geo.HKV, geo.DV), self._rpb(rpb, geo, problem.dtype),
-            _int_block(launch.prm), _scale(geo.scale),
+        geo, launch, run, tail = self._prepared_forward(problem, rpb is not None, extra)
+        out, lse = run([
+            _shaped(query, (geo.B, geo.N, geo.H, geo.D)), _shaped(key, (geo.B, geo.NK, geo.HKV, geo.D)),
+            _shaped(value, (geo.B, geo.NK, geo.HKV, geo.DV)),
+            tail[0] if rpb is None else rpb.reshape(geo.H, geo.rpb_size), tail[1], tail[2],
         ])
         spatial = tuple(problem.spatial)
         if launch.splits > 1:
             rows = geo.B * geo.N * geo.H
-            l_m = plan.merge(launch.splits, rows, geo.DV, out_dtype)
+            l_m = plan.merge(launch.splits, rows, geo.DV, "float32" if extra else _NAMES[problem.dtype])
             out, lse = self._runner(l_m, [out.reshape(launch.splits, rows, geo.DV), lse.reshape(launch.splits, rows),
                                           _int_block(l_m.prm)])
             out, lse = out.reshape(geo.B, geo.N, geo.H, geo.DV), lse.reshape(geo.B, geo.N, geo.H)
         if extra:
             out, lse = _merge_extra(geo, query, out, lse, additional_keys, additional_values)
             out = out.astype(problem.dtype)
-        return out.reshape(geo.B, *spatial, geo.H, geo.DV), lse.reshape(geo.B, *spatial, geo.H)
+        return _shaped(out, (geo.B, *spatial, geo.H, geo.DV)), _shaped(lse, (geo.B, *spatial, geo.H))
+
+    def _prepared_forward(self, problem, has_rpb: bool, extra: bool):
+        """(geometry, launch, the launch's bound runner, [rpb placeholder, parameter block, scale]) of a
+        forward, cached per problem, rpb/extra flags and plan's tuning constants: planning and binding a
+        call cost ~40 us of Python, which G1's 0.12 ms kernel would wait for (a call is built before
+        MLX evaluates it)."""
+        ck = (problem, has_rpb, extra, plan.tuning_key())
+        try:
+            hit = self._fwd_cache.get(ck)
+        except TypeError:  # an unhashable stand-in for a Problem: planned afresh
+            hit, ck = None, None
+        if hit is not None:
+            return hit
+        geo = plan.geometry(problem)
+        dtype = _NAMES[problem.dtype]
+        out_dtype = "float32" if extra else dtype
+        launch = self._forward_launch(geo, dtype, out_dtype, has_rpb)
+        tail = [mx.zeros((1,), dtype=problem.dtype), _int_block(launch.prm), _scale(geo.scale)]
+        hit = (geo, launch, self._bound(launch), tail)
+        if ck is not None:
+            if len(self._fwd_cache) >= 256:
+                self._fwd_cache.clear()
+            self._fwd_cache[ck] = hit
+        return hit
+
+    def _bound(self, launch: plan.Launch):
+        """The launch's runner with everything but the inputs bound (mx.fast.cuda_kernel's object, its
+        template, grid and outputs resolved once)."""
+        if self._runner is not mlx_runner:
+            return partial(self._runner, launch)
+        return mlx_bound(launch)
 
     def _forward_launch(self, geo: plan.Geometry, dtype: str, out_dtype: str, has_rpb: bool) -> plan.Launch:
         """The forward's launch plan under this backend's options (fused_forward runs it)."""

@@ -81,6 +81,11 @@ WGMMA = True
 WG_DIMS = (64, 128)
 WG_MIN_BLOCKS = 2
 WG_ALIGN = 1024  # the swizzled tiles' alignment: the kernel aligns its shared base, this is the slack
+# Each warpgroup of the WG forward classes the key tiles for its own 64 rows (fmha_fwd's WGC): it skips a
+# tile that only the other warpgroup's rows see and leaves unmasked a tile that is FULL for its rows (G1:
+# ~1 of a block's 35 tiles skipped and ~half of its masked tiles unmasked per warpgroup). Not with rpb (its
+# 3D variants sit at 128 registers, where the classes' few instructions make ptxas serialise wgmma).
+WG_CLASSES = True
 
 
 # the 3-axis-padded geometry of a call is the core's, shared with the Metal tier
@@ -298,8 +303,7 @@ def _planned(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kw):
-        g = globals()
-        key = (tuple(g[n] for n in _TUNING), args, tuple(sorted(kw.items())))
+        key = (tuning_key(), args, tuple(sorted(kw.items())) if kw else ())
         try:
             hash(key)
         except TypeError:  # an unhashable argument: planned afresh (and refused there if it matters)
@@ -579,7 +583,7 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
          ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias),
-         ("SPLIT", splits), ("WG", wg)),
+         ("SPLIT", splits), ("WG", wg), ("WGC", wg and not rpb and WG_CLASSES)),
         tiles + tables(maxt),
         min_blocks,
     )
@@ -587,3 +591,11 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
 
 # the module's constants that plans depend on (every hashable upper-case global), for _planned's cache
 _TUNING = tuple(n for n, v in list(globals().items()) if n.isupper() and not n.startswith("_") and isinstance(v, (int, float, str, tuple)))
+
+
+def tuning_key() -> tuple:
+    """The module's tuning constants now (a cache key part: tests and studies change them)."""
+    return tuple(map(_GLOBALS.__getitem__, _TUNING))
+
+
+_GLOBALS = globals()
