@@ -10,8 +10,7 @@ Run from the repository root on the GPU machine:
 Impls: ``cuda`` (options as ``cuda:ldmatrix=0``, ``cuda:tile=2x4x8`` or ``cuda:size=128``: the default
 forward tile of that many queries, ``cuda:mt=2``: m-tiles per warp, ``cuda:minb=3``: resident blocks per SM, ``cuda:splits=3``: blocks per query tile's walk,
 ``cuda:wgmma=0``: the forward's products by mma.sync instead of warpgroup MMA, ``cuda:compiled=1``: the forward
-inside ``mx.compile``, which replays the kernel launches without the backend's Python; forward rows only,
-``cuda:wgc=0``: plan.WG_CLASSES off, both warpgroups of the WG forward take the block's key-tile classes), ``cuda-parts`` (the backward's
+inside ``mx.compile``, which replays the kernel launches without the backend's Python; forward rows only), ``cuda-parts`` (the backward's
 dq and dk/dv kernels timed alone; TFLOP/s of their GEMMs: 3 and 4 of the forward's 2), ``mlx-dense``,
 ``torch-dense``, ``natten-flex``. ``--rpb``: the cuda rows with a relative positional bias (random, float16;
 the G cases have none; rows tagged ``+rpb``, the forward's check adds the bias).
@@ -130,7 +129,6 @@ def mlx_child(case: str, impls: list, modes: list, with_rpb: bool = False) -> No
                     # cuda[:option=value[:...]], e.g. cuda:ldmatrix=0 or cuda:tile=2x4x8
                     opts = {}
                     compiled = False
-                    wg_classes = True
                     for kv in impl.split(":")[1:]:
                         name, val = kv.split("=")
                         if name == "size":  # the default forward tile of this many queries (64 or 128)
@@ -149,13 +147,8 @@ def mlx_child(case: str, impls: list, modes: list, with_rpb: bool = False) -> No
                             opts["wgmma"] = val != "0"
                         elif name == "compiled":  # the forward inside mx.compile: replays without Python
                             compiled = val != "0"
-                        elif name == "wgc":  # plan.WG_CLASSES: per-warpgroup key-tile classes in the WG forward
-                            wg_classes = val != "0"
                         else:
                             opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
-                    from natten_mlx_cuda import plan as _plan
-
-                    _plan.WG_CLASSES = wg_classes
                     be = CudaBackend().configure(**opts)
                     if mode == "fwd":
                         def fn():

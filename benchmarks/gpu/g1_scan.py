@@ -53,9 +53,6 @@ def main() -> None:
             flops = 4 * n * w * 128
             row = dict(n=n, window=w, qt=qt, kt=kt, wg=bool(t.get("WG")), blocks=blocks, tiles_bound=tiles, ms=ms,
                        useful_tflops=flops / ms / 1e9)
-            if w == n or w in (2048,):
-                dms, _ = timed(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5), mx.eval)
-                row["dense_ms"] = dms
             rows.append(row)
             print(json.dumps(row), flush=True)
     # fit per grid: ms = a + b * tiles

@@ -34,9 +34,8 @@ CASES = [
           c=(True, False, False), rpb=False, scale=None), "float16", False),
     (dict(na_dim=3, shape=(5, 5, 6), B=1, H=1, Hkv=1, D=128, Dv=128, E=0, K=(3, 3, 3), s=(1, 1, 1), d=(1, 1, 1),
           c=(False, False, False), rpb=True, scale=None), "bfloat16", False),
-    # each warpgroup classes the key tiles for its own 64 rows (fmha_fwd WGC): windows wide enough that a
-    # tile the block must mask is FULL for one warpgroup and PARTIAL or SKIP for the other, in 1D and on a
-    # 2D tile whose warpgroups are sub-boxes along axis 0
+    # windows wider than the query tile: key tiles that are FULL for one warpgroup's rows and PARTIAL or
+    # unseen for the other's, in 1D and on a 2D tile whose warpgroups are sub-boxes along axis 0
     (dict(na_dim=1, shape=(300,), B=1, H=1, Hkv=1, D=64, Dv=64, E=0, K=(201,), s=(1,), d=(1,), c=(False,),
           rpb=False, scale=None), "float16", True),
     (dict(na_dim=2, shape=(20, 40), B=1, H=1, Hkv=1, D=64, Dv=64, E=0, K=(9, 31), s=(1, 1), d=(1, 1),
@@ -54,7 +53,6 @@ def _wg_variant(backend, cfg, dtype):
 def test_wgmma_forward_against_oracle(cfg, dtype, bwd):
     tmpl = _wg_variant(BACKEND, cfg, dtype)
     assert tmpl["WG"] and tmpl["NW"] == 8 and tmpl["MT"] == 1, tmpl
-    assert tmpl["WGC"] == (not cfg["rpb"]), tmpl  # per-warpgroup tile classes, except with rpb
     errs = run_and_compare(BACKEND, cfg, dtype, np.random.default_rng(cfg["D"] + cfg["na_dim"]), check_backward=bwd)
     assert max(errs.values()) < TOL[dtype], errs
 
@@ -96,13 +94,3 @@ def test_wgmma_default_off_by_constant(monkeypatch):
     assert _wg_variant(BACKEND, cfg, "bfloat16")["WG"]
     monkeypatch.setattr(plan, "WGMMA", False)
     assert not _wg_variant(BACKEND, cfg, "bfloat16")["WG"]
-
-
-def test_wgmma_without_warpgroup_classes(monkeypatch):
-    """plan.WG_CLASSES False: both warpgroups take the block's tile classes (WGC off), same results."""
-    cfg = CASES[6][0]
-    monkeypatch.setattr(plan, "WG_CLASSES", False)
-    tmpl = _wg_variant(BACKEND, cfg, "float16")
-    assert tmpl["WG"] and not tmpl["WGC"], tmpl
-    errs = run_and_compare(BACKEND, cfg, "float16", np.random.default_rng(11), check_backward=False)
-    assert max(errs.values()) < TOL["float16"], errs

@@ -81,11 +81,6 @@ WGMMA = True
 WG_DIMS = (64, 128)
 WG_MIN_BLOCKS = 2
 WG_ALIGN = 1024  # the swizzled tiles' alignment: the kernel aligns its shared base, this is the slack
-# Each warpgroup of the WG forward classes the key tiles for its own 64 rows (fmha_fwd's WGC): it skips a
-# tile that only the other warpgroup's rows see and leaves unmasked a tile that is FULL for its rows (G1:
-# ~1 of a block's 35 tiles skipped and ~half of its masked tiles unmasked per warpgroup). Not with rpb (its
-# 3D variants sit at 128 registers, where the classes' few instructions make ptxas serialise wgmma).
-WG_CLASSES = True
 
 
 # the 3-axis-padded geometry of a call is the core's, shared with the Metal tier
@@ -583,7 +578,7 @@ def _fmha_variant(dt, ot, d, dv, qt, kt, rpb, ldsm=True, mt=1, stages=None, min_
         (("T", dt), ("OT", ot), ("D", d), ("DV", dv), ("DP", dp), ("DVP", dvp), ("QT0", qt[0]), ("QT1", qt[1]),
          ("QT2", qt[2]), ("KT0", kt[0]), ("KT1", kt[1]), ("KT2", kt[2]), ("HAS_RPB", rpb), ("LDSM", ldsm),
          ("NW", bq // (16 * mt)), ("MT", mt), ("MAXT", maxt), ("STAGES", stages), ("QALIAS", qalias),
-         ("SPLIT", splits), ("WG", wg), ("WGC", wg and not rpb and WG_CLASSES)),
+         ("SPLIT", splits), ("WG", wg)),
         tiles + tables(maxt),
         min_blocks,
     )

@@ -25,7 +25,6 @@
 // key-tile row (plan.py sizes the shared memory)
 #define NA_FWD_GEO 36
 #define NA_FWD_SHORT (1 << 26)  // a listed key tile's meta bit: some extent is shorter than the tile
-#define NA_FWD_WGCLS 27  // WG forward: warpgroup w's class of a listed key tile in meta bits 27 + 2 w, 28 + 2 w
 
 struct NaAxis {
   int L;      // global axis length (the domain the window rules apply to)

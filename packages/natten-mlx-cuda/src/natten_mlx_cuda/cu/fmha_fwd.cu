@@ -21,7 +21,7 @@
 // SPLIT (blocks per query tile: block y = h SPLIT + sp walks the sp-th of SPLIT equal parts of the tile
 // list and writes its own normalised out and lse, OT float32, to out[sp] [B, N, H, DV] and lse[sp]; the
 // caller merges the parts by their lse. A part whose keys miss a row's window writes 0 and -inf.),
-// WG (the products by warpgroup MMA, sm_90a only: see below), WGC (per-warpgroup key-tile classes, below).
+// WG (the products by warpgroup MMA, sm_90a only: see below).
 constexpr int NT = 32 * NW;
 constexpr int BQ = QT0 * QT1 * QT2;
 constexpr int BK = KT0 * KT1 * KT2;
@@ -34,12 +34,8 @@ static_assert(BQ == 16 * MT * NW && BK == 64, "query tiles of 16 MT rows per war
 // cp.async's writes are fenced to the async proxy before the barrier that publishes a tile. Standalone,
 // this structure ran dense attention at 438 TFLOP/s on the H200 against 318 for the mma.sync path
 // (benchmarks/gpu/wgmma_attn.py, session 10).
-static_assert(!WG || (MT == 1 && NW % 4 == 0 && NW <= 8 && D == DP && DV == DVP && DP % 64 == 0 && DVP % 64 == 0 && !QALIAS),
-              "WG: 16-row warps in one or two whole warpgroups, head dims multiples of 64, Q not in a K slot");
-// WGC: each warpgroup classes the key tiles for its own rows (skips, or leaves unmasked, what only the
-// other needs); plan.py sets it for WG without rpb (its 3D variants are at 128 registers already, and
-// ptxas then serialises wgmma)
-static_assert(!WGC || (WG && !HAS_RPB), "WGC: warpgroup tile classes, WG without rpb");
+static_assert(!WG || (MT == 1 && NW % 4 == 0 && D == DP && DV == DVP && DP % 64 == 0 && DVP % 64 == 0 && !QALIAS),
+              "WG: 16-row warps in whole warpgroups, head dims multiples of 64, Q not in a K slot");
 constexpr int QS = WG ? DP : DP + 8;    // shared row stride (elements) of Q and K: 16 bytes of padding against bank conflicts
 constexpr int VS = WG ? DVP : DVP + 8;  // same for V (WG: swizzled tiles, no padding)
 constexpr int DCH = D / 8, DVCH = DV / 8;  // 16-byte chunks per row
@@ -171,29 +167,6 @@ auto build = [&](int cs, int cn) {
       meta |= (k1 - k0) << (5 + 7 * a);
       if (k1 - k0 < KT[a]) meta |= NA_FWD_SHORT;
       tl[5 * j + 1 + a] = k0;
-    }
-    if (WGC && cls != NA_TILE_SKIP) {
-      // each warpgroup's own class of the tile (2 bits at NA_FWD_WGCLS + 2 wg), from the bounding box of
-      // its 64 rows: a warpgroup skips a tile none of its rows sees, and masks only where its rows need it
-      // (row r is u = (r / (QT1 QT2), (r / QT2) % QT1, r % QT2); an axis spans its whole tile once a
-      // faster one wraps)
-      for (int w = 0; w < NW / 4; ++w) {
-        const int r0 = 64 * w, r1 = 64 * w + 63;
-        const bool wrap1 = r0 / (QT1 * QT2) != r1 / (QT1 * QT2), wrap2 = r0 / QT2 != r1 / QT2;
-        const int blo[3] = {r0 / (QT1 * QT2), wrap1 ? 0 : (r0 / QT2) % QT1, wrap2 ? 0 : r0 % QT2};
-        const int bhi[3] = {r1 / (QT1 * QT2), wrap1 ? QT1 - 1 : (r1 / QT2) % QT1, wrap2 ? QT2 - 1 : r1 % QT2};
-        int wc = NA_TILE_FULL;
-        for (int a = 0; a < 3 && wc != NA_TILE_SKIP; ++a) {
-          const int k0 = tl[5 * j + 1 + a], k1 = na_min(k0 + KT[a], geo[12 + a]);
-          const int lo = geo[a] + blo[a], hi = na_min(geo[a] + bhi[a], geo[3 + a]);
-          const int ca = lo > hi ? NA_TILE_SKIP
-                                 : na_tile_class(lo, hi, k0, k1, geo[6 + a], prm[8 + 10 * a + 5], prm[8 + 10 * a + 6],
-                                                 prm[8 + 10 * a + 8] != 0);
-          if (ca == NA_TILE_SKIP) wc = NA_TILE_SKIP;
-          else if (ca == NA_TILE_PARTIAL || k1 - k0 < KT[a]) wc = NA_TILE_PARTIAL;
-        }
-        meta |= wc << (NA_FWD_WGCLS + 2 * w);
-      }
     }
     tl[5 * j] = tok;
     tl[5 * j + 4] = meta | cls | (chk << 2);
@@ -331,181 +304,177 @@ for (int cs = t_lo; cs < t_hi; cs += MAXT) {
     na_cp_commit();
 
     const int meta = tl[5 * cur + 4];
-    // WGC: the warpgroup's own class (a tile the block needs may be SKIP or FULL for one of its warpgroups)
-    const int cls = WGC ? (meta >> (NA_FWD_WGCLS + 2 * (warp >> 2))) & 3 : meta & 3, chk = (meta >> 2) & 7;
+    const int cls = meta & 3, chk = (meta >> 2) & 7;
     const int k0[3] = {tl[5 * cur + 1], tl[5 * cur + 2], tl[5 * cur + 3]};
     const int rt = HAS_RPB ? (k0[0] * M1 + k0[1]) * M2 + k0[2] : 0;  // the tile's part of the rpb index
     const unsigned short* kbuf = reinterpret_cast<const unsigned short*>(Ks + buf * BK * QS);
     const unsigned short* vbuf = reinterpret_cast<const unsigned short*>(Vs + buf * BK * VS);
 
-    // WGC: a warpgroup none of whose rows sees the tile takes no part in it (the barrier and the loads it still shares)
-    if (!WGC || cls != NA_TILE_SKIP) {
-      float s[MT][8][4];
-      if (WG) {
-        // this warpgroup's 64 rows x the tile's 64 keys; Q's panel kk / 4 from the warpgroup's first row
-        float* sd = &s[0][0][0];
+    float s[MT][8][4];
+    if (WG) {
+      // this warpgroup's 64 rows x the tile's 64 keys; Q's panel kk / 4 from the warpgroup's first row
+      float* sd = &s[0][0][0];
+      #pragma unroll
+      for (int i = 0; i < 32; ++i) na_wg_pin(sd[i]);
+      na_wg_fence();
+      #pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk)
+        na_wg_ss<T>(sd, qs + (kk >> 2) * BQ * 64 + (warp >> 2) * 64 * 64 + (kk & 3) * 16,
+                    kbuf + (kk >> 2) * BK * 64 + (kk & 3) * 16, kk);
+      na_wg_commit();
+      na_wg_wait<0>();
+      #pragma unroll
+      for (int i = 0; i < 32; ++i) na_wg_pin(sd[i]);
+    } else {
+      #pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
         #pragma unroll
-        for (int i = 0; i < 32; ++i) na_wg_pin(sd[i]);
-        na_wg_fence();
-        #pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk)
-          na_wg_ss<T>(sd, qs + (kk >> 2) * BQ * 64 + (warp >> 2) * 64 * 64 + (kk & 3) * 16,
-                      kbuf + (kk >> 2) * BK * 64 + (kk & 3) * 16, kk);
-        na_wg_commit();
-        na_wg_wait<0>();
-        #pragma unroll
-        for (int i = 0; i < 32; ++i) na_wg_pin(sd[i]);
-      } else {
-        #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+        for (int j = 0; j < 8; ++j)
           #pragma unroll
-          for (int j = 0; j < 8; ++j)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
-        // k outermost: the 8 MT accumulators of a k step are independent, so consecutive mma never wait
-        // on each other; each B fragment read from shared memory serves MT m-tiles
-        #pragma unroll
-        for (int kk = 0; kk < DP / 16; ++kk) {
-          unsigned af[QREG ? 1 : MT][4];
-          if (!QREG)
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) na_frag_a<LDSM>(af[QREG ? 0 : mt], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
+          for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
+      // k outermost: the 8 MT accumulators of a k step are independent, so consecutive mma never wait
+      // on each other; each B fragment read from shared memory serves MT m-tiles
+      #pragma unroll
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        unsigned af[QREG ? 1 : MT][4];
+        if (!QREG)
           #pragma unroll
-          for (int j = 0; j < 8; j += 2) {
-            unsigned bf[4];
-            na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              const unsigned* a = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : af[QREG ? 0 : mt];
-              na_mma<T>(s[mt][j], a, bf);
-              na_mma<T>(s[mt][j + 1], a, bf + 2);
-            }
+          for (int mt = 0; mt < MT; ++mt) na_frag_a<LDSM>(af[QREG ? 0 : mt], qs, QS, (warp * MT + mt) * 16, kk * 16, lane);
+        #pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+          unsigned bf[4];
+          na_frag_b_nk<LDSM>(bf, kbuf, QS, j * 8, kk * 16, lane);
+          #pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const unsigned* a = QREG ? qf[QREG ? mt : 0][QREG ? kk : 0] : af[QREG ? 0 : mt];
+            na_mma<T>(s[mt][j], a, bf);
+            na_mma<T>(s[mt][j + 1], a, bf + 2);
           }
         }
       }
-      // without rpb the scores stay raw (masked ones -inf): with a positive scale the row max commutes
-      // with it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
-      const bool raw = !HAS_RPB && scale_log2 > 0.f;
-      #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if (HAS_RPB || cls == NA_TILE_PARTIAL) {
-          // per row, the tile's valid columns as bits (pm), shifted so that bit 8 j + e is this
-          // thread's column j * 8 + 2 tig + e; only the checked axes cost anything
-          unsigned vb[2][2];
-          #pragma unroll
-          for (int rr = 0; rr < 2; ++rr) {
-            unsigned long long m = ~0ull;
-            if (cls == NA_TILE_PARTIAL)
-              #pragma unroll
-              for (int a = 0; a < 3; ++a)
-                if (chk & (1 << a)) {
-                  const int ext = (meta >> (5 + 7 * a)) & 127;
-                  const int lo = na_min(na_max(rows[8 * r_own[mt][rr] + a] - k0[a], 0), KT[a]);
-                  const int hi = na_min(na_max(na_min(rows[8 * r_own[mt][rr] + 3 + a], k0[a] + ext) - k0[a], 0), KT[a]);
-                  m &= pm[(BK + 1) * a + hi] & ~pm[(BK + 1) * a + lo];
-                }
-            m >>= 2 * tig;
-            vb[rr][0] = (unsigned)m;
-            vb[rr][1] = (unsigned)(m >> 32);
-          }
-          #pragma unroll
-          for (int j = 0; j < 8; ++j)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int rr = e >> 1;
-              float x = raw ? s[mt][j][e] : s[mt][j][e] * scale_log2;
-              const int col = j * 8 + tig * 2 + (e & 1);
-              const bool ok = (vb[rr][j >> 2] >> (8 * (j & 3) + (e & 1))) & 1u;
-              if (!ok) {
-                x = NA_NEG_INF;
-              } else if (HAS_RPB) {
-                const unsigned ri = (unsigned)(rt + rq[mt][rr] + rct[col]);
-                x += na_f(rpbh[ri < Rm1 ? ri : Rm1]) * NA_LOG2E;
-              }
-              s[mt][j][e] = x;
-            }
-        } else if (!raw) {
-          #pragma unroll
-          for (int j = 0; j < 8; ++j)
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
-        }
-        float alpha[2];
+    }
+    // without rpb the scores stay raw (masked ones -inf): with a positive scale the row max commutes
+    // with it, and exp2(s * scale - m) is one FFMA per element instead of a multiply and a subtraction
+    const bool raw = !HAS_RPB && scale_log2 > 0.f;
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      if (HAS_RPB || cls == NA_TILE_PARTIAL) {
+        // per row, the tile's valid columns as bits (pm), shifted so that bit 8 j + e is this
+        // thread's column j * 8 + 2 tig + e; only the checked axes cost anything
+        unsigned vb[2][2];
         #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
-          float mx = NA_NEG_INF;
-          #pragma unroll
-          for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          if (raw) mx *= scale_log2;
-          const float mnew = fmaxf(mrow[mt][rr], mx);
-          const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
-          alpha[rr] = mnew == mrow[mt][rr] ? 1.f : na_exp2(mrow[mt][rr] - muse);
-          mrow[mt][rr] = mnew;
-          float sum = 0.f;
-          const float sc = raw ? scale_log2 : 1.f;
-          #pragma unroll
-          for (int j = 0; j < 8; ++j)
+          unsigned long long m = ~0ull;
+          if (cls == NA_TILE_PARTIAL)
             #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float p = na_exp2(fmaf(s[mt][j][2 * rr + e], sc, -muse));
-              s[mt][j][2 * rr + e] = p;
-              sum += p;
-            }
-          lrow[mt][rr] = lrow[mt][rr] * alpha[rr] + sum;
+            for (int a = 0; a < 3; ++a)
+              if (chk & (1 << a)) {
+                const int ext = (meta >> (5 + 7 * a)) & 127;
+                const int lo = na_min(na_max(rows[8 * r_own[mt][rr] + a] - k0[a], 0), KT[a]);
+                const int hi = na_min(na_max(na_min(rows[8 * r_own[mt][rr] + 3 + a], k0[a] + ext) - k0[a], 0), KT[a]);
+                m &= pm[(BK + 1) * a + hi] & ~pm[(BK + 1) * a + lo];
+              }
+          m >>= 2 * tig;
+          vb[rr][0] = (unsigned)m;
+          vb[rr][1] = (unsigned)(m >> 32);
         }
-        // the running max of most rows stops moving after a few tiles: rescale the accumulators only
-        // when the max of some row of the warp moved (else every alpha is 1)
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
           #pragma unroll
-          for (int jn = 0; jn < DVP / 8; ++jn) {
-            o[mt][jn][0] *= alpha[0];
-            o[mt][jn][1] *= alpha[0];
-            o[mt][jn][2] *= alpha[1];
-            o[mt][jn][3] *= alpha[1];
-          }
-      }
-      // P of m-tile mt, keys 16 kk .. 16 kk + 15, as mma's A fragment (wgmma's register A operand too)
-      auto pack_p = [&](unsigned* a, int mt, int kk) {
-        a[0] = NaType<T>::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[1] = NaType<T>::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[2] = NaType<T>::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[3] = NaType<T>::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      };
-      if (WG) {
-        // P packed first: wgmma.fence must separate the writes of its A registers from the products
-        unsigned pw[4][4];
-        #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) pack_p(pw[kk], 0, kk);
-        float* const od = &o[0][0][0];
-        #pragma unroll
-        for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
-        na_wg_fence();
-        // keys 16 kk .. 16 kk + 15 of each 64-column V panel into that panel's 32 accumulators
-        #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          #pragma unroll
-          for (int p = 0; p < DVP / 64; ++p) na_wg_rs<T>(od + 32 * p, pw[kk], vbuf + p * BK * 64 + kk * 16 * 64, 1);
-        na_wg_commit();
-        na_wg_wait<0>();
-        #pragma unroll
-        for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
-      } else {
-        #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          unsigned pf[MT][4];
-          #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) pack_p(pf[mt], mt, kk);
-          #pragma unroll
-          for (int jn = 0; jn < DVP / 8; jn += 2) {
-            unsigned bf[4];
-            na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
-            #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-              na_mma<T>(o[mt][jn], pf[mt], bf);
-              na_mma<T>(o[mt][jn + 1], pf[mt], bf + 2);
+          for (int e = 0; e < 4; ++e) {
+            const int rr = e >> 1;
+            float x = raw ? s[mt][j][e] : s[mt][j][e] * scale_log2;
+            const int col = j * 8 + tig * 2 + (e & 1);
+            const bool ok = (vb[rr][j >> 2] >> (8 * (j & 3) + (e & 1))) & 1u;
+            if (!ok) {
+              x = NA_NEG_INF;
+            } else if (HAS_RPB) {
+              const unsigned ri = (unsigned)(rt + rq[mt][rr] + rct[col]);
+              x += na_f(rpbh[ri < Rm1 ? ri : Rm1]) * NA_LOG2E;
             }
+            s[mt][j][e] = x;
+          }
+      } else if (!raw) {
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][j][e] *= scale_log2;
+      }
+      float alpha[2];
+      #pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = NA_NEG_INF;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        if (raw) mx *= scale_log2;
+        const float mnew = fmaxf(mrow[mt][rr], mx);
+        const float muse = mnew == NA_NEG_INF ? 0.f : mnew;
+        alpha[rr] = mnew == mrow[mt][rr] ? 1.f : na_exp2(mrow[mt][rr] - muse);
+        mrow[mt][rr] = mnew;
+        float sum = 0.f;
+        const float sc = raw ? scale_log2 : 1.f;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = na_exp2(fmaf(s[mt][j][2 * rr + e], sc, -muse));
+            s[mt][j][2 * rr + e] = p;
+            sum += p;
+          }
+        lrow[mt][rr] = lrow[mt][rr] * alpha[rr] + sum;
+      }
+      // the running max of most rows stops moving after a few tiles: rescale the accumulators only
+      // when the max of some row of the warp moved (else every alpha is 1)
+      if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+        #pragma unroll
+        for (int jn = 0; jn < DVP / 8; ++jn) {
+          o[mt][jn][0] *= alpha[0];
+          o[mt][jn][1] *= alpha[0];
+          o[mt][jn][2] *= alpha[1];
+          o[mt][jn][3] *= alpha[1];
+        }
+    }
+    // P of m-tile mt, keys 16 kk .. 16 kk + 15, as mma's A fragment (wgmma's register A operand too)
+    auto pack_p = [&](unsigned* a, int mt, int kk) {
+      a[0] = NaType<T>::pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+      a[1] = NaType<T>::pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+      a[2] = NaType<T>::pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+      a[3] = NaType<T>::pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+    };
+    if (WG) {
+      // P packed first: wgmma.fence must separate the writes of its A registers from the products
+      unsigned pw[4][4];
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk) pack_p(pw[kk], 0, kk);
+      float* const od = &o[0][0][0];
+      #pragma unroll
+      for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
+      na_wg_fence();
+      // keys 16 kk .. 16 kk + 15 of each 64-column V panel into that panel's 32 accumulators
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        #pragma unroll
+        for (int p = 0; p < DVP / 64; ++p) na_wg_rs<T>(od + 32 * p, pw[kk], vbuf + p * BK * 64 + kk * 16 * 64, 1);
+      na_wg_commit();
+      na_wg_wait<0>();
+      #pragma unroll
+      for (int i = 0; i < DVP / 2; ++i) na_wg_pin(od[i]);
+    } else {
+      #pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        unsigned pf[MT][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) pack_p(pf[mt], mt, kk);
+        #pragma unroll
+        for (int jn = 0; jn < DVP / 8; jn += 2) {
+          unsigned bf[4];
+          na_frag_b_kn<LDSM>(bf, vbuf, VS, kk * 16, jn * 8, lane);
+          #pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            na_mma<T>(o[mt][jn], pf[mt], bf);
+            na_mma<T>(o[mt][jn + 1], pf[mt], bf + 2);
           }
         }
       }
