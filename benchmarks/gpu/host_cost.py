@@ -51,6 +51,17 @@ def main() -> None:
         "compiled na1d": per_call_us(lambda: na_c(q, k, v)),
         "mlx sdpa": per_call_us(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5)),
     }
+    # the floor of an evaluated call: a one-thread kernel through the same cuda_kernel path, timed as the tier
+    from bench_cuda import timed
+
+    tiny = mx.fast.cuda_kernel(name="natten_host_cost_tiny", input_names=["x"], output_names=["y"],
+                               source="y[0] = x[0] + 1.0f;")
+    one = mx.zeros((1,), dtype=mx.float32)
+    ms, _ = timed(lambda: tiny(inputs=[one], grid=(1, 1, 1), threadgroup=(1, 1, 1), output_shapes=[(1,)],
+                               output_dtypes=[mx.float32])[0], mx.eval)
+    rows["evaluated one-thread cuda_kernel (bench_cuda.timed)"] = ms * 1e3
+    ms, _ = timed(lambda: be.fused_forward(p, q, k, v)[0], mx.eval)
+    rows["evaluated G1 forward (bench_cuda.timed)"] = ms * 1e3
     for name, us in rows.items():
         print(json.dumps(dict(kind="host_us", call=name, us=round(us, 2))), flush=True)
 
