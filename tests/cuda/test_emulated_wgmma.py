@@ -94,3 +94,30 @@ def test_wgmma_default_off_by_constant(monkeypatch):
     assert _wg_variant(BACKEND, cfg, "bfloat16")["WG"]
     monkeypatch.setattr(plan, "WGMMA", False)
     assert not _wg_variant(BACKEND, cfg, "bfloat16")["WG"]
+
+
+def test_prepared_forward_cache_follows_problem_and_plan_constants(monkeypatch):
+    """The backend caches a core Problem's forward plan and bound kernel (fused_forward's host time):
+    the same Problem gets the same entry, another Problem or a changed plan constant plans afresh, and an
+    unhashable stand-in is planned without the cache."""
+    from natten_mlx.problem import Problem
+
+    cfg = dict(na_dim=1, shape=(70,), B=1, H=1, Hkv=1, D=128, Dv=128, E=0, K=(9,), s=(1,), d=(1,), c=(False,),
+               rpb=False, scale=None)
+    ns = make_problem(cfg, "bfloat16")
+    p = Problem(**vars(ns))
+    be = CudaBackend(runner=emu.mlx_runner, require_device=False)
+    first = be._prepared_forward(p, False, False)
+    assert be._prepared_forward(Problem(**vars(ns)), False, False) is first
+    assert dict(first[1].variant.template)["WG"]
+    assert be._prepared_forward(p, True, False) is not first
+    other = Problem(**dict(vars(ns), kernel_size=(11,)))
+    assert be._prepared_forward(other, False, False)[1].prm != first[1].prm
+    monkeypatch.setattr(plan, "WGMMA", False)
+    assert not dict(be._prepared_forward(p, False, False)[1].variant.template)["WG"]
+    assert be._prepared_forward(ns, False, False) is not be._prepared_forward(ns, False, False)
+    # supports() is cached per Problem, whose device is part of it
+    dev = CudaBackend()
+    cpu = Problem(**dict(vars(ns), device="cpu"))
+    assert dev.supports(p) is None and "GPU streams only" in dev.supports(cpu)
+    assert dev.supports(p) is None and "GPU streams only" in dev.supports(cpu)

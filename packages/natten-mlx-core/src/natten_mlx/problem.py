@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any, Literal
 
 import mlx.core as mx
@@ -164,7 +165,8 @@ def device_type(stream) -> str:
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    # a plain int first: the ABC check of numbers.Integral is most of a call's validation time
+    return type(x) is int or (isinstance(x, numbers.Integral) and not isinstance(x, bool))
 
 
 def normalize_tuple(name: str, value, na_dim: int, minimum: int) -> tuple[int, ...]:
@@ -222,6 +224,7 @@ def _check_window(spatial, kernel_size, stride, dilation):
             raise ValueError(f"stride={s} along spatial axis {axis} exceeds kernel_size={k}; stride must be <= kernel_size")
 
 
+@lru_cache(maxsize=8)
 def _layout(na_dim: int) -> str:
     return "[B, " + ", ".join(f"X{i + 1}" for i in range(na_dim)) + ", H, D]"
 
