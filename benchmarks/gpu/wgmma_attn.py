@@ -87,6 +87,20 @@ WG_FUNC void cp16(unsigned dst, const void* src) {
 }
 WG_FUNC void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> WG_FUNC void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+// mbarriers (MB): init by one thread, arrivals by every thread, waits on a phase's parity
+WG_FUNC void mb_init(unsigned a, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+WG_FUNC void mb_arrive(unsigned a) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(a) : "memory");
+}
+WG_FUNC void mb_arrive_cp(unsigned a) {  // arrives once every cp.async this thread issued so far has landed
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+WG_FUNC void mb_wait(unsigned a, unsigned parity) {
+  asm volatile("{\n.reg .pred p;\nMB_WAIT:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra MB_WAIT;\n}\n"
+               ::"r"(a), "r"(parity) : "memory");
+}
 WG_FUNC float wg_exp2(float x) { float y; asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x)); return y; }
 WG_FUNC unsigned wg_pack(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
@@ -113,7 +127,7 @@ BODY = r"""
   const int qt = blockIdx.x, h = blockIdx.y, q0 = qt * BM;
   const unsigned base0 = (unsigned)__cvta_generic_to_shared(wg_smem_raw);
   const unsigned sbase = (base0 + 1023u) & ~1023u;
-  const unsigned sQ = sbase, sK0 = sQ + BM * 256, sV0 = sK0 + 2 * BN * 256;
+  const unsigned sQ = sbase, sK0 = sQ + BM * 256, sV0 = sK0 + STAGES * BN * 256;
   const size_t tok = (size_t)H * 128;  // elements between tokens
   const __half* qh = reinterpret_cast<const __half*>(q) + h * 128;
   const __half* kh = reinterpret_cast<const __half*>(k) + h * 128;
@@ -146,8 +160,25 @@ BODY = r"""
     const int r = i >> 4, ch = i & 15;
     cp16(sQ + sw(r, ch, BM), qh + (size_t)(q0 + r) * tok + ch * 8);
   }
-  load_kv(t0, 0);
-  cp_commit();
+  // MB: per stage a "full" barrier (every thread's copies landed) and an "empty" one (every thread is done
+  // with the tile), NT arrivals each; the first STAGES tiles are issued now (Q rides with the first)
+  __shared__ __align__(8) unsigned long long mbar[2 * 8];
+  const unsigned fullb = (unsigned)__cvta_generic_to_shared(mbar), emptyb = fullb + 8 * 8;
+  if (MB) {
+    if (tid == 0)
+      for (int i = 0; i < STAGES; ++i) {
+        mb_init(fullb + 8 * i, NT);
+        mb_init(emptyb + 8 * i, NT);
+      }
+    __syncthreads();
+    for (int i = 0; i < STAGES; ++i) {
+      if (t0 + i < t1) load_kv(t0 + i, i);
+      mb_arrive_cp(fullb + 8 * i);
+    }
+  } else {
+    load_kv(t0, 0);
+    cp_commit();
+  }
 
   float o[2][32];
 #pragma unroll
@@ -252,7 +283,33 @@ BODY = r"""
   unsigned pa[BN / 8][2];  // packed P: [8-column group j][row r0, row r1]
   float al0, al1, ps0, ps1;
 
-  if (!PIPE) {
+  if (MB) {
+    // tile j of the walk lives in stage j % STAGES; its refill with tile j + STAGES is issued at the top of
+    // iteration j + 1, once every thread has released tile j (so a warpgroup may run up to a tile ahead of
+    // the other instead of meeting it at a block barrier every tile)
+    for (int t = t0; t < t1; ++t) {
+      const int j = t - t0;
+      if (j > 0 && t - 1 + STAGES < t1) {
+        const int sp = (j - 1) % STAGES;
+        mb_wait(emptyb + 8 * sp, ((j - 1) / STAGES) & 1);
+        load_kv(t - 1 + STAGES, sp);
+        mb_arrive_cp(fullb + 8 * sp);
+      }
+      const int st = j % STAGES;
+      mb_wait(fullb + 8 * st, (j / STAGES) & 1);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      issue_s(sK0 + st * BN * 256);
+      wg_wait<0>();
+#pragma unroll
+      for (int i = 0; i < SN; ++i) wg_pin(s[i]);
+      softmax(t, pa, al0, al1, ps0, ps1);
+      rescale(al0, al1, ps0, ps1);
+      issue_pv(pa, sV0 + st * BN * 256);
+      wg_wait<0>();
+      pin_o();
+      mb_arrive(emptyb + 8 * st);
+    }
+  } else if (!PIPE) {
     // tile t: wait for its K/V (tile t + 1's in flight), S, softmax, rescale, P V, wait
     for (int t = t0; t < t1; ++t) {
       const int st = (t - t0) & 1;
@@ -354,40 +411,46 @@ BODY = r"""
 """
 
 
-def smem_bytes(nwg: int, bn: int) -> int:
-    return 64 * nwg * 256 + 4 * bn * 256 + 1024
+def smem_bytes(nwg: int, bn: int, stages: int = 2) -> int:
+    return 64 * nwg * 256 + 2 * stages * bn * 256 + 1024
 
 
-def full_source(nwg: int, bn: int, win: bool, minb: int = 1, pipe: bool = False, name: str = "wg_attn") -> str:
+def _consts(nwg: int, bn: int, win: bool, pipe: int, stages: int) -> str:
+    """The body's compile-time configuration. pipe: 0 one block barrier per tile, 1 PIPE (S and P V of
+    consecutive tiles in flight together), 2 MB (per-stage mbarriers instead of block barriers)."""
+    b = lambda x: "true" if x else "false"  # noqa: E731
+    return (f"  constexpr int NWG = {nwg}, BN = {bn}, STAGES = {stages if pipe == 2 else 2};\n"
+            f"  constexpr bool WIN = {b(win)}, PIPE = {b(pipe == 1)}, MB = {b(pipe == 2)};\n")
+
+
+def full_source(nwg: int, bn: int, win: bool, minb: int = 1, pipe: int = 0, name: str = "wg_attn", stages: int = 2) -> str:
     """The translation unit for nvcc (a stand-in of what cuda_kernel builds)."""
     return (
         "#include <cuda_fp16.h>\n#include <cstdint>\n#include <cmath>\n" + header(bn)
         + f"extern \"C\" __global__ void __launch_bounds__({128 * nwg}, {minb}) {name}(const __half* q, const __half* k, "
         "const __half* v, const int* prm, const float* scl, __half* out, float* lse) {\n"
-        + f"  constexpr int NWG = {nwg}, BN = {bn};\n  constexpr bool WIN = {'true' if win else 'false'}, PIPE = {'true' if pipe else 'false'};\n"
-        + BODY + "}\n"
+        + _consts(nwg, bn, win, int(pipe), stages) + BODY + "}\n"
     )
 
 
-def _kernel(nwg: int, bn: int, win: bool, minb: int, pipe: bool):
+def _kernel(nwg: int, bn: int, win: bool, minb: int, pipe: int, stages: int = 2):
     import mlx.core as mx
 
     return mx.fast.cuda_kernel(
-        name=f"wg_attn_{nwg}_{bn}_{int(win)}_{minb}_{int(pipe)}", input_names=["q", "k", "v", "prm", "scl"],
-        output_names=["out", "lse"], source=f"  constexpr int NWG = {nwg}, BN = {bn};\n"
-        f"  constexpr bool WIN = {'true' if win else 'false'}, PIPE = {'true' if pipe else 'false'};\n" + BODY,
+        name=f"wg_attn_{nwg}_{bn}_{int(win)}_{minb}_{int(pipe)}_{stages}", input_names=["q", "k", "v", "prm", "scl"],
+        output_names=["out", "lse"], source=_consts(nwg, bn, win, int(pipe), stages) + BODY,
         header=header(bn) + f"\n#undef __global__\n#define __global__ __location__(global) __launch_bounds__({128 * nwg}, {minb})\n",
-        ensure_row_contiguous=True, shared_memory=smem_bytes(nwg, bn))
+        ensure_row_contiguous=True, shared_memory=smem_bytes(nwg, bn, stages if int(pipe) == 2 else 2))
 
 
-def attn(q, k, v, window: int, nwg: int, bn: int, minb: int = 1, pipe: bool = False):
+def attn(q, k, v, window: int, nwg: int, bn: int, minb: int = 1, pipe: int = 0, stages: int = 2):
     import mlx.core as mx
 
     n, h, d = q.shape
     assert d == 128 and n % (64 * nwg) == 0 and n % bn == 0
     prm = mx.array([n, h, window], dtype=mx.int32)
     scl = mx.array([math.log2(math.e) / math.sqrt(d)], dtype=mx.float32)
-    out, lse = _kernel(nwg, bn, window > 0, minb, pipe)(
+    out, lse = _kernel(nwg, bn, window > 0, minb, pipe, stages)(
         inputs=[q, k, v, prm, scl], grid=(n // (64 * nwg) * 128 * nwg, h, 1), threadgroup=(128 * nwg, 1, 1),
         output_shapes=[q.shape, (h, n)], output_dtypes=[mx.float16, mx.float32])
     return out, lse
@@ -412,36 +475,37 @@ def reference(q, k, v, window: int, rows):
     return np.stack(outs), np.stack(lses, axis=1)
 
 
-def check(nwg: int, bn: int, minb: int, pipe: bool) -> None:
+def check(nwg: int, bn: int, minb: int, pipe: int, stages: int = 2) -> None:
     import mlx.core as mx
 
     rng = np.random.default_rng(nwg * 1000 + bn)
     for n, h, window in ((1024, 2, 0), (2048, 3, 384), (1024, 1, 1000), (4096, 2, 130)):
         q, k, v = (rng.standard_normal((n, h, 128)).astype(np.float16) for _ in range(3))
-        out, lse = attn(mx.array(q), mx.array(k), mx.array(v), window, nwg, bn, minb, pipe)
+        out, lse = attn(mx.array(q), mx.array(k), mx.array(v), window, nwg, bn, minb, pipe, stages)
         mx.eval(out, lse)
         rows = sorted(set(rng.integers(0, n, 96).tolist()) | {0, n - 1, n // 2})
         ro, rl = reference(q, k, v, window, rows)
         eo = float(np.abs(np.array(out)[rows].astype(np.float64) - ro).max())
         el = float(np.abs(np.array(lse)[:, rows] - rl).max())
         ok = eo < 2e-2 and el < 2e-2 and np.isfinite(np.array(out)).all()
-        print(TAG + json.dumps(dict(kind="check", nwg=nwg, bn=bn, minb=minb, pipe=pipe, n=n, h=h, window=window, out_err=eo, lse_err=el,
+        print(TAG + json.dumps(dict(kind="check", nwg=nwg, bn=bn, minb=minb, pipe=pipe, stages=stages, n=n, h=h, window=window, out_err=eo, lse_err=el,
                                     ok=bool(ok))), flush=True)
 
 
 CASES = {"D1": (32768, 1, 0), "G1": (32768, 1, 2048), "D8": (8192, 16, 0), "W2": (65536, 24, 6400)}
 
 
-def bench(nwg: int, bn: int, minb: int, pipe: bool, cases: list[str]) -> None:
+def bench(nwg: int, bn: int, minb: int, pipe: int, cases: list[str], stages: int = 2) -> None:
     import mlx.core as mx
 
     mx.random.seed(0)
     for c in cases:
         n, h, window = CASES[c]
         q, k, v = (mx.random.normal((n, h, 128)).astype(mx.float16) for _ in range(3))
-        ms, _ = timed(lambda: attn(q, k, v, window, nwg, bn, minb, pipe)[0], mx.eval)
+        ms, _ = timed(lambda: attn(q, k, v, window, nwg, bn, minb, pipe, stages)[0], mx.eval)
         f = 4.0 * n * h * (window or n) * 128
-        print(TAG + json.dumps(dict(kind="time", impl=f"wgmma nwg={nwg} bn={bn} minb={minb} pipe={int(pipe)}", case=c, ms=ms, tflops=f / ms / 1e9)),
+        impl = f"wgmma nwg={nwg} bn={bn} minb={minb} pipe={int(pipe)}" + (f" stages={stages}" if pipe == 2 else "")
+        print(TAG + json.dumps(dict(kind="time", impl=impl, case=c, ms=ms, tflops=f / ms / 1e9)),
               flush=True)
 
 
@@ -458,16 +522,17 @@ def bench_dense(cases: list[str]) -> None:
                                     note="all keys; TFLOP/s counts the case's window")), flush=True)
 
 
-# (consumer warpgroups, key tile, resident blocks the registers are bounded for, overlap of S and P V inside a
-# warpgroup). Session 10 ran the first five (RESULTS.md, with this file as of commit ac1957e); the overlap
-# (the last two: 144 registers, so one block per SM; bounded to 128 ptxas serialises its wgmma) is not yet run.
-CONFIGS = [(2, 64, 1, 0), (2, 64, 2, 0), (2, 128, 1, 0), (1, 64, 2, 0), (3, 64, 1, 0), (2, 64, 1, 1), (3, 64, 1, 1)]
+# (consumer warpgroups, key tile, resident blocks the registers are bounded for, loop: 0 a block barrier per
+# tile, 1 PIPE (S and P V of consecutive tiles in flight together), 2 MB (per-stage mbarriers), [stages of MB's
+# ring]). Session 10 ran the first five (RESULTS.md, with this file as of commit ac1957e); session 11 ran PIPE
+# (slower: 144 registers, one block per SM) and wrote MB.
+CONFIGS = [(2, 64, 2, 0), (2, 64, 2, 2, 2), (2, 32, 2, 2, 4), (2, 64, 1, 2, 3), (2, 64, 1, 0), (2, 64, 1, 1)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--emit", help="write each configuration's .cu into this folder and stop")
-    ap.add_argument("--child", help="nwg,bn,minb,pipe: run that configuration in this process")
+    ap.add_argument("--child", help="nwg,bn,minb,pipe[,stages]: run that configuration in this process")
     ap.add_argument("--configs", default=",".join("x".join(map(str, c)) for c in CONFIGS))
     ap.add_argument("--cases", default="D1,G1,D8,W2")
     args = ap.parse_args()
@@ -475,20 +540,22 @@ def main() -> None:
     cases = args.cases.split(",")
     if args.emit:
         os.makedirs(args.emit, exist_ok=True)
-        for nwg, bn, minb, pipe in configs:
+        for nwg, bn, minb, pipe, *st in configs:
+            stages = st[0] if st else 2
             for win in (False, True):
-                path = os.path.join(args.emit, f"wg_{nwg}_{bn}_{int(win)}_{minb}_{pipe}.cu")
+                path = os.path.join(args.emit, f"wg_{nwg}_{bn}_{int(win)}_{minb}_{pipe}_{stages}.cu")
                 with open(path, "w") as f:
-                    f.write(full_source(nwg, bn, win, minb, bool(pipe)))
+                    f.write(full_source(nwg, bn, win, minb, pipe, stages=stages))
                 print(path)
         return
     if args.child:
         if args.child == "dense":
             bench_dense(cases)
             return
-        nwg, bn, minb, pipe = (int(x) for x in args.child.split(","))
-        check(nwg, bn, minb, bool(pipe))
-        bench(nwg, bn, minb, bool(pipe), cases)
+        nwg, bn, minb, pipe, *st = (int(x) for x in args.child.split(","))
+        stages = st[0] if st else 2
+        check(nwg, bn, minb, pipe, stages)
+        bench(nwg, bn, minb, pipe, cases, stages)
         return
     rows = []
     for child in ["dense"] + [",".join(map(str, c)) for c in configs]:

@@ -97,19 +97,19 @@ def test_wgmma_forward_variants_compile_for_sm90a(tmp_path):
 
 
 def test_wgmma_attention_probe_compiles_for_sm90a(tmp_path):
-    """benchmarks/gpu/wgmma_attn.py (the standalone warpgroup attention forward of session 10, and its
-    overlapped variant not yet run on a GPU): every configuration passes ptxas for sm_90a without spills
-    or serialised wgmma."""
+    """benchmarks/gpu/wgmma_attn.py (the standalone warpgroup attention forward of session 10, its overlapped
+    variant and its mbarrier ring): every configuration passes ptxas for sm_90a without spills or serialised
+    wgmma."""
     import importlib.util
 
     path = os.path.join(HERE, "..", "..", "benchmarks", "gpu", "wgmma_attn.py")
     spec = importlib.util.spec_from_file_location("wgmma_attn", path)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    for nwg, bn, minb, pipe in probe.CONFIGS:
+    for nwg, bn, minb, pipe, *st in probe.CONFIGS:
         for win in (False, True):
-            cu = tmp_path / f"wg_{nwg}_{bn}_{minb}_{pipe}_{int(win)}.cu"
-            cu.write_text(probe.full_source(nwg, bn, win, minb, bool(pipe)))
+            cu = tmp_path / f"wg_{nwg}_{bn}_{minb}_{pipe}_{'_'.join(map(str, st))}_{int(win)}.cu"
+            cu.write_text(probe.full_source(nwg, bn, win, minb, pipe, stages=st[0] if st else 2))
             res = subprocess.run([NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-c", "-Xptxas", "-v",
                                   str(cu), "-o", str(cu.with_suffix(".o"))], capture_output=True, text=True)
             assert res.returncode == 0, res.stderr[-4000:]
