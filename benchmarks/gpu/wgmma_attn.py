@@ -119,11 +119,14 @@ WG_FUNC unsigned wg_pack(float lo, float hi) {
 BODY = r"""
   // q, k, v: [N, H, 128] float16; prm: {N, H, K (window; 0 dense)}; scl: {scale * log2(e)}
   // out: [N, H, 128] float16; lse: [H, N] float32 (natural log)
-  constexpr int BM = 64 * NWG, NT = 128 * NWG, SN = BN / 2;
+  // WS: warpgroup 0 produces (Q and the K/V ring by cp.async onto mbarriers), warpgroups 1..NWG consume;
+  // then NT counts the loading threads and wg the consumer index (-1 for the producer)
+  constexpr int BM = 64 * NWG, NT = WS ? 128 : 128 * NWG, SN = BN / 2;
   extern __shared__ unsigned char wg_smem_raw[];
   const int N = prm[0], H = prm[1], KW = prm[2];
   const float sl2 = scl[0];
-  const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7, warp = (tid >> 5) & 3;
+  const int tid = WS ? threadIdx.x & 127 : threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3;
+  const int wg = WS ? (int)(threadIdx.x >> 7) - 1 : (int)(threadIdx.x >> 7);
   const int qt = blockIdx.x, h = blockIdx.y, q0 = qt * BM;
   const unsigned base0 = (unsigned)__cvta_generic_to_shared(wg_smem_raw);
   const unsigned sbase = (base0 + 1023u) & ~1023u;
@@ -155,16 +158,35 @@ BODY = r"""
       cp16(dv + sw(r, ch, BN), vh + g);
     }
   };
+  if (!WS || wg < 0) {
 #pragma unroll
-  for (int i = tid; i < BM * 16; i += NT) {
-    const int r = i >> 4, ch = i & 15;
-    cp16(sQ + sw(r, ch, BM), qh + (size_t)(q0 + r) * tok + ch * 8);
+    for (int i = tid; i < BM * 16; i += NT) {
+      const int r = i >> 4, ch = i & 15;
+      cp16(sQ + sw(r, ch, BM), qh + (size_t)(q0 + r) * tok + ch * 8);
+    }
   }
   // MB: per stage a "full" barrier (every thread's copies landed) and an "empty" one (every thread is done
   // with the tile), NT arrivals each; the first STAGES tiles are issued now (Q rides with the first)
   __shared__ __align__(8) unsigned long long mbar[2 * 8];
   const unsigned fullb = (unsigned)__cvta_generic_to_shared(mbar), emptyb = fullb + 8 * 8;
-  if (MB) {
+  if (WS) {
+    // full[i]: the producer's 128 threads' copies landed; empty[i]: all 128 NWG consumers are done with it
+    if (threadIdx.x == 0)
+      for (int i = 0; i < STAGES; ++i) {
+        mb_init(fullb + 8 * i, 128);
+        mb_init(emptyb + 8 * i, 128 * NWG);
+      }
+    __syncthreads();
+    if (wg < 0) {
+      for (int t = t0; t < t1; ++t) {
+        const int j = t - t0, st = j % STAGES;
+        if (j >= STAGES) mb_wait(emptyb + 8 * st, ((j / STAGES) - 1) & 1);
+        load_kv(t, st);
+        mb_arrive_cp(fullb + 8 * st);  // Q rides with the first tile
+      }
+      return;
+    }
+  } else if (MB) {
     if (tid == 0)
       for (int i = 0; i < STAGES; ++i) {
         mb_init(fullb + 8 * i, NT);
@@ -283,7 +305,56 @@ BODY = r"""
   unsigned pa[BN / 8][2];  // packed P: [8-column group j][row r0, row r1]
   float al0, al1, ps0, ps1;
 
-  if (MB) {
+  if (WS && !PIPE) {
+    for (int t = t0; t < t1; ++t) {
+      const int j = t - t0, st = j % STAGES;
+      mb_wait(fullb + 8 * st, (j / STAGES) & 1);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      issue_s(sK0 + st * BN * 256);
+      wg_wait<0>();
+#pragma unroll
+      for (int i = 0; i < SN; ++i) wg_pin(s[i]);
+      softmax(t, pa, al0, al1, ps0, ps1);
+      rescale(al0, al1, ps0, ps1);
+      issue_pv(pa, sV0 + st * BN * 256);
+      wg_wait<0>();
+      pin_o();
+      mb_arrive(emptyb + 8 * st);
+    }
+  } else if (WS) {
+    // WS with PIPE's overlap: S of tile t and P V of tile t - 1 in flight together; a stage is released once
+    // the P V that reads its V has completed
+    for (int t = t0; t < t1; ++t) {
+      const int j = t - t0, st = j % STAGES, sp = (j + STAGES - 1) % STAGES;
+      mb_wait(fullb + 8 * st, (j / STAGES) & 1);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      issue_s(sK0 + st * BN * 256);
+      if (j > 0) {
+        issue_pv(pa, sV0 + sp * BN * 256);
+        wg_wait<1>();  // S of tile t
+      } else {
+        wg_wait<0>();
+      }
+#pragma unroll
+      for (int i = 0; i < SN; ++i) wg_pin(s[i]);
+      float al0n, al1n, ps0n, ps1n;
+      unsigned pn[BN / 8][2];
+      softmax(t, pn, al0n, al1n, ps0n, ps1n);
+      wg_wait<0>();  // P V of tile t - 1
+      pin_o();
+      if (j > 0) mb_arrive(emptyb + 8 * sp);
+#pragma unroll
+      for (int i = 0; i < BN / 8; ++i) {
+        asm volatile("" : "+r"(pa[i][0]), "+r"(pa[i][1])::"memory");
+        pa[i][0] = pn[i][0];
+        pa[i][1] = pn[i][1];
+      }
+      rescale(al0n, al1n, ps0n, ps1n);
+    }
+    issue_pv(pa, sV0 + ((t1 - 1 - t0) % STAGES) * BN * 256);
+    wg_wait<0>();
+    pin_o();
+  } else if (MB) {
     // tile j of the walk lives in stage j % STAGES; its refill with tile j + STAGES is issued at the top of
     // iteration j + 1, once every thread has released tile j (so a warpgroup may run up to a tile ahead of
     // the other instead of meeting it at a block barrier every tile)
@@ -417,17 +488,23 @@ def smem_bytes(nwg: int, bn: int, stages: int = 2) -> int:
 
 def _consts(nwg: int, bn: int, win: bool, pipe: int, stages: int) -> str:
     """The body's compile-time configuration. pipe: 0 one block barrier per tile, 1 PIPE (S and P V of
-    consecutive tiles in flight together), 2 MB (per-stage mbarriers instead of block barriers)."""
+    consecutive tiles in flight together), 2 MB (per-stage mbarriers instead of block barriers), 3 WS (a
+    producer warpgroup fills the ring, the consumers run the plain chain), 4 WS with PIPE's overlap."""
     b = lambda x: "true" if x else "false"  # noqa: E731
-    return (f"  constexpr int NWG = {nwg}, BN = {bn}, STAGES = {stages if pipe == 2 else 2};\n"
-            f"  constexpr bool WIN = {b(win)}, PIPE = {b(pipe == 1)}, MB = {b(pipe == 2)};\n")
+    return (f"  constexpr int NWG = {nwg}, BN = {bn}, STAGES = {stages if pipe >= 2 else 2};\n"
+            f"  constexpr bool WIN = {b(win)}, PIPE = {b(pipe in (1, 4))}, MB = {b(pipe == 2)}, WS = {b(pipe >= 3)};\n")
+
+
+def threads(nwg: int, pipe: int) -> int:
+    """Threads per block: the consumer warpgroups, plus WS's producer."""
+    return 128 * (nwg + (1 if pipe >= 3 else 0))
 
 
 def full_source(nwg: int, bn: int, win: bool, minb: int = 1, pipe: int = 0, name: str = "wg_attn", stages: int = 2) -> str:
     """The translation unit for nvcc (a stand-in of what cuda_kernel builds)."""
     return (
         "#include <cuda_fp16.h>\n#include <cstdint>\n#include <cmath>\n" + header(bn)
-        + f"extern \"C\" __global__ void __launch_bounds__({128 * nwg}, {minb}) {name}(const __half* q, const __half* k, "
+        + f"extern \"C\" __global__ void __launch_bounds__({threads(nwg, int(pipe))}, {minb}) {name}(const __half* q, const __half* k, "
         "const __half* v, const int* prm, const float* scl, __half* out, float* lse) {\n"
         + _consts(nwg, bn, win, int(pipe), stages) + BODY + "}\n"
     )
@@ -439,8 +516,8 @@ def _kernel(nwg: int, bn: int, win: bool, minb: int, pipe: int, stages: int = 2)
     return mx.fast.cuda_kernel(
         name=f"wg_attn_{nwg}_{bn}_{int(win)}_{minb}_{int(pipe)}_{stages}", input_names=["q", "k", "v", "prm", "scl"],
         output_names=["out", "lse"], source=_consts(nwg, bn, win, int(pipe), stages) + BODY,
-        header=header(bn) + f"\n#undef __global__\n#define __global__ __location__(global) __launch_bounds__({128 * nwg}, {minb})\n",
-        ensure_row_contiguous=True, shared_memory=smem_bytes(nwg, bn, stages if int(pipe) == 2 else 2))
+        header=header(bn) + f"\n#undef __global__\n#define __global__ __location__(global) __launch_bounds__({threads(nwg, int(pipe))}, {minb})\n",
+        ensure_row_contiguous=True, shared_memory=smem_bytes(nwg, bn, stages if int(pipe) >= 2 else 2))
 
 
 def attn(q, k, v, window: int, nwg: int, bn: int, minb: int = 1, pipe: int = 0, stages: int = 2):
@@ -451,7 +528,7 @@ def attn(q, k, v, window: int, nwg: int, bn: int, minb: int = 1, pipe: int = 0, 
     prm = mx.array([n, h, window], dtype=mx.int32)
     scl = mx.array([math.log2(math.e) / math.sqrt(d)], dtype=mx.float32)
     out, lse = _kernel(nwg, bn, window > 0, minb, pipe, stages)(
-        inputs=[q, k, v, prm, scl], grid=(n // (64 * nwg) * 128 * nwg, h, 1), threadgroup=(128 * nwg, 1, 1),
+        inputs=[q, k, v, prm, scl], grid=(n // (64 * nwg) * threads(nwg, pipe), h, 1), threadgroup=(threads(nwg, pipe), 1, 1),
         output_shapes=[q.shape, (h, n)], output_dtypes=[mx.float16, mx.float32])
     return out, lse
 
@@ -504,7 +581,7 @@ def bench(nwg: int, bn: int, minb: int, pipe: int, cases: list[str], stages: int
         q, k, v = (mx.random.normal((n, h, 128)).astype(mx.float16) for _ in range(3))
         ms, _ = timed(lambda: attn(q, k, v, window, nwg, bn, minb, pipe, stages)[0], mx.eval)
         f = 4.0 * n * h * (window or n) * 128
-        impl = f"wgmma nwg={nwg} bn={bn} minb={minb} pipe={int(pipe)}" + (f" stages={stages}" if pipe == 2 else "")
+        impl = f"wgmma nwg={nwg} bn={bn} minb={minb} pipe={int(pipe)}" + (f" stages={stages}" if pipe >= 2 else "")
         print(TAG + json.dumps(dict(kind="time", impl=impl, case=c, ms=ms, tflops=f / ms / 1e9)),
               flush=True)
 
@@ -524,9 +601,10 @@ def bench_dense(cases: list[str]) -> None:
 
 # (consumer warpgroups, key tile, resident blocks the registers are bounded for, loop: 0 a block barrier per
 # tile, 1 PIPE (S and P V of consecutive tiles in flight together), 2 MB (per-stage mbarriers), [stages of MB's
-# ring]). Session 10 ran the first five (RESULTS.md, with this file as of commit ac1957e); session 11 ran PIPE
-# (slower: 144 registers, one block per SM) and wrote MB.
-CONFIGS = [(2, 64, 2, 0), (2, 64, 2, 2, 2), (2, 32, 2, 2, 4), (2, 64, 1, 2, 3), (2, 64, 1, 0), (2, 64, 1, 1)]
+# ring]), 3 WS (a producer warpgroup), 4 WS with PIPE. Session 10 ran the first five (RESULTS.md, with this file
+# as of commit ac1957e); session 11 ran PIPE (slower: 144 registers, one block per SM), MB (no faster) and WS.
+CONFIGS = [(2, 64, 2, 0), (2, 64, 2, 2, 2), (2, 32, 2, 2, 4), (2, 64, 1, 2, 3), (2, 64, 1, 0), (2, 64, 1, 1),
+           (2, 64, 1, 3, 4), (2, 64, 1, 4, 4), (2, 64, 1, 4, 6)]
 
 
 def main() -> None:
