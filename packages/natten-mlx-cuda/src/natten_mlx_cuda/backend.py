@@ -322,7 +322,8 @@ class CudaBackend:
         dtype = _NAMES[problem.dtype]
         out_dtype = "float32" if extra else dtype
         launch = self._forward_launch(geo, dtype, out_dtype, has_rpb)
-        tail = [mx.zeros((1,), dtype=problem.dtype), _int_block(launch.prm), _scale(geo.scale)]
+        # host-data arrays (as _int_block and _scale): safe to keep when the first call is traced by mx.compile
+        tail = [mx.array([0.0], dtype=problem.dtype), _int_block(launch.prm), _scale(geo.scale)]
         hit = (geo, launch, self._bound(launch), tail)
         if ck is not None:
             if len(self._fwd_cache) >= 256:
