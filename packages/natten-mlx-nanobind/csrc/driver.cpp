@@ -1084,19 +1084,22 @@ namespace {
 // slot's weight is 0, and 0 * inf is not), which the exact path checks where it transposes the values
 // anyway (a separate pass over them cost 3-5% of C1/C2's forward); false when a value it read was not
 // finite and border blocks ran, so that the caller runs the forward again without them.
-// The forward's plans of the last geometry this thread planned, per value of borders: making them again
-// on every call cost ~2% of C1's forward at one thread, before the pool's threads start.
+// The plans of the last geometry this thread planned, per value of borders, shared by the forward and
+// the backward (both plan make_exact_plan(g, vw, borders) and make_plan on it): making them again on
+// every call cost ~2% of C1's forward at one thread, before the pool's threads start. rslots: the
+// backward's row_slots of ep, made on its first use.
 struct CachedPlans {
   bool valid = false;
   std::vector<int64_t> key;
   std::string env;
   ExactPlan ep;
   Plan plan;
+  bool has_rslots = false;
+  std::vector<RowSlots> rslots;
 };
-thread_local CachedPlans tls_fwd_plans[2];
+thread_local CachedPlans tls_plans[2];
 
-bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
-  const KernelTable& kt = select_kernels();
+CachedPlans& cached_plans(const Geo& g, const KernelTable& kt, bool borders) {
   std::vector<int64_t> key;
   for (int x = 0; x < 3; ++x)
     key.insert(key.end(), {g.L[x], g.K[x], g.S[x], g.Dl[x], g.C[x], g.Lk[x], g.dom[x], g.qoff[x], g.koff[x], g.R[x]});
@@ -1108,15 +1111,23 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     env += v ? v : "\x01";
     env += '\x02';
   }
-  CachedPlans& cp = tls_fwd_plans[borders ? 1 : 0];
+  CachedPlans& cp = tls_plans[borders ? 1 : 0];
   if (!cp.valid || cp.key != key || cp.env != env) {
     cp.valid = false;
     cp.ep = make_exact_plan(g, kt.vw, borders);
     cp.plan = make_plan(g, kt.vw, &cp.ep);
+    cp.has_rslots = false;
+    cp.rslots.clear();
     cp.key = std::move(key);
     cp.env = std::move(env);
     cp.valid = true;
   }
+  return cp;
+}
+
+bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
+  const KernelTable& kt = select_kernels();
+  const CachedPlans& cp = cached_plans(g, kt, borders);
   const ExactPlan& ep = cp.ep;
   const Plan& plan = cp.plan;
   // cleared by a transpose of values that met inf or NaN (tiles check their own packed values)
@@ -1487,20 +1498,28 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
   // known_fin: keys, queries and output gradients are known to be finite (tiles skip their own check)
   bool known_fin = false, v_finite = true;
-  ExactPlan ep;
+  // the plans (the forward's cache; without the exact path, when an operand is not finite, made here)
+  CachedPlans* cp = nullptr;
+  CachedPlans own;
   if (optimistic) {
-    ep = make_exact_plan(g, kt.vw, true);
-    if (!ep.on) return false;
+    cp = &cached_plans(g, kt, true);
+    if (!cp->ep.on) return false;
   } else {
     known_fin = all_finite_par(kt, a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
                 all_finite_par(kt, a.q, g.B * N * g.H * D) && all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
     v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
-    if (known_fin) ep = make_exact_plan(g, kt.vw, v_finite);
+    if (known_fin) {
+      cp = &cached_plans(g, kt, v_finite);
+    } else {
+      own.plan = make_plan(g, kt.vw, &own.ep);
+      cp = &own;
+    }
   }
+  const ExactPlan& ep = cp->ep;
+  const Plan& plan = cp->plan;
   // optimistic: cleared by a transpose that met inf or NaN
   std::atomic<bool> ok{true};
   auto fail = [&] { ok.store(false, std::memory_order_relaxed); };
-  Plan plan = make_plan(g, kt.vw, &ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t nrowsx = static_cast<int64_t>(ep.rows.size());
   const int nthr = num_threads();
@@ -1511,7 +1530,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const int64_t over = ep.on ? 2 : 4;
   // (1D exact rows run in their own waves, see `local` below)
   const bool local1d = ep.on && g.L[0] == 1 && g.L[1] == 1;
-  const std::vector<RowSlots> rslots = ep.on && !local1d ? row_slots(g, ep, kt.vw) : std::vector<RowSlots>{};
+  if (ep.on && !local1d && !cp->has_rslots) {
+    cp->rslots = row_slots(g, ep, kt.vw);
+    cp->has_rslots = true;
+  }
+  const std::vector<RowSlots>& rslots = cp->rslots;
+
   const int64_t call = bwd_calls.fetch_add(1);
   int64_t splits = std::min<int64_t>(ntiles + (local1d ? 0 : nrowsx), (over * nthr + slices - 1) / slices);
   const int64_t ldx = ep.ld;  // see make_exact_plan
