@@ -17,6 +17,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1535,7 +1536,6 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     cp->has_rslots = true;
   }
   const std::vector<RowSlots>& rslots = cp->rslots;
-
   const int64_t call = bwd_calls.fetch_add(1);
   int64_t splits = std::min<int64_t>(ntiles + (local1d ? 0 : nrowsx), (over * nthr + slices - 1) / slices);
   const int64_t ldx = ep.ld;  // see make_exact_plan
@@ -1563,20 +1563,45 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // whole-slice pass up front. units: the row pairs in the order served, need: the key rows along
   // the first two axes each one reads.
   const bool streamed = ep.on && !local && g.L[0] == 1 && ntiles == 0 && splits == 1 && slices >= 2 * int64_t(nthr);
+  // one task per slice (splits == 1) with 2D/3D exact rows: the task stores its transposed sums into
+  // dk/dv (every key of the slice) before its tiles add theirs, so dk/dv are not zeroed first and
+  // read back by a separate pass (4 MiB each way at C2)
+  const bool direct = ep.on && !local && splits == 1;
   float *kTs = nullptr, *vTs = nullptr;
   std::vector<std::pair<int64_t, int64_t>> units;
   std::vector<int64_t> need;
-  if (streamed) {
+  // direct: after units[i], no later unit adds to the key rows along the first two axes below
+  // final_rows[i] (nor to any key of theirs, the padded key-side writes past a row adding zeros), so
+  // the task stores them then, from sums still in cache, and the stores' misses spread over the
+  // rows' work (one pass at the end, reading the sums back from L3 at C4, was 6-8% of C2/C4 fwd+bwd)
+  std::vector<int64_t> final_rows;
+  if (streamed || direct) {
     for (int64_t idx = 0; idx < nrowsx; ++idx) {
       const bool pair = idx + 1 < nrowsx && ep.pairs_with_next(static_cast<size_t>(idx));
       units.emplace_back(idx, pair ? idx + 1 : -1);
       if (pair) ++idx;
     }
+  }
+  if (streamed) {
     std::vector<int64_t> top(units.size());
     for (size_t i = 0; i < units.size(); ++i) top[i] = key_rows_needed(g, ep, units[i].first, units[i].second);
     std::vector<std::pair<int64_t, int64_t>> sorted;
     for (const int64_t i : order_by_need(top)) sorted.push_back(units[i]), need.push_back(top[i]);
     units.swap(sorted);
+  }
+  if (direct) {
+    final_rows.resize(units.size());
+    int64_t lowest = Nk / L2;
+    for (size_t i = units.size(); i-- > 0;) {
+      final_rows[i] = lowest;
+      for (const int64_t rr : {units[i].first, units[i].second}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) {
+          lowest = std::min(lowest, (base - ep.gstart[row.g[2]]) / L2);
+        });
+      }
+    }
   }
   if (ep.on) {
     if (streamed) {
@@ -1615,16 +1640,13 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
   auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
   auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
-  // one task per slice (splits == 1) with 2D/3D exact rows: the task stores its transposed sums into
-  // dk/dv (every key of the slice) before its tiles add theirs, so dk/dv are not zeroed first and
-  // read back by a separate pass (4 MiB each way at C2)
-  const bool direct = ep.on && !local && splits == 1;
-  auto store_exact_sums = [&](int64_t slice, const float* xk, bool add) {
+  // the sums of key rows [rho0, rho1) along the first two axes (all: rho1 = Nk / L2)
+  auto store_exact_sums = [&](int64_t slice, const float* xk, bool add, int64_t rho0, int64_t rho1) {
     const float* xv = xk + D * ldx;
     float* dk = dk_of(slice);
     float* dv = dv_of(slice);
     // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
-    for (int64_t r0 = 0; r0 < Nk; r0 += L2)
+    for (int64_t r0 = rho0 * L2; r0 < rho1 * L2; r0 += L2)
       for (int g2 = 0; g2 < Dl2; ++g2) {
         const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
         add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk, add);
@@ -2029,24 +2051,32 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     if (ep.on && !local) {
       float* xk = xacc + task * xacc_size;
       std::memset(xk, 0, sizeof(float) * xacc_size);
-      if (streamed) {
-        SliceStream st(kt, g, ep, a.k, a.v, b, hk, ldx, kTs + slice * ldx * D, vTs + slice * ldx * Dv, optimistic,
-                       optimistic);
+      if (direct) {
+        std::optional<SliceStream> st;
+        if (streamed)
+          st.emplace(kt, g, ep, a.k, a.v, b, hk, ldx, kTs + slice * ldx * D, vTs + slice * ldx * Dv, optimistic,
+                     optimistic);
+        int64_t stored = 0;
         for (size_t i = 0; i < units.size(); ++i) {
-          if (!st.advance(need[i])) fail();
+          if (st && !st->advance(need[i])) fail();
           exact_row(slice, units[i].first, units[i].second, xk);
+          if (final_rows[i] > stored) {
+            store_exact_sums(slice, xk, false, stored, final_rows[i]);
+            stored = final_rows[i];
+          }
+        }
+        store_exact_sums(slice, xk, false, stored, Nk / L2);
+      } else {
+        const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
+        for (int64_t idx = r0; idx < r1; ++idx) {
+          if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
+            exact_row(slice, idx, idx + 1, xk);
+            ++idx;
+          } else {
+            exact_row(slice, idx, -1, xk);
+          }
         }
       }
-      const int64_t r0 = streamed ? 0 : nrowsx * split / splits, r1 = streamed ? 0 : nrowsx * (split + 1) / splits;
-      for (int64_t idx = r0; idx < r1; ++idx) {
-        if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
-          exact_row(slice, idx, idx + 1, xk);
-          ++idx;
-        } else {
-          exact_row(slice, idx, -1, xk);
-        }
-      }
-      if (direct) store_exact_sums(slice, xk, false);
     }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
@@ -2178,7 +2208,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
     parallel_for(slices, [&](int64_t slice) {
       for (int64_t split = 0; split < splits; ++split)
-        store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true);
+        store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true, 0, Nk / L2);
     });
   }
   if (g.has_rpb) {
