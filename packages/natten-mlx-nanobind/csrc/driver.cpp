@@ -966,6 +966,13 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
   float tmp[64];
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
+    // the token rows two blocks ahead, requested for writing: their lines are rarely in cache (an
+    // output MLX has just allocated), and a store that misses holds the store buffer until it arrives
+    for (int64_t r = i + 16; r < std::min(n, i + 24); ++r) {
+      float* d = dst + r * tstride;
+      for (int64_t c = 0; c < W; c += 16) __builtin_prefetch(d + c, 1);
+      __builtin_prefetch(d + W - 1, 1);
+    }
     int64_t c = 0;
     for (; c + 8 <= W; c += 8) {
       const float* src[8];
