@@ -1004,6 +1004,13 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
 // of a border block (lohi) only those it serves (all of them, at a group's edges, go as one transpose)
 void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int skip, const int* lohi, float* dst,
                  int64_t tstride) {
+  // the rows of the next block along the row (where a run's blocks go next), requested for writing
+  // now, so that they arrive while that block computes (a prefetch past the output faults nothing)
+  for (int l = vw; l < 2 * vw; ++l) {
+    float* d = dst + l * tstride;
+    for (int64_t c = 0; c < W; c += 16) __builtin_prefetch(d + c, 1);
+    __builtin_prefetch(d + W - 1, 1);
+  }
   bool all = true;
   for (int l = 0; lohi && l < vw; ++l) all = all && lohi[l] < lohi[vw + l];
   if (all) {
