@@ -1482,14 +1482,26 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     parallel_for(slices * per_slice, [&](int64_t it) {
       item_fn(local ? (it % slices) * per_slice + it / slices : it);
     });
-  else parallel_for(slices, [&](int64_t slice) {
-    SliceStream st(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * g.D,
-                   vTs + slice * ldx * g.Dv, false, check);
-    for (const int64_t i : seq) {
-      if (!st.advance(need[i])) v_ok.store(false, std::memory_order_relaxed);
-      item_fn(slice * per_slice + i);
-    }
-  });
+  else {
+    // neighbouring heads in one task, their chunks in turn: the task reads whole lines of the
+    // heads-last rows of q, k, v and writes whole lines of out (a head's 128 bytes at D = 32 span
+    // three lines, MLX's buffers being 8 bytes off a line; its neighbour's task read and wrote the
+    // shared ones again, from another core)
+    const int64_t per = g.Hkv % 2 == 0 ? 2 : 1;
+    parallel_for(slices / per, [&](int64_t task) {
+      std::optional<SliceStream> st[2];
+      for (int64_t j = 0; j < per; ++j) {
+        const int64_t slice = task * per + j;
+        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * g.D,
+                      vTs + slice * ldx * g.Dv, false, check);
+      }
+      for (const int64_t i : seq)
+        for (int64_t j = 0; j < per; ++j) {
+          if (!st[j]->advance(need[i])) v_ok.store(false, std::memory_order_relaxed);
+          item_fn((task * per + j) * per_slice + i);
+        }
+    });
+  }
   if (check && !v_ok.load()) return false;
   count_paths(0, g, ep);
   return true;
