@@ -1615,18 +1615,25 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (const int64_t i : order_by_need(top)) sorted.push_back(units[i]), need.push_back(top[i]);
     units.swap(sorted);
   }
+  // streamed: the most key rows along the first two axes between a unit's first and last (the rows
+  // of transposed keys, values and their sums a slice keeps in use)
+  int64_t span = 0;
   if (direct) {
     final_rows.resize(units.size());
     int64_t lowest = Nk / L2;
     for (size_t i = units.size(); i-- > 0;) {
       final_rows[i] = lowest;
+      int64_t lo = Nk / L2, hi = 0;
       for (const int64_t rr : {units[i].first, units[i].second}) {
         if (rr < 0) continue;
         const ExactPlan::Row& row = ep.rows[rr];
         for_window_key_rows(g, ep, row, [&](int64_t base) {
-          lowest = std::min(lowest, (base - ep.gstart[row.g[2]]) / L2);
+          lo = std::min(lo, (base - ep.gstart[row.g[2]]) / L2);
+          hi = std::max(hi, (base - ep.gstart[row.g[2]]) / L2 + 1);
         });
       }
+      lowest = std::min(lowest, lo);
+      span = std::max(span, hi - lo);
     }
   }
   if (ep.on) {
@@ -2055,7 +2062,39 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       });
     }
   }
-  parallel_for(ntasks, [&](int64_t task) {
+  // direct: the exact rows of slices [slice0, slice0 + n), their units in turn (the sums' task of a
+  // slice is the slice)
+  auto direct_slices = [&](int64_t slice0, int n) {
+    std::optional<SliceStream> st[2];
+    float* xk[2];
+    int64_t stored[2] = {0, 0};
+    for (int j = 0; j < n; ++j) {
+      const int64_t slice = slice0 + j;
+      xk[j] = xacc + slice * xacc_size;
+      std::memset(xk[j], 0, sizeof(float) * xacc_size);
+      if (streamed)
+        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * D,
+                      vTs + slice * ldx * Dv, optimistic, optimistic);
+    }
+    for (size_t i = 0; i < units.size(); ++i)
+      for (int j = 0; j < n; ++j) {
+        if (st[j] && !st[j]->advance(need[i])) fail();
+        exact_row(slice0 + j, units[i].first, units[i].second, xk[j]);
+        if (final_rows[i] > stored[j]) {
+          store_exact_sums(slice0 + j, xk[j], false, stored[j], final_rows[i]);
+          stored[j] = final_rows[i];
+        }
+      }
+    for (int j = 0; j < n; ++j) store_exact_sums(slice0 + j, xk[j], false, stored[j], Nk / L2);
+  };
+  // streamed (no tiles, extra keys or rpb): neighbouring heads in one task, their units in turn (see
+  // the forward's streamed tasks), where the rows both keep in use (keys, values and their sums, as
+  // span says) fit in half a MiB each: C2 (K = 7) 0.965 paired, C3 (K = 13, dilation 2: 27 rows of
+  // 64 tokens, 0.9 MiB each) 1.02
+  const bool pairs = streamed && g.Hkv % 2 == 0 && span * L2 * (D + Dv) * 8 <= (int64_t(1) << 19);
+  if (pairs)
+    parallel_for(slices / 2, [&](int64_t pair) { direct_slices(2 * pair, 2); });
+  else parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
     int64_t sk = D, sv = Dv;  // token strides of the accumulators
@@ -2076,23 +2115,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
     if (ep.on && !local) {
       float* xk = xacc + task * xacc_size;
-      std::memset(xk, 0, sizeof(float) * xacc_size);
       if (direct) {
-        std::optional<SliceStream> st;
-        if (streamed)
-          st.emplace(kt, g, ep, a.k, a.v, b, hk, ldx, kTs + slice * ldx * D, vTs + slice * ldx * Dv, optimistic,
-                     optimistic);
-        int64_t stored = 0;
-        for (size_t i = 0; i < units.size(); ++i) {
-          if (st && !st->advance(need[i])) fail();
-          exact_row(slice, units[i].first, units[i].second, xk);
-          if (final_rows[i] > stored) {
-            store_exact_sums(slice, xk, false, stored, final_rows[i]);
-            stored = final_rows[i];
-          }
-        }
-        store_exact_sums(slice, xk, false, stored, Nk / L2);
+        direct_slices(slice, 1);
       } else {
+        std::memset(xk, 0, sizeof(float) * xacc_size);
         const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
         for (int64_t idx = r0; idx < r1; ++idx) {
           if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
