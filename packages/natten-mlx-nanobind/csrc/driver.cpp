@@ -1478,6 +1478,15 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // 1D: chunk-major, the heads of one chunk one after another and on both threads at once, so the
   // heads-last rows they share are read from memory once while in cache (paired C1 0.92); 2D/3D keep
   // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
+  // 2D/3D with neighbouring heads: an item serves the same row (or tile) of two of them, one after
+  // the other, reading whole lines of the heads-last q rows and writing whole lines of out (see the
+  // streamed tasks below)
+  else if (!streamed && !local && g.Hkv % 2 == 0)
+    parallel_for(slices / 2 * per_slice, [&](int64_t it) {
+      const int64_t pair = it / per_slice, idx = it % per_slice;
+      item_fn(2 * pair * per_slice + idx);
+      item_fn((2 * pair + 1) * per_slice + idx);
+    });
   else if (!streamed)
     parallel_for(slices * per_slice, [&](int64_t it) {
       item_fn(local ? (it % slices) * per_slice + it / slices : it);
