@@ -2100,7 +2100,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // the forward's streamed tasks), where the rows both keep in use (keys, values and their sums, as
   // span says) fit in half a MiB each: C2 (K = 7) 0.965 paired, C3 (K = 13, dilation 2: 27 rows of
   // 64 tokens, 0.9 MiB each) 1.02
-  const bool pairs = streamed && g.Hkv % 2 == 0 && span * L2 * (D + Dv) * 8 <= (int64_t(1) << 19);
+  const bool pairs = direct && ntiles == 0 && g.Hkv % 2 == 0 && slices / 2 >= nthr &&
+                     (!streamed || span * L2 * (D + Dv) * 8 <= (int64_t(1) << 19));
   if (pairs)
     parallel_for(slices / 2, [&](int64_t pair) { direct_slices(2 * pair, 2); });
   else parallel_for(ntasks, [&](int64_t task) {
