@@ -1480,7 +1480,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
   // 2D/3D with neighbouring heads: an item serves the same row (or tile) of two of them, one after
   // the other, reading whole lines of the heads-last q rows and writing whole lines of out (see the
-  // streamed tasks below)
+  // streamed tasks below; paired, C4 forward 0.983)
   else if (!streamed && !local && g.Hkv % 2 == 0)
     parallel_for(slices / 2 * per_slice, [&](int64_t it) {
       const int64_t pair = it / per_slice, idx = it % per_slice;
@@ -1494,8 +1494,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   else {
     // neighbouring heads in one task, their chunks in turn: the task reads whole lines of the
     // heads-last rows of q, k, v and writes whole lines of out (a head's 128 bytes at D = 32 span
-    // three lines, MLX's buffers being 8 bytes off a line; its neighbour's task read and wrote the
-    // shared ones again, from another core)
+    // three lines, MLX's buffers starting off a line; its neighbour's task read and wrote the shared
+    // ones again, from another core). Paired, C2 forward 0.954, C3 0.981.
     const int64_t per = g.Hkv % 2 == 0 ? 2 : 1;
     parallel_for(slices / per, [&](int64_t task) {
       std::optional<SliceStream> st[2];
@@ -2096,10 +2096,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       }
     for (int j = 0; j < n; ++j) store_exact_sums(slice0 + j, xk[j], false, stored[j], Nk / L2);
   };
-  // streamed (no tiles, extra keys or rpb): neighbouring heads in one task, their units in turn (see
-  // the forward's streamed tasks), where the rows both keep in use (keys, values and their sums, as
-  // span says) fit in half a MiB each: C2 (K = 7) 0.965 paired, C3 (K = 13, dilation 2: 27 rows of
-  // 64 tokens, 0.9 MiB each) 1.02
+  // direct without tiles (so without extra keys or rpb): neighbouring heads in one task, their units
+  // in turn (see the forward's streamed tasks), where that leaves a task per thread and, streamed,
+  // where the rows both keep in use (keys, values and their sums, as span says) fit in half a MiB
+  // each. Paired backward: C2 (K = 7) 0.968, C4 (3D, not streamed) 0.974-0.978; C3 (K = 13,
+  // dilation 2: 27 rows of 64 tokens, 0.9 MiB per slice) was 1.02 with pairs, so it keeps one head
+  // per task.
   const bool pairs = direct && ntiles == 0 && g.Hkv % 2 == 0 && slices / 2 >= nthr &&
                      (!streamed || span * L2 * (D + Dv) * 8 <= (int64_t(1) << 19));
   if (pairs)
