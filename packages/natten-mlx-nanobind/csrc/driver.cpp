@@ -912,11 +912,11 @@ struct SliceStream {
   int64_t b, h, ld;
   float *ks, *vs;
   bool check_k, check_v;
-  int64_t rows, ahead, done = 0;
+  int64_t rows, ahead, done;
   SliceStream(const KernelTable& kt_, const Geo& g_, const ExactPlan& ep_, const float* k_, const float* v_, int64_t b_,
-              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_)
+              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_, int64_t start = 0)
       : kt(kt_), g(g_), ep(ep_), k(k_), v(v_), b(b_), h(h_), ld(ld_), ks(ks_), vs(vs_), check_k(check_k_),
-        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead((g_.K[2] + 4 * kt_.vw + g_.L[2] - 1) / g_.L[2]) {
+        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead((g_.K[2] + 4 * kt_.vw + g_.L[2] - 1) / g_.L[2]), done(start) {
     zero_slice_padding(ks, g.D, g.Nk, ld, ep.front);
     zero_slice_padding(vs, g.Dv, g.Nk, ld, ep.front);
   }
@@ -1214,7 +1214,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  auto item_fn = [&](int64_t item) {
+  // (kTb / vTb: the transposed keys and values the exact rows read, kTx / vTx but for a streamed part's own)
+  auto item_fn_on = [&](int64_t item, const float* kTb, const float* vTb) {
     const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
@@ -1236,8 +1237,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { krow[i][nrows[i]++] = base; });
         qrow[i] = row_token(g, g0, g1, rws[i]->c0, rws[i]->c1);
       }
-      const float* kslice = local ? nullptr : kTx + slice * ldx * D;
-      const float* vslice = local ? nullptr : vTx + slice * ldx * Dv;
+      const float* kslice = local ? nullptr : kTb + slice * ldx * D;
+      const float* vslice = local ? nullptr : vTb + slice * ldx * Dv;
       int64_t ldl = ldx, shift = 0;  // row length of kslice/vslice; added to every key row base
       if (local) {
         // the chunk's keys [kmin, kmax) of this group, transposed; zeros outside the group
@@ -1467,6 +1468,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       }
     }
   };
+  auto item_fn = [&](int64_t item) { item_fn_on(item, kTx, vTx); };
   // on rows (1D, or 2D/3D with NATTEN_MLX_ROW2D=1): the exact plan's chunks per batch, then the tiles
   if (rows1d || rowsnd)
     parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
@@ -1496,18 +1498,55 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     // heads-last rows of q, k, v and writes whole lines of out (a head's 128 bytes at D = 32 span
     // three lines, MLX's buffers starting off a line; its neighbour's task read and wrote the shared
     // ones again, from another core). Paired, C2 forward 0.954, C3 0.981.
-    const int64_t per = g.Hkv % 2 == 0 ? 2 : 1;
-    parallel_for(slices / per, [&](int64_t task) {
-      std::optional<SliceStream> st[2];
-      for (int64_t j = 0; j < per; ++j) {
-        const int64_t slice = task * per + j;
-        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * g.D,
-                      vTs + slice * ldx * g.Dv, false, check);
+    // All of a batch's heads in one task where their rows in use fit in a MiB: the task reads whole
+    // heads-last rows; when that leaves fewer tasks than threads, each task takes a part of the chunks
+    // (in seq order) and transposes, into its own copy, the key rows from its first chunk's on
+    const int64_t nthr = num_threads();
+    int64_t span = 0;  // the most key rows along the first two axes a chunk's windows span
+    std::vector<int64_t> lo(chunks.size());
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      int64_t l = g.Nk / g.L[2], h = 0;
+      for (const int rr : {chunks[c].row, chunks[c].row2}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) {
+          l = std::min(l, (base - ep.gstart[row.g[2]]) / g.L[2]);
+          h = std::max(h, (base - ep.gstart[row.g[2]]) / g.L[2] + 1);
+        });
       }
-      for (const int64_t i : seq)
+      lo[c] = l;
+      span = std::max(span, h - l);
+    }
+    const bool whole = g.Hkv <= 8 && g.Hkv * (span + 2) * g.L[2] * (g.D + g.Dv) * 4 <= (int64_t(1) << 20);
+    const int64_t per = whole ? g.Hkv : g.Hkv % 2 == 0 ? 2 : 1, groups = slices / per;
+    const int64_t parts = whole && groups < nthr ? std::min<int64_t>((nthr + groups - 1) / groups, 4) : 1;
+    float *kTp = nullptr, *vTp = nullptr;  // parts 1.. : their own copies
+    if (parts > 1) {
+      kTp = scratch(static_cast<size_t>((parts - 1) * slices * ldx * g.D));
+      vTp = scratch(static_cast<size_t>((parts - 1) * slices * ldx * g.Dv));
+    }
+    parallel_for(groups * parts, [&](int64_t task) {
+      const int64_t grp = task / parts, part = task % parts;
+      const size_t c0 = seq.size() * part / parts, c1 = seq.size() * (part + 1) / parts;
+      if (c0 >= c1) return;
+      float* kb = part == 0 ? kTs : kTp + (part - 1) * slices * ldx * g.D;
+      float* vb = part == 0 ? vTs : vTp + (part - 1) * slices * ldx * g.Dv;
+      // from the lowest key row the part's chunks read, less the rows a border block may read before
+      // a row's start (the stream's reach ahead, taken as far back)
+      int64_t first = g.Nk / g.L[2];
+      for (size_t c = c0; c < c1; ++c) first = std::min(first, lo[seq[c]]);
+      std::vector<std::optional<SliceStream>> st(per);
+      for (int64_t j = 0; j < per; ++j) {
+        const int64_t slice = grp * per + j;
+        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kb + slice * ldx * g.D,
+                      vb + slice * ldx * g.Dv, false, check);
+        st[j]->done = part == 0 ? 0 : std::max<int64_t>(0, first - st[j]->ahead);
+      }
+      for (size_t c = c0; c < c1; ++c)
         for (int64_t j = 0; j < per; ++j) {
+          const int64_t i = seq[c];
           if (!st[j]->advance(need[i])) v_ok.store(false, std::memory_order_relaxed);
-          item_fn((task * per + j) * per_slice + i);
+          item_fn_on((grp * per + j) * per_slice + i, kb, vb);
         }
     });
   }
