@@ -391,23 +391,26 @@ def test_exact_window_long_1d(dilation, causal, stride):
         assert (run_f > 0) == (stride == 1)
 
 
+@pytest.mark.parametrize("B", [2, 1])
 @pytest.mark.parametrize(
     "shape,K,d,c",
     [((12, 40), (5, 7), (1, 1), (False, False)), ((9, 21), (3, 9), (1, 1), (False, True)),
      ((14, 26), (7, 5), (2, 2), (True, False)), ((20, 12), (9, 3), (1, 1), (False, False))],
 )
-def test_exact_2d_streamed_transposes(shape, K, d, c):
-    """2D with at least two slices per thread (B * Hkv = 8): one task per slice transposes key and
-    value rows just ahead of the row pairs that read them, and border blocks read past a row's end
-    into the next rows (short rows: several of them). A first call whose values hold inf leaves
-    inf in the reused buffers; the finite calls after it must never read a row not yet transposed.
-    Against the oracle, forward and backward."""
+def test_exact_2d_streamed_transposes(shape, K, d, c, B):
+    """2D with at least two slices per thread (B * Hkv = 8 or 4 on two threads): tasks transpose
+    key and value rows just ahead of the row pairs that read them, and border blocks read past a
+    row's end into the next rows (short rows: several of them). With B = 1 the forward's tasks take
+    all four heads and split the rows between them, each part transposing into its own buffers from
+    its first rows on (border blocks also read before a row's start). A first call whose values hold
+    inf leaves inf in the reused buffers; the finite calls after it must never read a row not yet
+    transposed. Against the oracle, forward and backward."""
     shape = (shape[0], shape[1] * VW // 8)  # rows as long in vectors as with 8 queries per vector
-    cfg = dict(na_dim=2, shape=shape, B=2, H=8, Hkv=4, D=8, Dv=12, E=0, K=K, s=(1, 1), d=d, c=c, rpb=False, scale=None)
+    cfg = dict(na_dim=2, shape=shape, B=B, H=8, Hkv=4, D=8, Dv=12, E=0, K=K, s=(1, 1), d=d, c=c, rpb=False, scale=None)
     cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
-    v_inf = np.full((2, *shape, 4, 12), np.inf, np.float32)
-    q0 = mx.zeros((2, *shape, 8, 8))
-    mx.eval(ext.fused_forward(q0, mx.zeros((2, *shape, 4, 8)), mx.array(v_inf), None, None, None, **_window(cfg))[0])
+    v_inf = np.full((B, *shape, 4, 12), np.inf, np.float32)
+    q0 = mx.zeros((B, *shape, 8, 8))
+    mx.eval(ext.fused_forward(q0, mx.zeros((B, *shape, 4, 8)), mx.array(v_inf), None, None, None, **_window(cfg))[0])
     for rep in range(3):
         ext.path_counts(True)
         test_fused_forward_backward(cfg, mx.float32, 40 + rep)

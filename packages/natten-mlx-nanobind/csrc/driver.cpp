@@ -17,6 +17,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -911,11 +912,11 @@ struct SliceStream {
   int64_t b, h, ld;
   float *ks, *vs;
   bool check_k, check_v;
-  int64_t rows, ahead, done = 0;
+  int64_t rows, ahead, done;
   SliceStream(const KernelTable& kt_, const Geo& g_, const ExactPlan& ep_, const float* k_, const float* v_, int64_t b_,
-              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_)
+              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_, int64_t start = 0)
       : kt(kt_), g(g_), ep(ep_), k(k_), v(v_), b(b_), h(h_), ld(ld_), ks(ks_), vs(vs_), check_k(check_k_),
-        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead((g_.K[2] + 4 * kt_.vw + g_.L[2] - 1) / g_.L[2]) {
+        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead((g_.K[2] + 4 * kt_.vw + g_.L[2] - 1) / g_.L[2]), done(start) {
     zero_slice_padding(ks, g.D, g.Nk, ld, ep.front);
     zero_slice_padding(vs, g.Dv, g.Nk, ld, ep.front);
   }
@@ -965,6 +966,13 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
   float tmp[64];
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
+    // the token rows two blocks ahead, requested for writing: their lines are rarely in cache (an
+    // output MLX has just allocated), and a store that misses holds the store buffer until it arrives
+    for (int64_t r = i + 16; r < std::min(n, i + 24); ++r) {
+      float* d = dst + r * tstride;
+      for (int64_t c = 0; c < W; c += 16) __builtin_prefetch(d + c, 1);
+      __builtin_prefetch(d + W - 1, 1);
+    }
     int64_t c = 0;
     for (; c + 8 <= W; c += 8) {
       const float* src[8];
@@ -996,6 +1004,13 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
 // of a border block (lohi) only those it serves (all of them, at a group's edges, go as one transpose)
 void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int skip, const int* lohi, float* dst,
                  int64_t tstride) {
+  // the rows of the next block along the row (where a run's blocks go next), requested for writing
+  // now, so that they arrive while that block computes (a prefetch past the output faults nothing)
+  for (int l = vw; l < 2 * vw; ++l) {
+    float* d = dst + l * tstride;
+    for (int64_t c = 0; c < W; c += 16) __builtin_prefetch(d + c, 1);
+    __builtin_prefetch(d + W - 1, 1);
+  }
   bool all = true;
   for (int l = 0; lohi && l < vw; ++l) all = all && lohi[l] < lohi[vw + l];
   if (all) {
@@ -1084,19 +1099,22 @@ namespace {
 // slot's weight is 0, and 0 * inf is not), which the exact path checks where it transposes the values
 // anyway (a separate pass over them cost 3-5% of C1/C2's forward); false when a value it read was not
 // finite and border blocks ran, so that the caller runs the forward again without them.
-// The forward's plans of the last geometry this thread planned, per value of borders: making them again
-// on every call cost ~2% of C1's forward at one thread, before the pool's threads start.
+// The plans of the last geometry this thread planned, per value of borders, shared by the forward and
+// the backward (both plan make_exact_plan(g, vw, borders) and make_plan on it): making them again on
+// every call cost ~2% of C1's forward at one thread, before the pool's threads start. rslots: the
+// backward's row_slots of ep, made on its first use.
 struct CachedPlans {
   bool valid = false;
   std::vector<int64_t> key;
   std::string env;
   ExactPlan ep;
   Plan plan;
+  bool has_rslots = false;
+  std::vector<RowSlots> rslots;
 };
-thread_local CachedPlans tls_fwd_plans[2];
+thread_local CachedPlans tls_plans[2];
 
-bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
-  const KernelTable& kt = select_kernels();
+CachedPlans& cached_plans(const Geo& g, const KernelTable& kt, bool borders) {
   std::vector<int64_t> key;
   for (int x = 0; x < 3; ++x)
     key.insert(key.end(), {g.L[x], g.K[x], g.S[x], g.Dl[x], g.C[x], g.Lk[x], g.dom[x], g.qoff[x], g.koff[x], g.R[x]});
@@ -1108,15 +1126,23 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     env += v ? v : "\x01";
     env += '\x02';
   }
-  CachedPlans& cp = tls_fwd_plans[borders ? 1 : 0];
+  CachedPlans& cp = tls_plans[borders ? 1 : 0];
   if (!cp.valid || cp.key != key || cp.env != env) {
     cp.valid = false;
     cp.ep = make_exact_plan(g, kt.vw, borders);
     cp.plan = make_plan(g, kt.vw, &cp.ep);
+    cp.has_rslots = false;
+    cp.rslots.clear();
     cp.key = std::move(key);
     cp.env = std::move(env);
     cp.valid = true;
   }
+  return cp;
+}
+
+bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
+  const KernelTable& kt = select_kernels();
+  const CachedPlans& cp = cached_plans(g, kt, borders);
   const ExactPlan& ep = cp.ep;
   const Plan& plan = cp.plan;
   // cleared by a transpose of values that met inf or NaN (tiles check their own packed values)
@@ -1188,7 +1214,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  auto item_fn = [&](int64_t item) {
+  // (kTb / vTb: the transposed keys and values the exact rows read, kTx / vTx but for a streamed part's own)
+  auto item_fn_on = [&](int64_t item, const float* kTb, const float* vTb) {
     const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
@@ -1210,8 +1237,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { krow[i][nrows[i]++] = base; });
         qrow[i] = row_token(g, g0, g1, rws[i]->c0, rws[i]->c1);
       }
-      const float* kslice = local ? nullptr : kTx + slice * ldx * D;
-      const float* vslice = local ? nullptr : vTx + slice * ldx * Dv;
+      const float* kslice = local ? nullptr : kTb + slice * ldx * D;
+      const float* vslice = local ? nullptr : vTb + slice * ldx * Dv;
       int64_t ldl = ldx, shift = 0;  // row length of kslice/vslice; added to every key row base
       if (local) {
         // the chunk's keys [kmin, kmax) of this group, transposed; zeros outside the group
@@ -1441,6 +1468,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       }
     }
   };
+  auto item_fn = [&](int64_t item) { item_fn_on(item, kTx, vTx); };
   // on rows (1D, or 2D/3D with NATTEN_MLX_ROW2D=1): the exact plan's chunks per batch, then the tiles
   if (rows1d || rowsnd)
     parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
@@ -1452,18 +1480,77 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // 1D: chunk-major, the heads of one chunk one after another and on both threads at once, so the
   // heads-last rows they share are read from memory once while in cache (paired C1 0.92); 2D/3D keep
   // slice-major order, whose items read one slice's transposed keys and values (C4 1.08 otherwise)
+  // 2D/3D: an item serves the same row (or tile) of all of a batch's kv heads (up to 8; more: two),
+  // one after the other, reading whole heads-last q rows and writing whole out rows (see the
+  // streamed tasks below; paired, C4 forward 0.983 with two heads, 0.964 more with all four)
+  else if (!streamed && !local && (g.Hkv % 2 == 0 || (g.Hkv > 1 && g.Hkv <= 8))) {
+    const int64_t per = g.Hkv <= 8 ? g.Hkv : 2;
+    parallel_for(slices / per * per_slice, [&](int64_t it) {
+      const int64_t grp = it / per_slice, idx = it % per_slice;
+      for (int64_t j = 0; j < per; ++j) item_fn((grp * per + j) * per_slice + idx);
+    });
+  }
   else if (!streamed)
     parallel_for(slices * per_slice, [&](int64_t it) {
       item_fn(local ? (it % slices) * per_slice + it / slices : it);
     });
-  else parallel_for(slices, [&](int64_t slice) {
-    SliceStream st(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * g.D,
-                   vTs + slice * ldx * g.Dv, false, check);
-    for (const int64_t i : seq) {
-      if (!st.advance(need[i])) v_ok.store(false, std::memory_order_relaxed);
-      item_fn(slice * per_slice + i);
+  else {
+    // neighbouring heads in one task, their chunks in turn: the task reads whole lines of the
+    // heads-last rows of q, k, v and writes whole lines of out (a head's 128 bytes at D = 32 span
+    // three lines, MLX's buffers starting off a line; its neighbour's task read and wrote the shared
+    // ones again, from another core). Paired, C2 forward 0.954, C3 0.981.
+    // All of a batch's heads in one task where their rows in use fit in a MiB: the task reads whole
+    // heads-last rows; when that leaves fewer tasks than threads, each task takes a part of the chunks
+    // (in seq order) and transposes, into its own copy, the key rows from its first chunk's on
+    const int64_t nthr = num_threads();
+    int64_t span = 0;  // the most key rows along the first two axes a chunk's windows span
+    std::vector<int64_t> lo(chunks.size());
+    for (size_t c = 0; c < chunks.size(); ++c) {
+      int64_t l = g.Nk / g.L[2], h = 0;
+      for (const int rr : {chunks[c].row, chunks[c].row2}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) {
+          l = std::min(l, (base - ep.gstart[row.g[2]]) / g.L[2]);
+          h = std::max(h, (base - ep.gstart[row.g[2]]) / g.L[2] + 1);
+        });
+      }
+      lo[c] = l;
+      span = std::max(span, h - l);
     }
-  });
+    const bool whole = g.Hkv <= 8 && g.Hkv * (span + 2) * g.L[2] * (g.D + g.Dv) * 4 <= (int64_t(1) << 20);
+    const int64_t per = whole ? g.Hkv : g.Hkv % 2 == 0 ? 2 : 1, groups = slices / per;
+    const int64_t parts = whole && groups < nthr ? std::min<int64_t>((nthr + groups - 1) / groups, 4) : 1;
+    float *kTp = nullptr, *vTp = nullptr;  // parts 1.. : their own copies
+    if (parts > 1) {
+      kTp = scratch(static_cast<size_t>((parts - 1) * slices * ldx * g.D));
+      vTp = scratch(static_cast<size_t>((parts - 1) * slices * ldx * g.Dv));
+    }
+    parallel_for(groups * parts, [&](int64_t task) {
+      const int64_t grp = task / parts, part = task % parts;
+      const size_t c0 = seq.size() * part / parts, c1 = seq.size() * (part + 1) / parts;
+      if (c0 >= c1) return;
+      float* kb = part == 0 ? kTs : kTp + (part - 1) * slices * ldx * g.D;
+      float* vb = part == 0 ? vTs : vTp + (part - 1) * slices * ldx * g.Dv;
+      // from the lowest key row the part's chunks read, less the rows a border block may read before
+      // a row's start (the stream's reach ahead, taken as far back)
+      int64_t first = g.Nk / g.L[2];
+      for (size_t c = c0; c < c1; ++c) first = std::min(first, lo[seq[c]]);
+      std::vector<std::optional<SliceStream>> st(per);
+      for (int64_t j = 0; j < per; ++j) {
+        const int64_t slice = grp * per + j;
+        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kb + slice * ldx * g.D,
+                      vb + slice * ldx * g.Dv, false, check);
+        st[j]->done = part == 0 ? 0 : std::max<int64_t>(0, first - st[j]->ahead);
+      }
+      for (size_t c = c0; c < c1; ++c)
+        for (int64_t j = 0; j < per; ++j) {
+          const int64_t i = seq[c];
+          if (!st[j]->advance(need[i])) v_ok.store(false, std::memory_order_relaxed);
+          item_fn_on((grp * per + j) * per_slice + i, kb, vb);
+        }
+    });
+  }
   if (check && !v_ok.load()) return false;
   count_paths(0, g, ep);
   return true;
@@ -1487,20 +1574,28 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
   // known_fin: keys, queries and output gradients are known to be finite (tiles skip their own check)
   bool known_fin = false, v_finite = true;
-  ExactPlan ep;
+  // the plans (the forward's cache; without the exact path, when an operand is not finite, made here)
+  CachedPlans* cp = nullptr;
+  CachedPlans own;
   if (optimistic) {
-    ep = make_exact_plan(g, kt.vw, true);
-    if (!ep.on) return false;
+    cp = &cached_plans(g, kt, true);
+    if (!cp->ep.on) return false;
   } else {
     known_fin = all_finite_par(kt, a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
                 all_finite_par(kt, a.q, g.B * N * g.H * D) && all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
     v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
-    if (known_fin) ep = make_exact_plan(g, kt.vw, v_finite);
+    if (known_fin) {
+      cp = &cached_plans(g, kt, v_finite);
+    } else {
+      own.plan = make_plan(g, kt.vw, &own.ep);
+      cp = &own;
+    }
   }
+  const ExactPlan& ep = cp->ep;
+  const Plan& plan = cp->plan;
   // optimistic: cleared by a transpose that met inf or NaN
   std::atomic<bool> ok{true};
   auto fail = [&] { ok.store(false, std::memory_order_relaxed); };
-  Plan plan = make_plan(g, kt.vw, &ep);
   const int64_t slices = g.B * g.Hkv, ntiles = static_cast<int64_t>(plan.tiles.size());
   const int64_t nrowsx = static_cast<int64_t>(ep.rows.size());
   const int nthr = num_threads();
@@ -1511,7 +1606,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const int64_t over = ep.on ? 2 : 4;
   // (1D exact rows run in their own waves, see `local` below)
   const bool local1d = ep.on && g.L[0] == 1 && g.L[1] == 1;
-  const std::vector<RowSlots> rslots = ep.on && !local1d ? row_slots(g, ep, kt.vw) : std::vector<RowSlots>{};
+  if (ep.on && !local1d && !cp->has_rslots) {
+    cp->rslots = row_slots(g, ep, kt.vw);
+    cp->has_rslots = true;
+  }
+  const std::vector<RowSlots>& rslots = cp->rslots;
   const int64_t call = bwd_calls.fetch_add(1);
   int64_t splits = std::min<int64_t>(ntiles + (local1d ? 0 : nrowsx), (over * nthr + slices - 1) / slices);
   const int64_t ldx = ep.ld;  // see make_exact_plan
@@ -1539,20 +1638,52 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // whole-slice pass up front. units: the row pairs in the order served, need: the key rows along
   // the first two axes each one reads.
   const bool streamed = ep.on && !local && g.L[0] == 1 && ntiles == 0 && splits == 1 && slices >= 2 * int64_t(nthr);
+  // one task per slice (splits == 1) with 2D/3D exact rows: the task stores its transposed sums into
+  // dk/dv (every key of the slice) before its tiles add theirs, so dk/dv are not zeroed first and
+  // read back by a separate pass (4 MiB each way at C2)
+  const bool direct = ep.on && !local && splits == 1;
   float *kTs = nullptr, *vTs = nullptr;
   std::vector<std::pair<int64_t, int64_t>> units;
   std::vector<int64_t> need;
-  if (streamed) {
+  // direct: after units[i], no later unit adds to the key rows along the first two axes below
+  // final_rows[i] (nor to any key of theirs, the padded key-side writes past a row adding zeros), so
+  // the task stores them then, from sums still in cache, and the stores' misses spread over the
+  // rows' work (one pass at the end, reading the sums back from L3 at C4, was 6-8% of C2/C4 fwd+bwd)
+  std::vector<int64_t> final_rows;
+  if (streamed || direct) {
     for (int64_t idx = 0; idx < nrowsx; ++idx) {
       const bool pair = idx + 1 < nrowsx && ep.pairs_with_next(static_cast<size_t>(idx));
       units.emplace_back(idx, pair ? idx + 1 : -1);
       if (pair) ++idx;
     }
+  }
+  if (streamed) {
     std::vector<int64_t> top(units.size());
     for (size_t i = 0; i < units.size(); ++i) top[i] = key_rows_needed(g, ep, units[i].first, units[i].second);
     std::vector<std::pair<int64_t, int64_t>> sorted;
     for (const int64_t i : order_by_need(top)) sorted.push_back(units[i]), need.push_back(top[i]);
     units.swap(sorted);
+  }
+  // streamed: the most key rows along the first two axes between a unit's first and last (the rows
+  // of transposed keys, values and their sums a slice keeps in use)
+  int64_t span = 0;
+  if (direct) {
+    final_rows.resize(units.size());
+    int64_t lowest = Nk / L2;
+    for (size_t i = units.size(); i-- > 0;) {
+      final_rows[i] = lowest;
+      int64_t lo = Nk / L2, hi = 0;
+      for (const int64_t rr : {units[i].first, units[i].second}) {
+        if (rr < 0) continue;
+        const ExactPlan::Row& row = ep.rows[rr];
+        for_window_key_rows(g, ep, row, [&](int64_t base) {
+          lo = std::min(lo, (base - ep.gstart[row.g[2]]) / L2);
+          hi = std::max(hi, (base - ep.gstart[row.g[2]]) / L2 + 1);
+        });
+      }
+      lowest = std::min(lowest, lo);
+      span = std::max(span, hi - lo);
+    }
   }
   if (ep.on) {
     if (streamed) {
@@ -1591,16 +1722,13 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
   auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
   auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
-  // one task per slice (splits == 1) with 2D/3D exact rows: the task stores its transposed sums into
-  // dk/dv (every key of the slice) before its tiles add theirs, so dk/dv are not zeroed first and
-  // read back by a separate pass (4 MiB each way at C2)
-  const bool direct = ep.on && !local && splits == 1;
-  auto store_exact_sums = [&](int64_t slice, const float* xk, bool add) {
+  // the sums of key rows [rho0, rho1) along the first two axes (all: rho1 = Nk / L2)
+  auto store_exact_sums = [&](int64_t slice, const float* xk, bool add, int64_t rho0, int64_t rho1) {
     const float* xv = xk + D * ldx;
     float* dk = dk_of(slice);
     float* dv = dv_of(slice);
     // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
-    for (int64_t r0 = 0; r0 < Nk; r0 += L2)
+    for (int64_t r0 = rho0 * L2; r0 < rho1 * L2; r0 += L2)
       for (int g2 = 0; g2 < Dl2; ++g2) {
         const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
         add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk, add);
@@ -1983,7 +2111,42 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       });
     }
   }
-  parallel_for(ntasks, [&](int64_t task) {
+  // direct: the exact rows of slices [slice0, slice0 + n), their units in turn (the sums' task of a
+  // slice is the slice)
+  auto direct_slices = [&](int64_t slice0, int n) {
+    std::optional<SliceStream> st[2];
+    float* xk[2];
+    int64_t stored[2] = {0, 0};
+    for (int j = 0; j < n; ++j) {
+      const int64_t slice = slice0 + j;
+      xk[j] = xacc + slice * xacc_size;
+      std::memset(xk[j], 0, sizeof(float) * xacc_size);
+      if (streamed)
+        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * D,
+                      vTs + slice * ldx * Dv, optimistic, optimistic);
+    }
+    for (size_t i = 0; i < units.size(); ++i)
+      for (int j = 0; j < n; ++j) {
+        if (st[j] && !st[j]->advance(need[i])) fail();
+        exact_row(slice0 + j, units[i].first, units[i].second, xk[j]);
+        if (final_rows[i] > stored[j]) {
+          store_exact_sums(slice0 + j, xk[j], false, stored[j], final_rows[i]);
+          stored[j] = final_rows[i];
+        }
+      }
+    for (int j = 0; j < n; ++j) store_exact_sums(slice0 + j, xk[j], false, stored[j], Nk / L2);
+  };
+  // direct without tiles (so without extra keys or rpb): neighbouring heads in one task, their units
+  // in turn (see the forward's streamed tasks), where that leaves a task per thread and, streamed,
+  // where the rows both keep in use (keys, values and their sums, as span says) fit in half a MiB
+  // each. Paired backward: C2 (K = 7) 0.968, C4 (3D, not streamed) 0.974-0.978; C3 (K = 13,
+  // dilation 2: 27 rows of 64 tokens, 0.9 MiB per slice) was 1.02 with pairs, so it keeps one head
+  // per task.
+  const bool pairs = direct && ntiles == 0 && g.Hkv % 2 == 0 && slices / 2 >= nthr &&
+                     (!streamed || span * L2 * (D + Dv) * 8 <= (int64_t(1) << 19));
+  if (pairs)
+    parallel_for(slices / 2, [&](int64_t pair) { direct_slices(2 * pair, 2); });
+  else parallel_for(ntasks, [&](int64_t task) {
     const int64_t slice = task / splits, split = task % splits, b = slice / g.Hkv, hk = slice % g.Hkv;
     float *acck, *accv, *accek, *accev;
     int64_t sk = D, sv = Dv;  // token strides of the accumulators
@@ -2004,25 +2167,20 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
     if (ep.on && !local) {
       float* xk = xacc + task * xacc_size;
-      std::memset(xk, 0, sizeof(float) * xacc_size);
-      if (streamed) {
-        SliceStream st(kt, g, ep, a.k, a.v, b, hk, ldx, kTs + slice * ldx * D, vTs + slice * ldx * Dv, optimistic,
-                       optimistic);
-        for (size_t i = 0; i < units.size(); ++i) {
-          if (!st.advance(need[i])) fail();
-          exact_row(slice, units[i].first, units[i].second, xk);
+      if (direct) {
+        direct_slices(slice, 1);
+      } else {
+        std::memset(xk, 0, sizeof(float) * xacc_size);
+        const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
+        for (int64_t idx = r0; idx < r1; ++idx) {
+          if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
+            exact_row(slice, idx, idx + 1, xk);
+            ++idx;
+          } else {
+            exact_row(slice, idx, -1, xk);
+          }
         }
       }
-      const int64_t r0 = streamed ? 0 : nrowsx * split / splits, r1 = streamed ? 0 : nrowsx * (split + 1) / splits;
-      for (int64_t idx = r0; idx < r1; ++idx) {
-        if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
-          exact_row(slice, idx, idx + 1, xk);
-          ++idx;
-        } else {
-          exact_row(slice, idx, -1, xk);
-        }
-      }
-      if (direct) store_exact_sums(slice, xk, false);
     }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
@@ -2154,7 +2312,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     // the exact path's per-task sums, transposed back to [Nk][D|Dv] per slice
     parallel_for(slices, [&](int64_t slice) {
       for (int64_t split = 0; split < splits; ++split)
-        store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true);
+        store_exact_sums(slice, xacc + (slice * splits + split) * xacc_size, true, 0, Nk / L2);
     });
   }
   if (g.has_rpb) {
