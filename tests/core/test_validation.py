@@ -275,3 +275,28 @@ def test_batch_zero_shapes():
 def test_accepted(call):
     out = call()
     mx.eval(out)
+
+
+def test_fused_problem_cache_keeps_validation():
+    """fused_problem caches plain calls by everything validation reads: a repeat gets the same Problem, and
+    a value that equals a cached one but has the wrong type (True for 1, 0 for False) still raises."""
+    from natten_mlx.problem import _FUSED_CACHE, fused_problem
+
+    q = q1()
+    args = (1, q, q, q, 3, 1, 1, False, None, None, None, None, False)
+    p = fused_problem(*args)
+    assert fused_problem(*args) is p and any(v is p for v in _FUSED_CACHE.values())
+    with pytest.raises(TypeError, match="stride"):
+        fused_problem(1, q, q, q, 3, True, 1, False, None, None, None, None, False)
+    with pytest.raises(TypeError, match="is_causal"):
+        fused_problem(1, q, q, q, 3, 1, 1, 0, None, None, None, None, False)
+    with pytest.raises(TypeError, match="return_lse"):
+        fused_problem(1, q, q, q, 3, 1, 1, False, None, None, None, None, 0)
+    with pytest.raises(TypeError, match="scale"):
+        fused_problem(1, q, q, q, 3, 1, 1, False, True, None, None, None, False)
+    # uncached forms give the same Problem
+    assert fused_problem(1, q, q, q, [3], (1,), np.int64(1), (False,), None, None, None, None, False) == p
+    assert fused_problem(1, q, q, q, (3,), 1, 1, False, 4**-0.5, None, None, None, False) == p  # D = 4
+    # another shape or dtype is validated afresh
+    with pytest.raises(ValueError, match="kernel_size"):
+        fused_problem(1, q1(L=2), q1(L=2), q1(L=2), 3, 1, 1, False, None, None, None, None, False)
