@@ -2,6 +2,7 @@
 // vector extensions so that the same text becomes AVX-512, AVX2, SSE2 or NEON code.
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "kernels.h"
 
@@ -13,6 +14,12 @@
 #define NA_VW 16
 #define NA_MR 8
 #define NA_TABLE kernels_avx512
+#ifndef NA_ALIGNR_PV
+#define NA_ALIGNR_PV 4
+#endif
+#ifndef NA_ALIGNR_MIN
+#define NA_ALIGNR_MIN 2
+#endif
 #elif defined(NA_VARIANT_avx2)
 #define NA_VW 8
 #define NA_MR 6
@@ -477,7 +484,7 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
 // of ~1.1 (one block alone is bound by the load ports, not by the FMAs). Key row bases ascend in both
 // lists; fn(i, j, base) walks their union, i (j) the row's index in A (B) or -1.
 template <class F>
-inline void for_union(const int64_t* ra, int na, const int64_t* rbb, int nb, F&& fn) {
+__attribute__((always_inline)) inline void for_union(const int64_t* ra, int na, const int64_t* rbb, int nb, F&& fn) {
   int i = 0, j = 0;
   while (i < na || j < nb) {
     if (j >= nb || (i < na && ra[i] < rbb[j])) {
@@ -494,6 +501,28 @@ inline void for_union(const int64_t* ra, int na, const int64_t* rbb, int nb, F&&
   }
 }
 
+#if defined(NA_VARIANT_avx512) && !defined(NA_NO_ALIGNR)
+// Keys kr[x .. x + 15] for x < NX from two loads: lo = kr[0 .. 15] and hi = kr[16 .. NX + 14] (a masked
+// load: nothing past the chunk's last key is read), lanes x.. of lo then lanes ..x-1 of hi (valignd).
+// A 64-byte load at a shifted key row crosses a cache line at 15 of 16 offsets (two accesses on the
+// load ports); NX shifted loads become two and NX - 1 shuffles.
+template <int X>
+__attribute__((always_inline)) inline vf shifted_keys(vf lo, vf hi) {
+  if constexpr (X == 0)
+    return lo;
+  else
+    return vf(_mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(__m512(hi)), _mm512_castps_si512(__m512(lo)), X)));
+}
+template <int NX, int... X>
+__attribute__((always_inline)) inline void scores_step2(std::integer_sequence<int, X...>, vf qav, vf qbv, const float* kr, vf* a, vf* b) {
+  vf lo = load(kr);
+  vf hi = NX > 1 ? vf(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (NX - 1)) - 1), kr + VW)) : vf{};
+  asm("" : "+v"(lo), "+v"(hi));
+  ((a[X] += qav * shifted_keys<X>(lo, hi), b[X] += qbv * shifted_keys<X>(lo, hi)), ...);
+}
+#define NA_ALIGNR_RUN2 1
+#endif
+
 // scores of slots x < NX of one key row for both blocks (queries already scaled)
 template <int NX>
 inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
@@ -504,6 +533,12 @@ inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int
   for (int64_t d = 0; d < D; ++d) {
     const vf qav = load(qa + d * ldq), qbv = load(qb + d * ldq);
     const float* kr = kb + d * ldk;
+#if defined(NA_ALIGNR_RUN2)
+    if constexpr (NX >= NA_ALIGNR_MIN) {
+      scores_step2<NX>(std::make_integer_sequence<int, NX>{}, qav, qbv, kr, a, b);
+      continue;
+    }
+#endif
 #pragma GCC unroll 8
     for (int x = 0; x < NX; ++x) {
       const vf k = load_reg(kr + x);
@@ -579,10 +614,108 @@ inline void slot_sum2(const float* wa, const float* wb, const float* src, int64_
   }
 }
 
+#if defined(NA_ALIGNR_RUN2)
+// slot_sum2 of C features with the value rows' shifted loads made as in scores_step2: per key row and
+// feature two loads (lo, hi) and NX - 1 valignd instead of NX loads that cross a cache line; the sums
+// run in slot_sum2's order (rows of the union, then slots), so the results are bitwise the same
+template <int NX>
+__attribute__((always_inline)) inline vf hi_part(const float* p) {
+  return NX > 1 ? vf(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (NX - 1)) - 1), p + VW)) : vf{};
+}
+template <int C, int NX, int... X>
+__attribute__((always_inline)) inline void pv_row2(std::integer_sequence<int, X...>, const float* pa, const float* pb, const float* s0, int64_t ld,
+                    vf* a, vf* b) {
+  vf lo[C], hi[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    lo[c] = load(s0 + c * ld);
+    hi[c] = hi_part<NX>(s0 + c * ld);
+  }
+  auto step = [&](auto xc) __attribute__((always_inline)) {
+    constexpr int x = decltype(xc)::value;
+    const vf p = load(pa + x * VW), q = load(pb + x * VW);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      const vf v = shifted_keys<x>(lo[c], hi[c]);
+      a[c] += p * v;
+      b[c] += q * v;
+    }
+  };
+  (step(std::integral_constant<int, X>{}), ...);
+}
+template <int C, int NX, int... X>
+__attribute__((always_inline)) inline void pv_row1(std::integer_sequence<int, X...>, const float* pw, const float* s0, int64_t ld, vf* acc) {
+  vf lo[C], hi[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    lo[c] = load(s0 + c * ld);
+    hi[c] = hi_part<NX>(s0 + c * ld);
+  }
+  auto step = [&](auto xc) __attribute__((always_inline)) {
+    constexpr int x = decltype(xc)::value;
+    const vf p = load(pw + x * VW);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[c] += p * shifted_keys<x>(lo[c], hi[c]);
+  };
+  (step(std::integral_constant<int, X>{}), ...);
+}
+template <int C, int NX>
+__attribute__((always_inline)) inline void slot_sum2s(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
+                       const int64_t* rbb, int nb, vf* oa, vf* ob) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = b[c] = vf{};
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) __attribute__((always_inline)) {
+    const float* s0 = src + base;
+    if (i >= 0 && j >= 0) {
+      pv_row2<C, NX>(std::make_integer_sequence<int, NX>{}, wa + static_cast<int64_t>(i) * NX * VW,
+                     wb + static_cast<int64_t>(j) * NX * VW, s0, ld, a, b);
+    } else {
+      const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * NX * VW : wb + static_cast<int64_t>(j) * NX * VW;
+      pv_row1<C, NX>(std::make_integer_sequence<int, NX>{}, pw, s0, ld, i >= 0 ? a : b);
+    }
+  });
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    oa[c] = a[c];
+    ob[c] = b[c];
+  }
+}
+template <int NX>
+inline void slot_sums2s(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
+                        int na, const int64_t* rbb, int nb, vf mula, vf mulb, float* oa, float* ob) {
+  constexpr int G = NA_ALIGNR_PV;
+  int64_t c = 0;
+  vf xa[G], xb[G];
+  for (; c + G <= W; c += G) {
+    slot_sum2s<G, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
+    for (int i = 0; i < G; ++i) {
+      store(oa + (c + i) * VW, xa[i] * mula);
+      store(ob + (c + i) * VW, xb[i] * mulb);
+    }
+  }
+  for (; c < W; ++c) {
+    slot_sum2s<1, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
+    store(oa + c * VW, xa[0] * mula);
+    store(ob + c * VW, xb[0] * mulb);
+  }
+}
+#endif
+
 // slot_sums of both blocks: oa / ob [W][vw] = their slot_sum2 times mula / mulb, PAIR_FEATURES features
 // at a time, then 4, then single ones
 inline void slot_sums2(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
                        int na, const int64_t* rbb, int nb, int nx, vf mula, vf mulb, float* oa, float* ob) {
+#if defined(NA_ALIGNR_RUN2) && NA_ALIGNR_PV > 0
+  switch (nx) {
+#define NA_CASE(X) \
+  case X: slot_sums2s<X>(wa, wb, src, ld, W, ra, na, rbb, nb, mula, mulb, oa, ob); return;
+    NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
+    NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
+#undef NA_CASE
+    default: break;
+  }
+#endif
   int64_t c = 0;
   vf xa[PAIR_FEATURES], xb[PAIR_FEATURES];
   for (; PAIR_FEATURES > 4 && c + PAIR_FEATURES <= W; c += PAIR_FEATURES) {
