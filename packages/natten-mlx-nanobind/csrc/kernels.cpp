@@ -513,10 +513,15 @@ __attribute__((always_inline)) inline vf shifted_keys(vf lo, vf hi) {
   else
     return vf(_mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(__m512(hi)), _mm512_castps_si512(__m512(lo)), X)));
 }
+// hi of a row at p: its keys 16 .. NX + 14, zero past them (a masked load; nothing beyond is read)
+template <int NX>
+__attribute__((always_inline)) inline vf hi_part(const float* p) {
+  return NX > 1 ? vf(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (NX - 1)) - 1), p + VW)) : vf{};
+}
 template <int NX, int... X>
 __attribute__((always_inline)) inline void scores_step2(std::integer_sequence<int, X...>, vf qav, vf qbv, const float* kr, vf* a, vf* b) {
   vf lo = load(kr);
-  vf hi = NX > 1 ? vf(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (NX - 1)) - 1), kr + VW)) : vf{};
+  vf hi = hi_part<NX>(kr);
   asm("" : "+v"(lo), "+v"(hi));
   ((a[X] += qav * shifted_keys<X>(lo, hi), b[X] += qbv * shifted_keys<X>(lo, hi)), ...);
 }
@@ -618,19 +623,20 @@ inline void slot_sum2(const float* wa, const float* wb, const float* src, int64_
 // slot_sum2 of C features with the value rows' shifted loads made as in scores_step2: per key row and
 // feature two loads (lo, hi) and NX - 1 valignd instead of NX loads that cross a cache line; the sums
 // run in slot_sum2's order (rows of the union, then slots), so the results are bitwise the same
-template <int NX>
-__attribute__((always_inline)) inline vf hi_part(const float* p) {
-  return NX > 1 ? vf(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (NX - 1)) - 1), p + VW)) : vf{};
-}
-template <int C, int NX, int... X>
-__attribute__((always_inline)) inline void pv_row2(std::integer_sequence<int, X...>, const float* pa, const float* pb, const float* s0, int64_t ld,
-                    vf* a, vf* b) {
-  vf lo[C], hi[C];
+// per feature c of a key/value row at s0 (features ld apart): the two loads the shifted slots are cut from
+template <int C, int NX>
+__attribute__((always_inline)) inline void lo_hi_rows(const float* s0, int64_t ld, vf* lo, vf* hi) {
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c) {
     lo[c] = load(s0 + c * ld);
     hi[c] = hi_part<NX>(s0 + c * ld);
   }
+}
+template <int C, int NX, int... X>
+__attribute__((always_inline)) inline void pv_row2(std::integer_sequence<int, X...>, const float* pa, const float* pb, const float* s0, int64_t ld,
+                    vf* a, vf* b) {
+  vf lo[C], hi[C];
+  lo_hi_rows<C, NX>(s0, ld, lo, hi);
   auto step = [&](auto xc) __attribute__((always_inline)) {
     constexpr int x = decltype(xc)::value;
     const vf p = load(pa + x * VW), q = load(pb + x * VW);
@@ -646,11 +652,7 @@ __attribute__((always_inline)) inline void pv_row2(std::integer_sequence<int, X.
 template <int C, int NX, int... X>
 __attribute__((always_inline)) inline void pv_row1(std::integer_sequence<int, X...>, const float* pw, const float* s0, int64_t ld, vf* acc) {
   vf lo[C], hi[C];
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) {
-    lo[c] = load(s0 + c * ld);
-    hi[c] = hi_part<NX>(s0 + c * ld);
-  }
+  lo_hi_rows<C, NX>(s0, ld, lo, hi);
   auto step = [&](auto xc) __attribute__((always_inline)) {
     constexpr int x = decltype(xc)::value;
     const vf p = load(pw + x * VW);
