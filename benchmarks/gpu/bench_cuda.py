@@ -129,8 +129,19 @@ def mlx_child(case: str, impls: list, modes: list, with_rpb: bool = False) -> No
                     # cuda[:option=value[:...]], e.g. cuda:ldmatrix=0 or cuda:tile=2x4x8
                     opts = {}
                     compiled = False
+                    from natten_mlx_cuda import backend as cuda_backend
+                    from natten_mlx_cuda import source as cuda_source
+
+                    cuda_backend.HOST_PAD = 4  # hostpad=1: the scale in MLX's managed small-size pool, as before
+                    cuda_source.COMPACT = True  # compact=0: the sources with their comments, as before
                     for kv in impl.split(":")[1:]:
                         name, val = kv.split("=")
+                        if name == "hostpad":
+                            cuda_backend.HOST_PAD = int(val)
+                            continue
+                        if name == "compact":
+                            cuda_source.COMPACT = val != "0"
+                            continue
                         if name == "size":  # the default forward tile of this many queries (64 or 128)
                             from natten_mlx_cuda import plan
 
@@ -149,6 +160,9 @@ def mlx_child(case: str, impls: list, modes: list, with_rpb: bool = False) -> No
                             compiled = val != "0"
                         else:
                             opts[name] = (val != "0") if name == "ldmatrix" else tuple(int(x) for x in val.split("x"))
+                    for cached in (cuda_backend._scale, cuda_backend._kernel, cuda_source.header, cuda_source.header_for,
+                                   cuda_source.body):
+                        cached.cache_clear()
                     be = CudaBackend().configure(**opts)
                     if mode == "fwd":
                         def fn():

@@ -54,9 +54,51 @@ def _core_include_dir() -> str:
         return os.path.join(os.path.dirname(os.path.abspath(natten_mlx.__file__)), "include")
 
 
+COMPACT = True  # False: the files as written (benchmarks/gpu measure what the comments cost a launch)
+
+
 def _read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
-        return f.read()
+        text = f.read()
+    return compact(text) if COMPACT else text
+
+
+def compact(text: str) -> str:
+    """C/C++ text without its comments, indentation and blank lines (string and character literals kept as
+    written; a line after a backslash continuation is never dropped). MLX hashes a kernel's whole source on
+    every launch (custom_kernel.cpp, eval_gpu: the JIT module's name), ~10 us of host time per call for the
+    52 KB of fmha_fwd with its comments; every consumer (MLX, the nvcc check, the emulator) takes this text."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"'":  # a literal: copied up to its closing quote, escapes included
+            j = i + 1
+            while j < n and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        elif text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            out.append(" ")
+            i = n if j < 0 else j + 2
+        else:
+            j = i
+            while j < n and text[j] not in "\"'/":
+                j += 1
+            if j == i:  # a lone '/'
+                j += 1
+            out.append(text[i:j])
+            i = j
+    lines, cont = [], False
+    for line in "".join(out).split("\n"):
+        line = line.strip()
+        if line or cont:
+            lines.append(line)
+        cont = line.endswith("\\")
+    return "\n".join(lines) + "\n"
 
 
 @lru_cache(maxsize=None)
