@@ -49,6 +49,11 @@ template <typename T> struct NaType;
 template <> struct NaType<float> {
   static NA_FUNC float to_float(float x) { return x; }
   static NA_FUNC float from_float(float x) { return x; }
+  // p[0], p[1] = lo, hi (the 16-bit types: one 32-bit store; p 4-byte aligned)
+  static NA_FUNC void store2(float* p, float lo, float hi) {
+    p[0] = lo;
+    p[1] = hi;
+  }
 };
 template <> struct NaType<__half> {
   static NA_FUNC float to_float(__half x) { return __half2float(x); }
@@ -58,6 +63,7 @@ template <> struct NaType<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&h);
   }
+  static NA_FUNC void store2(__half* p, float lo, float hi) { *reinterpret_cast<unsigned*>(p) = pack2(lo, hi); }
 };
 template <> struct NaType<__nv_bfloat16> {
   static NA_FUNC float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -66,6 +72,7 @@ template <> struct NaType<__nv_bfloat16> {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&h);
   }
+  static NA_FUNC void store2(__nv_bfloat16* p, float lo, float hi) { *reinterpret_cast<unsigned*>(p) = pack2(lo, hi); }
 };
 
 template <typename T> NA_FUNC float na_f(T x) { return NaType<T>::to_float(x); }
