@@ -99,13 +99,13 @@ if (tid < 3) {
   geo[30 + a] = c1 < c0;  // the grid covers the group with the most tiles
 }
 for (int i = tid; i < 3 * (BK + 1); i += NT) {
+  // column c's coordinate along a is (c / inner) % KT[a]: the columns below x are the low x * inner bits of
+  // each period of KT[a] * inner bits, a power of two (BK = 64), so the pattern doubles up to 64 bits
   const int a = i / (BK + 1), x = i % (BK + 1);
-  unsigned long long m = 0ull;
-  if (x <= (a == 0 ? KT0 : a == 1 ? KT1 : KT2))
-    for (int c = 0; c < BK; ++c) {
-      const int u = a == 0 ? c / (KT1 * KT2) : a == 1 ? (c / KT2) % KT1 : c % KT2;
-      if (u < x) m |= 1ull << c;
-    }
+  const int kta = a == 0 ? KT0 : a == 1 ? KT1 : KT2, inner = a == 0 ? KT1 * KT2 : a == 1 ? KT2 : 1;
+  unsigned long long m = x >= kta ? (x == kta ? ~0ull : 0ull) : (1ull << (x * inner)) - 1ull;
+  if (x < kta)
+    for (int per = kta * inner; per < BK; per *= 2) m |= m << per;
   pm[i] = m;
 }
 {
