@@ -190,3 +190,33 @@ def test_plans_cached_per_tuning_constants(monkeypatch):
     assert (a.splits, b.splits) == (1, 4)
     # other arguments, another plan
     assert plan.forward(geo, "float16", "float16", False, True, splits=2).splits == 2
+
+
+def test_compact_drops_comments_and_keeps_literals_and_continuations():
+    """The text MLX hashes per launch (source.compact): comments, indentation and blank lines go; string and
+    character literals (PTX in asm strings) stay as written; a macro's continuation keeps its next line."""
+    from natten_mlx_cuda import source
+
+    text = (
+        "// a comment\n"
+        "  int a = 1; /* block\n comment */ int b = 2;  // tail\n"
+        "\n"
+        '  asm("mov.b32 %0, 1; // kept in the string" : "=r"(a));\n'
+        "  char c = '/', d = '\\'';\n"
+        "#define M(x) \\\n"
+        "  // gone, but the line stays\n"
+        "int after;\n"
+    )
+    got = source.compact(text)
+    assert "a comment" not in got and "block" not in got and "tail" not in got and "gone" not in got
+    assert '"mov.b32 %0, 1; // kept in the string"' in got
+    assert "char c = '/', d = '\\'';" in got
+    lines = got.split("\n")
+    assert lines[0] == "int a = 1;   int b = 2;"
+    i = lines.index("#define M(x) \\")
+    assert lines[i + 1] == "" and lines[i + 2] == "int after;"  # the macro still ends where it did
+    assert "\n\n\n" not in got and not any(x.startswith(" ") for x in lines)
+    # every kernel body loses its comments but keeps its code (an identifier of each survives)
+    for name, ident in (("fmha_fwd", "na_load_rows"), ("fmha_bwd_dq", "scale"), ("merge_parts", "lse")):
+        b = source.body(name)
+        assert ident in b and "//" not in b.replace('"//', "")
