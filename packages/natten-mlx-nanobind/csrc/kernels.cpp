@@ -1,5 +1,6 @@
 // Compiled once per NA_VARIANT with that variant's -m flags (CMakeLists.txt). Written with GCC/Clang
 // vector extensions so that the same text becomes AVX-512, AVX2, SSE2 or NEON code.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -741,6 +742,227 @@ inline void slot_sums2(const float* wa, const float* wb, const float* src, int64
   }
 }
 
+#if defined(NA_ALIGNR_RUN2)
+// Border blocks by lane (AVX-512): a border block's lanes hold windows that do not all start one key
+// apart, so on the slots of the runs (key base + x + l for lane l) lane l's keys are slots lo[l] ..
+// hi[l] - 1 of nx (C2/C4 at K = 7: 7 keys of 10 slots; 3 slots of 10 computed for nothing, and the
+// border blocks were 24% / 47% of C2 / C4's forward). Here slot x' of lane l is key base + p[l] + x'
+// with p[l] = l + lo[l]: each key row's keys base .. base + 31 come from the two loads of the runs
+// (lo, and hi masked to what the old slots read) and slot x' is vpermt2ps(lo, p + x', hi), so a block
+// computes max(hi - lo) slots. Lane l's sums see the same keys in the same order as on the old
+// slots (less the masked ones, whose weights were exact zeros), so its outputs are bitwise the same.
+struct LanePerm {
+  int n;           // slots per lane: the widest window
+  __mmask16 hm;    // lanes of the high load (keys 16 ..)
+  bool mask;       // some lane holds fewer than n keys (or none: another block serves it)
+  alignas(64) int p[VW];    // lane l's first key, relative to the block's key row base
+  alignas(64) int lohi[2 * VW];  // lane l holds slots 0 .. hi[l] - 1 (lo = 0)
+};
+// false where the old slots are as cheap (a lane's window spans all of them) or too wide
+inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
+  int n = 0;
+  for (int l = 0; l < VW; ++l) n = std::max(n, lohi[VW + l] - lohi[l]);
+  if (n < 2 || n >= nx || n > 16) return false;
+  int top = 0;
+  lp->mask = false;
+  for (int l = 0; l < VW; ++l) {
+    const bool served = lohi[l] < lohi[VW + l];
+    lp->p[l] = served ? l + lohi[l] : 0;
+    lp->lohi[l] = 0;
+    lp->lohi[VW + l] = served ? lohi[VW + l] - lohi[l] : 0;
+    lp->mask = lp->mask || lp->lohi[VW + l] != n;
+    top = std::max(top, lp->p[l] + n - 1);
+  }
+  if (top > 31) return false;
+  // the old slots read keys up to nx + 14 of a row (hi_part<nx>): never more here
+  top = std::min(top, nx + 14);
+  lp->hm = top >= VW ? static_cast<__mmask16>((1u << (top - VW + 1)) - 1) : 0;
+  lp->n = n;
+  return true;
+}
+__attribute__((always_inline)) inline vf lane_keys(vf lo, vi idx, vf hi) {
+  return vf(_mm512_permutex2var_ps(__m512(lo), __m512i(idx), __m512(hi)));
+}
+__attribute__((always_inline)) inline vf hi_masked(const float* p, __mmask16 hm) {
+  return vf(_mm512_maskz_loadu_ps(hm, p + VW));
+}
+// scores of slots p + x, x < NX, of one key row for both blocks (p: lane_perm's, plus the chunk's first slot)
+template <int NX>
+inline void perm_scores2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
+                         vi p, __mmask16 hm, float* sa, float* sb) {
+  vf a[NX], b[NX];
+  vi ix[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    a[x] = b[x] = vf{};
+    ix[x] = p + x;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qav = load(qa + d * ldq), qbv = load(qb + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = load(kr), hi = hi_masked(kr, hm);
+#pragma GCC unroll 16
+    for (int x = 0; x < NX; ++x) {
+      const vf k = lane_keys(lo, ix[x], hi);
+      a[x] += qav * k;
+      b[x] += qbv * k;
+    }
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    store(sa + x * VW, a[x]);
+    store(sb + x * VW, b[x]);
+  }
+}
+template <int NX>
+inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p, __mmask16 hm,
+                         float* s) {
+  vf a[NX];
+  vi ix[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    a[x] = vf{};
+    ix[x] = p + x;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qv = load(q + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = load(kr), hi = hi_masked(kr, hm);
+#pragma GCC unroll 16
+    for (int x = 0; x < NX; ++x) a[x] += qv * lane_keys(lo, ix[x], hi);
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) store(s + x * VW, a[x]);
+}
+inline void perm_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
+                        vi p, __mmask16 hm, float* sa, float* sb) {
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_scores2<X>(qa, qb, ldq, D, kb, ldk, p, hm, sa, sb); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+    default: break;
+  }
+}
+inline void perm_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p,
+                        __mmask16 hm, float* s) {
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_scores1<X>(q, ldq, D, kb, ldk, p, hm, s); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+    default: break;
+  }
+}
+// slot_sum2s on lane_perm's slots: per key row of the union and feature the two loads, then the
+// slots in order (the rows of the union, then the slots, as slot_sum2s)
+template <int C, int NX>
+__attribute__((always_inline)) inline void perm_sum2(const float* wa, const float* wb, const float* src, int64_t ld,
+                                                     const int64_t* ra, int na, const int64_t* rbb, int nb,
+                                                     const vi* ix, __mmask16 hm, vf* oa, vf* ob) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = b[c] = vf{};
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) __attribute__((always_inline)) {
+    const float* s0 = src + base;
+    vf lo[C], hi[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      lo[c] = load(s0 + c * ld);
+      hi[c] = hi_masked(s0 + c * ld, hm);
+    }
+    if (i >= 0 && j >= 0) {
+      const float* pa = wa + static_cast<int64_t>(i) * NX * VW;
+      const float* pb = wb + static_cast<int64_t>(j) * NX * VW;
+#pragma GCC unroll 16
+      for (int x = 0; x < NX; ++x) {
+        const vf p = load(pa + x * VW), q = load(pb + x * VW);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          const vf v = lane_keys(lo[c], ix[x], hi[c]);
+          a[c] += p * v;
+          b[c] += q * v;
+        }
+      }
+    } else {
+      const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * NX * VW : wb + static_cast<int64_t>(j) * NX * VW;
+      vf* acc = i >= 0 ? a : b;
+#pragma GCC unroll 16
+      for (int x = 0; x < NX; ++x) {
+        const vf p = load(pw + x * VW);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[c] += p * lane_keys(lo[c], ix[x], hi[c]);
+      }
+    }
+  });
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    oa[c] = a[c];
+    ob[c] = b[c];
+  }
+}
+template <int NX>
+inline void perm_sums2s(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
+                        int na, const int64_t* rbb, int nb, const LanePerm& lp, vf mula, vf mulb, float* oa,
+                        float* ob) {
+  constexpr int G = NA_ALIGNR_PV > 0 ? NA_ALIGNR_PV : 4;
+  alignas(64) vi ix[NX];
+  const vi p = *reinterpret_cast<const vi*>(lp.p);
+  for (int x = 0; x < NX; ++x) ix[x] = p + x;
+  int64_t c = 0;
+  vf xa[G], xb[G];
+  for (; c + G <= W; c += G) {
+    perm_sum2<G, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, ix, lp.hm, xa, xb);
+    for (int i = 0; i < G; ++i) {
+      store(oa + (c + i) * VW, xa[i] * mula);
+      store(ob + (c + i) * VW, xb[i] * mulb);
+    }
+  }
+  for (; c < W; ++c) {
+    perm_sum2<1, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, ix, lp.hm, xa, xb);
+    store(oa + c * VW, xa[0] * mula);
+    store(ob + c * VW, xb[0] * mulb);
+  }
+}
+// exact_fwd2 of a border block on lane_perm's slots (qs: the scaled queries, as exact_fwd2's)
+void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
+                     int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, const LanePerm& lp, float* sa,
+                     float* sb, float* oa, float* ob, float* lsea, float* lseb) {
+  const int n = lp.n;
+  const vi p = *reinterpret_cast<const vi*>(lp.p);
+  const int nch = (n + PAIR_SLOTS - 1) / PAIR_SLOTS;
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    if (i < 0 || j < 0) {
+      const float* q = i >= 0 ? qs : qs + VW;
+      float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * n * VW : sb + static_cast<int64_t>(j) * n * VW;
+      for (int x0 = 0; x0 < n; x0 += 8)
+        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p + x0, lp.hm, sr + x0 * VW);
+      return;
+    }
+    for (int c = 0, x0 = 0; c < nch; ++c) {
+      const int len = (n - x0) / (nch - c);
+      perm_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base, ldk, p + x0, lp.hm,
+                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW);
+      x0 += len;
+    }
+  });
+  const int* lohi = lp.mask ? lp.lohi : nullptr;
+  vf ma, mb;
+  const vf suma = lane_softmax(sa, na, n, lohi, &ma), sumb = lane_softmax(sb, nb, n, lohi, &mb);
+  const vf mula = 1.f / suma, mulb = 1.f / sumb;
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_sums2s<X>(sa, sb, vT, ldv, Dv, ra, na, rbb, nb, lp, mula, mulb, oa, ob); break;
+    NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
+    NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
+#undef NA_CASE
+    default: break;
+  }
+  lane_lse(ma, suma, lsea);
+  lane_lse(mb, sumb, lseb);
+}
+#endif
+
 void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                 const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
                 const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
@@ -750,6 +972,15 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
     store(qs + 2 * d * VW, load(qa + d * ldq) * scale);
     store(qs + (2 * d + 1) * VW, load(qb + d * ldq) * scale);
   }
+#if defined(NA_ALIGNR_RUN2)
+  if (lohi) {
+    LanePerm lp;
+    if (lane_perm(lohi, nx, &lp)) {
+      exact_fwd2_perm(qs, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, lp, sa, sb, oa, ob, lsea, lseb);
+      return;
+    }
+  }
+#endif
   // slots of a key row in chunks of at most PAIR_SLOTS, as even as possible (nx = 7, AVX2: 4 + 3)
   const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
