@@ -757,6 +757,9 @@ struct LanePerm {
   bool mask;       // some lane holds fewer than n keys (or none: another block serves it)
   alignas(64) int p[VW];    // lane l's first key, relative to the block's key row base
   alignas(64) int lohi[2 * VW];  // lane l holds slots 0 .. hi[l] - 1 (lo = 0)
+  int nd;                        // the backward's P / dS on the old slots: old slot x of the lanes
+  int dv[VW];                    // dm[i] (served, lo = dv[i]) is slot x - dv[i] here
+  __mmask16 dm[VW];
 };
 // false where the old slots are as cheap (a lane's window spans all of them) or too wide
 inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
@@ -765,8 +768,18 @@ inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
   if (n < 2 || n >= nx || n > 16) return false;
   int top = 0;
   lp->mask = false;
+  lp->nd = 0;
   for (int l = 0; l < VW; ++l) {
     const bool served = lohi[l] < lohi[VW + l];
+    if (served) {
+      int i = 0;
+      while (i < lp->nd && lp->dv[i] != lohi[l]) ++i;
+      if (i == lp->nd) {
+        lp->dv[lp->nd++] = lohi[l];
+        lp->dm[i] = 0;
+      }
+      lp->dm[i] = static_cast<__mmask16>(lp->dm[i] | (1u << l));
+    }
     lp->p[l] = served ? l + lohi[l] : 0;
     lp->lohi[l] = 0;
     lp->lohi[VW + l] = served ? lohi[VW + l] - lohi[l] : 0;
@@ -1080,6 +1093,96 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
   slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
 }
 
+#if defined(NA_ALIGNR_RUN2)
+// bwd_p_ds of a border block on lane_perm's slots (s: S, then P; dp: dP, then dS; both [nrows][n][vw]),
+// which writes P and dS to o on the old slots (nx of them: old slot x of lane l is slot x - lo[l]
+// here, zero outside the lane's window, as bwd_p_ds writes them; a masked slot's dS there was
+// 0 * (dP - c), of either sign, +0 here)
+inline void bwd_p_ds_perm(float* s, float* dp, int nrows, const LanePerm& lp, int nx, const int* lohi,
+                          const float* lse, const float* dlse, const SlotOut& o) {
+  const int n = lp.n;
+  const vf lv = load(lse);
+  const vi hi2 = loadiu(lp.lohi + VW);
+  vf c0{}, c1{};
+  for (int j = 0, r = 0; r < nrows; ++r)
+    for (int x = 0; x < n; ++x, ++j) {
+      vf p = vexp(load(s + j * VW) - lv);
+      if (lp.mask) p = (vi{} + x) < hi2 ? p : vf{};
+      store(s + j * VW, p);
+      c0 += p * load(dp + j * VW);
+    }
+  const vf cv = c0 + c1 - load(dlse);
+  for (int j = 0; j < nrows * n; ++j) store(dp + j * VW, load(s + j * VW) * (load(dp + j * VW) - cv));
+  // lanes whose query another block serves: left as they are when o.own
+  __mmask16 keep = 0;
+  for (int l = 0; l < VW; ++l)
+    if (lohi[l] >= lohi[VW + l]) keep = static_cast<__mmask16>(keep | (1u << l));
+  if (!o.own) keep = 0;
+  for (int r = 0; r < nrows; ++r) {
+    const float* sp = s + static_cast<int64_t>(r) * n * VW;
+    const float* sd = dp + static_cast<int64_t>(r) * n * VW;
+    for (int x = 0; x < nx; ++x) {
+      float* pp = o.pt + r * o.ldr + x * o.lds;
+      float* dd = o.dst + r * o.ldr + x * o.lds;
+      __m512 P = _mm512_maskz_loadu_ps(keep, pp), DS = _mm512_maskz_loadu_ps(keep, dd);
+      for (int i = 0; i < lp.nd; ++i) {
+        const int xn = x - lp.dv[i];
+        if (xn < 0 || xn >= n) continue;
+        const __mmask16 m = lp.dm[i] & _mm512_cmplt_epi32_mask(_mm512_set1_epi32(xn), __m512i(hi2));
+        P = _mm512_mask_loadu_ps(P, m, sp + xn * VW);
+        DS = _mm512_mask_loadu_ps(DS, m, sd + xn * VW);
+      }
+      store(pp, vf(P));
+      store(dd, vf(DS));
+    }
+  }
+}
+// exact_bwd_q2 of a border block on lane_perm's slots
+void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
+                       const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
+                       const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra,
+                       int na, const int64_t* rbb, int nb, int nx, const int* lohi, const LanePerm& lp, float* sa,
+                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb) {
+  const int n = lp.n;
+  const vi p = *reinterpret_cast<const vi*>(lp.p);
+  float* dpa = sa + static_cast<int64_t>(na) * n * VW;
+  float* dpb = sb + static_cast<int64_t>(nb) * n * VW;
+  const int nch = (n + PAIR_SLOTS - 1) / PAIR_SLOTS;
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    if (i < 0 || j < 0) {
+      const float* q = i >= 0 ? qa : qb;
+      const float* dO = i >= 0 ? doa : dob;
+      const int64_t off = (i >= 0 ? static_cast<int64_t>(i) : static_cast<int64_t>(j)) * n * VW;
+      float* s = (i >= 0 ? sa : sb) + off;
+      float* d = (i >= 0 ? dpa : dpb) + off;
+      for (int x0 = 0; x0 < n; x0 += 8) {
+        const int len = n - x0 < 8 ? n - x0 : 8;
+        perm_chunk1(len, q, ldq, D, kT + base, ldk, p + x0, lp.hm, s + x0 * VW);
+        perm_chunk1(len, dO, ldo, Dv, vT + base, ldv, p + x0, lp.hm, d + x0 * VW);
+      }
+      return;
+    }
+    for (int c = 0, x0 = 0; c < nch; ++c) {
+      const int len = (n - x0) / (nch - c);
+      const int64_t oa = (static_cast<int64_t>(i) * n + x0) * VW, ob = (static_cast<int64_t>(j) * n + x0) * VW;
+      perm_chunk2(len, qa, qb, ldq, D, kT + base, ldk, p + x0, lp.hm, sa + oa, sb + ob);
+      perm_chunk2(len, doa, dob, ldo, Dv, vT + base, ldv, p + x0, lp.hm, dpa + oa, dpb + ob);
+      x0 += len;
+    }
+  });
+  bwd_p_ds_perm(sa, dpa, na, lp, nx, lohi, lsea, dlsea, outa);
+  bwd_p_ds_perm(sb, dpb, nb, lp, nx, lohi, lseb, dlseb, outb);
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_sums2s<X>(dpa, dpb, kT, ldk, D, ra, na, rbb, nb, lp, splat(1.f), splat(1.f), dqa, dqb); break;
+    NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
+    NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
+#undef NA_CASE
+    default: break;
+  }
+}
+#endif
+
 // exact_bwd_q of two blocks (A, B) at the same lanes of two query rows (see exact_fwd2): the key and
 // value loads of key rows in both windows serve both blocks. sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw.
 void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
@@ -1087,6 +1190,16 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
                   const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra, int na,
                   const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, const SlotOut& outa,
                   const SlotOut& outb, float* dqa, float* dqb) {
+#if defined(NA_ALIGNR_RUN2)
+  if (lohi) {
+    LanePerm lp;
+    if (lane_perm(lohi, nx, &lp)) {
+      exact_bwd_q2_perm(qa, qb, ldq, D, kT, ldk, vT, ldv, Dv, doa, dob, ldo, lsea, lseb, dlsea, dlseb, ra, na, rbb, nb,
+                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb);
+      return;
+    }
+  }
+#endif
   float* dpa = sa + static_cast<int64_t>(na) * nx * VW;
   float* dpb = sb + static_cast<int64_t>(nb) * nx * VW;
   const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
