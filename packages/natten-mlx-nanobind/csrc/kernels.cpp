@@ -347,8 +347,21 @@ bool all_finite(const float* x, int64_t n) {
 // every slot is one shifted vector load per feature (no box, no mask, no packing).
 // Scores of slots x < NX of one key row: queries are scaled by the caller (before the products, as
 // the tile path scales its packed queries)
+// the running max of a softmax: m = v > m ? v : m over a chunk's slot vectors, folded in where the
+// scores leave their registers (v > m ? v : m never takes a NaN, and max is order-free: the max the
+// softmax took in a pass over the stored scores, up to the sign of a zero max, which neither
+// exp(s - m) nor m + log(sum) can tell)
 template <int NX>
-inline void exact_scores_run(const float* qT, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s) {
+__attribute__((always_inline)) inline void fold_max(const vf* a, vf* m) {
+  if (!m) return;
+  vf r = *m;
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) r = a[x] > r ? a[x] : r;
+  *m = r;
+}
+template <int NX>
+inline void exact_scores_run(const float* qT, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s,
+                             vf* mx = nullptr) {
   vf acc[NX];
 #pragma GCC unroll 8
   for (int x = 0; x < NX; ++x) acc[x] = vf{};
@@ -362,6 +375,7 @@ inline void exact_scores_run(const float* qT, int64_t ldq, int64_t D, const floa
   }
 #pragma GCC unroll 8
   for (int x = 0; x < NX; ++x) store(s + x * VW, acc[x]);
+  fold_max<NX>(acc, mx);
 }
 
 // acc[c] = sum over slots (r, x) of w[(r * nx + x) * VW] * src[c * ld + rowbase[r] + x] for C features
@@ -404,10 +418,11 @@ inline void slot_sums(const float* w, const float* src, int64_t ld, int64_t W, c
   }
 }
 
-inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s) {
+inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s,
+                          vf* mx = nullptr) {
   switch (n) {
 #define NA_CASE(X) \
-  case X: exact_scores_run<X>(q, ldq, D, kb, ldk, s); break;
+  case X: exact_scores_run<X>(q, ldq, D, kb, ldk, s, mx); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
     default: break;
@@ -415,8 +430,21 @@ inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const f
 }
 
 // Masks a border block's slots, then turns scores into exp(s - m) in place; returns the lanes' sums, m in *mo
-inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo) {
+inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo, const vf* mpre = nullptr) {
   const int n = nrows * nx;
+  if (mpre) {
+    // the scores' max, folded in by the score kernels (no mask)
+    vf m = *mpre;
+    m = m == splat(-INFINITY) ? vf{} : m;
+    vf sum = vf{};
+    for (int j = 0; j < n; ++j) {
+      vf p = vexp(load(s + j * VW) - m);
+      sum += p;
+      store(s + j * VW, p);
+    }
+    *mo = m;
+    return sum;
+  }
   if (lohi) {
     // a border block: slot x of lane l is in its window when lo[l] <= x < hi[l]
     const vi lo = loadiu(lohi), hi = loadiu(lohi + VW);
@@ -532,7 +560,7 @@ __attribute__((always_inline)) inline void scores_step2(std::integer_sequence<in
 // scores of slots x < NX of one key row for both blocks (queries already scaled)
 template <int NX>
 inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
-                              float* sa, float* sb) {
+                              float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
   vf a[NX], b[NX];
 #pragma GCC unroll 8
   for (int x = 0; x < NX; ++x) a[x] = b[x] = vf{};
@@ -557,6 +585,8 @@ inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int
     store(sa + x * VW, a[x]);
     store(sb + x * VW, b[x]);
   }
+  fold_max<NX>(a, ma);
+  fold_max<NX>(b, mb);
 }
 
 // Widest chunks of the pair kernels: slots per score chunk (two accumulators each, plus two queries and
@@ -570,10 +600,10 @@ constexpr int PAIR_SLOTS = 5, PAIR_FEATURES = 4;
 #endif
 // slots [x0, x0 + n) of one key row, n <= PAIR_SLOTS
 inline void scores_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb,
-                          int64_t ldk, float* sa, float* sb) {
+                          int64_t ldk, float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
   switch (n) {
 #define NA_CASE(X) \
-  case X: exact_scores_run2<X>(qa, qb, ldq, D, kb, ldk, sa, sb); break;
+  case X: exact_scores_run2<X>(qa, qb, ldq, D, kb, ldk, sa, sb, ma, mb); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5)
 #if defined(NA_VARIANT_avx512)
     NA_CASE(6) NA_CASE(7) NA_CASE(8)
@@ -802,7 +832,7 @@ __attribute__((always_inline)) inline vf hi_masked(const float* p, __mmask16 hm)
 // scores of slots p + x, x < NX, of one key row for both blocks (p: lane_perm's, plus the chunk's first slot)
 template <int NX>
 inline void perm_scores2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
-                         vi p, __mmask16 hm, float* sa, float* sb) {
+                         vi p, __mmask16 hm, float* sa, float* sb, vf* ma, vf* mb) {
   vf a[NX], b[NX];
   vi ix[NX];
 #pragma GCC unroll 16
@@ -826,10 +856,12 @@ inline void perm_scores2(const float* qa, const float* qb, int64_t ldq, int64_t 
     store(sa + x * VW, a[x]);
     store(sb + x * VW, b[x]);
   }
+  fold_max<NX>(a, ma);
+  fold_max<NX>(b, mb);
 }
 template <int NX>
 inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p, __mmask16 hm,
-                         float* s) {
+                         float* s, vf* mx) {
   vf a[NX];
   vi ix[NX];
 #pragma GCC unroll 16
@@ -846,22 +878,23 @@ inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb
   }
 #pragma GCC unroll 16
   for (int x = 0; x < NX; ++x) store(s + x * VW, a[x]);
+  fold_max<NX>(a, mx);
 }
 inline void perm_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
-                        vi p, __mmask16 hm, float* sa, float* sb) {
+                        vi p, __mmask16 hm, float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
   switch (n) {
 #define NA_CASE(X) \
-  case X: perm_scores2<X>(qa, qb, ldq, D, kb, ldk, p, hm, sa, sb); break;
+  case X: perm_scores2<X>(qa, qb, ldq, D, kb, ldk, p, hm, sa, sb, ma, mb); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
     default: break;
   }
 }
 inline void perm_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p,
-                        __mmask16 hm, float* s) {
+                        __mmask16 hm, float* s, vf* mx = nullptr) {
   switch (n) {
 #define NA_CASE(X) \
-  case X: perm_scores1<X>(q, ldq, D, kb, ldk, p, hm, s); break;
+  case X: perm_scores1<X>(q, ldq, D, kb, ldk, p, hm, s, mx); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
     default: break;
@@ -944,24 +977,28 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
   const int n = lp.n;
   const vi p = *reinterpret_cast<const vi*>(lp.p);
   const int nch = (n + PAIR_SLOTS - 1) / PAIR_SLOTS;
+  // the max folded into the score chunks where no slot is masked
+  vf fa = splat(-INFINITY), fb = fa;
+  vf *pfa = lp.mask ? nullptr : &fa, *pfb = lp.mask ? nullptr : &fb;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     if (i < 0 || j < 0) {
       const float* q = i >= 0 ? qs : qs + VW;
       float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * n * VW : sb + static_cast<int64_t>(j) * n * VW;
       for (int x0 = 0; x0 < n; x0 += 8)
-        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p + x0, lp.hm, sr + x0 * VW);
+        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p + x0, lp.hm, sr + x0 * VW,
+                    i >= 0 ? pfa : pfb);
       return;
     }
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (n - x0) / (nch - c);
       perm_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base, ldk, p + x0, lp.hm,
-                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW);
+                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW, pfa, pfb);
       x0 += len;
     }
   });
   const int* lohi = lp.mask ? lp.lohi : nullptr;
   vf ma, mb;
-  const vf suma = lane_softmax(sa, na, n, lohi, &ma), sumb = lane_softmax(sb, nb, n, lohi, &mb);
+  const vf suma = lane_softmax(sa, na, n, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, n, lohi, &mb, pfb);
   const vf mula = 1.f / suma, mulb = 1.f / sumb;
   switch (n) {
 #define NA_CASE(X) \
@@ -996,24 +1033,27 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
 #endif
   // slots of a key row in chunks of at most PAIR_SLOTS, as even as possible (nx = 7, AVX2: 4 + 3)
   const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
+  // the max folded into the score chunks where no slot is masked (the runs)
+  vf fa = splat(-INFINITY), fb = fa;
+  vf *pfa = lohi ? nullptr : &fa, *pfb = lohi ? nullptr : &fb;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     if (i < 0 || j < 0) {
       // a row of one window only: up to 8 slots per pass (one query load per feature and pass)
       const float* q = i >= 0 ? qs : qs + VW;
       float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * nx * VW : sb + static_cast<int64_t>(j) * nx * VW;
       for (int x0 = 0; x0 < nx; x0 += 8)
-        scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, q, 2 * VW, D, kT + base + x0, ldk, sr + x0 * VW);
+        scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, q, 2 * VW, D, kT + base + x0, ldk, sr + x0 * VW, i >= 0 ? pfa : pfb);
       return;
     }
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (nx - x0) / (nch - c);
       scores_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base + x0, ldk, sa + (static_cast<int64_t>(i) * nx + x0) * VW,
-                    sb + (static_cast<int64_t>(j) * nx + x0) * VW);
+                    sb + (static_cast<int64_t>(j) * nx + x0) * VW, pfa, pfb);
       x0 += len;
     }
   });
   vf ma, mb;
-  const vf suma = lane_softmax(sa, na, nx, lohi, &ma), sumb = lane_softmax(sb, nb, nx, lohi, &mb);
+  const vf suma = lane_softmax(sa, na, nx, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, nx, lohi, &mb, pfb);
   slot_sums2(sa, sb, vT, ldv, Dv, ra, na, rbb, nb, nx, 1.f / suma, 1.f / sumb, oa, ob);
   lane_lse(ma, suma, lsea);
   lane_lse(mb, sumb, lseb);
