@@ -1,5 +1,6 @@
 // Compiled once per NA_VARIANT with that variant's -m flags (CMakeLists.txt). Written with GCC/Clang
 // vector extensions so that the same text becomes AVX-512, AVX2, SSE2 or NEON code.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <utility>
@@ -346,8 +347,21 @@ bool all_finite(const float* x, int64_t n) {
 // every slot is one shifted vector load per feature (no box, no mask, no packing).
 // Scores of slots x < NX of one key row: queries are scaled by the caller (before the products, as
 // the tile path scales its packed queries)
+// the running max of a softmax: m = v > m ? v : m over a chunk's slot vectors, folded in where the
+// scores leave their registers (v > m ? v : m never takes a NaN, and max is order-free: the max the
+// softmax took in a pass over the stored scores, up to the sign of a zero max, which neither
+// exp(s - m) nor m + log(sum) can tell)
 template <int NX>
-inline void exact_scores_run(const float* qT, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s) {
+__attribute__((always_inline)) inline void fold_max(const vf* a, vf* m) {
+  if (!m) return;
+  vf r = *m;
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) r = a[x] > r ? a[x] : r;
+  *m = r;
+}
+template <int NX>
+inline void exact_scores_run(const float* qT, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s,
+                             vf* mx = nullptr) {
   vf acc[NX];
 #pragma GCC unroll 8
   for (int x = 0; x < NX; ++x) acc[x] = vf{};
@@ -361,6 +375,7 @@ inline void exact_scores_run(const float* qT, int64_t ldq, int64_t D, const floa
   }
 #pragma GCC unroll 8
   for (int x = 0; x < NX; ++x) store(s + x * VW, acc[x]);
+  fold_max<NX>(acc, mx);
 }
 
 // acc[c] = sum over slots (r, x) of w[(r * nx + x) * VW] * src[c * ld + rowbase[r] + x] for C features
@@ -403,10 +418,11 @@ inline void slot_sums(const float* w, const float* src, int64_t ld, int64_t W, c
   }
 }
 
-inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s) {
+inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, float* s,
+                          vf* mx = nullptr) {
   switch (n) {
 #define NA_CASE(X) \
-  case X: exact_scores_run<X>(q, ldq, D, kb, ldk, s); break;
+  case X: exact_scores_run<X>(q, ldq, D, kb, ldk, s, mx); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
     default: break;
@@ -414,8 +430,21 @@ inline void scores_chunk1(int n, const float* q, int64_t ldq, int64_t D, const f
 }
 
 // Masks a border block's slots, then turns scores into exp(s - m) in place; returns the lanes' sums, m in *mo
-inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo) {
+inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo, const vf* mpre = nullptr) {
   const int n = nrows * nx;
+  if (mpre) {
+    // the scores' max, folded in by the score kernels (no mask)
+    vf m = *mpre;
+    m = m == splat(-INFINITY) ? vf{} : m;
+    vf sum = vf{};
+    for (int j = 0; j < n; ++j) {
+      vf p = vexp(load(s + j * VW) - m);
+      sum += p;
+      store(s + j * VW, p);
+    }
+    *mo = m;
+    return sum;
+  }
   if (lohi) {
     // a border block: slot x of lane l is in its window when lo[l] <= x < hi[l]
     const vi lo = loadiu(lohi), hi = loadiu(lohi + VW);
@@ -531,7 +560,7 @@ __attribute__((always_inline)) inline void scores_step2(std::integer_sequence<in
 // scores of slots x < NX of one key row for both blocks (queries already scaled)
 template <int NX>
 inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
-                              float* sa, float* sb) {
+                              float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
   vf a[NX], b[NX];
 #pragma GCC unroll 8
   for (int x = 0; x < NX; ++x) a[x] = b[x] = vf{};
@@ -556,6 +585,8 @@ inline void exact_scores_run2(const float* qa, const float* qb, int64_t ldq, int
     store(sa + x * VW, a[x]);
     store(sb + x * VW, b[x]);
   }
+  fold_max<NX>(a, ma);
+  fold_max<NX>(b, mb);
 }
 
 // Widest chunks of the pair kernels: slots per score chunk (two accumulators each, plus two queries and
@@ -569,10 +600,10 @@ constexpr int PAIR_SLOTS = 5, PAIR_FEATURES = 4;
 #endif
 // slots [x0, x0 + n) of one key row, n <= PAIR_SLOTS
 inline void scores_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb,
-                          int64_t ldk, float* sa, float* sb) {
+                          int64_t ldk, float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
   switch (n) {
 #define NA_CASE(X) \
-  case X: exact_scores_run2<X>(qa, qb, ldq, D, kb, ldk, sa, sb); break;
+  case X: exact_scores_run2<X>(qa, qb, ldq, D, kb, ldk, sa, sb, ma, mb); break;
     NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5)
 #if defined(NA_VARIANT_avx512)
     NA_CASE(6) NA_CASE(7) NA_CASE(8)
@@ -741,6 +772,247 @@ inline void slot_sums2(const float* wa, const float* wb, const float* src, int64
   }
 }
 
+#if defined(NA_ALIGNR_RUN2)
+// Border blocks by lane (AVX-512): a border block's lanes hold windows that do not all start one key
+// apart, so on the slots of the runs (key base + x + l for lane l) lane l's keys are slots lo[l] ..
+// hi[l] - 1 of nx (C2/C4 at K = 7: 7 keys of 10 slots; 3 slots of 10 computed for nothing, and the
+// border blocks were 24% / 47% of C2 / C4's forward). Here slot x' of lane l is key base + p[l] + x'
+// with p[l] = l + lo[l]: each key row's keys base .. base + 31 come from the two loads of the runs
+// (lo, and hi masked to what the old slots read) and slot x' is vpermt2ps(lo, p + x', hi), so a block
+// computes max(hi - lo) slots. Lane l's sums see the same keys in the same order as on the old
+// slots (less the masked ones, whose weights were exact zeros), so its outputs are bitwise the same.
+struct LanePerm {
+  int n;           // slots per lane: the widest window
+  __mmask16 hm;    // lanes of the high load (keys 16 ..)
+  bool mask;       // some lane holds fewer than n keys (or none: another block serves it)
+  alignas(64) int p[VW];    // lane l's first key, relative to the block's key row base
+  alignas(64) int lohi[2 * VW];  // lane l holds slots 0 .. hi[l] - 1 (lo = 0)
+  int nd;                        // the backward's P / dS on the old slots: old slot x of the lanes
+  int dv[VW];                    // dm[i] (served, lo = dv[i]) is slot x - dv[i] here
+  __mmask16 dm[VW];
+};
+// false where the old slots are as cheap (a lane's window spans all of them) or too wide
+inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
+  int n = 0;
+  for (int l = 0; l < VW; ++l) n = std::max(n, lohi[VW + l] - lohi[l]);
+  if (n < 2 || n >= nx || n > 16) return false;
+  int top = 0;
+  lp->mask = false;
+  lp->nd = 0;
+  for (int l = 0; l < VW; ++l) {
+    const bool served = lohi[l] < lohi[VW + l];
+    if (served) {
+      int i = 0;
+      while (i < lp->nd && lp->dv[i] != lohi[l]) ++i;
+      if (i == lp->nd) {
+        lp->dv[lp->nd++] = lohi[l];
+        lp->dm[i] = 0;
+      }
+      lp->dm[i] = static_cast<__mmask16>(lp->dm[i] | (1u << l));
+    }
+    lp->p[l] = served ? l + lohi[l] : 0;
+    lp->lohi[l] = 0;
+    lp->lohi[VW + l] = served ? lohi[VW + l] - lohi[l] : 0;
+    lp->mask = lp->mask || lp->lohi[VW + l] != n;
+    top = std::max(top, lp->p[l] + n - 1);
+  }
+  if (top > 31) return false;
+  // the old slots read keys up to nx + 14 of a row (hi_part<nx>): never more here
+  top = std::min(top, nx + 14);
+  lp->hm = top >= VW ? static_cast<__mmask16>((1u << (top - VW + 1)) - 1) : 0;
+  lp->n = n;
+  return true;
+}
+__attribute__((always_inline)) inline vf lane_keys(vf lo, vi idx, vf hi) {
+  return vf(_mm512_permutex2var_ps(__m512(lo), __m512i(idx), __m512(hi)));
+}
+__attribute__((always_inline)) inline vf hi_masked(const float* p, __mmask16 hm) {
+  return vf(_mm512_maskz_loadu_ps(hm, p + VW));
+}
+// scores of slots p + x, x < NX, of one key row for both blocks (p: lane_perm's, plus the chunk's first slot)
+template <int NX>
+inline void perm_scores2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
+                         vi p, __mmask16 hm, float* sa, float* sb, vf* ma, vf* mb) {
+  vf a[NX], b[NX];
+  vi ix[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    a[x] = b[x] = vf{};
+    ix[x] = p + x;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qav = load(qa + d * ldq), qbv = load(qb + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = load(kr), hi = hi_masked(kr, hm);
+#pragma GCC unroll 16
+    for (int x = 0; x < NX; ++x) {
+      const vf k = lane_keys(lo, ix[x], hi);
+      a[x] += qav * k;
+      b[x] += qbv * k;
+    }
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    store(sa + x * VW, a[x]);
+    store(sb + x * VW, b[x]);
+  }
+  fold_max<NX>(a, ma);
+  fold_max<NX>(b, mb);
+}
+template <int NX>
+inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p, __mmask16 hm,
+                         float* s, vf* mx) {
+  vf a[NX];
+  vi ix[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    a[x] = vf{};
+    ix[x] = p + x;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qv = load(q + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = load(kr), hi = hi_masked(kr, hm);
+#pragma GCC unroll 16
+    for (int x = 0; x < NX; ++x) a[x] += qv * lane_keys(lo, ix[x], hi);
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) store(s + x * VW, a[x]);
+  fold_max<NX>(a, mx);
+}
+inline void perm_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
+                        vi p, __mmask16 hm, float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_scores2<X>(qa, qb, ldq, D, kb, ldk, p, hm, sa, sb, ma, mb); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+    default: break;
+  }
+}
+inline void perm_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p,
+                        __mmask16 hm, float* s, vf* mx = nullptr) {
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_scores1<X>(q, ldq, D, kb, ldk, p, hm, s, mx); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+    default: break;
+  }
+}
+// slot_sum2s on lane_perm's slots: per key row of the union and feature the two loads, then the
+// slots in order (the rows of the union, then the slots, as slot_sum2s)
+template <int C, int NX>
+__attribute__((always_inline)) inline void perm_sum2(const float* wa, const float* wb, const float* src, int64_t ld,
+                                                     const int64_t* ra, int na, const int64_t* rbb, int nb,
+                                                     const vi* ix, __mmask16 hm, vf* oa, vf* ob) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = b[c] = vf{};
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) __attribute__((always_inline)) {
+    const float* s0 = src + base;
+    vf lo[C], hi[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) {
+      lo[c] = load(s0 + c * ld);
+      hi[c] = hi_masked(s0 + c * ld, hm);
+    }
+    if (i >= 0 && j >= 0) {
+      const float* pa = wa + static_cast<int64_t>(i) * NX * VW;
+      const float* pb = wb + static_cast<int64_t>(j) * NX * VW;
+#pragma GCC unroll 16
+      for (int x = 0; x < NX; ++x) {
+        const vf p = load(pa + x * VW), q = load(pb + x * VW);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) {
+          const vf v = lane_keys(lo[c], ix[x], hi[c]);
+          a[c] += p * v;
+          b[c] += q * v;
+        }
+      }
+    } else {
+      const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * NX * VW : wb + static_cast<int64_t>(j) * NX * VW;
+      vf* acc = i >= 0 ? a : b;
+#pragma GCC unroll 16
+      for (int x = 0; x < NX; ++x) {
+        const vf p = load(pw + x * VW);
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) acc[c] += p * lane_keys(lo[c], ix[x], hi[c]);
+      }
+    }
+  });
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    oa[c] = a[c];
+    ob[c] = b[c];
+  }
+}
+template <int NX>
+inline void perm_sums2s(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
+                        int na, const int64_t* rbb, int nb, const LanePerm& lp, vf mula, vf mulb, float* oa,
+                        float* ob) {
+  constexpr int G = NA_ALIGNR_PV > 0 ? NA_ALIGNR_PV : 4;
+  alignas(64) vi ix[NX];
+  const vi p = *reinterpret_cast<const vi*>(lp.p);
+  for (int x = 0; x < NX; ++x) ix[x] = p + x;
+  int64_t c = 0;
+  vf xa[G], xb[G];
+  for (; c + G <= W; c += G) {
+    perm_sum2<G, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, ix, lp.hm, xa, xb);
+    for (int i = 0; i < G; ++i) {
+      store(oa + (c + i) * VW, xa[i] * mula);
+      store(ob + (c + i) * VW, xb[i] * mulb);
+    }
+  }
+  for (; c < W; ++c) {
+    perm_sum2<1, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, ix, lp.hm, xa, xb);
+    store(oa + c * VW, xa[0] * mula);
+    store(ob + c * VW, xb[0] * mulb);
+  }
+}
+// exact_fwd2 of a border block on lane_perm's slots (qs: the scaled queries, as exact_fwd2's)
+void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
+                     int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, const LanePerm& lp, float* sa,
+                     float* sb, float* oa, float* ob, float* lsea, float* lseb) {
+  const int n = lp.n;
+  const vi p = *reinterpret_cast<const vi*>(lp.p);
+  const int nch = (n + PAIR_SLOTS - 1) / PAIR_SLOTS;
+  // the max folded into the score chunks where no slot is masked
+  vf fa = splat(-INFINITY), fb = fa;
+  vf *pfa = lp.mask ? nullptr : &fa, *pfb = lp.mask ? nullptr : &fb;
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    if (i < 0 || j < 0) {
+      const float* q = i >= 0 ? qs : qs + VW;
+      float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * n * VW : sb + static_cast<int64_t>(j) * n * VW;
+      for (int x0 = 0; x0 < n; x0 += 8)
+        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p + x0, lp.hm, sr + x0 * VW,
+                    i >= 0 ? pfa : pfb);
+      return;
+    }
+    for (int c = 0, x0 = 0; c < nch; ++c) {
+      const int len = (n - x0) / (nch - c);
+      perm_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base, ldk, p + x0, lp.hm,
+                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW, pfa, pfb);
+      x0 += len;
+    }
+  });
+  const int* lohi = lp.mask ? lp.lohi : nullptr;
+  vf ma, mb;
+  const vf suma = lane_softmax(sa, na, n, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, n, lohi, &mb, pfb);
+  const vf mula = 1.f / suma, mulb = 1.f / sumb;
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_sums2s<X>(sa, sb, vT, ldv, Dv, ra, na, rbb, nb, lp, mula, mulb, oa, ob); break;
+    NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
+    NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
+#undef NA_CASE
+    default: break;
+  }
+  lane_lse(ma, suma, lsea);
+  lane_lse(mb, sumb, lseb);
+}
+#endif
+
 void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                 const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
                 const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
@@ -750,26 +1022,38 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
     store(qs + 2 * d * VW, load(qa + d * ldq) * scale);
     store(qs + (2 * d + 1) * VW, load(qb + d * ldq) * scale);
   }
+#if defined(NA_ALIGNR_RUN2)
+  if (lohi) {
+    LanePerm lp;
+    if (lane_perm(lohi, nx, &lp)) {
+      exact_fwd2_perm(qs, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, lp, sa, sb, oa, ob, lsea, lseb);
+      return;
+    }
+  }
+#endif
   // slots of a key row in chunks of at most PAIR_SLOTS, as even as possible (nx = 7, AVX2: 4 + 3)
   const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
+  // the max folded into the score chunks where no slot is masked (the runs)
+  vf fa = splat(-INFINITY), fb = fa;
+  vf *pfa = lohi ? nullptr : &fa, *pfb = lohi ? nullptr : &fb;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     if (i < 0 || j < 0) {
       // a row of one window only: up to 8 slots per pass (one query load per feature and pass)
       const float* q = i >= 0 ? qs : qs + VW;
       float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * nx * VW : sb + static_cast<int64_t>(j) * nx * VW;
       for (int x0 = 0; x0 < nx; x0 += 8)
-        scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, q, 2 * VW, D, kT + base + x0, ldk, sr + x0 * VW);
+        scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, q, 2 * VW, D, kT + base + x0, ldk, sr + x0 * VW, i >= 0 ? pfa : pfb);
       return;
     }
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (nx - x0) / (nch - c);
       scores_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base + x0, ldk, sa + (static_cast<int64_t>(i) * nx + x0) * VW,
-                    sb + (static_cast<int64_t>(j) * nx + x0) * VW);
+                    sb + (static_cast<int64_t>(j) * nx + x0) * VW, pfa, pfb);
       x0 += len;
     }
   });
   vf ma, mb;
-  const vf suma = lane_softmax(sa, na, nx, lohi, &ma), sumb = lane_softmax(sb, nb, nx, lohi, &mb);
+  const vf suma = lane_softmax(sa, na, nx, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, nx, lohi, &mb, pfb);
   slot_sums2(sa, sb, vT, ldv, Dv, ra, na, rbb, nb, nx, 1.f / suma, 1.f / sumb, oa, ob);
   lane_lse(ma, suma, lsea);
   lane_lse(mb, sumb, lseb);
@@ -849,6 +1133,96 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
   slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
 }
 
+#if defined(NA_ALIGNR_RUN2)
+// bwd_p_ds of a border block on lane_perm's slots (s: S, then P; dp: dP, then dS; both [nrows][n][vw]),
+// which writes P and dS to o on the old slots (nx of them: old slot x of lane l is slot x - lo[l]
+// here, zero outside the lane's window, as bwd_p_ds writes them; a masked slot's dS there was
+// 0 * (dP - c), of either sign, +0 here)
+inline void bwd_p_ds_perm(float* s, float* dp, int nrows, const LanePerm& lp, int nx, const int* lohi,
+                          const float* lse, const float* dlse, const SlotOut& o) {
+  const int n = lp.n;
+  const vf lv = load(lse);
+  const vi hi2 = loadiu(lp.lohi + VW);
+  vf c0{}, c1{};
+  for (int j = 0, r = 0; r < nrows; ++r)
+    for (int x = 0; x < n; ++x, ++j) {
+      vf p = vexp(load(s + j * VW) - lv);
+      if (lp.mask) p = (vi{} + x) < hi2 ? p : vf{};
+      store(s + j * VW, p);
+      c0 += p * load(dp + j * VW);
+    }
+  const vf cv = c0 + c1 - load(dlse);
+  for (int j = 0; j < nrows * n; ++j) store(dp + j * VW, load(s + j * VW) * (load(dp + j * VW) - cv));
+  // lanes whose query another block serves: left as they are when o.own
+  __mmask16 keep = 0;
+  for (int l = 0; l < VW; ++l)
+    if (lohi[l] >= lohi[VW + l]) keep = static_cast<__mmask16>(keep | (1u << l));
+  if (!o.own) keep = 0;
+  for (int r = 0; r < nrows; ++r) {
+    const float* sp = s + static_cast<int64_t>(r) * n * VW;
+    const float* sd = dp + static_cast<int64_t>(r) * n * VW;
+    for (int x = 0; x < nx; ++x) {
+      float* pp = o.pt + r * o.ldr + x * o.lds;
+      float* dd = o.dst + r * o.ldr + x * o.lds;
+      __m512 P = _mm512_maskz_loadu_ps(keep, pp), DS = _mm512_maskz_loadu_ps(keep, dd);
+      for (int i = 0; i < lp.nd; ++i) {
+        const int xn = x - lp.dv[i];
+        if (xn < 0 || xn >= n) continue;
+        const __mmask16 m = lp.dm[i] & _mm512_cmplt_epi32_mask(_mm512_set1_epi32(xn), __m512i(hi2));
+        P = _mm512_mask_loadu_ps(P, m, sp + xn * VW);
+        DS = _mm512_mask_loadu_ps(DS, m, sd + xn * VW);
+      }
+      store(pp, vf(P));
+      store(dd, vf(DS));
+    }
+  }
+}
+// exact_bwd_q2 of a border block on lane_perm's slots
+void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
+                       const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
+                       const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra,
+                       int na, const int64_t* rbb, int nb, int nx, const int* lohi, const LanePerm& lp, float* sa,
+                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb) {
+  const int n = lp.n;
+  const vi p = *reinterpret_cast<const vi*>(lp.p);
+  float* dpa = sa + static_cast<int64_t>(na) * n * VW;
+  float* dpb = sb + static_cast<int64_t>(nb) * n * VW;
+  const int nch = (n + PAIR_SLOTS - 1) / PAIR_SLOTS;
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
+    if (i < 0 || j < 0) {
+      const float* q = i >= 0 ? qa : qb;
+      const float* dO = i >= 0 ? doa : dob;
+      const int64_t off = (i >= 0 ? static_cast<int64_t>(i) : static_cast<int64_t>(j)) * n * VW;
+      float* s = (i >= 0 ? sa : sb) + off;
+      float* d = (i >= 0 ? dpa : dpb) + off;
+      for (int x0 = 0; x0 < n; x0 += 8) {
+        const int len = n - x0 < 8 ? n - x0 : 8;
+        perm_chunk1(len, q, ldq, D, kT + base, ldk, p + x0, lp.hm, s + x0 * VW);
+        perm_chunk1(len, dO, ldo, Dv, vT + base, ldv, p + x0, lp.hm, d + x0 * VW);
+      }
+      return;
+    }
+    for (int c = 0, x0 = 0; c < nch; ++c) {
+      const int len = (n - x0) / (nch - c);
+      const int64_t oa = (static_cast<int64_t>(i) * n + x0) * VW, ob = (static_cast<int64_t>(j) * n + x0) * VW;
+      perm_chunk2(len, qa, qb, ldq, D, kT + base, ldk, p + x0, lp.hm, sa + oa, sb + ob);
+      perm_chunk2(len, doa, dob, ldo, Dv, vT + base, ldv, p + x0, lp.hm, dpa + oa, dpb + ob);
+      x0 += len;
+    }
+  });
+  bwd_p_ds_perm(sa, dpa, na, lp, nx, lohi, lsea, dlsea, outa);
+  bwd_p_ds_perm(sb, dpb, nb, lp, nx, lohi, lseb, dlseb, outb);
+  switch (n) {
+#define NA_CASE(X) \
+  case X: perm_sums2s<X>(dpa, dpb, kT, ldk, D, ra, na, rbb, nb, lp, splat(1.f), splat(1.f), dqa, dqb); break;
+    NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
+    NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
+#undef NA_CASE
+    default: break;
+  }
+}
+#endif
+
 // exact_bwd_q of two blocks (A, B) at the same lanes of two query rows (see exact_fwd2): the key and
 // value loads of key rows in both windows serve both blocks. sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw.
 void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
@@ -856,6 +1230,16 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
                   const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra, int na,
                   const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, const SlotOut& outa,
                   const SlotOut& outb, float* dqa, float* dqb) {
+#if defined(NA_ALIGNR_RUN2)
+  if (lohi) {
+    LanePerm lp;
+    if (lane_perm(lohi, nx, &lp)) {
+      exact_bwd_q2_perm(qa, qb, ldq, D, kT, ldk, vT, ldv, Dv, doa, dob, ldo, lsea, lseb, dlsea, dlseb, ra, na, rbb, nb,
+                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb);
+      return;
+    }
+  }
+#endif
   float* dpa = sa + static_cast<int64_t>(na) * nx * VW;
   float* dpb = sb + static_cast<int64_t>(nb) * nx * VW;
   const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
