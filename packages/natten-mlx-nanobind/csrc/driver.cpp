@@ -748,6 +748,18 @@ struct ExactBwdWs {
 };
 // 1D: [0] runs, [1] border blocks (their geometries alternate along a row); 2D/3D: [0], [2] the rows of a pair
 thread_local ExactBwdWs tls_xbw[3];
+// exact_row's key rows of two query rows: in both windows (base, index in row 0's and row 1's lists)
+// or in one only; p0 / p1 the weight rows passed to exact_bwd_kv2
+struct KvLists {
+  std::vector<int64_t> both, one[2];
+  std::vector<int> both0, both1, one_r[2];
+  std::vector<const float*> p0, p1;
+  void clear() {
+    both.clear(), both0.clear(), both1.clear();
+    for (int i = 0; i < 2; ++i) one[i].clear(), one_r[i].clear();
+  }
+};
+thread_local KvLists tls_kvl;
 std::atomic<int64_t> bwd_calls{0};
 
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
@@ -1908,13 +1920,57 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           for (int i = 0; i < nr; ++i) store_dq(b, h, tok0[i] + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT[i]);
         });
       }
-      for (int i = 0; i < nr; ++i) {
-        ExactBwdWs& w = *ws[i];
-        const int64_t o = padA - rs.dlo;  // d = dlo at row 0, query 0 at column padA
-        kt.exact_bwd_kv(w.ds.data() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[i], nd,
+      const int64_t o = padA - rs.dlo;  // d = dlo at row 0, query 0 at column padA
+      if (nr == 2) {
+        // key rows of both windows: both rows' sums in one pass over their accumulators (row 0's
+        // additions first, as two calls would make them); the others from their own row
+        ExactBwdWs &w0 = *ws[0], &w1 = *ws[1];
+        KvLists& kl = tls_kvl;
+        if (gg == 0) {
+          kl.clear();
+          int i0 = 0, i1 = 0;
+          while (i0 < nrows[0] || i1 < nrows[1]) {
+            const int64_t b0 = i0 < nrows[0] ? w0.keyrow[i0] : INT64_MAX, b1 = i1 < nrows[1] ? w1.keyrow[i1] : INT64_MAX;
+            if (b0 == b1) {
+              kl.both.push_back(b0);
+              kl.both0.push_back(i0++);
+              kl.both1.push_back(i1++);
+            } else {
+              const int i = b0 < b1 ? 0 : 1;
+              kl.one[i].push_back(i ? b1 : b0);
+              kl.one_r[i].push_back(i ? i1++ : i0++);
+            }
+          }
+        }
+        auto rows_of = [&](const std::vector<int>& idx, float* buf, std::vector<const float*>& out) {
+          out.resize(idx.size());
+          for (size_t j = 0; j < idx.size(); ++j) out[j] = buf + o + idx[j] * ldr;
+        };
+        // dK from dS and the scaled queries, dV from P and the output gradients
+        for (int side = 0; side < 2; ++side) {
+          const int64_t W = side ? Dv : D;
+          float* acc = side ? xk + D * ldx : xk;
+          float* b0 = side ? w0.pt.data() : w0.ds.data();
+          float* b1 = side ? w1.pt.data() : w1.ds.data();
+          const float* x0 = (side ? w0.xo.data() : w0.xq.data()) + o;
+          const float* x1 = (side ? w1.xo.data() : w1.xq.data()) + o;
+          rows_of(kl.both0, b0, kl.p0);
+          rows_of(kl.both1, b1, kl.p1);
+          kt.exact_bwd_kv2(kl.p0.data(), kl.p1.data(), lds, x0, x1, lds, W, acc, ldx, kl.both.data(),
+                           static_cast<int>(kl.both.size()), nd, nvec * vw, rs.vr.data());
+          for (int i = 0; i < 2; ++i) {
+            if (kl.one[i].empty()) continue;
+            rows_of(kl.one_r[i], i ? b1 : b0, kl.p0);
+            kt.exact_bwd_kv2(kl.p0.data(), nullptr, lds, i ? x1 : x0, nullptr, lds, W, acc, ldx, kl.one[i].data(),
+                             static_cast<int>(kl.one[i].size()), nd, nvec * vw, rs.vr.data());
+          }
+        }
+      } else {
+        ExactBwdWs& w = *ws[0];
+        kt.exact_bwd_kv(w.ds.data() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[0], nd,
                         nvec * vw, rs.vr.data());
         kt.exact_bwd_kv(w.pt.data() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldx, ldx, w.keyrow.data(),
-                        nrows[i], nd, nvec * vw, rs.vr.data());
+                        nrows[0], nd, nvec * vw, rs.vr.data());
       }
     }
   };

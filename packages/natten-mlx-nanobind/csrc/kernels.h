@@ -106,6 +106,13 @@ struct KernelTable {
   // last-axis segments, koff their tokens)
   void (*row_fwd_g)(const RowQuery* qs, int nq, const int64_t* koff, int64_t kstep, int64_t vstep, int n, int64_t D,
                     int64_t Dv, float scale, const float* zeros, float* s);
+  // exact_bwd_kv of key rows given by their weight rows w0[r] (d = 0 at row start, slots lds apart),
+  // summed from one or two sources (two query rows' P or dS and queries or output gradients): with w1,
+  // key row r gets source 0's sums then source 1's in one pass (its accumulators loaded and stored once;
+  // the same additions in the same order as two exact_bwd_kv calls)
+  void (*exact_bwd_kv2)(const float* const* w0, const float* const* w1, int64_t lds, const float* x0, const float* x1,
+                        int64_t ldx, int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx,
+                        int nk, const int* vr);
 };
 
 const KernelTable* kernels_avx512();
