@@ -745,6 +745,13 @@ struct ExactBwdWs {
     xq.assign(D * lds + 16, 0.f);
     xo.assign(Dv * lds + 16, 0.f);
   }
+  // pt / ds from their first 64-byte boundary (the 16 floats of slack cover the shift)
+  static float* align64(std::vector<float>& v) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
+    return v.data() + ((64 - (p & 63)) & 63) / sizeof(float);
+  }
+  float* ptA() { return align64(pt); }
+  float* dsA() { return align64(ds); }
 };
 // 1D: [0] runs, [1] border blocks (their geometries alternate along a row); 2D/3D: [0], [2] the rows of a pair
 thread_local ExactBwdWs tls_xbw[3];
@@ -1868,8 +1875,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     const RowSlots& rs = rslots[g2];
     const int nd = rs.dhi - rs.dlo, nvec = (lg + vw - 1) / vw;
     // query t at column padA + t; the key side reads t in [1 - dhi, nvec * vw - dlo), zeros outside [0, lg)
-    const int64_t padA = round_up(std::max(rs.dhi, 1), 8);
-    const int64_t lds = round_up(padA + nvec * vw + std::max(-rs.dlo, 0) + vw, 8), ldr = nd * lds;
+    // P and dS rows lds = 1 (mod 16) apart, key rows ldr = 0 (mod 16) apart and padA - dlo = 0 (mod 16)
+    // from 64-byte aligned bases: the key side's loads of them (slot d of key kk at query kk - d) are
+    // aligned vectors
+    const int64_t padA = rs.dlo + round_up(std::max(rs.dhi, 1) - rs.dlo, 16);
+    const int64_t lds = round_up(padA + nvec * vw + std::max(-rs.dlo, 0) + vw, 16) + 1, ldr = round_up(nd * lds, 16);
     const int64_t cap = round_up(lg, 8) + vw;
     const float* ks = kTx + slice * ldx * D;
     const float* vs = vTx + slice * ldx * Dv;
@@ -1884,7 +1894,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       w.keyrow.clear();
       for_window_key_rows(g, ep, row, [&](int64_t base) { w.keyrow.push_back(base); });
       nrows[i] = static_cast<int>(w.keyrow.size());
-      w.prepare(static_cast<int64_t>(nrows[i]) * nd, lds, padA, lg, D, Dv, call);
+      w.prepare(static_cast<int64_t>(nrows[i]) * (nd + 1), lds, padA, lg, D, Dv, call);
       w.rbq.resize(nrows[i]);
       tok0[i] = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
       S[i] = grow(w.s, 2 * static_cast<size_t>(nrows[i]) * nd * vw + vw);
@@ -1906,7 +1916,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           for (int i = 0; i < nr; ++i) {
             ExactBwdWs& w = *ws[i];
             for (int r = 0; r < nrows[i]; ++r) w.rbq[r] = w.keyrow[r] + run.ws0 + tb;
-            so[i] = {w.pt.data() + drow + t0, w.ds.data() + drow + t0, lds, ldr, true};
+            so[i] = {w.ptA() + drow + t0, w.dsA() + drow + t0, lds, ldr, true};
             xq[i] = w.xq.data() + padA + t0;
             xo[i] = w.xo.data() + padA + t0;
           }
@@ -1950,8 +1960,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         for (int side = 0; side < 2; ++side) {
           const int64_t W = side ? Dv : D;
           float* acc = side ? xk + D * ldx : xk;
-          float* b0 = side ? w0.pt.data() : w0.ds.data();
-          float* b1 = side ? w1.pt.data() : w1.ds.data();
+          float* b0 = side ? w0.ptA() : w0.dsA();
+          float* b1 = side ? w1.ptA() : w1.dsA();
           const float* x0 = (side ? w0.xo.data() : w0.xq.data()) + o;
           const float* x1 = (side ? w1.xo.data() : w1.xq.data()) + o;
           rows_of(kl.both0, b0, kl.p0);
@@ -1967,9 +1977,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         }
       } else {
         ExactBwdWs& w = *ws[0];
-        kt.exact_bwd_kv(w.ds.data() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[0], nd,
+        kt.exact_bwd_kv(w.dsA() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[0], nd,
                         nvec * vw, rs.vr.data());
-        kt.exact_bwd_kv(w.pt.data() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldx, ldx, w.keyrow.data(),
+        kt.exact_bwd_kv(w.ptA() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldx, ldx, w.keyrow.data(),
                         nrows[0], nd, nvec * vw, rs.vr.data());
       }
     }
