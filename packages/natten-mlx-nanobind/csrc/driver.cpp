@@ -1806,11 +1806,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       lc[cap + l] = a.dlse ? a.dlse[row] : 0.f;
     }
   };
-  // dq of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
+  // dq (already times scale) of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
   // token tok0 + l * Dl2
   auto store_dq = [&](int64_t b, int64_t h, int64_t tok0, int skip, const int* lohi, float* dqT) {
-    const float scale = g.scale;
-    for (int64_t i = 0; i < D * kt.vw; ++i) dqT[i] *= scale;
     store_lanes(kt, dqT, D, kt.vw, skip, lohi, dq_of(b, h) + tok0 * tsq, Dl2 * tsq);
   };
   // blocks of vw queries of a run of n: fn(t0, skip) at t0 = 0, vw, ..., and one ending at the run's
@@ -1853,7 +1851,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int64_t rbq = rbk + t0;
         const SlotOut so{pt + t0, dst + t0, lds, nx * lds, false};
         kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lc + t0, lc + cap + t0, &rbq, 1, nx, lohi, S,
-                       so, dqT);
+                       so, dqT, g.scale);
         store_dq(b, h, tok0 + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT);
       });
       kt.exact_bwd_kv(dst, lds, nx * lds, xq, lds, D, xk, ld, &rbk, 1, nx, nk, nullptr);
@@ -1923,10 +1921,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           if (nr == 2)
             kt.exact_bwd_q2(xq[0], xq[1], lds, D, ks, ldx, vs, ldx, Dv, xo[0], xo[1], lds, lc[0] + t0, lc[1] + t0,
                             lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
-                            nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1]);
+                            nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1], g.scale);
           else
             kt.exact_bwd_q(xq[0], lds, D, ks, ldx, vs, ldx, Dv, xo[0], lds, lc[0] + t0, lc[0] + cap + t0,
-                           ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0]);
+                           ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0], g.scale);
           for (int i = 0; i < nr; ++i) store_dq(b, h, tok0[i] + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT[i]);
         });
       }

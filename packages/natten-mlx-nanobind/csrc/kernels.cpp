@@ -1108,10 +1108,10 @@ inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lo
 // of lane l is key rowbase[r] + x + l. qs/dO: the lanes' (scaled) queries and output gradients as
 // columns of [D][ldq] / [Dv][ldo]. Recomputes P = exp(s - lse), dS = P * (dP - c) with dP = dO . v
 // and c = sum P * dP - dlse (dlse: the lanes' lse gradients); writes P and dS to o (see bwd_p_ds),
-// and dqT [D][vw] = sum over slots of dS * k (not yet times scale); s: 2 * nrows * nx * vw floats.
+// and dqT [D][vw] = dqscale * sum over slots of dS * k; s: 2 * nrows * nx * vw floats.
 void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
                  int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* dlse, const int64_t* rowbase,
-                 int nrows, int nx, const int* lohi, float* s, const SlotOut& o, float* dqT) {
+                 int nrows, int nx, const int* lohi, float* s, const SlotOut& o, float* dqT, float dqscale) {
   const int n = nrows * nx;
   float* dp = s + static_cast<int64_t>(n) * VW;
   for (int r = 0; r < nrows; ++r) {
@@ -1130,7 +1130,7 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
     }
   }
   bwd_p_ds(s, dp, nrows, nx, lohi, lse, dlse, o);
-  slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
+  slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(dqscale), dqT);
 }
 
 #if defined(NA_ALIGNR_RUN2)
@@ -1182,7 +1182,7 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
                        const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                        const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra,
                        int na, const int64_t* rbb, int nb, int nx, const int* lohi, const LanePerm& lp, float* sa,
-                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb) {
+                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb, float dqscale) {
   const int n = lp.n;
   const vi p = *reinterpret_cast<const vi*>(lp.p);
   float* dpa = sa + static_cast<int64_t>(na) * n * VW;
@@ -1214,7 +1214,7 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
   bwd_p_ds_perm(sb, dpb, nb, lp, nx, lohi, lseb, dlseb, outb);
   switch (n) {
 #define NA_CASE(X) \
-  case X: perm_sums2s<X>(dpa, dpb, kT, ldk, D, ra, na, rbb, nb, lp, splat(1.f), splat(1.f), dqa, dqb); break;
+  case X: perm_sums2s<X>(dpa, dpb, kT, ldk, D, ra, na, rbb, nb, lp, splat(dqscale), splat(dqscale), dqa, dqb); break;
     NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
     NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
 #undef NA_CASE
@@ -1229,13 +1229,13 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
                   const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                   const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra, int na,
                   const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, const SlotOut& outa,
-                  const SlotOut& outb, float* dqa, float* dqb) {
+                  const SlotOut& outb, float* dqa, float* dqb, float dqscale) {
 #if defined(NA_ALIGNR_RUN2)
   if (lohi) {
     LanePerm lp;
     if (lane_perm(lohi, nx, &lp)) {
       exact_bwd_q2_perm(qa, qb, ldq, D, kT, ldk, vT, ldv, Dv, doa, dob, ldo, lsea, lseb, dlsea, dlseb, ra, na, rbb, nb,
-                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb);
+                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb, dqscale);
       return;
     }
   }
@@ -1262,7 +1262,7 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
   });
   bwd_p_ds(sa, dpa, na, nx, lohi, lsea, dlsea, outa);
   bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, dlseb, outb);
-  slot_sums2(sa, sb, kT, ldk, D, ra, na, rbb, nb, nx, splat(1.f), splat(1.f), dqa, dqb);
+  slot_sums2(sa, sb, kT, ldk, D, ra, na, rbb, nb, nx, splat(dqscale), splat(dqscale), dqa, dqb);
 }
 
 // features per pass of the key side: 8 with 32 vector registers (R = 3: 11 loads per 24 FMAs, most
