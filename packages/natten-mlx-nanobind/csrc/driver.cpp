@@ -745,9 +745,28 @@ struct ExactBwdWs {
     xq.assign(D * lds + 16, 0.f);
     xo.assign(Dv * lds + 16, 0.f);
   }
+  // pt / ds from their first 64-byte boundary (the 16 floats of slack cover the shift)
+  static float* align64(std::vector<float>& v) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
+    return v.data() + ((64 - (p & 63)) & 63) / sizeof(float);
+  }
+  float* ptA() { return align64(pt); }
+  float* dsA() { return align64(ds); }
 };
 // 1D: [0] runs, [1] border blocks (their geometries alternate along a row); 2D/3D: [0], [2] the rows of a pair
 thread_local ExactBwdWs tls_xbw[3];
+// exact_row's key rows of two query rows: in both windows (base, index in row 0's and row 1's lists)
+// or in one only; p0 / p1 the weight rows passed to exact_bwd_kv2
+struct KvLists {
+  std::vector<int64_t> both, one[2];
+  std::vector<int> both0, both1, one_r[2];
+  std::vector<const float*> p0, p1;
+  void clear() {
+    both.clear(), both0.clear(), both1.clear();
+    for (int i = 0; i < 2; ++i) one[i].clear(), one_r[i].clear();
+  }
+};
+thread_local KvLists tls_kvl;
 std::atomic<int64_t> bwd_calls{0};
 
 // KT[d][j] = key j (box keys, then extras), from keys stored transposed per slice (kT [D][N],
@@ -1787,11 +1806,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       lc[cap + l] = a.dlse ? a.dlse[row] : 0.f;
     }
   };
-  // dq of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
+  // dq (already times scale) of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
   // token tok0 + l * Dl2
   auto store_dq = [&](int64_t b, int64_t h, int64_t tok0, int skip, const int* lohi, float* dqT) {
-    const float scale = g.scale;
-    for (int64_t i = 0; i < D * kt.vw; ++i) dqT[i] *= scale;
     store_lanes(kt, dqT, D, kt.vw, skip, lohi, dq_of(b, h) + tok0 * tsq, Dl2 * tsq);
   };
   // blocks of vw queries of a run of n: fn(t0, skip) at t0 = 0, vw, ..., and one ending at the run's
@@ -1834,7 +1851,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int64_t rbq = rbk + t0;
         const SlotOut so{pt + t0, dst + t0, lds, nx * lds, false};
         kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lc + t0, lc + cap + t0, &rbq, 1, nx, lohi, S,
-                       so, dqT);
+                       so, dqT, g.scale);
         store_dq(b, h, tok0 + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT);
       });
       kt.exact_bwd_kv(dst, lds, nx * lds, xq, lds, D, xk, ld, &rbk, 1, nx, nk, nullptr);
@@ -1856,8 +1873,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     const RowSlots& rs = rslots[g2];
     const int nd = rs.dhi - rs.dlo, nvec = (lg + vw - 1) / vw;
     // query t at column padA + t; the key side reads t in [1 - dhi, nvec * vw - dlo), zeros outside [0, lg)
-    const int64_t padA = round_up(std::max(rs.dhi, 1), 8);
-    const int64_t lds = round_up(padA + nvec * vw + std::max(-rs.dlo, 0) + vw, 8), ldr = nd * lds;
+    // P and dS rows lds = 1 (mod 16) apart, key rows ldr = 0 (mod 16) apart and padA - dlo = 0 (mod 16)
+    // from 64-byte aligned bases: the key side's loads of them (slot d of key kk at query kk - d) are
+    // aligned vectors
+    const int64_t padA = rs.dlo + round_up(std::max(rs.dhi, 1) - rs.dlo, 16);
+    const int64_t lds = round_up(padA + nvec * vw + std::max(-rs.dlo, 0) + vw, 16) + 1, ldr = round_up(nd * lds, 16);
     const int64_t cap = round_up(lg, 8) + vw;
     const float* ks = kTx + slice * ldx * D;
     const float* vs = vTx + slice * ldx * Dv;
@@ -1872,7 +1892,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       w.keyrow.clear();
       for_window_key_rows(g, ep, row, [&](int64_t base) { w.keyrow.push_back(base); });
       nrows[i] = static_cast<int>(w.keyrow.size());
-      w.prepare(static_cast<int64_t>(nrows[i]) * nd, lds, padA, lg, D, Dv, call);
+      w.prepare(static_cast<int64_t>(nrows[i]) * (nd + 1), lds, padA, lg, D, Dv, call);
       w.rbq.resize(nrows[i]);
       tok0[i] = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
       S[i] = grow(w.s, 2 * static_cast<size_t>(nrows[i]) * nd * vw + vw);
@@ -1894,27 +1914,71 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           for (int i = 0; i < nr; ++i) {
             ExactBwdWs& w = *ws[i];
             for (int r = 0; r < nrows[i]; ++r) w.rbq[r] = w.keyrow[r] + run.ws0 + tb;
-            so[i] = {w.pt.data() + drow + t0, w.ds.data() + drow + t0, lds, ldr, true};
+            so[i] = {w.ptA() + drow + t0, w.dsA() + drow + t0, lds, ldr, true};
             xq[i] = w.xq.data() + padA + t0;
             xo[i] = w.xo.data() + padA + t0;
           }
           if (nr == 2)
             kt.exact_bwd_q2(xq[0], xq[1], lds, D, ks, ldx, vs, ldx, Dv, xo[0], xo[1], lds, lc[0] + t0, lc[1] + t0,
                             lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
-                            nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1]);
+                            nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1], g.scale);
           else
             kt.exact_bwd_q(xq[0], lds, D, ks, ldx, vs, ldx, Dv, xo[0], lds, lc[0] + t0, lc[0] + cap + t0,
-                           ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0]);
+                           ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0], g.scale);
           for (int i = 0; i < nr; ++i) store_dq(b, h, tok0[i] + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT[i]);
         });
       }
-      for (int i = 0; i < nr; ++i) {
-        ExactBwdWs& w = *ws[i];
-        const int64_t o = padA - rs.dlo;  // d = dlo at row 0, query 0 at column padA
-        kt.exact_bwd_kv(w.ds.data() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[i], nd,
+      const int64_t o = padA - rs.dlo;  // d = dlo at row 0, query 0 at column padA
+      if (nr == 2) {
+        // key rows of both windows: both rows' sums in one pass over their accumulators (row 0's
+        // additions first, as two calls would make them); the others from their own row
+        ExactBwdWs &w0 = *ws[0], &w1 = *ws[1];
+        KvLists& kl = tls_kvl;
+        if (gg == 0) {
+          kl.clear();
+          int i0 = 0, i1 = 0;
+          while (i0 < nrows[0] || i1 < nrows[1]) {
+            const int64_t b0 = i0 < nrows[0] ? w0.keyrow[i0] : INT64_MAX, b1 = i1 < nrows[1] ? w1.keyrow[i1] : INT64_MAX;
+            if (b0 == b1) {
+              kl.both.push_back(b0);
+              kl.both0.push_back(i0++);
+              kl.both1.push_back(i1++);
+            } else {
+              const int i = b0 < b1 ? 0 : 1;
+              kl.one[i].push_back(i ? b1 : b0);
+              kl.one_r[i].push_back(i ? i1++ : i0++);
+            }
+          }
+        }
+        auto rows_of = [&](const std::vector<int>& idx, float* buf, std::vector<const float*>& out) {
+          out.resize(idx.size());
+          for (size_t j = 0; j < idx.size(); ++j) out[j] = buf + o + idx[j] * ldr;
+        };
+        // dK from dS and the scaled queries, dV from P and the output gradients
+        for (int side = 0; side < 2; ++side) {
+          const int64_t W = side ? Dv : D;
+          float* acc = side ? xk + D * ldx : xk;
+          float* b0 = side ? w0.ptA() : w0.dsA();
+          float* b1 = side ? w1.ptA() : w1.dsA();
+          const float* x0 = (side ? w0.xo.data() : w0.xq.data()) + o;
+          const float* x1 = (side ? w1.xo.data() : w1.xq.data()) + o;
+          rows_of(kl.both0, b0, kl.p0);
+          rows_of(kl.both1, b1, kl.p1);
+          kt.exact_bwd_kv2(kl.p0.data(), kl.p1.data(), lds, x0, x1, lds, W, acc, ldx, kl.both.data(),
+                           static_cast<int>(kl.both.size()), nd, nvec * vw, rs.vr.data());
+          for (int i = 0; i < 2; ++i) {
+            if (kl.one[i].empty()) continue;
+            rows_of(kl.one_r[i], i ? b1 : b0, kl.p0);
+            kt.exact_bwd_kv2(kl.p0.data(), nullptr, lds, i ? x1 : x0, nullptr, lds, W, acc, ldx, kl.one[i].data(),
+                             static_cast<int>(kl.one[i].size()), nd, nvec * vw, rs.vr.data());
+          }
+        }
+      } else {
+        ExactBwdWs& w = *ws[0];
+        kt.exact_bwd_kv(w.dsA() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[0], nd,
                         nvec * vw, rs.vr.data());
-        kt.exact_bwd_kv(w.pt.data() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldx, ldx, w.keyrow.data(),
-                        nrows[i], nd, nvec * vw, rs.vr.data());
+        kt.exact_bwd_kv(w.ptA() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldx, ldx, w.keyrow.data(),
+                        nrows[0], nd, nvec * vw, rs.vr.data());
       }
     }
   };

@@ -1108,10 +1108,10 @@ inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lo
 // of lane l is key rowbase[r] + x + l. qs/dO: the lanes' (scaled) queries and output gradients as
 // columns of [D][ldq] / [Dv][ldo]. Recomputes P = exp(s - lse), dS = P * (dP - c) with dP = dO . v
 // and c = sum P * dP - dlse (dlse: the lanes' lse gradients); writes P and dS to o (see bwd_p_ds),
-// and dqT [D][vw] = sum over slots of dS * k (not yet times scale); s: 2 * nrows * nx * vw floats.
+// and dqT [D][vw] = dqscale * sum over slots of dS * k; s: 2 * nrows * nx * vw floats.
 void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
                  int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* dlse, const int64_t* rowbase,
-                 int nrows, int nx, const int* lohi, float* s, const SlotOut& o, float* dqT) {
+                 int nrows, int nx, const int* lohi, float* s, const SlotOut& o, float* dqT, float dqscale) {
   const int n = nrows * nx;
   float* dp = s + static_cast<int64_t>(n) * VW;
   for (int r = 0; r < nrows; ++r) {
@@ -1130,7 +1130,7 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
     }
   }
   bwd_p_ds(s, dp, nrows, nx, lohi, lse, dlse, o);
-  slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(1.f), dqT);
+  slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(dqscale), dqT);
 }
 
 #if defined(NA_ALIGNR_RUN2)
@@ -1182,7 +1182,7 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
                        const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                        const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra,
                        int na, const int64_t* rbb, int nb, int nx, const int* lohi, const LanePerm& lp, float* sa,
-                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb) {
+                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb, float dqscale) {
   const int n = lp.n;
   const vi p = *reinterpret_cast<const vi*>(lp.p);
   float* dpa = sa + static_cast<int64_t>(na) * n * VW;
@@ -1214,7 +1214,7 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
   bwd_p_ds_perm(sb, dpb, nb, lp, nx, lohi, lseb, dlseb, outb);
   switch (n) {
 #define NA_CASE(X) \
-  case X: perm_sums2s<X>(dpa, dpb, kT, ldk, D, ra, na, rbb, nb, lp, splat(1.f), splat(1.f), dqa, dqb); break;
+  case X: perm_sums2s<X>(dpa, dpb, kT, ldk, D, ra, na, rbb, nb, lp, splat(dqscale), splat(dqscale), dqa, dqb); break;
     NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
     NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
 #undef NA_CASE
@@ -1229,13 +1229,13 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
                   const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                   const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra, int na,
                   const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, const SlotOut& outa,
-                  const SlotOut& outb, float* dqa, float* dqb) {
+                  const SlotOut& outb, float* dqa, float* dqb, float dqscale) {
 #if defined(NA_ALIGNR_RUN2)
   if (lohi) {
     LanePerm lp;
     if (lane_perm(lohi, nx, &lp)) {
       exact_bwd_q2_perm(qa, qb, ldq, D, kT, ldk, vT, ldv, Dv, doa, dob, ldo, lsea, lseb, dlsea, dlseb, ra, na, rbb, nb,
-                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb);
+                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb, dqscale);
       return;
     }
   }
@@ -1262,8 +1262,16 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
   });
   bwd_p_ds(sa, dpa, na, nx, lohi, lsea, dlsea, outa);
   bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, dlseb, outb);
-  slot_sums2(sa, sb, kT, ldk, D, ra, na, rbb, nb, nx, splat(1.f), splat(1.f), dqa, dqb);
+  slot_sums2(sa, sb, kT, ldk, D, ra, na, rbb, nb, nx, splat(dqscale), splat(dqscale), dqa, dqb);
 }
+
+// features per pass of the key side: 8 with 32 vector registers (R = 3: 11 loads per 24 FMAs, most
+// of them unaligned), 4 with 16
+#if defined(NA_VARIANT_avx512)
+constexpr int KV_C = 8;
+#else
+constexpr int KV_C = 4;
+#endif
 
 // The key side's sums for R key rows at once (weights w[i], accumulators acc[i]) over C features:
 // acc[i][c * lda + kk0 + l] += sum_xx w[i][xx * lds + kk0 - xx + l] * x[c * ldx + kk0 - xx + l]. The
@@ -1321,6 +1329,11 @@ inline void exact_kv_rows(const float* w, int64_t lds, int64_t ldr, const float*
       for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
       exact_kv_chunk<R, C>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
     }
+    for (; C > 4 && c + 4 <= W; c += 4) {
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      exact_kv_chunk<R, 4>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
+    }
     for (; c < W; ++c) {
       float* ac[R];
       for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
@@ -1341,9 +1354,106 @@ inline void exact_kv_rows(const float* w, int64_t lds, int64_t ldr, const float*
 void exact_bwd_kv(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
                   int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
   int r = 0;
-  for (; r + 3 <= nrows; r += 3) exact_kv_rows<3, 4>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
-  for (; r + 2 <= nrows; r += 2) exact_kv_rows<2, 4>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r + 3 <= nrows; r += 3) exact_kv_rows<3, KV_C>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r + 2 <= nrows; r += 2) exact_kv_rows<2, KV_C>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
   for (; r < nrows; ++r) exact_kv_rows<1, 8>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+}
+
+// exact_kv_chunk over S sources (s: weights w[s][i], operand x[s]) in one register pass: source 0's
+// additions then source 1's, as S separate passes would make them
+template <int S, int R, int C>
+inline void exact_kv_chunk_s(const float* const (*w)[R], int64_t lds, const float* const* x, int64_t ldx,
+                             float* const* acc, int64_t lda, int nx, int kk0) {
+  vf a[R][C];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[i][c] = load(acc[i] + c * lda + kk0);
+#pragma GCC unroll 2
+  for (int s = 0; s < S; ++s) {
+    const float* xs = x[s];
+    for (int xx = 0; xx < nx; ++xx) {
+      const int off = kk0 - xx;
+      vf wv[R];
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) wv[i] = load(w[s][i] + xx * lds + off);
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        const vf xv = R > 1 ? load_reg(xs + c * ldx + off) : load(xs + c * ldx + off);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) a[i][c] += wv[i] * xv;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) store(acc[i] + c * lda + kk0, a[i][c]);
+}
+
+template <int S, int R, int C>
+inline void exact_kv_rows_s(const float* const* const* wrows, int64_t lds, const float* const* x, int64_t ldx,
+                            int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int r0, int nx, int nk,
+                            const int* vr) {
+  float* ar[R];
+  for (int i = 0; i < R; ++i) ar[i] = accT + rowbase[r0 + i];
+  for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+    const int lo = vr ? vr[2 * (kk0 / VW)] : 0, n = vr ? vr[2 * (kk0 / VW) + 1] - lo : nx;
+    if (n <= 0) continue;
+    const float* wr[S][R];
+    const float* xs[S];
+    for (int s = 0; s < S; ++s) {
+      for (int i = 0; i < R; ++i) wr[s][i] = wrows[s][r0 + i] + lo * (lds - 1);
+      xs[s] = x[s] - lo;
+    }
+    int64_t c = 0;
+    for (; c + C <= W; c += C) {
+      for (int j = 0; j < C; ++j) {
+        const int64_t cn = c + C + j < W ? c + C + j : j;
+        const int kn = c + C + j < W ? kk0 : kk0 + VW;
+        for (int i = 0; i < R; ++i) __builtin_prefetch(ar[i] + cn * lda + kn + VW - 1, 1);
+      }
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      const float* xc[S];
+      for (int s = 0; s < S; ++s) xc[s] = xs[s] + c * ldx;
+      exact_kv_chunk_s<S, R, C>(wr, lds, xc, ldx, ac, lda, n, kk0);
+    }
+    for (; C > 4 && c + 4 <= W; c += 4) {
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      const float* xc[S];
+      for (int s = 0; s < S; ++s) xc[s] = xs[s] + c * ldx;
+      exact_kv_chunk_s<S, R, 4>(wr, lds, xc, ldx, ac, lda, n, kk0);
+    }
+    for (; c < W; ++c) {
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      const float* xc[S];
+      for (int s = 0; s < S; ++s) xc[s] = xs[s] + c * ldx;
+      exact_kv_chunk_s<S, R, 1>(wr, lds, xc, ldx, ac, lda, n, kk0);
+    }
+  }
+}
+
+template <int S>
+void exact_bwd_kv_s(const float* const* const* wrows, int64_t lds, const float* const* x, int64_t ldx, int64_t W,
+                    float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
+  int r = 0;
+  for (; r + 3 <= nrows; r += 3) exact_kv_rows_s<S, 3, KV_C>(wrows, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r + 2 <= nrows; r += 2) exact_kv_rows_s<S, 2, KV_C>(wrows, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r < nrows; ++r) exact_kv_rows_s<S, 1, 8>(wrows, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+}
+
+void exact_bwd_kv2(const float* const* w0, const float* const* w1, int64_t lds, const float* x0, const float* x1,
+                   int64_t ldx, int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk,
+                   const int* vr) {
+  const float* const* wrows[2] = {w0, w1};
+  const float* x[2] = {x0, x1};
+  if (w1)
+    exact_bwd_kv_s<2>(wrows, lds, x, ldx, W, accT, lda, rowbase, nrows, nx, nk, vr);
+  else
+    exact_bwd_kv_s<1>(wrows, lds, x, ldx, W, accT, lda, rowbase, nrows, nx, nk, vr);
 }
 
 // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
@@ -1791,7 +1901,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

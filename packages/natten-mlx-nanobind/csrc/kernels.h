@@ -72,11 +72,11 @@ struct KernelTable {
   void (*transpose8)(const float* const* src, int64_t w, float* dst, int64_t ld);
   // Backward of the exact-window path (kernels.cpp says how): the query side (P, dS and dQ of vw
   // consecutive queries, P and dS to a SlotOut; s: 2 * nrows * nx * vw floats; dlse: the lanes' lse
-  // gradients) and the key side (dK or dV of the keys the queries' slots reach).
+  // gradients; dQ times dqscale) and the key side (dK or dV of the keys the queries' slots reach).
   void (*exact_bwd_q)(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT,
                       int64_t ldv, int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* dlse,
                       const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, const SlotOut& o,
-                      float* dqT);
+                      float* dqT, float dqscale);
   void (*exact_bwd_kv)(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
                        int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr);
   // exact_fwd of two blocks (A, B) at the same lanes of two query rows, key row bases ra[na] and
@@ -92,7 +92,7 @@ struct KernelTable {
                        const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                        const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra,
                        int na, const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb,
-                       const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb);
+                       const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb, float dqscale);
   // transpose8 that also returns false when any value it read is inf or NaN
   bool (*transpose8_finite)(const float* const* src, int64_t w, float* dst, int64_t ld);
   // 1D backward of one query of one head straight from/to heads-last rows (kernels.cpp says how)
@@ -106,6 +106,13 @@ struct KernelTable {
   // last-axis segments, koff their tokens)
   void (*row_fwd_g)(const RowQuery* qs, int nq, const int64_t* koff, int64_t kstep, int64_t vstep, int n, int64_t D,
                     int64_t Dv, float scale, const float* zeros, float* s);
+  // exact_bwd_kv of key rows given by their weight rows w0[r] (d = 0 at row start, slots lds apart),
+  // summed from one or two sources (two query rows' P or dS and queries or output gradients): with w1,
+  // key row r gets source 0's sums then source 1's in one pass (its accumulators loaded and stored once;
+  // the same additions in the same order as two exact_bwd_kv calls)
+  void (*exact_bwd_kv2)(const float* const* w0, const float* const* w1, int64_t lds, const float* x0, const float* x1,
+                        int64_t ldx, int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx,
+                        int nk, const int* vr);
 };
 
 const KernelTable* kernels_avx512();
