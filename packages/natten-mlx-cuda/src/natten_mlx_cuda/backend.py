@@ -70,9 +70,9 @@ def _int_block(prm: tuple) -> mx.array:
 
 
 # MLX's CUDA allocator serves allocations of at most 8 bytes from one pool of managed memory that the host's
-# own scalars share; a kernel's first read of such an array waited ~30 us per block on the H200 (ncu: a third
-# of a short walk's samples on the FMUL of scl[0]), G1's "fixed" per-block cost. The host-data arrays the
-# kernels read are therefore padded to 16 bytes or more.
+# own scalars share, so a kernel's first read of such an array can wait for a page migration (ncu on the H200:
+# 13 us of G1's 121 us forward, a third of a 7-tile walk's stall samples on the FMUL of scl[0]). The host-data
+# arrays the kernels read are therefore padded to 16 bytes or more.
 HOST_PAD = 4
 
 
