@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "kernels.h"
@@ -1273,97 +1274,14 @@ constexpr int KV_C = 8;
 constexpr int KV_C = 4;
 #endif
 
-// The key side's sums for R key rows at once (weights w[i], accumulators acc[i]) over C features:
-// acc[i][c * lda + kk0 + l] += sum_xx w[i][xx * lds + kk0 - xx + l] * x[c * ldx + kk0 - xx + l]. The
-// query-side operand x does not depend on the key row, so each of its loads serves all R rows
+// The key side's sums for R key rows at once over S sources (weights w[s][i], operand x[s]) and C features,
+// in one register pass: acc[i][c * lda + kk0 + l] += sum_s sum_xx w[s][i][xx * lds + kk0 - xx + l] *
+// x[s][c * ldx + kk0 - xx + l], source 0's additions then source 1's, as S separate passes would make them.
+// The query-side operand x[s] does not depend on the key row, so each of its loads serves all R rows
 // (R = 3, C = 4: 7 loads per 12 FMAs; R = 1: 9 per 8)
-template <int R, int C>
-inline void exact_kv_chunk(const float* const* w, int64_t lds, const float* x, int64_t ldx, float* const* acc,
-                           int64_t lda, int nx, int kk0) {
-  vf a[R][C];
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) a[i][c] = load(acc[i] + c * lda + kk0);
-  for (int xx = 0; xx < nx; ++xx) {
-    const int off = kk0 - xx;
-    vf wv[R];
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) wv[i] = load(w[i] + xx * lds + off);
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      const vf xv = R > 1 ? load_reg(x + c * ldx + off) : load(x + c * ldx + off);
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) a[i][c] += wv[i] * xv;
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) store(acc[i] + c * lda + kk0, a[i][c]);
-}
-
-// exact_bwd_kv's sums for key rows r0 + [0, R), C features at a time (then one at a time)
-template <int R, int C>
-inline void exact_kv_rows(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W,
-                          float* accT, int64_t lda, const int64_t* rowbase, int r0, int nx, int nk, const int* vr) {
-  float* ar[R];
-  for (int i = 0; i < R; ++i) ar[i] = accT + rowbase[r0 + i];
-  for (int kk0 = 0; kk0 < nk; kk0 += VW) {
-    // key vector v's slots [lo, hi) as slots [0, hi - lo) of shifted operands
-    const int lo = vr ? vr[2 * (kk0 / VW)] : 0, n = vr ? vr[2 * (kk0 / VW) + 1] - lo : nx;
-    if (n <= 0) continue;
-    const float* wr[R];
-    for (int i = 0; i < R; ++i) wr[i] = w + (r0 + i) * ldr + lo * (lds - 1);
-    const float* xs = x - lo;
-    int64_t c = 0;
-    for (; c + C <= W; c += C) {
-      // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
-      // follows R * W streams), requested a chunk ahead
-      for (int j = 0; j < C; ++j) {
-        const int64_t cn = c + C + j < W ? c + C + j : j;
-        const int kn = c + C + j < W ? kk0 : kk0 + VW;
-        for (int i = 0; i < R; ++i) __builtin_prefetch(ar[i] + cn * lda + kn + VW - 1, 1);
-      }
-      float* ac[R];
-      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
-      exact_kv_chunk<R, C>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
-    }
-    for (; C > 4 && c + 4 <= W; c += 4) {
-      float* ac[R];
-      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
-      exact_kv_chunk<R, 4>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
-    }
-    for (; c < W; ++c) {
-      float* ac[R];
-      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
-      exact_kv_chunk<R, 1>(wr, lds, xs + c * ldx, ldx, ac, lda, n, kk0);
-    }
-  }
-}
-
-// Backward of the exact-window path, key side, for queries t whose slot (r, x) is key t + x of key row
-// r: accT[c][rowbase[r] + kk] += sum_x w[r * ldr + x * lds + kk - x] * x[c * ldx + kk - x] for kk in
-// [0, nk) and c < W, x in [0, nx), or, with vr, x in [vr[2v], vr[2v + 1]) for the keys of vector v
-// (kk in [v * vw, (v + 1) * vw): the slots that vector's queries use). w and x are dS (or P) and the
-// scaled queries (or output gradients), with zeros wherever a slot is outside its query's window;
-// whole vectors are written (columns past nk get + 0), so accT needs vw floats of slack.
-// Key rows go in threes (distinct rows are >= one axis length apart, so their vectors of one kk0
-// never overlap; the + 0 written past a run may land in another row, read back before it is written
-// again).
-void exact_bwd_kv(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
-                  int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
-  int r = 0;
-  for (; r + 3 <= nrows; r += 3) exact_kv_rows<3, KV_C>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
-  for (; r + 2 <= nrows; r += 2) exact_kv_rows<2, KV_C>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
-  for (; r < nrows; ++r) exact_kv_rows<1, 8>(w, lds, ldr, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
-}
-
-// exact_kv_chunk over S sources (s: weights w[s][i], operand x[s]) in one register pass: source 0's
-// additions then source 1's, as S separate passes would make them
 template <int S, int R, int C>
-inline void exact_kv_chunk_s(const float* const (*w)[R], int64_t lds, const float* const* x, int64_t ldx,
-                             float* const* acc, int64_t lda, int nx, int kk0) {
+inline void exact_kv_chunk(const float* const (*w)[R], int64_t lds, const float* const* x, int64_t ldx,
+                           float* const* acc, int64_t lda, int nx, int kk0) {
   vf a[R][C];
 #pragma GCC unroll 8
   for (int i = 0; i < R; ++i)
@@ -1391,69 +1309,79 @@ inline void exact_kv_chunk_s(const float* const (*w)[R], int64_t lds, const floa
     for (int c = 0; c < C; ++c) store(acc[i] + c * lda + kk0, a[i][c]);
 }
 
-template <int S, int R, int C>
-inline void exact_kv_rows_s(const float* const* const* wrows, int64_t lds, const float* const* x, int64_t ldx,
-                            int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int r0, int nx, int nk,
-                            const int* vr) {
+// exact_kv_chunk's sums for key rows r0 + [0, R), C features at a time (then 4, then one at a time);
+// wrow(s, r) is source s's weight row of key row r
+template <int S, int R, int C, typename WRow>
+inline void exact_kv_rows(WRow wrow, int64_t lds, const float* const* x, int64_t ldx, int64_t W, float* accT,
+                          int64_t lda, const int64_t* rowbase, int r0, int nx, int nk, const int* vr) {
   float* ar[R];
   for (int i = 0; i < R; ++i) ar[i] = accT + rowbase[r0 + i];
   for (int kk0 = 0; kk0 < nk; kk0 += VW) {
+    // key vector v's slots [lo, hi) as slots [0, hi - lo) of shifted operands
     const int lo = vr ? vr[2 * (kk0 / VW)] : 0, n = vr ? vr[2 * (kk0 / VW) + 1] - lo : nx;
     if (n <= 0) continue;
     const float* wr[S][R];
     const float* xs[S];
     for (int s = 0; s < S; ++s) {
-      for (int i = 0; i < R; ++i) wr[s][i] = wrows[s][r0 + i] + lo * (lds - 1);
+      for (int i = 0; i < R; ++i) wr[s][i] = wrow(s, r0 + i) + lo * (lds - 1);
       xs[s] = x[s] - lo;
     }
+    auto chunk = [&](auto cw, int64_t c) {
+      float* ac[R];
+      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
+      const float* xc[S];
+      for (int s = 0; s < S; ++s) xc[s] = xs[s] + c * ldx;
+      exact_kv_chunk<S, R, decltype(cw)::value>(wr, lds, xc, ldx, ac, lda, n, kk0);
+    };
     int64_t c = 0;
     for (; c + C <= W; c += C) {
+      // the next chunk's accumulators (rows lda apart: L2, not L1, and no hardware prefetcher
+      // follows R * W streams), requested a chunk ahead
       for (int j = 0; j < C; ++j) {
         const int64_t cn = c + C + j < W ? c + C + j : j;
         const int kn = c + C + j < W ? kk0 : kk0 + VW;
         for (int i = 0; i < R; ++i) __builtin_prefetch(ar[i] + cn * lda + kn + VW - 1, 1);
       }
-      float* ac[R];
-      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
-      const float* xc[S];
-      for (int s = 0; s < S; ++s) xc[s] = xs[s] + c * ldx;
-      exact_kv_chunk_s<S, R, C>(wr, lds, xc, ldx, ac, lda, n, kk0);
+      chunk(std::integral_constant<int, C>{}, c);
     }
-    for (; C > 4 && c + 4 <= W; c += 4) {
-      float* ac[R];
-      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
-      const float* xc[S];
-      for (int s = 0; s < S; ++s) xc[s] = xs[s] + c * ldx;
-      exact_kv_chunk_s<S, R, 4>(wr, lds, xc, ldx, ac, lda, n, kk0);
-    }
-    for (; c < W; ++c) {
-      float* ac[R];
-      for (int i = 0; i < R; ++i) ac[i] = ar[i] + c * lda;
-      const float* xc[S];
-      for (int s = 0; s < S; ++s) xc[s] = xs[s] + c * ldx;
-      exact_kv_chunk_s<S, R, 1>(wr, lds, xc, ldx, ac, lda, n, kk0);
-    }
+    for (; C > 4 && c + 4 <= W; c += 4) chunk(std::integral_constant<int, 4>{}, c);
+    for (; c < W; ++c) chunk(std::integral_constant<int, 1>{}, c);
   }
 }
 
-template <int S>
-void exact_bwd_kv_s(const float* const* const* wrows, int64_t lds, const float* const* x, int64_t ldx, int64_t W,
-                    float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
+// every key row, in threes (distinct rows are >= one axis length apart, so their vectors of one kk0 never
+// overlap; the + 0 written past a run may land in another row, read back before it is written again)
+template <int S, typename WRow>
+inline void exact_kv_all(WRow wrow, int64_t lds, const float* const* x, int64_t ldx, int64_t W, float* accT,
+                         int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
   int r = 0;
-  for (; r + 3 <= nrows; r += 3) exact_kv_rows_s<S, 3, KV_C>(wrows, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
-  for (; r + 2 <= nrows; r += 2) exact_kv_rows_s<S, 2, KV_C>(wrows, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
-  for (; r < nrows; ++r) exact_kv_rows_s<S, 1, 8>(wrows, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r + 3 <= nrows; r += 3) exact_kv_rows<S, 3, KV_C>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r + 2 <= nrows; r += 2) exact_kv_rows<S, 2, KV_C>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+  for (; r < nrows; ++r) exact_kv_rows<S, 1, 8>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
 }
 
+// Backward of the exact-window path, key side, for queries t whose slot (r, x) is key t + x of key row
+// r: accT[c][rowbase[r] + kk] += sum_x w[r * ldr + x * lds + kk - x] * x[c * ldx + kk - x] for kk in
+// [0, nk) and c < W, x in [0, nx), or, with vr, x in [vr[2v], vr[2v + 1]) for the keys of vector v
+// (kk in [v * vw, (v + 1) * vw): the slots that vector's queries use). w and x are dS (or P) and the
+// scaled queries (or output gradients), with zeros wherever a slot is outside its query's window;
+// whole vectors are written (columns past nk get + 0), so accT needs vw floats of slack.
+void exact_bwd_kv(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
+                  int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
+  exact_kv_all<1>([=](int, int r) { return w + r * ldr; }, lds, &x, ldx, W, accT, lda, rowbase, nrows, nx, nk, vr);
+}
+
+// exact_bwd_kv for two sources (a row pair's dS or P over its shared key rows: weight rows w0[r], w1[r],
+// operands x0, x1) in one pass over the accumulators; w1 null: source 0 alone
 void exact_bwd_kv2(const float* const* w0, const float* const* w1, int64_t lds, const float* x0, const float* x1,
                    int64_t ldx, int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk,
                    const int* vr) {
-  const float* const* wrows[2] = {w0, w1};
   const float* x[2] = {x0, x1};
   if (w1)
-    exact_bwd_kv_s<2>(wrows, lds, x, ldx, W, accT, lda, rowbase, nrows, nx, nk, vr);
+    exact_kv_all<2>([=](int s, int r) { return (s ? w1 : w0)[r]; }, lds, x, ldx, W, accT, lda, rowbase, nrows, nx,
+                    nk, vr);
   else
-    exact_bwd_kv_s<1>(wrows, lds, x, ldx, W, accT, lda, rowbase, nrows, nx, nk, vr);
+    exact_kv_all<1>([=](int, int r) { return w0[r]; }, lds, x, ldx, W, accT, lda, rowbase, nrows, nx, nk, vr);
 }
 
 // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
