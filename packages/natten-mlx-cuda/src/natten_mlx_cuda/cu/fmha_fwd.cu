@@ -60,6 +60,8 @@ T* Vs = Ks + STAGES * BK * QS;
 // pm[65 a + x]: the key tile's columns (bit c for the tile's key c, row-major, axis 2 fastest) whose
 // coordinate along axis a is below x, for 0 <= x <= KT[a]: the columns with coordinate in [lo, hi) are
 // pm[hi] & ~pm[lo], so a row's valid keys in a tile are a few 64-bit ANDs and a column test one bit
+// elements of T in the Q tile and the K/V ring (zeroed before the walk; the staged output after it)
+constexpr int TILE_ELEMS = (QALIAS ? 0 : BQ * QS) + STAGES * BK * QS + STAGES * BK * VS;
 unsigned long long* pm = reinterpret_cast<unsigned long long*>(Vs + STAGES * BK * VS);
 int* geo = reinterpret_cast<int*>(pm + 3 * (BK + 1));  // NA_FWD_GEO ints: the block's geometry
 int* rows = geo + NA_FWD_GEO;                          // 8 ints per query row: ws[3], we[3], present, flat
@@ -111,7 +113,7 @@ for (int i = tid; i < 3 * (BK + 1); i += NT) {
 {
   // padding columns and the rows of absent tokens stay zero for the whole kernel
   uint4* z = reinterpret_cast<uint4*>(sm0);
-  const int nz = (int)(((QALIAS ? 0 : BQ * QS) + STAGES * BK * QS + STAGES * BK * VS) * sizeof(T) / 16);
+  const int nz = (int)(TILE_ELEMS * sizeof(T) / 16);
   for (int i = tid; i < nz; i += NT) z[i] = make_uint4(0u, 0u, 0u, 0u);
 }
 __syncthreads();
@@ -495,7 +497,7 @@ const long long part = SPLIT > 1 ? (long long)sp * gridDim.z * N * H : 0;  // ou
 // thread's 4-byte pieces of 8 rows (the epilogue was ~8% of G1's stall samples, ncu on the H200).
 constexpr int OS = DVP + 8;
 constexpr bool STAGE_OUT = SPLIT == 1 && sizeof(OT) == 2 &&
-                           BQ * OS * 2 <= ((QALIAS ? 0 : BQ * QS) + STAGES * BK * QS + STAGES * BK * VS) * (int)sizeof(T);
+                           BQ * OS * 2 <= TILE_ELEMS * (int)sizeof(T);
 OT* const os = reinterpret_cast<OT*>(sm0);
 if (STAGE_OUT) {
   na_cp_wait_all();  // no copy of the walk still lands in the ring
