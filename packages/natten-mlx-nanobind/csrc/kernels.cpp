@@ -715,12 +715,76 @@ __attribute__((always_inline)) inline void slot_sum2s(const float* wa, const flo
     ob[c] = b[c];
   }
 }
+// pv_row2 / pv_row1 feature by feature: per feature its two loads, then its NX shifted FMAs (the weights
+// read from memory by the FMAs), so C = 8 features hold 16 accumulators and a row's lo / hi / shifted
+// value at a time; each feature's sum runs over the same (row, slot) order as pv_row2's, bitwise the same
+template <int C, int NX, int... X>
+__attribute__((always_inline)) inline void pv_row2f(std::integer_sequence<int, X...>, const float* pa, const float* pb, const float* s0,
+                                                    int64_t ld, vf* a, vf* b) {
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    const vf lo = load(s0 + c * ld), hi = hi_part<NX>(s0 + c * ld);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      const vf v = shifted_keys<x>(lo, hi);
+      a[c] += load(pa + x * VW) * v;
+      b[c] += load(pb + x * VW) * v;
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+}
+template <int C, int NX, int... X>
+__attribute__((always_inline)) inline void pv_row1f(std::integer_sequence<int, X...>, const float* pw, const float* s0, int64_t ld,
+                                                    vf* acc) {
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    const vf lo = load(s0 + c * ld), hi = hi_part<NX>(s0 + c * ld);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      acc[c] += load(pw + x * VW) * shifted_keys<x>(lo, hi);
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+}
+template <int C, int NX>
+__attribute__((always_inline)) inline void slot_sum2f(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
+                       const int64_t* rbb, int nb, vf* oa, vf* ob) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = b[c] = vf{};
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) __attribute__((always_inline)) {
+    const float* s0 = src + base;
+    if (i >= 0 && j >= 0) {
+      pv_row2f<C, NX>(std::make_integer_sequence<int, NX>{}, wa + static_cast<int64_t>(i) * NX * VW,
+                      wb + static_cast<int64_t>(j) * NX * VW, s0, ld, a, b);
+    } else {
+      const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * NX * VW : wb + static_cast<int64_t>(j) * NX * VW;
+      pv_row1f<C, NX>(std::make_integer_sequence<int, NX>{}, pw, s0, ld, i >= 0 ? a : b);
+    }
+  });
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    oa[c] = a[c];
+    ob[c] = b[c];
+  }
+}
 template <int NX>
 inline void slot_sums2s(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
                         int na, const int64_t* rbb, int nb, vf mula, vf mulb, float* oa, float* ob) {
   constexpr int G = NA_ALIGNR_PV;
   int64_t c = 0;
-  vf xa[G], xb[G];
+  vf xa[G > 8 ? G : 8], xb[G > 8 ? G : 8];
+  // at <= 8 slots: 8 features per pass, one feature at a time (16 accumulators; the slots' weights
+  // come from memory with the FMAs, which issue one per cycle, beside the loads and valignd)
+  if constexpr (NX <= 8) {
+    for (; c + 8 <= W; c += 8) {
+      slot_sum2f<8, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
+      for (int i = 0; i < 8; ++i) {
+        store(oa + (c + i) * VW, xa[i] * mula);
+        store(ob + (c + i) * VW, xb[i] * mulb);
+      }
+    }
+  }
   for (; c + G <= W; c += G) {
     slot_sum2s<G, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
     for (int i = 0; i < G; ++i) {
