@@ -2564,6 +2564,8 @@ void av_backward(const Geo& g, const float* attn, const float* v, const float* e
 }
 
 // ---------------------------------------------------------------- kernel selection
+bool perm_al = true;
+
 const KernelTable& select_kernels() {
   static const KernelTable* chosen = [] {
     const char* want = std::getenv("NATTEN_MLX_SIMD");

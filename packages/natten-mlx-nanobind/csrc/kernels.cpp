@@ -855,6 +855,12 @@ struct LanePerm {
   int nd;                        // the backward's P / dS on the old slots: old slot x of the lanes
   int dv[VW];                    // dm[i] (served, lo = dv[i]) is slot x - dv[i] here
   __mmask16 dm[VW];
+  // perm_scores2a's keys (al: usable, the served lanes' first keys at most 15 apart): a key row's
+  // keys pmin .. pmin + 31 from two masked loads (nothing past key lim, as the old slots' loads),
+  // slot x of lane l is lane idx[l] of their valignd by x (idx = p - pmin; 0 for lanes not served)
+  bool al;
+  int pmin, lim;
+  alignas(64) int idx[VW];
 };
 // false where the old slots are as cheap (a lane's window spans all of them) or too wide
 inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
@@ -886,6 +892,16 @@ inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
   top = std::min(top, nx + 14);
   lp->hm = top >= VW ? static_cast<__mmask16>((1u << (top - VW + 1)) - 1) : 0;
   lp->n = n;
+  int pmin = 32, pmax = 0;
+  for (int l = 0; l < VW; ++l)
+    if (lohi[l] < lohi[VW + l]) {
+      pmin = std::min(pmin, lp->p[l]);
+      pmax = std::max(pmax, lp->p[l]);
+    }
+  lp->al = perm_al && pmin <= pmax && pmax - pmin <= VW - 1;
+  lp->pmin = lp->al ? pmin : 0;
+  lp->lim = std::max(top, VW - 1);
+  for (int l = 0; l < VW; ++l) lp->idx[l] = lp->al && lohi[l] < lohi[VW + l] ? lp->p[l] - pmin : 0;
   return true;
 }
 __attribute__((always_inline)) inline vf lane_keys(vf lo, vi idx, vf hi) {
@@ -924,6 +940,41 @@ inline void perm_scores2(const float* qa, const float* qb, int64_t ldq, int64_t 
   fold_max<NX>(a, ma);
   fold_max<NX>(b, mb);
 }
+// perm_scores2 with the keys of lane_perm's al: per feature two masked loads at the row's key off =
+// pmin + the chunk's first slot (lm / hm: their lanes up to key lim), then per slot x a valignd by x
+// and a vpermps by idx (one source; both issue beside the FMAs on Zen 4, where vpermt2ps competes
+// with them). Slot x of lane l is key off + x + idx[l] = p[l] + the chunk's first slot + x, the key
+// (or the zero past lim) perm_scores2 reads there: same products, same order, bitwise the same.
+inline __mmask16 lanes_upto(int cnt) {
+  return cnt <= 0 ? 0 : cnt >= VW ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << cnt) - 1);
+}
+template <int NX, int... X>
+inline void perm_scores2a(std::integer_sequence<int, X...>, const float* qa, const float* qb, int64_t ldq, int64_t D,
+                          const float* kb, int64_t ldk, vi idx, __mmask16 lm, __mmask16 hm, float* sa, float* sb, vf* ma,
+                          vf* mb) {
+  vf a[NX], b[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) a[x] = b[x] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qav = load(qa + d * ldq), qbv = load(qb + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = vf(_mm512_maskz_loadu_ps(lm, kr)), hi = hi_masked(kr, hm);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      const vf k = vf(_mm512_permutexvar_ps(__m512i(idx), __m512(shifted_keys<x>(lo, hi))));
+      a[x] += qav * k;
+      b[x] += qbv * k;
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    store(sa + x * VW, a[x]);
+    store(sb + x * VW, b[x]);
+  }
+  fold_max<NX>(a, ma);
+  fold_max<NX>(b, mb);
+}
 template <int NX>
 inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p, __mmask16 hm,
                          float* s, vf* mx) {
@@ -945,8 +996,25 @@ inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb
   for (int x = 0; x < NX; ++x) store(s + x * VW, a[x]);
   fold_max<NX>(a, mx);
 }
+// perm_chunk2 of slots x0 .. x0 + n - 1 of lane_perm lp's: perm_scores2a where lp.al, else perm_scores2
 inline void perm_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
-                        vi p, __mmask16 hm, float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
+                        vi p, __mmask16 hm, float* sa, float* sb, vf* ma, vf* mb, const LanePerm& lp, int x0) {
+  if (lp.al) {
+    const int off = lp.pmin + x0;
+    const __mmask16 lm = lanes_upto(lp.lim - off + 1), hm2 = lanes_upto(lp.lim - off - VW + 1);
+    const vi idx = *reinterpret_cast<const vi*>(lp.idx);
+    switch (n) {
+#define NA_CASE(X)                                                                                                    \
+  case X:                                                                                                             \
+    perm_scores2a<X>(std::make_integer_sequence<int, X>{}, qa, qb, ldq, D, kb + off, ldk, idx, lm, hm2, sa, sb, ma, \
+                     mb);                                                                                             \
+    return;
+      NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+      default: return;
+    }
+  }
+  p += x0;
   switch (n) {
 #define NA_CASE(X) \
   case X: perm_scores2<X>(qa, qb, ldq, D, kb, ldk, p, hm, sa, sb, ma, mb); break;
@@ -1056,8 +1124,9 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
     }
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (n - x0) / (nch - c);
-      perm_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base, ldk, p + x0, lp.hm,
-                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW, pfa, pfb);
+      perm_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base, ldk, p, lp.hm,
+                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW, pfa, pfb,
+                  lp, x0);
       x0 += len;
     }
   });
@@ -1270,8 +1339,8 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (n - x0) / (nch - c);
       const int64_t oa = (static_cast<int64_t>(i) * n + x0) * VW, ob = (static_cast<int64_t>(j) * n + x0) * VW;
-      perm_chunk2(len, qa, qb, ldq, D, kT + base, ldk, p + x0, lp.hm, sa + oa, sb + ob);
-      perm_chunk2(len, doa, dob, ldo, Dv, vT + base, ldv, p + x0, lp.hm, dpa + oa, dpb + ob);
+      perm_chunk2(len, qa, qb, ldq, D, kT + base, ldk, p, lp.hm, sa + oa, sb + ob, nullptr, nullptr, lp, x0);
+      perm_chunk2(len, doa, dob, ldo, Dv, vT + base, ldv, p, lp.hm, dpa + oa, dpb + ob, nullptr, nullptr, lp, x0);
       x0 += len;
     }
   });
