@@ -975,6 +975,27 @@ inline void perm_scores2a(std::integer_sequence<int, X...>, const float* qa, con
   fold_max<NX>(a, ma);
   fold_max<NX>(b, mb);
 }
+// perm_scores1 as perm_scores2a (lp.al): bitwise the same
+template <int NX, int... X>
+inline void perm_scores1a(std::integer_sequence<int, X...>, const float* q, int64_t ldq, int64_t D, const float* kb,
+                          int64_t ldk, vi idx, __mmask16 lm, __mmask16 hm, float* s, vf* mx) {
+  vf a[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) a[x] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qv = load(q + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = vf(_mm512_maskz_loadu_ps(lm, kr)), hi = hi_masked(kr, hm);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      a[x] += qv * vf(_mm512_permutexvar_ps(__m512i(idx), __m512(shifted_keys<x>(lo, hi))));
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) store(s + x * VW, a[x]);
+  fold_max<NX>(a, mx);
+}
 template <int NX>
 inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p, __mmask16 hm,
                          float* s, vf* mx) {
@@ -1024,7 +1045,20 @@ inline void perm_chunk2(int n, const float* qa, const float* qb, int64_t ldq, in
   }
 }
 inline void perm_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p,
-                        __mmask16 hm, float* s, vf* mx = nullptr) {
+                        __mmask16 hm, float* s, vf* mx, const LanePerm& lp, int x0) {
+  if (lp.al) {
+    const int off = lp.pmin + x0;
+    const __mmask16 lm = lanes_upto(lp.lim - off + 1), hm2 = lanes_upto(lp.lim - off - VW + 1);
+    const vi idx = *reinterpret_cast<const vi*>(lp.idx);
+    switch (n) {
+#define NA_CASE(X) \
+  case X: perm_scores1a<X>(std::make_integer_sequence<int, X>{}, q, ldq, D, kb + off, ldk, idx, lm, hm2, s, mx); return;
+      NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+      default: return;
+    }
+  }
+  p += x0;
   switch (n) {
 #define NA_CASE(X) \
   case X: perm_scores1<X>(q, ldq, D, kb, ldk, p, hm, s, mx); break;
@@ -1118,8 +1152,8 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
       const float* q = i >= 0 ? qs : qs + VW;
       float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * n * VW : sb + static_cast<int64_t>(j) * n * VW;
       for (int x0 = 0; x0 < n; x0 += 8)
-        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p + x0, lp.hm, sr + x0 * VW,
-                    i >= 0 ? pfa : pfb);
+        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p, lp.hm, sr + x0 * VW,
+                    i >= 0 ? pfa : pfb, lp, x0);
       return;
     }
     for (int c = 0, x0 = 0; c < nch; ++c) {
@@ -1331,8 +1365,8 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
       float* d = (i >= 0 ? dpa : dpb) + off;
       for (int x0 = 0; x0 < n; x0 += 8) {
         const int len = n - x0 < 8 ? n - x0 : 8;
-        perm_chunk1(len, q, ldq, D, kT + base, ldk, p + x0, lp.hm, s + x0 * VW);
-        perm_chunk1(len, dO, ldo, Dv, vT + base, ldv, p + x0, lp.hm, d + x0 * VW);
+        perm_chunk1(len, q, ldq, D, kT + base, ldk, p, lp.hm, s + x0 * VW, nullptr, lp, x0);
+        perm_chunk1(len, dO, ldo, Dv, vT + base, ldv, p, lp.hm, d + x0 * VW, nullptr, lp, x0);
       }
       return;
     }
