@@ -5,6 +5,9 @@
 #include "driver.h"
 
 #include <sched.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -2568,8 +2571,33 @@ void av_backward(const Geo& g, const float* attn, const float* v, const float* e
 }
 
 // ---------------------------------------------------------------- kernel selection
+bool perm_al = false;
+
+namespace {
+// perm_scores2a on this CPU: on AMD (Zen 4: valignd and vpermps issue beside the one 512-bit FMA per
+// cycle, vpermt2ps competes with it; C4's forward 0.95 of vpermt2ps's), not elsewhere until measured
+// there; NATTEN_MLX_PERM_AL=0/1 overrides
+bool want_perm_al() {
+  const char* e = std::getenv("NATTEN_MLX_PERM_AL");
+  if (e && *e) return std::strcmp(e, "0") != 0;
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
+  char v[13];
+  std::memcpy(v, &b, 4);
+  std::memcpy(v + 4, &d, 4);
+  std::memcpy(v + 8, &c, 4);
+  v[12] = 0;
+  return std::strcmp(v, "AuthenticAMD") == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 const KernelTable& select_kernels() {
   static const KernelTable* chosen = [] {
+    perm_al = want_perm_al();
     const char* want = std::getenv("NATTEN_MLX_SIMD");
     auto wanted = [&](const char* name) { return !want || !*want || std::strcmp(want, name) == 0; };
 #if defined(NA_HAVE_avx512)

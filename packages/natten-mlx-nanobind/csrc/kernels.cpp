@@ -715,12 +715,76 @@ __attribute__((always_inline)) inline void slot_sum2s(const float* wa, const flo
     ob[c] = b[c];
   }
 }
+// pv_row2 / pv_row1 feature by feature: per feature its two loads, then its NX shifted FMAs (the weights
+// read from memory by the FMAs), so C = 8 features hold 16 accumulators and a row's lo / hi / shifted
+// value at a time; each feature's sum runs over the same (row, slot) order as pv_row2's, bitwise the same
+template <int C, int NX, int... X>
+__attribute__((always_inline)) inline void pv_row2f(std::integer_sequence<int, X...>, const float* pa, const float* pb, const float* s0,
+                                                    int64_t ld, vf* a, vf* b) {
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    const vf lo = load(s0 + c * ld), hi = hi_part<NX>(s0 + c * ld);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      const vf v = shifted_keys<x>(lo, hi);
+      a[c] += load(pa + x * VW) * v;
+      b[c] += load(pb + x * VW) * v;
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+}
+template <int C, int NX, int... X>
+__attribute__((always_inline)) inline void pv_row1f(std::integer_sequence<int, X...>, const float* pw, const float* s0, int64_t ld,
+                                                    vf* acc) {
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    const vf lo = load(s0 + c * ld), hi = hi_part<NX>(s0 + c * ld);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      acc[c] += load(pw + x * VW) * shifted_keys<x>(lo, hi);
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+}
+template <int C, int NX>
+__attribute__((always_inline)) inline void slot_sum2f(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
+                       const int64_t* rbb, int nb, vf* oa, vf* ob) {
+  vf a[C], b[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = b[c] = vf{};
+  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) __attribute__((always_inline)) {
+    const float* s0 = src + base;
+    if (i >= 0 && j >= 0) {
+      pv_row2f<C, NX>(std::make_integer_sequence<int, NX>{}, wa + static_cast<int64_t>(i) * NX * VW,
+                      wb + static_cast<int64_t>(j) * NX * VW, s0, ld, a, b);
+    } else {
+      const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * NX * VW : wb + static_cast<int64_t>(j) * NX * VW;
+      pv_row1f<C, NX>(std::make_integer_sequence<int, NX>{}, pw, s0, ld, i >= 0 ? a : b);
+    }
+  });
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    oa[c] = a[c];
+    ob[c] = b[c];
+  }
+}
 template <int NX>
 inline void slot_sums2s(const float* wa, const float* wb, const float* src, int64_t ld, int64_t W, const int64_t* ra,
                         int na, const int64_t* rbb, int nb, vf mula, vf mulb, float* oa, float* ob) {
   constexpr int G = NA_ALIGNR_PV;
   int64_t c = 0;
-  vf xa[G], xb[G];
+  vf xa[G > 8 ? G : 8], xb[G > 8 ? G : 8];
+  // at <= 8 slots: 8 features per pass, one feature at a time (16 accumulators; the slots' weights
+  // come from memory with the FMAs, which issue one per cycle, beside the loads and valignd)
+  if constexpr (NX <= 8) {
+    for (; c + 8 <= W; c += 8) {
+      slot_sum2f<8, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
+      for (int i = 0; i < 8; ++i) {
+        store(oa + (c + i) * VW, xa[i] * mula);
+        store(ob + (c + i) * VW, xb[i] * mulb);
+      }
+    }
+  }
   for (; c + G <= W; c += G) {
     slot_sum2s<G, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
     for (int i = 0; i < G; ++i) {
@@ -791,6 +855,12 @@ struct LanePerm {
   int nd;                        // the backward's P / dS on the old slots: old slot x of the lanes
   int dv[VW];                    // dm[i] (served, lo = dv[i]) is slot x - dv[i] here
   __mmask16 dm[VW];
+  // perm_scores2a's keys (al: usable, the served lanes' first keys at most 15 apart): a key row's
+  // keys pmin .. pmin + 31 from two masked loads (nothing past key lim, as the old slots' loads),
+  // slot x of lane l is lane idx[l] of their valignd by x (idx = p - pmin; 0 for lanes not served)
+  bool al;
+  int pmin, lim;
+  alignas(64) int idx[VW];
 };
 // false where the old slots are as cheap (a lane's window spans all of them) or too wide
 inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
@@ -822,6 +892,16 @@ inline bool lane_perm(const int* lohi, int nx, LanePerm* lp) {
   top = std::min(top, nx + 14);
   lp->hm = top >= VW ? static_cast<__mmask16>((1u << (top - VW + 1)) - 1) : 0;
   lp->n = n;
+  int pmin = 32, pmax = 0;
+  for (int l = 0; l < VW; ++l)
+    if (lohi[l] < lohi[VW + l]) {
+      pmin = std::min(pmin, lp->p[l]);
+      pmax = std::max(pmax, lp->p[l]);
+    }
+  lp->al = perm_al && pmin <= pmax && pmax - pmin <= VW - 1;
+  lp->pmin = lp->al ? pmin : 0;
+  lp->lim = std::max(top, VW - 1);
+  for (int l = 0; l < VW; ++l) lp->idx[l] = lp->al && lohi[l] < lohi[VW + l] ? lp->p[l] - pmin : 0;
   return true;
 }
 __attribute__((always_inline)) inline vf lane_keys(vf lo, vi idx, vf hi) {
@@ -860,6 +940,62 @@ inline void perm_scores2(const float* qa, const float* qb, int64_t ldq, int64_t 
   fold_max<NX>(a, ma);
   fold_max<NX>(b, mb);
 }
+// perm_scores2 with the keys of lane_perm's al: per feature two masked loads at the row's key off =
+// pmin + the chunk's first slot (lm / hm: their lanes up to key lim), then per slot x a valignd by x
+// and a vpermps by idx (one source; both issue beside the FMAs on Zen 4, where vpermt2ps competes
+// with them). Slot x of lane l is key off + x + idx[l] = p[l] + the chunk's first slot + x, the key
+// (or the zero past lim) perm_scores2 reads there: same products, same order, bitwise the same.
+inline __mmask16 lanes_upto(int cnt) {
+  return cnt <= 0 ? 0 : cnt >= VW ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << cnt) - 1);
+}
+template <int NX, int... X>
+inline void perm_scores2a(std::integer_sequence<int, X...>, const float* qa, const float* qb, int64_t ldq, int64_t D,
+                          const float* kb, int64_t ldk, vi idx, __mmask16 lm, __mmask16 hm, float* sa, float* sb, vf* ma,
+                          vf* mb) {
+  vf a[NX], b[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) a[x] = b[x] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qav = load(qa + d * ldq), qbv = load(qb + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = vf(_mm512_maskz_loadu_ps(lm, kr)), hi = hi_masked(kr, hm);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      const vf k = vf(_mm512_permutexvar_ps(__m512i(idx), __m512(shifted_keys<x>(lo, hi))));
+      a[x] += qav * k;
+      b[x] += qbv * k;
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) {
+    store(sa + x * VW, a[x]);
+    store(sb + x * VW, b[x]);
+  }
+  fold_max<NX>(a, ma);
+  fold_max<NX>(b, mb);
+}
+// perm_scores1 as perm_scores2a (lp.al): bitwise the same
+template <int NX, int... X>
+inline void perm_scores1a(std::integer_sequence<int, X...>, const float* q, int64_t ldq, int64_t D, const float* kb,
+                          int64_t ldk, vi idx, __mmask16 lm, __mmask16 hm, float* s, vf* mx) {
+  vf a[NX];
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) a[x] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vf qv = load(q + d * ldq);
+    const float* kr = kb + d * ldk;
+    const vf lo = vf(_mm512_maskz_loadu_ps(lm, kr)), hi = hi_masked(kr, hm);
+    auto step = [&](auto xc) __attribute__((always_inline)) {
+      constexpr int x = decltype(xc)::value;
+      a[x] += qv * vf(_mm512_permutexvar_ps(__m512i(idx), __m512(shifted_keys<x>(lo, hi))));
+    };
+    (step(std::integral_constant<int, X>{}), ...);
+  }
+#pragma GCC unroll 16
+  for (int x = 0; x < NX; ++x) store(s + x * VW, a[x]);
+  fold_max<NX>(a, mx);
+}
 template <int NX>
 inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p, __mmask16 hm,
                          float* s, vf* mx) {
@@ -881,8 +1017,25 @@ inline void perm_scores1(const float* q, int64_t ldq, int64_t D, const float* kb
   for (int x = 0; x < NX; ++x) store(s + x * VW, a[x]);
   fold_max<NX>(a, mx);
 }
+// perm_chunk2 of slots x0 .. x0 + n - 1 of lane_perm lp's: perm_scores2a where lp.al, else perm_scores2
 inline void perm_chunk2(int n, const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kb, int64_t ldk,
-                        vi p, __mmask16 hm, float* sa, float* sb, vf* ma = nullptr, vf* mb = nullptr) {
+                        vi p, __mmask16 hm, float* sa, float* sb, vf* ma, vf* mb, const LanePerm& lp, int x0) {
+  if (lp.al) {
+    const int off = lp.pmin + x0;
+    const __mmask16 lm = lanes_upto(lp.lim - off + 1), hm2 = lanes_upto(lp.lim - off - VW + 1);
+    const vi idx = *reinterpret_cast<const vi*>(lp.idx);
+    switch (n) {
+#define NA_CASE(X)                                                                                                    \
+  case X:                                                                                                             \
+    perm_scores2a<X>(std::make_integer_sequence<int, X>{}, qa, qb, ldq, D, kb + off, ldk, idx, lm, hm2, sa, sb, ma, \
+                     mb);                                                                                             \
+    return;
+      NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+      default: return;
+    }
+  }
+  p += x0;
   switch (n) {
 #define NA_CASE(X) \
   case X: perm_scores2<X>(qa, qb, ldq, D, kb, ldk, p, hm, sa, sb, ma, mb); break;
@@ -892,7 +1045,20 @@ inline void perm_chunk2(int n, const float* qa, const float* qb, int64_t ldq, in
   }
 }
 inline void perm_chunk1(int n, const float* q, int64_t ldq, int64_t D, const float* kb, int64_t ldk, vi p,
-                        __mmask16 hm, float* s, vf* mx = nullptr) {
+                        __mmask16 hm, float* s, vf* mx, const LanePerm& lp, int x0) {
+  if (lp.al) {
+    const int off = lp.pmin + x0;
+    const __mmask16 lm = lanes_upto(lp.lim - off + 1), hm2 = lanes_upto(lp.lim - off - VW + 1);
+    const vi idx = *reinterpret_cast<const vi*>(lp.idx);
+    switch (n) {
+#define NA_CASE(X) \
+  case X: perm_scores1a<X>(std::make_integer_sequence<int, X>{}, q, ldq, D, kb + off, ldk, idx, lm, hm2, s, mx); return;
+      NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+      default: return;
+    }
+  }
+  p += x0;
   switch (n) {
 #define NA_CASE(X) \
   case X: perm_scores1<X>(q, ldq, D, kb, ldk, p, hm, s, mx); break;
@@ -986,14 +1152,15 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
       const float* q = i >= 0 ? qs : qs + VW;
       float* sr = i >= 0 ? sa + static_cast<int64_t>(i) * n * VW : sb + static_cast<int64_t>(j) * n * VW;
       for (int x0 = 0; x0 < n; x0 += 8)
-        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p + x0, lp.hm, sr + x0 * VW,
-                    i >= 0 ? pfa : pfb);
+        perm_chunk1(n - x0 < 8 ? n - x0 : 8, q, 2 * VW, D, kT + base, ldk, p, lp.hm, sr + x0 * VW,
+                    i >= 0 ? pfa : pfb, lp, x0);
       return;
     }
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (n - x0) / (nch - c);
-      perm_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base, ldk, p + x0, lp.hm,
-                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW, pfa, pfb);
+      perm_chunk2(len, qs, qs + VW, 2 * VW, D, kT + base, ldk, p, lp.hm,
+                  sa + (static_cast<int64_t>(i) * n + x0) * VW, sb + (static_cast<int64_t>(j) * n + x0) * VW, pfa, pfb,
+                  lp, x0);
       x0 += len;
     }
   });
@@ -1193,16 +1360,16 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
       float* d = (i >= 0 ? dpa : dpb) + off;
       for (int x0 = 0; x0 < n; x0 += 8) {
         const int len = n - x0 < 8 ? n - x0 : 8;
-        perm_chunk1(len, q, ldq, D, kT + base, ldk, p + x0, lp.hm, s + x0 * VW);
-        perm_chunk1(len, dO, ldo, Dv, vT + base, ldv, p + x0, lp.hm, d + x0 * VW);
+        perm_chunk1(len, q, ldq, D, kT + base, ldk, p, lp.hm, s + x0 * VW, nullptr, lp, x0);
+        perm_chunk1(len, dO, ldo, Dv, vT + base, ldv, p, lp.hm, d + x0 * VW, nullptr, lp, x0);
       }
       return;
     }
     for (int c = 0, x0 = 0; c < nch; ++c) {
       const int len = (n - x0) / (nch - c);
       const int64_t oa = (static_cast<int64_t>(i) * n + x0) * VW, ob = (static_cast<int64_t>(j) * n + x0) * VW;
-      perm_chunk2(len, qa, qb, ldq, D, kT + base, ldk, p + x0, lp.hm, sa + oa, sb + ob);
-      perm_chunk2(len, doa, dob, ldo, Dv, vT + base, ldv, p + x0, lp.hm, dpa + oa, dpb + ob);
+      perm_chunk2(len, qa, qb, ldq, D, kT + base, ldk, p, lp.hm, sa + oa, sb + ob, nullptr, nullptr, lp, x0);
+      perm_chunk2(len, doa, dob, ldo, Dv, vT + base, ldv, p, lp.hm, dpa + oa, dpb + ob, nullptr, nullptr, lp, x0);
       x0 += len;
     }
   });

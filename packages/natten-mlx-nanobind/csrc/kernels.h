@@ -122,6 +122,10 @@ const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_base();
 
+// The AVX-512 border blocks' scores by valignd + vpermps (perm_scores2a) instead of vpermt2ps:
+// set by select_kernels() (driver.cpp), read by the kernels
+extern bool perm_al;
+
 // The best table this CPU runs (NATTEN_MLX_SIMD=avx512|avx2|base overrides, for tests and benches).
 const KernelTable& select_kernels();
 
