@@ -1301,30 +1301,26 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         const int64_t tstep = g.Dl[2] * g.H;
         for (int64_t gg = 0; gg < g.G; ++gg) {
           const int64_t h = hk * g.G + gg;
-          // the next block's queries (past the row's end: the next row's, or an unused line) and the
-          // lines its outputs go to (written 8 floats at a time, read for ownership)
+          // the block's queries transposed to [D][vw] here, 8 at a time, rather than all of them up front
           for (int i = 0; i < nr; ++i)
-            for (int l = vw; l < 2 * vw; ++l) {
-              prefetch_row(a.q + ((row0[i] + l * tstep) + h) * D, D);
-              float* o = a.out + ((row0[i] + l * tstep) + h) * Dv;
-              for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
-            }
-          // the block's queries transposed here rather than all of them up front: two rows straight
-          // into exact_fwd2's scaled [D][2][vw] layout, one row to [D][vw] (exact_fwd scales them)
-          if (nr == 2) {
-            const float* qrow[2] = {a.q + (row0[0] + h) * D, a.q + (row0[1] + h) * D};
-            kt.queries2(qrow, tstep * D, D, g.scale, qb);
-            kt.exact_fwd2(qb, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], rb[1], nrows[1], nx, lohi, S[0], S[1],
-                          oT[0], oT[1], lsev[0], lsev[1]);
-          } else {
             for (int l0 = 0; l0 < vw; l0 += 8) {
               const float* src[8];
-              for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0[0] + (l0 + j) * tstep) + h) * D;
-              kt.transpose8(src, D, qloc[0] + l0, vw);
+              for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0[i] + (l0 + j) * tstep) + h) * D;
+              // the next block's queries (past the row's end: the next row's, or an unused line)
+              for (int j = 0; j < 8; ++j) {
+                prefetch_row(a.q + ((row0[i] + (l0 + vw + j) * tstep) + h) * D, D);
+                // and the lines its outputs go to (written 8 floats at a time, read for ownership)
+                float* o = a.out + ((row0[i] + (l0 + vw + j) * tstep) + h) * Dv;
+                for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
+              }
+              kt.transpose8(src, D, qloc[i] + l0, vw);
             }
+          if (nr == 2)
+            kt.exact_fwd2(qloc[0], qloc[1], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], rb[1],
+                          nrows[1], nx, lohi, S[0], S[1], oT[0], oT[1], lsev[0], lsev[1]);
+          else
             kt.exact_fwd(qloc[0], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], nx, lohi, S[0], oT[0],
                          lsev[0]);
-          }
           for (int i = 0; i < nr; ++i) {
             store_lanes(kt, oT[i], Dv, vw, blk.skip, lohi, a.out + (row0[i] + h) * Dv, tstep * Dv);
             for (int l = blk.skip; l < vw; ++l)

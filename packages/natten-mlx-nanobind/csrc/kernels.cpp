@@ -1181,10 +1181,15 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
 }
 #endif
 
-// qs: the two rows' queries scaled, side by side ([D][2][VW]), as queries2 leaves them
-void exact_fwd2(const float* qs, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv, int64_t Dv,
-                const int64_t* ra, int na, const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb,
-                float* oa, float* ob, float* lsea, float* lseb) {
+void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
+                const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
+                const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
+  // the queries scaled once, side by side ([D][2][VW]) in the scratch after A's scores
+  float* qs = sa + static_cast<int64_t>(na) * nx * VW;
+  for (int64_t d = 0; d < D; ++d) {
+    store(qs + 2 * d * VW, load(qa + d * ldq) * scale);
+    store(qs + (2 * d + 1) * VW, load(qb + d * ldq) * scale);
+  }
 #if defined(NA_ALIGNR_RUN2)
   if (lohi) {
     LanePerm lp;
@@ -1928,42 +1933,11 @@ void row_fwd_g(const RowQuery* qs, int nq, const int64_t* koff, int64_t kstep, i
   if (i < nq) row_fwd_n<1, true>(qs + i, kstep, vstep, n, D, Dv, scale, zeros, s, koff);
 }
 
-// CHECK: also returns whether every value read is finite (x * 0 is 0 for finite x, NaN otherwise).
-// SCALE: stores each value times scale (the float32 product, as scaling before the transpose would).
-template <bool CHECK, bool SCALE = false>
-inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int64_t ld, float scale = 1.f) {
+// CHECK: also returns whether every value read is finite (x * 0 is 0 for finite x, NaN otherwise)
+template <bool CHECK>
+inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int64_t ld) {
   int64_t c0 = 0;
   v8 fin{};
-  const v8 sc = v8{} + scale;
-#if defined(NA_VARIANT_avx2) || defined(NA_VARIANT_avx512)
-  // An 8 x 8 step from 128-bit halves: a[j] = [row j, features c0..c0+3 | row j + 4, the same], b[j]
-  // the next four features; a 4 x 4 transpose inside each 128-bit half (unpack, shuffle) then leaves
-  // whole columns (rows 0-3 | rows 4-7): 16 shuffles and 8 inserts a step, where the network over
-  // whole rows takes 24 shuffles (its last stage crosses the halves)
-  auto cols = [&](const __m256* x, float* d0) __attribute__((always_inline)) {
-    const __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
-    const __m256 o[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
-                         _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-    for (int c = 0; c < 4; ++c) {
-      v8 v = reinterpret_cast<const v8&>(o[c]);
-      if (SCALE) v = v * sc;
-      *reinterpret_cast<v8u*>(d0 + c * ld) = v;
-    }
-  };
-  for (; c0 + 8 <= w; c0 += 8) {
-    __m256 a[4], b[4];
-    for (int j = 0; j < 4; ++j) {
-      a[j] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(src[j] + c0)), _mm_loadu_ps(src[j + 4] + c0), 1);
-      b[j] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(src[j] + c0 + 4)),
-                                  _mm_loadu_ps(src[j + 4] + c0 + 4), 1);
-    }
-    if (CHECK)
-      for (int j = 0; j < 4; ++j) fin += reinterpret_cast<const v8&>(a[j]) * 0.f + reinterpret_cast<const v8&>(b[j]) * 0.f;
-    cols(a, dst + c0 * ld);
-    cols(b, dst + (c0 + 4) * ld);
-  }
-#else
 #if defined(__clang__)
 #define NA_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -1986,22 +1960,16 @@ inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int6
       u[j + 3] = NA_SHUF(t[j + 1], t[j + 3], 2, 3, 10, 11, 6, 7, 14, 15);
     }
     for (int c = 0; c < 4; ++c) {
-      v8 lo = NA_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11), hi = NA_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-      if (SCALE) {
-        lo = lo * sc;
-        hi = hi * sc;
-      }
-      *reinterpret_cast<v8u*>(dst + (c0 + c) * ld) = lo;
-      *reinterpret_cast<v8u*>(dst + (c0 + c + 4) * ld) = hi;
+      *reinterpret_cast<v8u*>(dst + (c0 + c) * ld) = NA_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+      *reinterpret_cast<v8u*>(dst + (c0 + c + 4) * ld) = NA_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
   }
 #undef NA_SHUF
-#endif
 
   float tail = 0.f;
   for (; c0 < w; ++c0)
     for (int j = 0; j < 8; ++j) {
-      dst[c0 * ld + j] = SCALE ? src[j][c0] * scale : src[j][c0];
+      dst[c0 * ld + j] = src[j][c0];
       if (CHECK) tail += src[j][c0] * 0.f;
     }
   if (!CHECK) return true;
@@ -2012,14 +1980,6 @@ inline bool transpose8_impl(const float* const* src, int64_t w, float* dst, int6
 void transpose8(const float* const* src, int64_t w, float* dst, int64_t ld) { transpose8_impl<false>(src, w, dst, ld); }
 bool transpose8_finite(const float* const* src, int64_t w, float* dst, int64_t ld) {
   return transpose8_impl<true>(src, w, dst, ld);
-}
-void queries2(const float* const* row, int64_t step, int64_t D, float scale, float* qs) {
-  for (int i = 0; i < 2; ++i)
-    for (int l0 = 0; l0 < VW; l0 += 8) {
-      const float* src[8];
-      for (int j = 0; j < 8; ++j) src[j] = row[i] + (l0 + j) * step;
-      transpose8_impl<false, true>(src, D, qs + i * VW + l0, 2 * VW, scale);
-    }
 }
 
 }  // namespace
@@ -2036,7 +1996,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, queries2};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

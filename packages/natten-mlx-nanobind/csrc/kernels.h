@@ -81,11 +81,11 @@ struct KernelTable {
                        int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr);
   // exact_fwd of two blocks (A, B) at the same lanes of two query rows, key row bases ra[na] and
   // rb[nb] (each ascending), one lohi for both: key rows in both windows are read once for both.
-  // qs: both blocks' scaled queries side by side, [D][2][vw] (as queries2 writes them);
-  // sa: na * nx * vw floats, sb: nb * nx * vw; oa, ob [Dv][vw].
-  void (*exact_fwd2)(const float* qs, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
-                     int64_t Dv, const int64_t* ra, int na, const int64_t* rb, int nb, int nx, const int* lohi,
-                     float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb);
+  // qa, qb: [D][ldq]; sa: (na * nx + 2 * D) * vw floats, sb: nb * nx * vw; oa, ob [Dv][vw].
+  void (*exact_fwd2)(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
+                     int64_t ldk, const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na,
+                     const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob,
+                     float* lsea, float* lseb);
   // exact_bwd_q of two blocks at the same lanes of two query rows (as exact_fwd2): qa/qb [D][ldq], doa/dob
   // [Dv][ldo], sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw; P and dS to outa/outb; dqa/dqb [D][vw]
   void (*exact_bwd_q2)(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
@@ -113,9 +113,6 @@ struct KernelTable {
   void (*exact_bwd_kv2)(const float* const* w0, const float* const* w1, int64_t lds, const float* x0, const float* x1,
                         int64_t ldx, int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx,
                         int nk, const int* vr);
-  // exact_fwd2's queries: qs[(2 * d + i) * vw + l] = row[i][l * step + d] * scale (float32 products)
-  // for the two query rows i, lanes l < vw and d < D (row[i]: lane 0's heads-last query row)
-  void (*queries2)(const float* const* row, int64_t step, int64_t D, float scale, float* qs);
 };
 
 const KernelTable* kernels_avx512();
