@@ -693,28 +693,6 @@ __attribute__((always_inline)) inline void pv_row1(std::integer_sequence<int, X.
   };
   (step(std::integral_constant<int, X>{}), ...);
 }
-template <int C, int NX>
-__attribute__((always_inline)) inline void slot_sum2s(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
-                       const int64_t* rbb, int nb, vf* oa, vf* ob) {
-  vf a[C], b[C];
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) a[c] = b[c] = vf{};
-  for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) __attribute__((always_inline)) {
-    const float* s0 = src + base;
-    if (i >= 0 && j >= 0) {
-      pv_row2<C, NX>(std::make_integer_sequence<int, NX>{}, wa + static_cast<int64_t>(i) * NX * VW,
-                     wb + static_cast<int64_t>(j) * NX * VW, s0, ld, a, b);
-    } else {
-      const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * NX * VW : wb + static_cast<int64_t>(j) * NX * VW;
-      pv_row1<C, NX>(std::make_integer_sequence<int, NX>{}, pw, s0, ld, i >= 0 ? a : b);
-    }
-  });
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) {
-    oa[c] = a[c];
-    ob[c] = b[c];
-  }
-}
 // pv_row2 / pv_row1 feature by feature: per feature its two loads, then its NX shifted FMAs (the weights
 // read from memory by the FMAs), so C = 8 features hold 16 accumulators and a row's lo / hi / shifted
 // value at a time; each feature's sum runs over the same (row, slot) order as pv_row2's, bitwise the same
@@ -746,8 +724,9 @@ __attribute__((always_inline)) inline void pv_row1f(std::integer_sequence<int, X
     (step(std::integral_constant<int, X>{}), ...);
   }
 }
-template <int C, int NX>
-__attribute__((always_inline)) inline void slot_sum2f(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
+// F: the rows feature by feature (pv_row2f / pv_row1f), else G features interleaved (pv_row2 / pv_row1)
+template <int C, int NX, bool F = false>
+__attribute__((always_inline)) inline void slot_sum2s(const float* wa, const float* wb, const float* src, int64_t ld, const int64_t* ra, int na,
                        const int64_t* rbb, int nb, vf* oa, vf* ob) {
   vf a[C], b[C];
 #pragma GCC unroll 8
@@ -755,11 +734,18 @@ __attribute__((always_inline)) inline void slot_sum2f(const float* wa, const flo
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) __attribute__((always_inline)) {
     const float* s0 = src + base;
     if (i >= 0 && j >= 0) {
-      pv_row2f<C, NX>(std::make_integer_sequence<int, NX>{}, wa + static_cast<int64_t>(i) * NX * VW,
-                      wb + static_cast<int64_t>(j) * NX * VW, s0, ld, a, b);
+      const float* pa = wa + static_cast<int64_t>(i) * NX * VW;
+      const float* pb = wb + static_cast<int64_t>(j) * NX * VW;
+      if constexpr (F)
+        pv_row2f<C, NX>(std::make_integer_sequence<int, NX>{}, pa, pb, s0, ld, a, b);
+      else
+        pv_row2<C, NX>(std::make_integer_sequence<int, NX>{}, pa, pb, s0, ld, a, b);
     } else {
       const float* pw = i >= 0 ? wa + static_cast<int64_t>(i) * NX * VW : wb + static_cast<int64_t>(j) * NX * VW;
-      pv_row1f<C, NX>(std::make_integer_sequence<int, NX>{}, pw, s0, ld, i >= 0 ? a : b);
+      if constexpr (F)
+        pv_row1f<C, NX>(std::make_integer_sequence<int, NX>{}, pw, s0, ld, i >= 0 ? a : b);
+      else
+        pv_row1<C, NX>(std::make_integer_sequence<int, NX>{}, pw, s0, ld, i >= 0 ? a : b);
     }
   });
 #pragma GCC unroll 8
@@ -778,7 +764,7 @@ inline void slot_sums2s(const float* wa, const float* wb, const float* src, int6
   // come from memory with the FMAs, which issue one per cycle, beside the loads and valignd)
   if constexpr (NX <= 8) {
     for (; c + 8 <= W; c += 8) {
-      slot_sum2f<8, NX>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
+      slot_sum2s<8, NX, true>(wa, wb, src + c * ld, ld, ra, na, rbb, nb, xa, xb);
       for (int i = 0; i < 8; ++i) {
         store(oa + (c + i) * VW, xa[i] * mula);
         store(ob + (c + i) * VW, xb[i] * mulb);
