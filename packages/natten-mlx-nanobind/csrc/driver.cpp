@@ -145,7 +145,7 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them)
-std::atomic<int64_t> path_count[6];
+std::atomic<int64_t> path_count[8];
 // Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
 // strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
 // reads 32 features x 8 key rows of keys and as many of values per block, ~100 distinct 4 KiB pages,
@@ -205,8 +205,8 @@ float* scratch(size_t n, bool zero) {
 }
 int num_threads() { return pool().size(); }
 std::vector<int64_t> path_counts(bool reset) {
-  std::vector<int64_t> out(6);
-  for (int i = 0; i < 6; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  std::vector<int64_t> out(8);
+  for (int i = 0; i < 8; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
   return out;
 }
 const char* simd_name() { return select_kernels().name; }
@@ -856,9 +856,11 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
 // Slice (b, h) of heads-last x [B][n][hx][w] into dst [w][ld], rows [rb, re) along the first two axes
 // (a row: L2 tokens along the last axis), where token i2 of a row moves to gstart[i2 % Dl2] + i2 / Dl2
 // (each dilation group contiguous). check: returns whether every value is finite (else true).
+// ring > 0: row r (along the first two axes) goes to row slot r % ring of dst instead of r (the streamed
+// paths keep only the rows in use, in L2, rather than a whole slice written once and evicted)
 bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, int64_t h, int64_t n, int64_t hx,
                             int64_t w, int L2, int Dl2, const int64_t* gstart, int64_t ld, float* __restrict dst,
-                            int64_t rb, int64_t re, bool check = false) {
+                            int64_t rb, int64_t re, bool check = false, int64_t ring = 0) {
   bool fin = true;
   // 8 tokens x 8 features at a time: the destination rows are n floats apart (often a multiple of
   // 4 KiB, so token-major stores would fight over a few cache sets); this writes 8 floats per row
@@ -871,7 +873,7 @@ bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, in
         for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
         for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
           prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
-        float* d0 = dst + r0 + gstart[g2] + j0;
+        float* d0 = dst + (ring ? (r0 / L2) % ring * L2 : r0) + gstart[g2] + j0;
         if (nj == 8) {
           if (check)
             fin = kt.transpose8_finite(srcs, w, d0, ld) && fin;
@@ -921,11 +923,55 @@ std::vector<int64_t> order_by_need(const std::vector<int64_t>& need) {
   return seq;
 }
 
+// NATTEN_MLX_RING=0 keeps every transposed row of a streamed slice in its own place instead of a ring of
+// row slots (read once per process; tests compare the two)
+bool ring_mode() {
+  static const bool on = [] {
+    const char* env = std::getenv("NATTEN_MLX_RING");
+    return !env || std::strcmp(env, "0") != 0;
+  }();
+  return on;
+}
+
+// The rows (along the first two axes) a stream transposes past the last one a unit needs: border blocks
+// read up to K2 + 4 vw tokens past their group's last key (ep.ld's slack)
+inline int64_t stream_ahead(const Geo& g, int vw) { return (g.K[2] + 4 * vw + g.L[2] - 1) / g.L[2]; }
+
+// Row slots for a stream over units in the order seq[c0, c1), unit i needing key rows [lo[i], need[i]),
+// from row `start` on: at each unit, the rows from lo - ahead (border blocks read a few keys before a
+// row) up to the stream's front must still be in their slots. 0 when that is every row (no ring).
+int64_t ring_rows(const Geo& g, int vw, const std::vector<int64_t>& seq, size_t c0, size_t c1,
+                  const std::vector<int64_t>& lo, const std::vector<int64_t>& need, int64_t start) {
+  const int64_t rows = g.Nk / g.L[2], ahead = stream_ahead(g, vw);
+  int64_t done = start, r = 0;
+  for (size_t c = c0; c < c1; ++c) {
+    const int64_t i = seq[c];
+    done = std::min(rows, std::max(need[i] + ahead, done));
+    r = std::max(r, done - std::max<int64_t>(lo[i] - ahead, 0) + 1);
+  }
+  return r + 1 >= rows ? 0 : r + 1;
+}
+
+// the row length of a ring of r row slots (as ep.ld: slack for the border blocks' reads past the end,
+// never a multiple of 1024 floats)
+inline int64_t ring_ld(const Geo& g, const ExactPlan& ep, int vw, int64_t r) {
+  int64_t ld = round_up(ep.front + r * g.L[2] + g.K[2] + 4 * vw, 16) + 16;
+  return ld % 1024 == 0 ? ld + 16 : ld;
+}
+
+// a key row base (ep's permuted layout: row r's group g2 at r * L2 + gstart[g2]) in a ring of r slots
+inline int64_t ring_base(const Geo& g, const ExactPlan& ep, int64_t base, int64_t r) {
+  if (!r) return base;
+  const int64_t row = (base - ep.front) / g.L[2];
+  return base + (row % r - row) * g.L[2];
+}
+
 // One task's streamed slice (b, h) of keys k and values v into ks [D][ld] / vs [Dv][ld] (padding zeroed
 // here); advance(need) transposes the rows up to need + ahead. Border blocks read up to K2 + 4 vw tokens
 // past their group's last key (ep.ld's slack): those of the rows after it must be transposed already
 // (finite), so the transposes run that far ahead. advance returns false when a value it checked (keys
-// with check_k, values with check_v) was not finite.
+// with check_k, values with check_v) was not finite. ring > 0: the rows go to row slots r % ring (see
+// transpose_rows_grouped; ks/vs hold ring rows, ld from ring_ld, read through ring_base).
 struct SliceStream {
   const KernelTable& kt;
   const Geo& g;
@@ -934,21 +980,23 @@ struct SliceStream {
   int64_t b, h, ld;
   float *ks, *vs;
   bool check_k, check_v;
-  int64_t rows, ahead, done;
+  int64_t rows, ahead, done, ring;
   SliceStream(const KernelTable& kt_, const Geo& g_, const ExactPlan& ep_, const float* k_, const float* v_, int64_t b_,
-              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_, int64_t start = 0)
+              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_, int64_t start = 0,
+              int64_t ring_ = 0)
       : kt(kt_), g(g_), ep(ep_), k(k_), v(v_), b(b_), h(h_), ld(ld_), ks(ks_), vs(vs_), check_k(check_k_),
-        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead((g_.K[2] + 4 * kt_.vw + g_.L[2] - 1) / g_.L[2]), done(start) {
-    zero_slice_padding(ks, g.D, g.Nk, ld, ep.front);
-    zero_slice_padding(vs, g.Dv, g.Nk, ld, ep.front);
+        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead(stream_ahead(g_, kt_.vw)), done(start), ring(ring_) {
+    const int64_t n = ring ? ring * g.L[2] : g.Nk;
+    zero_slice_padding(ks, g.D, n, ld, ep.front);
+    zero_slice_padding(vs, g.Dv, n, ld, ep.front);
   }
   bool advance(int64_t need) {
     const int64_t upto = std::min(rows, std::max(need + ahead, done));
     if (upto <= done) return true;
     const bool fk = transpose_rows_grouped(kt, k, b, h, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ld, ks,
-                                           done, upto, check_k);
+                                           done, upto, check_k, ring);
     const bool fv = transpose_rows_grouped(kt, v, b, h, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ld, vs,
-                                           done, upto, check_v);
+                                           done, upto, check_v, ring);
     done = upto;
     return fk && fv;
   }
@@ -1236,8 +1284,9 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
-  // (kTb / vTb: the transposed keys and values the exact rows read, kTx / vTx but for a streamed part's own)
-  auto item_fn_on = [&](int64_t item, const float* kTb, const float* vTb) {
+  // (kTb / vTb: the transposed keys and values the exact rows read, kTx / vTx but for a streamed part's own,
+  // rows ldb long, in a ring of `ring` row slots when not 0)
+  auto item_fn_on = [&](int64_t item, const float* kTb, const float* vTb, int64_t ldb, int64_t ring) {
     const int64_t slice = item / per_slice, b = slice / g.Hkv, hk = slice % g.Hkv;
     const int64_t idx = item % per_slice;
     Workspace& w = tls_ws;
@@ -1256,12 +1305,12 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       int nrows[2] = {0, 0};
       int64_t qrow[2] = {0, 0};
       for (int i = 0; i < nr; ++i) {
-        for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { krow[i][nrows[i]++] = base; });
+        for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { krow[i][nrows[i]++] = ring_base(g, ep, base, ring); });
         qrow[i] = row_token(g, g0, g1, rws[i]->c0, rws[i]->c1);
       }
-      const float* kslice = local ? nullptr : kTb + slice * ldx * D;
-      const float* vslice = local ? nullptr : vTb + slice * ldx * Dv;
-      int64_t ldl = ldx, shift = 0;  // row length of kslice/vslice; added to every key row base
+      const float* kslice = local ? nullptr : kTb + slice * ldb * D;
+      const float* vslice = local ? nullptr : vTb + slice * ldb * Dv;
+      int64_t ldl = ldb, shift = 0;  // row length of kslice/vslice; added to every key row base
       if (local) {
         // the chunk's keys [kmin, kmax) of this group, transposed; zeros outside the group
         int kmin = 1 << 30, kmax = -(1 << 30);
@@ -1490,7 +1539,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       }
     }
   };
-  auto item_fn = [&](int64_t item) { item_fn_on(item, kTx, vTx); };
+  auto item_fn = [&](int64_t item) { item_fn_on(item, kTx, vTx, ldx, 0); };
   // on rows (1D, or 2D/3D with NATTEN_MLX_ROW2D=1): the exact plan's chunks per batch, then the tiles
   if (rows1d || rowsnd)
     parallel_for(g.B * nrowsx + slices * ntiles, [&](int64_t it) {
@@ -1543,33 +1592,45 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     const bool whole = g.Hkv <= 8 && g.Hkv * (span + 2) * g.L[2] * (g.D + g.Dv) * 4 <= (int64_t(1) << 20);
     const int64_t per = whole ? g.Hkv : g.Hkv % 2 == 0 ? 2 : 1, groups = slices / per;
     const int64_t parts = whole && groups < nthr ? std::min<int64_t>((nthr + groups - 1) / groups, 4) : 1;
+    // each part's rows of transposed keys and values in a ring of row slots, as few as its chunks keep
+    // in use (C2: 12 of 64 rows), so they stay in L2 from call to call instead of being written to
+    // 4 MiB of buffers and evicted (NATTEN_MLX_RING=0: every row its own)
+    std::vector<int64_t> firsts(parts);
+    int64_t ring = ring_mode() ? 1 : 0;
+    for (int64_t part = 0; part < parts; ++part) {
+      const size_t c0 = seq.size() * part / parts, c1 = seq.size() * (part + 1) / parts;
+      int64_t first = g.Nk / g.L[2];
+      for (size_t c = c0; c < c1; ++c) first = std::min(first, lo[seq[c]]);
+      firsts[part] = part == 0 ? 0 : std::max<int64_t>(0, first - stream_ahead(g, kt.vw));
+      const int64_t r = ring ? ring_rows(g, kt.vw, seq, c0, c1, lo, need, firsts[part]) : 0;
+      ring = r ? std::max(ring, r) : 0;
+    }
+    const int64_t ldb = ring ? ring_ld(g, ep, kt.vw, ring) : ldx;
+    if (ring) path_count[6].fetch_add(1);
     float *kTp = nullptr, *vTp = nullptr;  // parts 1.. : their own copies
     if (parts > 1) {
-      kTp = scratch(static_cast<size_t>((parts - 1) * slices * ldx * g.D));
-      vTp = scratch(static_cast<size_t>((parts - 1) * slices * ldx * g.Dv));
+      kTp = scratch(static_cast<size_t>((parts - 1) * slices * ldb * g.D));
+      vTp = scratch(static_cast<size_t>((parts - 1) * slices * ldb * g.Dv));
     }
     parallel_for(groups * parts, [&](int64_t task) {
       const int64_t grp = task / parts, part = task % parts;
       const size_t c0 = seq.size() * part / parts, c1 = seq.size() * (part + 1) / parts;
       if (c0 >= c1) return;
-      float* kb = part == 0 ? kTs : kTp + (part - 1) * slices * ldx * g.D;
-      float* vb = part == 0 ? vTs : vTp + (part - 1) * slices * ldx * g.Dv;
-      // from the lowest key row the part's chunks read, less the rows a border block may read before
-      // a row's start (the stream's reach ahead, taken as far back)
-      int64_t first = g.Nk / g.L[2];
-      for (size_t c = c0; c < c1; ++c) first = std::min(first, lo[seq[c]]);
+      float* kb = part == 0 ? kTs : kTp + (part - 1) * slices * ldb * g.D;
+      float* vb = part == 0 ? vTs : vTp + (part - 1) * slices * ldb * g.Dv;
+      // (firsts: from the lowest key row the part's chunks read, less the rows a border block may read
+      // before a row's start, the stream's reach ahead taken as far back)
       std::vector<std::optional<SliceStream>> st(per);
       for (int64_t j = 0; j < per; ++j) {
         const int64_t slice = grp * per + j;
-        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kb + slice * ldx * g.D,
-                      vb + slice * ldx * g.Dv, false, check);
-        st[j]->done = part == 0 ? 0 : std::max<int64_t>(0, first - st[j]->ahead);
+        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldb, kb + slice * ldb * g.D,
+                      vb + slice * ldb * g.Dv, false, check, firsts[part], ring);
       }
       for (size_t c = c0; c < c1; ++c)
         for (int64_t j = 0; j < per; ++j) {
           const int64_t i = seq[c];
           if (!st[j]->advance(need[i])) v_ok.store(false, std::memory_order_relaxed);
-          item_fn_on((grp * per + j) * per_slice + i, kb, vb);
+          item_fn_on((grp * per + j) * per_slice + i, kb, vb, ldb, ring);
         }
     });
   }
@@ -1689,6 +1750,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // streamed: the most key rows along the first two axes between a unit's first and last (the rows
   // of transposed keys, values and their sums a slice keeps in use)
   int64_t span = 0;
+  std::vector<int64_t> lo_u(units.size());  // direct: the lowest key row along the first two axes a unit reads
   if (direct) {
     final_rows.resize(units.size());
     int64_t lowest = Nk / L2;
@@ -1705,12 +1767,25 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       }
       lowest = std::min(lowest, lo);
       span = std::max(span, hi - lo);
+      lo_u[i] = lo;
+    }
+  }
+  // streamed: the transposed keys and values in a ring of row slots (as the forward's streamed tasks;
+  // NATTEN_MLX_RING=0: every row its own), rows ldkv long; the key side's sums keep every row
+  int64_t kv_ring = 0, ldkv = ldx;
+  if (streamed && ring_mode()) {
+    std::vector<int64_t> ident(units.size());
+    for (size_t i = 0; i < ident.size(); ++i) ident[i] = static_cast<int64_t>(i);
+    kv_ring = ring_rows(g, kt.vw, ident, 0, units.size(), lo_u, need, 0);
+    if (kv_ring) {
+      ldkv = ring_ld(g, ep, kt.vw, kv_ring);
+      path_count[7].fetch_add(1);
     }
   }
   if (ep.on) {
     if (streamed) {
-      kTs = scratch(static_cast<size_t>(slices * ldx * D));
-      vTs = scratch(static_cast<size_t>(slices * ldx * Dv));
+      kTs = scratch(static_cast<size_t>(slices * ldkv * D));
+      vTs = scratch(static_cast<size_t>(slices * ldkv * Dv));
       kTx = kTs;
       vTx = vTs;
       xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
@@ -1882,8 +1957,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     const int64_t padA = rs.dlo + round_up(std::max(rs.dhi, 1) - rs.dlo, 16);
     const int64_t lds = round_up(padA + nvec * vw + std::max(-rs.dlo, 0) + vw, 16) + 1, ldr = round_up(nd * lds, 16);
     const int64_t cap = round_up(lg, 8) + vw;
-    const float* ks = kTx + slice * ldx * D;
-    const float* vs = vTx + slice * ldx * Dv;
+    const float* ks = kTx + slice * ldkv * D;
+    const float* vs = vTx + slice * ldkv * Dv;
     ExactBwdWs* ws[2];
     int nrows[2] = {0, 0};
     int64_t tok0[2] = {0, 0};
@@ -1916,17 +1991,17 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           const float *xq[2], *xo[2];
           for (int i = 0; i < nr; ++i) {
             ExactBwdWs& w = *ws[i];
-            for (int r = 0; r < nrows[i]; ++r) w.rbq[r] = w.keyrow[r] + run.ws0 + tb;
+            for (int r = 0; r < nrows[i]; ++r) w.rbq[r] = ring_base(g, ep, w.keyrow[r], kv_ring) + run.ws0 + tb;
             so[i] = {w.ptA() + drow + t0, w.dsA() + drow + t0, lds, ldr, true};
             xq[i] = w.xq.data() + padA + t0;
             xo[i] = w.xo.data() + padA + t0;
           }
           if (nr == 2)
-            kt.exact_bwd_q2(xq[0], xq[1], lds, D, ks, ldx, vs, ldx, Dv, xo[0], xo[1], lds, lc[0] + t0, lc[1] + t0,
+            kt.exact_bwd_q2(xq[0], xq[1], lds, D, ks, ldkv, vs, ldkv, Dv, xo[0], xo[1], lds, lc[0] + t0, lc[1] + t0,
                             lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
                             nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1], g.scale);
           else
-            kt.exact_bwd_q(xq[0], lds, D, ks, ldx, vs, ldx, Dv, xo[0], lds, lc[0] + t0, lc[0] + cap + t0,
+            kt.exact_bwd_q(xq[0], lds, D, ks, ldkv, vs, ldkv, Dv, xo[0], lds, lc[0] + t0, lc[0] + cap + t0,
                            ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0], g.scale);
           for (int i = 0; i < nr; ++i) store_dq(b, h, tok0[i] + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT[i]);
         });
@@ -2189,8 +2264,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       xk[j] = xacc + slice * xacc_size;
       std::memset(xk[j], 0, sizeof(float) * xacc_size);
       if (streamed)
-        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldx, kTs + slice * ldx * D,
-                      vTs + slice * ldx * Dv, optimistic, optimistic);
+        st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldkv, kTs + slice * ldkv * D,
+                      vTs + slice * ldkv * Dv, optimistic, optimistic, 0, kv_ring);
     }
     for (size_t i = 0; i < units.size(); ++i)
       for (int j = 0; j < n; ++j) {

@@ -59,7 +59,8 @@ void parallel_for(int64_t n, F&& f) {
   parallel_for(n, [](int64_t i, void* c) { (*static_cast<F*>(c))(i); }, &f);
 }
 int num_threads();
-// queries served since the last reset: forward exact-window runs, border blocks, tiles; backward the same
+// queries served since the last reset: forward exact-window runs, border blocks, tiles; backward the same;
+// then the forward and backward calls whose streamed keys and values took a ring of row slots
 std::vector<int64_t> path_counts(bool reset);
 
 // Per-thread scratch buffers reused from call to call (fresh pages cost more than the work on small

@@ -1,0 +1,68 @@
+"""NATTEN_MLX_RING: the streamed 2D exact path's transposed keys and values in a ring of row slots (1,
+the default) or every row in its own place (0).
+
+The choice is read once per process, so this runs both in child processes with two kernel threads (the
+streamed path needs at least two slices per thread) on problems whose rows wrap around the ring many
+times: dilation along either axis (a window's rows interleave with other groups'), causal and even
+kernels (windows that do not centre), GQA, D != Dv and long rows next to short ones. It asks for the same
+bits from both (out, lse and the three gradients) and for the path counters to show that the ring ran
+forward and backward with 1 and never with 0. The default path itself is checked against the oracle and
+NATTEN by the other tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+nb = pytest.importorskip("natten_mlx_nanobind")
+if nb.UNAVAILABLE:
+    pytest.skip(nb.UNAVAILABLE, allow_module_level=True)
+
+CHILD = r"""
+import hashlib
+import mlx.core as mx, numpy as np
+import natten_mlx_nanobind as nb
+ext = nb.extension()
+for spatial, kern, dil, causal, h, hkv, d, dv in [
+    ((64, 40), (7, 7), (1, 1), (False, False), 4, 4, 32, 32),
+    ((60, 48), (9, 7), (2, 3), (False, False), 8, 4, 16, 24),
+    ((70, 33), (4, 6), (3, 1), (True, False), 4, 4, 20, 12),
+    ((45, 52), (5, 8), (1, 2), (False, True), 6, 6, 32, 16),
+    ((81, 17), (11, 5), (1, 1), (True, True), 8, 8, 8, 8),
+]:
+    rng = np.random.default_rng(sum(spatial))
+    arr = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))
+    q, k, v = arr(1, *spatial, h, d), arr(1, *spatial, hkv, d), arr(1, *spatial, hkv, dv)
+    cot, clse = arr(1, *spatial, h, dv), arr(1, *spatial, h)
+    kw = dict(kernel_size=kern, stride=(1,) * len(kern), dilation=dil, is_causal=causal)
+    ext.path_counts(True)
+    outs, grads = mx.vjp(lambda a, b, c: ext.fused_forward(a, b, c, **kw), [q, k, v], [cot, clse])
+    mx.eval(outs, grads)
+    counts = ext.path_counts(True)
+    hs = hashlib.sha256()
+    for x in (*outs, *grads):
+        x = np.array(x)
+        assert np.isfinite(x).all()
+        hs.update(x.tobytes())
+    print(hs.hexdigest(), counts[6], counts[7])
+"""
+
+
+def run(flag):
+    env = dict(os.environ, NATTEN_MLX_RING=flag, NATTEN_MLX_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+def test_ring_on_and_off_give_the_same_bits():
+    on, off = run("1"), run("0")
+    assert len(on) == len(off) == 5
+    for i, (a, b) in enumerate(zip(on, off)):
+        assert a[0] == b[0], f"problem {i}: the ring changed the results"
+        assert a[1:] == ["1", "1"], f"problem {i}: the ring did not run forward and backward ({a[1:]})"
+        assert b[1:] == ["0", "0"], f"problem {i}: NATTEN_MLX_RING=0 still ran on a ring ({b[1:]})"
