@@ -980,12 +980,12 @@ struct SliceStream {
   int64_t b, h, ld;
   float *ks, *vs;
   bool check_k, check_v;
-  int64_t rows, ahead, done, ring;
+  int64_t rows, ahead, done, ring, start;
   SliceStream(const KernelTable& kt_, const Geo& g_, const ExactPlan& ep_, const float* k_, const float* v_, int64_t b_,
-              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_, int64_t start = 0,
+              int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_, int64_t start_ = 0,
               int64_t ring_ = 0)
       : kt(kt_), g(g_), ep(ep_), k(k_), v(v_), b(b_), h(h_), ld(ld_), ks(ks_), vs(vs_), check_k(check_k_),
-        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead(stream_ahead(g_, kt_.vw)), done(start), ring(ring_) {
+        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead(stream_ahead(g_, kt_.vw)), done(start_), ring(ring_), start(start_) {
     const int64_t n = ring ? ring * g.L[2] : g.Nk;
     zero_slice_padding(ks, g.D, n, ld, ep.front);
     zero_slice_padding(vs, g.Dv, n, ld, ep.front);
@@ -997,6 +997,18 @@ struct SliceStream {
                                            done, upto, check_k, ring);
     const bool fv = transpose_rows_grouped(kt, v, b, h, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ld, vs,
                                            done, upto, check_v, ring);
+    // border blocks of the last row read up to K2 + 4 vw keys past its slot, into the next slots (up to
+    // the ring's end, then its zeroed padding): a slot whose rows this stream never wrote (it started
+    // late: a part's stream) holds another call's values, maybe not finite; zeros, as without a ring
+    if (ring && upto == rows) {
+      const int64_t s = (rows - 1) % ring, L2 = g.L[2];
+      for (int64_t p = s + 1; p <= std::min(s + ahead, ring - 1); ++p)
+        if (rows - 1 - s + p - ring < start)
+          for (int64_t c = 0; c < std::max(g.D, g.Dv); ++c) {
+            if (c < g.D) std::memset(ks + c * ld + ep.front + p * L2, 0, sizeof(float) * L2);
+            if (c < g.Dv) std::memset(vs + c * ld + ep.front + p * L2, 0, sizeof(float) * L2);
+          }
+    }
     done = upto;
     return fk && fv;
   }
