@@ -938,18 +938,21 @@ bool ring_mode() {
 inline int64_t stream_ahead(const Geo& g, int vw) { return (g.K[2] + 4 * vw + g.L[2] - 1) / g.L[2]; }
 
 // Row slots for a stream over units in the order seq[c0, c1), unit i needing key rows [lo[i], need[i]),
-// from row `start` on: at each unit, the rows from lo - ahead (border blocks read a few keys before a
+// from row `start` on: at each unit, the rows from lo - before (border blocks read a few keys before a
 // row) up to the stream's front must still be in their slots. 0 when that is every row (no ring).
-int64_t ring_rows(const Geo& g, int vw, const std::vector<int64_t>& seq, size_t c0, size_t c1,
+int64_t ring_rows(const Geo& g, const ExactPlan& ep, int vw, const std::vector<int64_t>& seq, size_t c0, size_t c1,
                   const std::vector<int64_t>& lo, const std::vector<int64_t>& need, int64_t start) {
   const int64_t rows = g.Nk / g.L[2], ahead = stream_ahead(g, vw);
+  // border blocks read at most ep.front keys before a group's first: into the row before, or several
+  // when rows are shorter
+  const int64_t before = (ep.front + g.L[2] - 1) / g.L[2];
   int64_t done = start, r = 0;
   for (size_t c = c0; c < c1; ++c) {
     const int64_t i = seq[c];
     done = std::min(rows, std::max(need[i] + ahead, done));
-    r = std::max(r, done - std::max<int64_t>(lo[i] - ahead, 0) + 1);
+    r = std::max(r, done - std::max<int64_t>(lo[i] - before, 0));
   }
-  return r + 1 >= rows ? 0 : r + 1;
+  return r >= rows ? 0 : r;
 }
 
 // the row length of a ring of r row slots (as ep.ld: slack for the border blocks' reads past the end,
@@ -1614,7 +1617,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       int64_t first = g.Nk / g.L[2];
       for (size_t c = c0; c < c1; ++c) first = std::min(first, lo[seq[c]]);
       firsts[part] = part == 0 ? 0 : std::max<int64_t>(0, first - stream_ahead(g, kt.vw));
-      const int64_t r = ring ? ring_rows(g, kt.vw, seq, c0, c1, lo, need, firsts[part]) : 0;
+      const int64_t r = ring ? ring_rows(g, ep, kt.vw, seq, c0, c1, lo, need, firsts[part]) : 0;
       ring = r ? std::max(ring, r) : 0;
     }
     const int64_t ldb = ring ? ring_ld(g, ep, kt.vw, ring) : ldx;
@@ -1788,7 +1791,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   if (streamed && ring_mode()) {
     std::vector<int64_t> ident(units.size());
     for (size_t i = 0; i < ident.size(); ++i) ident[i] = static_cast<int64_t>(i);
-    kv_ring = ring_rows(g, kt.vw, ident, 0, units.size(), lo_u, need, 0);
+    kv_ring = ring_rows(g, ep, kt.vw, ident, 0, units.size(), lo_u, need, 0);
     if (kv_ring) {
       ldkv = ring_ld(g, ep, kt.vw, kv_ring);
       path_count[7].fetch_add(1);
