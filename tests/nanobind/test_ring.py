@@ -1,13 +1,13 @@
-"""NATTEN_MLX_RING: the streamed 2D exact path's transposed keys and values in a ring of row slots (1,
-the default) or every row in its own place (0).
+"""NATTEN_MLX_RING: the streamed 2D exact path's transposed keys and values, and the 2D/3D exact
+backward's key-side sums, in rings of row slots (1, the default) or every row in its own place (0).
 
 The choice is read once per process, so this runs both in child processes with two kernel threads (the
 streamed path needs at least two slices per thread) on problems whose rows wrap around the ring many
 times: dilation along either axis (a window's rows interleave with other groups'), causal and even
 kernels (windows that do not centre), GQA, D != Dv, long rows and short ones (border blocks read past
 the last row into slots a late-starting part never wrote), each after a call with inf values. It asks for the same
-bits from both (out, lse and the three gradients) and for the path counters to show that the ring ran
-forward and backward with 1 and never with 0. The default path itself is checked against the oracle and
+bits from both (out, lse and the three gradients) and for the path counters to show that the rings ran
+(forward and backward keys and values in 2D, the backward's sums in 2D and 3D) with 1 and never with 0. The default path itself is checked against the oracle and
 NATTEN by the other tests.
 """
 
@@ -37,8 +37,10 @@ for spatial, kern, dil, causal, h, hkv, d, dv in [
     ((81, 17), (11, 5), (1, 1), (True, True), 8, 8, 8, 8),
     ((20, 12), (9, 3), (1, 1), (False, False), 8, 4, 8, 12),
     ((20, 16), (9, 5), (1, 1), (False, False), 8, 4, 8, 12),
+    ((12, 16, 20), (3, 5, 5), (1, 1, 1), (False, False, False), 4, 4, 16, 16),
+    ((10, 12, 40), (3, 3, 7), (2, 1, 1), (True, False, False), 8, 4, 8, 12),
 ]:
-    if spatial[1] < 30:  # short rows, as long in vectors as with 8 queries per vector
+    if len(spatial) == 2 and spatial[1] < 30:  # short rows, as long in vectors as with 8 queries per vector
         spatial = (spatial[0], spatial[1] * vw // 8)
     rng = np.random.default_rng(sum(spatial))
     arr = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))
@@ -59,7 +61,7 @@ for spatial, kern, dil, causal, h, hkv, d, dv in [
         x = np.array(x)
         assert np.isfinite(x).all()
         hs.update(x.tobytes())
-    print(hs.hexdigest(), counts[6], counts[7])
+    print(hs.hexdigest(), len(spatial), counts[6], counts[7], counts[8])
 """
 
 
@@ -80,8 +82,10 @@ SIMDS = [None] + (["avx2"] if nb.extension().simd() == "avx512" else [])
 @pytest.mark.parametrize("simd", SIMDS)
 def test_ring_on_and_off_give_the_same_bits(simd):
     on, off = run("1", simd), run("0", simd)
-    assert len(on) == len(off) == 7
+    assert len(on) == len(off) == 9
     for i, (a, b) in enumerate(zip(on, off)):
-        assert a[0] == b[0], f"problem {i}: the ring changed the results"
-        assert a[1:] == ["1", "1"], f"problem {i}: the ring did not run forward and backward ({a[1:]})"
-        assert b[1:] == ["0", "0"], f"problem {i}: NATTEN_MLX_RING=0 still ran on a ring ({b[1:]})"
+        assert a[0] == b[0], f"problem {i}: the rings changed the results"
+        # 2D: keys and values forward and backward, and the sums; 3D (not streamed): the sums
+        want = ["1", "1", "1"] if a[1] == "2" else ["0", "0", "1"]
+        assert a[2:] == want, f"problem {i}: the rings that ran: {a[2:]}, not {want}"
+        assert b[2:] == ["0", "0", "0"], f"problem {i}: NATTEN_MLX_RING=0 still ran on a ring ({b[2:]})"

@@ -145,7 +145,7 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them)
-std::atomic<int64_t> path_count[8];
+std::atomic<int64_t> path_count[9];
 // Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
 // strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
 // reads 32 features x 8 key rows of keys and as many of values per block, ~100 distinct 4 KiB pages,
@@ -205,8 +205,8 @@ float* scratch(size_t n, bool zero) {
 }
 int num_threads() { return pool().size(); }
 std::vector<int64_t> path_counts(bool reset) {
-  std::vector<int64_t> out(8);
-  for (int i = 0; i < 8; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  std::vector<int64_t> out(9);
+  for (int i = 0; i < 9; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
   return out;
 }
 const char* simd_name() { return select_kernels().name; }
@@ -761,7 +761,7 @@ thread_local ExactBwdWs tls_xbw[3];
 // exact_row's key rows of two query rows: in both windows (base, index in row 0's and row 1's lists)
 // or in one only; p0 / p1 the weight rows passed to exact_bwd_kv2
 struct KvLists {
-  std::vector<int64_t> both, one[2];
+  std::vector<int64_t> both, one[2], single;  // single: a lone row's key rows (in the sums' ring)
   std::vector<int> both0, both1, one_r[2];
   std::vector<const float*> p0, p1;
   void clear() {
@@ -1765,7 +1765,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // streamed: the most key rows along the first two axes between a unit's first and last (the rows
   // of transposed keys, values and their sums a slice keeps in use)
   int64_t span = 0;
-  std::vector<int64_t> lo_u(units.size());  // direct: the lowest key row along the first two axes a unit reads
+  // direct: the lowest key row along the first two axes a unit reads, and the last one + 1
+  std::vector<int64_t> lo_u(units.size()), hi_u(units.size());
   if (direct) {
     final_rows.resize(units.size());
     int64_t lowest = Nk / L2;
@@ -1783,6 +1784,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       lowest = std::min(lowest, lo);
       span = std::max(span, hi - lo);
       lo_u[i] = lo;
+      hi_u[i] = hi;
     }
   }
   // streamed: the transposed keys and values in a ring of row slots (as the forward's streamed tasks;
@@ -1795,6 +1797,25 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     if (kv_ring) {
       ldkv = ring_ld(g, ep, kt.vw, kv_ring);
       path_count[7].fetch_add(1);
+    }
+  }
+  // direct: the key side's sums in a ring of row slots too, rows ldacc long: a row's slot is stored
+  // into dk/dv once no later unit adds to it (final_rows) and zeroed for the row that takes it next, so
+  // the slots hold the rows from the lowest not yet stored to the highest added to (C4: 88 of 512 rows,
+  // against 4 MiB of sums per slice). The key side's whole-vector writes past a row add zeros to the
+  // next slot, whichever row it holds (or the ring's padding). NATTEN_MLX_RING=0: every row its own.
+  int64_t acc_ring = 0, ldacc = ldx;
+  if (direct && ring_mode()) {
+    int64_t r = 0, top = 0, stored = 0;
+    for (size_t i = 0; i < units.size(); ++i) {
+      top = std::max(top, hi_u[i]);
+      r = std::max(r, top - stored);
+      stored = std::max(stored, final_rows[i]);
+    }
+    if (r < Nk / L2) {
+      acc_ring = r;
+      ldacc = ring_ld(g, ep, kt.vw, r);
+      path_count[8].fetch_add(1);
     }
   }
   if (ep.on) {
@@ -1835,16 +1856,18 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
   auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
   // the sums of key rows [rho0, rho1) along the first two axes (all: rho1 = Nk / L2)
+  // (sums in a ring of acc_ring row slots when not 0, ldacc long)
   auto store_exact_sums = [&](int64_t slice, const float* xk, bool add, int64_t rho0, int64_t rho1) {
-    const float* xv = xk + D * ldx;
+    const float* xv = xk + D * ldacc;
     float* dk = dk_of(slice);
     float* dv = dv_of(slice);
     // per row of the last axis and dilation group: consecutive positions, tokens Dl2 apart
     for (int64_t r0 = rho0 * L2; r0 < rho1 * L2; r0 += L2)
       for (int g2 = 0; g2 < Dl2; ++g2) {
-        const int64_t lg = na_group_len(L2, Dl2, g2), p0 = r0 + ep.gstart[g2], n0 = r0 + g2;
-        add_transposed(kt, xk + p0, ldx, D, lg, dk + n0 * tsk, Dl2 * tsk, add);
-        add_transposed(kt, xv + p0, ldx, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add);
+        const int64_t lg = na_group_len(L2, Dl2, g2), n0 = r0 + g2;
+        const int64_t p0 = ring_base(g, ep, r0 + ep.gstart[g2], acc_ring);
+        add_transposed(kt, xk + p0, ldacc, D, lg, dk + n0 * tsk, Dl2 * tsk, add);
+        add_transposed(kt, xv + p0, ldacc, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add);
       }
   };
   // (1D: the pieces store their sums where they write first, below, and zero the keys none writes)
@@ -2033,12 +2056,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           while (i0 < nrows[0] || i1 < nrows[1]) {
             const int64_t b0 = i0 < nrows[0] ? w0.keyrow[i0] : INT64_MAX, b1 = i1 < nrows[1] ? w1.keyrow[i1] : INT64_MAX;
             if (b0 == b1) {
-              kl.both.push_back(b0);
+              kl.both.push_back(ring_base(g, ep, b0, acc_ring));
               kl.both0.push_back(i0++);
               kl.both1.push_back(i1++);
             } else {
               const int i = b0 < b1 ? 0 : 1;
-              kl.one[i].push_back(i ? b1 : b0);
+              kl.one[i].push_back(ring_base(g, ep, i ? b1 : b0, acc_ring));
               kl.one_r[i].push_back(i ? i1++ : i0++);
             }
           }
@@ -2050,27 +2073,30 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         // dK from dS and the scaled queries, dV from P and the output gradients
         for (int side = 0; side < 2; ++side) {
           const int64_t W = side ? Dv : D;
-          float* acc = side ? xk + D * ldx : xk;
+          float* acc = side ? xk + D * ldacc : xk;
           float* b0 = side ? w0.ptA() : w0.dsA();
           float* b1 = side ? w1.ptA() : w1.dsA();
           const float* x0 = (side ? w0.xo.data() : w0.xq.data()) + o;
           const float* x1 = (side ? w1.xo.data() : w1.xq.data()) + o;
           rows_of(kl.both0, b0, kl.p0);
           rows_of(kl.both1, b1, kl.p1);
-          kt.exact_bwd_kv2(kl.p0.data(), kl.p1.data(), lds, x0, x1, lds, W, acc, ldx, kl.both.data(),
+          kt.exact_bwd_kv2(kl.p0.data(), kl.p1.data(), lds, x0, x1, lds, W, acc, ldacc, kl.both.data(),
                            static_cast<int>(kl.both.size()), nd, nvec * vw, rs.vr.data());
           for (int i = 0; i < 2; ++i) {
             if (kl.one[i].empty()) continue;
             rows_of(kl.one_r[i], i ? b1 : b0, kl.p0);
-            kt.exact_bwd_kv2(kl.p0.data(), nullptr, lds, i ? x1 : x0, nullptr, lds, W, acc, ldx, kl.one[i].data(),
+            kt.exact_bwd_kv2(kl.p0.data(), nullptr, lds, i ? x1 : x0, nullptr, lds, W, acc, ldacc, kl.one[i].data(),
                              static_cast<int>(kl.one[i].size()), nd, nvec * vw, rs.vr.data());
           }
         }
       } else {
         ExactBwdWs& w = *ws[0];
-        kt.exact_bwd_kv(w.dsA() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldx, w.keyrow.data(), nrows[0], nd,
+        std::vector<int64_t>& kr = tls_kvl.single;
+        kr.resize(w.keyrow.size());
+        for (size_t r = 0; r < kr.size(); ++r) kr[r] = ring_base(g, ep, w.keyrow[r], acc_ring);
+        kt.exact_bwd_kv(w.dsA() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldacc, kr.data(), nrows[0], nd,
                         nvec * vw, rs.vr.data());
-        kt.exact_bwd_kv(w.ptA() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldx, ldx, w.keyrow.data(),
+        kt.exact_bwd_kv(w.ptA() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldacc, ldacc, kr.data(),
                         nrows[0], nd, nvec * vw, rs.vr.data());
       }
     }
@@ -2274,10 +2300,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     std::optional<SliceStream> st[2];
     float* xk[2];
     int64_t stored[2] = {0, 0};
+    const int64_t acc_floats = acc_ring ? (D + Dv) * ldacc + 16 : xacc_size;
     for (int j = 0; j < n; ++j) {
       const int64_t slice = slice0 + j;
       xk[j] = xacc + slice * xacc_size;
-      std::memset(xk[j], 0, sizeof(float) * xacc_size);
+      std::memset(xk[j], 0, sizeof(float) * acc_floats);
       if (streamed)
         st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldkv, kTs + slice * ldkv * D,
                       vTs + slice * ldkv * Dv, optimistic, optimistic, 0, kv_ring);
@@ -2288,6 +2315,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         exact_row(slice0 + j, units[i].first, units[i].second, xk[j]);
         if (final_rows[i] > stored[j]) {
           store_exact_sums(slice0 + j, xk[j], false, stored[j], final_rows[i]);
+          // (their slots start from zero for the rows that take them next)
+          for (int64_t rho = stored[j]; acc_ring && rho < final_rows[i]; ++rho)
+            for (int64_t c = 0; c < D + Dv; ++c)
+              std::memset(xk[j] + c * ldacc + ep.front + rho % acc_ring * L2, 0, sizeof(float) * L2);
           stored[j] = final_rows[i];
         }
       }
