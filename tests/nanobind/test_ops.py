@@ -7,6 +7,8 @@ Gradients are the primitive's own vjp (mx.vjp through the op), with random cotan
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import numpy as np
 import oracle
@@ -416,6 +418,31 @@ def test_exact_2d_streamed_transposes(shape, K, d, c, B):
         test_fused_forward_backward(cfg, mx.float32, 40 + rep)
         run_f, border_f, tile_f = ext.path_counts(True)[:3]
         assert run_f + border_f > 0 and tile_f == 0
+
+
+@pytest.mark.parametrize(
+    "shape,K,d,c",
+    [((4, 8, 40), (3, 5, 7), (1, 1, 1), (False, False, False)), ((10, 6, 20), (5, 3, 9), (2, 1, 1), (True, False, False)),
+     ((3, 14, 26), (2, 7, 5), (1, 2, 2), (False, True, False))],
+)
+def test_exact_3d_streamed_forward(shape, K, d, c):
+    """3D with two slices per thread: the forward streams its key and value rows (in a ring of row slots
+    unless NATTEN_MLX_RING=0) across planes, border blocks reading past a row's end into the next rows;
+    after a call whose values hold inf (left in the reused buffers), against the oracle, forward and
+    backward, and the counters show the streamed ring ran."""
+    shape = (shape[0], shape[1], shape[2] * VW // 8)
+    cfg = dict(na_dim=3, shape=shape, B=1, H=8, Hkv=4, D=8, Dv=12, E=0, K=K, s=(1, 1, 1), d=d, c=c, rpb=False,
+               scale=None)
+    cfg.update(kernel_size=cfg["K"], stride=cfg["s"], dilation=cfg["d"], is_causal=cfg["c"])
+    v_inf = np.full((1, *shape, 4, 12), np.inf, np.float32)
+    mx.eval(ext.fused_forward(mx.zeros((1, *shape, 8, 8)), mx.zeros((1, *shape, 4, 8)), mx.array(v_inf), None, None,
+                              None, **_window(cfg))[0])
+    ext.path_counts(True)
+    test_fused_forward_backward(cfg, mx.float32, 60)
+    counts = ext.path_counts(True)
+    assert counts[0] + counts[1] > 0 and counts[2] == 0
+    if ext.num_threads() == 2 and os.environ.get("NATTEN_MLX_RING") != "0":
+        assert counts[6] == 1, "the forward did not stream on a ring"
 
 
 @pytest.mark.parametrize("na_dim,B,Hkv", [(1, 1, 1), ("1-rows", 1, 1), (2, 1, 1), (2, 2, 2)])

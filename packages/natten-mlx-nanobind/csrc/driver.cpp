@@ -1268,16 +1268,14 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const float* kT = (ntiles && (rowsnd || !(ep.on && g.Dl[2] == 1 && !local)))
                         ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
                         : nullptr;
-  // Streamed (2D, no tiles, at least two slices per thread): one task per slice transposes its key
+  // Streamed (2D/3D, no tiles, at least two slices per thread): one task per slice transposes its key
   // and value rows just before the first row pair whose window reaches them, so the kernels read them
   // from L1/L2 a moment after they were written; transposing whole slices up front left them in L3
   // (C2: 4 MiB of transposed keys and values), read back by the kernels and rewritten on every call.
-  // Paired, C2 0.92 at one thread and at two. Not in 3D: a window's rows span K0 planes (C4: ~1 MiB of
-  // transposed rows between a row's first and last use, more than L2 holds), and there the coarser
-  // tasks (a slice each, against a row pair each) only cost balance (C4 0.99 at one thread, 1.00-1.06
-  // at two).
-  const bool streamed =
-      ep.on && !local && !rowsnd && g.L[0] == 1 && ntiles == 0 && slices >= 2 * int64_t(num_threads());
+  // Paired, C2 0.92 at one thread and at two. 3D was left out while the rows stayed in whole-slice
+  // buffers (a window's rows span K0 planes, C4: ~1 MiB of transposed rows between a row's first and
+  // last use; C4 0.99 at one thread, 1.00-1.06 at two); in the ring of row slots below, C4 0.98.
+  const bool streamed = ep.on && !local && !rowsnd && ntiles == 0 && slices >= 2 * int64_t(num_threads());
   const float *kTx = nullptr, *vTx = nullptr;
   float *kTs = nullptr, *vTs = nullptr;
   std::vector<int64_t> need;  // streamed: rows along the first two axes transposed before chunk i
