@@ -1760,9 +1760,6 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (const int64_t i : order_by_need(top)) sorted.push_back(units[i]), need.push_back(top[i]);
     units.swap(sorted);
   }
-  // streamed: the most key rows along the first two axes between a unit's first and last (the rows
-  // of transposed keys, values and their sums a slice keeps in use)
-  int64_t span = 0;
   // direct: the lowest key row along the first two axes a unit reads, and the last one + 1
   std::vector<int64_t> lo_u(units.size()), hi_u(units.size());
   if (direct) {
@@ -1780,13 +1777,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         });
       }
       lowest = std::min(lowest, lo);
-      span = std::max(span, hi - lo);
       lo_u[i] = lo;
       hi_u[i] = hi;
     }
   }
   // streamed: the transposed keys and values in a ring of row slots (as the forward's streamed tasks;
-  // NATTEN_MLX_RING=0: every row its own), rows ldkv long; the key side's sums keep every row
+  // NATTEN_MLX_RING=0: every row its own), rows ldkv long
   int64_t kv_ring = 0, ldkv = ldx;
   if (streamed && ring_mode()) {
     std::vector<int64_t> ident(units.size());
@@ -2323,13 +2319,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (int j = 0; j < n; ++j) store_exact_sums(slice0 + j, xk[j], false, stored[j], Nk / L2);
   };
   // direct without tiles (so without extra keys or rpb): neighbouring heads in one task, their units
-  // in turn (see the forward's streamed tasks), where that leaves a task per thread and, streamed,
-  // where the rows both keep in use (keys, values and their sums, as span says) fit in half a MiB
-  // each. Paired backward: C2 (K = 7) 0.968, C4 (3D, not streamed) 0.974-0.978; C3 (K = 13,
-  // dilation 2: 27 rows of 64 tokens, 0.9 MiB per slice) was 1.02 with pairs, so it keeps one head
-  // per task.
-  const bool pairs = direct && ntiles == 0 && g.Hkv % 2 == 0 && slices / 2 >= nthr &&
-                     (!streamed || span * L2 * (D + Dv) * 8 <= (int64_t(1) << 19));
+  // in turn (see the forward's streamed tasks), where that leaves a task per thread. Paired backward:
+  // C2 (K = 7) 0.968, C4 (3D, not streamed) 0.974-0.978. C3 (K = 13, dilation 2: 27 rows of 64 tokens,
+  // 0.9 MiB per slice) was 1.02 with pairs while every row had its own place, so it kept one head per
+  // task; with keys, values and sums in rings of row slots, pairs: C3 fwd+bwd 0.978.
+  const bool pairs = direct && ntiles == 0 && g.Hkv % 2 == 0 && slices / 2 >= nthr;
   if (pairs)
     parallel_for(slices / 2, [&](int64_t pair) { direct_slices(2 * pair, 2); });
   else parallel_for(ntasks, [&](int64_t task) {
