@@ -1606,7 +1606,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     const int64_t per = whole ? g.Hkv : g.Hkv % 2 == 0 ? 2 : 1, groups = slices / per;
     const int64_t parts = whole && groups < nthr ? std::min<int64_t>((nthr + groups - 1) / groups, 4) : 1;
     // each part's rows of transposed keys and values in a ring of row slots, as few as its chunks keep
-    // in use (C2: 12 of 64 rows), so they stay in L2 from call to call instead of being written to
+    // in use (C2: 11 of 64 rows), so they stay in L2 from call to call instead of being written to
     // 4 MiB of buffers and evicted (NATTEN_MLX_RING=0: every row its own)
     std::vector<int64_t> firsts(parts);
     int64_t ring = ring_mode() ? 1 : 0;
@@ -1795,7 +1795,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   }
   // direct: the key side's sums in a ring of row slots too, rows ldacc long: a row's slot is stored
   // into dk/dv once no later unit adds to it (final_rows) and zeroed for the row that takes it next, so
-  // the slots hold the rows from the lowest not yet stored to the highest added to (C4: 88 of 512 rows,
+  // the slots hold the rows from the lowest not yet stored to the highest added to (C4: 96 of 512 rows,
   // against 4 MiB of sums per slice). The key side's whole-vector writes past a row add zeros to the
   // next slot, whichever row it holds (or the ring's padding). NATTEN_MLX_RING=0: every row its own.
   int64_t acc_ring = 0, ldacc = ldx;
