@@ -512,7 +512,9 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
 // second-to-last axis), whose windows mostly cover the same key rows: a key row in both windows is
 // read once per feature for both blocks, so the score and P.V loops issue ~0.75 loads per FMA instead
 // of ~1.1 (one block alone is bound by the load ports, not by the FMAs). Key row bases ascend in both
-// lists; fn(i, j, base) walks their union, i (j) the row's index in A (B) or -1.
+// lists; fn(i, j, base) walks their union, i (j) the row's index in A (B) or -1. (The driver's rings of
+// row slots wrap a list's bases once, mid-list: the walk then misses some shared rows and serves them
+// twice, by fn(i, -1) and fn(-1, j), each list still in its own order: the same arithmetic, bitwise.)
 template <class F>
 __attribute__((always_inline)) inline void for_union(const int64_t* ra, int na, const int64_t* rbb, int nb, F&& fn) {
   int i = 0, j = 0;
