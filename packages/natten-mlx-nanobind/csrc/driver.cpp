@@ -1800,10 +1800,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // next slot, whichever row it holds (or the ring's padding). NATTEN_MLX_RING=0: every row its own.
   int64_t acc_ring = 0, ldacc = ldx;
   if (direct && ring_mode()) {
+    // (a store after unit i reads rows [stored, final_rows[i]), some of which no unit may have added to
+    // (keys no exact-path window reaches): their slots must not be another live row's, so they count)
     int64_t r = 0, top = 0, stored = 0;
     for (size_t i = 0; i < units.size(); ++i) {
       top = std::max(top, hi_u[i]);
-      r = std::max(r, top - stored);
+      r = std::max(r, std::max(top, final_rows[i]) - stored);
       stored = std::max(stored, final_rows[i]);
     }
     if (r < Nk / L2) {
