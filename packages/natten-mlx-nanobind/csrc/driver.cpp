@@ -737,7 +737,9 @@ thread_local TileGeo tls_tg;
 // columns (and leave the rest zero) may differ between calls of the same geometry.
 struct ExactBwdWs {
   std::vector<float> pt, ds, xq, xo, s, dq, lc;
-  std::vector<int64_t> rbq, keyrow;
+  // keyrow: the row's window key rows (bases in the permuted layout); kvrow / accrow: the same in the
+  // rings of transposed keys and values and of the key side's sums (equal to keyrow without them)
+  std::vector<int64_t> rbq, keyrow, kvrow, accrow;
   int64_t key[7] = {-1, -1, -1, -1, -1, -1, -1};
   void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv, int64_t call) {
     const int64_t k[7] = {nslots, lds, padA, runlen, D, Dv, call};
@@ -761,7 +763,7 @@ thread_local ExactBwdWs tls_xbw[3];
 // exact_row's key rows of two query rows: in both windows (base, index in row 0's and row 1's lists)
 // or in one only; p0 / p1 the weight rows passed to exact_bwd_kv2
 struct KvLists {
-  std::vector<int64_t> both, one[2], single;  // single: a lone row's key rows (in the sums' ring)
+  std::vector<int64_t> both, one[2];
   std::vector<int> both0, both1, one_r[2];
   std::vector<const float*> p0, p1;
   void clear() {
@@ -892,6 +894,11 @@ bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, in
 
 // the padding before (front) and after the n tokens of every row of a slice [w][ld] is zero (border
 // blocks read there; 0 * finite weight is 0)
+// columns [col, col + n) of w rows ld floats apart (a ring slot of every feature row) set to zero
+void zero_columns(float* dst, int64_t w, int64_t ld, int64_t col, int64_t n) {
+  for (int64_t c = 0; c < w; ++c) std::memset(dst + c * ld + col, 0, sizeof(float) * n);
+}
+
 void zero_slice_padding(float* dst, int64_t w, int64_t n, int64_t ld, int64_t front) {
   for (int64_t c = 0; c < w; ++c) {
     std::memset(dst + c * ld, 0, sizeof(float) * front);
@@ -1006,11 +1013,10 @@ struct SliceStream {
     if (ring && upto == rows) {
       const int64_t s = (rows - 1) % ring, L2 = g.L[2];
       for (int64_t p = s + 1; p <= std::min(s + ahead, ring - 1); ++p)
-        if (rows - 1 - s + p - ring < start)
-          for (int64_t c = 0; c < std::max(g.D, g.Dv); ++c) {
-            if (c < g.D) std::memset(ks + c * ld + ep.front + p * L2, 0, sizeof(float) * L2);
-            if (c < g.Dv) std::memset(vs + c * ld + ep.front + p * L2, 0, sizeof(float) * L2);
-          }
+        if (rows - 1 - s + p - ring < start) {
+          zero_columns(ks, g.D, ld, ep.front + p * L2, L2);
+          zero_columns(vs, g.Dv, ld, ep.front + p * L2, L2);
+        }
     }
     done = upto;
     return fk && fv;
@@ -2004,6 +2010,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       w.keyrow.clear();
       for_window_key_rows(g, ep, row, [&](int64_t base) { w.keyrow.push_back(base); });
       nrows[i] = static_cast<int>(w.keyrow.size());
+      w.kvrow.resize(nrows[i]);
+      w.accrow.resize(nrows[i]);
+      for (int r = 0; r < nrows[i]; ++r) {
+        w.kvrow[r] = ring_base(g, ep, w.keyrow[r], kv_ring);
+        w.accrow[r] = ring_base(g, ep, w.keyrow[r], acc_ring);
+      }
       w.prepare(static_cast<int64_t>(nrows[i]) * (nd + 1), lds, padA, lg, D, Dv, call);
       w.rbq.resize(nrows[i]);
       tok0[i] = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
@@ -2025,7 +2037,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           const float *xq[2], *xo[2];
           for (int i = 0; i < nr; ++i) {
             ExactBwdWs& w = *ws[i];
-            for (int r = 0; r < nrows[i]; ++r) w.rbq[r] = ring_base(g, ep, w.keyrow[r], kv_ring) + run.ws0 + tb;
+            for (int r = 0; r < nrows[i]; ++r) w.rbq[r] = w.kvrow[r] + run.ws0 + tb;
             so[i] = {w.ptA() + drow + t0, w.dsA() + drow + t0, lds, ldr, true};
             xq[i] = w.xq.data() + padA + t0;
             xo[i] = w.xo.data() + padA + t0;
@@ -2052,12 +2064,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           while (i0 < nrows[0] || i1 < nrows[1]) {
             const int64_t b0 = i0 < nrows[0] ? w0.keyrow[i0] : INT64_MAX, b1 = i1 < nrows[1] ? w1.keyrow[i1] : INT64_MAX;
             if (b0 == b1) {
-              kl.both.push_back(ring_base(g, ep, b0, acc_ring));
+              kl.both.push_back(w0.accrow[i0]);
               kl.both0.push_back(i0++);
               kl.both1.push_back(i1++);
             } else {
               const int i = b0 < b1 ? 0 : 1;
-              kl.one[i].push_back(ring_base(g, ep, i ? b1 : b0, acc_ring));
+              kl.one[i].push_back(i ? w1.accrow[i1] : w0.accrow[i0]);
               kl.one_r[i].push_back(i ? i1++ : i0++);
             }
           }
@@ -2087,12 +2099,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         }
       } else {
         ExactBwdWs& w = *ws[0];
-        std::vector<int64_t>& kr = tls_kvl.single;
-        kr.resize(w.keyrow.size());
-        for (size_t r = 0; r < kr.size(); ++r) kr[r] = ring_base(g, ep, w.keyrow[r], acc_ring);
-        kt.exact_bwd_kv(w.dsA() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldacc, kr.data(), nrows[0], nd,
+        kt.exact_bwd_kv(w.dsA() + o, lds, ldr, w.xq.data() + o, lds, D, xk, ldacc, w.accrow.data(), nrows[0], nd,
                         nvec * vw, rs.vr.data());
-        kt.exact_bwd_kv(w.ptA() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldacc, ldacc, kr.data(),
+        kt.exact_bwd_kv(w.ptA() + o, lds, ldr, w.xo.data() + o, lds, Dv, xk + D * ldacc, ldacc, w.accrow.data(),
                         nrows[0], nd, nvec * vw, rs.vr.data());
       }
     }
@@ -2313,8 +2322,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           store_exact_sums(slice0 + j, xk[j], false, stored[j], final_rows[i]);
           // (their slots start from zero for the rows that take them next)
           for (int64_t rho = stored[j]; acc_ring && rho < final_rows[i]; ++rho)
-            for (int64_t c = 0; c < D + Dv; ++c)
-              std::memset(xk[j] + c * ldacc + ep.front + rho % acc_ring * L2, 0, sizeof(float) * L2);
+            zero_columns(xk[j], D + Dv, ldacc, ep.front + rho % acc_ring * L2, L2);
           stored[j] = final_rows[i];
         }
       }
