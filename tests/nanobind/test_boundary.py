@@ -124,6 +124,32 @@ def test_views_and_broadcasts_give_the_right_numbers():
     assert np.abs(np.array(g) - full).max() < 1e-4
 
 
+
+def _address(a):
+    return np.asarray(memoryview(a)).__array_interface__["data"][0]
+
+
+def test_outputs_start_on_a_cache_line_and_behave_as_arrays(tmp_path):
+    # the outputs sit 64-byte aligned inside a slightly larger buffer (an offset into it, as a slice's):
+    # MLX's operations, conversions, donation and saving must see only the array
+    rng = np.random.default_rng(5)
+    q, k, v = (_f32(x) for x in _qkv(rng, shape=(2, 9, 11)))
+    ro, rl = oracle.na_forward(np.array(q), np.array(k), np.array(v), **G2)
+    out, lse = ext.fused_forward(q, k, v, **W2)
+    attn = ext.qk_forward(q, k, **W2)
+    mx.eval(out, lse, attn)
+    grads = mx.grad(lambda a, b, c: ext.fused_forward(a, b, c, **W2)[0].sum(), argnums=(0, 1, 2))(q, k, v)
+    mx.eval(grads)
+    for a in (out, lse, attn, *grads):
+        assert _address(a) % 64 == 0, "an output does not start on a 64-byte line"
+    assert np.abs(np.array(out) - ro).max() < 1e-4 and np.abs(np.array(lse) - rl).max() < 1e-4
+    # an intermediate output MLX may donate to the next operation, then slices, a transpose, a reduction
+    chained = mx.compile(lambda a, b, c: (ext.fused_forward(a, b, c, **W2)[0] * 2.0 + 1.0)[:, 1:])(q, k, v)
+    assert np.abs(np.array(chained) - (2 * ro + 1)[:, 1:]).max() < 1e-4
+    assert np.abs(np.array(out.transpose(0, 3, 1, 2, 4).sum(axis=-1)) - ro.transpose(0, 3, 1, 2, 4).sum(-1)).max() < 1e-3
+    mx.save(str(tmp_path / "out.npy"), out)
+    assert np.array_equal(np.array(mx.load(str(tmp_path / "out.npy"))), np.array(out))
+
 def test_nan_and_inf_stay_in_their_windows():
     rng = np.random.default_rng(4)
     L = 40

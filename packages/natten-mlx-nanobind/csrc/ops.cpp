@@ -3,7 +3,9 @@
 // layouts and dtypes and runs driver.cpp on the stream's thread.
 #include "ops.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <sstream>
@@ -467,7 +469,19 @@ float scale_of(std::optional<double> scale, int64_t D) {
 void NAOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& o : outputs) {
-    o.set_data(mx::allocator::malloc(o.nbytes()));
+    // on a 64-byte line: MLX's CPU buffers start 8 bytes past malloc's pointer (24 mod 64 for a large
+    // one), so a head's row of 32 floats would span three lines, shared with the neighbouring heads,
+    // whose stores may come from another thread at the same time; 64 bytes more fixes that
+    mx::allocator::Data d = mx::allocator::malloc(o.nbytes() + 64);
+    const auto p = reinterpret_cast<std::uintptr_t>(d.buffer().raw_ptr());
+    const int64_t off = static_cast<int64_t>((64 - p % 64) % 64);
+    const auto mx_dim = std::max_element(o.shape().begin(), o.shape().end());
+    const bool col = o.size() <= 1 || static_cast<int64_t>(o.size()) == *mx_dim;
+    mx::array::Flags fl;
+    fl.contiguous = true;
+    fl.row_contiguous = true;
+    fl.col_contiguous = col;
+    o.set_data(std::move(d), o.size(), o.strides(), fl, off);
     enc.set_output_array(o);
   }
   for (auto& i : inputs) enc.set_input_array(i);
