@@ -1314,19 +1314,38 @@ inline void bwd_p_ds_perm(float* s, float* dp, int nrows, const LanePerm& lp, in
   for (int l = 0; l < VW; ++l)
     if (lohi[l] >= lohi[VW + l]) keep = static_cast<__mmask16>(keep | (1u << l));
   if (!o.own) keep = 0;
+  // per old slot x, the (new slot, lanes) pairs it takes, the same for every key row: listed once
+  // (the tests and mask compares per row and diagonal cost as much as the loads, C3's profile)
+  // (an old slot past 2 VW takes none: lane_perm keeps a lane's last key p + n - 1 <= 31, and old slot
+  // x of lane l holds key x + l)
+  const int nl = nx < 2 * VW ? nx : 2 * VW;
+  int first[2 * VW + 1], from[2 * VW * VW];
+  __mmask16 lanes[2 * VW * VW];
+  int m = 0;
+  for (int x = 0; x < nl; ++x) {
+    first[x] = m;
+    for (int i = 0; i < lp.nd; ++i) {
+      const int xn = x - lp.dv[i];
+      if (xn < 0 || xn >= n) continue;
+      const __mmask16 mk = lp.dm[i] & _mm512_cmplt_epi32_mask(_mm512_set1_epi32(xn), __m512i(hi2));
+      if (!mk) continue;
+      from[m] = xn * VW;
+      lanes[m++] = mk;
+    }
+  }
+  first[nl] = m;
   for (int r = 0; r < nrows; ++r) {
     const float* sp = s + static_cast<int64_t>(r) * n * VW;
     const float* sd = dp + static_cast<int64_t>(r) * n * VW;
     for (int x = 0; x < nx; ++x) {
       float* pp = o.pt + r * o.ldr + x * o.lds;
       float* dd = o.dst + r * o.ldr + x * o.lds;
-      __m512 P = _mm512_maskz_loadu_ps(keep, pp), DS = _mm512_maskz_loadu_ps(keep, dd);
-      for (int i = 0; i < lp.nd; ++i) {
-        const int xn = x - lp.dv[i];
-        if (xn < 0 || xn >= n) continue;
-        const __mmask16 m = lp.dm[i] & _mm512_cmplt_epi32_mask(_mm512_set1_epi32(xn), __m512i(hi2));
-        P = _mm512_mask_loadu_ps(P, m, sp + xn * VW);
-        DS = _mm512_mask_loadu_ps(DS, m, sd + xn * VW);
+      // (no lane kept, as in most blocks: no load; a masked load of none still costs the line's access)
+      __m512 P = keep ? _mm512_maskz_loadu_ps(keep, pp) : _mm512_setzero_ps();
+      __m512 DS = keep ? _mm512_maskz_loadu_ps(keep, dd) : _mm512_setzero_ps();
+      for (int e = x < nl ? first[x] : 0, e1 = x < nl ? first[x + 1] : 0; e < e1; ++e) {
+        P = _mm512_mask_loadu_ps(P, lanes[e], sp + from[e]);
+        DS = _mm512_mask_loadu_ps(DS, lanes[e], sd + from[e]);
       }
       store(pp, vf(P));
       store(dd, vf(DS));
