@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstring>
 #include <cstdlib>
+// the border blocks' scores as the extension runs them on AMD (select_kernels: perm_al there only)
 namespace na { bool perm_al = true; }
 using namespace na;
 int main(int argc, char** argv) {

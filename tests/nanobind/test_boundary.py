@@ -124,7 +124,6 @@ def test_views_and_broadcasts_give_the_right_numbers():
     assert np.abs(np.array(g) - full).max() < 1e-4
 
 
-
 def _address(a):
     return np.asarray(memoryview(a)).__array_interface__["data"][0]
 
@@ -149,6 +148,7 @@ def test_outputs_start_on_a_cache_line_and_behave_as_arrays(tmp_path):
     assert np.abs(np.array(out.transpose(0, 3, 1, 2, 4).sum(axis=-1)) - ro.transpose(0, 3, 1, 2, 4).sum(-1)).max() < 1e-3
     mx.save(str(tmp_path / "out.npy"), out)
     assert np.array_equal(np.array(mx.load(str(tmp_path / "out.npy"))), np.array(out))
+
 
 def test_nan_and_inf_stay_in_their_windows():
     rng = np.random.default_rng(4)
