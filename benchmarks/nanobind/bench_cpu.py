@@ -13,7 +13,10 @@ with the dense neighborhood mask), ``torch-sdpa-mask`` (the same in PyTorch's CP
 virtualenv ~/.cache/natten-mlx/natten014-py3.11 in a child process, when it exists).
 The machine's limit: the op's forward FLOPs (2 * B * N * H * prod(K) * (D + Dv)) over the float32
 GEMM rate numpy/OpenBLAS reaches here (2048^3 sgemm, in a child process with OPENBLAS_CORETYPE and
-OPENBLAS_L2_SIZE unset). Outputs are checked against the pure tier on the same inputs.
+OPENBLAS_L2_SIZE unset), as the best of its measurements during the run, against the op's median and
+fastest call; and paired (paired_pct): windows of the op's forward calls alternating with single sgemm calls
+in a child, each window's rate over its neighbour's, so that both sides see the same load on a shared machine.
+Outputs are checked against the pure tier on the same inputs.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def flops(name):
     return 2.0 * int(np.prod(c["spatial"])) * H * int(np.prod(c["kernel"])) * (D + D)
 
 
-def timeit(fn, budget=4.0, max_runs=30):
+def timeit(fn, budget=4.0, max_runs=200):
     """(median, samples, fastest): wall ms of fn() (which evaluates its result) after one warm-up,
     within ~budget s; an implementation slower than budget/2 per call gets its warm-up call only."""
     t = time.perf_counter()
@@ -210,6 +213,62 @@ def sgemm_rate():
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# the sgemm child of paired_pct: one 2048^3 sgemm per line read, its GFLOP/s written back
+PAIRED_CHILD = textwrap.dedent("""
+    import sys, time, numpy as np
+    a = np.random.rand(2048, 2048).astype(np.float32); b = np.random.rand(2048, 2048).astype(np.float32)
+    a @ b
+    print("ready", flush=True)
+    for line in sys.stdin:
+        t = time.perf_counter(); a @ b
+        print(2 * 2048**3 / (time.perf_counter() - t) / 1e9, flush=True)
+""")
+
+
+def paired_pct(name, fn, pairs=16, window=0.15):
+    """The op's forward rate as a percentage of the sgemm rate under the same load: `pairs` windows of
+    the op (window seconds of calls, their median; the first quarter of each window's calls dropped, as
+    the sgemm before it evicts the op's inputs from the caches) alternating (ABBA) with one sgemm in a
+    child process (OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset as in sgemm_rate, and its OpenBLAS threads
+    set to sleep at once after a call: by default they spin on for ~70 ms, through the op's next window,
+    which read C2 at 24% instead of 40%). Returns (median, 25th, 75th percentile) of the pairs' ratios."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    env["OPENBLAS_THREAD_TIMEOUT"] = "4"
+    child = subprocess.Popen(
+        [sys.executable, "-c", PAIRED_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        child.stdout.readline()
+
+        def op():
+            ts = []
+            start = time.perf_counter()
+            while time.perf_counter() - start < window or len(ts) < 8:
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            return float(np.median(ts[len(ts) // 4 :]))
+
+        def gemm():
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            return float(child.stdout.readline())
+
+        ratios = []
+        for i in range(pairs):
+            if i % 4 in (0, 3):
+                sec = op()
+                g = gemm()
+            else:
+                g = gemm()
+                sec = op()
+            ratios.append(100 * flops(name) / sec / (g * 1e9))
+    finally:
+        child.stdin.close()
+        child.wait()
+    return float(np.median(ratios)), float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))
+
+
 def natten014(cases):
     if not os.path.exists(NATTEN014):
         return None, f"NATTEN 0.14.6 not run: {NATTEN014} does not exist"
@@ -272,8 +331,11 @@ def main(argv=None):
                         row["ms"], row["runs"], row["min"] = timeit(fn)
                     except Exception as exc:  # noqa: BLE001 - recorded as a note
                         row["note"] = f"failed: {type(exc).__name__}: {exc}"
+                if impl == "nanobind" and mode == "fwd" and "ms" in row:
+                    row["paired"] = paired_pct(name, fn)
                 rows.append(row)
-                print(name, mode, impl, f"{row['ms']:.2f} ms" if "ms" in row else row["note"], flush=True)
+                print(name, mode, impl, f"{row['ms']:.2f} ms" if "ms" in row else row["note"],
+                      f"(paired {row['paired'][0]:.1f}% of sgemm)" if "paired" in row else "", flush=True)
     rates.append(sgemm_rate())
     gemm = max(rates)
     notes.append("sgemm GFLOP/s measured before each case and at the end: " + ", ".join(f"{r:.0f}" for r in rates))
@@ -320,24 +382,28 @@ def render(rows, notes, gemm, cases, started, load0, ext):
         "measurements during the run); "
         "`% sgemm` is the op's forward FLOPs 2*N*H*prod(K)*(D+Dv) per nanobind forward second over that rate, "
         "at the median call and (after the slash) at the fastest of the same calls, as the sgemm rate is a best "
-        "of its runs; `fwdbwd / fwd`: nanobind's fwdbwd median over its fwd median",
+        "of its runs; `paired`: the median over 16 pairs of a 0.15 s window of forward calls and one sgemm "
+        "next to it (alternating, in a child), each pair's rates divided (both under the same load), with the "
+        "pairs' interquartile range; `fwdbwd / fwd`: nanobind's fwdbwd median over its fwd median",
         "- medians in ms, float32, batch 1, H=4, D=32; fwdbwd: forward + all three gradients",
         "",
-        "| case | problem | mode | " + " | ".join(impls) + " | nanobind % sgemm (median / fastest) | nanobind fwdbwd / fwd | pure / nanobind |",
-        "|---|---|---|" + "---|" * len(impls) + "---|---|---|",
+        "| case | problem | mode | " + " | ".join(impls) + " | nanobind % sgemm (median / fastest) | paired % sgemm (IQR) | nanobind fwdbwd / fwd | pure / nanobind |",
+        "|---|---|---|" + "---|" * len(impls) + "---|---|---|---|",
     ]
     for name in cases:
         for mode in ("fwd", "fwdbwd"):
             cells = [fmt(by.get((name, mode, i))) for i in impls]
             nbr, pr = by.get((name, mode, "nanobind")), by.get((name, mode, "pure"))
-            pct, fb = "–", "–"
+            pct, fb, paired = "–", "–", "–"
             if nbr and "ms" in nbr and mode == "fwd":
                 pct = pct_of(name, nbr["ms"], gemm) + (f" / {pct_of(name, nbr['min'], gemm)}" if "min" in nbr else "")
+            if nbr and "paired" in nbr:
+                paired = "{:.1f}% ({:.1f}-{:.1f})".format(*nbr["paired"])
             nbf = by.get((name, "fwd", "nanobind"))
             if mode == "fwdbwd" and nbr and nbf and "ms" in nbr and "ms" in nbf:
                 fb = f"{nbr['ms'] / nbf['ms']:.2f}"
             ratio = f"{pr['ms'] / nbr['ms']:.1f}x" if nbr and pr and "ms" in nbr and "ms" in pr else "–"
-            lines.append(f"| {name} | {label(name)} | {mode} | " + " | ".join(cells) + f" | {pct} | {fb} | {ratio} |")
+            lines.append(f"| {name} | {label(name)} | {mode} | " + " | ".join(cells) + f" | {pct} | {paired} | {fb} | {ratio} |")
     lines += ["", "Notes:", ""]
     lines += [f"- {n}" for n in notes]
     for r in rows:
