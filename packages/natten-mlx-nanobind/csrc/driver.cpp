@@ -145,7 +145,7 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them)
-std::atomic<int64_t> path_count[9];
+std::atomic<int64_t> path_count[10];
 // Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
 // strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
 // reads 32 features x 8 key rows of keys and as many of values per block, ~100 distinct 4 KiB pages,
@@ -205,8 +205,8 @@ float* scratch(size_t n, bool zero) {
 }
 int num_threads() { return pool().size(); }
 std::vector<int64_t> path_counts(bool reset) {
-  std::vector<int64_t> out(9);
-  for (int i = 0; i < 9; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  std::vector<int64_t> out(10);
+  for (int i = 0; i < 10; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
   return out;
 }
 const char* simd_name() { return select_kernels().name; }
@@ -930,6 +930,13 @@ std::vector<int64_t> order_by_need(const std::vector<int64_t>& need) {
   return seq;
 }
 
+// NATTEN_MLX_PVROWS=0 keeps the streamed forward's P.V on transposed values (exact_fwd2) instead of value rows
+// (exact_fwd2r, AVX-512, Dv a multiple of 16); read on every call (tests run both)
+bool pvrows_mode() {
+  const char* env = std::getenv("NATTEN_MLX_PVROWS");
+  return !env || std::strcmp(env, "0") != 0;
+}
+
 // NATTEN_MLX_RING=0 keeps every transposed row of a streamed slice in its own place instead of a ring of
 // row slots (read once per process; tests compare the two)
 bool ring_mode() {
@@ -991,22 +998,41 @@ struct SliceStream {
   float *ks, *vs;
   bool check_k, check_v;
   int64_t rows, ahead, done, ring, start;
+  bool vrows;  // values copied as rows (vs: row slot r's L2 tokens of Dv floats at r * L2 * Dv), not transposed
   SliceStream(const KernelTable& kt_, const Geo& g_, const ExactPlan& ep_, const float* k_, const float* v_, int64_t b_,
               int64_t h_, int64_t ld_, float* ks_, float* vs_, bool check_k_, bool check_v_, int64_t start_ = 0,
-              int64_t ring_ = 0)
+              int64_t ring_ = 0, bool vrows_ = false)
       : kt(kt_), g(g_), ep(ep_), k(k_), v(v_), b(b_), h(h_), ld(ld_), ks(ks_), vs(vs_), check_k(check_k_),
-        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead(stream_ahead(g_, kt_.vw)), done(start_), ring(ring_), start(start_) {
+        check_v(check_v_), rows(g_.Nk / g_.L[2]), ahead(stream_ahead(g_, kt_.vw)), done(start_), ring(ring_), start(start_),
+        vrows(vrows_) {
     const int64_t n = ring ? ring * g.L[2] : g.Nk;
     zero_slice_padding(ks, g.D, n, ld, ep.front);
-    zero_slice_padding(vs, g.Dv, n, ld, ep.front);
+    if (!vrows) zero_slice_padding(vs, g.Dv, n, ld, ep.front);
   }
   bool advance(int64_t need) {
     const int64_t upto = std::min(rows, std::max(need + ahead, done));
     if (upto <= done) return true;
     const bool fk = transpose_rows_grouped(kt, k, b, h, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ld, ks,
                                            done, upto, check_k, ring);
-    const bool fv = transpose_rows_grouped(kt, v, b, h, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ld, vs,
-                                           done, upto, check_v, ring);
+    bool fv = true;
+    if (!vrows) {
+      fv = transpose_rows_grouped(kt, v, b, h, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ld, vs, done, upto,
+                                  check_v, ring);
+    } else {
+      // the forward's P.V from value rows (exact_fwd2r): this head's rows copied as they are, one after another
+      // (the tokens' order kept), onto 64-byte lines; read from MLX's buffer (at 24 mod 64) each row of 128
+      // bytes straddled three lines and every load of it two (paired, 0.93-0.94 of reading it there)
+      const int64_t L2 = g.L[2], Dv = g.Dv;
+      for (int64_t r = done; r < upto; ++r) {
+        float* dst = vs + (ring ? r % ring : r) * L2 * Dv;
+        const float* src = v + ((b * g.Nk + r * L2) * g.Hkv + h) * Dv;
+        const int64_t step = g.Hkv * Dv;
+        for (int64_t t = 0; t < L2; ++t) {
+          if (t + 16 < L2) prefetch_row(src + (t + 16) * step, Dv);
+          std::memcpy(dst + t * Dv, src + t * step, sizeof(float) * Dv);
+        }
+      }
+    }
     // border blocks of the last row read up to K2 + 4 vw keys past its slot, into the next slots (up to
     // the ring's end, then its zeroed padding): a slot whose rows this stream never wrote (it started
     // late: a part's stream) holds another call's values, maybe not finite; zeros, as without a ring
@@ -1015,7 +1041,7 @@ struct SliceStream {
       for (int64_t p = s + 1; p <= std::min(s + ahead, ring - 1); ++p)
         if (rows - 1 - s + p - ring < start) {
           zero_columns(ks, g.D, ld, ep.front + p * L2, L2);
-          zero_columns(vs, g.Dv, ld, ep.front + p * L2, L2);
+          if (!vrows) zero_columns(vs, g.Dv, ld, ep.front + p * L2, L2);
         }
     }
     done = upto;
@@ -1282,6 +1308,11 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // buffers (a window's rows span K0 planes, C4: ~1 MiB of transposed rows between a row's first and
   // last use; C4 0.99 at one thread, 1.00-1.06 at two); in the ring of row slots below, C4 0.98.
   const bool streamed = ep.on && !local && !rowsnd && ntiles == 0 && slices >= 2 * int64_t(num_threads());
+  // the streamed path's P.V from value rows (exact_fwd2r): the stream copies each head's value rows as they
+  // are (a key's Dv features contiguous) instead of transposing them, the kernels write outputs as rows (no
+  // transposes back), and border blocks multiply no value outside a window, so no value needs to be finite
+  // (no check, no second round). Bitwise the same outputs; paired, C2 / C3 / C4 forward 0.936 / 0.907 / 0.897.
+  const bool pvrows = streamed && kt.exact_fwd2r && g.Dv % 16 == 0 && pvrows_mode();
   const float *kTx = nullptr, *vTx = nullptr;
   float *kTs = nullptr, *vTs = nullptr;
   std::vector<int64_t> need;  // streamed: rows along the first two axes transposed before chunk i
@@ -1323,12 +1354,27 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       int64_t *krow[2] = {ib, ib + kwin}, *rb[2] = {ib + 2 * kwin, ib + 3 * kwin};
       int nrows[2] = {0, 0};
       int64_t qrow[2] = {0, 0};
+      // pvrows: per row, its key rows' value rows (the stream's copies) at last-axis coordinate 0 of their
+      // group (vrow0) and at the current block's window start (vr)
+      const float** vp = pvrows ? reinterpret_cast<const float**>(grow(w.dob, 8 * static_cast<size_t>(kwin) + 16))
+                                : nullptr;
+      const float **vrow0[2] = {vp, vp ? vp + kwin : nullptr}, **vr[2] = {vp ? vp + 2 * kwin : nullptr,
+                                                                          vp ? vp + 3 * kwin : nullptr};
       for (int i = 0; i < nr; ++i) {
-        for_window_key_rows(g, ep, *rws[i], [&](int64_t base) { krow[i][nrows[i]++] = ring_base(g, ep, base, ring); });
+        for_window_key_rows(g, ep, *rws[i], [&](int64_t base) {
+          if (pvrows) {
+            // the key row's token g2 (its group's coordinate 0) in this slice's copied value rows
+            const int64_t row = (base - ep.gstart[g2]) / g.L[2];
+            vrow0[i][nrows[i]] = vTb + slice * ldb * g.Dv + ((ring ? row % ring : row) * g.L[2] + g2) * g.Dv;
+          }
+          krow[i][nrows[i]++] = ring_base(g, ep, base, ring);
+        });
         qrow[i] = row_token(g, g0, g1, rws[i]->c0, rws[i]->c1);
       }
+      const int64_t vstep = static_cast<int64_t>(g.Dl[2]) * g.Dv;  // value rows of consecutive keys (copied rows)
+      const int lgrp = na_group_len(g.L[2], g.Dl[2], g2);
       const float* kslice = local ? nullptr : kTb + slice * ldb * D;
-      const float* vslice = local ? nullptr : vTb + slice * ldb * Dv;
+      const float* vslice = local || !vTb ? nullptr : vTb + slice * ldb * Dv;
       int64_t ldl = ldb, shift = 0;  // row length of kslice/vslice; added to every key row base
       if (local) {
         // the chunk's keys [kmin, kmax) of this group, transposed; zeros outside the group
@@ -1355,9 +1401,15 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         const ExactRun& run = ep.runs[g2][blk.run];
         const int* lohi = run.masked ? run.lohi : nullptr;
         for (int i = 0; i < nr; ++i)
-          for (int r = 0; r < nrows[i]; ++r) rb[i][r] = krow[i][r] + blk.ws + shift;
+          for (int r = 0; r < nrows[i]; ++r) {
+            rb[i][r] = krow[i][r] + blk.ws + shift;
+            if (pvrows) vr[i][r] = vrow0[i][r] + blk.ws * vstep;
+          }
         float* S[2] = {grow(w.s, static_cast<size_t>(nrows[0] * nx + 2 * D) * vw + vw),
-                       nr == 2 ? grow(w.p, static_cast<size_t>(nrows[1] * nx) * vw + vw) : nullptr};
+                       nr == 2 || pvrows ? grow(w.p, static_cast<size_t>(nrows[nr - 1] * nx) * vw + vw) : nullptr};
+        unsigned serve = 0;
+        for (int l = blk.skip; l < vw; ++l)
+          if (!lohi || lohi[l] < lohi[vw + l]) serve |= 1u << l;
         float* ob = grow(w.o, 2 * (Dv * vw + vw));
         float* oT[2] = {ob, ob + Dv * vw + vw};
         float* lsev[2] = {oT[0] + Dv * vw, oT[1] + Dv * vw};
@@ -1383,6 +1435,14 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
               }
               kt.transpose8(src, D, qloc[i] + l0, vw);
             }
+          if (pvrows) {
+            RowPV rp{vr[0], nr == 2 ? vr[1] : vr[0], vstep, -blk.ws, lgrp - blk.ws,
+                     a.out + (row0[0] + h) * Dv, nr == 2 ? a.out + (row0[1] + h) * Dv : nullptr, tstep * Dv,
+                     a.lse + row0[0] + h, nr == 2 ? a.lse + row0[1] + h : nullptr, tstep, serve};
+            kt.exact_fwd2r(qloc[0], nr == 2 ? qloc[1] : qloc[0], vw, g.scale, D, kslice, ldl, Dv, rb[0], nrows[0],
+                           rb[1], nr == 2 ? nrows[1] : 0, nx, lohi, S[0], S[1], rp);
+            continue;
+          }
           if (nr == 2)
             kt.exact_fwd2(qloc[0], qloc[1], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], rb[1],
                           nrows[1], nx, lohi, S[0], S[1], oT[0], oT[1], lsev[0], lsev[1]);
@@ -1626,6 +1686,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     }
     const int64_t ldb = ring ? ring_ld(g, ep, kt.vw, ring) : ldx;
     if (ring) path_count[6].fetch_add(1);
+    if (pvrows) path_count[9].fetch_add(1);
     float *kTp = nullptr, *vTp = nullptr;  // parts 1.. : their own copies
     if (parts > 1) {
       kTp = scratch(static_cast<size_t>((parts - 1) * slices * ldb * g.D));
@@ -1643,7 +1704,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       for (int64_t j = 0; j < per; ++j) {
         const int64_t slice = grp * per + j;
         st[j].emplace(kt, g, ep, a.k, a.v, slice / g.Hkv, slice % g.Hkv, ldb, kb + slice * ldb * g.D,
-                      vb + slice * ldb * g.Dv, false, check, firsts[part], ring);
+                      vb + slice * ldb * g.Dv, false, check && !pvrows, firsts[part], ring, pvrows);
       }
       for (size_t c = c0; c < c1; ++c)
         for (int64_t j = 0; j < per; ++j) {

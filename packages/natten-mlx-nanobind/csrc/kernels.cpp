@@ -1125,10 +1125,242 @@ inline void perm_sums2s(const float* wa, const float* wb, const float* src, int6
     store(ob + c * VW, xb[0] * mulb);
   }
 }
+
+// ---- P.V from value rows (exact_fwd2r): a key's Dv features contiguous (the driver's copies of MLX's
+// heads-last rows) instead of transposed values, outputs written as rows. Lane l of a block holds the slots s
+// of its window that the score layout gives it, slot s being key kb[l] + s (relative to the block's window
+// start), weights P[(i * ns + s) * VW + l] for key row i. Lanes whose keys slide by one per lane form a band
+// (each key's value row loaded once for all the band's lanes whose windows hold it); lanes with the same
+// window (clamped at a border) a group sharing every value row; any other lane goes alone. Each lane's sums
+// run over its key rows and slots in the order of the transposed values' kernels (slot_sums2, perm_sums2s):
+// bitwise the same outputs; and only a lane's own slots are multiplied (no zero weight meets a value).
+__attribute__((always_inline)) inline vf mload(__mmask16 m, const float* p) { return vf(_mm512_maskz_loadu_ps(m, p)); }
+__attribute__((always_inline)) inline vf bcast(const float* p) { return vf(_mm512_set1_ps(*p)); }
+// band of GL lanes L0 .. L0 + GL - 1, lane l's slot x being key off + l + x, F feature vectors from c0; keys
+// outside [lo, hi) are not read (only lanes outside the band can reach them; their sums are not stored)
+template <int NX, int GL, int F, bool MASK>
+__attribute__((noinline)) void pv_band(const float* P, const float* const* vr, int nrows, int64_t vs, int64_t off, int L0,
+                                       int64_t c0, int lo, int hi, vf (*acc)[2]) {
+  __mmask16 jm[NX + GL - 1];
+  for (int j = 0; j < NX + GL - 1; ++j) {
+    const int64_t key = off + L0 + j;
+    jm[j] = !MASK || (key >= lo && key < hi) ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>(0);
+  }
+  vf a0[GL], a1[GL];
+#pragma GCC unroll 8
+  for (int l = 0; l < GL; ++l) a0[l] = a1[l] = vf{};
+  for (int i = 0; i < nrows; ++i) {
+    const float* pr = P + static_cast<int64_t>(i) * NX * VW + L0;
+    const float* v = vr[i] + (off + L0) * vs + c0;
+#pragma GCC unroll 32
+    for (int j = 0; j < NX + GL - 1; ++j) {
+      const vf v0 = MASK ? mload(jm[j], v + j * vs) : load(v + j * vs);
+      const vf v1 = F > 1 ? (MASK ? mload(jm[j], v + j * vs + VW) : load(v + j * vs + VW)) : vf{};
+#pragma GCC unroll 8
+      for (int l = 0; l < GL; ++l) {
+        const int x = j - l;
+        if (x < 0 || x >= NX) continue;
+        const vf w = bcast(pr + x * VW + l);
+        a0[l] += w * v0;
+        if (F > 1) a1[l] += w * v1;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int l = 0; l < GL; ++l) {
+    acc[l][0] = a0[l];
+    acc[l][1] = a1[l];
+  }
+}
+// M lanes (lanes[m]) whose slot s is key off + s, s < ns, every one in their windows
+template <int M, int F>
+__attribute__((noinline)) void pv_group(const float* P, int ns, const int* lanes, const float* const* vr, int nrows,
+                                        int64_t vs, int64_t off, int64_t c0, vf (*acc)[2]) {
+  vf a0[M], a1[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) a0[m] = a1[m] = vf{};
+  for (int i = 0; i < nrows; ++i) {
+    const float* pr = P + static_cast<int64_t>(i) * ns * VW;
+    const float* v = vr[i] + off * vs + c0;
+    for (int s = 0; s < ns; ++s) {
+      const vf v0 = load(v + s * vs), v1 = F > 1 ? load(v + s * vs + VW) : vf{};
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const vf w = bcast(pr + s * VW + lanes[m]);
+        a0[m] += w * v0;
+        if (F > 1) a1[m] += w * v1;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    acc[m][0] = a0[m];
+    acc[m][1] = a1[m];
+  }
+}
+// one lane, slots [s0, s1), slot s being key off + s
+template <int F>
+inline void pv_lane(const float* P, int ns, int l, int s0, int s1, const float* const* vr, int nrows, int64_t vs,
+                    int64_t off, int64_t c0, vf* acc) {
+  vf a0 = vf{}, a1 = vf{};
+  for (int i = 0; i < nrows; ++i) {
+    const float* pr = P + static_cast<int64_t>(i) * ns * VW + l;
+    const float* v = vr[i] + off * vs + c0;
+    for (int s = s0; s < s1; ++s) {
+      const vf w = bcast(pr + s * VW);
+      a0 += w * load(v + s * vs);
+      if (F > 1) a1 += w * load(v + s * vs + VW);
+    }
+  }
+  acc[0] = a0;
+  acc[1] = a1;
+}
+template <int GL, int F>
+inline void pv_band_n(int ns, const float* P, const float* const* vr, int nrows, int64_t vs, int64_t off, int L0,
+                      int64_t c0, int lo, int hi, vf (*acc)[2]) {
+  // keys outside [lo, hi) only where the band's reach crosses them (border blocks)
+  const bool mask = off + L0 < lo || off + L0 + ns + GL - 1 > hi;
+  switch (ns) {
+#define NA_CASE(X)                                                                   \
+  case X:                                                                            \
+    if (mask)                                                                        \
+      pv_band<X, GL, F, true>(P, vr, nrows, vs, off, L0, c0, lo, hi, acc);           \
+    else                                                                             \
+      pv_band<X, GL, F, false>(P, vr, nrows, vs, off, L0, c0, lo, hi, acc);          \
+    break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8) NA_CASE(9) NA_CASE(10)
+    NA_CASE(11) NA_CASE(12) NA_CASE(13) NA_CASE(14) NA_CASE(15) NA_CASE(16)
+#undef NA_CASE
+    default: break;
+  }
+}
+template <int F>
+inline void pv_group_m(int m, const float* P, int ns, const int* lanes, const float* const* vr, int nrows, int64_t vs,
+                       int64_t off, int64_t c0, vf (*acc)[2]) {
+  switch (m) {
+#define NA_CASE(M) \
+  case M: pv_group<M, F>(P, ns, lanes, vr, nrows, vs, off, c0, acc); break;
+    NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+    default: break;
+  }
+}
+// The lanes of a block cut into bands, groups and single lanes (see pv_band): lane l's slots [slo[l], shi[l])
+// of the score layout's ns are keys kb[l] + s; the lanes of serve only
+struct PVSeg {
+  int kind, l0, l1;  // 0 band, 1 group, 2 one lane; lanes [l0, l1)
+};
+inline int pv_segments(int ns, const int* kb, const int* slo, const int* shi, unsigned serve, PVSeg* seg) {
+  auto full = [&](int l) { return (serve >> l & 1) && slo[l] == 0 && shi[l] == ns; };
+  int n = 0, l = 0;
+  while (l < VW) {
+    if (!(serve >> l & 1) || slo[l] >= shi[l]) {
+      ++l;
+      continue;
+    }
+    int e = l + 1;
+    if (full(l)) {
+      while (e < VW && full(e) && kb[e] == kb[e - 1] + 1) ++e;
+      if (e - l >= 2) {
+        seg[n++] = {0, l, e};
+        l = e;
+        continue;
+      }
+      e = l + 1;
+      while (e < VW && full(e) && kb[e] == kb[l]) ++e;
+      if (e - l >= 2) {
+        seg[n++] = {1, l, e};
+        l = e;
+        continue;
+      }
+    }
+    seg[n++] = {2, l, l + 1};
+    ++l;
+  }
+  return n;
+}
+// one block's P.V from its softmaxed scores P ([nrows][ns][VW]) over the segments: out rows o + l * os
+// times mul[l]
+inline void row_pv(const float* P, int ns, int nrows, const int* kb, const int* slo, const int* shi, const PVSeg* seg,
+                   int nseg, const float* const* vr, int64_t vs, int lo, int hi, int64_t Dv, const float* mul, float* o,
+                   int64_t os) {
+  vf acc[8][2];
+  auto put = [&](int l, int64_t c0, const vf* a, int F) {
+    float* d = o + l * os + c0;
+    const vf m = bcast(mul + l);
+    store(d, a[0] * m);
+    if (F > 1) store(d + VW, a[1] * m);
+  };
+  for (int k = 0; k < nseg; ++k) {
+    const int l = seg[k].l0, e = seg[k].l1;
+    if (seg[k].kind == 0) {
+      // a band [l, e): groups of 8 lanes (4 for the last 4 or fewer), the last one shifted back to end at e
+      // where it can, or past it (the lanes past e are not stored)
+      const int64_t off = kb[l] - l;
+      for (int g0 = l; g0 < e;) {
+        const int GL = e - g0 > 4 ? 8 : 4;
+        const int L0 = std::min(g0, VW - GL);
+        for (int64_t c0 = 0; c0 < Dv; c0 += 2 * VW) {
+          const int F = Dv - c0 >= 2 * VW ? 2 : 1;
+          if (GL == 8)
+            F == 2 ? pv_band_n<8, 2>(ns, P, vr, nrows, vs, off, L0, c0, lo, hi, acc)
+                   : pv_band_n<8, 1>(ns, P, vr, nrows, vs, off, L0, c0, lo, hi, acc);
+          else
+            F == 2 ? pv_band_n<4, 2>(ns, P, vr, nrows, vs, off, L0, c0, lo, hi, acc)
+                   : pv_band_n<4, 1>(ns, P, vr, nrows, vs, off, L0, c0, lo, hi, acc);
+          for (int t = g0; t < std::min(e, L0 + GL); ++t) put(t, c0, acc[t - L0], F);
+        }
+        g0 = std::min(e, L0 + GL);
+      }
+    } else if (seg[k].kind == 1) {
+      // a group [l, e) of one window, 8 lanes at a time
+      for (int g0 = l; g0 < e; g0 += 8) {
+        const int mm = std::min(8, e - g0);
+        int lanes[8];
+        for (int t = 0; t < mm; ++t) lanes[t] = g0 + t;
+        for (int64_t c0 = 0; c0 < Dv; c0 += 2 * VW) {
+          const int F = Dv - c0 >= 2 * VW ? 2 : 1;
+          F == 2 ? pv_group_m<2>(mm, P, ns, lanes, vr, nrows, vs, kb[l], c0, acc)
+                 : pv_group_m<1>(mm, P, ns, lanes, vr, nrows, vs, kb[l], c0, acc);
+          for (int t = 0; t < mm; ++t) put(g0 + t, c0, acc[t], F);
+        }
+      }
+    } else {
+      for (int64_t c0 = 0; c0 < Dv; c0 += 2 * VW) {
+        const int F = Dv - c0 >= 2 * VW ? 2 : 1;
+        F == 2 ? pv_lane<2>(P, ns, l, slo[l], shi[l], vr, nrows, vs, kb[l], c0, acc[0])
+               : pv_lane<1>(P, ns, l, slo[l], shi[l], vr, nrows, vs, kb[l], c0, acc[0]);
+        put(l, c0, acc[0], F);
+      }
+    }
+  }
+}
+// lse of a block's lanes of serve to la + l * ls
+inline void row_lse(vf m, vf sum, float* la, int64_t ls, unsigned serve) {
+  alignas(64) float lse[VW];
+  lane_lse(m, sum, lse);
+  for (int l = 0; l < VW; ++l)
+    if (serve >> l & 1) la[l * ls] = lse[l];
+}
+// row_pv and row_lse of both blocks of exact_fwd2r (B: when rp.ob)
+inline void row_pv2(const RowPV& rp, const float* sa, const float* sb, int na, int nb, int ns, const int* kb,
+                    const int* slo, const int* shi, int64_t Dv, vf suma, vf sumb, vf ma, vf mb) {
+  PVSeg seg[VW];
+  const int nseg = pv_segments(ns, kb, slo, shi, rp.serve, seg);
+  alignas(64) float mul[2][VW];
+  store(mul[0], 1.f / suma);
+  store(mul[1], 1.f / sumb);
+  row_pv(sa, ns, na, kb, slo, shi, seg, nseg, rp.va, rp.vs, rp.lo, rp.hi, Dv, mul[0], rp.oa, rp.os);
+  row_lse(ma, suma, rp.la, rp.ls, rp.serve);
+  if (rp.ob) {
+    row_pv(sb, ns, nb, kb, slo, shi, seg, nseg, rp.vb, rp.vs, rp.lo, rp.hi, Dv, mul[1], rp.ob, rp.os);
+    row_lse(mb, sumb, rp.lb, rp.ls, rp.serve);
+  }
+}
 // exact_fwd2 of a border block on lane_perm's slots (qs: the scaled queries, as exact_fwd2's)
 void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
                      int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, const LanePerm& lp, float* sa,
-                     float* sb, float* oa, float* ob, float* lsea, float* lseb) {
+                     float* sb, float* oa, float* ob, float* lsea, float* lseb, const RowPV* rp = nullptr) {
   const int n = lp.n;
   const vi p = *reinterpret_cast<const vi*>(lp.p);
   const int nch = (n + PAIR_SLOTS - 1) / PAIR_SLOTS;
@@ -1155,6 +1387,11 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
   const int* lohi = lp.mask ? lp.lohi : nullptr;
   vf ma, mb;
   const vf suma = lane_softmax(sa, na, n, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, n, lohi, &mb, pfb);
+  if (rp) {
+    // lane l's slot s is key p[l] + s, s < its count (lp.lohi)
+    row_pv2(*rp, sa, sb, na, nb, n, lp.p, lp.lohi, lp.lohi + VW, Dv, suma, sumb, ma, mb);
+    return;
+  }
   const vf mula = 1.f / suma, mulb = 1.f / sumb;
   switch (n) {
 #define NA_CASE(X) \
@@ -1169,9 +1406,17 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
 }
 #endif
 
-void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
-                const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
-                const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
+#if defined(NA_ALIGNR_RUN2)
+#define NA_RP , const RowPV* rp = nullptr
+#define NA_RPA , rp
+#else
+#define NA_RP
+#define NA_RPA
+#endif
+void exact_fwd2_impl(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
+                     int64_t ldk, const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb,
+                     int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea,
+                     float* lseb NA_RP) {
   // the queries scaled once, side by side ([D][2][VW]) in the scratch after A's scores
   float* qs = sa + static_cast<int64_t>(na) * nx * VW;
   for (int64_t d = 0; d < D; ++d) {
@@ -1182,7 +1427,7 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
   if (lohi) {
     LanePerm lp;
     if (lane_perm(lohi, nx, &lp)) {
-      exact_fwd2_perm(qs, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, lp, sa, sb, oa, ob, lsea, lseb);
+      exact_fwd2_perm(qs, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, lp, sa, sb, oa, ob, lsea, lseb NA_RPA);
       return;
     }
   }
@@ -1210,10 +1455,39 @@ void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int6
   });
   vf ma, mb;
   const vf suma = lane_softmax(sa, na, nx, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, nx, lohi, &mb, pfb);
+#if defined(NA_ALIGNR_RUN2)
+  if (rp) {
+    // slot x of lane l is key l + x; a border block's lane holds slots lo .. hi - 1
+    alignas(64) int kb[VW], slo[VW], shi[VW];
+    for (int l = 0; l < VW; ++l) {
+      kb[l] = l;
+      slo[l] = lohi ? lohi[l] : 0;
+      shi[l] = lohi ? lohi[VW + l] : nx;
+    }
+    row_pv2(*rp, sa, sb, na, nb, nx, kb, slo, shi, Dv, suma, sumb, ma, mb);
+    return;
+  }
+#endif
   slot_sums2(sa, sb, vT, ldv, Dv, ra, na, rbb, nb, nx, 1.f / suma, 1.f / sumb, oa, ob);
   lane_lse(ma, suma, lsea);
   lane_lse(mb, sumb, lseb);
 }
+void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
+                const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
+                const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
+  exact_fwd2_impl(qa, qb, ldq, scale, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, nx, lohi, sa, sb, oa, ob, lsea, lseb);
+}
+#if defined(NA_ALIGNR_RUN2)
+void exact_fwd2r(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
+                 int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx, const int* lohi, float* sa,
+                 float* sb, const RowPV& rp) {
+  exact_fwd2_impl(qa, qb, ldq, scale, D, kT, ldk, nullptr, 0, Dv, ra, na, rbb, nb, nx, lohi, sa, sb, nullptr, nullptr,
+                  nullptr, nullptr, &rp);
+}
+#define NA_FWD2R exact_fwd2r
+#else
+#define NA_FWD2R nullptr
+#endif
 // P = exp(s - lse) inside the lanes' windows, dS = P * (dP - c) with c = sum over the lane's slots of
 // P * dP - dlse: slot x of key row r to o.pt / o.dst + r * o.ldr + x * o.lds, and dS over s (the
 // weights of dQ). sum P * dP equals dO . O (O = sum P v, dP = dO . v), so c needs no pass over the
@@ -2003,7 +2277,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

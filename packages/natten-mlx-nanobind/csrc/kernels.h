@@ -27,6 +27,23 @@ struct RowQuery {
   float *out, *lse;
 };
 
+// exact_fwd2r's P.V from value rows (a key's Dv features contiguous, Dv a multiple of 16): per key row r of
+// block A's (B's) list, va[r] (vb[r]) is the value row of the key at the block's window start (coordinate ws
+// along the last axis; the rows of the following keys vs floats apart); only keys j (relative to ws) with
+// lo <= j < hi exist. Lane l's normalised output row goes to oa + l * os (ob: B's; null: no block B) and its
+// lse to la + l * ls, for the lanes of serve (bit l).
+struct RowPV {
+  const float* const* va;
+  const float* const* vb;
+  int64_t vs;
+  int lo, hi;
+  float *oa, *ob;
+  int64_t os;
+  float *la, *lb;
+  int64_t ls;
+  unsigned serve;
+};
+
 struct KernelTable {
   const char* name;
   int vw;  // floats per vector register; callers pad the N of gemm to a multiple of it for speed
@@ -113,6 +130,12 @@ struct KernelTable {
   void (*exact_bwd_kv2)(const float* const* w0, const float* const* w1, int64_t lds, const float* x0, const float* x1,
                         int64_t ldx, int64_t W, float* accT, int64_t lda, const int64_t* rowbase, int nrows, int nx,
                         int nk, const int* vr);
+  // exact_fwd2 (nb may be 0: block A alone) with its P.V from value rows and its outputs and lse written as
+  // rows (RowPV): no transposed values, none finite required (no weight of a slot outside a lane's window
+  // multiplies a value), bitwise the same results. AVX-512 only (null elsewhere); Dv a multiple of 16.
+  void (*exact_fwd2r)(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
+                      int64_t ldk, int64_t Dv, const int64_t* ra, int na, const int64_t* rb, int nb, int nx,
+                      const int* lohi, float* sa, float* sb, const RowPV& rp);
 };
 
 const KernelTable* kernels_avx512();
