@@ -480,11 +480,8 @@ def test_forward_inf_value_read_by_border_blocks(na_dim, B, Hkv, monkeypatch):
     v_zero[(0, *bad, 0)] = 0.0
     want, _ = oracle.na_forward(q, k, v_zero, kernel_size=K, stride=(1,) * na_dim, dilation=(1,) * na_dim,
                                 is_causal=(False,) * na_dim)
-    sees = np.ones(shape, bool)
-    for a in range(na_dim):
-        windows = [oracle.axis_window(i, shape[a], K[a], 1, 1, False) for i in range(shape[a])]
-        holds = np.array([first <= bad[a] <= last for _, first, last in windows])
-        sees &= holds.reshape([-1 if x == a else 1 for x in range(na_dim)])
+    # the queries whose windows hold the bad token
+    sees = oracle.na_mask(shape, K)[:, np.ravel_multi_index(bad, shape)].reshape(shape)
     assert sees.any() and not sees.all()
     assert np.all(np.isfinite(got[0][~sees])), "inf leaked outside its windows"
     _close(got[0][~sees], want[0][~sees], mx.float32, "rows that never see the inf token")

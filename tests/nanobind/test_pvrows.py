@@ -124,11 +124,8 @@ def test_pvrows_nonfinite_value_stays_in_its_windows(bad, bad_value):
     v_zero = vals["v"].copy()
     v_zero[(0, *bad, 1)] = 0.0
     want, _ = oracle.na_forward(q, k, v_zero, kernel_size=K, stride=(1, 1), dilation=(1, 1), is_causal=(False, False))
-    sees = np.ones(shape, bool)
-    for a in range(2):
-        windows = [oracle.axis_window(i, shape[a], K[a], 1, 1, False) for i in range(shape[a])]
-        holds = np.array([first <= bad[a] <= last for _, first, last in windows])
-        sees &= holds.reshape([-1 if x == a else 1 for x in range(2)])
+    # the queries whose windows hold the bad token
+    sees = oracle.na_mask(shape, K)[:, np.ravel_multi_index(bad, shape)].reshape(shape)
     assert sees.any() and not sees.all()
     head = out[0, ..., 1, :]  # query head 1 reads kv head 1 (G = 1)
     assert np.all(np.isfinite(head[~sees])), "a value that is not finite leaked outside its windows"

@@ -104,11 +104,8 @@ def test_row2d_inf_value_stays_in_its_windows(monkeypatch):
     v_zero = v.copy()
     v_zero[(0, *bad, 0)] = 0.0
     want, _ = oracle.na_forward(q, k, v_zero, kernel_size=K, stride=(1, 1), dilation=(1, 1), is_causal=(False, False))
-    sees = np.ones(shape, bool)
-    for a in range(2):
-        windows = [oracle.axis_window(i, shape[a], K[a], 1, 1, False) for i in range(shape[a])]
-        holds = np.array([first <= bad[a] <= last for _, first, last in windows])
-        sees &= holds.reshape([-1 if x == a else 1 for x in range(2)])
+    # the queries whose windows hold the bad token
+    sees = oracle.na_mask(shape, K)[:, np.ravel_multi_index(bad, shape)].reshape(shape)
     assert sees.any() and not sees.all()
     assert np.all(np.isfinite(out[0][~sees]))
     assert not np.any(np.isfinite(out[0][sees][..., 0]))

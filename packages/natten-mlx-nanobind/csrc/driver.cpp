@@ -1374,7 +1374,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       const int64_t vstep = static_cast<int64_t>(g.Dl[2]) * g.Dv;  // value rows of consecutive keys (copied rows)
       const int lgrp = na_group_len(g.L[2], g.Dl[2], g2);
       const float* kslice = local ? nullptr : kTb + slice * ldb * D;
-      const float* vslice = local || !vTb ? nullptr : vTb + slice * ldb * Dv;
+      const float* vslice = local ? nullptr : vTb + slice * ldb * Dv;
       int64_t ldl = ldb, shift = 0;  // row length of kslice/vslice; added to every key row base
       if (local) {
         // the chunk's keys [kmin, kmax) of this group, transposed; zeros outside the group
