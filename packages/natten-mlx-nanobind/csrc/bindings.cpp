@@ -32,7 +32,7 @@ NB_MODULE(_ext, m) {
   m.def("path_counts", &na::path_counts, "reset"_a = false,
         "queries served since the last reset: [forward exact-window runs, border blocks, tiles, backward runs, "
         "border blocks, tiles, forward calls and backward calls on a ring of transposed key rows, backward calls with "
-        "their key-side sums on a ring, forward calls whose P.V read heads-last value rows] (tests check that every "
-        "path ran); reset=True zeroes them");
+        "their key-side sums on a ring, forward calls whose P.V read heads-last value rows, forward and backward calls "
+        "that wrote their outputs with non-temporal stores] (tests check that every path ran); reset=True zeroes them");
   m.def("simd", &na::simd_name, "instruction set of the kernels chosen for this CPU (NATTEN_MLX_SIMD overrides)");
 }

@@ -7,6 +7,7 @@
 #include <sched.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <xmmintrin.h>
 #endif
 #include <sys/mman.h>
 #include <unistd.h>
@@ -32,6 +33,14 @@ namespace na {
 
 // ---------------------------------------------------------------- thread pool
 namespace {
+
+// Orders this thread's non-temporal stores (add_transposed's, the kernels' row stores) before whatever
+// it does next: every pool task ends with one, before the caller learns the job is done
+inline void nt_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#endif
+}
 
 int default_threads() {
   if (const char* env = std::getenv("NATTEN_MLX_NUM_THREADS")) {
@@ -59,6 +68,7 @@ class Pool {
     std::lock_guard<std::mutex> submit(submit_);
     if (n_ <= 1 || n <= 1) {
       for (int64_t i = 0; i < n; ++i) fn(i, ctx);
+      nt_fence();
       return;
     }
     {
@@ -87,7 +97,10 @@ class Pool {
   void work() {
     for (;;) {
       int64_t i = next_.fetch_add(1);
-      if (i >= total_) return;
+      if (i >= total_) {
+        nt_fence();
+        return;
+      }
       try {
         fn_(i, ctx_);
       } catch (...) {
@@ -145,7 +158,7 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them)
-std::atomic<int64_t> path_count[10];
+std::atomic<int64_t> path_count[11];
 // Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
 // strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
 // reads 32 features x 8 key rows of keys and as many of values per block, ~100 distinct 4 KiB pages,
@@ -205,8 +218,8 @@ float* scratch(size_t n, bool zero) {
 }
 int num_threads() { return pool().size(); }
 std::vector<int64_t> path_counts(bool reset) {
-  std::vector<int64_t> out(10);
-  for (int i = 0; i < 10; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  std::vector<int64_t> out(11);
+  for (int i = 0; i < 11; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
   return out;
 }
 const char* simd_name() { return select_kernels().name; }
@@ -932,6 +945,18 @@ std::vector<int64_t> order_by_need(const std::vector<int64_t>& need) {
 
 // NATTEN_MLX_PVROWS=0 keeps the streamed forward's P.V on transposed values (exact_fwd2) instead of value rows
 // (exact_fwd2r, AVX-512, Dv a multiple of 16); read on every call (tests run both)
+// Whether an output of this many bytes is written with non-temporal stores where it is stored as whole,
+// aligned cache lines (the 2D/3D exact path's out, dq, dk, dv): they bypass the caches, so no line is read
+// from memory only to be overwritten, and the op's operands are not evicted for it. Outputs of 1 MiB or
+// more (paired, even with a consumer reading them back: C2 forward 0.94, forward+backward 0.94). Read per
+// call: NATTEN_MLX_NT=0 never, 2 at every size (tests).
+bool nt_for(int64_t bytes) {
+  const char* env = std::getenv("NATTEN_MLX_NT");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "2") == 0) return true;
+  return bytes >= (int64_t(1) << 20);
+}
+
 bool pvrows_mode() {
   const char* env = std::getenv("NATTEN_MLX_PVROWS");
   return !env || std::strcmp(env, "0") != 0;
@@ -1079,9 +1104,27 @@ void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_
 // dst[i * tstride + c] += xT[c * ld + i] for i < n tokens and c < W features: a transposed sum
 // added back to token rows, 8 x 8 blocks at a time (add false: stored, dst's old values unread)
 void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t W, int64_t n, float* dst,
-                    int64_t tstride, bool add = true) {
+                    int64_t tstride, bool add = true, bool nt = false) {
   float tmp[64];
   int64_t i = 0;
+#if defined(__x86_64__) || defined(__i386__)
+  // nt (stores, not adds, of rows that are whole cache lines): 8 rows transposed into a buffer, then
+  // streamed out (the caller's pool task ends with nt_fence)
+  if (nt && !add && W % 16 == 0 && W <= 256 && tstride % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 64 == 0) {
+    alignas(64) float rows[8 * 256];
+    for (; i + 8 <= n; i += 8) {
+      for (int64_t c = 0; c < W; c += 8) {
+        const float* src[8];
+        for (int j = 0; j < 8; ++j) src[j] = xT + (c + j) * ld + i;
+        kt.transpose8(src, 8, rows + c, W);
+      }
+      for (int r = 0; r < 8; ++r) {
+        float* d = dst + (i + r) * tstride;
+        for (int64_t c = 0; c < W; c += 4) _mm_stream_ps(d + c, _mm_load_ps(rows + r * W + c));
+      }
+    }
+  }
+#endif
   for (; i + 8 <= n; i += 8) {
     // the token rows two blocks ahead, requested for writing: their lines are rarely in cache (an
     // output MLX has just allocated), and a store that misses holds the store buffer until it arrives
@@ -1120,10 +1163,11 @@ void add_transposed(const KernelTable& kt, const float* xT, int64_t ld, int64_t 
 // A block's results xT [W][vw] (lane l: a query) to token rows dst + l * tstride, lanes [skip, vw),
 // of a border block (lohi) only those it serves (all of them, at a group's edges, go as one transpose)
 void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int skip, const int* lohi, float* dst,
-                 int64_t tstride) {
+                 int64_t tstride, bool nt = false) {
   // the rows of the next block along the row (where a run's blocks go next), requested for writing
-  // now, so that they arrive while that block computes (a prefetch past the output faults nothing)
-  for (int l = vw; l < 2 * vw; ++l) {
+  // now, so that they arrive while that block computes (a prefetch past the output faults nothing);
+  // not for non-temporal stores, which need no line in cache
+  for (int l = vw; l < 2 * vw && !nt; ++l) {
     float* d = dst + l * tstride;
     for (int64_t c = 0; c < W; c += 16) __builtin_prefetch(d + c, 1);
     __builtin_prefetch(d + W - 1, 1);
@@ -1131,7 +1175,7 @@ void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int 
   bool all = true;
   for (int l = 0; lohi && l < vw; ++l) all = all && lohi[l] < lohi[vw + l];
   if (all) {
-    add_transposed(kt, xT + skip, vw, W, vw - skip, dst + skip * tstride, tstride, false);
+    add_transposed(kt, xT + skip, vw, W, vw - skip, dst + skip * tstride, tstride, false, nt);
     return;
   }
   for (int l = skip; l < vw; ++l) {
@@ -1259,6 +1303,8 @@ CachedPlans& cached_plans(const Geo& g, const KernelTable& kt, bool borders) {
 
 bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const KernelTable& kt = select_kernels();
+  // the outputs stored with non-temporal stores (see nt_for)
+  const bool nt_out = a.final_out && g.Dv % 16 == 0 && nt_for(g.B * g.N * g.H * g.Dv * int64_t(sizeof(float)));
   const CachedPlans& cp = cached_plans(g, kt, borders);
   const ExactPlan& ep = cp.ep;
   const Plan& plan = cp.plan;
@@ -1431,14 +1477,14 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
                 prefetch_row(a.q + ((row0[i] + (l0 + vw + j) * tstep) + h) * D, D);
                 // and the lines its outputs go to (written 8 floats at a time, read for ownership)
                 float* o = a.out + ((row0[i] + (l0 + vw + j) * tstep) + h) * Dv;
-                for (int64_t c = 0; c < Dv; c += 16) __builtin_prefetch(o + c, 1);
+                for (int64_t c = 0; c < Dv && !nt_out; c += 16) __builtin_prefetch(o + c, 1);
               }
               kt.transpose8(src, D, qloc[i] + l0, vw);
             }
           if (pvrows) {
             RowPV rp{vr[0], nr == 2 ? vr[1] : vr[0], vstep, -blk.ws, lgrp - blk.ws,
                      a.out + (row0[0] + h) * Dv, nr == 2 ? a.out + (row0[1] + h) * Dv : nullptr, tstep * Dv,
-                     a.lse + row0[0] + h, nr == 2 ? a.lse + row0[1] + h : nullptr, tstep, serve};
+                     a.lse + row0[0] + h, nr == 2 ? a.lse + row0[1] + h : nullptr, tstep, serve, nt_out};
             kt.exact_fwd2r(qloc[0], nr == 2 ? qloc[1] : qloc[0], vw, g.scale, D, kslice, ldl, Dv, rb[0], nrows[0],
                            rb[1], nr == 2 ? nrows[1] : 0, nx, lohi, S[0], S[1], rp);
             continue;
@@ -1450,7 +1496,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
             kt.exact_fwd(qloc[0], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], nx, lohi, S[0], oT[0],
                          lsev[0]);
           for (int i = 0; i < nr; ++i) {
-            store_lanes(kt, oT[i], Dv, vw, blk.skip, lohi, a.out + (row0[i] + h) * Dv, tstep * Dv);
+            store_lanes(kt, oT[i], Dv, vw, blk.skip, lohi, a.out + (row0[i] + h) * Dv, tstep * Dv, nt_out);
             for (int l = blk.skip; l < vw; ++l)
               if (!lohi || lohi[l] < lohi[vw + l]) a.lse[row0[i] + l * tstep + h] = lsev[i][l];
           }
@@ -1716,6 +1762,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   }
   if (check && !v_ok.load()) return false;
   count_paths(0, g, ep);
+  if (nt_out && ep.on && !rows1d && !rowsnd) path_count[10].fetch_add(1);
   return true;
 }
 }  // namespace
@@ -1735,6 +1782,10 @@ namespace {
 bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const KernelTable& kt = select_kernels();
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
+  // dk/dv and dq stored (not added) with non-temporal stores (see nt_for)
+  // (rows of whole lines: D and Dv multiples of 16 floats, the outputs' bases on a line, see ops.cpp)
+  const bool nt_kv = a.final_out && D % 16 == 0 && Dv % 16 == 0 && nt_for(g.B * Nk * g.Hkv * D * int64_t(sizeof(float)));
+  const bool nt_q = a.final_out && D % 16 == 0 && nt_for(g.B * N * g.H * D * int64_t(sizeof(float)));
   // known_fin: keys, queries and output gradients are known to be finite (tiles skip their own check)
   bool known_fin = false, v_finite = true;
   // the plans (the forward's cache; without the exact path, when an operand is not finite, made here)
@@ -1929,8 +1980,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       for (int g2 = 0; g2 < Dl2; ++g2) {
         const int64_t lg = na_group_len(L2, Dl2, g2), n0 = r0 + g2;
         const int64_t p0 = ring_base(g, ep, r0 + ep.gstart[g2], acc_ring);
-        add_transposed(kt, xk + p0, ldacc, D, lg, dk + n0 * tsk, Dl2 * tsk, add);
-        add_transposed(kt, xv + p0, ldacc, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add);
+        add_transposed(kt, xk + p0, ldacc, D, lg, dk + n0 * tsk, Dl2 * tsk, add, nt_kv);
+        add_transposed(kt, xv + p0, ldacc, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add, nt_kv);
       }
   };
   // (1D: the pieces store their sums where they write first, below, and zero the keys none writes)
@@ -1988,7 +2039,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // dq (already times scale) of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
   // token tok0 + l * Dl2
   auto store_dq = [&](int64_t b, int64_t h, int64_t tok0, int skip, const int* lohi, float* dqT) {
-    store_lanes(kt, dqT, D, kt.vw, skip, lohi, dq_of(b, h) + tok0 * tsq, Dl2 * tsq);
+    store_lanes(kt, dqT, D, kt.vw, skip, lohi, dq_of(b, h) + tok0 * tsq, Dl2 * tsq, nt_q);
   };
   // blocks of vw queries of a run of n: fn(t0, skip) at t0 = 0, vw, ..., and one ending at the run's
   // end for the rest (its lanes before skip were served by the previous block)
@@ -2577,6 +2628,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   }
   if (!ok.load()) return false;
   count_paths(1, g, ep);
+  if (ep.on && !(local && row1d_mode()) && (nt_q || (nt_kv && direct))) path_count[10].fetch_add(1);
   return true;
 }
 }  // namespace

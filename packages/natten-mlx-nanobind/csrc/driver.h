@@ -32,6 +32,8 @@ struct Geo {
 struct FwdArgs {
   const float *q, *k, *v, *ek, *ev, *rpb;  // ek/ev/rpb null when absent
   float *out, *lse;
+  // out is the op's own output (not scratch converted after): non-temporal stores may write it
+  bool final_out = false;
 };
 
 // Gradients in the inputs' heads-last layout (dq [B][N][H][D], dk/dv [B][Nk][Hkv][D|Dv], dek/dev
@@ -39,6 +41,8 @@ struct FwdArgs {
 struct BwdArgs {
   const float *q, *k, *v, *ek, *ev, *rpb, *out, *lse, *dout, *dlse;  // dlse may be null
   float *dq, *dk, *dv, *dek, *dev, *drpb;
+  // dq, dk and dv are the op's own outputs (as FwdArgs::final_out)
+  bool final_out = false;
 };
 
 void fused_forward(const Geo& g, const FwdArgs& a);

@@ -1283,11 +1283,18 @@ inline int pv_segments(int ns, const int* kb, const int* slo, const int* shi, un
 // times mul[l]
 inline void row_pv(const float* P, int ns, int nrows, const int* kb, const int* slo, const int* shi, const PVSeg* seg,
                    int nseg, const float* const* vr, int64_t vs, int lo, int hi, int64_t Dv, const float* mul, float* o,
-                   int64_t os) {
+                   int64_t os, bool nt) {
   vf acc[8][2];
+  // (non-temporal: every row starts on a line when o does and os is a multiple of VW)
+  nt = nt && reinterpret_cast<std::uintptr_t>(o) % 64 == 0 && os % VW == 0;
   auto put = [&](int l, int64_t c0, const vf* a, int F) {
     float* d = o + l * os + c0;
     const vf m = bcast(mul + l);
+    if (nt) {
+      _mm512_stream_ps(d, a[0] * m);
+      if (F > 1) _mm512_stream_ps(d + VW, a[1] * m);
+      return;
+    }
     store(d, a[0] * m);
     if (F > 1) store(d + VW, a[1] * m);
   };
@@ -1350,10 +1357,10 @@ inline void row_pv2(const RowPV& rp, const float* sa, const float* sb, int na, i
   alignas(64) float mul[2][VW];
   store(mul[0], 1.f / suma);
   store(mul[1], 1.f / sumb);
-  row_pv(sa, ns, na, kb, slo, shi, seg, nseg, rp.va, rp.vs, rp.lo, rp.hi, Dv, mul[0], rp.oa, rp.os);
+  row_pv(sa, ns, na, kb, slo, shi, seg, nseg, rp.va, rp.vs, rp.lo, rp.hi, Dv, mul[0], rp.oa, rp.os, rp.nt);
   row_lse(ma, suma, rp.la, rp.ls, rp.serve);
   if (rp.ob) {
-    row_pv(sb, ns, nb, kb, slo, shi, seg, nseg, rp.vb, rp.vs, rp.lo, rp.hi, Dv, mul[1], rp.ob, rp.os);
+    row_pv(sb, ns, nb, kb, slo, shi, seg, nseg, rp.vb, rp.vs, rp.lo, rp.hi, Dv, mul[1], rp.ob, rp.os, rp.nt);
     row_lse(mb, sumb, rp.lb, rp.ls, rp.serve);
   }
 }

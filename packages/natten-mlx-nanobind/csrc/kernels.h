@@ -42,6 +42,7 @@ struct RowPV {
   float *la, *lb;
   int64_t ls;
   unsigned serve;
+  bool nt;  // output rows with non-temporal stores (whole 64-byte-aligned lines only)
 };
 
 struct KernelTable {

@@ -255,7 +255,8 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
     auto drpb = buf(rp.size());
     fused_backward(g, BwdArgs{hl(s.q, nd), hl(s.k, nd), hl(s.v, nd), hl(s.ek, 1), hl(s.ev, 1),
                               rp.empty() ? nullptr : rp.data(), hl(s.out, nd), hl(s.lse, nd, false),
-                              hl(s.dout, nd), hl(s.dlse, nd, false), dq, dk, dv, dek, dev, drpb.data()});
+                              hl(s.dout, nd), hl(s.dlse, nd, false), dq, dk, dv, dek, dev, drpb.data(),
+                              convert.empty()});
     for (auto& [src, dst] : convert) {
       const int64_t n = static_cast<int64_t>(dst->size());
       if (dst->dtype() == mx::float16) {
@@ -277,7 +278,8 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
     const float* pev2 = hl(s.ev, 1);
     Buf rp = s.rpb >= 0 ? gather(view_rpb(in[s.rpb], nd)) : Buf{};
     float* po = out[0].dtype() == mx::float32 ? out[0].data<float>() : buf(g.B * g.N * g.H * g.Dv).data();
-    fused_forward(g, FwdArgs{pq, pk, pv, pek2, pev2, rp.empty() ? nullptr : rp.data(), po, out[1].data<float>()});
+    fused_forward(g, FwdArgs{pq, pk, pv, pek2, pev2, rp.empty() ? nullptr : rp.data(), po, out[1].data<float>(),
+                             out[0].dtype() == mx::float32});
     if (out[0].dtype() != mx::float32) {
       const int64_t n = g.B * g.N * g.H * g.Dv;
       if (out[0].dtype() == mx::float16) {
