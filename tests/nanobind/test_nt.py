@@ -123,3 +123,32 @@ def test_nt_default_threshold(monkeypatch):
     assert c0[10] == 0
     for a, b in zip(big, plain):
         assert np.array_equal(a, b)
+
+
+def test_nt_two_python_threads(monkeypatch):
+    """Two Python threads calling the op at once (each call's kernel threads streaming their rows and
+    fencing them before the call returns) get the bits of one thread alone."""
+    import threading
+
+    monkeypatch.setenv("NATTEN_MLX_NT", "2")
+    geos = [GEOS[0], GEOS[5]]
+    want = [_run(g, 21)[0] for g in geos]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(4):
+                got = _run(geos[i], 21)[0]
+                if not all(np.array_equal(a, b) for a, b in zip(got, want[i])):
+                    errors.append(f"thread {i}: results differ")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+        finally:
+            mx.clear_streams()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
