@@ -8,7 +8,7 @@ and border blocks, dilation, even and causal kernels, GQA, D != Dv, 3D, the 1D p
 (NATTEN_MLX_ROW1D=0), stride (tiles add to the exact path's stored dk/dv), rows that are not whole lines
 (D = 24, Dv = 20: plain stores, and the counter says so); the float64 oracle on a few; and the default
 threshold (a 2 MiB output takes them, a small one does not; float16 outputs, written to scratch converted
-after, never do).
+after, never do); and two Python threads calling the op at once.
 """
 
 from __future__ import annotations
