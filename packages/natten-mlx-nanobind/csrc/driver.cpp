@@ -159,6 +159,7 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them)
 std::atomic<int64_t> path_count[11];
+constexpr int kPaths = static_cast<int>(sizeof(path_count) / sizeof(path_count[0]));
 // Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
 // strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
 // reads 32 features x 8 key rows of keys and as many of values per block, ~100 distinct 4 KiB pages,
@@ -218,8 +219,8 @@ float* scratch(size_t n, bool zero) {
 }
 int num_threads() { return pool().size(); }
 std::vector<int64_t> path_counts(bool reset) {
-  std::vector<int64_t> out(11);
-  for (int i = 0; i < 11; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
+  std::vector<int64_t> out(kPaths);
+  for (int i = 0; i < kPaths; ++i) out[i] = reset ? path_count[i].exchange(0) : path_count[i].load();
   return out;
 }
 const char* simd_name() { return select_kernels().name; }
@@ -943,8 +944,6 @@ std::vector<int64_t> order_by_need(const std::vector<int64_t>& need) {
   return seq;
 }
 
-// NATTEN_MLX_PVROWS=0 keeps the streamed forward's P.V on transposed values (exact_fwd2) instead of value rows
-// (exact_fwd2r, AVX-512, Dv a multiple of 16); read on every call (tests run both)
 // Whether an output of this many bytes is written with non-temporal stores where it is stored as whole,
 // aligned cache lines (the 2D/3D exact path's out, dq, dk, dv): they bypass the caches, so no line is read
 // from memory only to be overwritten, and the op's operands are not evicted for it. Outputs of 1 MiB or
@@ -957,6 +956,8 @@ bool nt_for(int64_t bytes) {
   return bytes >= (int64_t(1) << 20);
 }
 
+// NATTEN_MLX_PVROWS=0 keeps the streamed forward's P.V on transposed values (exact_fwd2) instead of value rows
+// (exact_fwd2r, AVX-512, Dv a multiple of 16); read on every call (tests run both)
 bool pvrows_mode() {
   const char* env = std::getenv("NATTEN_MLX_PVROWS");
   return !env || std::strcmp(env, "0") != 0;

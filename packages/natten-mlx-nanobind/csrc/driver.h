@@ -65,8 +65,8 @@ void parallel_for(int64_t n, F&& f) {
 int num_threads();
 // queries served since the last reset: forward exact-window runs, border blocks, tiles; backward the same;
 // then the forward and backward calls whose streamed keys and values took a ring of row slots, and the
-// backward calls whose key-side sums did, and the forward calls whose P.V read heads-last value rows
-// (exact_fwd2r)
+// backward calls whose key-side sums did, the forward calls whose P.V read heads-last value rows
+// (exact_fwd2r), and the forward and backward calls that wrote their outputs with non-temporal stores
 std::vector<int64_t> path_counts(bool reset);
 
 // Per-thread scratch buffers reused from call to call (fresh pages cost more than the work on small
