@@ -4,13 +4,13 @@ mx.grad, vmap, and the backend object's supports()."""
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 import oracle
 import pytest
+from nb_checks import run_in_two_threads
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
@@ -203,24 +203,12 @@ def test_two_python_threads():
         return np.array(out), np.array(g)
 
     want = [run(*c) for c in cases]
-    errors = []
 
-    def worker(i):
-        try:
-            for _ in range(8):
-                got = run(*cases[i])
-                if not (np.array_equal(got[0], want[i][0]) and np.array_equal(got[1], want[i][1])):
-                    errors.append(f"thread {i}: results differ")
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(repr(exc))
-        finally:
-            mx.clear_streams()
+    def same(i):
+        got = run(*cases[i])
+        return np.array_equal(got[0], want[i][0]) and np.array_equal(got[1], want[i][1])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_two_threads(same, reps=8)
     assert not errors, errors
 
 

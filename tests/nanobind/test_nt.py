@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 import oracle
 import pytest
+from nb_checks import assert_close, run_in_two_threads
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
@@ -103,9 +104,7 @@ def test_nt_against_oracle(geo, monkeypatch):
     want_out, want_lse = oracle.na_forward(q, k, v, kernel_size=K, stride=s, dilation=d, is_causal=c)
     gr = oracle.na_backward(q, k, v, kernel_size=K, stride=s, dilation=d, is_causal=c, dout=cot, dlse=clse)
     for g_, w, what in zip(got, (want_out, want_lse, gr["q"], gr["k"], gr["v"]), ("out", "lse", "dq", "dk", "dv")):
-        scale = max(1.0, float(np.abs(w).max()))
-        err = float(np.abs(g_ - w).max())
-        assert err <= 3e-5 * scale, f"{what}: max error {err:.3g}"
+        assert_close(g_, w, 3e-5, what)
 
 
 def test_nt_default_threshold(monkeypatch):
@@ -128,27 +127,10 @@ def test_nt_default_threshold(monkeypatch):
 def test_nt_two_python_threads(monkeypatch):
     """Two Python threads calling the op at once (each call's kernel threads streaming their rows and
     fencing them before the call returns) get the bits of one thread alone."""
-    import threading
-
     monkeypatch.setenv("NATTEN_MLX_NT", "2")
     geos = [GEOS[0], GEOS[5]]
     want = [_run(g, 21)[0] for g in geos]
-    errors = []
-
-    def worker(i):
-        try:
-            for _ in range(4):
-                got = _run(geos[i], 21)[0]
-                if not all(np.array_equal(a, b) for a, b in zip(got, want[i])):
-                    errors.append(f"thread {i}: results differ")
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(repr(exc))
-        finally:
-            mx.clear_streams()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_two_threads(
+        lambda i: all(np.array_equal(a, b) for a, b in zip(_run(geos[i], 21)[0], want[i])), reps=4
+    )
     assert not errors, errors

@@ -14,6 +14,7 @@ import numpy as np
 import oracle
 import pytest
 from configs import cfg_id, random_config, random_tensors
+from nb_checks import assert_close
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
@@ -56,11 +57,7 @@ def _window(cfg):
 
 
 def _close(got, want, dtype, what):
-    got = np.asarray(got, np.float64)
-    scale = max(1.0, float(np.max(np.abs(want))) if want.size else 1.0)
-    err = float(np.max(np.abs(got - want))) if want.size else 0.0
-    assert np.all(np.isfinite(got)), f"{what}: non-finite values"
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g} ({dtype})"
+    assert_close(got, want, TOL[dtype], f"{what} ({dtype})")
 
 
 @pytest.mark.parametrize("cfg,dtype,seed", FUSED, ids=[f"{cfg_id(c)}-{str(d)[5:]}" for c, d, _ in FUSED])
