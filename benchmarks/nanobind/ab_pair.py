@@ -12,6 +12,10 @@ median in ms and the median of the per-pair ratios new/old, which the load moves
     python benchmarks/nanobind/ab_pair.py /tmp/old_site/natten_mlx_nanobind --cases C2,C4 --seconds 6
 
 Both builds must be built against the MLX that runs them. NATTEN_MLX_NUM_THREADS applies to both.
+``--dtype float16|bfloat16`` runs the cases in that dtype; ``--layout qkv`` passes q, k, v as slices of
+one fused [B, *spatial, 3, H, D] projection (as NAT-style modules make them), ``--layout heads-first`` as
+transposed views of [B, H, *spatial, D] arrays; ``--cot broadcast`` makes the output gradient one value
+broadcast (what mx.grad of mx.sum(out) passes) instead of a contiguous array of ones.
 """
 
 import argparse
@@ -70,6 +74,9 @@ def main():
     ap.add_argument("--cases", default="C1,C2,C3,C4")
     ap.add_argument("--modes", default="fwd,fwdbwd", help="of fwd, fwdbwd, bwd (the backward alone)")
     ap.add_argument("--seconds", type=float, default=4.0, help="per case and mode")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--layout", default="contiguous", choices=("contiguous", "qkv", "heads-first"))
+    ap.add_argument("--cot", default="ones", choices=("ones", "broadcast"))
     args = ap.parse_args()
     if args.new is None:
         import natten_mlx_nanobind
@@ -80,11 +87,20 @@ def main():
         c = CASES[name]
         nd = len(c["spatial"])
         rng = np.random.default_rng(0)
-        q, k, v = (mx.array(rng.standard_normal((1, *c["spatial"], H, D)).astype(np.float32)) for _ in range(3))
+        dt = getattr(mx, args.dtype)
+        arr = lambda *s, rng=rng, dt=dt: mx.array(rng.standard_normal(s).astype(np.float32)).astype(dt)  # noqa: E731
+        if args.layout == "qkv":
+            qkv = arr(1, *c["spatial"], 3, H, D)
+            q, k, v = (qkv[..., i, :, :] for i in range(3))
+        elif args.layout == "heads-first":
+            q, k, v = (arr(1, H, *c["spatial"], D).transpose(0, *range(2, nd + 2), 1, nd + 2) for _ in range(3))
+        else:
+            q, k, v = (arr(1, *c["spatial"], H, D) for _ in range(3))
         kw = dict(kernel_size=c["kernel"], stride=(1,) * nd, dilation=c["dilation"], is_causal=(False,) * nd)
-        cot = mx.ones_like(q)
+        cot = mx.ones(q.shape, dt) if args.cot == "ones" else mx.broadcast_to(mx.array(1.0, dt), q.shape)
+        mx.eval(q, k, v, cot)
         outs = [ext.fused_forward(q, k, v, **kw)[0] for ext in exts]
-        diff = float(mx.abs(outs[0] - outs[1]).max())
+        diff = float(mx.abs(outs[0].astype(mx.float32) - outs[1].astype(mx.float32)).max())
         for mode in args.modes.split(","):
             fns = [make_call(ext, mode, q, k, v, kw, cot) for ext in exts]
             for f in fns:

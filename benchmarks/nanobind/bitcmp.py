@@ -9,6 +9,10 @@ ab_pair.py does) and prints one line per shape; the exit status is 1 when any bi
     python benchmarks/nanobind/bitcmp.py /tmp/nb_main/natten_mlx_nanobind /tmp/nb_new/natten_mlx_nanobind
 
 NATTEN_MLX_SIMD and NATTEN_MLX_NUM_THREADS apply to both builds: run it once per kernel table.
+``--dtype float16|bfloat16`` runs the same shapes in that dtype (the C++ boundary's conversions);
+``--layout qkv`` passes q, k, v as slices of one fused [B, *spatial, 3, H, D] buffer (H = H_kv,
+D = D_v shapes only; others stay contiguous) and the output gradient as a broadcast view;
+``--layout heads-first`` passes them as transposed views of [B, H, *spatial, D] arrays.
 """
 
 import argparse
@@ -42,16 +46,34 @@ SHAPES = [
 ]
 
 
-def run(ext, shape, seed=0):
+def run(ext, shape, seed=0, dtype="float32", layout="contiguous"):
     spatial, h, hkv, d, dv, kern, stride, dil, causal, extra, rpb = shape
     rng = np.random.default_rng(seed)
-    arr = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))  # noqa: E731
-    q, k, v = arr(1, *spatial, h, d), arr(1, *spatial, hkv, d), arr(1, *spatial, hkv, dv)
+    dt = getattr(mx, dtype)
+
+    def arr(*s, lse=False):
+        x = mx.array(rng.standard_normal(s).astype(np.float32))
+        return x if lse else x.astype(dt)
+
+    def heads_first(*s):  # [B, *spatial, H, W] as a transposed view of [B, H, *spatial, W]
+        x = arr(s[0], s[-2], *s[1:-2], s[-1])
+        n = len(s)
+        return x.transpose(0, *range(2, n - 1), 1, n - 1)
+
+    if layout == "qkv" and h == hkv and d == dv:
+        qkv = arr(1, *spatial, 3, h, d)
+        q, k, v = (qkv[..., i, :, :] for i in range(3))
+    elif layout == "heads-first":
+        q, k, v = heads_first(1, *spatial, h, d), heads_first(1, *spatial, hkv, d), heads_first(1, *spatial, hkv, dv)
+    else:
+        q, k, v = arr(1, *spatial, h, d), arr(1, *spatial, hkv, d), arr(1, *spatial, hkv, dv)
     ek = arr(1, extra, hkv, d) if extra else None
     ev = arr(1, extra, hkv, dv) if extra else None
     rb = arr(h, *[2 * kk - 1 for kk in kern]) if rpb else None
     kw = dict(kernel_size=kern, stride=stride, dilation=dil, is_causal=causal)
-    cot, clse = arr(1, *spatial, h, dv), arr(1, *spatial, h)
+    cot, clse = arr(1, *spatial, h, dv), arr(1, *spatial, h, lse=True)
+    if layout == "qkv":
+        cot = mx.broadcast_to(arr(1, 1, dv), cot.shape)
 
     def f(a, b, c):
         out, lse = ext.fused_forward(a, b, c, ek, ev, rb, **kw)
@@ -59,18 +81,21 @@ def run(ext, shape, seed=0):
 
     (out, lse), (dq, dk, dv_) = mx.vjp(lambda a, b, c: f(a, b, c), [q, k, v], [cot, clse])
     mx.eval(out, lse, dq, dk, dv_)
-    return {n: np.array(x).view(np.uint32) for n, x in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv_))}
+    bits = lambda x: np.array(x.view(mx.uint32 if x.dtype == mx.float32 else mx.uint16))  # noqa: E731
+    return {n: bits(x) for n, x in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv_))}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("old", help="folder of the old build's natten_mlx_nanobind package")
     ap.add_argument("new", help="folder of the new build's package")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--layout", default="contiguous", choices=("contiguous", "qkv", "heads-first"))
     args = ap.parse_args()
     exts = (load_ext("bc_old", args.old), load_ext("bc_new", args.new))
     bad = 0
     for i, shape in enumerate(SHAPES):
-        a, b = (run(e, shape) for e in exts)
+        a, b = (run(e, shape, dtype=args.dtype, layout=args.layout) for e in exts)
         diffs = {n: int((a[n] != b[n]).sum()) for n in a}
         ok = not any(diffs.values())
         bad += not ok

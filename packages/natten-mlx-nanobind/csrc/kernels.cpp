@@ -2270,6 +2270,78 @@ bool transpose8_finite(const float* const* src, int64_t w, float* dst, int64_t l
   return transpose8_impl<true>(src, w, dst, ld);
 }
 
+
+// ---------------------------------------------------------------- float16 / bfloat16 rows
+// Rows of n values converted as MLX's own CPU conversions do (mlx/types/fp16.h and bf16.h, what
+// static_cast<mx::float16_t> and astype compute where the CPU has no native half types), bitwise:
+// float32 -> float16 rounds to nearest even (vcvtps2ph with that rounding mode gives MLX's result for
+// every value that is not NaN) and NaN becomes sign | 0x7D00; float32 -> bfloat16 rounds to nearest
+// even in integer arithmetic and NaN becomes 0x7FC0 (no sign); float16 -> float32 is exact (vcvtph2ps)
+// and bfloat16 -> float32 a shift. The C++ boundary converted one value at a time through MLX's
+// types: float16 calls took 4x as long as float32 ones (C2), bfloat16 2x. AVX2 / AVX-512 tables only
+// (F16C); elsewhere the boundary keeps MLX's own conversions (native on ARM).
+#if defined(NA_VARIANT_avx2) || defined(NA_VARIANT_avx512)
+inline __m256 h2f8(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))); }
+inline __m256 b2f8(const uint16_t* s) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))), 16));
+}
+inline __m128i f2h8(__m256 x) {
+  __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const int nan = _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  if (nan) {
+    alignas(16) uint16_t r[8];
+    alignas(32) uint32_t u[8];
+    _mm_store_si128(reinterpret_cast<__m128i*>(r), h);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(u), _mm256_castps_si256(x));
+    for (int l = 0; l < 8; ++l)
+      if (nan >> l & 1) r[l] = static_cast<uint16_t>((u[l] >> 16 & 0x8000u) | 0x7D00u);
+    h = _mm_load_si128(reinterpret_cast<const __m128i*>(r));
+  }
+  return h;
+}
+inline __m128i f2b8(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                                   _mm256_set1_epi32(0x7FFF)));
+  r = _mm256_srli_epi32(r, 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  // 32 -> 16 bits (every value < 2^16): packus works per 128-bit half; take the two low quarters
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+// a row's last n % 8 values go through an 8-value buffer (no access past the row)
+template <class Cvt>
+inline void half_to_f32(const uint16_t* s, float* d, int64_t n, Cvt cvt) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, cvt(s + i));
+  if (i < n) {
+    alignas(16) uint16_t t[8] = {};
+    alignas(32) float o[8];
+    std::memcpy(t, s + i, sizeof(uint16_t) * (n - i));
+    _mm256_store_ps(o, cvt(t));
+    std::memcpy(d + i, o, sizeof(float) * (n - i));
+  }
+}
+template <class Cvt>
+inline void f32_to_half(const float* s, uint16_t* d, int64_t n, Cvt cvt) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), cvt(_mm256_loadu_ps(s + i)));
+  if (i < n) {
+    alignas(32) float t[8] = {};
+    alignas(16) uint16_t o[8];
+    std::memcpy(t, s + i, sizeof(float) * (n - i));
+    _mm_store_si128(reinterpret_cast<__m128i*>(o), cvt(_mm256_load_ps(t)));
+    std::memcpy(d + i, o, sizeof(uint16_t) * (n - i));
+  }
+}
+void h2f(const uint16_t* s, float* d, int64_t n) { half_to_f32(s, d, n, h2f8); }
+void b2f(const uint16_t* s, float* d, int64_t n) { half_to_f32(s, d, n, b2f8); }
+void f2h(const float* s, uint16_t* d, int64_t n) { f32_to_half(s, d, n, f2h8); }
+void f2b(const float* s, uint16_t* d, int64_t n) { f32_to_half(s, d, n, f2b8); }
+#define NA_HALF_ROWS h2f, b2f, f2h, f2b
+#else
+#define NA_HALF_ROWS nullptr, nullptr, nullptr, nullptr
+#endif
+
 }  // namespace
 
 const KernelTable* NA_TABLE() {
@@ -2284,7 +2356,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R};
+      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

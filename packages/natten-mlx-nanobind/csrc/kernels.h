@@ -137,6 +137,13 @@ struct KernelTable {
   void (*exact_fwd2r)(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
                       int64_t ldk, int64_t Dv, const int64_t* ra, int na, const int64_t* rb, int nb, int nx,
                       const int* lohi, float* sa, float* sb, const RowPV& rp);
+  // n float16 / bfloat16 values (as uint16_t bits) to float32 and back, bitwise as MLX's own CPU
+  // conversions (kernels.cpp says how); null on tables without F16C, where the boundary converts
+  // through MLX's types
+  void (*h2f)(const uint16_t* src, float* dst, int64_t n);
+  void (*b2f)(const uint16_t* src, float* dst, int64_t n);
+  void (*f2h)(const float* src, uint16_t* dst, int64_t n);
+  void (*f2b)(const float* src, uint16_t* dst, int64_t n);
 };
 
 const KernelTable* kernels_avx512();

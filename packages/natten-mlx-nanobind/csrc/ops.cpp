@@ -11,8 +11,10 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "driver.h"
+#include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
@@ -149,27 +151,80 @@ View view_rpb(const mx::array& x, int nd) {
   return v;
 }
 
+// n values at src, element stride st (1, 0: one value broadcast, or any), as float32 at dst: float32
+// rows copied, float16 / bfloat16 rows through the kernel table's vector conversions where it has them
+// (bitwise as MLX's own), else one value at a time through MLX's types
+template <class T>
+void to_f32(const KernelTable& kt, const T* src, int64_t st, float* dst, int64_t n) {
+  if (st == 0) {
+    std::fill(dst, dst + n, static_cast<float>(src[0]));
+    return;
+  }
+  if (st == 1) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(dst, src, sizeof(float) * n);
+      return;
+    } else {
+      auto cvt = std::is_same_v<T, mx::float16_t> ? kt.h2f : kt.b2f;
+      if (cvt) {
+        cvt(reinterpret_cast<const uint16_t*>(src), dst, n);
+        return;
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * st]);
+}
+
+// n float32 values to T (the same conversions back)
+template <class T>
+void from_f32(const KernelTable& kt, const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, sizeof(float) * n);
+  } else {
+    auto cvt = std::is_same_v<T, mx::float16_t> ? kt.f2h : kt.f2b;
+    if (cvt) {
+      cvt(src, reinterpret_cast<uint16_t*>(dst), n);
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// tokens per task of the layout conversions (a token's heads are contiguous on the heads-last side)
+constexpr int64_t kTokChunk = 64;
+
 template <class T>
 void gather_t(const View& v, float* dst, bool heads_last = false) {
+  const KernelTable& kt = select_kernels();
   const int64_t B = v.size[0], X0 = v.size[1], X1 = v.size[2], X2 = v.size[3], H = v.size[4], W = v.size[5];
   const int64_t N = X0 * X1 * X2;
   const T* base = reinterpret_cast<const T*>(v.ptr);
+  auto token = [&](int64_t b, int64_t t) {
+    const int64_t x0 = t / (X1 * X2), x1 = t / X2 % X1, x2 = t % X2;
+    return base + b * v.stride[0] + x0 * v.stride[1] + x1 * v.stride[2] + x2 * v.stride[3];
+  };
+  if (heads_last) {
+    // [B][N][H][W]: a task takes kTokChunk tokens and writes their rows in order (a view's token is
+    // one row of H * W where its heads are contiguous too: a slice of a fused qkv projection)
+    const bool whole = v.stride[5] == 1 && (H == 1 || v.stride[4] == W);
+    parallel_for((B * N + kTokChunk - 1) / kTokChunk, [&](int64_t c) {
+      for (int64_t bt = c * kTokChunk, e = std::min(B * N, bt + kTokChunk); bt < e; ++bt) {
+        const T* src = token(bt / N, bt % N);
+        float* out = dst + bt * H * W;
+        if (whole) {
+          to_f32(kt, src, 1, out, H * W);
+          continue;
+        }
+        for (int64_t h = 0; h < H; ++h) to_f32(kt, src + h * v.stride[4], v.stride[5], out + h * W, W);
+      }
+    });
+    return;
+  }
+  // canonical [B][H][N][W]: consecutive tokens are W apart
   parallel_for(B * H, [&](int64_t bh) {
     const int64_t b = bh / H, h = bh % H;
-    // canonical [B][H][N][W]: consecutive tokens are W apart; heads-last [B][N][H][W]: H * W apart
-    float* out = heads_last ? dst + (b * N * H + h) * W : dst + bh * N * W;
-    const int64_t step = heads_last ? H * W : W;
-    for (int64_t x0 = 0; x0 < X0; ++x0)
-      for (int64_t x1 = 0; x1 < X1; ++x1)
-        for (int64_t x2 = 0; x2 < X2; ++x2) {
-          const T* src = base + b * v.stride[0] + x0 * v.stride[1] + x1 * v.stride[2] + x2 * v.stride[3] + h * v.stride[4];
-          if (v.stride[5] == 1) {
-            for (int64_t w = 0; w < W; ++w) out[w] = static_cast<float>(src[w]);
-          } else {
-            for (int64_t w = 0; w < W; ++w) out[w] = static_cast<float>(src[w * v.stride[5]]);
-          }
-          out += step;
-        }
+    float* out = dst + bh * N * W;
+    for (int64_t t = 0; t < N; ++t, out += W) to_f32(kt, token(b, t) + h * v.stride[4], v.stride[5], out, W);
   });
 }
 
@@ -200,13 +255,29 @@ Buf gather(const View& v, bool heads_last = false) {
 template <class T>
 void scatter_t(const float* src, int64_t B, int64_t N, int64_t H, int64_t W, bool heads_last, T* dst) {
   // canonical [B][H][N][W] -> contiguous [B][N][H][W] (heads_last) or [B][H][N][W]
-  parallel_for(B * N, [&](int64_t bn) {
-    const int64_t b = bn / N, n = bn % N;
-    for (int64_t h = 0; h < H; ++h) {
-      const float* s = src + ((b * H + h) * N + n) * W;
-      T* d = dst + (heads_last ? (bn * H + h) * W : ((b * H + h) * N + n) * W);
-      for (int64_t w = 0; w < W; ++w) d[w] = static_cast<T>(s[w]);
+  const KernelTable& kt = select_kernels();
+  parallel_for((B * N + kTokChunk - 1) / kTokChunk, [&](int64_t c) {
+    for (int64_t bn = c * kTokChunk, e = std::min(B * N, bn + kTokChunk); bn < e; ++bn) {
+      const int64_t b = bn / N, n = bn % N;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* s = src + ((b * H + h) * N + n) * W;
+        from_f32(kt, s, dst + (heads_last ? (bn * H + h) * W : ((b * H + h) * N + n) * W), W);
+      }
     }
+  });
+}
+
+// a float32 buffer into a float16 / bfloat16 array of as many values (kernel outputs computed in scratch)
+void convert_out(const float* src, mx::array& dst) {
+  const KernelTable& kt = select_kernels();
+  const int64_t n = static_cast<int64_t>(dst.size());
+  constexpr int64_t kChunk = 1 << 16;
+  parallel_for((n + kChunk - 1) / kChunk, [&](int64_t c) {
+    const int64_t i = c * kChunk, m = std::min(n - i, kChunk);
+    if (dst.dtype() == mx::float16)
+      from_f32(kt, src + i, dst.data<mx::float16_t>() + i, m);
+    else
+      from_f32(kt, src + i, dst.data<mx::bfloat16_t>() + i, m);
   });
 }
 
@@ -257,16 +328,7 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
                               rp.empty() ? nullptr : rp.data(), hl(s.out, nd), hl(s.lse, nd, false),
                               hl(s.dout, nd), hl(s.dlse, nd, false), dq, dk, dv, dek, dev, drpb.data(),
                               convert.empty()});
-    for (auto& [src, dst] : convert) {
-      const int64_t n = static_cast<int64_t>(dst->size());
-      if (dst->dtype() == mx::float16) {
-        auto* d = dst->data<mx::float16_t>();
-        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::float16_t>(src[i]);
-      } else {
-        auto* d = dst->data<mx::bfloat16_t>();
-        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::bfloat16_t>(src[i]);
-      }
-    }
+    for (auto& [src, dst] : convert) convert_out(src, *dst);
     if (c.rpb) scatter(drpb, 1, g.Rtot, g.H, 1, false, out[c.extra ? 5 : 3]);
     return;
   }
@@ -280,16 +342,7 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
     float* po = out[0].dtype() == mx::float32 ? out[0].data<float>() : buf(g.B * g.N * g.H * g.Dv).data();
     fused_forward(g, FwdArgs{pq, pk, pv, pek2, pev2, rp.empty() ? nullptr : rp.data(), po, out[1].data<float>(),
                              out[0].dtype() == mx::float32});
-    if (out[0].dtype() != mx::float32) {
-      const int64_t n = g.B * g.N * g.H * g.Dv;
-      if (out[0].dtype() == mx::float16) {
-        auto* d = out[0].data<mx::float16_t>();
-        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::float16_t>(po[i]);
-      } else {
-        auto* d = out[0].data<mx::bfloat16_t>();
-        for (int64_t i = 0; i < n; ++i) d[i] = static_cast<mx::bfloat16_t>(po[i]);
-      }
-    }
+    if (out[0].dtype() != mx::float32) convert_out(po, out[0]);
     return;
   }
   Buf q, k, v, ek, ev, rpb;
