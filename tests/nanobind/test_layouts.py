@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from nb_checks import assert_close
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
@@ -84,8 +85,7 @@ def test_half_dtypes_are_the_float32_op_converted(geo, dtype, nan):
             gf, wf = (np.array(x.astype(mx.float32)) for x in (g, w))
             fin = np.isfinite(wf)
             assert np.array_equal(fin, np.isfinite(gf)), name
-            tol = 2e-2 if dtype == mx.bfloat16 else 3e-3
-            assert np.abs(gf[fin] - wf[fin]).max() <= tol * max(1.0, np.abs(wf[fin]).max()), name
+            assert_close(gf[fin], wf[fin], 2e-2 if dtype == mx.bfloat16 else 3e-3, name)
     if nan:
         o = np.array(got[0].astype(mx.float32))
         assert np.isnan(o).any() and np.isfinite(o).any()

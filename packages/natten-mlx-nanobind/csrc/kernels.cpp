@@ -2270,7 +2270,6 @@ bool transpose8_finite(const float* const* src, int64_t w, float* dst, int64_t l
   return transpose8_impl<true>(src, w, dst, ld);
 }
 
-
 // ---------------------------------------------------------------- float16 / bfloat16 rows
 // Rows of n values converted as MLX's own CPU conversions do (mlx/types/fp16.h and bf16.h, what
 // static_cast<mx::float16_t> and astype compute where the CPU has no native half types), bitwise:
