@@ -194,7 +194,10 @@ def _fused_ref(seed):
     return q, k, v
 
 
-def test_two_python_threads():
+@pytest.mark.parametrize("spin_us", ["0", "200", "5000"])
+def test_two_python_threads(spin_us, monkeypatch):
+    # the pool's threads wait for work and for each other asleep (0) or spinning a while first
+    monkeypatch.setenv("NATTEN_MLX_SPIN_US", spin_us)
     cases = [_fused_ref(s) for s in (10, 11)]
 
     def run(q, k, v):

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
@@ -56,6 +57,22 @@ int default_threads() {
   return n ? static_cast<int>(n) : 1;
 }
 
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// How long the pool's threads wait awake (spinning) for the next job, and the caller for the workers, before
+// they sleep: NATTEN_MLX_SPIN_US microseconds (read per job; 0: sleep at once)
+int64_t spin_ns() {
+  const char* env = std::getenv("NATTEN_MLX_SPIN_US");
+  if (!env) return 200000;
+  return std::max<int64_t>(0, std::atoll(env)) * 1000;
+}
+
 class Pool {
  public:
   explicit Pool(int n) : n_(n) {
@@ -66,6 +83,7 @@ class Pool {
   void run(int64_t n, void (*fn)(int64_t, void*), void* ctx) {
     // one job at a time: a second stream (another Python thread) waits for the pool
     std::lock_guard<std::mutex> submit(submit_);
+    const int64_t spin = spin_ns();
     if (n_ <= 1 || n <= 1) {
       for (int64_t i = 0; i < n; ++i) fn(i, ctx);
       nt_fence();
@@ -81,6 +99,8 @@ class Pool {
       closed_ = false;
       error_ = nullptr;
       ++generation_;
+      spin_ns_.store(spin, std::memory_order_relaxed);
+      gen_.store(generation_, std::memory_order_release);
     }
     cv_.notify_all();
     work();
@@ -89,6 +109,11 @@ class Pool {
     // problems when the caller waited for every worker) skips the closed job.
     std::unique_lock<std::mutex> lk(m_);
     closed_ = true;
+    if (active_ != 0 && spin) {
+      lk.unlock();
+      spin_until([this] { return busy_.load(std::memory_order_acquire) == 0; }, spin);
+      lk.lock();
+    }
     done_.wait(lk, [this] { return active_ == 0; });
     if (error_) std::rethrow_exception(error_);
   }
@@ -109,17 +134,36 @@ class Pool {
       }
     }
   }
+  // Spins (pausing) until done() or for ns nanoseconds: a thread that sleeps on a futex takes tens of
+  // microseconds to wake on a virtual CPU that halted, on the critical path of every call.
+  template <class F>
+  static void spin_until(F&& done, int64_t ns) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        if (done()) return;
+        cpu_relax();
+      }
+      if (std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count() > ns)
+        return;
+    }
+  }
   void loop() {
     uint64_t seen = 0;
     for (;;) {
+      // the next job often follows within microseconds (a model's next op): wait for it awake a while
+      const int64_t spin = spin_ns_.load(std::memory_order_relaxed);
+      if (spin) spin_until([&] { return gen_.load(std::memory_order_acquire) != seen; }, spin);
       std::unique_lock<std::mutex> lk(m_);
       cv_.wait(lk, [&] { return generation_ != seen; });
       seen = generation_;
       if (closed_) continue;
       ++active_;
+      busy_.store(active_, std::memory_order_release);
       lk.unlock();
       work();
       lk.lock();
+      busy_.store(active_ - 1, std::memory_order_release);
       if (--active_ == 0 && closed_) done_.notify_all();
     }
   }
@@ -136,6 +180,10 @@ class Pool {
   bool closed_ = true;  // the caller took its last item: no worker joins any more
   uint64_t generation_ = 0;
   std::exception_ptr error_;
+  // lock-free mirrors of generation_ and active_ for the spinning waits, and the job's spin budget
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> busy_{0};
+  std::atomic<int64_t> spin_ns_{0};
 };
 
 std::mutex pool_mutex;
