@@ -382,6 +382,13 @@ bool row2d_mode() {
   return env && std::strcmp(env, "1") == 0;
 }
 
+// NATTEN_MLX_SHORT=0 leaves 2D/3D last-axis groups shorter than vw to the tile path (read per call; tests
+// compare the two)
+bool short_mode() {
+  const char* env = std::getenv("NATTEN_MLX_SHORT");
+  return !(env && env[0] == '0');
+}
+
 // borders: serve the queries next to the runs with masked blocks too (needs finite values: a masked
 // slot's weight is 0, and 0 * inf is not)
 ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
@@ -392,6 +399,10 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
+  // 2D/3D: groups along the last axis shorter than vw (NAT's 14 x 14 and 7 x 7 maps, DiNAT's dilated
+  // 28 x 28) take one border block each, its lanes past the group idle, rather than the tile path
+  // (4x slower per FLOP there); 1D rows that short are small problems the tiles serve
+  const bool short_groups = !(g.L[0] == 1 && g.L[1] == 1) && short_mode();
   ep.blocks.resize(Dl2);
   ep.runs.resize(Dl2);
   ep.fast.resize(Dl2);
@@ -405,11 +416,13 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
     off += lg;
     auto ws = [&](int c) { return na_window_start(c, lg, g.K[2], g.S[2], g.C[2]); };
     auto we = [&](int c) { return na_window_end(c, lg, g.K[2], g.S[2], g.C[2]); };
-    // the slots a block of vw queries from cb spans (its lanes' windows relative to its lane 0)
+    // the slots a block of vw queries from cb spans (its lanes' windows relative to its lane 0; the lanes
+    // of queries in the group: all vw, or the lg of a group shorter than vw)
     auto block_span = [&](int cb, int* base_out) {
       int base = 1 << 30, top = -(1 << 30);
-      for (int l = 0; l < vw; ++l) base = std::min(base, ws(cb + l) - l);
-      for (int l = 0; l < vw; ++l) top = std::max(top, we(cb + l) - l);
+      const int nl = std::min(vw, lg - cb);
+      for (int l = 0; l < nl; ++l) base = std::min(base, ws(cb + l) - l);
+      for (int l = 0; l < nl; ++l) top = std::max(top, we(cb + l) - l);
       if (base_out) *base_out = base;
       return top - base;
     };
@@ -454,12 +467,13 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
         runs.push_back(run);
         for (int x = u0; x <= u1; ++x) fast[x] = 1;
       }
-      if (!borders || lg < vw) return use_runs ? cost : -1;
+      if (!borders || (lg < vw && !short_groups)) return use_runs ? cost : -1;
       // the remaining queries, in masked blocks of vw consecutive queries, when a block's slots stay
-      // within K + vw (more would cost more than the tile path)
+      // within K + vw (more would cost more than the tile path); a group shorter than vw is one block
+      // whose lanes past the group serve no query
       for (int c = 0; c < lg; ++c) {
         if (fast[c]) continue;
-        const int cb = std::min(c, lg - vw);
+        const int cb = std::max(0, std::min(c, lg - vw));
         int base;
         const int nx = block_span(cb, &base);
         if (nx > g.K[2] + vw) {
@@ -467,7 +481,7 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
           continue;
         }
         ExactRun run{cb, cb + vw - 1, base, nx, 0, 0, true, {}};
-        for (int l = 0; l < vw; ++l) {
+        for (int l = 0; l < std::min(vw, lg - cb); ++l) {
           if (fast[cb + l]) continue;  // served by a run or an earlier border block
           run.lohi[l] = ws(cb + l) - l - base;
           run.lohi[vw + l] = we(cb + l) - l - base;
@@ -1331,7 +1345,7 @@ CachedPlans& cached_plans(const Geo& g, const KernelTable& kt, bool borders) {
   key.insert(key.end(), {g.N, g.Nk, g.B, g.H, g.Hkv, g.G, g.D, g.Dv, g.E, g.Rtot, g.Kt, g.has_rpb, kt.vw});
   // the plans also follow these (tests flip them between calls)
   std::string env;
-  for (const char* name : {"NATTEN_MLX_EXACT", "NATTEN_MLX_TILE"}) {
+  for (const char* name : {"NATTEN_MLX_EXACT", "NATTEN_MLX_TILE", "NATTEN_MLX_SHORT"}) {
     const char* v = std::getenv(name);
     env += v ? v : "\x01";
     env += '\x02';
@@ -1520,7 +1534,9 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
           for (int i = 0; i < nr; ++i)
             for (int l0 = 0; l0 < vw; l0 += 8) {
               const float* src[8];
-              for (int j = 0; j < 8; ++j) src[j] = a.q + ((row0[i] + (l0 + j) * tstep) + h) * D;
+              // (lanes past a group shorter than vw serve no query: they read lane 0's)
+              for (int j = 0; j < 8; ++j)
+                src[j] = a.q + ((row0[i] + (cb + l0 + j < lgrp ? l0 + j : 0) * tstep) + h) * D;
               // the next block's queries (past the row's end: the next row's, or an unused line)
               for (int j = 0; j < 8; ++j) {
                 prefetch_row(a.q + ((row0[i] + (l0 + vw + j) * tstep) + h) * D, D);
@@ -2084,6 +2100,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       lc[l] = a.lse[row];
       lc[cap + l] = a.dlse ? a.dlse[row] : 0.f;
     }
+    // the lanes past the queries (a group shorter than vw: a block's idle lanes) read zeros, not what an
+    // earlier call left (their weights are 0, but 0 * a stale NaN is not)
+    for (int64_t l = n; l < cap; ++l) lc[l] = lc[cap + l] = 0.f;
   };
   // dq (already times scale) of a block's lanes [skip, vw) (a border block's own lanes only) of head h; lane l is query
   // token tok0 + l * Dl2

@@ -1810,6 +1810,14 @@ template <int S, typename WRow>
 inline void exact_kv_all(WRow wrow, int64_t lds, const float* const* x, int64_t ldx, int64_t W, float* accT,
                          int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr) {
   int r = 0;
+  // rows closer than a vector (a last axis shorter than VW: 2D/3D groups of fewer queries than lanes)
+  // would load and store overlapping vectors in one pass, losing sums: one row at a time then
+  bool apart = true;
+  for (int i = 1; i < nrows; ++i) apart = apart && (rowbase[i] - rowbase[i - 1] >= VW || rowbase[i - 1] - rowbase[i] >= VW);
+  if (!apart) {
+    for (; r < nrows; ++r) exact_kv_rows<S, 1, 8>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
+    return;
+  }
   for (; r + 3 <= nrows; r += 3) exact_kv_rows<S, 3, KV_C>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
   for (; r + 2 <= nrows; r += 2) exact_kv_rows<S, 2, KV_C>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
   for (; r < nrows; ++r) exact_kv_rows<S, 1, 8>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
