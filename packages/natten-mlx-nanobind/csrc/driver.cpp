@@ -727,6 +727,18 @@ struct TileGeo {
   int64_t cols_key[5] = {0, 0, 0, 0, 0};
   bool cols_valid = false;
 
+  // build() unless this thread built it for tile t of the same pass last (an item of the tile path
+  // serves one tile for several kv heads in turn: building it again for each was 7% of a dilated
+  // problem's forward on tiles)
+  const Tile* built_tile = nullptr;
+  int64_t built_pass = -1;
+  void ensure(const Geo& g, const Tile& t, int vw, int64_t pass) {
+    if (built_tile == &t && built_pass == pass) return;
+    build(g, t, vw);
+    built_tile = &t;
+    built_pass = pass;
+  }
+
   void build(const Geo& g, const Tile& t, int vw) {
     int tq[3];
     T = 1;
@@ -807,6 +819,9 @@ struct TileGeo {
 };
 
 thread_local TileGeo tls_tg;
+// numbers the forward and backward passes (a TileGeo built in one pass is not reused by another, whose
+// plan may hold another tile at the same address)
+std::atomic<int64_t> tile_passes{0};
 
 // The exact backward's per-thread buffers. P, dS and the run's queries / output gradients live at
 // column padA of rows lds apart, with zeros around the run that are written once per geometry (the
@@ -1368,6 +1383,7 @@ CachedPlans& cached_plans(const Geo& g, const KernelTable& kt, bool borders) {
 
 bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const KernelTable& kt = select_kernels();
+  const int64_t pass = tile_passes.fetch_add(1);  // (TileGeo::ensure)
   // the outputs stored with non-temporal stores (see nt_for)
   const bool nt_out = a.final_out && g.Dv % 16 == 0 && nt_for(g.B * g.N * g.H * g.Dv * int64_t(sizeof(float)));
   const CachedPlans& cp = cached_plans(g, kt, borders);
@@ -1573,14 +1589,15 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     }
     const Tile& t = plan.tiles[idx - nrowsx];
     TileGeo& tg = tls_tg;
-    tg.build(g, t, kt.vw);
+    tg.ensure(g, t, kt.vw, pass);
     const int64_t M = tg.T * g.G, NP = tg.NP, D = g.D, Dv = g.Dv;
     float* Qp = grow(w.qp, M * D);
+    const float scale = g.scale;  // a local: the compiler cannot tell Qp from g
     for (int64_t gg = 0; gg < g.G; ++gg) {
       for (int64_t q = 0; q < tg.T; ++q) {
         const float* src = a.q + ((b * g.N + tg.qtok[q]) * g.H + hk * g.G + gg) * D;
         float* dst = Qp + (gg * tg.T + q) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * g.scale;
+        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
       }
     }
     float* KT = grow(w.kt, D * NP + 2 * kt.vw);
@@ -1588,7 +1605,6 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
-    if (g.has_rpb) std::memset(P, 0, sizeof(float) * M * NP);
     float* O = grow(w.o, M * (Dv + 2));
     float* mrow = O + M * Dv;  // lse per row
     float* inv = mrow + M;
@@ -1597,28 +1613,17 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
       float* srow = S + r * NP;
       float* prow = P + r * NP;
-      float m, sum = 0.f;
-      if (!g.has_rpb) {
-        // one vector pass over the whole box row under the query's window mask
-        m = kt.masked_max(srow, cc, tg.always.data(), &tg.ws[q * 3], &tg.we[q * 3], static_cast<int>(NP));
-        if (m == -INFINITY) m = 0.f;  // only NaN scores: let the NaN through exp
-        sum = kt.masked_exp(prow, srow, cc, tg.always.data(), &tg.ws[q * 3], &tg.we[q * 3], static_cast<int>(NP), m);
-      } else {
+      // the bias added to the window's scores (runs along the last axis), then one vector pass over the
+      // whole box row under the query's window mask for the max and one for the exps (per-run max and
+      // exp calls, 7 of each per query at K = 7, were 32% of C2's forward with rpb)
+      if (g.has_rpb) {
         const float* rp = rpbp + h * g.Rtot;
-        m = -INFINITY;
-        tg.runs(g, q, [&](int64_t off, int len, int64_t ri) {
-          kt.add_pad(srow + off, rp + ri, len);
-          float mm = kt.row_max(srow + off, len);
-          m = mm > m ? mm : m;
-        });
-        if (g.E) {
-          float mm = kt.row_max(srow + tg.Nbox, static_cast<int>(g.E));
-          m = mm > m ? mm : m;
-        }
-        if (m == -INFINITY) m = 0.f;
-        tg.runs(g, q, [&](int64_t off, int len, int64_t) { sum += kt.exp_add_sum(prow + off, srow + off, nullptr, len, m); });
-        if (g.E) sum += kt.exp_add_sum(prow + tg.Nbox, srow + tg.Nbox, nullptr, static_cast<int>(g.E), m);
+        tg.runs(g, q, [&](int64_t off, int len, int64_t ri) { kt.add_pad(srow + off, rp + ri, len); });
       }
+      float m = kt.masked_max(srow, cc, tg.always.data(), &tg.ws[q * 3], &tg.we[q * 3], static_cast<int>(NP));
+      if (m == -INFINITY) m = 0.f;  // only NaN scores: let the NaN through exp
+      const float sum =
+          kt.masked_exp(prow, srow, cc, tg.always.data(), &tg.ws[q * 3], &tg.we[q * 3], static_cast<int>(NP), m);
       mrow[r] = m + std::log(sum);
       inv[r] = 1.f / sum;
     }
@@ -1848,6 +1853,7 @@ namespace {
 // the caller runs the pass again with the checks up front.
 bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const KernelTable& kt = select_kernels();
+  const int64_t pass = tile_passes.fetch_add(1);  // (TileGeo::ensure)
   const int64_t D = g.D, Dv = g.Dv, N = g.N, Nk = g.Nk, E = g.E;
   // dk/dv and dq stored (not added) with non-temporal stores (see nt_for)
   // (rows of whole lines: D and Dv multiples of 16 floats, the outputs' bases on a line, see ops.cpp)
@@ -2558,8 +2564,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     Workspace& w = tls_ws;
     TileGeo& tg = tls_tg;
     for (int64_t ti = lo; ti < hi; ++ti) {
-      tg.build(g, plan.tiles[ti], kt.vw);
+      tg.ensure(g, plan.tiles[ti], kt.vw, pass);
       const int64_t M = tg.T * g.G, NP = tg.NP;
+      const float scale = g.scale;  // a local: the compiler cannot tell Qp from g
       float* Qp = grow(w.qp, M * D);
       float* dO = grow(w.dob, M * (Dv + 3));
       float* delta = dO + M * Dv;
@@ -2569,7 +2576,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
         const int64_t row = (b * N + tg.qtok[q]) * g.H + h;  // heads-last inputs
         const float* src = a.q + row * D;
-        for (int64_t d = 0; d < D; ++d) Qp[r * D + d] = src[d] * g.scale;
+        for (int64_t d = 0; d < D; ++d) Qp[r * D + d] = src[d] * scale;
         std::memcpy(dO + r * Dv, a.dout + row * Dv, sizeof(float) * Dv);
         delta[r] = kt.dot(dO + r * Dv, a.out + row * Dv, static_cast<int>(Dv));
         lrow[r] = a.lse[row];
