@@ -2600,32 +2600,21 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(Dv), dO, Dv, VT, NP, dP, NP, false);
       float* P = grow(w.p, M * NP + kt.vw);
       float* dS = grow(w.ds, M * NP + kt.vw);
-      if (g.has_rpb) {
-        std::memset(P, 0, sizeof(float) * M * NP);
-        std::memset(dS, 0, sizeof(float) * M * NP);
-      }
       const int* cc[3] = {tg.colc[0].data(), tg.colc[1].data(), tg.colc[2].data()};
       for (int64_t r = 0; r < M; ++r) {
         const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
         float *srow = S + r * NP, *prow = P + r * NP, *dsrow = dS + r * NP;
         const float* dprow = dP + r * NP;
         const float c = delta[r] - dl[r];
-        if (!g.has_rpb) {
-          const int *lo = &tg.ws[q * 3], *hi = &tg.we[q * 3];
-          kt.masked_exp(prow, srow, cc, tg.always.data(), lo, hi, static_cast<int>(NP), lrow[r]);
-          kt.masked_ds(dsrow, prow, dprow, c, cc, tg.always.data(), lo, hi, static_cast<int>(NP));
-          continue;
-        }
-        const float* rp = rpbp + h * g.Rtot;
-        tg.runs(g, q, [&](int64_t off, int len, int64_t ri) {
-          kt.exp_add_sum(prow + off, srow + off, rp + ri, len, lrow[r]);
-          kt.ds_row(dsrow + off, prow + off, dprow + off, c, len);
-          kt.add_pad(racc + gg * g.Rtot + ri, dsrow + off, len);
-        });
-        if (E) {
-          kt.exp_add_sum(prow + tg.Nbox, srow + tg.Nbox, nullptr, static_cast<int>(E), lrow[r]);
-          kt.ds_row(dsrow + tg.Nbox, prow + tg.Nbox, dprow + tg.Nbox, c, static_cast<int>(E));
-        }
+        const int *lo = &tg.ws[q * 3], *hi = &tg.we[q * 3];
+        // (rpb: the bias added over the window's runs, P and dS by vector passes under the window mask as
+        // without it, then dS summed into the bias gradient per run)
+        const float* rp = g.has_rpb ? rpbp + h * g.Rtot : nullptr;
+        if (rp) tg.runs(g, q, [&](int64_t off, int len, int64_t ri) { kt.add_pad(srow + off, rp + ri, len); });
+        kt.masked_exp(prow, srow, cc, tg.always.data(), lo, hi, static_cast<int>(NP), lrow[r]);
+        kt.masked_ds(dsrow, prow, dprow, c, cc, tg.always.data(), lo, hi, static_cast<int>(NP));
+        if (rp)
+          tg.runs(g, q, [&](int64_t off, int len, int64_t ri) { kt.add_pad(racc + gg * g.Rtot + ri, dsrow + off, len); });
       }
       float* dQ = grow(w.o, M * D);
       float* dKb = grow(w.dkb, tg.Ncol * D);
