@@ -38,3 +38,27 @@ def run_in_two_threads(same, reps):
     for t in threads:
         t.join()
     return errors
+
+
+def fused_vjp(ext, shape, K, s, d, c, Hkv, G, D, Dv, B, seed, dtype=mx.float32):
+    """One call of ext.fused_forward and its vjp with an output and an lse cotangent, on seeded normal inputs of
+    these shapes (heads-last, H = Hkv * G). Returns out, lse, dq, dk, dv (float64 numpy), the inputs and
+    cotangents as float64 (rounded to dtype, so an oracle sees what the op saw), kw, and the path counters
+    of the call."""
+    rng = np.random.default_rng(seed)
+    arrs = [
+        rng.standard_normal((B, *shape, Hkv * G, D)),
+        rng.standard_normal((B, *shape, Hkv, D)),
+        rng.standard_normal((B, *shape, Hkv, Dv)),
+        rng.standard_normal((B, *shape, Hkv * G, Dv)),
+        rng.standard_normal((B, *shape, Hkv * G)),
+    ]
+    xs = [mx.array(x.astype(np.float32)).astype(dtype) for x in arrs[:4]] + [mx.array(arrs[4].astype(np.float32))]
+    q, k, v, cot, clse = xs
+    kw = dict(kernel_size=list(K), stride=list(s), dilation=list(d), is_causal=list(c))
+    ext.path_counts(True)
+    outs, grads = mx.vjp(lambda a, b, cc: ext.fused_forward(a, b, cc, **kw), [q, k, v], [cot, clse])
+    mx.eval(outs, grads)
+    counts = ext.path_counts(True)
+    got = [np.array(x.astype(mx.float32), np.float64) for x in (*outs, *grads)]
+    return got, [np.array(x.astype(mx.float32), np.float64) for x in xs], kw, counts

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import oracle
 import pytest
-from nb_checks import assert_close, run_in_two_threads
+from nb_checks import assert_close, fused_vjp, run_in_two_threads
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
@@ -54,23 +54,7 @@ def _run(geo, seed, dtype=mx.float32, B=None):
     """out, lse, dq, dk, dv (float64 numpy), the inputs, kw, and the path counters of the call"""
     shape, K, s, d, c, Hkv, G, D, Dv, _ = geo
     B = B or max(1, -(-2 * NTHR // Hkv))  # two slices per kernel thread: the streamed path
-    rng = np.random.default_rng(seed)
-    arrs = [
-        rng.standard_normal((B, *shape, Hkv * G, D)),
-        rng.standard_normal((B, *shape, Hkv, D)),
-        rng.standard_normal((B, *shape, Hkv, Dv)),
-        rng.standard_normal((B, *shape, Hkv * G, Dv)),
-        rng.standard_normal((B, *shape, Hkv * G)),
-    ]
-    q, k, v, cot, clse = [mx.array(x.astype(np.float32)).astype(dtype) for x in arrs]
-    clse = clse.astype(mx.float32)
-    kw = dict(kernel_size=list(K), stride=list(s), dilation=list(d), is_causal=list(c))
-    ext.path_counts(True)
-    outs, grads = mx.vjp(lambda a, b, cc: ext.fused_forward(a, b, cc, **kw), [q, k, v], [cot, clse])
-    mx.eval(outs, grads)
-    counts = ext.path_counts(True)
-    got = [np.array(x.astype(mx.float32), np.float64) for x in (*outs, *grads)]
-    return got, [np.asarray(x, np.float64) for x in arrs], kw, counts
+    return fused_vjp(ext, shape, K, s, d, c, Hkv, G, D, Dv, B, seed, dtype)
 
 
 @pytest.mark.parametrize("pvrows", ["1", "0"])

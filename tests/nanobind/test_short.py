@@ -17,13 +17,12 @@ import mlx.core as mx
 import numpy as np
 import oracle
 import pytest
-from nb_checks import assert_close
+from nb_checks import assert_close, fused_vjp
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
     pytest.skip(nb.UNAVAILABLE, allow_module_level=True)
 ext = nb.extension()
-NTHR = ext.num_threads()
 
 # (shape, kernel, stride, dilation, causal, Hkv, G, D, Dv, B)
 GEOS = [
@@ -58,27 +57,9 @@ def _ids(g):
 
 
 def _run(geo, seed, dtype=mx.float32):
-    """out, lse, dq, dk, dv (float64 numpy), the float64 inputs, kw, and the path counters of the call"""
+    """out, lse, dq, dk, dv (float64 numpy), the inputs as the op saw them, kw, and the call's path counters"""
     shape, K, s, d, c, Hkv, G, D, Dv, B = geo
-    rng = np.random.default_rng(seed)
-    arrs = [
-        rng.standard_normal((B, *shape, Hkv * G, D)),
-        rng.standard_normal((B, *shape, Hkv, D)),
-        rng.standard_normal((B, *shape, Hkv, Dv)),
-        rng.standard_normal((B, *shape, Hkv * G, Dv)),
-        rng.standard_normal((B, *shape, Hkv * G)),
-    ]
-    if dtype != mx.float32:
-        arrs = [np.asarray(mx.array(x.astype(np.float32)).astype(dtype).astype(mx.float32), np.float64) for x in arrs]
-    q, k, v, cot, clse = [mx.array(x.astype(np.float32)).astype(dtype) for x in arrs]
-    clse = clse.astype(mx.float32)
-    kw = dict(kernel_size=list(K), stride=list(s), dilation=list(d), is_causal=list(c))
-    ext.path_counts(True)
-    outs, grads = mx.vjp(lambda a, b, cc: ext.fused_forward(a, b, cc, **kw), [q, k, v], [cot, clse])
-    mx.eval(outs, grads)
-    counts = ext.path_counts(True)
-    got = [np.array(x.astype(mx.float32), np.float64) for x in (*outs, *grads)]
-    return got, arrs, kw, counts
+    return fused_vjp(ext, shape, K, s, d, c, Hkv, G, D, Dv, B, seed, dtype)
 
 
 def _want(arrs, kw):
