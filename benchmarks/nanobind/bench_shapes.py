@@ -60,7 +60,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0, help="per shape and mode")
     ap.add_argument("--shapes", default="", help="B:side:H:dilation,... instead of the NAT/DiNAT list")
+    ap.add_argument("--kernel", type=int, default=7, help="kernel size along both axes")
     args = ap.parse_args()
+    global K
+    K = args.kernel
     shapes = SHAPES
     if args.shapes:
         shapes = []

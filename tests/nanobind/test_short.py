@@ -1,7 +1,7 @@
 """2D/3D problems whose last-axis groups are shorter than the kernels' vector (16 queries with AVX-512, 8
 with AVX2): NAT's 14 x 14 and 7 x 7 stages, DiNAT's dilated 28 x 28 (groups of 14). Each such group is
 one border block of the exact-window path, its lanes past the group serving no query, when the group
-holds at least 5/8 of the vector (10-15 queries with AVX-512; shorter groups stay on the tile path);
+holds at least 5/8 of the vector with AVX-512 (10-15 queries; shorter groups, and AVX2's, stay on the tile path);
 NATTEN_MLX_SHORT=0, read per call, leaves them all to the tile path, as before.
 
 Here, on geometries with groups of 2-15 queries (dilation, even and causal kernels, stride, GQA, D != Dv,
@@ -71,10 +71,10 @@ def _want(arrs, kw):
 
 
 def _short(geo, vw):
-    """whether the last-axis groups are shorter than vw queries and long enough for the exact path (5/8
-    of vw; every group: their lengths differ by at most one, checked on the shortest)"""
+    """whether the last-axis groups are shorter than vw queries and long enough for the exact path (AVX-512
+    only, 5/8 of vw; every group: their lengths differ by at most one, checked on the shortest)"""
     L2, d2 = geo[0][-1], geo[3][-1]
-    return L2 // d2 < vw and (L2 // d2) * 8 >= vw * 5
+    return vw >= 16 and L2 // d2 < vw and (L2 // d2) * 8 >= vw * 5
 
 
 @pytest.mark.parametrize("geo", GEOS, ids=[_ids(g) for g in GEOS])

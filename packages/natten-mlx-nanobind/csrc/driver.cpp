@@ -399,11 +399,12 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
   const int Dl2 = g.Dl[2];
-  // 2D/3D: groups along the last axis shorter than vw but at least 5/8 of it (NAT's 14 x 14 maps, 10-15
-  // tokens with AVX-512) take one border block each, its lanes past the group idle, rather than the tile
-  // path (paired at 14 x 14: forward 0.36, forward+backward 0.72 of the tiles' time). Shorter groups (NAT's
-  // 7 x 7, DiNAT's dilation groups of 7) stay on the tiles: there the backward took 1.2-2x their time (its
-  // key side one row per pass, most lanes idle). 1D rows that short are small problems the tiles serve.
+  // 2D/3D, AVX-512: groups along the last axis shorter than vw but at least 5/8 of it (10-15 tokens: NAT's
+  // 14 x 14 maps) take one border block each, its lanes past the group idle, rather than the tile path
+  // (paired at 14 x 14, K = 7: forward 0.44, forward+backward 0.71 of the tiles' time; K = 3 and 5 gain as
+  // much). Shorter groups (NAT's 7 x 7, DiNAT's dilation groups of 7) stay on the tiles: there the backward
+  // took 1.2-2x their time (its key side one row per pass, most lanes idle); so do AVX2's groups of 5-7
+  // (1.1-1.5x the tiles' time). 1D rows that short are small problems the tiles serve.
   const bool short_groups = !(g.L[0] == 1 && g.L[1] == 1) && short_mode();
   ep.blocks.resize(Dl2);
   ep.runs.resize(Dl2);
@@ -469,7 +470,7 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
         runs.push_back(run);
         for (int x = u0; x <= u1; ++x) fast[x] = 1;
       }
-      if (!borders || (lg < vw && !(short_groups && lg * 8 >= vw * 5))) return use_runs ? cost : -1;
+      if (!borders || (lg < vw && !(short_groups && vw >= 16 && lg * 8 >= vw * 5))) return use_runs ? cost : -1;
       // the remaining queries, in masked blocks of vw consecutive queries, when a block's slots stay
       // within K + vw (more would cost more than the tile path); a group shorter than vw is one block
       // whose lanes past the group serve no query
