@@ -405,7 +405,7 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
   // much). Shorter groups (NAT's 7 x 7, DiNAT's dilation groups of 7) stay on the tiles: there the backward
   // took 1.2-2x their time (its key side one row per pass, most lanes idle); so do AVX2's groups of 5-7
   // (1.1-1.5x the tiles' time). 1D rows that short are small problems the tiles serve.
-  const bool short_groups = !(g.L[0] == 1 && g.L[1] == 1) && short_mode();
+  const bool short_groups = vw >= 16 && !(g.L[0] == 1 && g.L[1] == 1) && short_mode();
   ep.blocks.resize(Dl2);
   ep.runs.resize(Dl2);
   ep.fast.resize(Dl2);
@@ -470,7 +470,7 @@ ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
         runs.push_back(run);
         for (int x = u0; x <= u1; ++x) fast[x] = 1;
       }
-      if (!borders || (lg < vw && !(short_groups && vw >= 16 && lg * 8 >= vw * 5))) return use_runs ? cost : -1;
+      if (!borders || (lg < vw && !(short_groups && lg * 8 >= vw * 5))) return use_runs ? cost : -1;
       // the remaining queries, in masked blocks of vw consecutive queries, when a block's slots stay
       // within K + vw (more would cost more than the tile path); a group shorter than vw is one block
       // whose lanes past the group serve no query

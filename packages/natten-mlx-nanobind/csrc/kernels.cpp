@@ -2,6 +2,7 @@
 // vector extensions so that the same text becomes AVX-512, AVX2, SSE2 or NEON code.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -203,53 +204,7 @@ inline vi lanes() {
   return r;
 }
 
-// The tail of a padded row helper: lanes >= rem are masked.
-float row_max(const float* x, int n) {
-  vf vm = splat(-INFINITY);
-  int i = 0;
-  for (; i + VW <= n; i += VW) {
-    vf v = load(x + i);
-    vm = v > vm ? v : vm;
-  }
-  if (i < n) {
-    vf v = load(x + i);
-    v = lanes() < (n - i) ? v : splat(-INFINITY);
-    vm = v > vm ? v : vm;
-  }
-  return hmax(vm);
-}
-
-float exp_add_sum(float* dst, const float* src, const float* add, int n, float shift) {
-  vf s = vf{};
-  int i = 0;
-  for (; i + VW <= n; i += VW) {
-    vf v = load(src + i);
-    if (add) v += load(add + i);
-    vf e = vexp(v - shift);
-    store(dst + i, e);
-    s += e;
-  }
-  if (i < n) {
-    vi keep = lanes() < (n - i);
-    vf v = load(src + i);
-    if (add) v += load(add + i);
-    vf e = vexp(v - shift);
-    e = keep ? e : vf{};
-    store(dst + i, e);
-    s += e;
-  }
-  return hsum(s);
-}
-
-void ds_row(float* ds, const float* p, const float* dp, float c, int n) {
-  int i = 0;
-  for (; i + VW <= n; i += VW) store(ds + i, load(p + i) * (load(dp + i) - c));
-  if (i < n) {
-    vf v = load(p + i) * (load(dp + i) - c);
-    store(ds + i, lanes() < (n - i) ? v : vf{});
-  }
-}
-
+// y += a * x over whole vectors; past n, y's lanes are written back unchanged
 void axpy_pad(float* y, float a, const float* x, int n) {
   int i = 0;
   for (; i + VW <= n; i += VW) store(y + i, load(y + i) + a * load(x + i));
@@ -1813,7 +1768,7 @@ inline void exact_kv_all(WRow wrow, int64_t lds, const float* const* x, int64_t 
   // rows closer than a vector (a last axis shorter than VW: 2D/3D groups of fewer queries than lanes)
   // would load and store overlapping vectors in one pass, losing sums: one row at a time then
   bool apart = true;
-  for (int i = 1; i < nrows; ++i) apart = apart && (rowbase[i] - rowbase[i - 1] >= VW || rowbase[i - 1] - rowbase[i] >= VW);
+  for (int i = 1; i < nrows; ++i) apart = apart && std::llabs(rowbase[i] - rowbase[i - 1]) >= VW;
   if (!apart) {
     for (; r < nrows; ++r) exact_kv_rows<S, 1, 8>(wrow, lds, x, ldx, W, accT, lda, rowbase, r, nx, nk, vr);
     return;
@@ -2363,7 +2318,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, row_max, exp_add_sum, ds_row, add_pad, axpy_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS};
+      VW, gemm, add_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

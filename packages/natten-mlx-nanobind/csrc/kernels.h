@@ -49,18 +49,12 @@ struct KernelTable {
   const char* name;
   int vw;  // floats per vector register; callers pad the N of gemm to a multiple of it for speed
   // Row helpers marked "padded" process whole vectors: they may read up to round_up(n, vw) elements
-  // of every operand and write there (zeros for exp_add_sum/ds_row, unchanged values for add_pad and
-  // axpy_pad), so their buffers carry vw floats of slack. The others touch exactly n elements.
+  // of every operand and write there (unchanged values past n), so their buffers carry vw floats of
+  // slack. The others touch exactly n elements.
   // C[M][N] (+)= A[M][K] . B[K][N], all row-major with leading dimensions lda, ldb, ldc.
   void (*gemm)(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                int64_t ldc, bool accumulate);
-  float (*row_max)(const float* x, int n);  // padded reads
-  // dst[i] = exp(src[i] + add[i] - shift) (add may be null); returns the sum of dst (padded)
-  float (*exp_add_sum)(float* dst, const float* src, const float* add, int n, float shift);
-  // ds[i] = p[i] * (dp[i] - c) (padded)
-  void (*ds_row)(float* ds, const float* p, const float* dp, float c, int n);
   void (*add_pad)(float* y, const float* x, int n);       // y += x (padded)
-  void (*axpy_pad)(float* y, float a, const float* x, int n);  // y += a * x (padded)
   float (*dot)(const float* a, const float* b, int n);
   void (*axpy)(float* y, float a, const float* x, int n);
   // KT[d][r * nk + x] = kT[d * ldk + tok[r] + x] for d < D, r < rows, x < nk (d2 == 1: contiguous
