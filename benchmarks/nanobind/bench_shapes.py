@@ -34,10 +34,10 @@ SHAPES = [
     ("DiNAT s2 dil4", 4, 28, 4, 4),
     ("DiNAT s3 dil2", 4, 14, 8, 2),
 ]
-D, K = 32, 7
+D = 32
 
 
-def make(ext, B, side, H, dil, mode):
+def make(ext, B, side, H, dil, K, mode):
     shp = (B, side, side, H, D)
     kw = dict(kernel_size=[K, K], stride=[1, 1], dilation=[dil, dil], is_causal=[False, False])
     q, k, v = (mx.random.normal(shp) for _ in range(3))
@@ -62,7 +62,6 @@ def main():
     ap.add_argument("--shapes", default="", help="B:side:H:dilation,... instead of the NAT/DiNAT list")
     ap.add_argument("--kernel", type=int, default=7, help="kernel size along both axes")
     args = ap.parse_args()
-    global K
     K = args.kernel
     shapes = SHAPES
     if args.shapes:
@@ -76,7 +75,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for name, B, side, H, dil in shapes:
         for mode in ("fwd", "fwdbwd"):
-            call = make(ext, B, side, H, dil, mode)
+            call = make(ext, B, side, H, dil, K, mode)
             res = {"1": [], "0": []}
             ratios = []
             t_end = time.time() + args.seconds
