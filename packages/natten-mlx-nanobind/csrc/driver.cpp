@@ -293,7 +293,7 @@ int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 
 // consecutive keys (stride 1, away from borders) are served one query per vector lane, from queries,
 // keys and values stored transposed with each dilation group's tokens contiguous. The tile path takes
 // the remaining queries (borders, strided or short causal windows, groups shorter than vw) and the
-// problems this path does not serve (sub-domains, extra keys, rpb).
+// problems this path does not serve (sub-domains, extra keys, 1D rpb).
 struct ExactBlock {
   int c, skip;  // first query (group coordinate); lanes before skip are written by another block
   int ws, nx;   // lane 0's window along the last axis (lane l's starts at ws + l)
@@ -355,6 +355,23 @@ void for_window_key_rows(const Geo& g, const ExactPlan& ep, const ExactPlan::Row
       fn(row_token(g, g0, g1, i0, i1) + ep.gstart[row.g[2]]);
 }
 
+// 2D/3D with rpb: per key row of an exact-plan row's window (for_window_key_rows' order), the offset in a
+// head's rpb [R0][R1][R2] of its entry for key - query = 0 along the last axis; slot x of a block whose first
+// query c has window start ws is then entry + ws - c + x (its key - query along the last axis, as RowSlots'
+// d), in [-(K2 - 1), K2 - 1] for every old slot of every block (make_exact_plan's block_span)
+void window_rpb_rows(const Geo& g, const ExactPlan::Row& row, int64_t* out) {
+  const int g0 = row.g[0], g1 = row.g[1];
+  const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
+  const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+  const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
+  const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+  const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
+  int n = 0;
+  for (int i0 = ws0; i0 < we0; ++i0)
+    for (int i1 = ws1; i1 < we1; ++i1)
+      out[n++] = ((i0 - row.c0 + g.K[0] - 1) * g.R[1] + (i1 - row.c1 + g.K[1] - 1)) * g.R[2] + g.K[2] - 1;
+}
+
 // NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
 // queries to the tile path (tests run every path on the same problem); read on every call so that a
 // test can flip it between calls. 0: off, 1: runs only, 2 (default; also "all"): border blocks too.
@@ -394,7 +411,8 @@ bool short_mode() {
 ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
   ExactPlan ep;
   const int mode = exact_mode();
-  if (g.E || g.has_rpb || mode == 0) return ep;
+  // (rpb: 2D/3D, whose exact kernels add the bias; 1D rows keep the tiles)
+  if (g.E || (g.has_rpb && g.L[0] == 1 && g.L[1] == 1) || mode == 0) return ep;
   borders = borders && mode == 2;
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
@@ -834,6 +852,9 @@ struct ExactBwdWs {
   // keyrow: the row's window key rows (bases in the permuted layout); kvrow / accrow: the same in the
   // rings of transposed keys and values and of the key side's sums (equal to keyrow without them)
   std::vector<int64_t> rbq, keyrow, kvrow, accrow;
+  // rpb: the window's key rows' rpb offsets (window_rpb_rows) and a run's bias rows
+  std::vector<int64_t> roff;
+  std::vector<const float*> bias;
   int64_t key[7] = {-1, -1, -1, -1, -1, -1, -1};
   void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv, int64_t call) {
     const int64_t k[7] = {nslots, lds, padA, runlen, D, Dv, call};
@@ -854,6 +875,12 @@ struct ExactBwdWs {
 };
 // 1D: [0] runs, [1] border blocks (their geometries alternate along a row); 2D/3D: [0], [2] the rows of a pair
 thread_local ExactBwdWs tls_xbw[3];
+// n ones (at least), for sums by kt.dot
+const std::vector<float>& tls_ones(int64_t n) {
+  thread_local std::vector<float> ones;
+  if (static_cast<int64_t>(ones.size()) < n) ones.assign(n, 1.f);
+  return ones;
+}
 // exact_row's key rows of two query rows: in both windows (base, index in row 0's and row 1's lists)
 // or in one only; p0 / p1 the weight rows passed to exact_bwd_kv2
 struct KvLists {
@@ -1401,7 +1428,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
   // (row_chunk below; multiplies only in-window pairs, so it needs no finite values)
   const bool rows1d = local && row1d_mode();
-  const bool rowsnd = ep.on && !local && row2d_mode();
+  const bool rowsnd = ep.on && !local && row2d_mode() && !g.has_rpb;
   struct Chunk {
     int row, row2, b0, b1;  // ep.rows[row] (and ep.rows[row2] unless -1), their blocks order[g2][b0, b1)
   };
@@ -1488,6 +1515,18 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
                                 : nullptr;
       const float **vrow0[2] = {vp, vp ? vp + kwin : nullptr}, **vr[2] = {vp ? vp + 2 * kwin : nullptr,
                                                                           vp ? vp + 3 * kwin : nullptr};
+      // rpb: per row, its key rows' rpb offsets (window_rpb_rows) and the current block's bias rows (bias)
+      int64_t* roff[2] = {nullptr, nullptr};
+      const float** bias[2] = {nullptr, nullptr};
+      if (rpbp) {
+        int64_t* rb2 = reinterpret_cast<int64_t*>(grow(w.ds, 8 * static_cast<size_t>(kwin) + 16));
+        roff[0] = rb2;
+        roff[1] = rb2 + kwin;
+        const float** bp = reinterpret_cast<const float**>(rb2 + 2 * kwin);
+        bias[0] = bp;
+        bias[1] = bp + kwin;
+        for (int i = 0; i < nr; ++i) window_rpb_rows(g, *rws[i], roff[i]);
+      }
       for (int i = 0; i < nr; ++i) {
         for_window_key_rows(g, ep, *rws[i], [&](int64_t base) {
           if (pvrows) {
@@ -1549,6 +1588,9 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         const int64_t tstep = g.Dl[2] * g.H;
         for (int64_t gg = 0; gg < g.G; ++gg) {
           const int64_t h = hk * g.G + gg;
+          if (rpbp)
+            for (int i = 0; i < nr; ++i)
+              for (int r = 0; r < nrows[i]; ++r) bias[i][r] = rpbp + h * g.Rtot + roff[i][r] + (blk.ws - cb);
           // the block's queries transposed to [D][vw] here, 8 at a time, rather than all of them up front
           for (int i = 0; i < nr; ++i)
             for (int l0 = 0; l0 < vw; l0 += 8) {
@@ -1570,15 +1612,15 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
                      a.out + (row0[0] + h) * Dv, nr == 2 ? a.out + (row0[1] + h) * Dv : nullptr, tstep * Dv,
                      a.lse + row0[0] + h, nr == 2 ? a.lse + row0[1] + h : nullptr, tstep, serve, nt_out};
             kt.exact_fwd2r(qloc[0], nr == 2 ? qloc[1] : qloc[0], vw, g.scale, D, kslice, ldl, Dv, rb[0], nrows[0],
-                           rb[1], nr == 2 ? nrows[1] : 0, nx, lohi, S[0], S[1], rp);
+                           rb[1], nr == 2 ? nrows[1] : 0, nx, lohi, S[0], S[1], rp, bias[0], bias[1]);
             continue;
           }
           if (nr == 2)
             kt.exact_fwd2(qloc[0], qloc[1], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], rb[1],
-                          nrows[1], nx, lohi, S[0], S[1], oT[0], oT[1], lsev[0], lsev[1]);
+                          nrows[1], nx, lohi, S[0], S[1], oT[0], oT[1], lsev[0], lsev[1], bias[0], bias[1]);
           else
             kt.exact_fwd(qloc[0], vw, g.scale, D, kslice, ldl, vslice, ldl, Dv, rb[0], nrows[0], nx, lohi, S[0], oT[0],
-                         lsev[0]);
+                         lsev[0], bias[0]);
           for (int i = 0; i < nr; ++i) {
             store_lanes(kt, oT[i], Dv, vw, blk.skip, lohi, a.out + (row0[i] + h) * Dv, tstep * Dv, nt_out);
             for (int l = blk.skip; l < vw; ++l)
@@ -2158,7 +2200,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int64_t rbq = rbk + t0;
         const SlotOut so{pt + t0, dst + t0, lds, nx * lds, false};
         kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lc + t0, lc + cap + t0, &rbq, 1, nx, lohi, S,
-                       so, dqT, g.scale);
+                       so, dqT, g.scale, nullptr);
         store_dq(b, h, tok0 + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT);
       });
       kt.exact_bwd_kv(dst, lds, nx * lds, xq, lds, D, xk, ld, &rbk, 1, nx, nk, nullptr);
@@ -2172,7 +2214,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // key side sums dK = dS^T q and dV = P^T dO over every key of the row's key rows, one key per lane,
   // each vector of keys over the d its queries use: no key is visited per run edge or per border
   // block (a border block's slots span K + vw keys; summed on their own they cost more than tiles).
-  auto exact_row = [&](int64_t slice, int64_t idx, int64_t idx2, float* xk) {
+  // rpb: the query side adds the bias (its bias rows per run) and the rpb gradient of each (key row, d) is
+  // the sum of dS over the row's queries, into racc ([G][Rtot], the task's)
+  auto exact_row = [&](int64_t slice, int64_t idx, int64_t idx2, float* xk, float* racc) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
     const int nr = idx2 >= 0 ? 2 : 1, vw = kt.vw;
     const ExactPlan::Row* rws[2] = {&ep.rows[idx], nr == 2 ? &ep.rows[idx2] : nullptr};
@@ -2207,6 +2251,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       }
       w.prepare(static_cast<int64_t>(nrows[i]) * (nd + 1), lds, padA, lg, D, Dv, call);
       w.rbq.resize(nrows[i]);
+      if (racc) {
+        w.roff.resize(nrows[i]);
+        w.bias.resize(nrows[i]);
+        window_rpb_rows(g, row, w.roff.data());
+      }
       tok0[i] = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
       S[i] = grow(w.s, 2 * static_cast<size_t>(nrows[i]) * nd * vw + vw);
       dqT[i] = grow(w.dq, D * vw + vw);
@@ -2220,6 +2269,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int* lohi = run.masked ? run.lohi : nullptr;
         // slot x of query t of this run is d = ws0 - u0 + x
         const int64_t drow = (run.ws0 - run.u0 - rs.dlo) * lds + padA;
+        if (racc)
+          for (int i = 0; i < nr; ++i)
+            for (int r = 0; r < nrows[i]; ++r)
+              ws[i]->bias[r] = rpbp + h * g.Rtot + ws[i]->roff[r] + (run.ws0 - run.u0);
+        const float* const* bias[2] = {racc ? ws[0]->bias.data() : nullptr,
+                                       racc && nr == 2 ? ws[1]->bias.data() : nullptr};
         for_blocks(run.u1 - run.u0 + 1, [&](int tb, int skip) {
           const int t0 = run.u0 + tb;
           SlotOut so[2];
@@ -2234,12 +2289,25 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           if (nr == 2)
             kt.exact_bwd_q2(xq[0], xq[1], lds, D, ks, ldkv, vs, ldkv, Dv, xo[0], xo[1], lds, lc[0] + t0, lc[1] + t0,
                             lc[0] + cap + t0, lc[1] + cap + t0, ws[0]->rbq.data(), nrows[0], ws[1]->rbq.data(),
-                            nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1], g.scale);
+                            nrows[1], run.nx, lohi, S[0], S[1], so[0], so[1], dqT[0], dqT[1], g.scale, bias[0],
+                            bias[1]);
           else
             kt.exact_bwd_q(xq[0], lds, D, ks, ldkv, vs, ldkv, Dv, xo[0], lds, lc[0] + t0, lc[0] + cap + t0,
-                           ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0], g.scale);
+                           ws[0]->rbq.data(), nrows[0], run.nx, lohi, S[0], so[0], dqT[0], g.scale, bias[0]);
           for (int i = 0; i < nr; ++i) store_dq(b, h, tok0[i] + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT[i]);
         });
+      }
+      if (racc) {
+        // the rpb gradient: per key row r and d, dS summed over the row's queries (zero where no exact-path
+        // window holds the pair: the buffers' zeros, and the tiles' queries are never written here)
+        const std::vector<float>& ones = tls_ones(lg);
+        for (int i = 0; i < nr; ++i) {
+          const float* dsb = ws[i]->dsA() + padA;
+          for (int r = 0; r < nrows[i]; ++r)
+            for (int d = rs.dlo; d < rs.dhi; ++d)
+              racc[gg * g.Rtot + ws[i]->roff[r] + d] +=
+                  kt.dot(dsb + r * ldr + (d - rs.dlo) * lds, ones.data(), lg);
+        }
       }
       const int64_t o = padA - rs.dlo;  // d = dlo at row 0, query 0 at column padA
       if (nr == 2) {
@@ -2506,7 +2574,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (size_t i = 0; i < units.size(); ++i)
       for (int j = 0; j < n; ++j) {
         if (st[j] && !st[j]->advance(need[i])) fail();
-        exact_row(slice0 + j, units[i].first, units[i].second, xk[j]);
+        exact_row(slice0 + j, units[i].first, units[i].second, xk[j],
+                  rpb_acc ? rpb_acc + (slice0 + j) * racc_stride : nullptr);
         if (final_rows[i] > stored[j]) {
           store_exact_sums(slice0 + j, xk[j], false, stored[j], final_rows[i]);
           // (their slots start from zero for the rows that take them next)
@@ -2553,10 +2622,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
         for (int64_t idx = r0; idx < r1; ++idx) {
           if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
-            exact_row(slice, idx, idx + 1, xk);
+            exact_row(slice, idx, idx + 1, xk, racc);
             ++idx;
           } else {
-            exact_row(slice, idx, -1, xk);
+            exact_row(slice, idx, -1, xk, racc);
           }
         }
       }

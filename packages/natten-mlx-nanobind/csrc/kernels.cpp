@@ -441,9 +441,18 @@ inline void lane_lse(vf m, vf sum, float* lse) {
   }
 }
 
+// rpb's bias (kernels.h, exact_fwd): slot x of key row r of scores s [nrows][nx][VW] += brow[r][x] on every lane
+inline void add_bias(float* s, int nrows, int nx, const float* const* brow) {
+  for (int r = 0; r < nrows; ++r) {
+    const float* b = brow[r];
+    float* sr = s + static_cast<int64_t>(r) * nx * VW;
+    for (int x = 0; x < nx; ++x) store(sr + x * VW, load(sr + x * VW) + splat(b[x]));
+  }
+}
+
 void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk, const float* vT,
                int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, float* oT,
-               float* lse) {
+               float* lse, const float* const* bias) {
   const int n = nrows * nx;
   if (scale != 1.f) {
     // the queries scaled once into the scratch after the scores, not once per key row below
@@ -457,6 +466,7 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     for (int x0 = 0; x0 < nx; x0 += 8)
       scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, qT, ldq, D, kT + rowbase[r] + x0, ldk,
                     s + (static_cast<int64_t>(r) * nx + x0) * VW);
+  if (bias) add_bias(s, nrows, nx, bias);
   vf m;
   const vf sum = lane_softmax(s, nrows, nx, lohi, &m);
   slot_sums(s, vT, ldv, Dv, rowbase, nrows, nx, 1.f / sum, oT);
@@ -1319,16 +1329,33 @@ inline void row_pv2(const RowPV& rp, const float* sa, const float* sb, int na, i
     row_lse(mb, sumb, rp.lb, rp.ls, rp.serve);
   }
 }
-// exact_fwd2 of a border block on lane_perm's slots (qs: the scaled queries, as exact_fwd2's)
+// add_bias on lane_perm's slots: slot x of lane l is old slot lo[l] + x (lo = p - l), whose bias is
+// brow[r][lo[l] + x], picked from the row's old slots 0 .. 31 (masked loads: nothing past old slot nx - 1;
+// lane_perm keeps p[l] + x <= 31). A lane's slots past its window (or a lane not served) get some entry
+// of the row, as their scores are masked after.
+inline void add_bias_perm(float* s, int nrows, const LanePerm& lp, int nx, const float* const* brow) {
+  const int n = lp.n;
+  const vi lo = *reinterpret_cast<const vi*>(lp.p) - lanes();
+  const __mmask16 m0 = lanes_upto(nx), m1 = lanes_upto(nx - VW);
+  for (int r = 0; r < nrows; ++r) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, brow[r]), b1 = _mm512_maskz_loadu_ps(m1, brow[r] + VW);
+    float* sr = s + static_cast<int64_t>(r) * n * VW;
+    for (int x = 0; x < n; ++x)
+      store(sr + x * VW, load(sr + x * VW) + vf(_mm512_permutex2var_ps(b0, __m512i(lo + x), b1)));
+  }
+}
+// exact_fwd2 of a border block on lane_perm's slots (qs: the scaled queries, as exact_fwd2's; ba / bb: the
+// blocks' bias on the old slots, nx of them)
 void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
                      int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, const LanePerm& lp, float* sa,
-                     float* sb, float* oa, float* ob, float* lsea, float* lseb, const RowPV* rp = nullptr) {
+                     float* sb, float* oa, float* ob, float* lsea, float* lseb, int nx, const float* const* ba,
+                     const float* const* bb, const RowPV* rp = nullptr) {
   const int n = lp.n;
   const vi p = *reinterpret_cast<const vi*>(lp.p);
   const int nch = (n + PAIR_SLOTS - 1) / PAIR_SLOTS;
-  // the max folded into the score chunks where no slot is masked
+  // the max folded into the score chunks where no slot is masked (and no bias comes after)
   vf fa = splat(-INFINITY), fb = fa;
-  vf *pfa = lp.mask ? nullptr : &fa, *pfb = lp.mask ? nullptr : &fb;
+  vf *pfa = lp.mask || ba ? nullptr : &fa, *pfb = lp.mask || ba ? nullptr : &fb;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     if (i < 0 || j < 0) {
       const float* q = i >= 0 ? qs : qs + VW;
@@ -1346,6 +1373,10 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
       x0 += len;
     }
   });
+  if (ba) {
+    add_bias_perm(sa, na, lp, nx, ba);
+    if (nb) add_bias_perm(sb, nb, lp, nx, bb);
+  }
   const int* lohi = lp.mask ? lp.lohi : nullptr;
   vf ma, mb;
   const vf suma = lane_softmax(sa, na, n, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, n, lohi, &mb, pfb);
@@ -1378,7 +1409,7 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
 void exact_fwd2_impl(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
                      int64_t ldk, const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb,
                      int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea,
-                     float* lseb NA_RP) {
+                     float* lseb, const float* const* ba, const float* const* bb NA_RP) {
   // the queries scaled once, side by side ([D][2][VW]) in the scratch after A's scores
   float* qs = sa + static_cast<int64_t>(na) * nx * VW;
   for (int64_t d = 0; d < D; ++d) {
@@ -1389,16 +1420,16 @@ void exact_fwd2_impl(const float* qa, const float* qb, int64_t ldq, float scale,
   if (lohi) {
     LanePerm lp;
     if (lane_perm(lohi, nx, &lp)) {
-      exact_fwd2_perm(qs, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, lp, sa, sb, oa, ob, lsea, lseb NA_RPA);
+      exact_fwd2_perm(qs, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, lp, sa, sb, oa, ob, lsea, lseb, nx, ba, bb NA_RPA);
       return;
     }
   }
 #endif
   // slots of a key row in chunks of at most PAIR_SLOTS, as even as possible (nx = 7, AVX2: 4 + 3)
   const int nch = (nx + PAIR_SLOTS - 1) / PAIR_SLOTS;
-  // the max folded into the score chunks where no slot is masked (the runs)
+  // the max folded into the score chunks where no slot is masked (the runs) and no bias comes after
   vf fa = splat(-INFINITY), fb = fa;
-  vf *pfa = lohi ? nullptr : &fa, *pfb = lohi ? nullptr : &fb;
+  vf *pfa = lohi || ba ? nullptr : &fa, *pfb = lohi || ba ? nullptr : &fb;
   for_union(ra, na, rbb, nb, [&](int i, int j, int64_t base) {
     if (i < 0 || j < 0) {
       // a row of one window only: up to 8 slots per pass (one query load per feature and pass)
@@ -1415,6 +1446,10 @@ void exact_fwd2_impl(const float* qa, const float* qb, int64_t ldq, float scale,
       x0 += len;
     }
   });
+  if (ba) {
+    add_bias(sa, na, nx, ba);
+    if (nb) add_bias(sb, nb, nx, bb);
+  }
   vf ma, mb;
   const vf suma = lane_softmax(sa, na, nx, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, nx, lohi, &mb, pfb);
 #if defined(NA_ALIGNR_RUN2)
@@ -1436,15 +1471,17 @@ void exact_fwd2_impl(const float* qa, const float* qb, int64_t ldq, float scale,
 }
 void exact_fwd2(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                 const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx,
-                const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb) {
-  exact_fwd2_impl(qa, qb, ldq, scale, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, nx, lohi, sa, sb, oa, ob, lsea, lseb);
+                const int* lohi, float* sa, float* sb, float* oa, float* ob, float* lsea, float* lseb,
+                const float* const* ba, const float* const* bb) {
+  exact_fwd2_impl(qa, qb, ldq, scale, D, kT, ldk, vT, ldv, Dv, ra, na, rbb, nb, nx, lohi, sa, sb, oa, ob, lsea, lseb, ba,
+                  bb);
 }
 #if defined(NA_ALIGNR_RUN2)
 void exact_fwd2r(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                  int64_t Dv, const int64_t* ra, int na, const int64_t* rbb, int nb, int nx, const int* lohi, float* sa,
-                 float* sb, const RowPV& rp) {
+                 float* sb, const RowPV& rp, const float* const* ba, const float* const* bb) {
   exact_fwd2_impl(qa, qb, ldq, scale, D, kT, ldk, nullptr, 0, Dv, ra, na, rbb, nb, nx, lohi, sa, sb, nullptr, nullptr,
-                  nullptr, nullptr, &rp);
+                  nullptr, nullptr, ba, bb, &rp);
 }
 #define NA_FWD2R exact_fwd2r
 #else
@@ -1503,7 +1540,8 @@ inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lo
 // and dqT [D][vw] = dqscale * sum over slots of dS * k; s: 2 * nrows * nx * vw floats.
 void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT, int64_t ldv,
                  int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* dlse, const int64_t* rowbase,
-                 int nrows, int nx, const int* lohi, float* s, const SlotOut& o, float* dqT, float dqscale) {
+                 int nrows, int nx, const int* lohi, float* s, const SlotOut& o, float* dqT, float dqscale,
+                 const float* const* bias) {
   const int n = nrows * nx;
   float* dp = s + static_cast<int64_t>(n) * VW;
   for (int r = 0; r < nrows; ++r) {
@@ -1521,6 +1559,7 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
       }
     }
   }
+  if (bias) add_bias(s, nrows, nx, bias);
   bwd_p_ds(s, dp, nrows, nx, lohi, lse, dlse, o);
   slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(dqscale), dqT);
 }
@@ -1593,7 +1632,8 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
                        const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                        const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra,
                        int na, const int64_t* rbb, int nb, int nx, const int* lohi, const LanePerm& lp, float* sa,
-                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb, float dqscale) {
+                       float* sb, const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb, float dqscale,
+                       const float* const* ba, const float* const* bb) {
   const int n = lp.n;
   const vi p = *reinterpret_cast<const vi*>(lp.p);
   float* dpa = sa + static_cast<int64_t>(na) * n * VW;
@@ -1621,6 +1661,10 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
       x0 += len;
     }
   });
+  if (ba) {
+    add_bias_perm(sa, na, lp, nx, ba);
+    if (nb) add_bias_perm(sb, nb, lp, nx, bb);
+  }
   bwd_p_ds_perm(sa, dpa, na, lp, nx, lohi, lsea, dlsea, outa);
   bwd_p_ds_perm(sb, dpb, nb, lp, nx, lohi, lseb, dlseb, outb);
   switch (n) {
@@ -1640,13 +1684,14 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
                   const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                   const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra, int na,
                   const int64_t* rbb, int nb, int nx, const int* lohi, float* sa, float* sb, const SlotOut& outa,
-                  const SlotOut& outb, float* dqa, float* dqb, float dqscale) {
+                  const SlotOut& outb, float* dqa, float* dqb, float dqscale, const float* const* ba,
+                  const float* const* bb) {
 #if defined(NA_ALIGNR_RUN2)
   if (lohi) {
     LanePerm lp;
     if (lane_perm(lohi, nx, &lp)) {
       exact_bwd_q2_perm(qa, qb, ldq, D, kT, ldk, vT, ldv, Dv, doa, dob, ldo, lsea, lseb, dlsea, dlseb, ra, na, rbb, nb,
-                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb, dqscale);
+                        nx, lohi, lp, sa, sb, outa, outb, dqa, dqb, dqscale, ba, bb);
       return;
     }
   }
@@ -1671,6 +1716,10 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
       x0 += len;
     }
   });
+  if (ba) {
+    add_bias(sa, na, nx, ba);
+    if (nb) add_bias(sb, nb, nx, bb);
+  }
   bwd_p_ds(sa, dpa, na, nx, lohi, lsea, dlsea, outa);
   bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, dlseb, outb);
   slot_sums2(sa, sb, kT, ldk, D, ra, na, rbb, nb, nx, splat(dqscale), splat(dqscale), dqa, dqb);

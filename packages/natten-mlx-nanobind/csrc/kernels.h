@@ -76,35 +76,41 @@ struct KernelTable {
   // start at consecutive keys: slot (r, x) of lane l is key rowbase[r] + x + l of kT [D][ldk] and
   // vT [Dv][ldv]; query l is column l of qT [D][ldq] (times scale). Writes oT [Dv][vw] (normalised)
   // and lse [vw]; s: (nrows * nx + D) * vw floats. lohi (null: every slot is in its lane's window): a border
-  // block, whose lane l has slots lohi[l] <= x < lohi[vw + l] (a lane with none is not used).
+  // block, whose lane l has slots lohi[l] <= x < lohi[vw + l] (a lane with none is not used). bias: rpb's
+  // bias of the block's slots (null: none): slot x of key row r gets bias[r][x] on every lane (x < nx; slot x
+  // of every lane is the same key - query offset along the last axis, the same rpb entry).
   void (*exact_fwd)(const float* qT, int64_t ldq, float scale, int64_t D, const float* kT, int64_t ldk,
                     const float* vT, int64_t ldv, int64_t Dv, const int64_t* rowbase, int nrows, int nx,
-                    const int* lohi, float* s, float* oT, float* lse);
+                    const int* lohi, float* s, float* oT, float* lse, const float* const* bias);
   // dst[c * ld + j] = src[j][c] for 8 tokens j and c < w
   void (*transpose8)(const float* const* src, int64_t w, float* dst, int64_t ld);
   // Backward of the exact-window path (kernels.cpp says how): the query side (P, dS and dQ of vw
   // consecutive queries, P and dS to a SlotOut; s: 2 * nrows * nx * vw floats; dlse: the lanes' lse
-  // gradients; dQ times dqscale) and the key side (dK or dV of the keys the queries' slots reach).
+  // gradients; dQ times dqscale; bias: as exact_fwd's) and the key side (dK or dV of the keys the queries'
+  // slots reach).
   void (*exact_bwd_q)(const float* qs, int64_t ldq, int64_t D, const float* kT, int64_t ldk, const float* vT,
                       int64_t ldv, int64_t Dv, const float* dO, int64_t ldo, const float* lse, const float* dlse,
                       const int64_t* rowbase, int nrows, int nx, const int* lohi, float* s, const SlotOut& o,
-                      float* dqT, float dqscale);
+                      float* dqT, float dqscale, const float* const* bias);
   void (*exact_bwd_kv)(const float* w, int64_t lds, int64_t ldr, const float* x, int64_t ldx, int64_t W, float* accT,
                        int64_t lda, const int64_t* rowbase, int nrows, int nx, int nk, const int* vr);
   // exact_fwd of two blocks (A, B) at the same lanes of two query rows, key row bases ra[na] and
   // rb[nb] (each ascending), one lohi for both: key rows in both windows are read once for both.
-  // qa, qb: [D][ldq]; sa: (na * nx + 2 * D) * vw floats, sb: nb * nx * vw; oa, ob [Dv][vw].
+  // qa, qb: [D][ldq]; sa: (na * nx + 2 * D) * vw floats, sb: nb * nx * vw; oa, ob [Dv][vw]; biasa / biasb: each
+  // block's exact_fwd bias (both null, or both set where nb > 0).
   void (*exact_fwd2)(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
                      int64_t ldk, const float* vT, int64_t ldv, int64_t Dv, const int64_t* ra, int na,
                      const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb, float* oa, float* ob,
-                     float* lsea, float* lseb);
+                     float* lsea, float* lseb, const float* const* biasa, const float* const* biasb);
   // exact_bwd_q of two blocks at the same lanes of two query rows (as exact_fwd2): qa/qb [D][ldq], doa/dob
-  // [Dv][ldo], sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw; P and dS to outa/outb; dqa/dqb [D][vw]
+  // [Dv][ldo], sa: 2 * na * nx * vw floats, sb: 2 * nb * nx * vw; P and dS to outa/outb; dqa/dqb [D][vw]; biasa /
+  // biasb as exact_fwd2's
   void (*exact_bwd_q2)(const float* qa, const float* qb, int64_t ldq, int64_t D, const float* kT, int64_t ldk,
                        const float* vT, int64_t ldv, int64_t Dv, const float* doa, const float* dob, int64_t ldo,
                        const float* lsea, const float* lseb, const float* dlsea, const float* dlseb, const int64_t* ra,
                        int na, const int64_t* rb, int nb, int nx, const int* lohi, float* sa, float* sb,
-                       const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb, float dqscale);
+                       const SlotOut& outa, const SlotOut& outb, float* dqa, float* dqb, float dqscale,
+                       const float* const* biasa, const float* const* biasb);
   // transpose8 that also returns false when any value it read is inf or NaN
   bool (*transpose8_finite)(const float* const* src, int64_t w, float* dst, int64_t ld);
   // 1D backward of one query of one head straight from/to heads-last rows (kernels.cpp says how)
@@ -130,7 +136,8 @@ struct KernelTable {
   // multiplies a value), bitwise the same results. AVX-512 only (null elsewhere); Dv a multiple of 16.
   void (*exact_fwd2r)(const float* qa, const float* qb, int64_t ldq, float scale, int64_t D, const float* kT,
                       int64_t ldk, int64_t Dv, const int64_t* ra, int na, const int64_t* rb, int nb, int nx,
-                      const int* lohi, float* sa, float* sb, const RowPV& rp);
+                      const int* lohi, float* sa, float* sb, const RowPV& rp, const float* const* biasa,
+                      const float* const* biasb);
   // n float16 / bfloat16 values (as uint16_t bits) to float32 and back, bitwise as MLX's own CPU
   // conversions (kernels.cpp says how); null on tables without F16C, where the boundary converts
   // through MLX's types
