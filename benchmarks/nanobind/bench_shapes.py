@@ -11,6 +11,10 @@ forward+backward, over the median time).
 
     PYTHONPATH=<tier>:packages/natten-mlx-core/src python benchmarks/nanobind/bench_shapes.py [--seconds 3]
 
+--rpb gives every layer a relative positional bias (NATTEN 0.14-0.17's NAT/DiNAT layers all have one) and
+pairs the exact-window path against the tile path instead (NATTEN_MLX_EXACT unset / 0, read per call): the
+exact path has served 2D/3D problems with rpb since session 21, the tiles every one before.
+
 Not a test: it asserts nothing about speed.
 """
 
@@ -37,19 +41,23 @@ SHAPES = [
 D = 32
 
 
-def make(ext, B, side, H, dil, K, mode):
+def make(ext, B, side, H, dil, K, mode, rpb=False):
     shp = (B, side, side, H, D)
     kw = dict(kernel_size=[K, K], stride=[1, 1], dilation=[dil, dil], is_causal=[False, False])
     q, k, v = (mx.random.normal(shp) for _ in range(3))
+    r = mx.random.normal((H, 2 * K - 1, 2 * K - 1)) if rpb else None
     cot = mx.ones(shp)
     mx.eval(q, k, v, cot)
+    if r is not None:
+        mx.eval(r)
 
     def call():
         t = time.perf_counter()
         if mode == "fwd":
-            mx.eval(ext.fused_forward(q, k, v, **kw)[0])
+            mx.eval(ext.fused_forward(q, k, v, None, None, r, **kw)[0])
         else:
-            o, g = mx.vjp(lambda a, b, c: ext.fused_forward(a, b, c, **kw)[0], [q, k, v], [cot])
+            inputs = [q, k, v] + ([r] if rpb else [])
+            o, g = mx.vjp(lambda *xs: ext.fused_forward(*xs[:3], None, None, *xs[3:], **kw)[0], inputs, [cot])
             mx.eval(o, g)
         return time.perf_counter() - t
 
@@ -61,7 +69,12 @@ def main():
     ap.add_argument("--seconds", type=float, default=3.0, help="per shape and mode")
     ap.add_argument("--shapes", default="", help="B:side:H:dilation,... instead of the NAT/DiNAT list")
     ap.add_argument("--kernel", type=int, default=7, help="kernel size along both axes")
+    ap.add_argument("--rpb", action="store_true", help="with rpb, the exact path paired against the tiles")
     args = ap.parse_args()
+    # the setting paired: its value on, then off
+    var, on, off = ("NATTEN_MLX_EXACT", "2", "0") if args.rpb else ("NATTEN_MLX_SHORT", "1", "0")
+    label = "exact path" if args.rpb else "short groups"
+    label_s = "exact" if args.rpb else "short"
     K = args.kernel
     shapes = SHAPES
     if args.shapes:
@@ -70,34 +83,36 @@ def main():
             B, side, H, dil = map(int, item.split(":"))
             shapes.append((f"{side}x{side} dil{dil}", B, side, H, dil))
     ext = nb.extension()
-    print(f"natten-mlx-nanobind, kernels {ext.simd()}, {ext.num_threads()} threads; float32, D={D}, K={K}")
-    print("| shape | mode | short groups ms (median) | tile path ms (median) | paired short / tiles | GFLOP/s short | GFLOP/s tiles |")
+    print(f"natten-mlx-nanobind, kernels {ext.simd()}, {ext.num_threads()} threads; float32, D={D}, K={K}"
+          + (", rpb" if args.rpb else ""))
+    print(f"| shape | mode | {label} ms (median) | tile path ms (median) | paired {label_s} / tiles | GFLOP/s {label_s} "
+          "| GFLOP/s tiles |")
     print("|---|---|---|---|---|---|---|")
     for name, B, side, H, dil in shapes:
         for mode in ("fwd", "fwdbwd"):
-            call = make(ext, B, side, H, dil, K, mode)
-            res = {"1": [], "0": []}
+            call = make(ext, B, side, H, dil, K, mode, args.rpb)
+            res = {on: [], off: []}
             ratios = []
             t_end = time.time() + args.seconds
             i = 0
             while time.time() < t_end or i < 4:
-                order = ("1", "0") if i % 2 == 0 else ("0", "1")
+                order = (on, off) if i % 2 == 0 else (off, on)
                 win = {}
                 for val in order:
-                    os.environ["NATTEN_MLX_SHORT"] = val
+                    os.environ[var] = val
                     call()
                     ts = sorted(call() for _ in range(3))
                     win[val] = ts[1]
                     res[val].append(ts[1])
-                ratios.append(win["1"] / win["0"])
+                ratios.append(win[on] / win[off])
                 i += 1
-            os.environ.pop("NATTEN_MLX_SHORT", None)
+            os.environ.pop(var, None)
             med = {k: sorted(v)[len(v) // 2] for k, v in res.items()}
             flops = 2 * B * side * side * H * K * K * 2 * D * (3.5 if mode == "fwdbwd" else 1.0)
             r = sorted(ratios)[len(ratios) // 2]
             geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
-            print(f"| {name} ({B}x{side}x{side}, H={H}) | {mode} | {med['1'] * 1e3:.3f} | {med['0'] * 1e3:.3f} | "
-                  f"{r:.3f} (geo {geo:.3f}, n={len(ratios)}) | {flops / med['1'] / 1e9:.1f} | {flops / med['0'] / 1e9:.1f} |")
+            print(f"| {name} ({B}x{side}x{side}, H={H}) | {mode} | {med[on] * 1e3:.3f} | {med[off] * 1e3:.3f} | "
+                  f"{r:.3f} (geo {geo:.3f}, n={len(ratios)}) | {flops / med[on] / 1e9:.1f} | {flops / med[off] / 1e9:.1f} |")
 
 
 if __name__ == "__main__":
