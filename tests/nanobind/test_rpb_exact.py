@@ -1,13 +1,14 @@
-"""rpb (NATTEN 0.14-0.17's relative positional bias) on the exact-window path, 2D and 3D.
+"""rpb (NATTEN 0.14-0.17's relative positional bias) on the exact-window path, 1D, 2D and 3D.
 
 Since session 21 the exact path's kernels add the bias themselves (one rpb entry per key row and slot of a
 block: slot x of every lane is the same key - query offset along the last axis; border blocks on permuted
 slots pick each lane's entry) and the backward sums dS over a row's queries into the rpb gradient; before,
-every problem with rpb went to the tile path (2.5-3.4x the time of the same problem without rpb). 1D
-problems with rpb still take the tiles.
+every problem with rpb went to the tile path (2.5-3.4x the time of the same problem without rpb). In 1D,
+rpb takes the exact path's transposed copies (the kernels of NATTEN_MLX_ROW1D=0), as the row kernels
+add no bias.
 
 Here, on geometries that take runs, border blocks on permuted and on plain slots, short last-axis groups,
-dilation, even kernels, strided windows, GQA, D != Dv, batch > 1, the streamed 2D path and 3D: the path
+dilation, even kernels, strided windows, GQA, D != Dv, batch > 1, 1D, the streamed 2D path and 3D: the path
 counters say the exact path served queries with rpb (the tile path alone would fail this), and out, lse
 and the gradients of q, k, v and rpb match the float64 oracle (tests/oracle.py) with an lse cotangent, on
 both forward kernels (value rows and transposed values) and with the exact path turned off (the tiles).
@@ -41,6 +42,10 @@ GEOS = [
     ((4, 8, 64), (3, 3, 7), (1, 1, 1), (1, 1, 1), 2, 1, 16, 16, 1),  # 3D with runs
     ((5, 6, 33), (3, 3, 7), (1, 1, 1), (1, 1, 1), 2, 1, 8, 8, 1),  # 3D, rows of 33 (C4's border blocks)
     ((4, 8, 34), (2, 3, 4), (1, 1, 1), (1, 2, 2), 1, 2, 8, 12, 2),  # 3D, even kernels, dilation, GQA
+    ((1024,), (7,), (1,), (1,), 4, 1, 32, 32, 1),  # C1's rows
+    ((300,), (13,), (1,), (2,), 2, 2, 16, 24, 2),  # 1D: dilation, GQA, D != Dv, batch 2
+    ((777,), (8,), (1,), (1,), 1, 3, 16, 16, 1),  # 1D: even kernel, MQA
+    ((200,), (31,), (3,), (1,), 2, 1, 16, 16, 1),  # 1D: strided windows (border blocks only)
 ]
 
 
@@ -92,7 +97,7 @@ NAMES = ("out", "lse", "dq", "dk", "dv", "drpb")
 
 @pytest.mark.parametrize("geo", GEOS, ids=[_ids(g) for g in GEOS])
 def test_rpb_exact_path(geo, monkeypatch):
-    for var in ("NATTEN_MLX_EXACT", "NATTEN_MLX_PVROWS", "NATTEN_MLX_SHORT", "NATTEN_MLX_ROW2D"):
+    for var in ("NATTEN_MLX_EXACT", "NATTEN_MLX_PVROWS", "NATTEN_MLX_SHORT", "NATTEN_MLX_ROW2D", "NATTEN_MLX_ROW1D"):
         monkeypatch.delenv(var, raising=False)
     got, arrs, _, counts = _run(geo, 11)
     # the exact path (runs or border blocks) served queries in the forward and in the backward
@@ -130,10 +135,14 @@ def test_rpb_exact_path_float16(monkeypatch):
         assert_close(g_, w, tol, what)
 
 
-def test_rpb_1d_keeps_the_tiles(monkeypatch):
+@pytest.mark.parametrize("row1d", ["0", "1"])
+def test_rpb_1d_either_row_setting(row1d, monkeypatch):
+    # NATTEN_MLX_ROW1D=1 (the default) serves 1D problems without rpb on the row kernels; with rpb both
+    # settings take the transposed copies
     monkeypatch.delenv("NATTEN_MLX_EXACT", raising=False)
-    geo = ((200,), (7,), (1,), (1,), 2, 1, 16, 16, 1)
+    monkeypatch.setenv("NATTEN_MLX_ROW1D", row1d)
+    geo = ((120,), (9,), (1,), (1,), 2, 1, 16, 16, 1)
     got, arrs, _, counts = _run(geo, 15)
-    assert counts[0] + counts[1] == 0 and counts[2] > 0, counts[:6]
+    assert counts[0] + counts[1] > 0 and counts[3] + counts[4] > 0, counts[:6]
     for g_, w, what in zip(got, _want(arrs, geo), NAMES):
         assert_close(g_, w, 3e-5, what)

@@ -293,7 +293,7 @@ int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 
 // consecutive keys (stride 1, away from borders) are served one query per vector lane, from queries,
 // keys and values stored transposed with each dilation group's tokens contiguous. The tile path takes
 // the remaining queries (borders, strided or short causal windows, groups shorter than vw) and the
-// problems this path does not serve (sub-domains, extra keys, 1D rpb).
+// problems this path does not serve (sub-domains, extra keys).
 struct ExactBlock {
   int c, skip;  // first query (group coordinate); lanes before skip are written by another block
   int ws, nx;   // lane 0's window along the last axis (lane l's starts at ws + l)
@@ -411,8 +411,7 @@ bool short_mode() {
 ExactPlan make_exact_plan(const Geo& g, int vw, bool borders) {
   ExactPlan ep;
   const int mode = exact_mode();
-  // (rpb: 2D/3D, whose exact kernels add the bias; 1D rows keep the tiles)
-  if (g.E || (g.has_rpb && g.L[0] == 1 && g.L[1] == 1) || mode == 0) return ep;
+  if (g.E || mode == 0) return ep;
   borders = borders && mode == 2;
   for (int a = 0; a < 3; ++a)
     if (g.qoff[a] || g.koff[a] || g.dom[a] != g.L[a] || g.Lk[a] != g.L[a]) return ep;
@@ -1427,7 +1426,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // slices are transposed once up front
   const bool local = ep.on && g.L[0] == 1 && g.L[1] == 1;
   // (row_chunk below; multiplies only in-window pairs, so it needs no finite values)
-  const bool rows1d = local && row1d_mode();
+  // (rpb: the transposed copies, whose kernels add the bias; the row kernels do not)
+  const bool rows1d = local && row1d_mode() && !g.has_rpb;
   const bool rowsnd = ep.on && !local && row2d_mode() && !g.has_rpb;
   struct Chunk {
     int row, row2, b0, b1;  // ep.rows[row] (and ep.rows[row2] unless -1), their blocks order[g2][b0, b1)
@@ -2174,8 +2174,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // zero-padded buffers; the key side then sums dK = dS^T q and dV = P^T dO over their keys from them,
   // one key per lane. The row's key row starts at shift in ks / vs and in the accumulators xk / xv
   // (rows ld apart).
+  // rpb: the bias of slot x is entry K2 - 1 + ws0 - u0 + x of the head's rpb (d = key - query, the same for
+  // every block of the run) and its gradient the sum of dS over the piece's queries, added to racc [G][Rtot]
   auto exact_run = [&](int64_t slice, const ExactPlan::Row& row, int64_t shift, const ExactRun& run, int tb, int te,
-                       const float* ks, const float* vs, int64_t ld, float* xk, float* xv) {
+                       const float* ks, const float* vs, int64_t ld, float* xk, float* xv, float* racc) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
     const int vw = kt.vw, g2 = row.g[2];
     const int u0 = run.u0 + tb, runlen = te - tb, ws0 = run.ws0 + tb;
@@ -2193,16 +2195,23 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     float* lc = grow(w.lc, 2 * cap);
     float *xq = w.xq.data() + padA, *xo = w.xo.data() + padA, *pt = w.pt.data() + padA, *dst = w.ds.data() + padA;
     const int64_t tok0 = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + static_cast<int64_t>(u0) * Dl2 + g2;
+    const int64_t d0 = g.K[2] - 1 + run.ws0 - run.u0;  // rpb entry of slot 0
     for (int64_t gg = 0; gg < g.G; ++gg) {
       const int64_t h = hk * g.G + gg;
+      const float* brow = racc ? rpbp + h * g.Rtot + d0 : nullptr;
       load_queries((b * N + tok0) * g.H + h, runlen, xq, xo, lds, lc, cap);
       for_blocks(runlen, [&](int t0, int skip) {
         const int64_t rbq = rbk + t0;
         const SlotOut so{pt + t0, dst + t0, lds, nx * lds, false};
         kt.exact_bwd_q(xq + t0, lds, D, ks, ld, vs, ld, Dv, xo + t0, lds, lc + t0, lc + cap + t0, &rbq, 1, nx, lohi, S,
-                       so, dqT, g.scale, nullptr);
+                       so, dqT, g.scale, racc ? &brow : nullptr);
         store_dq(b, h, tok0 + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT);
       });
+      if (racc) {
+        // (every lane of every block is stored, zero outside its window: columns [0, runlen) of each slot)
+        const std::vector<float>& ones = tls_ones(runlen);
+        for (int x = 0; x < nx; ++x) racc[gg * g.Rtot + d0 + x] += kt.dot(dst + x * lds, ones.data(), runlen);
+      }
       kt.exact_bwd_kv(dst, lds, nx * lds, xq, lds, D, xk, ld, &rbk, 1, nx, nk, nullptr);
       kt.exact_bwd_kv(pt, lds, nx * lds, xo, lds, Dv, xv, ld, &rbk, 1, nx, nk, nullptr);
     }
@@ -2363,6 +2372,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       }
     }
   };
+  float* racc1d = nullptr;  // (1D with rpb: the waves' accumulators, n1d of them)
+  int64_t n1d = 0;
   if (local) {
     // 1D: runs cut into pieces of about 128 queries (256 with NATTEN_MLX_ROW1D=0), each with its own
     // key/value gradient sums (a ring of rows, or transposed copies of its keys and values and sums in
@@ -2370,7 +2381,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     // keys overlap (neighbours; strided border blocks, several deep) must not add at the same time:
     // per row, a piece goes to the first wave whose pieces so far all end before its keys begin.
     // (see row_piece below)
-    const bool rows1d = row1d_mode();
+    // (rpb: the transposed copies, as the forward's)
+    const bool rows1d = row1d_mode() && !g.has_rpb;
     // (no per-piece transposes on rows: smaller pieces balance the waves better)
     const int piece_len = rows1d ? 128 : 256;
     struct Unit {
@@ -2503,6 +2515,14 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       enter(a1);
       flush(a1);
     };
+    // rpb: each item of the waves below sums its rpb gradient into its own accumulator (items of one slice
+    // run at once), added up in order at the end; item i of a wave is slice i % slices
+    std::vector<int64_t> wave_base(waves.size() + 1, 0);
+    for (size_t wv = 0; wv < waves.size(); ++wv) wave_base[wv + 1] = wave_base[wv] + slices * int64_t(waves[wv].size());
+    if (g.has_rpb && !rows1d) {
+      n1d = wave_base.back();
+      racc1d = scratch(static_cast<size_t>(n1d * racc_stride), true);
+    }
     for (size_t wv = 0; wv < waves.size(); ++wv) {
       const std::vector<Unit>& wave = waves[wv];
       const int64_t nu = static_cast<int64_t>(wave.size());
@@ -2534,7 +2554,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
                                     optimistic) &&
             optimistic)
           fail();
-        exact_run(slice, row, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl);
+        exact_run(slice, row, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl,
+                  racc1d ? racc1d + (wave_base[wv] + item) * racc_stride : nullptr);
         // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);
@@ -2759,6 +2780,12 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       const int64_t hk = (task / splits) % g.Hkv;
       for (int64_t gg = 0; gg < g.G; ++gg)
         kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc + task * racc_stride + gg * g.Rtot,
+                static_cast<int>(g.Rtot));
+    }
+    for (int64_t i = 0; i < n1d; ++i) {
+      const int64_t hk = (i % slices) % g.Hkv;
+      for (int64_t gg = 0; gg < g.G; ++gg)
+        kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, racc1d + i * racc_stride + gg * g.Rtot,
                 static_cast<int>(g.Rtot));
     }
   }
