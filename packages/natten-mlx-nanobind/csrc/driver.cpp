@@ -854,6 +854,7 @@ struct ExactBwdWs {
   // rpb: the window's key rows' rpb offsets (window_rpb_rows) and a run's bias rows
   std::vector<int64_t> roff;
   std::vector<const float*> bias;
+  std::vector<float*> accp;  // (the rpb gradient's vectors of each key row and d)
   int64_t key[7] = {-1, -1, -1, -1, -1, -1, -1};
   void prepare(int64_t nslots, int64_t lds, int64_t padA, int64_t runlen, int64_t D, int64_t Dv, int64_t call) {
     const int64_t k[7] = {nslots, lds, padA, runlen, D, Dv, call};
@@ -1954,6 +1955,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // (unchanged past a run), which must not land in another task's accumulator
   const int64_t racc_stride = g.G * g.Rtot + 16;
   float* rpb_acc = g.has_rpb ? scratch(static_cast<size_t>(ntasks * racc_stride), true) : nullptr;
+  // and (2D/3D exact rows) a vector of 16 floats per entry, summed across at the end (a row's sums of dS per key
+  // row and d were ~90 dot products of 14-64 floats: ~15% of NAT's 14 x 14 backward with rpb)
+  const bool rowsv = g.has_rpb && ep.on && !(g.L[0] == 1 && g.L[1] == 1);
+  float* rpb_accv = rowsv ? scratch(static_cast<size_t>(ntasks * g.G * g.Rtot * 16), true) : nullptr;
   // The exact-window path reads keys and values transposed per (batch, head) with each last-axis
   // dilation group contiguous (as the forward), and sums key/value gradients per task in that order
   // ([D][ldx] then [Dv][ldx]); queries, output gradients, lse and dlse are gathered per run.
@@ -2224,7 +2229,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // each vector of keys over the d its queries use: no key is visited per run edge or per border
   // block (a border block's slots span K + vw keys; summed on their own they cost more than tiles).
   // rpb: the query side adds the bias (its bias rows per run) and the rpb gradient of each (key row, d) is
-  // the sum of dS over the row's queries, into racc ([G][Rtot], the task's)
+  // the sum of dS over the row's queries, into racc ([G][Rtot][16]: vectors, the task's)
   auto exact_row = [&](int64_t slice, int64_t idx, int64_t idx2, float* xk, float* racc) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
     const int nr = idx2 >= 0 ? 2 : 1, vw = kt.vw;
@@ -2308,14 +2313,14 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       }
       if (racc) {
         // the rpb gradient: per key row r and d, dS summed over the row's queries (zero where no exact-path
-        // window holds the pair: the buffers' zeros, and the tiles' queries are never written here)
-        const std::vector<float>& ones = tls_ones(lg);
+        // window holds the pair: the buffers' zeros, and the tiles' queries are never written here; so are
+        // the columns past the row's queries up to nvec * vw), as vectors into the task's
         for (int i = 0; i < nr; ++i) {
-          const float* dsb = ws[i]->dsA() + padA;
+          ExactBwdWs& w = *ws[i];
+          w.accp.resize(static_cast<size_t>(nrows[i]) * nd);
           for (int r = 0; r < nrows[i]; ++r)
-            for (int d = rs.dlo; d < rs.dhi; ++d)
-              racc[gg * g.Rtot + ws[i]->roff[r] + d] +=
-                  kt.dot(dsb + r * ldr + (d - rs.dlo) * lds, ones.data(), lg);
+            for (int d = 0; d < nd; ++d) w.accp[r * nd + d] = racc + (gg * g.Rtot + w.roff[r] + rs.dlo + d) * 16;
+          kt.row_sums(w.dsA() + padA, ldr, lds, nrows[i], nd, nvec, w.accp.data());
         }
       }
       const int64_t o = padA - rs.dlo;  // d = dlo at row 0, query 0 at column padA
@@ -2596,7 +2601,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       for (int j = 0; j < n; ++j) {
         if (st[j] && !st[j]->advance(need[i])) fail();
         exact_row(slice0 + j, units[i].first, units[i].second, xk[j],
-                  rpb_acc ? rpb_acc + (slice0 + j) * racc_stride : nullptr);
+                  rpb_accv ? rpb_accv + (slice0 + j) * g.G * g.Rtot * 16 : nullptr);
         if (final_rows[i] > stored[j]) {
           store_exact_sums(slice0 + j, xk[j], false, stored[j], final_rows[i]);
           // (their slots start from zero for the rows that take them next)
@@ -2634,6 +2639,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       accev = accek + E * D;
     }
     float* racc = g.has_rpb ? rpb_acc + task * racc_stride : nullptr;
+    float* raccv = rpb_accv ? rpb_accv + task * g.G * g.Rtot * 16 : nullptr;
     if (ep.on && !local) {
       float* xk = xacc + task * xacc_size;
       if (direct) {
@@ -2643,10 +2649,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int64_t r0 = nrowsx * split / splits, r1 = nrowsx * (split + 1) / splits;
         for (int64_t idx = r0; idx < r1; ++idx) {
           if (idx + 1 < r1 && ep.pairs_with_next(static_cast<size_t>(idx))) {
-            exact_row(slice, idx, idx + 1, xk, racc);
+            exact_row(slice, idx, idx + 1, xk, raccv);
             ++idx;
           } else {
-            exact_row(slice, idx, -1, xk, racc);
+            exact_row(slice, idx, -1, xk, raccv);
           }
         }
       }
@@ -2781,6 +2787,16 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       for (int64_t gg = 0; gg < g.G; ++gg)
         kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc + task * racc_stride + gg * g.Rtot,
                 static_cast<int>(g.Rtot));
+    }
+    for (int64_t task = 0; rpb_accv && task < ntasks; ++task) {
+      const int64_t hk = (task / splits) % g.Hkv;
+      const float* v = rpb_accv + task * g.G * g.Rtot * 16;
+      for (int64_t gg = 0; gg < g.G; ++gg)
+        for (int64_t e = 0; e < g.Rtot; ++e) {
+          float sum = 0.f;
+          for (int l = 0; l < 16; ++l) sum += v[(gg * g.Rtot + e) * 16 + l];
+          a.drpb[(hk * g.G + gg) * g.Rtot + e] += sum;
+        }
     }
     for (int64_t i = 0; i < n1d; ++i) {
       const int64_t hk = (i % slices) % g.Hkv;

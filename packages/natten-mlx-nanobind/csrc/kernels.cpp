@@ -441,6 +441,17 @@ inline void lane_lse(vf m, vf sum, float* lse) {
   }
 }
 
+// kernels.h
+void row_sums(const float* x, int64_t ldr, int64_t lds, int nrows, int nd, int nv, float* const* acc) {
+  for (int r = 0; r < nrows; ++r)
+    for (int d = 0; d < nd; ++d) {
+      const float* p = x + r * ldr + d * lds;
+      vf a = load(acc[r * nd + d]);
+      for (int v = 0; v < nv; ++v) a += load(p + v * VW);
+      store(acc[r * nd + d], a);
+    }
+}
+
 // rpb's bias (kernels.h, exact_fwd): slot x of key row r of scores s [nrows][nx][VW] += brow[r][x] on every lane
 inline void add_bias(float* s, int nrows, int nx, const float* const* brow) {
   for (int r = 0; r < nrows; ++r) {
@@ -2367,7 +2378,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, add_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS};
+      VW, gemm, add_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS, row_sums};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

@@ -145,6 +145,9 @@ struct KernelTable {
   void (*b2f)(const uint16_t* src, float* dst, int64_t n);
   void (*f2h)(const float* src, uint16_t* dst, int64_t n);
   void (*f2b)(const float* src, uint16_t* dst, int64_t n);
+  // The rpb gradient's sums of the 2D/3D exact backward: for r < nrows and d < nd, the nv vectors of row
+  // x + r * ldr + d * lds added into the vector at acc[r * nd + d] (its first vw floats)
+  void (*row_sums)(const float* x, int64_t ldr, int64_t lds, int nrows, int nd, int nv, float* const* acc);
 };
 
 const KernelTable* kernels_avx512();
