@@ -340,19 +340,24 @@ inline int64_t row_token(const Geo& g, int g0, int g1, int c0, int c1) {
   return ((static_cast<int64_t>(c0) * g.Dl[0] + g0) * g.L[1] + (static_cast<int64_t>(c1) * g.Dl[1] + g1)) * g.L[2];
 }
 
-// 2D/3D: the key rows of an exact-plan row's window in ascending order, fn(base) with base the index
-// of the key row's first token in the permuted layout (its last-axis group starts at ep.gstart)
+// 2D/3D: fn(i0, i1) for the key rows of an exact-plan row's window in ascending order, (i0, i1) their group
+// coordinates along the first two axes
 template <class F>
-void for_window_key_rows(const Geo& g, const ExactPlan& ep, const ExactPlan::Row& row, F&& fn) {
-  const int g0 = row.g[0], g1 = row.g[1];
-  const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
+void for_window_rows(const Geo& g, const ExactPlan::Row& row, F&& fn) {
+  const int lg0 = na_group_len(g.L[0], g.Dl[0], row.g[0]), lg1 = na_group_len(g.L[1], g.Dl[1], row.g[1]);
   const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
   const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
   const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
   const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
   for (int i0 = ws0; i0 < we0; ++i0)
-    for (int i1 = ws1; i1 < we1; ++i1)
-      fn(row_token(g, g0, g1, i0, i1) + ep.gstart[row.g[2]]);
+    for (int i1 = ws1; i1 < we1; ++i1) fn(i0, i1);
+}
+
+// 2D/3D: the key rows of an exact-plan row's window in ascending order, fn(base) with base the index
+// of the key row's first token in the permuted layout (its last-axis group starts at ep.gstart)
+template <class F>
+void for_window_key_rows(const Geo& g, const ExactPlan& ep, const ExactPlan::Row& row, F&& fn) {
+  for_window_rows(g, row, [&](int i0, int i1) { fn(row_token(g, row.g[0], row.g[1], i0, i1) + ep.gstart[row.g[2]]); });
 }
 
 // 2D/3D with rpb: per key row of an exact-plan row's window (for_window_key_rows' order), the offset in a
@@ -360,16 +365,10 @@ void for_window_key_rows(const Geo& g, const ExactPlan& ep, const ExactPlan::Row
 // query c has window start ws is then entry + ws - c + x (its key - query along the last axis, as RowSlots'
 // d), in [-(K2 - 1), K2 - 1] for every old slot of every block (make_exact_plan's block_span)
 void window_rpb_rows(const Geo& g, const ExactPlan::Row& row, int64_t* out) {
-  const int g0 = row.g[0], g1 = row.g[1];
-  const int lg0 = na_group_len(g.L[0], g.Dl[0], g0), lg1 = na_group_len(g.L[1], g.Dl[1], g1);
-  const int ws0 = na_window_start(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-  const int we0 = na_window_end(row.c0, lg0, g.K[0], g.S[0], g.C[0]);
-  const int ws1 = na_window_start(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
-  const int we1 = na_window_end(row.c1, lg1, g.K[1], g.S[1], g.C[1]);
   int n = 0;
-  for (int i0 = ws0; i0 < we0; ++i0)
-    for (int i1 = ws1; i1 < we1; ++i1)
-      out[n++] = ((i0 - row.c0 + g.K[0] - 1) * g.R[1] + (i1 - row.c1 + g.K[1] - 1)) * g.R[2] + g.K[2] - 1;
+  for_window_rows(g, row, [&](int i0, int i1) {
+    out[n++] = ((i0 - row.c0 + g.K[0] - 1) * g.R[1] + (i1 - row.c1 + g.K[1] - 1)) * g.R[2] + g.K[2] - 1;
+  });
 }
 
 // NATTEN_MLX_EXACT=0 turns the exact-window path off, =runs keeps its runs but leaves the border
