@@ -287,6 +287,16 @@ struct Plan {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+int max_group_len(const Geo& g, int a);
+// every tile covers its whole group along every axis (DiNAT's dilation groups of K, NAT's 7 x 7 maps at K = 7):
+// no two tiles' key boxes overlap, so the tiles pack their keys straight from the heads-last rows (pack_keys_hl)
+// instead of from a transposed copy of every slice made for them
+bool whole_group_tiles(const Geo& g, const Plan& p) {
+  for (int a = 0; a < 3; ++a)
+    if (p.tq[a] < max_group_len(g, a)) return false;
+  return !p.tiles.empty();
+}
+
 int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 0); }
 
 // The exact-window path: along the last axis, blocks of vw queries whose windows start at
@@ -919,6 +929,24 @@ void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const f
   }
 }
 
+// pack_keys_t from the heads-last rows of x (kv head hk of batch b, rows W wide), 8 box keys at a time (the
+// columns past the box are written over by the extras and the zero padding after)
+void pack_keys_hl(const KernelTable& kt, const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, const float* x,
+                  const float* ekT, float* KT, int64_t W) {
+  const float* base = x + (b * g.Nk * g.Hkv + hk) * W;
+  const int64_t ts = g.Hkv * W;
+  for (int64_t j = 0; j < tg.Nbox; j += 8) {
+    const float* src[8];
+    for (int64_t jj = 0; jj < 8; ++jj) src[jj] = base + tg.ktok[std::min(j + jj, tg.Nbox - 1)] * ts;
+    kt.transpose8(src, W, KT + j, tg.NP);
+  }
+  for (int64_t d = 0; d < W; ++d) {
+    float* dst = KT + d * tg.NP;
+    for (int64_t e = 0; e < g.E; ++e) dst[tg.Nbox + e] = ekT[d * g.E + e];
+    for (int64_t j = tg.Ncol; j < tg.NP; ++j) dst[j] = 0.f;
+  }
+}
+
 // X[j][:] = row j (box rows, then extras); zero rows up to NP
 void pack_rows(const Geo& g, const TileGeo& tg, int64_t width, const float* x, const float* ex, float* X) {
   const int64_t nk2 = tg.nk[2];
@@ -1452,7 +1480,9 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // multiple of 1024 would all fall in the same few L1 sets (the exact path reads D of them at once)
   const int64_t ldx = ep.ld;
   int64_t ldk = round_up(g.Nk, 16) + 16;
-  const float* kT = (ntiles && (rowsnd || !(ep.on && g.Dl[2] == 1 && !local)))
+  // (whole-group tiles pack their keys from the heads-last rows: whole_group_tiles)
+  const bool hl_pack = ntiles && whole_group_tiles(g, plan);
+  const float* kT = (ntiles && !hl_pack && (rowsnd || !(ep.on && g.Dl[2] == 1 && !local)))
                         ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
                         : nullptr;
   // Streamed (2D/3D, no tiles, at least two slices per thread): one task per slice transposes its key
@@ -1485,7 +1515,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
                                        check ? &v_ok : nullptr);
     // the permutation is the identity without dilation along the last axis
-    if (!kT) kT = kTx + ep.front, ldk = ldx;
+    if (!kT && g.Dl[2] == 1) kT = kTx + ep.front, ldk = ldx;
   }
   const float* ekT = g.E ? transpose_heads_last(a.ek, g.B, g.E, g.Hkv, g.D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
@@ -1644,7 +1674,10 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       }
     }
     float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-    pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
+    if (kT)
+      pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
+    else
+      pack_keys_hl(kt, g, tg, b, hk, a.k, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
@@ -2072,11 +2105,13 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const float* kT = nullptr;
   // and its values transposed the same way (the exact path's copy; else the tiles gather value rows)
   const float* vT = nullptr;
+  // (whole-group tiles pack keys and values from the heads-last rows: whole_group_tiles)
+  const bool hl_pack = ntiles && whole_group_tiles(g, plan);
   if (ep.on && Dl2 == 1 && !local) {
     kT = kTx + ep.front;
     vT = vTx + ep.front;
     ldk = ldx;
-  } else if (ntiles) {
+  } else if (ntiles && !hl_pack) {
     kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
   }
   const float* ekT = E ? transpose_heads_last(a.ek, g.B, E, g.Hkv, D) : nullptr;
@@ -2679,12 +2714,17 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         dl[r] = a.dlse ? a.dlse[row] : 0.f;
       }
       float* KT = grow(w.kt, D * NP + 2 * kt.vw);
-      pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT, D);
+      if (kT)
+        pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT, D);
+      else
+        pack_keys_hl(kt, g, tg, b, hk, a.k, E ? ekT + slice * E * D : nullptr, KT, D);
       float* Kp = grow(w.kp, NP * D);
       pack_rows_hl(g, tg, b, hk, D, a.k, a.ek, Kp);
       float* VT = grow(w.vt, Dv * NP + 2 * kt.vw);
       if (vT) {
         pack_keys_t(kt, g, tg, vT + slice * ldk * Dv, ldk, nullptr, VT, Dv);
+      } else if (hl_pack && !E) {
+        pack_keys_hl(kt, g, tg, b, hk, a.v, nullptr, VT, Dv);
       } else {
         float* Vp = grow(w.vp, NP * Dv);
         pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
