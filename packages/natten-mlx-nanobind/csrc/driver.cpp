@@ -1382,10 +1382,21 @@ float* padded_rpb(const Geo& g, const float* rpb) {
   return r;
 }
 
-void transpose(const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst, int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r)
+// dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: 8 rows at a time by kt.transpose8, the rest one at a
+// time (the tile backward's dS and P before its dK / dV GEMMs; a scalar loop before, paired fwd+bwd 0.94-0.96 on
+// DiNAT's dilated layers and NAT's 7 x 7)
+void transpose_rows(const KernelTable& kt, const float* src, int64_t rows, int64_t cols, int64_t lds, float* dst,
+                    int64_t ldd) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    const float* p[8];
+    for (int j = 0; j < 8; ++j) p[j] = src + (r + j) * lds;
+    kt.transpose8(p, cols, dst + r, ldd);
+  }
+  for (; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
+
 
 }  // namespace
 
@@ -2728,7 +2739,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       } else {
         float* Vp = grow(w.vp, NP * Dv);
         pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
-        transpose(Vp, NP, Dv, Dv, VT, NP);
+        transpose_rows(kt, Vp, NP, Dv, Dv, VT, NP);
       }
       float* S = grow(w.s, M * NP + kt.vw);
       kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
@@ -2760,9 +2771,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       if (finite) {
         kt.gemm(static_cast<int>(M), static_cast<int>(D), static_cast<int>(NP), dS, NP, Kp, D, dQ, D, false);
         float* tr = grow(w.tr, NP * M);
-        transpose(dS, M, tg.Ncol, NP, tr, M);
+        transpose_rows(kt, dS, M, tg.Ncol, NP, tr, M);
         kt.gemm(static_cast<int>(tg.Ncol), static_cast<int>(D), static_cast<int>(M), tr, M, Qp, D, dKb, D, false);
-        transpose(P, M, tg.Ncol, NP, tr, M);
+        transpose_rows(kt, P, M, tg.Ncol, NP, tr, M);
         kt.gemm(static_cast<int>(tg.Ncol), static_cast<int>(Dv), static_cast<int>(M), tr, M, dO, Dv, dVb, Dv, false);
       } else {
         // inf/NaN operands: touch only (query, key) pairs inside the window, as the definition does
