@@ -765,6 +765,10 @@ struct TileGeo {
     built_tile = &t;
     built_pass = pass;
   }
+  const TileGeo& ensured(const Geo& g, const Tile& t, int vw, int64_t pass) {
+    ensure(g, t, vw, pass);
+    return *this;
+  }
 
   void build(const Geo& g, const Tile& t, int vw) {
     int tq[3];
@@ -1418,7 +1422,31 @@ struct CachedPlans {
   Plan plan;
   bool has_rslots = false;
   std::vector<RowSlots> rslots;
+  // every tile's geometry, built once per plan (tile_geos) where they fit in kTileGeoCap bytes: a thread rebuilt
+  // a tile's for every slice and every call (6% of DiNAT's dilated fwd+bwd)
+  bool has_tgeo = false;
+  std::vector<TileGeo> tgeo;
 };
+constexpr double kTileGeoCap = 32.0 * (1 << 20);
+
+// the plan's tile geometries (built on first use, in parallel), or null where they would take more than
+// kTileGeoCap (then each thread builds the tile it serves, TileGeo::ensure)
+const std::vector<TileGeo>* tile_geos(CachedPlans& cp, const Geo& g, int vw) {
+  const Plan& plan = cp.plan;
+  if (!cp.has_tgeo) {
+    cp.has_tgeo = true;
+    double T = 1, box = 1;
+    for (int a = 0; a < 3; ++a) {
+      T *= plan.tq[a];
+      box *= std::min(plan.tq[a] + g.K[a] - 1, max_group_len(g, a));
+    }
+    const double bytes = static_cast<double>(plan.tiles.size()) * (T * 64 + (box + g.E + 16) * 40 + 512);
+    if (plan.tiles.empty() || bytes > kTileGeoCap) return nullptr;
+    cp.tgeo.resize(plan.tiles.size());
+    parallel_for(static_cast<int64_t>(plan.tiles.size()), [&](int64_t i) { cp.tgeo[i].build(g, plan.tiles[i], vw); });
+  }
+  return cp.tgeo.empty() ? nullptr : &cp.tgeo;
+}
 thread_local CachedPlans tls_plans[2];
 
 CachedPlans& cached_plans(const Geo& g, const KernelTable& kt, bool borders) {
@@ -1440,6 +1468,8 @@ CachedPlans& cached_plans(const Geo& g, const KernelTable& kt, bool borders) {
     cp.plan = make_plan(g, kt.vw, &cp.ep);
     cp.has_rslots = false;
     cp.rslots.clear();
+    cp.has_tgeo = false;
+    cp.tgeo.clear();
     cp.key = std::move(key);
     cp.env = std::move(env);
     cp.valid = true;
@@ -1452,9 +1482,10 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const int64_t pass = tile_passes.fetch_add(1);  // (TileGeo::ensure)
   // the outputs stored with non-temporal stores (see nt_for)
   const bool nt_out = a.final_out && g.Dv % 16 == 0 && nt_for(g.B * g.N * g.H * g.Dv * int64_t(sizeof(float)));
-  const CachedPlans& cp = cached_plans(g, kt, borders);
+  CachedPlans& cp = cached_plans(g, kt, borders);
   const ExactPlan& ep = cp.ep;
   const Plan& plan = cp.plan;
+  const std::vector<TileGeo>* tgs = tile_geos(cp, g, kt.vw);  // (null: per-thread TileGeo::ensure)
   // cleared by a transpose of values that met inf or NaN (tiles check their own packed values)
   std::atomic<bool> v_ok{true};
   const bool check = borders && ep.nborder > 0;
@@ -1672,8 +1703,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       return;
     }
     const Tile& t = plan.tiles[idx - nrowsx];
-    TileGeo& tg = tls_tg;
-    tg.ensure(g, t, kt.vw, pass);
+    const TileGeo& tg = tgs ? (*tgs)[idx - nrowsx] : tls_tg.ensured(g, t, kt.vw, pass);
     const int64_t M = tg.T * g.G, NP = tg.NP, D = g.D, Dv = g.Dv;
     float* Qp = grow(w.qp, M * D);
     const float scale = g.scale;  // a local: the compiler cannot tell Qp from g
@@ -1967,6 +1997,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   }
   const ExactPlan& ep = cp->ep;
   const Plan& plan = cp->plan;
+  const std::vector<TileGeo>* tgs = tile_geos(*cp, g, kt.vw);  // (null: per-thread TileGeo::ensure)
   // optimistic: cleared by a transpose that met inf or NaN
   std::atomic<bool> ok{true};
   auto fail = [&] { ok.store(false, std::memory_order_relaxed); };
@@ -2704,9 +2735,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     }
     const int64_t lo = ntiles * split / splits, hi = ntiles * (split + 1) / splits;
     Workspace& w = tls_ws;
-    TileGeo& tg = tls_tg;
     for (int64_t ti = lo; ti < hi; ++ti) {
-      tg.ensure(g, plan.tiles[ti], kt.vw, pass);
+      const TileGeo& tg = tgs ? (*tgs)[ti] : tls_tg.ensured(g, plan.tiles[ti], kt.vw, pass);
       const int64_t M = tg.T * g.G, NP = tg.NP;
       const float scale = g.scale;  // a local: the compiler cannot tell Qp from g
       float* Qp = grow(w.qp, M * D);
