@@ -287,17 +287,16 @@ struct Plan {
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-int max_group_len(const Geo& g, int a);
-// every tile covers its whole group along every axis (DiNAT's dilation groups of K, NAT's 7 x 7 maps at K = 7):
-// no two tiles' key boxes overlap, so the tiles pack their keys straight from the heads-last rows (pack_keys_hl)
-// instead of from a transposed copy of every slice made for them
+int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 0); }
+
+// there are tiles and every one covers its whole group along every axis (DiNAT's dilation groups of K, NAT's
+// 7 x 7 maps at K = 7): no two tiles' key boxes overlap, so the tiles pack their keys straight from the
+// heads-last rows (pack_keys_hl) instead of from a transposed copy of every slice made for them
 bool whole_group_tiles(const Geo& g, const Plan& p) {
   for (int a = 0; a < 3; ++a)
     if (p.tq[a] < max_group_len(g, a)) return false;
   return !p.tiles.empty();
 }
-
-int max_group_len(const Geo& g, int a) { return na_group_len(g.dom[a], g.Dl[a], 0); }
 
 // The exact-window path: along the last axis, blocks of vw queries whose windows start at
 // consecutive keys (stride 1, away from borders) are served one query per vector lane, from queries,
@@ -888,12 +887,6 @@ struct ExactBwdWs {
 };
 // 1D: [0] runs, [1] border blocks (their geometries alternate along a row); 2D/3D: [0], [2] the rows of a pair
 thread_local ExactBwdWs tls_xbw[3];
-// n ones (at least), for sums by kt.dot
-const std::vector<float>& tls_ones(int64_t n) {
-  thread_local std::vector<float> ones;
-  if (static_cast<int64_t>(ones.size()) < n) ones.assign(n, 1.f);
-  return ones;
-}
 // exact_row's key rows of two query rows: in both windows (base, index in row 0's and row 1's lists)
 // or in one only; p0 / p1 the weight rows passed to exact_bwd_kv2
 struct KvLists {
@@ -1401,7 +1394,6 @@ void transpose_rows(const KernelTable& kt, const float* src, int64_t rows, int64
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
-
 }  // namespace
 
 // ---------------------------------------------------------------- fused forward
@@ -1523,7 +1515,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   const int64_t ldx = ep.ld;
   int64_t ldk = round_up(g.Nk, 16) + 16;
   // (whole-group tiles pack their keys from the heads-last rows: whole_group_tiles)
-  const bool hl_pack = ntiles && whole_group_tiles(g, plan);
+  const bool hl_pack = whole_group_tiles(g, plan);
   const float* kT = (ntiles && !hl_pack && (rowsnd || !(ep.on && g.Dl[2] == 1 && !local)))
                         ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
                         : nullptr;
@@ -2148,7 +2140,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // and its values transposed the same way (the exact path's copy; else the tiles gather value rows)
   const float* vT = nullptr;
   // (whole-group tiles pack keys and values from the heads-last rows: whole_group_tiles)
-  const bool hl_pack = ntiles && whole_group_tiles(g, plan);
+  const bool hl_pack = whole_group_tiles(g, plan);
   if (ep.on && Dl2 == 1 && !local) {
     kT = kTx + ep.front;
     vT = vTx + ep.front;
@@ -2256,7 +2248,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // one key per lane. The row's key row starts at shift in ks / vs and in the accumulators xk / xv
   // (rows ld apart).
   // rpb: the bias of slot x is entry K2 - 1 + ws0 - u0 + x of the head's rpb (d = key - query, the same for
-  // every block of the run) and its gradient the sum of dS over the piece's queries, added to racc [G][Rtot]
+  // every block of the run) and its gradient the sum of dS over the piece's queries, added to racc ([G][Rtot][16]:
+  // vectors, as exact_row's)
   auto exact_run = [&](int64_t slice, const ExactPlan::Row& row, int64_t shift, const ExactRun& run, int tb, int te,
                        const float* ks, const float* vs, int64_t ld, float* xk, float* xv, float* racc) {
     const int64_t b = slice / g.Hkv, hk = slice % g.Hkv;
@@ -2289,9 +2282,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         store_dq(b, h, tok0 + static_cast<int64_t>(t0) * Dl2, skip, lohi, dqT);
       });
       if (racc) {
-        // (every lane of every block is stored, zero outside its window: columns [0, runlen) of each slot)
-        const std::vector<float>& ones = tls_ones(runlen);
-        for (int x = 0; x < nx; ++x) racc[gg * g.Rtot + d0 + x] += kt.dot(dst + x * lds, ones.data(), runlen);
+        // (every lane of every block is stored, zero outside its window: columns [0, runlen) of each slot, and
+        // the buffer's zeros after them, nx + vw columns of them)
+        w.accp.resize(nx);
+        for (int x = 0; x < nx; ++x) w.accp[x] = racc + (gg * g.Rtot + d0 + x) * 16;
+        kt.row_sums(dst, 0, lds, 1, nx, (runlen + vw - 1) / vw, w.accp.data());
       }
       kt.exact_bwd_kv(dst, lds, nx * lds, xq, lds, D, xk, ld, &rbk, 1, nx, nk, nullptr);
       kt.exact_bwd_kv(pt, lds, nx * lds, xo, lds, Dv, xv, ld, &rbk, 1, nx, nk, nullptr);
@@ -2602,7 +2597,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (size_t wv = 0; wv < waves.size(); ++wv) wave_base[wv + 1] = wave_base[wv] + slices * int64_t(waves[wv].size());
     if (g.has_rpb && !rows1d) {
       n1d = wave_base.back();
-      racc1d = scratch(static_cast<size_t>(n1d * racc_stride), true);
+      racc1d = scratch(static_cast<size_t>(n1d * g.G * g.Rtot * 16), true);
     }
     for (size_t wv = 0; wv < waves.size(); ++wv) {
       const std::vector<Unit>& wave = waves[wv];
@@ -2636,7 +2631,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
             optimistic)
           fail();
         exact_run(slice, row, -kmin, run, u.tb, u.te, kl, vl, ldl, al, al + D * ldl,
-                  racc1d ? racc1d + (wave_base[wv] + item) * racc_stride : nullptr);
+                  racc1d ? racc1d + (wave_base[wv] + item) * g.G * g.Rtot * 16 : nullptr);
         // the piece's sums into dk / dv ([slice][Nk][D|Dv]); a neighbour adds to the shared keys in the other wave
         float* dk = dk_of(slice);
         float* dv = dv_of(slice);
@@ -2868,22 +2863,18 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, rpb_acc + task * racc_stride + gg * g.Rtot,
                 static_cast<int>(g.Rtot));
     }
-    for (int64_t task = 0; rpb_accv && task < ntasks; ++task) {
-      const int64_t hk = (task / splits) % g.Hkv;
-      const float* v = rpb_accv + task * g.G * g.Rtot * 16;
+    // the exact path's vector accumulators ([G][Rtot][16]) of kv head hk, summed across
+    auto add_vectors = [&](const float* v, int64_t hk) {
       for (int64_t gg = 0; gg < g.G; ++gg)
         for (int64_t e = 0; e < g.Rtot; ++e) {
           float sum = 0.f;
           for (int l = 0; l < 16; ++l) sum += v[(gg * g.Rtot + e) * 16 + l];
           a.drpb[(hk * g.G + gg) * g.Rtot + e] += sum;
         }
-    }
-    for (int64_t i = 0; i < n1d; ++i) {
-      const int64_t hk = (i % slices) % g.Hkv;
-      for (int64_t gg = 0; gg < g.G; ++gg)
-        kt.axpy(a.drpb + (hk * g.G + gg) * g.Rtot, 1.f, racc1d + i * racc_stride + gg * g.Rtot,
-                static_cast<int>(g.Rtot));
-    }
+    };
+    for (int64_t task = 0; rpb_accv && task < ntasks; ++task)
+      add_vectors(rpb_accv + task * g.G * g.Rtot * 16, (task / splits) % g.Hkv);
+    for (int64_t i = 0; i < n1d; ++i) add_vectors(racc1d + i * g.G * g.Rtot * 16, (i % slices) % g.Hkv);
   }
   if (!ok.load()) return false;
   count_paths(1, g, ep);

@@ -453,8 +453,9 @@ void row_sums(const float* x, int64_t ldr, int64_t lds, int nrows, int nd, int n
 }
 
 // rpb's bias (kernels.h, exact_fwd): slot x of key row r of scores s [nrows][nx][VW] += brow[r][x] on every lane
+// (brow null: no bias)
 inline void add_bias(float* s, int nrows, int nx, const float* const* brow) {
-  for (int r = 0; r < nrows; ++r) {
+  for (int r = 0; brow && r < nrows; ++r) {
     const float* b = brow[r];
     float* sr = s + static_cast<int64_t>(r) * nx * VW;
     for (int x = 0; x < nx; ++x) store(sr + x * VW, load(sr + x * VW) + splat(b[x]));
@@ -477,7 +478,7 @@ void exact_fwd(const float* qT, int64_t ldq, float scale, int64_t D, const float
     for (int x0 = 0; x0 < nx; x0 += 8)
       scores_chunk1(nx - x0 < 8 ? nx - x0 : 8, qT, ldq, D, kT + rowbase[r] + x0, ldk,
                     s + (static_cast<int64_t>(r) * nx + x0) * VW);
-  if (bias) add_bias(s, nrows, nx, bias);
+  add_bias(s, nrows, nx, bias);
   vf m;
   const vf sum = lane_softmax(s, nrows, nx, lohi, &m);
   slot_sums(s, vT, ldv, Dv, rowbase, nrows, nx, 1.f / sum, oT);
@@ -1343,8 +1344,9 @@ inline void row_pv2(const RowPV& rp, const float* sa, const float* sb, int na, i
 // add_bias on lane_perm's slots: slot x of lane l is old slot lo[l] + x (lo = p - l), whose bias is
 // brow[r][lo[l] + x], picked from the row's old slots 0 .. 31 (masked loads: nothing past old slot nx - 1;
 // lane_perm keeps p[l] + x <= 31). A lane's slots past its window (or a lane not served) get some entry
-// of the row, as their scores are masked after.
+// of the row, as their scores are masked after. (brow null: no bias)
 inline void add_bias_perm(float* s, int nrows, const LanePerm& lp, int nx, const float* const* brow) {
+  if (!brow) return;
   const int n = lp.n;
   const vi lo = *reinterpret_cast<const vi*>(lp.p) - lanes();
   const __mmask16 m0 = lanes_upto(nx), m1 = lanes_upto(nx - VW);
@@ -1384,10 +1386,8 @@ void exact_fwd2_perm(const float* qs, int64_t D, const float* kT, int64_t ldk, c
       x0 += len;
     }
   });
-  if (ba) {
-    add_bias_perm(sa, na, lp, nx, ba);
-    if (nb) add_bias_perm(sb, nb, lp, nx, bb);
-  }
+  add_bias_perm(sa, na, lp, nx, ba);
+  add_bias_perm(sb, nb, lp, nx, bb);
   const int* lohi = lp.mask ? lp.lohi : nullptr;
   vf ma, mb;
   const vf suma = lane_softmax(sa, na, n, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, n, lohi, &mb, pfb);
@@ -1457,10 +1457,8 @@ void exact_fwd2_impl(const float* qa, const float* qb, int64_t ldq, float scale,
       x0 += len;
     }
   });
-  if (ba) {
-    add_bias(sa, na, nx, ba);
-    if (nb) add_bias(sb, nb, nx, bb);
-  }
+  add_bias(sa, na, nx, ba);
+  add_bias(sb, nb, nx, bb);
   vf ma, mb;
   const vf suma = lane_softmax(sa, na, nx, lohi, &ma, pfa), sumb = lane_softmax(sb, nb, nx, lohi, &mb, pfb);
 #if defined(NA_ALIGNR_RUN2)
@@ -1570,7 +1568,7 @@ void exact_bwd_q(const float* qs, int64_t ldq, int64_t D, const float* kT, int64
       }
     }
   }
-  if (bias) add_bias(s, nrows, nx, bias);
+  add_bias(s, nrows, nx, bias);
   bwd_p_ds(s, dp, nrows, nx, lohi, lse, dlse, o);
   slot_sums(s, kT, ldk, D, rowbase, nrows, nx, splat(dqscale), dqT);
 }
@@ -1672,10 +1670,8 @@ void exact_bwd_q2_perm(const float* qa, const float* qb, int64_t ldq, int64_t D,
       x0 += len;
     }
   });
-  if (ba) {
-    add_bias_perm(sa, na, lp, nx, ba);
-    if (nb) add_bias_perm(sb, nb, lp, nx, bb);
-  }
+  add_bias_perm(sa, na, lp, nx, ba);
+  add_bias_perm(sb, nb, lp, nx, bb);
   bwd_p_ds_perm(sa, dpa, na, lp, nx, lohi, lsea, dlsea, outa);
   bwd_p_ds_perm(sb, dpb, nb, lp, nx, lohi, lseb, dlseb, outb);
   switch (n) {
@@ -1727,10 +1723,8 @@ void exact_bwd_q2(const float* qa, const float* qb, int64_t ldq, int64_t D, cons
       x0 += len;
     }
   });
-  if (ba) {
-    add_bias(sa, na, nx, ba);
-    if (nb) add_bias(sb, nb, nx, bb);
-  }
+  add_bias(sa, na, nx, ba);
+  add_bias(sb, nb, nx, bb);
   bwd_p_ds(sa, dpa, na, nx, lohi, lsea, dlsea, outa);
   bwd_p_ds(sb, dpb, nb, nx, lohi, lseb, dlseb, outb);
   slot_sums2(sa, sb, kT, ldk, D, ra, na, rbb, nb, nx, splat(dqscale), splat(dqscale), dqa, dqb);
