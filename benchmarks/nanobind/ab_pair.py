@@ -15,7 +15,10 @@ Both builds must be built against the MLX that runs them. NATTEN_MLX_NUM_THREADS
 ``--dtype float16|bfloat16`` runs the cases in that dtype; ``--layout qkv`` passes q, k, v as slices of
 one fused [B, *spatial, 3, H, D] projection (as NAT-style modules make them), ``--layout heads-first`` as
 transposed views of [B, H, *spatial, D] arrays; ``--cot broadcast`` makes the output gradient one value
-broadcast (what mx.grad of mx.sum(out) passes) instead of a contiguous array of ones.
+broadcast (what mx.grad of mx.sum(out) passes) instead of a contiguous array of ones. ``--batch B`` runs
+the cases at batch B (default 1). ``--env NAME=OLD:NEW`` compares two settings of a variable the extension
+reads on every call instead of two builds: one build (the positional folder, default the installed one)
+is called alternately with NAME=OLD and NAME=NEW, e.g. ``--env NATTEN_MLX_POOL_MB=0:1024``.
 """
 
 import argparse
@@ -69,7 +72,7 @@ def make_call(ext, mode, q, k, v, kw, cot):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("old", help="folder of the old build's natten_mlx_nanobind package")
+    ap.add_argument("old", help="folder of the old build's natten_mlx_nanobind package (with --env: the build)")
     ap.add_argument("new", nargs="?", help="folder of the new build's package (default: the installed one)")
     ap.add_argument("--cases", default="C1,C2,C3,C4")
     ap.add_argument("--modes", default="fwd,fwdbwd", help="of fwd, fwdbwd, bwd (the backward alone)")
@@ -77,12 +80,35 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--layout", default="contiguous", choices=("contiguous", "qkv", "heads-first"))
     ap.add_argument("--cot", default="ones", choices=("ones", "broadcast"))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--env", help="NAME=OLD:NEW: one build, called with NAME=OLD and NAME=NEW alternately")
     args = ap.parse_args()
-    if args.new is None:
-        import natten_mlx_nanobind
+    if args.env:
+        var, _, vals = args.env.partition("=")
+        settings = vals.split(":")
+        if not var or len(settings) != 2:
+            raise SystemExit(f"--env={args.env!r}: expected NAME=OLD:NEW")
+        one = load_ext("ab_one", args.old)
+        exts = (one, one)
+    else:
+        var, settings = None, None
+        if args.new is None:
+            import natten_mlx_nanobind
 
-        args.new = os.path.dirname(natten_mlx_nanobind.__file__)
-    exts = (load_ext("ab_old", args.old), load_ext("ab_new", args.new))
+            args.new = os.path.dirname(natten_mlx_nanobind.__file__)
+        exts = (load_ext("ab_old", args.old), load_ext("ab_new", args.new))
+
+    def under(i, f):
+        """f with the i-th setting of --env in the environment while it runs"""
+        if var is None:
+            return f
+
+        def g():
+            os.environ[var] = settings[i]
+            return f()
+
+        return g
+
     for name in args.cases.split(","):
         c = CASES[name]
         nd = len(c["spatial"])
@@ -90,19 +116,21 @@ def main():
         dt = getattr(mx, args.dtype)
         arr = lambda *s, rng=rng, dt=dt: mx.array(rng.standard_normal(s).astype(np.float32)).astype(dt)  # noqa: E731
         if args.layout == "qkv":
-            qkv = arr(1, *c["spatial"], 3, H, D)
+            qkv = arr(args.batch, *c["spatial"], 3, H, D)
             q, k, v = (qkv[..., i, :, :] for i in range(3))
         elif args.layout == "heads-first":
-            q, k, v = (arr(1, H, *c["spatial"], D).transpose(0, *range(2, nd + 2), 1, nd + 2) for _ in range(3))
+            q, k, v = (
+                arr(args.batch, H, *c["spatial"], D).transpose(0, *range(2, nd + 2), 1, nd + 2) for _ in range(3)
+            )
         else:
-            q, k, v = (arr(1, *c["spatial"], H, D) for _ in range(3))
+            q, k, v = (arr(args.batch, *c["spatial"], H, D) for _ in range(3))
         kw = dict(kernel_size=c["kernel"], stride=(1,) * nd, dilation=c["dilation"], is_causal=(False,) * nd)
         cot = mx.ones(q.shape, dt) if args.cot == "ones" else mx.broadcast_to(mx.array(1.0, dt), q.shape)
         mx.eval(q, k, v, cot)
         outs = [ext.fused_forward(q, k, v, **kw)[0] for ext in exts]
         diff = float(mx.abs(outs[0].astype(mx.float32) - outs[1].astype(mx.float32)).max())
         for mode in args.modes.split(","):
-            fns = [make_call(ext, mode, q, k, v, kw, cot) for ext in exts]
+            fns = [under(i, make_call(ext, mode, q, k, v, kw, cot)) for i, ext in enumerate(exts)]
             for f in fns:
                 f()
             ts = [[], []]

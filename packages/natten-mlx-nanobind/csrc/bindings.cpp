@@ -34,5 +34,12 @@ NB_MODULE(_ext, m) {
         "border blocks, tiles, forward calls and backward calls on a ring of transposed key rows, backward calls with "
         "their key-side sums on a ring, forward calls whose P.V read heads-last value rows, forward and backward calls "
         "that wrote their outputs with non-temporal stores] (tests check that every path ran); reset=True zeroes them");
+  m.def("pool_bytes", &na::pool_bytes,
+        "bytes of output buffers kept for reuse by later calls (CPU-only MLX builds; at most NATTEN_MLX_POOL_MB "
+        "megabytes, default 1024, 0 = none kept)");
+  m.def("pool_clear", &na::pool_clear, "frees the output buffers kept for reuse");
+  m.def("pool_poison", &na::pool_poison,
+        "sets every byte of the kept output buffers to 0xFF, NaN in every float dtype (tests: an output value a "
+        "kernel leaves unwritten shows as NaN)");
   m.def("simd", &na::simd_name, "instruction set of the kernels chosen for this CPU (NATTEN_MLX_SIMD overrides)");
 }

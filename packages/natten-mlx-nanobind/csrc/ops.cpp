@@ -7,7 +7,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -17,6 +19,7 @@
 #include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/device.h"
 #include "mlx/ops.h"
 #include "mlx/types/half_types.h"
 #include "natten_mlx/window.h"
@@ -518,7 +521,119 @@ float scale_of(std::optional<double> scale, int64_t D) {
   return static_cast<float>(s);
 }
 
+// ---------------------------------------------------------------- output buffers
+// MLX's CPU-only builds take every buffer from malloc and give it back on free, and glibc returns large
+// freed blocks to the system: every block above its mmap threshold (which rises with the blocks freed,
+// to 32 MiB at most), and the heap's free top once it passes the trim threshold. A call's outputs were
+// then fresh pages, faulted in and cleared by the kernels' first stores: C2 at batch 16 (32 MiB
+// outputs) faulted 8193 pages per forward and ~35000 per forward+backward, which took ~1.6x the time
+// of the same call on warm pages (RESULTS, twenty-sixth pass). So output buffers of kPoolMin bytes or
+// more are kept when their arrays die and handed to the next output of the same size, up to
+// NATTEN_MLX_POOL_MB megabytes (read per call; default 1024, 0 = off), the oldest released first.
+// Builds with a GPU backend (Metal, CUDA) cache buffers in their own allocators and skip this.
+constexpr size_t kPoolMin = size_t{1} << 16;
+
+size_t pool_cap() {
+  static const bool gpu = mx::is_available(mx::Device::gpu);
+  if (gpu) return 0;
+  const char* env = std::getenv("NATTEN_MLX_POOL_MB");
+  if (!env || !*env) return size_t{1024} << 20;
+  char* end = nullptr;
+  const long long mb = std::strtoll(env, &end, 10);
+  return (*end || mb <= 0) ? 0 : static_cast<size_t>(mb) << 20;
+}
+
+class OutPool {
+ public:
+  static OutPool& get() {
+    static OutPool* pool = new OutPool;  // never destroyed: arrays may die during interpreter exit
+    return *pool;
+  }
+
+  // a buffer of n bytes whose array gives it back here when it dies
+  mx::allocator::Data take(size_t n) {
+    const size_t cap = pool_cap();
+    trim(cap);  // a lowered cap frees what it no longer allows
+    if (cap == 0 || n < kPoolMin || n > cap) return mx::allocator::malloc(n);
+    mx::allocator::Buffer b{nullptr};
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      int best = -1;
+      for (int i = 0; i < static_cast<int>(free_.size()); ++i)
+        if (free_[i].n == n && (best < 0 || free_[i].stamp > free_[best].stamp)) best = i;
+      if (best >= 0) {
+        b = free_[best].b;
+        bytes_ -= n;
+        free_.erase(free_.begin() + best);
+      }
+    }
+    if (!b.ptr()) {
+      b = mx::allocator::allocator().malloc(n);
+      if (!b.ptr()) throw std::runtime_error("natten_mlx_nanobind: unable to allocate " + std::to_string(n) + " bytes");
+    }
+    return mx::allocator::Data(b, [n](mx::allocator::Buffer buf) { OutPool::get().give(buf, n); });
+  }
+
+  // every kept buffer's bytes set to 0xFF (NaN in every float dtype): tests of outputs fully written
+  void poison() {
+    std::lock_guard<std::mutex> lk(m_);
+    for (auto& e : free_) std::memset(e.b.raw_ptr(), 0xFF, e.n);
+  }
+
+  size_t bytes() {
+    std::lock_guard<std::mutex> lk(m_);
+    return bytes_;
+  }
+
+  // frees every kept buffer (and those over a lowered cap)
+  void trim(size_t cap) {
+    std::vector<mx::allocator::Buffer> drop;
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      while (bytes_ > cap) {
+        auto oldest = std::min_element(free_.begin(), free_.end(),
+                                       [](const Entry& a, const Entry& b) { return a.stamp < b.stamp; });
+        bytes_ -= oldest->n;
+        drop.push_back(oldest->b);
+        free_.erase(oldest);
+      }
+    }
+    for (auto& b : drop) mx::allocator::allocator().free(b);
+  }
+
+ private:
+  struct Entry {
+    size_t n;
+    mx::allocator::Buffer b;
+    uint64_t stamp;
+  };
+
+  void give(mx::allocator::Buffer b, size_t n) {
+    const size_t cap = pool_cap();
+    if (n > cap) {
+      mx::allocator::allocator().free(b);
+      trim(cap);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      free_.push_back(Entry{n, b, ++clock_});
+      bytes_ += n;
+    }
+    trim(cap);
+  }
+
+  std::mutex m_;
+  std::vector<Entry> free_;
+  size_t bytes_ = 0;
+  uint64_t clock_ = 0;
+};
+
 }  // namespace
+
+size_t pool_bytes() { return OutPool::get().bytes(); }
+void pool_clear() { OutPool::get().trim(0); }
+void pool_poison() { OutPool::get().poison(); }
 
 // ---------------------------------------------------------------- primitive
 void NAOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -527,7 +642,7 @@ void NAOp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>
     // on a 64-byte line: MLX's CPU buffers start 8 bytes past malloc's pointer (24 mod 64 for a large
     // one), so a head's row of 32 floats would span three lines, shared with the neighbouring heads,
     // whose stores may come from another thread at the same time; 64 bytes more fixes that
-    mx::allocator::Data d = mx::allocator::malloc(o.nbytes() + 64);
+    mx::allocator::Data d = OutPool::get().take(o.nbytes() + 64);
     const auto p = reinterpret_cast<std::uintptr_t>(d.buffer().raw_ptr());
     const int64_t off = static_cast<int64_t>((64 - p % 64) % 64);
     const auto mx_dim = std::max_element(o.shape().begin(), o.shape().end());

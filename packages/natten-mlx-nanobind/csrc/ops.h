@@ -65,4 +65,9 @@ mx::array op_av_forward(const mx::array& attn, const mx::array& v, const Opt& ev
                      const std::vector<int>& stride, const std::vector<int>& dilation,
                      const std::vector<bool>& is_causal, mx::StreamOrDevice s);
 
+// Output buffers kept for reuse (CPU-only MLX builds; NATTEN_MLX_POOL_MB): bytes kept now, and freeing them.
+size_t pool_bytes();
+void pool_clear();
+void pool_poison();
+
 }  // namespace na

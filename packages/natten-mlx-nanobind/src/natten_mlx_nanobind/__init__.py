@@ -10,7 +10,9 @@ repository's ``packages/natten-mlx-core``, else an importable ``natten_mlx``); A
 ``NATTEN_MLX_SANITIZE=ON`` in the environment of ``pip install``.
 
 Environment: ``NATTEN_MLX_NUM_THREADS`` (kernel threads; default: the CPUs this process may use),
-``NATTEN_MLX_SIMD`` (``avx512``, ``avx2`` or ``base``: force a kernel variant).
+``NATTEN_MLX_SIMD`` (``avx512``, ``avx2`` or ``base``: force a kernel variant), ``NATTEN_MLX_POOL_MB`` (output
+buffers kept for reuse on CPU-only MLX builds, default 1024 MB, 0 = none; ``extension().pool_clear()`` frees
+them). The package README lists the rest.
 """
 
 from __future__ import annotations
