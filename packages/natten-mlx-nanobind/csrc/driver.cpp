@@ -206,7 +206,7 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them)
-std::atomic<int64_t> path_count[11];
+std::atomic<int64_t> path_count[12];
 constexpr int kPaths = static_cast<int>(sizeof(path_count) / sizeof(path_count[0]));
 // Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
 // strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
@@ -926,12 +926,11 @@ void pack_keys_t(const KernelTable& kt, const Geo& g, const TileGeo& tg, const f
   }
 }
 
-// pack_keys_t from the heads-last rows of x (kv head hk of batch b, rows W wide), 8 box keys at a time (the
-// columns past the box are written over by the extras and the zero padding after)
+// pack_keys_t from the heads-last rows of x (kv head hk of batch b, rows W wide, tokens ts floats apart), 8 box
+// keys at a time (the columns past the box are written over by the extras and the zero padding after)
 void pack_keys_hl(const KernelTable& kt, const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, const float* x,
-                  const float* ekT, float* KT, int64_t W) {
-  const float* base = x + (b * g.Nk * g.Hkv + hk) * W;
-  const int64_t ts = g.Hkv * W;
+                  int64_t ts, const float* ekT, float* KT, int64_t W) {
+  const float* base = x + b * g.Nk * ts + hk * W;
   for (int64_t j = 0; j < tg.Nbox; j += 8) {
     const float* src[8];
     for (int64_t jj = 0; jj < 8; ++jj) src[jj] = base + tg.ktok[std::min(j + jj, tg.Nbox - 1)] * ts;
@@ -983,9 +982,11 @@ float* transpose_slices(const float* x, int64_t slices, int64_t rows, int64_t co
 }
 
 // rpb [H][R] with vector slack after it (the padded row helpers read past a run)
-// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= n; default n)
-float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int64_t ld = 0) {
+// heads-last x [B][n][hx][w] (tokens ts floats apart; default hx * w) -> per (b, h) slice [w][ld] (ld >= n;
+// default n)
+float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int64_t ld = 0, int64_t ts = 0) {
   if (ld < n) ld = n;
+  if (ts == 0) ts = hx * w;
   float* t = scratch(static_cast<size_t>(B * ld * hx * w));
   parallel_for(B * hx, [&](int64_t sl) {
     const int64_t b = sl / hx, h = sl % hx;
@@ -994,18 +995,18 @@ float* transpose_heads_last(const float* x, int64_t B, int64_t n, int64_t hx, in
     for (int64_t n0 = 0; n0 < n; n0 += kB) {
       const int64_t n1 = std::min(n, n0 + kB);
       for (int64_t c = 0; c < w; ++c)
-        for (int64_t r = n0; r < n1; ++r) dst[c * ld + r] = x[((b * n + r) * hx + h) * w + c];
+        for (int64_t r = n0; r < n1; ++r) dst[c * ld + r] = x[(b * n + r) * ts + h * w + c];
     }
   });
   return t;
 }
 
-// Slice (b, h) of heads-last x [B][n][hx][w] into dst [w][ld], rows [rb, re) along the first two axes
+// Slice (b, h) of heads-last x [B][n][.][w] (tokens ts floats apart) into dst [w][ld], rows [rb, re) along the first two axes
 // (a row: L2 tokens along the last axis), where token i2 of a row moves to gstart[i2 % Dl2] + i2 / Dl2
 // (each dilation group contiguous). check: returns whether every value is finite (else true).
 // ring > 0: row r (along the first two axes) goes to row slot r % ring of dst instead of r (the streamed
 // paths keep only the rows in use, in L2, rather than a whole slice written once and evicted)
-bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, int64_t h, int64_t n, int64_t hx,
+bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, int64_t h, int64_t n, int64_t ts,
                             int64_t w, int L2, int Dl2, const int64_t* gstart, int64_t ld, float* __restrict dst,
                             int64_t rb, int64_t re, bool check = false, int64_t ring = 0) {
   bool fin = true;
@@ -1017,9 +1018,9 @@ bool transpose_rows_grouped(const KernelTable& kt, const float* x, int64_t b, in
       for (int j0 = 0; j0 < lg; j0 += 8) {
         const int nj = std::min(8, lg - j0);
         const float* srcs[8];
-        for (int j = 0; j < nj; ++j) srcs[j] = x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * hx + h) * w;
+        for (int j = 0; j < nj; ++j) srcs[j] = x + (b * n + r0 + g2 + static_cast<int64_t>(j0 + j) * Dl2) * ts + h * w;
         for (int j = 0; j < 8 && j0 + 16 + j < lg; ++j)
-          prefetch_row(x + ((b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * hx + h) * w, w);
+          prefetch_row(x + (b * n + r0 + g2 + static_cast<int64_t>(j0 + 16 + j) * Dl2) * ts + h * w, w);
         float* d0 = dst + (ring ? (r0 / L2) % ring * L2 : r0) + gstart[g2] + j0;
         if (nj == 8) {
           if (check)
@@ -1169,11 +1170,11 @@ struct SliceStream {
   bool advance(int64_t need) {
     const int64_t upto = std::min(rows, std::max(need + ahead, done));
     if (upto <= done) return true;
-    const bool fk = transpose_rows_grouped(kt, k, b, h, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ld, ks,
+    const bool fk = transpose_rows_grouped(kt, k, b, h, g.Nk, g.tk, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ld, ks,
                                            done, upto, check_k, ring);
     bool fv = true;
     if (!vrows) {
-      fv = transpose_rows_grouped(kt, v, b, h, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ld, vs, done, upto,
+      fv = transpose_rows_grouped(kt, v, b, h, g.Nk, g.tv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ld, vs, done, upto,
                                   check_v, ring);
     } else {
       // the forward's P.V from value rows (exact_fwd2r): this head's rows copied as they are, one after another
@@ -1182,8 +1183,8 @@ struct SliceStream {
       const int64_t L2 = g.L[2], Dv = g.Dv;
       for (int64_t r = done; r < upto; ++r) {
         float* dst = vs + (ring ? r % ring : r) * L2 * Dv;
-        const float* src = v + ((b * g.Nk + r * L2) * g.Hkv + h) * Dv;
-        const int64_t step = g.Hkv * Dv;
+        const float* src = v + (b * g.Nk + r * L2) * g.tv + h * Dv;
+        const int64_t step = g.tv;
         for (int64_t t = 0; t < L2; ++t) {
           if (t + 16 < L2) prefetch_row(src + (t + 16) * step, Dv);
           std::memcpy(dst + t * Dv, src + t * step, sizeof(float) * Dv);
@@ -1206,10 +1207,10 @@ struct SliceStream {
   }
 };
 
-// heads-last x [B][n][hx][w] -> per (b, h) slice [w][ld] (ld >= front + n + padding), tokens permuted
+// heads-last x [B][n][hx][w] (tokens ts floats apart) -> per (b, h) slice [w][ld] (ld >= front + n + padding), tokens permuted
 // as transpose_rows_grouped says (gstart[0] == front); the padding before and after them is zeroed.
 // finite (may be null): cleared when any value is inf or NaN.
-float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int L2, int Dl2,
+float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_t hx, int64_t w, int64_t ts, int L2, int Dl2,
                                     const int64_t* gstart, int64_t ld, int64_t front,
                                     std::atomic<bool>* finite = nullptr) {
   const KernelTable& kt = select_kernels();
@@ -1217,17 +1218,17 @@ float* transpose_heads_last_grouped(const float* x, int64_t B, int64_t n, int64_
   parallel_for(B * hx, [&](int64_t sl) {
     float* dst = t + sl * ld * w;
     zero_slice_padding(dst, w, n, ld, front);
-    if (!transpose_rows_grouped(kt, x, sl / hx, sl % hx, n, hx, w, L2, Dl2, gstart, ld, dst, 0, n / L2, finite))
+    if (!transpose_rows_grouped(kt, x, sl / hx, sl % hx, n, ts, w, L2, Dl2, gstart, ld, dst, 0, n / L2, finite))
       finite->store(false, std::memory_order_relaxed);
   });
   return t;
 }
 
-// X[j][:] = value row of box key j (heads-last storage), then extras; zero rows up to NP
-void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_t Dv, const float* v, const float* ev,
-                  float* X) {
+// X[j][:] = value row of box key j (heads-last storage, tokens ts floats apart), then extras; zero rows up to NP
+void pack_rows_hl(const Geo& g, const TileGeo& tg, int64_t b, int64_t hk, int64_t Dv, const float* v, int64_t ts,
+                  const float* ev, float* X) {
   for (int64_t j = 0; j < tg.Nbox; ++j)
-    std::memcpy(X + j * Dv, v + ((b * g.Nk + tg.ktok[j]) * g.Hkv + hk) * Dv, sizeof(float) * Dv);
+    std::memcpy(X + j * Dv, v + (b * g.Nk + tg.ktok[j]) * ts + hk * Dv, sizeof(float) * Dv);
   for (int64_t e = 0; e < g.E; ++e)
     std::memcpy(X + (tg.Nbox + e) * Dv, ev + ((b * g.E + e) * g.Hkv + hk) * Dv, sizeof(float) * Dv);
   std::memset(X + tg.Ncol * Dv, 0, sizeof(float) * Dv * (tg.NP - tg.Ncol));
@@ -1318,11 +1319,11 @@ void store_lanes(const KernelTable& kt, const float* xT, int64_t W, int vw, int 
 }
 
 // Keys and values of the group's coordinates j in [kmin, kmax) (token tok0 + j * dl, kv head hk of
-// rows of Hkv heads) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
+// heads-last rows, tokens tk / tv floats apart) transposed into kl [D][ldl] and vl [Dv][ldl] at column j - kmin, 8 tokens at a
 // time; the columns of coordinates outside [0, lg) are zero. Returns whether every value copied is finite
 // (check_keys: and every key).
 bool gather_keys_transposed(const KernelTable& kt, const float* k, const float* v, int64_t D, int64_t Dv,
-                            int64_t Hkv, int64_t hk, int64_t tok0, int64_t dl, int kmin, int kmax, int lg,
+                            int64_t tk, int64_t tv, int64_t hk, int64_t tok0, int64_t dl, int kmin, int kmax, int lg,
                             float* kl, float* vl, int64_t ldl, bool check_keys = false) {
   const int j0 = std::max(kmin, 0), j1 = std::min(kmax, lg);
   for (int64_t d = 0; d < D; ++d) {
@@ -1334,8 +1335,8 @@ bool gather_keys_transposed(const KernelTable& kt, const float* k, const float* 
     std::fill(vl + d * ldl + (j1 - kmin), vl + (d + 1) * ldl, 0.f);
   }
   bool fin = true;
-  auto krow = [&](int j) { return k + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * D; };
-  auto vrow = [&](int j) { return v + ((tok0 + static_cast<int64_t>(j) * dl) * Hkv + hk) * Dv; };
+  auto krow = [&](int j) { return k + (tok0 + static_cast<int64_t>(j) * dl) * tk + hk * D; };
+  auto vrow = [&](int j) { return v + (tok0 + static_cast<int64_t>(j) * dl) * tv + hk * Dv; };
   int j = j0;
   for (; j + 8 <= j1; j += 8) {
     const float *sk[8], *sv[8];
@@ -1367,6 +1368,18 @@ bool all_finite_par(const KernelTable& kt, const float* x, int64_t n) {
     if (!ok.load(std::memory_order_relaxed)) return;
     const int64_t i0 = c * kChunk;
     if (!kt.all_finite(x + i0, std::min(kChunk, n - i0))) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+// all_finite_par over n token rows of w floats, ts floats apart (ts == w: one span)
+bool all_finite_rows(const KernelTable& kt, const float* x, int64_t n, int64_t w, int64_t ts) {
+  if (ts == w) return all_finite_par(kt, x, n * w);
+  constexpr int64_t kTok = 1024;
+  std::atomic<bool> ok{true};
+  parallel_for((n + kTok - 1) / kTok, [&](int64_t c) {
+    for (int64_t t = c * kTok, e = std::min(n, t + kTok); t < e && ok.load(std::memory_order_relaxed); ++t)
+      if (!kt.all_finite(x + t * ts, w)) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }
@@ -1517,7 +1530,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // (whole-group tiles pack their keys from the heads-last rows: whole_group_tiles)
   const bool hl_pack = whole_group_tiles(g, plan);
   const float* kT = (ntiles && !hl_pack && (rowsnd || !(ep.on && g.Dl[2] == 1 && !local)))
-                        ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk)
+                        ? transpose_heads_last(a.k, g.B, g.Nk, g.Hkv, g.D, ldk, g.tk)
                         : nullptr;
   // Streamed (2D/3D, no tiles, at least two slices per thread): one task per slice transposes its key
   // and value rows just before the first row pair whose window reaches them, so the kernels read them
@@ -1545,8 +1558,9 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     for (size_t i = 0; i < chunks.size(); ++i) need[i] = key_rows_needed(g, ep, chunks[i].row, chunks[i].row2);
     seq = order_by_need(need);
   } else if (ep.on && !local && !rowsnd) {
-    kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front);
-    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
+    kTx = transpose_heads_last_grouped(a.k, g.B, g.Nk, g.Hkv, g.D, g.tk, g.L[2], g.Dl[2], ep.gstart.data(), ldx,
+                                       ep.front);
+    vTx = transpose_heads_last_grouped(a.v, g.B, g.Nk, g.Hkv, g.Dv, g.tv, g.L[2], g.Dl[2], ep.gstart.data(), ldx, ep.front,
                                        check ? &v_ok : nullptr);
     // the permutation is the identity without dilation along the last axis
     if (!kT && g.Dl[2] == 1) kT = kTx + ep.front, ldk = ldx;
@@ -1619,7 +1633,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         ldl = round_up(kmax - kmin, 8) + 8;
         float* kl = grow(w.kp, D * ldl + 16);
         float* vl = grow(w.vp, Dv * ldl + 16);
-        if (!gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * g.Nk + g2, g.Dl[2], kmin, kmax, lg, kl, vl, ldl))
+        if (!gather_keys_transposed(kt, a.k, a.v, D, Dv, g.tk, g.tv, hk, b * g.Nk + g2, g.Dl[2], kmin, kmax, lg, kl, vl,
+                                    ldl))
           v_ok.store(false, std::memory_order_relaxed);
         kslice = kl;
         vslice = vl;
@@ -1647,9 +1662,13 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         float* qb = grow(w.qp, 2 * (D * vw + vw));
         float* qloc[2] = {qb, qb + D * vw + vw};
         // heads-last rows of the block's first query and of consecutive ones (Dl2 tokens apart)
-        int64_t row0[2];
-        for (int i = 0; i < nr; ++i) row0[i] = (b * g.N + qrow[i] + static_cast<int64_t>(cb) * g.Dl[2] + g2) * g.H;
-        const int64_t tstep = g.Dl[2] * g.H;
+        // (the queries' own rows: tokens g.tq floats apart)
+        int64_t row0[2], qtok0[2];
+        for (int i = 0; i < nr; ++i) {
+          qtok0[i] = b * g.N + qrow[i] + static_cast<int64_t>(cb) * g.Dl[2] + g2;
+          row0[i] = qtok0[i] * g.H;
+        }
+        const int64_t tstep = g.Dl[2] * g.H, qstep = g.Dl[2] * g.tq;
         for (int64_t gg = 0; gg < g.G; ++gg) {
           const int64_t h = hk * g.G + gg;
           if (rpbp)
@@ -1661,10 +1680,10 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
               const float* src[8];
               // (lanes past a group shorter than vw serve no query: they read lane 0's)
               for (int j = 0; j < 8; ++j)
-                src[j] = a.q + ((row0[i] + (cb + l0 + j < lgrp ? l0 + j : 0) * tstep) + h) * D;
+                src[j] = a.q + qtok0[i] * g.tq + (cb + l0 + j < lgrp ? l0 + j : 0) * qstep + h * D;
               // the next block's queries (past the row's end: the next row's, or an unused line)
               for (int j = 0; j < 8; ++j) {
-                prefetch_row(a.q + ((row0[i] + (l0 + vw + j) * tstep) + h) * D, D);
+                prefetch_row(a.q + qtok0[i] * g.tq + (l0 + vw + j) * qstep + h * D, D);
                 // and the lines its outputs go to (written 8 floats at a time, read for ownership)
                 float* o = a.out + ((row0[i] + (l0 + vw + j) * tstep) + h) * Dv;
                 for (int64_t c = 0; c < Dv && !nt_out; c += 16) __builtin_prefetch(o + c, 1);
@@ -1701,7 +1720,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     const float scale = g.scale;  // a local: the compiler cannot tell Qp from g
     for (int64_t gg = 0; gg < g.G; ++gg) {
       for (int64_t q = 0; q < tg.T; ++q) {
-        const float* src = a.q + ((b * g.N + tg.qtok[q]) * g.H + hk * g.G + gg) * D;
+        const float* src = a.q + (b * g.N + tg.qtok[q]) * g.tq + (hk * g.G + gg) * D;
         float* dst = Qp + (gg * tg.T + q) * D;
         for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
       }
@@ -1710,7 +1729,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     if (kT)
       pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
     else
-      pack_keys_hl(kt, g, tg, b, hk, a.k, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
+      pack_keys_hl(kt, g, tg, b, hk, a.k, g.tk, g.E ? ekT + slice * g.E * D : nullptr, KT, D);
     float* S = grow(w.s, M * NP + kt.vw);
     kt.gemm(static_cast<int>(M), static_cast<int>(NP), static_cast<int>(D), Qp, D, KT, NP, S, NP, false);
     float* P = grow(w.p, M * NP + kt.vw);
@@ -1737,7 +1756,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
       inv[r] = 1.f / sum;
     }
     float* Vp = grow(w.vp, NP * Dv);
-    pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
+    pack_rows_hl(g, tg, b, hk, Dv, a.v, g.tv, a.ev, Vp);
     if (kt.all_finite(Vp, tg.Ncol * Dv)) {
       kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
     } else {
@@ -1771,9 +1790,9 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     Workspace& w = tls_ws;
     float* zeros = grow(w.kp, static_cast<size_t>(D));
     std::memset(zeros, 0, sizeof(float) * D);
-    const int64_t kstep = Dl2 * Hkv * D, vstep = Dl2 * Hkv * Dv;
-    const float* kg = a.k + (b * g.Nk + g2) * Hkv * D;
-    const float* vg = a.v + (b * g.Nk + g2) * Hkv * Dv;
+    const int64_t kstep = Dl2 * g.tk, vstep = Dl2 * g.tv;
+    const float* kg = a.k + (b * g.Nk + g2) * g.tk;
+    const float* vg = a.v + (b * g.Nk + g2) * g.tv;
     const int64_t tok0 = row_token(g, ep.rows[ch.row].g[0], ep.rows[ch.row].g[1], ep.rows[ch.row].c0,
                                    ep.rows[ch.row].c1) + g2;
     std::vector<RowQuery>& rq = tls_rowq;
@@ -1789,8 +1808,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
         const int64_t tok = tok0 + static_cast<int64_t>(blk.c + l) * Dl2;
         for (int64_t h = 0; h < g.H; ++h) {
           const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
-          rq[h] = {a.q + r * D, kg + ws * kstep + hk * D, vg + ws * vstep + hk * Dv, a.out + r * Dv,
-                   a.lse + r};
+          rq[h] = {a.q + (b * g.N + tok) * g.tq + h * D, kg + ws * kstep + hk * D, vg + ws * vstep + hk * Dv,
+                   a.out + r * Dv, a.lse + r};
         }
         kt.row_fwd(rq.data(), static_cast<int>(g.H), kstep, vstep, n, D, Dv, g.scale, zeros, s);
       }
@@ -1804,8 +1823,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     Workspace& w = tls_ws;
     float* zeros = grow(w.kp, static_cast<size_t>(D));
     std::memset(zeros, 0, sizeof(float) * D);
-    const float* kb = a.k + b * g.Nk * Hkv * D;
-    const float* vb = a.v + b * g.Nk * Hkv * Dv;
+    const float* kb = a.k + b * g.Nk * g.tk;
+    const float* vb = a.v + b * g.Nk * g.tv;
     std::vector<RowQuery>& rq = tls_rowq;
     rq.resize(g.H);
     std::vector<int64_t>& seg = tls_seg;
@@ -1838,9 +1857,9 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
           // key lines in L1, was slower: paired C2 1.05, C4 1.08, that build second)
           for (int64_t h = 0; h < g.H; ++h) {
             const int64_t hk = h / g.G, r = (b * g.N + tok) * g.H + h;
-            rq[h] = {a.q + r * D, kb + hk * D, vb + hk * Dv, a.out + r * Dv, a.lse + r};
+            rq[h] = {a.q + (b * g.N + tok) * g.tq + h * D, kb + hk * D, vb + hk * Dv, a.out + r * Dv, a.lse + r};
           }
-          kt.row_fwd_g(rq.data(), static_cast<int>(g.H), koff, Hkv * D, Hkv * Dv, j, D, Dv, g.scale, zeros, s);
+          kt.row_fwd_g(rq.data(), static_cast<int>(g.H), koff, g.tk, g.tv, j, D, Dv, g.scale, zeros, s);
         }
       }
     }
@@ -1948,7 +1967,20 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
 }
 }  // namespace
 
-void fused_forward(const Geo& g, const FwdArgs& a) {
+// g with its token strides filled in (0: contiguous)
+// (path_counts()[11]: the calls that read one of them from a view with a longer token stride)
+static Geo with_strides(const Geo& g) {
+  Geo s = g;
+  if ((g.tq && g.tq != g.H * g.D) || (g.tk && g.tk != g.Hkv * g.D) || (g.tv && g.tv != g.Hkv * g.Dv))
+    path_count[11].fetch_add(1);
+  if (!s.tq) s.tq = g.H * g.D;
+  if (!s.tk) s.tk = g.Hkv * g.D;
+  if (!s.tv) s.tv = g.Hkv * g.Dv;
+  return s;
+}
+
+void fused_forward(const Geo& g0, const FwdArgs& a) {
+  const Geo g = with_strides(g0);
   if (!forward_pass(g, a, true)) forward_pass(g, a, false);
 }
 
@@ -1977,9 +2009,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     cp = &cached_plans(g, kt, true);
     if (!cp->ep.on) return false;
   } else {
-    known_fin = all_finite_par(kt, a.k, g.B * Nk * g.Hkv * D) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
-                all_finite_par(kt, a.q, g.B * N * g.H * D) && all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
-    v_finite = all_finite_par(kt, a.v, g.B * Nk * g.Hkv * Dv);
+    known_fin = all_finite_rows(kt, a.k, g.B * Nk, g.Hkv * D, g.tk) && (!E || kt.all_finite(a.ek, g.B * E * g.Hkv * D)) &&
+                all_finite_rows(kt, a.q, g.B * N, g.H * D, g.tq) && all_finite_par(kt, a.dout, g.B * N * g.H * Dv);
+    v_finite = all_finite_rows(kt, a.v, g.B * Nk, g.Hkv * Dv, g.tv);
     if (known_fin) {
       cp = &cached_plans(g, kt, v_finite);
     } else {
@@ -2127,9 +2159,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       vTx = vTs;
       xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
     } else if (!local) {
-      kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, L2, Dl2, ep.gstart.data(), ldx, ep.front,
+      kTx = transpose_heads_last_grouped(a.k, g.B, Nk, g.Hkv, D, g.tk, L2, Dl2, ep.gstart.data(), ldx, ep.front,
                                          optimistic ? &ok : nullptr);
-      vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, L2, Dl2, ep.gstart.data(), ldx, ep.front,
+      vTx = transpose_heads_last_grouped(a.v, g.B, Nk, g.Hkv, Dv, g.tv, L2, Dl2, ep.gstart.data(), ldx, ep.front,
                                          optimistic ? &ok : nullptr);
       xacc = scratch(static_cast<size_t>(ntasks * xacc_size));
     }
@@ -2146,7 +2178,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     vT = vTx + ep.front;
     ldk = ldx;
   } else if (ntiles && !hl_pack) {
-    kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk);
+    kT = transpose_heads_last(a.k, g.B, Nk, g.Hkv, D, ldk, g.tk);
   }
   const float* ekT = E ? transpose_heads_last(a.ek, g.B, E, g.Hkv, D) : nullptr;
   const float* rpbp = padded_rpb(g, a.rpb);
@@ -2188,15 +2220,18 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // at lc[cap + t] (the kernels compute c = dO.O - dlse from P and dP: the outputs are not read)
   auto load_queries = [&](int64_t row0, int n, float* xq, float* xo, int64_t lds, float* lc, int64_t cap) {
     bool fin = true;
+    // the queries' own rows: tokens g.tq floats apart (row0 is token row0 / H's head row0 % H)
+    const float* q0 = a.q + (row0 / g.H) * g.tq + (row0 % g.H) * D;
+    const int64_t qstep = Dl2 * g.tq;
     int t = 0;
     for (; t + 8 <= n; t += 8) {
       const float *sq[8], *so[8];
       for (int j = 0; j < 8; ++j) {
-        sq[j] = a.q + (row0 + (t + j) * tstep) * D;
+        sq[j] = q0 + (t + j) * qstep;
         so[j] = a.dout + (row0 + (t + j) * tstep) * Dv;
       }
       for (int j = 0; j < 8 && t + 16 + j < n; ++j) {
-        prefetch_row(a.q + (row0 + (t + 16 + j) * tstep) * D, D);
+        prefetch_row(q0 + (t + 16 + j) * qstep, D);
         prefetch_row(a.dout + (row0 + (t + 16 + j) * tstep) * Dv, Dv);
       }
       if (optimistic) {
@@ -2208,10 +2243,10 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       }
     }
     for (; t < n; ++t) {
-      for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = a.q[(row0 + t * tstep) * D + d];
+      for (int64_t d = 0; d < D; ++d) xq[d * lds + t] = q0[t * qstep + d];
       for (int64_t d = 0; d < Dv; ++d) xo[d * lds + t] = a.dout[(row0 + t * tstep) * Dv + d];
       if (optimistic)
-        fin = kt.all_finite(a.q + (row0 + t * tstep) * D, D) && kt.all_finite(a.dout + (row0 + t * tstep) * Dv, Dv) && fin;
+        fin = kt.all_finite(q0 + t * qstep, D) && kt.all_finite(a.dout + (row0 + t * tstep) * Dv, Dv) && fin;
     }
     if (!fin) fail();
     const float scale = g.scale;  // a local: the compiler cannot tell xq from g
@@ -2535,10 +2570,11 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       float* zeros = grow(w.kp, static_cast<size_t>(std::max(D, Dv)));
       std::memset(zeros, 0, sizeof(float) * std::max(D, Dv));
       float* s = grow(w.s, static_cast<size_t>(2 * (round_up(run.nx, vw) + vw)));
-      const int64_t kstep = Dl2 * tsk, vstep = Dl2 * tsv;
-      // group coordinate j of kv head hk at kg + j * kstep + hk * D (values likewise)
-      const float* kg = a.k + (b * Nk + g2) * Hkv * D;
-      const float* vg = a.v + (b * Nk + g2) * Hkv * Dv;
+      const int64_t kstep = Dl2 * g.tk, vstep = Dl2 * g.tv, dkstep = Dl2 * tsk, dvstep = Dl2 * tsv;
+      // group coordinate j of kv head hk at kg + j * kstep + hk * D (values likewise; the gradients at dkg + j *
+      // dkstep + hk * D)
+      const float* kg = a.k + (b * Nk + g2) * g.tk;
+      const float* vg = a.v + (b * Nk + g2) * g.tv;
       float* dkg = a.dk + (b * Nk + g2) * Hkv * D;
       float* dvg = a.dv + (b * Nk + g2) * Hkv * Dv;
       const int64_t tok0 = row_token(g, row.g[0], row.g[1], row.c0, row.c1) + g2;
@@ -2549,8 +2585,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           const bool store = fw[lo] == wv;
           for (int64_t hk = 0; hk < Hkv; ++hk) {
             const float* r = ring + hk * rs + static_cast<int64_t>(lo & (R - 1)) * rw;
-            float* dk = dkg + lo * kstep + hk * D;
-            float* dv = dvg + lo * vstep + hk * Dv;
+            float* dk = dkg + lo * dkstep + hk * D;
+            float* dv = dvg + lo * dvstep + hk * Dv;
             if (store) {
               std::memcpy(dk, r, sizeof(float) * D);
               std::memcpy(dv, r + D, sizeof(float) * Dv);
@@ -2572,7 +2608,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         const int64_t tok = tok0 + static_cast<int64_t>(c) * Dl2;
         for (int64_t h = 0; h < g.H; ++h) {
           const int64_t hk = h / g.G, r = (b * N + tok) * g.H + h;
-          kt.row_bwd(a.q + r * D, a.dout + r * Dv, kg + ws * kstep + hk * D, kstep, vg + ws * vstep + hk * Dv, vstep,
+          kt.row_bwd(a.q + (b * N + tok) * g.tq + h * D, a.dout + r * Dv, kg + ws * kstep + hk * D, kstep, vg + ws * vstep + hk * Dv, vstep,
                      n, D, Dv, g.scale, a.lse[r], a.dlse ? a.dlse[r] : 0.f, zeros, s, a.dq + r * D, ring + hk * rs, rw,
                      R - 1, ws);
         }
@@ -2626,7 +2662,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         float* vl = grow(w.vp, Dv * ldl + 16);
         float* al = grow(w.dkb, (D + Dv) * ldl + 16);
         std::memset(al, 0, sizeof(float) * (D + Dv) * ldl);
-        if (!gather_keys_transposed(kt, a.k, a.v, D, Dv, g.Hkv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl,
+        if (!gather_keys_transposed(kt, a.k, a.v, D, Dv, g.tk, g.tv, hk, b * Nk + g2, Dl2, kmin, kmax, lg, kl, vl, ldl,
                                     optimistic) &&
             optimistic)
           fail();
@@ -2742,7 +2778,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       for (int64_t r = 0; r < M; ++r) {
         const int64_t gg = r / tg.T, q = r % tg.T, h = hk * g.G + gg;
         const int64_t row = (b * N + tg.qtok[q]) * g.H + h;  // heads-last inputs
-        const float* src = a.q + row * D;
+        const float* src = a.q + (b * N + tg.qtok[q]) * g.tq + h * D;
         for (int64_t d = 0; d < D; ++d) Qp[r * D + d] = src[d] * scale;
         std::memcpy(dO + r * Dv, a.dout + row * Dv, sizeof(float) * Dv);
         delta[r] = kt.dot(dO + r * Dv, a.out + row * Dv, static_cast<int>(Dv));
@@ -2753,17 +2789,17 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       if (kT)
         pack_keys_t(kt, g, tg, kT + slice * ldk * D, ldk, E ? ekT + slice * E * D : nullptr, KT, D);
       else
-        pack_keys_hl(kt, g, tg, b, hk, a.k, E ? ekT + slice * E * D : nullptr, KT, D);
+        pack_keys_hl(kt, g, tg, b, hk, a.k, g.tk, E ? ekT + slice * E * D : nullptr, KT, D);
       float* Kp = grow(w.kp, NP * D);
-      pack_rows_hl(g, tg, b, hk, D, a.k, a.ek, Kp);
+      pack_rows_hl(g, tg, b, hk, D, a.k, g.tk, a.ek, Kp);
       float* VT = grow(w.vt, Dv * NP + 2 * kt.vw);
       if (vT) {
         pack_keys_t(kt, g, tg, vT + slice * ldk * Dv, ldk, nullptr, VT, Dv);
       } else if (hl_pack && !E) {
-        pack_keys_hl(kt, g, tg, b, hk, a.v, nullptr, VT, Dv);
+        pack_keys_hl(kt, g, tg, b, hk, a.v, g.tv, nullptr, VT, Dv);
       } else {
         float* Vp = grow(w.vp, NP * Dv);
-        pack_rows_hl(g, tg, b, hk, Dv, a.v, a.ev, Vp);
+        pack_rows_hl(g, tg, b, hk, Dv, a.v, g.tv, a.ev, Vp);
         transpose_rows(kt, Vp, NP, Dv, Dv, VT, NP);
       }
       float* S = grow(w.s, M * NP + kt.vw);
@@ -2883,7 +2919,8 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
 }
 }  // namespace
 
-void fused_backward(const Geo& g, const BwdArgs& a) {
+void fused_backward(const Geo& g0, const BwdArgs& a) {
+  const Geo g = with_strides(g0);
   if (!backward_pass(g, a, true)) backward_pass(g, a, false);
 }
 

@@ -21,6 +21,10 @@ struct Geo {
   int Lk[3], dom[3], qoff[3], koff[3];
   int64_t Nk;
   int64_t B, H, Hkv, G, D, Dv, E;
+  // Token strides (floats) of the fused ops' q, k, v: H * D, Hkv * D, Hkv * Dv for MLX's contiguous arrays, more
+  // for views whose heads are contiguous within a token (slices of a fused qkv projection), read in place;
+  // 0 means contiguous (fused_forward / fused_backward fill them in)
+  int64_t tq, tk, tv;
   int64_t R[3], Rtot;  // rpb extent per axis (2K-1) and in all
   int64_t Kt;          // K0 * K1 * K2 slots per query (split ops)
   float scale;
@@ -66,7 +70,8 @@ int num_threads();
 // queries served since the last reset: forward exact-window runs, border blocks, tiles; backward the same;
 // then the forward and backward calls whose streamed keys and values took a ring of row slots, and the
 // backward calls whose key-side sums did, the forward calls whose P.V read heads-last value rows
-// (exact_fwd2r), and the forward and backward calls that wrote their outputs with non-temporal stores
+// (exact_fwd2r), the forward and backward calls that wrote their outputs with non-temporal stores, and the
+// forward and backward calls that read q, k or v in place from a view with a longer token stride (Geo::tq)
 std::vector<int64_t> path_counts(bool reset);
 
 // Per-thread scratch buffers reused from call to call (fresh pages cost more than the work on small

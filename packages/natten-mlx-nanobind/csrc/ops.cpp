@@ -294,9 +294,34 @@ void scatter(const Buf& src, int64_t B, int64_t N, int64_t H, int64_t W, bool he
   }
 }
 
+// The token stride (floats) of x [B, *spatial(nsp), H, W] when it is float32 with each token's H x W values
+// contiguous and its tokens (batch and spatial axes flattened) evenly spaced without overlap: MLX's contiguous
+// arrays (stride H * W) and slices of a fused qkv projection ([B, *spatial, 3, H, W] indexed on its 3 axis: 3 H W),
+// which the fused ops read in place; else 0 (copied into a contiguous buffer first)
+int64_t token_stride(const mx::array& x, int nsp) {
+  if (x.dtype() != mx::float32) return 0;
+  const int64_t H = x.shape(1 + nsp), W = x.shape(2 + nsp);
+  if (x.flags().row_contiguous) return H * W;
+  const auto& st = x.strides();
+  if ((W > 1 && st[2 + nsp] != 1) || (H > 1 && st[1 + nsp] != W)) return 0;
+  int64_t T = 0, span = 1;  // the stride of the last token axis longer than 1, the tokens after each axis
+  for (int a = nsp; a >= 0; --a) {
+    const int64_t n = x.shape(a);
+    if (n == 1) continue;
+    if (T == 0) {
+      T = st[a];
+      if (T < H * W) return 0;
+    } else if (st[a] != T * span) {
+      return 0;
+    }
+    span *= n;
+  }
+  return T ? T : H * W;
+}
+
 void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::vector<mx::array>& out) {
   const Slots s = slots_of(kind, c);
-  const Geo g = geo_of(kind, c, in);
+  Geo g = geo_of(kind, c, in);
   const int nd = c.nd;
   auto canon = [&](int i, bool has_w = true) { return gather(view_bshw(in[i], nd, has_w)); };
   auto canon_extra = [&](int i) { return gather(view_bshw(in[i], 1, true)); };
@@ -307,6 +332,13 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
     const mx::array& x = in[i];
     if (x.dtype() == mx::float32 && x.flags().row_contiguous) return x.data<float>();
     return gather(view_bshw(x, nsp, has_w), true).data();
+  };
+  // q, k, v: read in place where their tokens are evenly spaced (token_stride), their stride into g
+  auto hl_qkv = [&](int i, int64_t& ts) -> const float* {
+    const mx::array& x = in[i];
+    ts = token_stride(x, nd);
+    if (ts) return x.data<float>();
+    return hl(i, nd);  // (contiguous after the copy: ts 0)
   };
   if (kind == OpKind::FusedBwd) {
     Buf rp = s.rpb >= 0 ? gather(view_rpb(in[s.rpb], nd)) : Buf{};
@@ -327,7 +359,10 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
     float* dek = c.extra ? grad_out(3, nek) : nullptr;
     float* dev = c.extra ? grad_out(4, nev) : nullptr;
     auto drpb = buf(rp.size());
-    fused_backward(g, BwdArgs{hl(s.q, nd), hl(s.k, nd), hl(s.v, nd), hl(s.ek, 1), hl(s.ev, 1),
+    const float* pq = hl_qkv(s.q, g.tq);
+    const float* pk = hl_qkv(s.k, g.tk);
+    const float* pv = hl_qkv(s.v, g.tv);
+    fused_backward(g, BwdArgs{pq, pk, pv, hl(s.ek, 1), hl(s.ev, 1),
                               rp.empty() ? nullptr : rp.data(), hl(s.out, nd), hl(s.lse, nd, false),
                               hl(s.dout, nd), hl(s.dlse, nd, false), dq, dk, dv, dek, dev, drpb.data(),
                               convert.empty()});
@@ -336,9 +371,9 @@ void run(OpKind kind, const Config& c, const std::vector<mx::array>& in, std::ve
     return;
   }
   if (kind == OpKind::FusedFwd) {
-    const float* pq = hl(s.q, nd);
-    const float* pk = hl(s.k, nd);
-    const float* pv = hl(s.v, nd);
+    const float* pq = hl_qkv(s.q, g.tq);
+    const float* pk = hl_qkv(s.k, g.tk);
+    const float* pv = hl_qkv(s.v, g.tv);
     const float* pek2 = hl(s.ek, 1);
     const float* pev2 = hl(s.ev, 1);
     Buf rp = s.rpb >= 0 ? gather(view_rpb(in[s.rpb], nd)) : Buf{};
