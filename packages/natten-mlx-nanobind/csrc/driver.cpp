@@ -2965,27 +2965,29 @@ struct Slots {
 
 }  // namespace
 
+// a thread's slots and slot row pointers, reused from query to query
+static thread_local Slots tls_slots;
+static thread_local std::vector<const float*> tls_slot_rows;
+
 void qk_forward(const Geo& g, const float* q, const float* k, const float* ek, const float* rpb, float* scores) {
   const KernelTable& kt = select_kernels();
   const int64_t W = g.Kt + g.E, D = g.D;
   parallel_for(g.B * g.N, [&](int64_t item) {
     const int64_t b = item / g.N, n = item % g.N;
-    Slots sl;
+    Slots& sl = tls_slots;
     sl.build(g, n);
+    std::vector<const float*>& rows = tls_slot_rows;
+    rows.resize(g.Kt);
     for (int64_t h = 0; h < g.H; ++h) {
       const int64_t hk = h / g.G;
       const float* qr = q + ((b * g.H + h) * g.N + n) * D;
       const float* ks = k + (b * g.Hkv + hk) * g.Nk * D;
       float* out = scores + ((b * g.H + h) * g.N + n) * W;
-      for (int64_t s = 0; s < g.Kt; ++s) {
-        if (sl.tok[s] < 0) {
-          out[s] = -INFINITY;
-          continue;
-        }
-        float v = kt.dot(qr, ks + sl.tok[s] * D, static_cast<int>(D)) * g.scale;
-        if (rpb) v += rpb[h * g.Rtot + sl.rpb[s]];
-        out[s] = v;
-      }
+      for (int64_t s = 0; s < g.Kt; ++s) rows[s] = sl.tok[s] < 0 ? nullptr : ks + sl.tok[s] * D;
+      kt.slot_dots(qr, rows.data(), static_cast<int>(g.Kt), static_cast<int>(D), g.scale, out);
+      if (rpb)
+        for (int64_t s = 0; s < g.Kt; ++s)
+          if (sl.tok[s] >= 0) out[s] += rpb[h * g.Rtot + sl.rpb[s]];
       for (int64_t e = 0; e < g.E; ++e)
         out[g.Kt + e] = kt.dot(qr, ek + ((b * g.Hkv + hk) * g.E + e) * D, static_cast<int>(D)) * g.scale;
     }
@@ -3038,16 +3040,17 @@ void av_forward(const Geo& g, const float* attn, const float* v, const float* ev
   const int64_t W = g.Kt + g.E, Dv = g.Dv;
   parallel_for(g.B * g.N, [&](int64_t item) {
     const int64_t b = item / g.N, n = item % g.N;
-    Slots sl;
+    Slots& sl = tls_slots;
     sl.build(g, n);
+    std::vector<const float*>& rows = tls_slot_rows;
+    rows.resize(g.Kt);
     for (int64_t h = 0; h < g.H; ++h) {
       const int64_t hk = h / g.G, row = (b * g.H + h) * g.N + n;
       const float* ar = attn + row * W;
       const float* vs = v + (b * g.Hkv + hk) * g.Nk * Dv;
       float* o = out + row * Dv;
-      std::memset(o, 0, sizeof(float) * Dv);
-      for (int64_t s = 0; s < g.Kt; ++s)
-        if (sl.tok[s] >= 0) kt.axpy(o, ar[s], vs + sl.tok[s] * Dv, static_cast<int>(Dv));
+      for (int64_t s = 0; s < g.Kt; ++s) rows[s] = sl.tok[s] < 0 ? nullptr : vs + sl.tok[s] * Dv;
+      kt.slot_axpys(ar, rows.data(), static_cast<int>(g.Kt), static_cast<int>(Dv), o);
       for (int64_t e = 0; e < g.E; ++e)
         kt.axpy(o, ar[g.Kt + e], ev + ((b * g.Hkv + hk) * g.E + e) * Dv, static_cast<int>(Dv));
     }

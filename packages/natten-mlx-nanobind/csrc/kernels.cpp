@@ -235,6 +235,68 @@ void axpy(float* y, float a, const float* x, int n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// slot_dots: four slots per pass share the query's loads
+void slot_dots(const float* q, const float* const* rows, int ns, int n, float scale, float* out) {
+  int s = 0;
+  for (; s + 4 <= ns; s += 4) {
+    const float* r[4];
+    bool all = true;
+    for (int j = 0; j < 4; ++j) all = all && rows[s + j];
+    if (!all) {  // a masked slot among them: one at a time
+      for (int j = 0; j < 4; ++j) out[s + j] = rows[s + j] ? scale * dot(q, rows[s + j], n) : -INFINITY;
+      continue;
+    }
+    for (int j = 0; j < 4; ++j) r[j] = rows[s + j];
+    vf a0{}, a1{}, a2{}, a3{};
+    int i = 0;
+    for (; i + VW <= n; i += VW) {
+      const vf qv = load(q + i);
+      a0 += qv * load(r[0] + i);
+      a1 += qv * load(r[1] + i);
+      a2 += qv * load(r[2] + i);
+      a3 += qv * load(r[3] + i);
+    }
+    float t[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    for (; i < n; ++i)
+      for (int j = 0; j < 4; ++j) t[j] += q[i] * r[j][i];
+    for (int j = 0; j < 4; ++j) out[s + j] = scale * t[j];
+  }
+  for (; s < ns; ++s) out[s] = rows[s] ? scale * dot(q, rows[s], n) : -INFINITY;
+}
+
+// slot_axpys: up to four vectors of y held in registers over all slots
+void slot_axpys(const float* w, const float* const* rows, int ns, int n, float* y) {
+  int i = 0;
+  for (; i + 4 * VW <= n; i += 4 * VW) {
+    vf a0{}, a1{}, a2{}, a3{};
+    for (int s = 0; s < ns; ++s) {
+      if (!rows[s]) continue;
+      const vf ws = splat(w[s]);
+      const float* r = rows[s] + i;
+      a0 += ws * load(r);
+      a1 += ws * load(r + VW);
+      a2 += ws * load(r + 2 * VW);
+      a3 += ws * load(r + 3 * VW);
+    }
+    store(y + i, a0);
+    store(y + i + VW, a1);
+    store(y + i + 2 * VW, a2);
+    store(y + i + 3 * VW, a3);
+  }
+  for (; i + VW <= n; i += VW) {
+    vf a{};
+    for (int s = 0; s < ns; ++s)
+      if (rows[s]) a += splat(w[s]) * load(rows[s] + i);
+    store(y + i, a);
+  }
+  for (; i < n; ++i) {
+    float a = 0.f;
+    for (int s = 0; s < ns; ++s)
+      if (rows[s]) a += w[s] * rows[s][i];
+    y[i] = a;
+  }
+}
+
 void pack_kt(float* KT, int64_t NP, const float* kT, int64_t ldk, const int64_t* tok, int64_t rows, int nk,
              int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
@@ -2372,7 +2434,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, add_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS, row_sums};
+      VW, gemm, add_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS, row_sums, slot_dots, slot_axpys};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

@@ -148,6 +148,10 @@ struct KernelTable {
   // The rpb gradient's sums of the 2D/3D exact backward: for r < nrows and d < nd, the nv vectors of row
   // x + r * ldr + d * lds added into the vector at acc[r * nd + d] (its first vw floats)
   void (*row_sums)(const float* x, int64_t ldr, int64_t lds, int nrows, int nd, int nv, float* const* acc);
+  // the split ops' query rows (qk_forward / av_forward): out[s] = scale * (q . rows[s]) over n features for s < ns
+  // (rows[s] null: -inf); y = sum over s of w[s] * rows[s] over n features (rows[s] null: skipped; y overwritten)
+  void (*slot_dots)(const float* q, const float* const* rows, int ns, int n, float scale, float* out);
+  void (*slot_axpys)(const float* w, const float* const* rows, int ns, int n, float* y);
 };
 
 const KernelTable* kernels_avx512();
