@@ -62,3 +62,14 @@ def fused_vjp(ext, shape, K, s, d, c, Hkv, G, D, Dv, B, seed, dtype=mx.float32):
     counts = ext.path_counts(True)
     got = [np.array(x.astype(mx.float32), np.float64) for x in (*outs, *grads)]
     return got, [np.array(x.astype(mx.float32), np.float64) for x in xs], kw, counts
+
+
+def geo_id(g):
+    """A test id for a geometry tuple (shape, kernel, stride, dilation, causal, Hkv, G, D, Dv, E, rpb, env)."""
+    shape, K, s, d, c, Hkv, G, D, Dv, E, rpb, env = g
+    return (
+        f"L{'x'.join(map(str, shape))}-K{'x'.join(map(str, K))}-s{''.join(map(str, s))}-d{''.join(map(str, d))}"
+        f"-c{''.join(str(int(x)) for x in c)}-kv{Hkv}G{G}D{D}v{Dv}-E{E}"
+        + ("-rpb" if rpb else "")
+        + "".join(f"-{k[11:]}{v}" for k, v in env.items())
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from nb_checks import geo_id
 
 nb = pytest.importorskip("natten_mlx_nanobind")
 if nb.UNAVAILABLE:
@@ -47,13 +48,7 @@ GEOS = [
 
 
 def _ids(g):
-    shape, K, s, d, c, Hkv, G, D, Dv, E, rpb, env = g
-    return (
-        f"L{'x'.join(map(str, shape))}-K{'x'.join(map(str, K))}-s{''.join(map(str, s))}-d{''.join(map(str, d))}"
-        f"-c{''.join(str(int(x)) for x in c)}-kv{Hkv}G{G}D{D}v{Dv}-E{E}"
-        + ("-rpb" if rpb else "")
-        + "".join(f"-{k[11:]}{v}" for k, v in env.items())
-    )
+    return geo_id(g)
 
 
 def _views(kind, B, shape, H, Hkv, D, Dv, rng, inf_key=False):
