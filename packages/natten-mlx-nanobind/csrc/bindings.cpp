@@ -42,5 +42,9 @@ NB_MODULE(_ext, m) {
   m.def("pool_poison", &na::pool_poison,
         "sets every byte of the kept output buffers to 0xFF, NaN in every float dtype (tests: an output value a "
         "kernel leaves unwritten shows as NaN)");
+  m.def("upper_state", &na::upper_state,
+        "(before, after): whether the upper halves of the ymm registers were in use on MLX's stream thread at the end "
+        "of the last op's task, before and after the vzeroupper that ends it (1 / 0; -1 where the CPU cannot say). "
+        "Left in use they slow MLX's own SSE code on that thread about 3x");
   m.def("simd", &na::simd_name, "instruction set of the kernels chosen for this CPU (NATTEN_MLX_SIMD overrides)");
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "mlx/array.h"
@@ -69,5 +70,8 @@ mx::array op_av_forward(const mx::array& attn, const mx::array& v, const Opt& ev
 size_t pool_bytes();
 void pool_clear();
 void pool_poison();
+// XINUSE's AVX bit (ymm upper halves in use) on the stream thread before and after the vzeroupper that ends
+// the last op's task (-1: the CPU cannot say; not x86-64)
+std::pair<int, int> upper_state();
 
 }  // namespace na
