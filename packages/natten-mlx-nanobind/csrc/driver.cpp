@@ -943,42 +943,12 @@ void pack_keys_hl(const KernelTable& kt, const Geo& g, const TileGeo& tg, int64_
   }
 }
 
-// X[j][:] = row j (box rows, then extras); zero rows up to NP
-void pack_rows(const Geo& g, const TileGeo& tg, int64_t width, const float* x, const float* ex, float* X) {
-  const int64_t nk2 = tg.nk[2];
-  if (g.Dl[2] == 1) {
-    for (int64_t j = 0; j < tg.Nbox; j += nk2)
-      std::memcpy(X + j * width, x + tg.ktok[j] * width, sizeof(float) * width * nk2);
-  } else {
-    for (int64_t j = 0; j < tg.Nbox; ++j) std::memcpy(X + j * width, x + tg.ktok[j] * width, sizeof(float) * width);
-  }
-  if (g.E) std::memcpy(X + tg.Nbox * width, ex, sizeof(float) * width * g.E);
-  std::memset(X + tg.Ncol * width, 0, sizeof(float) * width * (tg.NP - tg.Ncol));
-}
-
 // Heads-last rows read 8 tokens at a time are H * D floats apart: the next block's rows are pages
 // away, where hardware prefetchers do not follow, so the transposes stalled on their loads (perf:
 // most of transpose8's samples on the source loads). Each caller asks for the rows it reads next.
 inline void prefetch_row(const float* p, int64_t w) {
   for (int64_t c = 0; c < w; c += 16) __builtin_prefetch(p + c);
   __builtin_prefetch(p + w - 1);
-}
-
-// per slice [rows][cols] -> [cols][rows]
-float* transpose_slices(const float* x, int64_t slices, int64_t rows, int64_t cols) {
-  float* t = scratch(static_cast<size_t>(slices * rows * cols));
-  parallel_for(slices, [&](int64_t sl) {
-    const float* src = x + sl * rows * cols;
-    float* dst = t + sl * rows * cols;
-    constexpr int64_t kB = 16;  // blocks keep both sides' lines in cache
-    for (int64_t r0 = 0; r0 < rows; r0 += kB)
-      for (int64_t c0 = 0; c0 < cols; c0 += kB) {
-        const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
-      }
-  });
-  return t;
 }
 
 // rpb [H][R] with vector slack after it (the padded row helpers read past a run)
@@ -1786,7 +1756,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // threads write different tokens' lines
   auto row_chunk = [&](int64_t b, const Chunk& ch) {
     const int vw = kt.vw, g2 = ep.rows[ch.row].g[2];
-    const int64_t D = g.D, Dv = g.Dv, Hkv = g.Hkv, Dl2 = g.Dl[2];
+    const int64_t D = g.D, Dv = g.Dv, Dl2 = g.Dl[2];
     Workspace& w = tls_ws;
     float* zeros = grow(w.kp, static_cast<size_t>(D));
     std::memset(zeros, 0, sizeof(float) * D);
@@ -1819,7 +1789,7 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
   // key rows of its exact-plan row, each a segment of n keys along the last axis (Dl2 tokens apart)
   auto row_chunk_nd = [&](int64_t b, const Chunk& ch) {
     const int vw = kt.vw;
-    const int64_t D = g.D, Dv = g.Dv, Hkv = g.Hkv, Dl2 = g.Dl[2];
+    const int64_t D = g.D, Dv = g.Dv, Dl2 = g.Dl[2];
     Workspace& w = tls_ws;
     float* zeros = grow(w.kp, static_cast<size_t>(D));
     std::memset(zeros, 0, sizeof(float) * D);
@@ -3121,7 +3091,7 @@ const KernelTable& select_kernels() {
   static const KernelTable* chosen = [] {
     perm_al = want_perm_al();
     const char* want = std::getenv("NATTEN_MLX_SIMD");
-    auto wanted = [&](const char* name) { return !want || !*want || std::strcmp(want, name) == 0; };
+    [[maybe_unused]] auto wanted = [&](const char* name) { return !want || !*want || std::strcmp(want, name) == 0; };
 #if defined(NA_HAVE_avx512)
     __builtin_cpu_init();
     if (wanted("avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
