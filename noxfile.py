@@ -298,10 +298,10 @@ def cuda_cpu(session: nox.Session) -> None:
 @nox.session(python=PYTHON, tags=["ci"] if (ROOT / "tests" / "aarch64").is_dir() else [])
 def nanobind_aarch64(session: nox.Session) -> None:
     """The nanobind tier's aarch64 build (its NEON kernel table, which x86 machines never run): driver.cpp
-    and kernels.cpp cross-compiled with aarch64-linux-gnu-g++ into a harness run under qemu-aarch64, against
-    the float64 oracle (fused forward and backward, split ops). The tests skip, saying why, without the
-    cross compiler and qemu-user (Debian: crossbuild-essential-arm64 qemu-user; .ci/run installs them where
-    it can). The harness is cached outside the checkout (~/.cache/natten-mlx/cross), keyed by its sources."""
+    and kernels.cpp cross-compiled by GCC and by clang (as macOS builds) into a harness run under qemu-aarch64,
+    against the float64 oracle (fused forward and backward, split ops). The tests skip, saying why, without
+    the cross compiler, clang and qemu-user (Debian: crossbuild-essential-arm64 qemu-user clang; .ci/run
+    installs them where it can). The harness is cached outside the checkout (~/.cache/natten-mlx/cross), keyed by its sources."""
     session.install(f"{CORE}[test]")
     env = {"NATTEN_MLX_CROSS_CACHE": str(_cache_dir() / "cross")}
     session.run("pytest", "-q", "-rs", "tests/aarch64", *session.posargs, env=env)

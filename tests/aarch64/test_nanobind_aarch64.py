@@ -11,7 +11,9 @@ compared with tests/oracle.py. That table (kernels_base, named "neon" there) wor
 (two NEON registers each), so the exact-window path runs blocks of 8 queries, as AVX2's, with none of the
 AVX-512 kernels. The path counters the harness prints show that both the exact path and the tiles ran.
 
-Needs aarch64-linux-gnu-g++ and qemu-aarch64 (Debian: crossbuild-essential-arm64, qemu-user; .ci/run
+Every test runs twice, on objects compiled by GCC and by clang (--target=aarch64-linux-gnu; macOS builds
+with Apple's clang, which this approximates: same vector extensions, pragmas and warnings), both linked by the
+cross GCC. Needs aarch64-linux-gnu-g++ and qemu-aarch64 (the clang runs also clang++) (Debian: crossbuild-essential-arm64, qemu-user; .ci/run
 installs them where apt-get can); without them the tests skip, saying so. `nox -s nanobind_aarch64` runs
 this folder; the built harness is cached by its sources' hash in $NATTEN_MLX_CROSS_CACHE (default
 ~/.cache/natten-mlx/cross).
@@ -50,18 +52,25 @@ def assert_close(got, want, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}"
 
 
-def _missing():
-    gone = [t for t in (CXX, QEMU) if shutil.which(t) is None]
+COMPILERS = {"gcc": [CXX], "clang": ["clang++", "--target=aarch64-linux-gnu"]}
+
+
+def _missing(compiler):
+    gone = [t for t in (CXX, QEMU, COMPILERS[compiler][0]) if shutil.which(t) is None]
     if not gone:
         return None
-    pytest.skip(f"{' and '.join(gone)} not found (Debian: apt-get install crossbuild-essential-arm64 qemu-user)")
+    pytest.skip(
+        f"{' and '.join(sorted(set(gone)))} not found (Debian: apt-get install crossbuild-essential-arm64 qemu-user clang)"
+    )
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    """The harness built for aarch64, cached by its sources' hash."""
-    _missing()
-    digest = hashlib.sha256()
+@pytest.fixture(scope="module", params=sorted(COMPILERS))
+def harness(request, tmp_path_factory):
+    """The harness built for aarch64 by one compiler, cached by its sources' hash."""
+    compiler = request.param
+    _missing(compiler)
+    cc = COMPILERS[compiler]
+    digest = hashlib.sha256(compiler.encode())
     for path in SOURCES + [os.path.join(CSRC, f) for f in sorted(os.listdir(CSRC)) if f.endswith(".h")]:
         with open(path, "rb") as f:
             digest.update(f.read())
@@ -72,7 +81,7 @@ def harness(tmp_path_factory):
     cache = os.environ.get("NATTEN_MLX_CROSS_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "natten-mlx", "cross"
     )
-    exe = os.path.join(cache, f"harness-{digest.hexdigest()[:16]}")
+    exe = os.path.join(cache, f"harness-{compiler}-{digest.hexdigest()[:16]}")
     if os.path.exists(exe):
         return exe
     os.makedirs(cache, exist_ok=True)
@@ -80,9 +89,9 @@ def harness(tmp_path_factory):
     common = ["-std=c++20", "-Wall", "-Wno-psabi", f"-I{CSRC}", f"-I{INCLUDE}"]
     jobs = [
         # as CMakeLists.txt builds the one kernel table of aarch64
-        [CXX, *common, "-O3", "-DNA_VARIANT=base", "-DNA_VARIANT_base=1", "-c", SOURCES[0], "-o", str(build / "k.o")],
-        [CXX, *common, "-O3", "-DNA_HAVE_base=1", "-c", SOURCES[1], "-o", str(build / "d.o")],
-        [CXX, *common, "-O2", "-DNA_HAVE_base=1", "-c", SOURCES[2], "-o", str(build / "h.o")],
+        [*cc, *common, "-O3", "-DNA_VARIANT=base", "-DNA_VARIANT_base=1", "-c", SOURCES[0], "-o", str(build / "k.o")],
+        [*cc, *common, "-O3", "-DNA_HAVE_base=1", "-c", SOURCES[1], "-o", str(build / "d.o")],
+        [*cc, *common, "-O2", "-DNA_HAVE_base=1", "-c", SOURCES[2], "-o", str(build / "h.o")],
     ]
     procs = [subprocess.Popen(j, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for j in jobs]
     for j, p in zip(jobs, procs):

@@ -48,11 +48,14 @@ int default_threads() {
     int n = std::atoi(env);
     if (n >= 1) return n;
   }
+#if defined(__linux__)
+  // the CPUs this process may run on (a container's or taskset's share), where Linux says
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) {
     int n = CPU_COUNT(&set);
     if (n >= 1) return n;
   }
+#endif
   unsigned n = std::thread::hardware_concurrency();
   return n ? static_cast<int>(n) : 1;
 }

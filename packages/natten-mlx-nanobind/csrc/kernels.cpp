@@ -133,11 +133,6 @@ inline vf vlog(vf x) {
   return m + y + e * 0.693359375f;
 }
 
-inline float sexp(float x) {
-  vf v = splat(x);
-  return vexp(v)[0];
-}
-
 template <int M, int NV>
 inline void micro(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
   vf c[M][NV];
@@ -470,7 +465,7 @@ inline vf lane_softmax(float* s, int nrows, int nx, const int* lohi, vf* mo, con
       for (int x = 0; x < nx; ++x) {
         float* sp = s + (static_cast<int64_t>(r) * nx + x) * VW;
         const vi xv = vi{} + x;
-        store(sp, (xv >= lo) & (xv < hi) ? load(sp) : splat(-INFINITY));
+        store(sp, ((xv >= lo) & (xv < hi)) ? load(sp) : splat(-INFINITY));
       }
   }
   vf m = splat(-INFINITY);
@@ -1579,7 +1574,7 @@ inline void bwd_p_ds(float* s, const float* dp, int nrows, int nx, const int* lo
   for (; j < n; ++j) {
     const vi xv = vi{} + j % nx;
     vf p = vexp(load(s + j * VW) - lv);
-    p = (xv >= lo) & (xv < hi) ? p : vf{};
+    p = ((xv >= lo) & (xv < hi)) ? p : vf{};
     store(s + j * VW, p);
     c0 += p * load(dp + j * VW);
   }
