@@ -121,6 +121,7 @@ GEOS = [
     ((4, 6, 9), (3, 3, 5), (1, 1, 2), (1, 1, 1), (False, False, False), 1, 2, 8, 8, 0, False, 1),  # 3D
     ((5, 6, 8), (2, 4, 4), (1, 1, 1), (1, 1, 1), (False, True, False), 2, 1, 8, 12, 0, False, 1),  # 3D causal
     ((4, 5, 12), (3, 3, 5), (1, 1, 1), (1, 1, 2), (False, False, False), 1, 1, 8, 8, 2, True, 1),  # 3D E, rpb
+    ((7, 7), (7, 7), (1, 1), (1, 1), (False, False), 1, 2, 8, 12, 2, True, 1),  # whole-box tiles: E, rpb, GQA
 ]
 
 
@@ -244,9 +245,13 @@ def test_aarch64_against_oracle(harness, tmp_path, i):
 
 def test_aarch64_paths(harness, tmp_path):
     """The sweep's problems take the exact-window path (runs and border blocks) and the tiles, forward and
-    backward (path_counts: forward runs, border blocks, tiles, then the backward's three)."""
+    backward (path_counts: forward runs, border blocks, tiles, then the backward's three), and the
+    whole-box tile kernels (full_softmax, full_p_ds) ran."""
     total = np.zeros(6, np.int64)
+    whole = np.zeros(2, np.int64)  # path_counts 12 / 13: tile rows whose windows are the whole box
     for i, g in enumerate(GEOS):
         info, _, _ = _run(harness, tmp_path, g, seed=i)
         total += np.array(info[2:8], np.int64)
+        whole += np.array(info[14:16], np.int64)
     assert np.all(total > 0), total
+    assert np.all(whole > 0), whole

@@ -345,6 +345,91 @@ void masked_ds(float* ds, const float* p, const float* dp, float cst, const int*
   }
 }
 
+// masked_max + masked_exp / masked_exp + masked_ds for tile rows whose queries' windows are the whole box
+// (DiNAT's dilation groups of K, NAT's K x K maps): every column below ncol is valid (the box's keys, then
+// the extra keys), the padding up to n is not, so the window test is one compare per vector instead of six
+// table loads and compares. The same exps, sums and selects as the masked kernels.
+inline vi lane_ids() {
+  vi v;
+  for (int l = 0; l < VW; ++l) v[l] = l;
+  return v;
+}
+// max / sum of v's lanes by halving (a tree: a few shuffles instead of a chain of vw scalar steps per row)
+inline float tree_max(vf v) {
+#if defined(NA_VARIANT_avx512)
+  return _mm512_reduce_max_ps(__m512(v));
+#elif defined(NA_VARIANT_avx2)
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(__m256(v)), _mm256_extractf128_ps(__m256(v), 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+#else
+  return hmax(v);
+#endif
+}
+inline float tree_sum(vf v) {
+#if defined(NA_VARIANT_avx512)
+  return _mm512_reduce_add_ps(__m512(v));
+#elif defined(NA_VARIANT_avx2)
+  __m128 t = _mm_add_ps(_mm256_castps256_ps128(__m256(v)), _mm256_extractf128_ps(__m256(v), 1));
+  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+#else
+  return hsum(v);
+#endif
+}
+// rows rows of S (ld apart): P = exp(S - m) on the valid columns (0 on the padding), m the max of the valid
+// scores (0 where none is a number, as the masked path); lse[r] = m + log(sum) (a vector log for vw rows at
+// once where 1 <= sum < inf, std::log otherwise), inv[r] = 1 / sum
+void full_softmax(float* P, const float* S, int64_t ld, int rows, int n, int ncol, float* lse, float* inv) {
+  const vi ids = lane_ids();
+  for (int r0 = 0; r0 < rows; r0 += VW) {
+    const int nr = rows - r0 < VW ? rows - r0 : VW;
+    vf mv = vf{}, sv = splat(1.f);
+    for (int i = 0; i < nr; ++i) {
+      const float* s = S + (r0 + i) * ld;
+      float* p = P + (r0 + i) * ld;
+      vf vm = splat(-INFINITY);
+      for (int j = 0; j < n; j += VW) {
+        const vf v = (ids + j) < ncol ? load(s + j) : splat(-INFINITY);
+        vm = v > vm ? v : vm;
+      }
+      float m = tree_max(vm);
+      if (m == -INFINITY) m = 0.f;  // only NaN scores: let the NaN through exp
+      vf sum = vf{};
+      for (int j = 0; j < n; j += VW) {
+        vf e = vexp(load(s + j) - m);
+        e = (ids + j) < ncol ? e : vf{};
+        store(p + j, e);
+        sum += e;
+      }
+      mv[i] = m;
+      sv[i] = tree_sum(sum);
+    }
+    const vf l = mv + vlog(sv);
+    for (int i = 0; i < nr; ++i) {
+      const float t = sv[i];
+      lse[r0 + i] = t >= 1.f && t < INFINITY ? l[i] : mv[i] + std::log(t);
+      inv[r0 + i] = 1.f / t;
+    }
+  }
+}
+// one row: p = exp(s - shift) on the valid columns (0 on the padding), c = sum p * dp - dlse (sum P dP is
+// dO . O: no pass over the outputs), ds = p * (dp - c) on the valid columns, 0 on the padding
+void full_p_ds(float* p, float* ds, const float* s, const float* dp, int n, int ncol, float shift, float dlse) {
+  const vi ids = lane_ids();
+  vf acc = vf{};
+  for (int j = 0; j < n; j += VW) {
+    const vf e = (ids + j) < ncol ? vexp(load(s + j) - shift) : vf{};
+    store(p + j, e);
+    acc += e * load(dp + j);
+  }
+  const float c = tree_sum(acc) - dlse;
+  for (int j = 0; j < n; j += VW) {
+    const vf v = load(p + j) * (load(dp + j) - c);
+    store(ds + j, (ids + j) < ncol ? v : vf{});
+  }
+}
+
 bool all_finite(const float* x, int64_t n) {
   // x * 0 is 0 for finite x and NaN for inf or NaN; NaN survives the sum
   vf s = vf{};
@@ -2429,7 +2514,7 @@ const KernelTable* NA_TABLE() {
 #else
       "baseline",
 #endif
-      VW, gemm, add_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS, row_sums, slot_dots, slot_axpys};
+      VW, gemm, add_pad, dot, axpy, pack_kt, masked_max, masked_exp, masked_ds, all_finite, exact_fwd, transpose8, exact_bwd_q, exact_bwd_kv, exact_fwd2, exact_bwd_q2, transpose8_finite, row_bwd, row_fwd, row_fwd_g, exact_bwd_kv2, NA_FWD2R, NA_HALF_ROWS, row_sums, slot_dots, slot_axpys, full_softmax, full_p_ds};
 #if defined(NA_VARIANT_avx512)
     // The 1D row backward and the gathered row forward take the AVX2 table's 8-wide kernels: a
     // query's slots go across the lanes after a lane reduction; at C1's K = 7 a 16-slot block is more

@@ -152,6 +152,12 @@ struct KernelTable {
   // (rows[s] null: -inf); y = sum over s of w[s] * rows[s] over n features (rows[s] null: skipped; y overwritten)
   void (*slot_dots)(const float* q, const float* const* rows, int ns, int n, float scale, float* out);
   void (*slot_axpys)(const float* w, const float* const* rows, int ns, int n, float* y);
+  // masked_max + masked_exp / masked_exp + masked_ds for tile rows whose queries' windows are the whole box:
+  // columns [0, ncol) valid, the padding up to n not. full_softmax: rows rows ld apart, P = exp(S - m),
+  // lse[r] = m + log(sum), inv[r] = 1 / sum; full_p_ds: one row, p = exp(s - shift), ds = p * (dp - c) with
+  // c = sum p * dp - dlse
+  void (*full_softmax)(float* P, const float* S, int64_t ld, int rows, int n, int ncol, float* lse, float* inv);
+  void (*full_p_ds)(float* p, float* ds, const float* s, const float* dp, int n, int ncol, float shift, float dlse);
 };
 
 const KernelTable* kernels_avx512();
