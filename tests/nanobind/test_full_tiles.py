@@ -12,6 +12,8 @@ outputs and gradients the oracle's NaN reaches.
 
 from __future__ import annotations
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import oracle
@@ -155,3 +157,22 @@ def _nan_at(q):
     m = np.zeros(q.shape, bool)
     m[(0,) * (q.ndim - 2) + (0, 1)] = True
     return m
+
+
+def test_whole_group_tiles_store_every_key(monkeypatch):
+    # DiNAT-style groups of K with one task per slice (16 slices): the tiles store dk / dv (path counter 14)
+    # instead of adding to zeroed gradients. On output buffers kept from an earlier call and set to NaN
+    # (pool_poison), a key no tile stored would stay NaN
+    monkeypatch.setenv("NATTEN_MLX_EXACT", "0")
+    monkeypatch.setenv("NATTEN_MLX_POOL_MB", "1024")
+    geo = ((14, 14), (7, 7), (2, 2), (False, False), 8, 1, 16, 16, 2, 0, False, True)
+    x = _inputs(geo, 8)
+    _run(geo, x)
+    gc.collect()
+    ext.pool_poison()
+    got, seen, counts = _run(geo, x)
+    slices = geo[4] * geo[8]
+    if 4 * ext.num_threads() <= slices:  # (more threads split a slice's tiles among tasks: no stores)
+        assert counts[14] == 1, counts
+    for name, w in _want(geo, seen).items():
+        assert_close(got[name], w, 3e-5, name)

@@ -34,7 +34,9 @@ NB_MODULE(_ext, m) {
         "border blocks, tiles, forward calls and backward calls on a ring of transposed key rows, backward calls with "
         "their key-side sums on a ring, forward calls whose P.V read heads-last value rows, forward and backward calls "
         "that wrote their outputs with non-temporal stores, forward and backward calls that read q, k or v in place from "
-        "a view with a longer token stride] (tests check that every path ran); reset=True zeroes them");
+        "a view with a longer token stride, forward and backward tile rows (query x head) whose windows are the whole "
+        "key box, backward calls whose whole-group tiles stored dk and dv] (tests check that every path ran); "
+        "reset=True zeroes them");
   m.def("pool_bytes", &na::pool_bytes,
         "bytes of output buffers kept for reuse by later calls (CPU-only MLX builds; at most NATTEN_MLX_POOL_MB "
         "megabytes, default 1024, 0 = none kept)");

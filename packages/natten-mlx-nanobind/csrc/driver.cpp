@@ -209,8 +209,9 @@ void parallel_for(int64_t n, void (*fn)(int64_t, void*), void* ctx) { pool().run
 
 namespace {
 // queries served: forward runs, border blocks, tiles; backward the same (tests read them); 6-11: the
-// switches below; 12 / 13: forward / backward tile rows (query x head) whose windows are the whole box
-std::atomic<int64_t> path_count[14];
+// switches below; 12 / 13: forward / backward tile rows (query x head) whose windows are the whole box;
+// 14: backward calls whose tiles stored dk / dv (tiles_store)
+std::atomic<int64_t> path_count[15];
 constexpr int kPaths = static_cast<int>(sizeof(path_count) / sizeof(path_count[0]));
 // Large scratch buffers (the transposed key/value slices, the backward's sums: megabytes read in
 // strides of a row of tokens) in transparent huge pages where the kernel offers them: the exact path
@@ -1746,7 +1747,8 @@ bool forward_pass(const Geo& g, const FwdArgs& a, bool borders) {
     float* Vp = grow(w.vp, NP * Dv);
     pack_rows_hl(g, tg, b, hk, Dv, a.v, g.tv, a.ev, Vp);
     if (kt.all_finite(Vp, tg.Ncol * Dv)) {
-      kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(NP), P, NP, Vp, Dv, O, Dv, false);
+      // (over the Ncol real columns: the padding up to NP has P = 0)
+      kt.gemm(static_cast<int>(M), static_cast<int>(Dv), static_cast<int>(tg.Ncol), P, NP, Vp, Dv, O, Dv, false);
     } else {
       // an inf/NaN value outside a query's window must not reach it through a zero weight
       std::memset(O, 0, sizeof(float) * M * Dv);
@@ -2161,6 +2163,24 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const float* vT = nullptr;
   // (whole-group tiles pack keys and values from the heads-last rows: whole_group_tiles)
   const bool hl_pack = whole_group_tiles(g, plan);
+  // whole-group tiles alone (no exact rows), one task per slice, whose key boxes hold every key once (one
+  // tile per group, so disjoint): each tile stores its keys' dK / dV, and dk / dv are neither zeroed first
+  // nor read back by per-key adds
+  bool tiles_store = false;
+  if (!ep.on && hl_pack && splits == 1) {
+    int64_t keys = 0;
+    for (const Tile& t : plan.tiles) {
+      int64_t n = 1;
+      for (int ax = 0; ax < 3; ++ax) {
+        const int lg = na_group_len(g.dom[ax], g.Dl[ax], t.g[ax]);
+        n *= na_tile_key_end(t.c1[ax], lg, g.K[ax], g.S[ax], g.C[ax]) -
+             na_tile_key_begin(t.c0[ax], lg, g.K[ax], g.S[ax], g.C[ax]);
+      }
+      keys += n;
+    }
+    tiles_store = keys == Nk;
+    if (tiles_store) path_count[14].fetch_add(1);
+  }
   if (ep.on && Dl2 == 1 && !local) {
     kT = kTx + ep.front;
     vT = vTx + ep.front;
@@ -2194,7 +2214,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       }
   };
   // (1D: the pieces store their sums where they write first, below, and zero the keys none writes)
-  if (!direct && !local) {
+  if (!direct && !local && !tiles_store) {
     std::memset(a.dk, 0, sizeof(float) * g.B * g.Hkv * Nk * D);
     std::memset(a.dv, 0, sizeof(float) * g.B * g.Hkv * Nk * Dv);
   }
@@ -2824,7 +2844,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       const bool finite = known_fin || (kt.all_finite(Kp, tg.Ncol * D) && kt.all_finite(Qp, M * D) &&
                                                   kt.all_finite(dO, M * Dv));
       if (finite) {
-        kt.gemm(static_cast<int>(M), static_cast<int>(D), static_cast<int>(NP), dS, NP, Kp, D, dQ, D, false);
+        kt.gemm(static_cast<int>(M), static_cast<int>(D), static_cast<int>(tg.Ncol), dS, NP, Kp, D, dQ, D, false);
         float* tr = grow(w.tr, NP * M);
         transpose_rows(kt, dS, M, tg.Ncol, NP, tr, M);
         kt.gemm(static_cast<int>(tg.Ncol), static_cast<int>(D), static_cast<int>(M), tr, M, Qp, D, dKb, D, false);
@@ -2854,8 +2874,13 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
         for (int64_t d = 0; d < D; ++d) dst[d] = dQ[r * D + d] * g.scale;
       }
       for (int64_t j = 0; j < tg.Nbox; ++j) {
-        kt.axpy(acck + tg.ktok[j] * sk, 1.f, dKb + j * D, static_cast<int>(D));
-        kt.axpy(accv + tg.ktok[j] * sv, 1.f, dVb + j * Dv, static_cast<int>(Dv));
+        if (tiles_store) {
+          std::memcpy(acck + tg.ktok[j] * sk, dKb + j * D, sizeof(float) * D);
+          std::memcpy(accv + tg.ktok[j] * sv, dVb + j * Dv, sizeof(float) * Dv);
+        } else {
+          kt.axpy(acck + tg.ktok[j] * sk, 1.f, dKb + j * D, static_cast<int>(D));
+          kt.axpy(accv + tg.ktok[j] * sv, 1.f, dVb + j * Dv, static_cast<int>(Dv));
+        }
       }
       for (int64_t e = 0; e < E; ++e) {
         kt.axpy(accek + e * sk, 1.f, dKb + (tg.Nbox + e) * D, static_cast<int>(D));

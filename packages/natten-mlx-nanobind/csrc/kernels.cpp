@@ -349,11 +349,6 @@ void masked_ds(float* ds, const float* p, const float* dp, float cst, const int*
 // (DiNAT's dilation groups of K, NAT's K x K maps): every column below ncol is valid (the box's keys, then
 // the extra keys), the padding up to n is not, so the window test is one compare per vector instead of six
 // table loads and compares. The same exps, sums and selects as the masked kernels.
-inline vi lane_ids() {
-  vi v;
-  for (int l = 0; l < VW; ++l) v[l] = l;
-  return v;
-}
 // max / sum of v's lanes by halving (a tree: a few shuffles instead of a chain of vw scalar steps per row)
 inline float tree_max(vf v) {
 #if defined(NA_VARIANT_avx512)
@@ -381,7 +376,7 @@ inline float tree_sum(vf v) {
 // scores (0 where none is a number, as the masked path); lse[r] = m + log(sum) (a vector log for vw rows at
 // once where 1 <= sum < inf, std::log otherwise), inv[r] = 1 / sum
 void full_softmax(float* P, const float* S, int64_t ld, int rows, int n, int ncol, float* lse, float* inv) {
-  const vi ids = lane_ids();
+  const vi ids = lanes();
   for (int r0 = 0; r0 < rows; r0 += VW) {
     const int nr = rows - r0 < VW ? rows - r0 : VW;
     vf mv = vf{}, sv = splat(1.f);
@@ -416,7 +411,7 @@ void full_softmax(float* P, const float* S, int64_t ld, int rows, int n, int nco
 // one row: p = exp(s - shift) on the valid columns (0 on the padding), c = sum p * dp - dlse (sum P dP is
 // dO . O: no pass over the outputs), ds = p * (dp - c) on the valid columns, 0 on the padding
 void full_p_ds(float* p, float* ds, const float* s, const float* dp, int n, int ncol, float shift, float dlse) {
-  const vi ids = lane_ids();
+  const vi ids = lanes();
   vf acc = vf{};
   for (int j = 0; j < n; j += VW) {
     const vf e = (ids + j) < ncol ? vexp(load(s + j) - shift) : vf{};
