@@ -8,7 +8,8 @@ Here, on geometries with groups of 2-15 queries (dilation, even and causal kerne
 float16, the streamed 2D path and 3D): the path counters say the exact path served every query (and the
 tiles did with NATTEN_MLX_SHORT=0); forward and backward match the float64 oracle on both paths, with an
 lse cotangent; and the key side's rows, closer than a vector there, keep every sum (summing three of
-them per pass lost updates, which the oracle catches on dk and dv).
+them per pass on rows L2 apart lost updates, which the oracle catches on dk and dv; since session 24 the
+key side's sums keep such rows a vector apart and sum three per pass again).
 """
 
 from __future__ import annotations

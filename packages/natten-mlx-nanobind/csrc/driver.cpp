@@ -2033,7 +2033,16 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   const int64_t call = bwd_calls.fetch_add(1);
   int64_t splits = std::min<int64_t>(ntiles + (local1d ? 0 : nrowsx), (over * nthr + slices - 1) / slices);
   const int64_t ldx = ep.ld;  // see make_exact_plan
-  const int64_t xacc_size = ep.on && !local1d ? (D + Dv) * ldx + 16 : 0;
+  // The key side's sums (2D/3D exact rows) per key row of the last axis, rows P2 apart: L2, or vw where the
+  // rows are shorter (NAT's 14 x 14 maps), so that every key row of a pass has its own vectors and
+  // exact_kv_all sums three rows per register pass instead of one (apart). A row's sums hold its L2 keys
+  // and then (P2 > L2) the zeros the key side's whole-vector writes add past them.
+  const int64_t P2 = ep.on && !local1d && g.L[2] < kt.vw ? kt.vw : g.L[2];
+  auto acc_ld = [&](int64_t rows) {  // as ring_ld, rows P2 apart
+    const int64_t ld = round_up(ep.front + rows * P2 + g.K[2] + 4 * kt.vw, 16) + 16;
+    return ld % 1024 == 0 ? ld + 16 : ld;
+  };
+  const int64_t xacc_size = ep.on && !local1d ? (D + Dv) * acc_ld(Nk / g.L[2]) + 16 : 0;
   const int64_t per_split = ((Nk + g.E) * (D + Dv) + xacc_size) * slices * static_cast<int64_t>(sizeof(float));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1 + (int64_t(256) << 20) / std::max<int64_t>(per_split, 1)));
   const int64_t ntasks = slices * splits;
@@ -2125,7 +2134,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // the slots hold the rows from the lowest not yet stored to the highest added to (C4: 96 of 512 rows,
   // against 4 MiB of sums per slice). The key side's whole-vector writes past a row add zeros to the
   // next slot, whichever row it holds (or the ring's padding). NATTEN_MLX_RING=0: every row its own.
-  int64_t acc_ring = 0, ldacc = ldx;
+  int64_t acc_ring = 0, ldacc = acc_ld(Nk / L2);
   if (direct && ring_mode()) {
     // (a store after unit i reads rows [stored, final_rows[i]), some of which no unit may have added to
     // (keys no exact-path window reaches): their slots must not be another live row's, so they count)
@@ -2137,7 +2146,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     }
     if (r < Nk / L2) {
       acc_ring = r;
-      ldacc = ring_ld(g, ep, kt.vw, r);
+      ldacc = acc_ld(r);
       path_count[8].fetch_add(1);
     }
   }
@@ -2198,8 +2207,13 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
   auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
   auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
-  // the sums of key rows [rho0, rho1) along the first two axes (all: rho1 = Nk / L2)
-  // (sums in a ring of acc_ring row slots when not 0, ldacc long)
+  // a key row base (ep's layout, rows L2 apart) in the key side's sums: rows P2 apart, in a ring of acc_ring
+  // row slots when not 0
+  auto acc_base = [&](int64_t base) {
+    const int64_t row = (base - ep.front) / L2;
+    return base + (acc_ring ? row % acc_ring : row) * P2 - row * L2;
+  };
+  // the sums of key rows [rho0, rho1) along the first two axes (all: rho1 = Nk / L2), ldacc long
   auto store_exact_sums = [&](int64_t slice, const float* xk, bool add, int64_t rho0, int64_t rho1) {
     const float* xv = xk + D * ldacc;
     float* dk = dk_of(slice);
@@ -2208,7 +2222,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (int64_t r0 = rho0 * L2; r0 < rho1 * L2; r0 += L2)
       for (int g2 = 0; g2 < Dl2; ++g2) {
         const int64_t lg = na_group_len(L2, Dl2, g2), n0 = r0 + g2;
-        const int64_t p0 = ring_base(g, ep, r0 + ep.gstart[g2], acc_ring);
+        const int64_t p0 = acc_base(r0 + ep.gstart[g2]);
         add_transposed(kt, xk + p0, ldacc, D, lg, dk + n0 * tsk, Dl2 * tsk, add, nt_kv);
         add_transposed(kt, xv + p0, ldacc, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add, nt_kv);
       }
@@ -2375,7 +2389,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       w.accrow.resize(nrows[i]);
       for (int r = 0; r < nrows[i]; ++r) {
         w.kvrow[r] = ring_base(g, ep, w.keyrow[r], kv_ring);
-        w.accrow[r] = ring_base(g, ep, w.keyrow[r], acc_ring);
+        w.accrow[r] = acc_base(w.keyrow[r]);
       }
       w.prepare(static_cast<int64_t>(nrows[i]) * (nd + 1), lds, padA, lg, D, Dv, call);
       w.rbq.resize(nrows[i]);
@@ -2721,7 +2735,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
           store_exact_sums(slice0 + j, xk[j], false, stored[j], final_rows[i]);
           // (their slots start from zero for the rows that take them next)
           for (int64_t rho = stored[j]; acc_ring && rho < final_rows[i]; ++rho)
-            zero_columns(xk[j], D + Dv, ldacc, ep.front + rho % acc_ring * L2, L2);
+            zero_columns(xk[j], D + Dv, ldacc, ep.front + rho % acc_ring * P2, P2);
           stored[j] = final_rows[i];
         }
       }
