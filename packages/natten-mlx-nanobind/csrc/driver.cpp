@@ -747,6 +747,13 @@ thread_local std::vector<RowQuery> tls_rowq;
 thread_local std::vector<int64_t> tls_seg, tls_off;  // row_chunk_nd's key rows and offsets
 
 // Everything one tile needs to know about its queries and keys.
+// tile t's key box along axis a: its first key (group coordinate) and how many
+inline void tile_keys(const Geo& g, const Tile& t, int a, int* kb, int* nk) {
+  const int lg = na_group_len(g.dom[a], g.Dl[a], t.g[a]);
+  *kb = na_tile_key_begin(t.c0[a], lg, g.K[a], g.S[a], g.C[a]);
+  *nk = na_tile_key_end(t.c1[a], lg, g.K[a], g.S[a], g.C[a]) - *kb;
+}
+
 struct TileGeo {
   int kb[3], nk[3];
   int64_t T, Nbox, Ncol, NP;
@@ -780,9 +787,7 @@ struct TileGeo {
     T = 1;
     Nbox = 1;
     for (int a = 0; a < 3; ++a) {
-      int lg = na_group_len(g.dom[a], g.Dl[a], t.g[a]);
-      kb[a] = na_tile_key_begin(t.c0[a], lg, g.K[a], g.S[a], g.C[a]);
-      nk[a] = na_tile_key_end(t.c1[a], lg, g.K[a], g.S[a], g.C[a]) - kb[a];
+      tile_keys(g, t, a, &kb[a], &nk[a]);
       tq[a] = t.c1[a] - t.c0[a] + 1;
       T *= tq[a];
       Nbox *= nk[a];
@@ -1105,18 +1110,19 @@ int64_t ring_rows(const Geo& g, const ExactPlan& ep, int vw, const std::vector<i
   return r >= rows ? 0 : r;
 }
 
-// the row length of a ring of r row slots (as ep.ld: slack for the border blocks' reads past the end,
-// never a multiple of 1024 floats)
-inline int64_t ring_ld(const Geo& g, const ExactPlan& ep, int vw, int64_t r) {
-  int64_t ld = round_up(ep.front + r * g.L[2] + g.K[2] + 4 * vw, 16) + 16;
+// the row length of a ring of r row slots, pitch floats apart (default L2; as ep.ld: slack for the border
+// blocks' reads past the end, never a multiple of 1024 floats)
+inline int64_t ring_ld(const Geo& g, const ExactPlan& ep, int vw, int64_t r, int64_t pitch = 0) {
+  int64_t ld = round_up(ep.front + r * (pitch ? pitch : g.L[2]) + g.K[2] + 4 * vw, 16) + 16;
   return ld % 1024 == 0 ? ld + 16 : ld;
 }
 
-// a key row base (ep's permuted layout: row r's group g2 at r * L2 + gstart[g2]) in a ring of r slots
-inline int64_t ring_base(const Geo& g, const ExactPlan& ep, int64_t base, int64_t r) {
-  if (!r) return base;
+// a key row base (ep's permuted layout: row r's group g2 at r * L2 + gstart[g2]) in a ring of r slots (r = 0:
+// every row its own), the rows pitch floats apart (default L2)
+inline int64_t ring_base(const Geo& g, const ExactPlan& ep, int64_t base, int64_t r, int64_t pitch = 0) {
+  if (!r && !pitch) return base;
   const int64_t row = (base - ep.front) / g.L[2];
-  return base + (row % r - row) * g.L[2];
+  return base + (r ? row % r : row) * (pitch ? pitch : g.L[2]) - row * g.L[2];
 }
 
 // One task's streamed slice (b, h) of keys k and values v into ks [D][ld] / vs [Dv][ld] (padding zeroed
@@ -2038,11 +2044,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // exact_kv_all sums three rows per register pass instead of one (apart). A row's sums hold its L2 keys
   // and then (P2 > L2) the zeros the key side's whole-vector writes add past them.
   const int64_t P2 = ep.on && !local1d && g.L[2] < kt.vw ? kt.vw : g.L[2];
-  auto acc_ld = [&](int64_t rows) {  // as ring_ld, rows P2 apart
-    const int64_t ld = round_up(ep.front + rows * P2 + g.K[2] + 4 * kt.vw, 16) + 16;
-    return ld % 1024 == 0 ? ld + 16 : ld;
-  };
-  const int64_t xacc_size = ep.on && !local1d ? (D + Dv) * acc_ld(Nk / g.L[2]) + 16 : 0;
+  const int64_t xacc_size = ep.on && !local1d ? (D + Dv) * ring_ld(g, ep, kt.vw, Nk / g.L[2], P2) + 16 : 0;
   const int64_t per_split = ((Nk + g.E) * (D + Dv) + xacc_size) * slices * static_cast<int64_t>(sizeof(float));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 1 + (int64_t(256) << 20) / std::max<int64_t>(per_split, 1)));
   const int64_t ntasks = slices * splits;
@@ -2134,7 +2136,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   // the slots hold the rows from the lowest not yet stored to the highest added to (C4: 96 of 512 rows,
   // against 4 MiB of sums per slice). The key side's whole-vector writes past a row add zeros to the
   // next slot, whichever row it holds (or the ring's padding). NATTEN_MLX_RING=0: every row its own.
-  int64_t acc_ring = 0, ldacc = acc_ld(Nk / L2);
+  int64_t acc_ring = 0, ldacc = ring_ld(g, ep, kt.vw, Nk / L2, P2);
   if (direct && ring_mode()) {
     // (a store after unit i reads rows [stored, final_rows[i]), some of which no unit may have added to
     // (keys no exact-path window reaches): their slots must not be another live row's, so they count)
@@ -2146,7 +2148,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     }
     if (r < Nk / L2) {
       acc_ring = r;
-      ldacc = acc_ld(r);
+      ldacc = ring_ld(g, ep, kt.vw, r, P2);
       path_count[8].fetch_add(1);
     }
   }
@@ -2181,9 +2183,9 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (const Tile& t : plan.tiles) {
       int64_t n = 1;
       for (int ax = 0; ax < 3; ++ax) {
-        const int lg = na_group_len(g.dom[ax], g.Dl[ax], t.g[ax]);
-        n *= na_tile_key_end(t.c1[ax], lg, g.K[ax], g.S[ax], g.C[ax]) -
-             na_tile_key_begin(t.c0[ax], lg, g.K[ax], g.S[ax], g.C[ax]);
+        int kb, nk;
+        tile_keys(g, t, ax, &kb, &nk);
+        n *= nk;
       }
       keys += n;
     }
@@ -2207,12 +2209,6 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
   auto dv_of = [&](int64_t slice) { return a.dv + ((slice / g.Hkv) * Nk * g.Hkv + slice % g.Hkv) * Dv; };
   auto dek_of = [&](int64_t slice) { return a.dek + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * D; };
   auto dev_of = [&](int64_t slice) { return a.dev + ((slice / g.Hkv) * E * g.Hkv + slice % g.Hkv) * Dv; };
-  // a key row base (ep's layout, rows L2 apart) in the key side's sums: rows P2 apart, in a ring of acc_ring
-  // row slots when not 0
-  auto acc_base = [&](int64_t base) {
-    const int64_t row = (base - ep.front) / L2;
-    return base + (acc_ring ? row % acc_ring : row) * P2 - row * L2;
-  };
   // the sums of key rows [rho0, rho1) along the first two axes (all: rho1 = Nk / L2), ldacc long
   auto store_exact_sums = [&](int64_t slice, const float* xk, bool add, int64_t rho0, int64_t rho1) {
     const float* xv = xk + D * ldacc;
@@ -2222,7 +2218,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
     for (int64_t r0 = rho0 * L2; r0 < rho1 * L2; r0 += L2)
       for (int g2 = 0; g2 < Dl2; ++g2) {
         const int64_t lg = na_group_len(L2, Dl2, g2), n0 = r0 + g2;
-        const int64_t p0 = acc_base(r0 + ep.gstart[g2]);
+        const int64_t p0 = ring_base(g, ep, r0 + ep.gstart[g2], acc_ring, P2);
         add_transposed(kt, xk + p0, ldacc, D, lg, dk + n0 * tsk, Dl2 * tsk, add, nt_kv);
         add_transposed(kt, xv + p0, ldacc, Dv, lg, dv + n0 * tsv, Dl2 * tsv, add, nt_kv);
       }
@@ -2389,7 +2385,7 @@ bool backward_pass(const Geo& g, const BwdArgs& a, bool optimistic) {
       w.accrow.resize(nrows[i]);
       for (int r = 0; r < nrows[i]; ++r) {
         w.kvrow[r] = ring_base(g, ep, w.keyrow[r], kv_ring);
-        w.accrow[r] = acc_base(w.keyrow[r]);
+        w.accrow[r] = ring_base(g, ep, w.keyrow[r], acc_ring, P2);
       }
       w.prepare(static_cast<int64_t>(nrows[i]) * (nd + 1), lds, padA, lg, D, Dv, call);
       w.rbq.resize(nrows[i]);

@@ -349,27 +349,40 @@ void masked_ds(float* ds, const float* p, const float* dp, float cst, const int*
 // (DiNAT's dilation groups of K, NAT's K x K maps): every column below ncol is valid (the box's keys, then
 // the extra keys), the padding up to n is not, so the window test is one compare per vector instead of six
 // table loads and compares. The same exps, sums and selects as the masked kernels.
-// max / sum of v's lanes by halving (a tree: a few shuffles instead of a chain of vw scalar steps per row)
+// every lane: the max / the sum of v's lanes (three shuffle steps instead of a chain of VW scalar ops)
+inline vf bcast_max(vf v) {
+#if defined(NA_VARIANT_avx2)
+  __m256 t = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  t = _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
+  return _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
+#else
+  return splat(hmax(v));
+#endif
+}
+inline vf bcast_sum(vf v) {
+#if defined(NA_VARIANT_avx2)
+  __m256 t = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
+  t = _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
+  return _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
+#else
+  return splat(hsum(v));
+#endif
+}
+
+// the max / the sum of v's lanes as one float: AVX-512's reduction sequences, bcast_max / bcast_sum's
+// shuffles with AVX2 (a tree of a few steps instead of a chain of vw scalar ones per row)
 inline float tree_max(vf v) {
 #if defined(NA_VARIANT_avx512)
   return _mm512_reduce_max_ps(__m512(v));
-#elif defined(NA_VARIANT_avx2)
-  __m128 t = _mm_max_ps(_mm256_castps256_ps128(__m256(v)), _mm256_extractf128_ps(__m256(v), 1));
-  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
-  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
 #else
-  return hmax(v);
+  return bcast_max(v)[0];
 #endif
 }
 inline float tree_sum(vf v) {
 #if defined(NA_VARIANT_avx512)
   return _mm512_reduce_add_ps(__m512(v));
-#elif defined(NA_VARIANT_avx2)
-  __m128 t = _mm_add_ps(_mm256_castps256_ps128(__m256(v)), _mm256_extractf128_ps(__m256(v), 1));
-  t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 #else
-  return hsum(v);
+  return bcast_sum(v)[0];
 #endif
 }
 // rows rows of S (ld apart): P = exp(S - m) on the valid columns (0 on the padding), m the max of the valid
@@ -2011,26 +2024,6 @@ inline vf reduce_lanes(const vf* a) {
   vf r;
   for (int x = 0; x < VW; ++x) r[x] = hsum(a[x]);
   return r;
-#endif
-}
-
-// every lane: the max / the sum of v's lanes (three shuffle steps instead of a chain of VW scalar ops)
-inline vf bcast_max(vf v) {
-#if defined(NA_VARIANT_avx2)
-  __m256 t = _mm256_max_ps(v, _mm256_permute2f128_ps(v, v, 1));
-  t = _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
-  return _mm256_max_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
-#else
-  return splat(hmax(v));
-#endif
-}
-inline vf bcast_sum(vf v) {
-#if defined(NA_VARIANT_avx2)
-  __m256 t = _mm256_add_ps(v, _mm256_permute2f128_ps(v, v, 1));
-  t = _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0x4E));
-  return _mm256_add_ps(t, _mm256_shuffle_ps(t, t, 0xB1));
-#else
-  return splat(hsum(v));
 #endif
 }
 
