@@ -1778,8 +1778,9 @@ inline void bwd_p_ds_perm(float* s, float* dp, int nrows, const LanePerm& lp, in
       __m512 P = keep ? _mm512_maskz_loadu_ps(keep, pp) : _mm512_setzero_ps();
       __m512 DS = keep ? _mm512_maskz_loadu_ps(keep, dd) : _mm512_setzero_ps();
       for (int e = x < nl ? first[x] : 0, e1 = x < nl ? first[x + 1] : 0; e < e1; ++e) {
-        P = _mm512_mask_loadu_ps(P, lanes[e], sp + from[e]);
-        DS = _mm512_mask_loadu_ps(DS, lanes[e], sd + from[e]);
+        // (whole loads blended: as merge-masked loads they waited on each other, ~1% of C3's fwd+bwd)
+        P = _mm512_mask_blend_ps(lanes[e], P, __m512(load_reg(sp + from[e])));
+        DS = _mm512_mask_blend_ps(lanes[e], DS, __m512(load_reg(sd + from[e])));
       }
       store(pp, vf(P));
       store(dd, vf(DS));
