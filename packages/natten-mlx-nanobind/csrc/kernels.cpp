@@ -345,10 +345,6 @@ void masked_ds(float* ds, const float* p, const float* dp, float cst, const int*
   }
 }
 
-// masked_max + masked_exp / masked_exp + masked_ds for tile rows whose queries' windows are the whole box
-// (DiNAT's dilation groups of K, NAT's K x K maps): every column below ncol is valid (the box's keys, then
-// the extra keys), the padding up to n is not, so the window test is one compare per vector instead of six
-// table loads and compares. The same exps, sums and selects as the masked kernels.
 // every lane: the max / the sum of v's lanes (three shuffle steps instead of a chain of VW scalar ops)
 inline vf bcast_max(vf v) {
 #if defined(NA_VARIANT_avx2)
@@ -385,6 +381,11 @@ inline float tree_sum(vf v) {
   return bcast_sum(v)[0];
 #endif
 }
+
+// masked_max + masked_exp / masked_exp + masked_ds for tile rows whose queries' windows are the whole box
+// (DiNAT's dilation groups of K, NAT's K x K maps): every column below ncol is valid (the box's keys, then
+// the extra keys), the padding up to n is not, so the window test is one compare per vector instead of six
+// table loads and compares. The same exps, sums and selects as the masked kernels.
 // rows rows of S (ld apart): P = exp(S - m) on the valid columns (0 on the padding), m the max of the valid
 // scores (0 where none is a number, as the masked path); lse[r] = m + log(sum) (a vector log for vw rows at
 // once where 1 <= sum < inf, std::log otherwise), inv[r] = 1 / sum
